@@ -1,0 +1,187 @@
+"""Secret-key RLWE encryption with tokens in coefficients (DESIGN §3).
+
+Layout: a batch ``M`` of T <= N tokens × d features becomes d ciphertexts; ciphertext j holds
+column ``M[:, j]`` in its first T coefficients. Residues are stored per RNS limb:
+``b`` has shape ``(d, L, N)``, ciphertext j, limb i, coefficient k.
+
+The public ``a`` of each (layer, direction) is fixed: ``expand_a(seed, …)`` regenerates it from
+the seed in the model manifest (AES-256-CTR). Encryption uses a fresh secret per request
+(``SecretKey.request_secret``), so only ``b`` travels, and the server can precompute
+``W·A`` once (the "hint", as in SimplePIR), halving its per-request work. Reusing ``a`` across
+independent secrets is the standard multi-secret RLWE setting; each secret sees ``d`` samples.
+
+Encryption: ``b = -a·s + Δ·m + e (mod q)``. Decryption: ``x = b + a·s``, centered, then
+``m = round(x / Δ)``, exact while the noise stays below ``Δ/2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DecryptionError, ParameterMismatch
+from .keys import RequestSecret, aes_ctr_stream, derive_key, sample_noise
+from .params import ParamSet
+from .ring import centered, moduli_column, switch_modulus
+
+SEED_BYTES = 16
+
+
+def expand_a(seed: bytes, params: ParamSet, rows: int, start: int = 0) -> np.ndarray:
+    """Public uniform residues ``a`` for ciphertexts ``start … start+rows-1``: (rows, L, N) uint32.
+
+    Each (ciphertext, limb) has its own AES-256-CTR stream, so any range of rows can be made
+    alone (a shard regenerates only its rows). Words are masked to the prime's bit length and
+    rejected above it: exactly uniform mod p.
+    """
+    n = params.n
+    out = np.empty((rows, params.limbs, n), dtype=np.uint32)
+    for i, p in enumerate(params.primes):
+        mask = np.uint32((1 << p.bit_length()) - 1)
+        for r in range(rows):
+            key = derive_key(b"helora/a", seed, i.to_bytes(2, "little"), (start + r).to_bytes(4, "little"))
+            need = n + 64
+            while True:
+                words = aes_ctr_stream(key, 4 * need).view("<u4") & mask
+                ok = words[words < p]
+                if ok.size >= n:
+                    out[r, i] = ok[:n]
+                    break
+                need *= 2
+    return out
+
+
+@dataclass(frozen=True)
+class EncryptedBatch:
+    """Input ciphertexts as they travel: ``b`` only (``a`` is public, from the seed)."""
+
+    params: ParamSet
+    b: np.ndarray  # (d, L, N) uint32 residues
+    n_tokens: int
+
+    def __post_init__(self) -> None:
+        d = self.b.shape[0] if self.b.ndim == 3 else -1
+        if self.b.shape != (d, self.params.limbs, self.params.n) or self.b.dtype != np.uint32:
+            raise ValueError(f"EncryptedBatch.b: (d, {self.params.limbs}, {self.params.n}) uint32 expected")
+        if not 1 <= self.n_tokens <= self.params.n:
+            raise ValueError(f"EncryptedBatch.n_tokens: {self.n_tokens} outside 1..{self.params.n}")
+
+    @property
+    def width(self) -> int:
+        return int(self.b.shape[0])
+
+
+@dataclass(frozen=True)
+class EncryptedPartial:
+    """Output ciphertexts mod q, before switching: summable across row shards."""
+
+    params: ParamSet
+    a: np.ndarray  # (d_out, L, N) uint32
+    b: np.ndarray  # (d_out, L, N) uint32
+    n_tokens: int
+
+    def __add__(self, other: EncryptedPartial) -> EncryptedPartial:
+        """Homomorphic addition (mod q, per limb)."""
+        if not isinstance(other, EncryptedPartial):
+            return NotImplemented
+        if other.params != self.params or other.a.shape != self.a.shape or other.n_tokens != self.n_tokens:
+            raise ParameterMismatch("cannot add partials of different shapes or parameter sets")
+        p = moduli_column(self.params).astype(np.uint64)
+        a = (self.a.astype(np.uint64) + other.a) % p
+        b = (self.b.astype(np.uint64) + other.b) % p
+        return EncryptedPartial(self.params, a.astype(np.uint32), b.astype(np.uint32), self.n_tokens)
+
+    def switch(self) -> EncryptedResult:
+        """Modulus-switch to ``2^out_bits``, the smallest modulus that keeps results exact."""
+        a = switch_modulus(np.moveaxis(self.a, 1, 0), self.params)
+        b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params)
+        return EncryptedResult(self.params, a, b, self.n_tokens)
+
+
+@dataclass(frozen=True)
+class EncryptedResult:
+    """Output ciphertexts mod ``2^out_bits`` (what the client receives)."""
+
+    params: ParamSet
+    a: np.ndarray  # (d_out, N) uint64 in [0, 2^k)
+    b: np.ndarray  # (d_out, N) uint64
+    n_tokens: int
+
+    @property
+    def width(self) -> int:
+        return int(self.a.shape[0])
+
+
+def encode_residues(m: np.ndarray, params: ParamSet) -> np.ndarray:
+    """``Δ·m mod p_i`` for each limb: (d, T) messages -> (d, L, T) int64."""
+    p = moduli_column(params)  # (L, 1)
+    delta = np.asarray([params.delta % pi for pi in params.primes], dtype=np.int64)[:, None]
+    return (m[:, None, :] % p) * delta % p
+
+
+def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
+    m = np.asarray(m)
+    if m.ndim != 2 or not 1 <= m.shape[0] <= params.n or m.shape[1] < 1:
+        raise ValueError(f"message must be (T <= {params.n}, d >= 1) integers, got {m.shape}")
+    if not np.issubdtype(m.dtype, np.integer):
+        raise TypeError("message must be an integer array")
+    if np.abs(m).max(initial=0) > params.max_message:
+        raise ValueError(f"message values exceed ±{params.max_message}")
+    return m.astype(np.int64)
+
+
+def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray) -> EncryptedBatch:
+    """Deterministic core of ``encrypt`` (known-answer tests): noise (d, L, N) given."""
+    params = secret.params
+    m = _check_message(m, params)
+    t, d = m.shape
+    a = expand_a(a_seed, params, d)  # (d, L, N)
+    p = moduli_column(params)
+    a_s = secret.multiplier.mul(centered(a, p))  # exact (d, L, N) integers, |.| < 2^37
+    msg = np.zeros((d, params.limbs, params.n), dtype=np.int64)
+    msg[:, :, :t] = encode_residues(m.T, params)
+    b = (msg + noise - a_s) % p
+    return EncryptedBatch(params, b.astype(np.uint32), t)
+
+
+def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes) -> EncryptedBatch:
+    """Encrypt ``m`` (T tokens × d features, integers) column by column under ``secret``.
+
+    The same noise sample is used for every limb: it is one integer error, in RNS form.
+    """
+    params = secret.params
+    d = np.asarray(m).shape[-1]
+    e = sample_noise(params, (d, 1, params.n))
+    return _encrypt_with(secret, m, a_seed, np.broadcast_to(e, (d, params.limbs, params.n)))
+
+
+def _decode(frac: np.ndarray, params: ParamSet, n_tokens: int) -> np.ndarray:
+    """Messages from ``x/q`` (or ``x/2^k``) in [0, 1): center, scale by ``q/Δ``, round."""
+    frac = np.where(frac >= 0.5, frac - 1.0, frac)
+    m = np.rint(frac * (params.q / params.delta)).astype(np.int64)
+    return m[:, :n_tokens].T  # (T, d)
+
+
+def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial) -> np.ndarray:
+    """Decrypt to the integer messages, shape (T, d_out)."""
+    if not isinstance(secret, RequestSecret):
+        raise TypeError("decrypt needs the RequestSecret of the batch")
+    params = secret.params
+    if ct.params != params:
+        raise ParameterMismatch("ciphertext and secret use different parameter sets")
+    mul = secret.multiplier
+    if isinstance(ct, EncryptedResult):
+        k = params.out_bits
+        modulus = np.int64(1 << k)
+        a = ct.a.astype(np.int64)
+        a -= np.where(a >= modulus // 2, modulus, 0)
+        x = (ct.b.astype(np.int64) + mul.mul_wide(a)) % modulus
+        return _decode(x / float(modulus), params, ct.n_tokens)
+    if isinstance(ct, EncryptedPartial):
+        p = moduli_column(params)
+        x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)
+        from .ring import crt_fraction
+
+        return _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params, ct.n_tokens)
+    raise DecryptionError("unsupported ciphertext type")

@@ -1,0 +1,129 @@
+"""HE-compatible quantization (DESIGN §2).
+
+- Activations and output-gradients: dynamic, per row (token), asymmetric, unsigned ``bits``.
+- Weights: per output channel, symmetric, signed ``bits`` (values in ±(2^(bits-1) - 1)).
+
+The server multiplies the integer operands; the client applies the zero-point correction with
+the public per-channel sums, then the scales. ``quantized_matmul`` and
+``quantized_matmul_backward`` are the clear reference that the encrypted path must match bit
+for bit: both paths call the same ``quantize_rows`` and ``dequantize_*`` functions and differ
+only in how the integer product is obtained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def _check_bits(bits: int, lo: int = 2, hi: int = 16) -> None:
+    if not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ConfigError(f"bits: {bits!r} outside {lo}..{hi}")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Rows quantized independently: ``x[t] ≈ scale[t] · (values[t] - zero[t])``."""
+
+    values: np.ndarray  # (rows, cols) int64 in [0, 2^bits - 1]
+    scale: np.ndarray  # (rows,) float64, > 0
+    zero: np.ndarray  # (rows,) int64 in [0, 2^bits - 1]
+    bits: int
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 2 or self.scale.shape != (self.values.shape[0],):
+            raise ValueError("QuantizedTensor: values (rows, cols) and scale (rows,) expected")
+        if self.zero.shape != self.scale.shape:
+            raise ValueError("QuantizedTensor: zero must have one entry per row")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Per-output-channel weights: ``w[o] ≈ scale[o] · values[o]``; sums are public."""
+
+    values: np.ndarray  # (d_out, d_in) int8 (bits <= 8) or int16
+    scale: np.ndarray  # (d_out,) float64
+    bits: int
+
+    @property
+    def row_sums(self) -> np.ndarray:
+        """``Σ_j values[o, j]``: the forward zero-point correction, per output channel."""
+        return self.values.sum(axis=1, dtype=np.int64)
+
+    @property
+    def col_sums(self) -> np.ndarray:
+        """``Σ_o values[o, j]``: the backward zero-point correction, per input channel."""
+        return self.values.sum(axis=0, dtype=np.int64)
+
+
+def quantize_rows(x: np.ndarray, bits: int = 8) -> QuantizedTensor:
+    """Asymmetric unsigned quantization of each row of ``x`` (rows, cols)."""
+    _check_bits(bits)
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"quantize_rows expects a 2-D array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("quantize_rows: input holds NaN or infinity")
+    levels = (1 << bits) - 1
+    lo = np.minimum(x.min(axis=1, initial=0.0), 0.0)
+    hi = np.maximum(x.max(axis=1, initial=0.0), 0.0)
+    scale = (hi - lo) / levels
+    scale = np.where(scale > 0, scale, 1.0)
+    zero = np.clip(np.rint(-lo / scale), 0, levels).astype(np.int64)
+    values = np.clip(np.rint(x / scale[:, None]) + zero[:, None], 0, levels).astype(np.int64)
+    return QuantizedTensor(values=values, scale=scale, zero=zero, bits=bits)
+
+
+def quantize_weight(w: np.ndarray, bits: int = 8) -> QuantizedWeight:
+    """Symmetric per-output-channel quantization of ``w`` (d_out, d_in)."""
+    _check_bits(bits, 2, 8)
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_weight expects a 2-D matrix, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("quantize_weight: weight holds NaN or infinity")
+    top = (1 << (bits - 1)) - 1
+    scale = np.abs(w).max(axis=1, initial=0.0) / top
+    scale = np.where(scale > 0, scale, 1.0)
+    values = np.clip(np.rint(w / scale[:, None]), -top, top).astype(np.int8)
+    return QuantizedWeight(values=values, scale=scale, bits=bits)
+
+
+def integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact integer ``a @ b`` through a float64 GEMM (inner products must stay below 2^53)."""
+    bound = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * a.shape[-1]
+    if bound >= 2.0**53:
+        raise ValueError("integer_matmul: products may exceed 2^53, not exact in float64")
+    return np.rint(a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+
+
+def dequantize_forward(y_int: np.ndarray, x: QuantizedTensor, w: QuantizedWeight) -> np.ndarray:
+    """``Y = s_t · s_o · (Y_int - z_t · Σ_j q_w[o, j])`` for ``Y_int = q_x · q_wᵀ``."""
+    corrected = y_int - np.outer(x.zero, w.row_sums)
+    return corrected * x.scale[:, None] * w.scale[None, :]
+
+
+def fold_output_scale(dy: np.ndarray, w: QuantizedWeight) -> np.ndarray:
+    """Backward: fold ``s_o`` into the gradient, so the server multiplies by integers only."""
+    return np.asarray(dy, dtype=np.float64) * w.scale[None, :]
+
+
+def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, w: QuantizedWeight) -> np.ndarray:
+    """``dX = s_t · (Z_int - z_t · Σ_o q_w[o, j])`` for ``Z_int = q_g · q_w``."""
+    corrected = z_int - np.outer(g.zero, w.col_sums)
+    return corrected * g.scale[:, None]
+
+
+def quantized_matmul(x: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.ndarray:
+    """Clear reference of the forward product ``x · wᵀ`` in the quantized domain."""
+    xq = quantize_rows(x, bits)
+    return dequantize_forward(integer_matmul(xq.values, w.values.T), xq, w)
+
+
+def quantized_matmul_backward(dy: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.ndarray:
+    """Clear reference of the backward product ``dy · w`` in the quantized domain."""
+    gq = quantize_rows(fold_output_scale(dy, w), bits)
+    return dequantize_backward(integer_matmul(gq.values, w.values), gq, w)

@@ -1,0 +1,118 @@
+"""Arithmetic in ``Z_q[X]/(X^N + 1)``: RNS residues, CRT, and products with a small secret.
+
+The server's only operation is a linear combination of ciphertexts (``evaluate.py``), which
+needs no transform. The client multiplies polynomials by its ternary secret ``s`` only. For
+that product a float64 FFT is exact: with ``|a_k| < 2^26`` and ``s`` ternary every result
+coefficient is an integer below ``2^37``, and the FFT's rounding error (about
+``2^-53 · ‖a‖₂ · ‖s‖₂ · log2 N``, i.e. below ``2^-12`` at N = 4096) is far under 1/2, so
+rounding recovers it exactly. This is the folded negacyclic transform of size N/2 used by
+TFHE implementations: it evaluates the polynomial at N/2 roots of ``X^N + 1`` that contain no
+conjugate pair. The primes stay NTT-friendly so that an NTT backend can replace it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .params import ParamSet
+
+#: Largest |a| accepted by ``SmallSecretMultiplier.mul`` for an exact result.
+MAX_EXACT_INPUT = 1 << 26
+
+
+def centered(residues: np.ndarray, moduli: np.ndarray) -> np.ndarray:
+    """Map residues in [0, p) to the centered range (-p/2, p/2]; ``moduli`` broadcasts."""
+    r = residues.astype(np.int64, copy=True)
+    r -= np.where(r > moduli // 2, moduli, 0)
+    return r
+
+
+def moduli_column(params: ParamSet) -> np.ndarray:
+    """The primes as an int64 array shaped (L, 1) for broadcasting over (L, N) residues."""
+    return np.asarray(params.primes, dtype=np.int64)[:, None]
+
+
+class SmallSecretMultiplier:
+    """Exact negacyclic products ``a · s`` for one small (ternary) secret ``s``.
+
+    ``s`` is transformed once; each ``mul`` costs one forward and one inverse FFT of size N/2.
+    """
+
+    def __init__(self, s: np.ndarray) -> None:
+        n = s.shape[-1]
+        if s.ndim != 1 or n & (n - 1) or n < 4:
+            raise ValueError("secret must be a 1-D polynomial of power-of-two length")
+        if np.abs(s).max(initial=0) > 1:
+            raise ValueError("SmallSecretMultiplier expects a ternary secret")
+        self.n = n
+        half = n // 2
+        k = np.arange(half)
+        self._twist = np.exp(1j * np.pi * k / n)  # ψ^k, ψ = exp(iπ/N)
+        self._untwist = np.conj(self._twist) / half
+        self._s_hat = self._forward(s.astype(np.float64))
+
+    def _forward(self, a: np.ndarray) -> np.ndarray:
+        half = self.n // 2
+        folded = (a[..., :half] + 1j * a[..., half:]) * self._twist
+        return np.fft.fft(folded, axis=-1)
+
+    def _inverse(self, spectrum: np.ndarray) -> np.ndarray:
+        folded = np.fft.ifft(spectrum, axis=-1) * (self._untwist * (self.n // 2))
+        out = np.empty(spectrum.shape[:-1] + (self.n,), dtype=np.float64)
+        out[..., : self.n // 2] = folded.real
+        out[..., self.n // 2 :] = folded.imag
+        return out
+
+    def mul(self, a: np.ndarray) -> np.ndarray:
+        """Exact integer product ``a · s`` in Z[X]/(X^N+1), not reduced; ``|a| < 2^26``.
+
+        ``a``: integer array (..., N). Returns int64 of the same shape.
+        """
+        if a.shape[-1] != self.n:
+            raise ValueError(f"polynomial length {a.shape[-1]} != {self.n}")
+        product = self._inverse(self._forward(a.astype(np.float64)) * self._s_hat)
+        return np.rint(product).astype(np.int64)
+
+    def mul_wide(self, a: np.ndarray, split_bits: int = 20) -> np.ndarray:
+        """Exact ``a · s`` for ``|a| < 2^(2·split_bits)``, as two exact products of halves.
+
+        Result coefficients must stay below 2^62 (they do for ``|a| < 2^40`` and N <= 2^16).
+        """
+        a = a.astype(np.int64)
+        hi = (a + (1 << (split_bits - 1))) >> split_bits
+        lo = a - (hi << split_bits)
+        return (self.mul(hi) << split_bits) + self.mul(lo)
+
+
+def negacyclic_reference(a: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Schoolbook ``a · s`` mod ``X^N + 1`` in exact int64 arithmetic (tests and checks)."""
+    n = a.shape[-1]
+    full = np.convolve(a.astype(np.int64), s.astype(np.int64))
+    out = full[:n].copy()
+    out[: n - 1] -= full[n:]
+    return out
+
+
+def crt_fraction(residues: np.ndarray, params: ParamSet) -> np.ndarray:
+    """``x / q mod 1`` for the integer x with the given RNS residues (L, ...), in float64.
+
+    Uses ``x/q ≡ Σ_i [r_i · (q/p_i)^-1 mod p_i] / p_i (mod 1)``, so no multi-word integer is
+    ever formed. Error below ``L · 2^-52``; enough for switching to a modulus of <= 2^45.
+    """
+    q = params.q
+    acc = np.zeros(residues.shape[1:], dtype=np.float64)
+    for i, p in enumerate(params.primes):
+        inv = pow(q // p, -1, p)
+        y = (residues[i].astype(np.int64) * inv) % p  # < 2^54: exact in int64
+        acc += y / p
+    return acc - np.floor(acc)
+
+
+def switch_modulus(residues: np.ndarray, params: ParamSet) -> np.ndarray:
+    """Round ``x · 2^k / q`` mod ``2^k`` (k = ``params.out_bits``) from RNS residues (L, ...).
+
+    Returns uint64 values in [0, 2^k).
+    """
+    k = params.out_bits
+    scaled = np.rint(crt_fraction(residues, params) * float(1 << k)).astype(np.uint64)
+    return scaled & np.uint64((1 << k) - 1)

@@ -1,0 +1,1 @@
+"""helora encoder service."""

@@ -1,0 +1,1 @@
+"""helora evaluator service."""

@@ -1,0 +1,1 @@
+"""helora orchestrator: the data owner's client."""
