@@ -21,34 +21,49 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DecryptionError, ParameterMismatch
-from .keys import RequestSecret, aes_ctr_stream, derive_key, sample_noise
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .keys import RequestSecret, derive_key, sample_noise
 from .params import ParamSet
 from .ring import centered, moduli_column, switch_modulus
 
 SEED_BYTES = 16
 
 
+#: Words drawn per row of ``a``: N plus slack for rejections (a prime just below 2^27 rejects
+#: ~3e-4 of the words, so a row runs short with probability far below 2^-100).
+_ROW_SLACK = 64
+
+
+def _aes_ctr_at(key: bytes, block: int, nbytes: int) -> np.ndarray:
+    """AES-256-CTR keystream starting at counter ``block`` (seekable), as uint8."""
+    enc = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+    return np.frombuffer(enc.update(bytes(nbytes)), dtype=np.uint8)
+
+
 def expand_a(seed: bytes, params: ParamSet, rows: int, start: int = 0) -> np.ndarray:
     """Public uniform residues ``a`` for ciphertexts ``start … start+rows-1``: (rows, L, N) uint32.
 
-    Each (ciphertext, limb) has its own AES-256-CTR stream, so any range of rows can be made
-    alone (a shard regenerates only its rows). Words are masked to the prime's bit length and
-    rejected above it: exactly uniform mod p.
+    One AES-256-CTR stream per limb; row r owns the fixed keystream segment of
+    ``N + _ROW_SLACK`` words at counter ``r·(N + _ROW_SLACK)/4``, so any range of rows is made
+    alone (a shard regenerates only its rows) in one cipher call. Words are masked to the prime's
+    bit length and rejected above it: exactly uniform mod p.
     """
     n = params.n
+    width = n + _ROW_SLACK
     out = np.empty((rows, params.limbs, n), dtype=np.uint32)
     for i, p in enumerate(params.primes):
-        mask = np.uint32((1 << p.bit_length()) - 1)
-        for r in range(rows):
-            key = derive_key(b"helora/a", seed, i.to_bytes(2, "little"), (start + r).to_bytes(4, "little"))
-            need = n + 64
-            while True:
-                words = aes_ctr_stream(key, 4 * need).view("<u4") & mask
-                ok = words[words < p]
-                if ok.size >= n:
-                    out[r, i] = ok[:n]
-                    break
-                need *= 2
+        key = derive_key(b"helora/a", seed, i.to_bytes(2, "little"))
+        words = _aes_ctr_at(key, start * width // 4, rows * width * 4).view("<u4").reshape(rows, width)
+        words = words & np.uint32((1 << p.bit_length()) - 1)
+        out[:, i] = words[:, :n]
+        short = np.flatnonzero((words[:, :n] >= p).any(axis=1))  # rows with a rejection
+        if short.size:
+            valid = words[short] < p
+            keep = valid & (np.cumsum(valid, axis=1) <= n)
+            if not (keep.sum(axis=1) == n).all():  # pragma: no cover - probability < 2^-100
+                raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
+            out[short, i] = words[short][keep].reshape(short.size, n)
     return out
 
 

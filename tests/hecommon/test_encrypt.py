@@ -1,0 +1,244 @@
+"""Encryption, decryption and the server product: exactness, keys, randomness (DESIGN §3, §7)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle  # noqa: F401 - only to show that secrets refuse it
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hecommon import params as P
+from hecommon.encrypt import EncryptedBatch, EncryptedPartial, _encrypt_with, decrypt, encrypt, expand_a
+from hecommon.errors import ConfigError, ParameterMismatch
+from hecommon.evaluate import MatrixProduct
+from hecommon.keys import RequestSecret, SecretKey, centered_binomial, noise_stream, sample_noise
+from hecommon.quantize import integer_matmul
+
+PSETS = list(P.REGISTRY.values())
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+
+
+def secret(ps: P.ParamSet) -> RequestSecret:
+    return SecretKey.generate().request_secret(ps, os.urandom(16))
+
+
+def fresh_partial(ps: P.ParamSet, ct: EncryptedBatch, seed: bytes) -> EncryptedPartial:
+    """The input ciphertexts themselves, as a partial (identity product)."""
+    return EncryptedPartial(ps, expand_a(seed, ps, ct.width), ct.b, ct.n_tokens)
+
+
+@pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("tokens", [1, 37, "N"])
+def test_encrypt_decrypt_round_trip(ps, tokens, rng):
+    t = ps.n if tokens == "N" else tokens
+    m = rng.integers(-ps.max_message, ps.max_message + 1, size=(t, 5))
+    s = secret(ps)
+    ct = encrypt(s, m, b"seed-0123456789a")
+    assert ct.n_tokens == t and ct.b.shape == (5, ps.limbs, ps.n)
+    np.testing.assert_array_equal(decrypt(s, fresh_partial(ps, ct, b"seed-0123456789a")), m)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    d_in=st.integers(1, 96),
+    d_out=st.integers(1, 48),
+    tokens=st.integers(1, 2048),
+    x_bits=st.integers(2, 8),
+    backward=st.booleans(),
+    switch=st.booleans(),
+    pset=st.sampled_from([p.name for p in PSETS]),
+)
+def test_product_equals_clear_integer_product(d_in, d_out, tokens, x_bits, backward, switch, pset):
+    """decrypt(product(encrypt(Xq), Wq)) == Xq·Wqᵀ (forward) or Xq·Wq (backward), exactly."""
+    ps = P.get(pset)
+    gen = np.random.default_rng(d_in * 1000 + d_out)
+    w = gen.integers(-127, 128, size=(d_out, d_in)).astype(np.int8)
+    matrix = w.T.copy() if backward else w
+    t = min(tokens, ps.n)
+    x = gen.integers(0, 2**x_bits, size=(t, matrix.shape[1]))
+    s = secret(ps)
+    seed = os.urandom(16)
+    out = MatrixProduct(matrix, ps, seed)(encrypt(s, x, seed))
+    got = decrypt(s, out.switch() if switch else out)
+    np.testing.assert_array_equal(got, integer_matmul(x, matrix.T))
+
+
+@pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
+def test_extreme_values_at_d_in_8192(ps):
+    """All-255 activations against ±127 weights: |Y| = 255·127·8192 < 2^29 decodes exactly."""
+    d_in = 8192
+    w = np.full((3, d_in), 127, dtype=np.int8)
+    w[1] = -127
+    w[2, ::2] = -127
+    x = np.full((7, d_in), 255)
+    x[3] = 0
+    s, seed = secret(ps), os.urandom(16)
+    out = MatrixProduct(w, ps, seed)(encrypt(s, x, seed))
+    expected = integer_matmul(x, w.T)
+    assert expected.max() == 255 * 127 * d_in
+    np.testing.assert_array_equal(decrypt(s, out), expected)
+    np.testing.assert_array_equal(decrypt(s, out.switch()), expected)
+
+
+@pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
+def test_row_shards_sum_to_the_whole_product(ps, rng):
+    d_in, d_out, cut = 50, 9, 21
+    w = rng.integers(-127, 128, size=(d_out, d_in)).astype(np.int8)
+    x = rng.integers(0, 256, size=(100, d_in))
+    s, seed = secret(ps), os.urandom(16)
+    ct = encrypt(s, x, seed)
+    left = MatrixProduct(w[:, :cut], ps, seed, input_start=0)(EncryptedBatch(ps, ct.b[:cut], 100))
+    right = MatrixProduct(w[:, cut:], ps, seed, input_start=cut)(EncryptedBatch(ps, ct.b[cut:], 100))
+    total = left + right
+    np.testing.assert_array_equal(decrypt(s, total.switch()), integer_matmul(x, w.T))
+    # column shards are concatenations of independent outputs
+    top = MatrixProduct(w[:4], ps, seed)(ct)
+    np.testing.assert_array_equal(decrypt(s, top), integer_matmul(x, w[:4].T))
+
+
+def test_fused_weights_are_one_product(rng):
+    """q|k|v as one matrix: one product gives the three outputs side by side."""
+    ps = P.DEFAULT
+    wq, wk, wv = (rng.integers(-127, 128, size=(r, 32)).astype(np.int8) for r in (32, 8, 8))
+    fused = np.concatenate([wq, wk, wv])
+    x = rng.integers(0, 256, size=(64, 32))
+    s, seed = secret(ps), os.urandom(16)
+    y = decrypt(s, MatrixProduct(fused, ps, seed)(encrypt(s, x, seed)).switch())
+    np.testing.assert_array_equal(y[:, :32], integer_matmul(x, wq.T))
+    np.testing.assert_array_equal(y[:, 40:], integer_matmul(x, wv.T))
+    # backward of the fused layer is the sum dQ·Wq + dK·Wk + dV·Wv
+    g = rng.integers(0, 256, size=(64, 48))
+    dx = decrypt(s, MatrixProduct(fused.T.copy(), ps, seed)(encrypt(s, g, seed)).switch())
+    expected = integer_matmul(g[:, :32], wq) + integer_matmul(g[:, 32:40], wk) + integer_matmul(g[:, 40:], wv)
+    np.testing.assert_array_equal(dx, expected)
+
+
+def test_another_key_does_not_decrypt(rng):
+    ps = P.DEFAULT
+    m = rng.integers(0, 256, size=(200, 3))
+    ct = encrypt(secret(ps), m, b"s" * 16)
+    wrong = decrypt(secret(ps), fresh_partial(ps, ct, b"s" * 16))
+    assert np.mean(wrong == m) < 0.01
+    # the wrong decryption is spread over the whole message space, not near m
+    assert np.abs(wrong).mean() > ps.max_message / 8
+
+
+def test_ciphertexts_look_uniform_whatever_the_message(rng):
+    """Mean and variance of b's residues are those of uniform residues, for 0 and for 255."""
+    ps = P.DEFAULT
+    for value in (0, 255):
+        m = np.full((ps.n, 8), value)
+        ct = encrypt(secret(ps), m, os.urandom(16))
+        for i, p in enumerate(ps.primes):
+            u = ct.b[:, i, :].astype(np.float64) / p  # uniform on [0,1): mean 1/2, var 1/12
+            assert abs(u.mean() - 0.5) < 0.01
+            assert abs(u.var() - 1 / 12) < 0.003
+
+
+def test_same_seed_same_a_and_ranges():
+    ps = P.DEFAULT
+    a1 = expand_a(b"k" * 16, ps, 6)
+    a2 = expand_a(b"k" * 16, ps, 3, start=3)
+    np.testing.assert_array_equal(a1[3:], a2)
+    assert not np.array_equal(a1, expand_a(b"j" * 16, ps, 6))
+    for i, p in enumerate(ps.primes):
+        assert a1[:, i].max() < p
+
+
+@pytest.mark.gpu
+def test_same_seed_same_a_on_gpu(rng):  # pragma: no cover - needs a device
+    ps = P.DEFAULT
+    w = rng.integers(-127, 128, size=(16, 64)).astype(np.int8)
+    x = rng.integers(0, 256, size=(30, 64))
+    s, seed = secret(ps), os.urandom(16)
+    ct = encrypt(s, x, seed)
+    cpu = MatrixProduct(w, ps, seed, backend="numpy")(ct)
+    gpu = MatrixProduct(w, ps, seed, backend="cupy")(ct)
+    np.testing.assert_array_equal(cpu.a, gpu.a)
+    np.testing.assert_array_equal(cpu.b, gpu.b)
+
+
+def test_secret_and_noise_are_not_reproducible_from_the_seed(rng):
+    ps = P.DEFAULT
+    m = rng.integers(0, 256, size=(10, 2))
+    sk = SecretKey.generate()
+    nonce = os.urandom(16)
+    s = sk.request_secret(ps, nonce)
+    # same key, same nonce, same seed and message: the noise still differs
+    assert not np.array_equal(encrypt(s, m, b"x" * 16).b, encrypt(s, m, b"x" * 16).b)
+    # the per-request secret depends on the nonce and on the master key, not on the seed
+    assert not np.array_equal(s.s, sk.request_secret(ps, os.urandom(16)).s)
+    assert not np.array_equal(s.s, SecretKey.generate().request_secret(ps, nonce).s)
+    np.testing.assert_array_equal(s.s, sk.request_secret(ps, nonce).s)
+    counts = np.bincount(s.s.astype(np.int64) + 1, minlength=3)
+    assert counts.min() > ps.n / 3 - 5 * np.sqrt(ps.n)
+
+
+def test_noise_distribution_matches_its_specification():
+    ps = P.DEFAULT
+    e = sample_noise(ps, (400_000,))
+    eta = ps.noise_eta
+    assert abs(e.mean()) < 0.02
+    assert abs(e.var() - eta / 2) < 0.1
+    assert e.max() <= eta and e.min() >= -eta
+    # the binomial shape: P(0) = C(2eta, eta) / 4^eta
+    from math import comb
+
+    assert abs(np.mean(e == 0) - comb(2 * eta, eta) / 4**eta) < 0.005
+    with pytest.raises(ValueError):
+        centered_binomial(noise_stream(8), 1, 6)
+
+
+def test_known_answer_vector():
+    """Fixed secret, message, seed and noise: the ciphertext bytes never change (tests/vectors)."""
+    vec = json.loads((VECTORS / "encrypt_kat_v1.json").read_text())
+    ps = P.get(vec["pset"])
+    s = RequestSecret(ps, np.array(vec["secret"], dtype=np.int8))
+    m = np.array(vec["message"], dtype=np.int64)
+    noise = np.array(vec["noise"], dtype=np.int64)[:, None, :].repeat(ps.limbs, axis=1)
+    ct = _encrypt_with(s, m, bytes.fromhex(vec["a_seed"]), noise)
+    assert hashlib.sha256(ct.b.astype("<u4").tobytes()).hexdigest() == vec["sha256_b"]
+    np.testing.assert_array_equal(decrypt(s, fresh_partial(ps, ct, bytes.fromhex(vec["a_seed"]))), m)
+
+
+def test_message_and_shape_errors(rng):
+    ps = P.DEFAULT
+    s = secret(ps)
+    with pytest.raises(ValueError, match="exceed"):
+        encrypt(s, np.full((2, 2), ps.max_message + 1), b"s" * 16)
+    with pytest.raises(ValueError, match="T <="):
+        encrypt(s, np.zeros((ps.n + 1, 2), dtype=np.int64), b"s" * 16)
+    with pytest.raises(TypeError):
+        encrypt(s, np.zeros((2, 2)), b"s" * 16)
+    ct = encrypt(s, np.zeros((2, 3), dtype=np.int64), b"s" * 16)
+    with pytest.raises(ParameterMismatch, match="3 ciphertexts"):
+        MatrixProduct(np.ones((2, 4), dtype=np.int8), ps, b"s" * 16)(ct)
+    with pytest.raises(ConfigError):
+        MatrixProduct(np.ones((2, 4)), ps, b"s" * 16)
+
+
+def test_secret_key_file_and_serialization(tmp_path):
+    sk = SecretKey.generate()
+    path = tmp_path / "owner.key"
+    sk.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = SecretKey.load(path)
+    assert loaded.fingerprint() == sk.fingerprint()
+    with pytest.raises(FileExistsError):
+        sk.save(path)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        SecretKey.load(path)
+    with pytest.raises(TypeError):
+        pickle.dumps(sk)
+    with pytest.raises(TypeError):
+        pickle.dumps(sk.request_secret(P.DEFAULT, os.urandom(16)))
+    assert "hidden" in repr(sk.request_secret(P.DEFAULT, os.urandom(16)))
+    assert sk.fingerprint() in repr(sk)
