@@ -100,30 +100,33 @@ def integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.rint(a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
 
 
-def dequantize_forward(y_int: np.ndarray, x: QuantizedTensor, w: QuantizedWeight) -> np.ndarray:
-    """``Y = s_t · s_o · (Y_int - z_t · Σ_j q_w[o, j])`` for ``Y_int = q_x · q_wᵀ``."""
-    corrected = y_int - np.outer(x.zero, w.row_sums)
-    return corrected * x.scale[:, None] * w.scale[None, :]
+def dequantize_forward(y_int: np.ndarray, x: QuantizedTensor, w_scale: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
+    """``Y = s_t · s_o · (Y_int - z_t · Σ_j q_w[o, j])`` for ``Y_int = q_x · q_wᵀ``.
+
+    Only public values of the weight are needed (its scales and row sums, from the manifest).
+    """
+    corrected = y_int - np.outer(x.zero, row_sums)
+    return corrected * x.scale[:, None] * w_scale[None, :]
 
 
-def fold_output_scale(dy: np.ndarray, w: QuantizedWeight) -> np.ndarray:
+def fold_output_scale(dy: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
     """Backward: fold ``s_o`` into the gradient, so the server multiplies by integers only."""
-    return np.asarray(dy, dtype=np.float64) * w.scale[None, :]
+    return np.asarray(dy, dtype=np.float64) * w_scale[None, :]
 
 
-def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, w: QuantizedWeight) -> np.ndarray:
+def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, col_sums: np.ndarray) -> np.ndarray:
     """``dX = s_t · (Z_int - z_t · Σ_o q_w[o, j])`` for ``Z_int = q_g · q_w``."""
-    corrected = z_int - np.outer(g.zero, w.col_sums)
+    corrected = z_int - np.outer(g.zero, col_sums)
     return corrected * g.scale[:, None]
 
 
 def quantized_matmul(x: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.ndarray:
     """Clear reference of the forward product ``x · wᵀ`` in the quantized domain."""
     xq = quantize_rows(x, bits)
-    return dequantize_forward(integer_matmul(xq.values, w.values.T), xq, w)
+    return dequantize_forward(integer_matmul(xq.values, w.values.T), xq, w.scale, w.row_sums)
 
 
 def quantized_matmul_backward(dy: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.ndarray:
     """Clear reference of the backward product ``dy · w`` in the quantized domain."""
-    gq = quantize_rows(fold_output_scale(dy, w), bits)
-    return dequantize_backward(integer_matmul(gq.values, w.values), gq, w)
+    gq = quantize_rows(fold_output_scale(dy, w.scale), bits)
+    return dequantize_backward(integer_matmul(gq.values, w.values), gq, w.col_sums)

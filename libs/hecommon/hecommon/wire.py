@@ -1,0 +1,705 @@
+"""helora's messages on the wire (DESIGN §3 Transport, §4 RabbitMQ practice, §7 invariant 4).
+
+Every message is one msgpack map of allow-listed types only (int, str, bytes, list, map with
+str keys): no ext types, no floats, never pickle. Each carries ``v`` (``WIRE_VERSION``),
+``type``, ``pset`` (parameter-set id), ``rid`` (16-byte request id) and ``lib`` (the sender's
+hecommon version), plus the shapes of its arrays. Arrays travel as raw little-endian bytes;
+ciphertext coefficients are bit-packed (``bits.py``): limb ``i`` at ``p_i.bit_length()`` bits,
+switched outputs at ``params.out_bits`` bits.
+
+One plain dataclass per message type, validated at construction, with an encode/decode pair
+(as Flower's ``serde.py``). Decoding checks the size before parsing, then the version, the
+type, the exact set of keys, every type, range and length; it raises ``OversizedMessage``,
+``UnsupportedVersion``, ``ParameterMismatch`` or ``MalformedMessage``, naming the field and
+never showing payload contents. Only the classes in ``_BODY_KEYS`` have an encoder: a
+``SecretKey`` (or anything else) raises ``TypeError``.
+
+Payloads larger than the broker's ``max_message_size`` are cut by ciphertext rows with
+``split`` and reassembled with ``join``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+from typing import Any, ClassVar, NoReturn
+
+import msgpack
+import numpy as np
+
+from .bits import pack_bits, packed_size, unpack_bits
+from .encrypt import SEED_BYTES, EncryptedBatch, EncryptedPartial, EncryptedResult
+from .errors import HeloraError, MalformedMessage, OversizedMessage, UnsupportedVersion
+from .params import ParamSet
+from .params import get as get_params
+
+WIRE_VERSION = 1
+try:  # from the installed metadata: hecommon/__init__ may be shadowed by tests/hecommon under pytest
+    LIB_VERSION = _dist_version("hecommon")
+except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+    LIB_VERSION = "0+unknown"
+#: RabbitMQ 4.x default ``max_message_size``; set the broker's limit explicitly to match.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+RID_BYTES = 16
+DIRECTIONS = ("fwd", "bwd")
+MAX_NAME_CHARS = 128
+MAX_ERROR_CHARS = 1024
+MAX_LIB_CHARS = 64
+MAX_ROWS = 1 << 24  # ciphertext indices and layer widths
+MAX_PARTS = 1 << 16
+MAX_LAYERS = 4096
+MAX_META_ENTRIES = 256
+MAX_META_CHARS = 4096
+#: Room left for the map, the small fields and the bin headers when ``split`` sizes chunks.
+HEADER_ALLOWANCE = 4096
+_HEADER = ("v", "type", "pset", "rid", "lib")
+
+
+# -- field checks (shared by construction and decoding) -------------------------------
+def _fail(where: str, what: str) -> NoReturn:
+    raise MalformedMessage(f"{where}: {what}")
+
+
+def _int(where: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(where, "an integer is required")
+    if not lo <= value <= hi:
+        _fail(where, f"{value} outside {lo}..{hi}")
+    return value
+
+
+def _text(where: str, value: Any, max_chars: int, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        _fail(where, "a string is required")
+    if len(value) > max_chars or (not value and not empty):
+        _fail(where, f"length {len(value)} outside {0 if empty else 1}..{max_chars}")
+    return value
+
+
+def _blob(where: str, value: Any, size: int) -> bytes:
+    if not isinstance(value, bytes):
+        _fail(where, "bytes are required")
+    if len(value) != size:
+        _fail(where, f"{len(value)} bytes, expected {size}")
+    return value
+
+
+def _check_route(msg: Any) -> None:
+    _blob("rid", msg.rid, RID_BYTES)
+    _text("layer", msg.layer, MAX_NAME_CHARS)
+    if msg.direction not in DIRECTIONS:
+        _fail("direction", f"one of {DIRECTIONS} is required")
+    _text("lib", msg.lib, MAX_LIB_CHARS)
+
+
+def _check_chunk(msg: Any, offset: str) -> None:
+    _int("parts", msg.parts, 1, MAX_PARTS)
+    _int("part", msg.part, 0, msg.parts - 1)
+    _int(offset, getattr(msg, offset), 0, MAX_ROWS)
+
+
+def _check_residues(where: str, arr: Any, params: ParamSet) -> None:
+    """``arr``: (rows >= 1, L, N) uint32, every residue of limb i below p_i."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint32 or arr.ndim != 3:
+        _fail(where, "a (rows, L, N) uint32 array is required")
+    if arr.shape[0] < 1 or arr.shape[1:] != (params.limbs, params.n):
+        _fail(where, f"shape {arr.shape} is not (rows >= 1, {params.limbs}, {params.n})")
+    primes = np.asarray(params.primes, dtype=np.uint32)[:, None]
+    bad = (arr >= primes).any(axis=(0, 2))
+    if bad.any():
+        _fail(where, f"limb {int(np.argmax(bad))} has a residue not below its prime")
+
+
+def _check_tokens(where: str, n_tokens: Any, params: ParamSet) -> None:
+    _int(where, n_tokens, 1, params.n)
+
+
+# -- array codecs ----------------------------------------------------------------------
+def _residue_row_bytes(params: ParamSet) -> int:
+    return sum(packed_size(p.bit_length(), params.n) for p in params.primes)
+
+
+def _pack_residues(arr: np.ndarray, params: ParamSet) -> list[bytes]:
+    # (rows, L, N) -> one bit-packed blob per limb, each (rows, N) in C order
+    return [pack_bits(arr[:, i, :], p.bit_length()) for i, p in enumerate(params.primes)]
+
+
+def _unpack_residues(where: str, blobs: Any, params: ParamSet, rows: int) -> np.ndarray:
+    if not isinstance(blobs, list) or len(blobs) != params.limbs:
+        _fail(where, f"a list of {params.limbs} limbs is required")
+    out = np.empty((rows, params.limbs, params.n), dtype=np.uint32)
+    for i, (blob, p) in enumerate(zip(blobs, params.primes, strict=True)):
+        bits, count = p.bit_length(), rows * params.n
+        _blob(f"{where}[{i}]", blob, packed_size(bits, count))
+        try:
+            out[:, i, :] = unpack_bits(blob, bits, count).reshape(rows, params.n)
+        except MalformedMessage as exc:
+            _fail(f"{where}[{i}]", str(exc))
+    return out
+
+
+def _unpack_words(where: str, blob: Any, bits: int, shape: tuple[int, int]) -> np.ndarray:
+    _blob(where, blob, packed_size(bits, shape[0] * shape[1]))
+    try:
+        return unpack_bits(blob, bits, shape[0] * shape[1]).reshape(shape)
+    except MalformedMessage as exc:
+        _fail(where, str(exc))
+
+
+def _shape(where: str, value: Any, fixed: tuple[int, ...], row_bytes: int, max_bytes: int) -> int:
+    """Validate ``[rows, *fixed]``; return rows. A claim beyond ``max_bytes`` is oversized."""
+    if not isinstance(value, list) or len(value) != 1 + len(fixed):
+        _fail(where, f"a list of {1 + len(fixed)} integers is required")
+    rows = _int(f"{where}[0]", value[0], 1, MAX_ROWS)
+    for k, (got, want) in enumerate(zip(value[1:], fixed, strict=True), start=1):
+        if _int(f"{where}[{k}]", got, 0, MAX_ROWS) != want:
+            _fail(f"{where}[{k}]", f"{got} does not match the parameter set ({want})")
+    if rows * row_bytes > max_bytes:
+        raise OversizedMessage(f"{where}: claims {rows * row_bytes} payload bytes, limit {max_bytes}")
+    return rows
+
+
+def _array_bytes(arr: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(arr, dtype=dtype).tobytes()
+
+
+def _array(where: str, blob: Any, dtype: str, count: int) -> np.ndarray:
+    _blob(where, blob, 8 * count)
+    return np.frombuffer(blob, dtype=dtype).astype(dtype[1:])
+
+
+# -- messages ---------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class EncryptedRequest:
+    """Client → encoder: input ciphertexts ``row_start …`` of one layer call (part of ``parts``)."""
+
+    TYPE: ClassVar[str] = "request"
+    rid: bytes
+    layer: str
+    direction: str
+    batch: EncryptedBatch  # b: (d, L, N) uint32 residues
+    part: int = 0
+    parts: int = 1
+    row_start: int = 0
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _check_route(self)
+        _check_chunk(self, "row_start")
+        if not isinstance(self.batch, EncryptedBatch):
+            _fail("batch", "an EncryptedBatch is required")
+        _check_residues("b", self.batch.b, self.batch.params)
+
+    @property
+    def params(self) -> ParamSet:
+        return self.batch.params
+
+    def _body(self) -> dict[str, Any]:
+        b = self.batch.b
+        return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
+                "row_start": self.row_start, "n_tokens": self.batch.n_tokens, "shape": list(b.shape),
+                "b": _pack_residues(b, self.params)}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedRequest:
+        rows = _shape("shape", m["shape"], (params.limbs, params.n), _residue_row_bytes(params), max_bytes)
+        _check_tokens("n_tokens", m["n_tokens"], params)
+        batch = EncryptedBatch(params, _unpack_residues("b", m["b"], params, rows), m["n_tokens"])
+        return cls(m["rid"], m["layer"], m["direction"], batch, m["part"], m["parts"], m["row_start"], m["lib"])
+
+    def _rows(self) -> int:
+        return self.batch.width
+
+    def _row_bytes(self) -> int:
+        return _residue_row_bytes(self.params)
+
+    def _slice(self, lo: int, hi: int) -> EncryptedRequest:
+        batch = EncryptedBatch(self.params, self.batch.b[lo:hi], self.batch.n_tokens)
+        return dataclasses.replace(self, batch=batch, row_start=self.row_start + lo)
+
+    def _with_rows(self, chunks: Sequence[EncryptedRequest]) -> EncryptedRequest:
+        b = np.concatenate([c.batch.b for c in chunks])
+        return dataclasses.replace(self, batch=EncryptedBatch(self.params, b, self.batch.n_tokens))
+
+
+@dataclass(frozen=True, eq=False)
+class PartialResult:
+    """Evaluator → aggregator: the product of input rows ``row_start … row_end-1`` (one shard),
+    for output ciphertexts ``out_start …`` (part ``part`` of ``parts``), mod q."""
+
+    TYPE: ClassVar[str] = "partial"
+    rid: bytes
+    layer: str
+    direction: str
+    shard: int
+    shards: int
+    row_start: int
+    row_end: int
+    partial: EncryptedPartial  # a, b: (d_out, L, N) uint32 residues
+    part: int = 0
+    parts: int = 1
+    out_start: int = 0
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _check_route(self)
+        _check_chunk(self, "out_start")
+        _int("shards", self.shards, 1, MAX_PARTS)
+        _int("shard", self.shard, 0, self.shards - 1)
+        _int("row_start", self.row_start, 0, MAX_ROWS)
+        _int("row_end", self.row_end, self.row_start + 1, MAX_ROWS)
+        if not isinstance(self.partial, EncryptedPartial):
+            _fail("partial", "an EncryptedPartial is required")
+        _check_residues("a", self.partial.a, self.params)
+        _check_residues("b", self.partial.b, self.params)
+        if self.partial.a.shape != self.partial.b.shape:
+            _fail("b", "shape differs from a")
+        _check_tokens("n_tokens", self.partial.n_tokens, self.params)
+
+    @property
+    def params(self) -> ParamSet:
+        return self.partial.params
+
+    def _body(self) -> dict[str, Any]:
+        pa = self.partial
+        return {"layer": self.layer, "direction": self.direction, "shard": self.shard, "shards": self.shards,
+                "row_start": self.row_start, "row_end": self.row_end, "part": self.part, "parts": self.parts,
+                "out_start": self.out_start, "n_tokens": pa.n_tokens, "shape": list(pa.a.shape),
+                "a": _pack_residues(pa.a, self.params), "b": _pack_residues(pa.b, self.params)}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> PartialResult:
+        rb = 2 * _residue_row_bytes(params)
+        rows = _shape("shape", m["shape"], (params.limbs, params.n), rb, max_bytes)
+        _check_tokens("n_tokens", m["n_tokens"], params)
+        a = _unpack_residues("a", m["a"], params, rows)
+        b = _unpack_residues("b", m["b"], params, rows)
+        return cls(m["rid"], m["layer"], m["direction"], m["shard"], m["shards"], m["row_start"], m["row_end"],
+                   EncryptedPartial(params, a, b, m["n_tokens"]), m["part"], m["parts"], m["out_start"], m["lib"])
+
+    def _rows(self) -> int:
+        return int(self.partial.a.shape[0])
+
+    def _row_bytes(self) -> int:
+        return 2 * _residue_row_bytes(self.params)
+
+    def _slice(self, lo: int, hi: int) -> PartialResult:
+        pa = self.partial
+        sliced = EncryptedPartial(self.params, pa.a[lo:hi], pa.b[lo:hi], pa.n_tokens)
+        return dataclasses.replace(self, partial=sliced, out_start=self.out_start + lo)
+
+    def _with_rows(self, chunks: Sequence[PartialResult]) -> PartialResult:
+        a = np.concatenate([c.partial.a for c in chunks])
+        b = np.concatenate([c.partial.b for c in chunks])
+        return dataclasses.replace(self, partial=EncryptedPartial(self.params, a, b, self.partial.n_tokens))
+
+
+@dataclass(frozen=True, eq=False)
+class EncryptedReply:
+    """Aggregator → client: switched outputs ``out_start …`` (part ``part`` of ``parts``)."""
+
+    TYPE: ClassVar[str] = "reply"
+    rid: bytes
+    layer: str
+    direction: str
+    result: EncryptedResult  # a, b: (d_out, N) uint64 < 2^out_bits
+    part: int = 0
+    parts: int = 1
+    out_start: int = 0
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _check_route(self)
+        _check_chunk(self, "out_start")
+        res = self.result
+        if not isinstance(res, EncryptedResult):
+            _fail("result", "an EncryptedResult is required")
+        k, n = res.params.out_bits, res.params.n
+        for name, arr in (("a", res.a), ("b", res.b)):
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.uint64 or arr.ndim != 2:
+                _fail(name, "a (rows, N) uint64 array is required")
+            if arr.shape[0] < 1 or arr.shape != (res.a.shape[0], n):
+                _fail(name, f"shape {arr.shape} is not (rows >= 1, {n}) or differs from a")
+            if arr.size and int(arr.max()) >> k:
+                _fail(name, f"a value does not fit in out_bits = {k}")
+        _check_tokens("n_tokens", res.n_tokens, res.params)
+
+    @property
+    def params(self) -> ParamSet:
+        return self.result.params
+
+    def _body(self) -> dict[str, Any]:
+        res, k = self.result, self.params.out_bits
+        return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
+                "out_start": self.out_start, "n_tokens": res.n_tokens, "shape": list(res.a.shape),
+                "a": pack_bits(res.a, k), "b": pack_bits(res.b, k)}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedReply:
+        k, n = params.out_bits, params.n
+        rows = _shape("shape", m["shape"], (n,), 2 * packed_size(k, n), max_bytes)
+        _check_tokens("n_tokens", m["n_tokens"], params)
+        a = _unpack_words("a", m["a"], k, (rows, n))
+        b = _unpack_words("b", m["b"], k, (rows, n))
+        return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"]),
+                   m["part"], m["parts"], m["out_start"], m["lib"])
+
+    def _rows(self) -> int:
+        return self.result.width
+
+    def _row_bytes(self) -> int:
+        return 2 * packed_size(self.params.out_bits, self.params.n)
+
+    def _slice(self, lo: int, hi: int) -> EncryptedReply:
+        res = self.result
+        sliced = EncryptedResult(self.params, res.a[lo:hi], res.b[lo:hi], res.n_tokens)
+        return dataclasses.replace(self, result=sliced, out_start=self.out_start + lo)
+
+    def _with_rows(self, chunks: Sequence[EncryptedReply]) -> EncryptedReply:
+        a = np.concatenate([c.result.a for c in chunks])
+        b = np.concatenate([c.result.b for c in chunks])
+        return dataclasses.replace(self, result=EncryptedResult(self.params, a, b, self.result.n_tokens))
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """Any service → the sender: why a request failed (``reason`` as in ``errors.py``).
+
+    ``pset`` is carried as text and not resolved: an error must stay readable even when it
+    reports an unknown parameter set. Build it with ``from_exception``.
+    """
+
+    TYPE: ClassVar[str] = "error"
+    rid: bytes
+    reason: str
+    message: str
+    pset: str = ""
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES)
+        reason = _text("reason", self.reason, 64)
+        if not all(c.isascii() and (c.islower() or c.isdigit() or c == "_") for c in reason):
+            _fail("reason", "lowercase letters, digits and '_' only")
+        _text("message", self.message, MAX_ERROR_CHARS, empty=True)
+        _text("pset", self.pset, MAX_NAME_CHARS, empty=True)
+        _text("lib", self.lib, MAX_LIB_CHARS)
+
+    @classmethod
+    def from_exception(cls, rid: bytes, exc: BaseException, pset: str = "") -> ErrorReply:
+        """helora's errors keep their text (they never hold payload); others only their class."""
+        if isinstance(exc, HeloraError):
+            return cls(rid, exc.reason, str(exc)[:MAX_ERROR_CHARS], pset)
+        return cls(rid, "internal", type(exc).__name__, pset)
+
+    def _body(self) -> dict[str, Any]:
+        return {"reason": self.reason, "message": self.message}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any], pset: str, max_bytes: int) -> ErrorReply:
+        return cls(m["rid"], m["reason"], m["message"], pset, m["lib"])
+
+
+@dataclass(frozen=True, eq=False)
+class LayerEntry:
+    """One server-side linear layer in the manifest; fused layers list their members."""
+
+    name: str
+    block: int
+    d_in: int
+    d_out: int
+    members: tuple[tuple[str, int], ...]  # (member name, its output width), in output order
+    a_seed_fwd: bytes
+    a_seed_bwd: bytes
+    weight_scale: np.ndarray  # (d_out,) float64, per output channel
+    row_sums: np.ndarray  # (d_out,) int64: Σ_j q_w[o, j], for the zero-point correction
+    col_sums: np.ndarray  # (d_in,) int64: Σ_o q_w[o, j], for the backward correction
+    KEYS: ClassVar[frozenset[str]] = frozenset(
+        ("name", "block", "d_in", "d_out", "members", "a_seed_fwd", "a_seed_bwd", "weight_scale",
+         "row_sums", "col_sums"))
+
+    def __post_init__(self) -> None:
+        _text("layer.name", self.name, MAX_NAME_CHARS)
+        _int("layer.block", self.block, 0, MAX_LAYERS)
+        _int("layer.d_in", self.d_in, 1, MAX_ROWS)
+        _int("layer.d_out", self.d_out, 1, MAX_ROWS)
+        if not isinstance(self.members, tuple) or not 1 <= len(self.members) <= 16:
+            _fail("layer.members", "a tuple of 1..16 (name, width) pairs is required")
+        for name, width in self.members:
+            _text("layer.members.name", name, MAX_NAME_CHARS)
+            _int("layer.members.width", width, 1, MAX_ROWS)
+        if sum(w for _, w in self.members) != self.d_out:
+            _fail("layer.members", "widths do not sum to d_out")
+        _blob("layer.a_seed_fwd", self.a_seed_fwd, SEED_BYTES)
+        _blob("layer.a_seed_bwd", self.a_seed_bwd, SEED_BYTES)
+        for name, arr, dtype, size in (("weight_scale", self.weight_scale, np.float64, self.d_out),
+                                       ("row_sums", self.row_sums, np.int64, self.d_out),
+                                       ("col_sums", self.col_sums, np.int64, self.d_in)):
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != (size,):
+                _fail(f"layer.{name}", f"a ({size},) {np.dtype(dtype).name} array is required")
+        if not np.isfinite(self.weight_scale).all() or (self.weight_scale < 0).any():
+            _fail("layer.weight_scale", "finite non-negative scales are required")
+
+    def _map(self) -> dict[str, Any]:
+        return {"name": self.name, "block": self.block, "d_in": self.d_in, "d_out": self.d_out,
+                "members": [[n, w] for n, w in self.members], "a_seed_fwd": self.a_seed_fwd,
+                "a_seed_bwd": self.a_seed_bwd, "weight_scale": _array_bytes(self.weight_scale, "<f8"),
+                "row_sums": _array_bytes(self.row_sums, "<i8"), "col_sums": _array_bytes(self.col_sums, "<i8")}
+
+    @classmethod
+    def _from(cls, m: Any) -> LayerEntry:
+        _keys("layer", m, cls.KEYS)
+        d_in = _int("layer.d_in", m["d_in"], 1, MAX_ROWS)
+        d_out = _int("layer.d_out", m["d_out"], 1, MAX_ROWS)
+        members = m["members"]
+        if not isinstance(members, list) or not all(isinstance(p, list) and len(p) == 2 for p in members):
+            _fail("layer.members", "a list of [name, width] pairs is required")
+        return cls(m["name"], m["block"], d_in, d_out, tuple((n, w) for n, w in members), m["a_seed_fwd"],
+                   m["a_seed_bwd"], _array("layer.weight_scale", m["weight_scale"], "<f8", d_out),
+                   _array("layer.row_sums", m["row_sums"], "<i8", d_out),
+                   _array("layer.col_sums", m["col_sums"], "<i8", d_in))
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """Encoder → clients: the public description of the served model (DESIGN §4)."""
+
+    TYPE: ClassVar[str] = "manifest"
+    rid: bytes
+    model: str
+    params: ParamSet
+    layers: tuple[LayerEntry, ...]
+    x_bits: int = 8
+    w_bits: int = 8
+    metadata: dict[str, str] = field(default_factory=dict)
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES)
+        _text("model", self.model, MAX_META_CHARS)
+        if not isinstance(self.params, ParamSet):
+            _fail("params", "a ParamSet is required")
+        if not isinstance(self.layers, tuple) or len(self.layers) > MAX_LAYERS:
+            _fail("layers", f"a tuple of at most {MAX_LAYERS} LayerEntry is required")
+        if not all(isinstance(e, LayerEntry) for e in self.layers):
+            _fail("layers", "LayerEntry items are required")
+        if len({e.name for e in self.layers}) != len(self.layers):
+            _fail("layers", "layer names must be unique")
+        _int("x_bits", self.x_bits, 1, 16)
+        _int("w_bits", self.w_bits, 1, 16)
+        if not isinstance(self.metadata, dict) or len(self.metadata) > MAX_META_ENTRIES:
+            _fail("metadata", f"a map of at most {MAX_META_ENTRIES} entries is required")
+        for key, value in self.metadata.items():
+            _text("metadata key", key, MAX_NAME_CHARS)
+            _text(f"metadata[{key!r}]", value, MAX_META_CHARS, empty=True)
+        _text("lib", self.lib, MAX_LIB_CHARS)
+
+    def _body(self) -> dict[str, Any]:
+        return {"model": self.model, "x_bits": self.x_bits, "w_bits": self.w_bits,
+                "metadata": dict(self.metadata), "layers": [e._map() for e in self.layers]}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> Manifest:
+        if not isinstance(m["layers"], list):
+            _fail("layers", "a list is required")
+        layers = tuple(LayerEntry._from(e) for e in m["layers"])
+        return cls(m["rid"], m["model"], params, layers, m["x_bits"], m["w_bits"], m["metadata"], m["lib"])
+
+
+_BODY_KEYS = {
+    EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "n_tokens", "shape", "b"),
+    PartialResult: ("layer", "direction", "shard", "shards", "row_start", "row_end", "part", "parts",
+                    "out_start", "n_tokens", "shape", "a", "b"),
+    EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "n_tokens", "shape", "a", "b"),
+    ErrorReply: ("reason", "message"),
+    Manifest: ("model", "x_bits", "w_bits", "metadata", "layers"),
+}
+Message = EncryptedRequest | PartialResult | EncryptedReply | ErrorReply | Manifest
+_BY_TYPE: dict[str, type] = {cls.TYPE: cls for cls in _BODY_KEYS}
+
+
+# -- encode / decode -----------------------------------------------------------------------
+def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    """Serialize an allow-listed message; anything else (a ``SecretKey``…) raises ``TypeError``."""
+    if type(msg) not in _BODY_KEYS:
+        raise TypeError(f"{type(msg).__name__} has no wire encoder")
+    pset = msg.pset if isinstance(msg, ErrorReply) else msg.params.name
+    head = {"v": WIRE_VERSION, "type": msg.TYPE, "pset": pset, "rid": msg.rid, "lib": msg.lib}
+    data = msgpack.packb({**head, **msg._body()}, use_bin_type=True, strict_types=True)
+    if len(data) > max_bytes:
+        raise OversizedMessage(f"{msg.TYPE}: {len(data)} bytes exceed the limit {max_bytes}; split it")
+    return data
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            _fail("map", "keys must be strings")
+        if key in out:
+            _fail(_names([key]), "duplicate key")
+        out[key] = value
+    return out
+
+
+def _no_ext(code: int, data: bytes) -> NoReturn:
+    _fail("msgpack", f"ext type {code} is not allowed")
+
+
+def _keys(where: str, m: Any, expected: Any) -> None:
+    if not isinstance(m, dict):
+        _fail(where, "a map is required")
+    missing, extra = sorted(set(expected) - m.keys()), sorted(m.keys() - set(expected))
+    if missing:
+        _fail(where, f"missing field(s) {_names(missing)}")
+    if extra:
+        _fail(where, f"unexpected field(s) {_names(extra)}")
+
+
+def _names(keys: Sequence[Any]) -> str:
+    """Field names for an error message, bounded: keys come from the sender."""
+    shown = ", ".join(repr(str(k)[:32]) for k in keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _parse(data: Any, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedMessage(f"message: bytes are required, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise OversizedMessage(f"message: {len(data)} bytes exceed the limit {max_bytes}")
+    try:
+        m = msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=_pairs,
+                            ext_hook=_no_ext, max_bin_len=max_bytes, max_str_len=1 << 16,
+                            max_array_len=MAX_LAYERS, max_map_len=2 * MAX_META_ENTRIES, max_ext_len=0)
+    except HeloraError:
+        raise
+    except Exception as exc:  # msgpack's errors: truncated, trailing bytes, bad format, limits
+        # msgpack's texts name limits and offsets, never the data: keep them, bounded
+        raise MalformedMessage(f"message: not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(m, dict):
+        _fail("message", "a map is required at the top level")
+    if m.get("v") != WIRE_VERSION or isinstance(m.get("v"), bool):
+        raise UnsupportedVersion(f"v: this build speaks wire version {WIRE_VERSION}")
+    return m
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: type | None = None) -> Message:
+    """Parse and validate one message of any allow-listed type (or of type ``expect``)."""
+    m = _parse(data, max_bytes)
+    cls = _BY_TYPE.get(m.get("type")) if isinstance(m.get("type"), str) else None
+    if cls is None:
+        _fail("type", f"one of {sorted(_BY_TYPE)} is required")
+    if expect is not None and cls is not expect:
+        _fail("type", f"{expect.TYPE!r} expected, got {cls.TYPE!r}")
+    _keys(cls.TYPE, m, _HEADER + _BODY_KEYS[cls])
+    pset = _text("pset", m["pset"], MAX_NAME_CHARS, empty=cls is ErrorReply)
+    _blob("rid", m["rid"], RID_BYTES)
+    try:
+        return cls._from(m, pset if cls is ErrorReply else get_params(pset), max_bytes)
+    except HeloraError:
+        raise
+    except (ValueError, TypeError) as exc:  # a constructor below refused a field: still malformed
+        raise MalformedMessage(f"{cls.TYPE}: invalid field ({type(exc).__name__})") from None
+
+
+def encode_request(msg: EncryptedRequest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    return encode(_expect(msg, EncryptedRequest), max_bytes)
+
+
+def decode_request(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> EncryptedRequest:
+    return decode(data, max_bytes, EncryptedRequest)  # type: ignore[return-value]
+
+
+def encode_partial(msg: PartialResult, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    return encode(_expect(msg, PartialResult), max_bytes)
+
+
+def decode_partial(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> PartialResult:
+    return decode(data, max_bytes, PartialResult)  # type: ignore[return-value]
+
+
+def encode_reply(msg: EncryptedReply, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    return encode(_expect(msg, EncryptedReply), max_bytes)
+
+
+def decode_reply(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> EncryptedReply:
+    return decode(data, max_bytes, EncryptedReply)  # type: ignore[return-value]
+
+
+def encode_error(msg: ErrorReply, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    return encode(_expect(msg, ErrorReply), max_bytes)
+
+
+def decode_error(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ErrorReply:
+    return decode(data, max_bytes, ErrorReply)  # type: ignore[return-value]
+
+
+def encode_manifest(msg: Manifest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    return encode(_expect(msg, Manifest), max_bytes)
+
+
+def decode_manifest(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Manifest:
+    return decode(data, max_bytes, Manifest)  # type: ignore[return-value]
+
+
+def _expect(msg: Any, cls: type) -> Any:
+    if type(msg) is not cls:
+        raise TypeError(f"{cls.__name__} expected, got {type(msg).__name__}")
+    return msg
+
+
+# -- chunking ------------------------------------------------------------------------------
+Chunked = EncryptedRequest | PartialResult | EncryptedReply
+
+
+def split(msg: Chunked, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Chunked]:
+    """Cut a whole message (``parts == 1``) by ciphertext rows so each part encodes below
+    ``max_bytes``; part ``i`` of ``n`` carries consecutive rows."""
+    if type(msg) not in (EncryptedRequest, PartialResult, EncryptedReply):
+        raise TypeError(f"{type(msg).__name__} cannot be split")
+    if msg.parts != 1:
+        raise ValueError("split: the message is already a part")
+    per_chunk = (max_bytes - HEADER_ALLOWANCE) // msg._row_bytes()
+    if per_chunk < 1:
+        raise OversizedMessage(f"{msg.TYPE}: one ciphertext row ({msg._row_bytes()} bytes) exceeds {max_bytes}")
+    rows = msg._rows()
+    count = math.ceil(rows / per_chunk)
+    return [dataclasses.replace(msg._slice(lo, min(lo + per_chunk, rows)), part=i, parts=count)
+            for i, lo in enumerate(range(0, rows, per_chunk))]
+
+
+def _route(msg: Chunked) -> tuple[Any, ...]:
+    key = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
+    if isinstance(msg, PartialResult):
+        key += (msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
+    else:
+        key += (msg.batch.n_tokens if isinstance(msg, EncryptedRequest) else msg.result.n_tokens,)
+    return key
+
+
+def join(chunks: Sequence[Chunked]) -> Chunked:
+    """Reassemble the parts of one message; refuses missing, duplicate or inconsistent parts."""
+    if not chunks:
+        raise MalformedMessage("join: no parts")
+    first = chunks[0]
+    if type(first) not in (EncryptedRequest, PartialResult, EncryptedReply):
+        raise TypeError(f"{type(first).__name__} cannot be joined")
+    if any(_route(c) != _route(first) for c in chunks):
+        _fail("join", "parts of different messages or shapes")
+    seen = sorted(c.part for c in chunks)
+    if len(set(seen)) != len(seen):
+        _fail("join", "duplicate part")
+    if seen != list(range(first.parts)):
+        _fail("join", f"missing parts {sorted(set(range(first.parts)) - set(seen))}")
+    ordered = sorted(chunks, key=lambda c: c.part)
+    offset = "row_start" if isinstance(first, EncryptedRequest) else "out_start"
+    start = getattr(ordered[0], offset)
+    for prev, cur in zip(ordered, ordered[1:], strict=False):
+        if getattr(cur, offset) != getattr(prev, offset) + prev._rows():
+            _fail("join", f"part {cur.part}: {offset} is not contiguous with part {prev.part}")
+    whole = ordered[0]._with_rows(ordered)
+    return dataclasses.replace(whole, part=0, parts=1, **{offset: start})

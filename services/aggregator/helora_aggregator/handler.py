@@ -1,0 +1,61 @@
+"""Aggregator: gathers the shards' partials of a request, switches the modulus, replies.
+
+Pure logic (no broker). Forward partials are row shards and are summed mod q; backward
+partials are column shards and are joined in output order. A duplicate partial (a redelivered
+message) is ignored, so a request is never counted twice (DESIGN §7.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hecommon.encrypt import EncryptedPartial
+from hecommon.errors import MalformedMessage
+from hecommon.wire import EncryptedReply, PartialResult
+
+
+@dataclass
+class _Pending:
+    shards: int
+    parts: dict[int, PartialResult] = field(default_factory=dict)
+
+
+class AggregatorHandler:
+    def __init__(self, max_pending: int = 4096) -> None:
+        self._pending: dict[tuple[bytes, str, str], _Pending] = {}
+        self._done: dict[tuple[bytes, str, str], None] = {}  # recently completed, for duplicates
+        self.max_pending = max_pending
+
+    def add(self, partial: PartialResult) -> EncryptedReply | None:
+        """Record one partial; the reply once every shard of the request has arrived."""
+        key = (partial.rid, partial.layer, partial.direction)
+        if key in self._done:
+            return None
+        pending = self._pending.setdefault(key, _Pending(partial.shards))
+        if pending.shards != partial.shards:
+            raise MalformedMessage(f"partial says {partial.shards} shards, earlier ones {pending.shards}")
+        pending.parts.setdefault(partial.shard, partial)
+        if len(pending.parts) < pending.shards:
+            if len(self._pending) > self.max_pending:
+                self._pending.pop(next(iter(self._pending)))  # drop the oldest incomplete request
+            return None
+        del self._pending[key]
+        self._done[key] = None
+        if len(self._done) > self.max_pending:
+            self._done.pop(next(iter(self._done)))
+        return self._combine(partial, [pending.parts[i] for i in range(pending.shards)])
+
+    @staticmethod
+    def _combine(first: PartialResult, parts: list[PartialResult]) -> EncryptedReply:
+        if first.direction == "fwd":
+            total = parts[0].partial
+            for p in parts[1:]:
+                total = total + p.partial
+        else:
+            ordered = sorted(parts, key=lambda p: p.out_start)
+            pp = [p.partial for p in ordered]
+            total = EncryptedPartial(pp[0].params, np.concatenate([p.a for p in pp]),
+                                     np.concatenate([p.b for p in pp]), pp[0].n_tokens)
+        return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction, result=total.switch())

@@ -1,0 +1,63 @@
+"""Evaluator: holds weight shards on its device and computes the encrypted products.
+
+Pure logic (no broker). Forward ``Enc(X[:, lo:hi]) -> Enc(X[:, lo:hi]·W[:, lo:hi]ᵀ)`` (a row
+shard; the aggregator sums); backward ``Enc(dY) -> Enc(dY·W[:, lo:hi])`` (a column shard; the
+aggregator joins). Each (layer, direction) product precomputes its hint ``W·A`` lazily, on the
+first request, so that start-up stays short and memory follows the layers really used.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from hecommon.errors import MalformedMessage, ParameterMismatch
+from hecommon.evaluate import MatrixProduct
+from hecommon.params import ParamSet
+from hecommon.wire import EncryptedRequest, PartialResult
+from helora_encoder.handler import Shard
+
+
+class EvaluatorHandler:
+    def __init__(self, params: ParamSet, shards: list[Shard], shard_index: dict[str, tuple[int, int]],
+                 backend: str = "numpy") -> None:
+        """``shard_index[layer] = (index, count)`` of this evaluator's shard of that layer."""
+        self.params = params
+        self.backend = backend
+        self.shards = {s.layer: s for s in shards}
+        self.shard_index = shard_index
+        self._products: dict[tuple[str, str], MatrixProduct] = {}
+        self._lock = threading.Lock()
+        self.product_seconds = 0.0
+
+    def layers(self) -> list[str]:
+        return list(self.shards)
+
+    def _product(self, layer: str, direction: str) -> MatrixProduct:
+        key = (layer, direction)
+        with self._lock:
+            if key not in self._products:
+                s = self.shards[layer]
+                if direction == "fwd":
+                    self._products[key] = MatrixProduct(s.values, self.params, s.a_seed_fwd, s.lo, self.backend)
+                else:
+                    matrix = np.ascontiguousarray(s.values.T)  # (hi - lo, d_out)
+                    self._products[key] = MatrixProduct(matrix, self.params, s.a_seed_bwd, 0, self.backend)
+            return self._products[key]
+
+    def handle(self, req: EncryptedRequest) -> PartialResult:
+        shard = self.shards.get(req.layer)
+        if shard is None:
+            raise ParameterMismatch(f"this evaluator does not hold layer {req.layer!r}")
+        if req.params != self.params:
+            raise ParameterMismatch(f"request uses {req.params.name}, this evaluator {self.params.name}")
+        if req.direction == "fwd" and (req.row_start, req.row_start + req.batch.width) != (shard.lo, shard.hi):
+            raise MalformedMessage(f"rows {req.row_start}…{req.row_start + req.batch.width} do not match "
+                                   f"this shard {shard.lo}…{shard.hi} of {req.layer}")
+        product = self._product(req.layer, req.direction)
+        partial = product(req.batch)
+        index, count = self.shard_index.get(req.layer, (0, 1))
+        out_start = 0 if req.direction == "fwd" else shard.lo
+        return PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
+                             row_start=shard.lo, row_end=shard.hi, partial=partial, out_start=out_start)

@@ -1,0 +1,96 @@
+"""The encrypted backend: the client's side of every block linear (DESIGN §1–§3).
+
+Per request: quantize rows (per token), encrypt under a fresh per-request secret, send, decrypt
+the switched reply, and apply the zero-point correction and scales from the public manifest.
+Rows are processed in requests of at most N tokens; quantization is per row, so cutting rows
+into requests changes nothing. The result is bit-for-bit that of ``QuantizedBackend``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from hecommon import params as P
+from hecommon import wire
+from hecommon.encrypt import decrypt, encrypt
+from hecommon.errors import HeloraError, ParameterMismatch
+from hecommon.keys import NONCE_BYTES, SecretKey
+from hecommon.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
+
+Transport = Callable[[list[bytes]], list[bytes]]
+
+
+class EncryptedBackend:
+    """Implements ``LinearBackend`` over a transport (embedded server or RabbitMQ)."""
+
+    def __init__(self, manifest: wire.Manifest, transport: Transport, key: SecretKey | None = None,
+                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES) -> None:
+        self.manifest = manifest
+        self.params = manifest.params
+        self.bits = manifest.x_bits
+        self.layers = {e.name: e for e in manifest.layers}
+        self.transport = transport
+        self.key = key or SecretKey.generate()
+        self.max_message_bytes = max_message_bytes
+        self.wire_bytes = 0
+        self.requests = 0
+
+    def _entry(self, group: str) -> wire.LayerEntry:
+        entry = self.layers.get(group)
+        if entry is None:
+            raise ParameterMismatch(f"the server's manifest has no layer {group!r}")
+        return entry
+
+    def _call(self, layer: str, direction: str, m: np.ndarray, a_seed: bytes) -> np.ndarray:
+        """Encrypt ``m`` (T <= N, d) under a fresh secret, send, decrypt the integer result."""
+        secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
+        rid = os.urandom(wire.RID_BYTES)
+        request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction,
+                                        batch=encrypt(secret, m, a_seed))
+        chunks = [wire.encode_request(c, self.max_message_bytes) for c in wire.split(request, self.max_message_bytes)]
+        replies = self.transport(chunks)
+        self.wire_bytes += sum(map(len, chunks)) + sum(map(len, replies))
+        self.requests += 1
+        decoded = [wire.decode(r, self.max_message_bytes) for r in replies]
+        for d in decoded:
+            if isinstance(d, wire.ErrorReply):
+                raise HeloraError(f"server error on layer {layer} {direction}: {d.reason}: {d.message}")
+        reply = wire.join(decoded)
+        if reply.rid != rid:
+            raise HeloraError(f"reply for another request on layer {layer}")
+        return decrypt(secret, reply.result)
+
+    def forward(self, group: str, x: np.ndarray) -> np.ndarray:
+        e = self._entry(group)
+        x = np.asarray(x, dtype=np.float32).reshape(-1, e.d_in)
+        out = np.empty((x.shape[0], e.d_out), dtype=np.float32)
+        for lo in range(0, x.shape[0], self.params.n):
+            xq = quantize_rows(x[lo : lo + self.params.n], self.bits)
+            y = self._call(group, "fwd", xq.values, e.a_seed_fwd)
+            out[lo : lo + self.params.n] = dequantize_forward(y, xq, e.weight_scale, e.row_sums)
+        return out
+
+    def backward(self, group: str, dy: np.ndarray) -> np.ndarray:
+        e = self._entry(group)
+        dy = np.asarray(dy, dtype=np.float32).reshape(-1, e.d_out)
+        out = np.empty((dy.shape[0], e.d_in), dtype=np.float32)
+        for lo in range(0, dy.shape[0], self.params.n):
+            gq = quantize_rows(fold_output_scale(dy[lo : lo + self.params.n], e.weight_scale), self.bits)
+            z = self._call(group, "bwd", gq.values, e.a_seed_bwd)
+            out[lo : lo + self.params.n] = dequantize_backward(z, gq, e.col_sums)
+        return out
+
+
+def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | str = P.DEFAULT,
+                           key: SecretKey | None = None, shards: int = 1, backend: str = "numpy",
+                           model_id: str = "", **_: object) -> EncryptedBackend:
+    """The embedded default: an in-process server built from ``model``, and the client over it."""
+    from .embedded import EmbeddedServer
+
+    ps = P.get(params) if isinstance(params, str) else params
+    server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id)
+    manifest = wire.decode_manifest(server.manifest_bytes())
+    return EncryptedBackend(manifest, server.call, key)

@@ -1,0 +1,319 @@
+"""Wire format: bit packing, round trips, known-answer vectors, chunking, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from hecommon import bits, errors, wire
+from hecommon.bits import pack_bits, packed_size, unpack_bits
+from hecommon.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult, decrypt, encrypt
+from hecommon.evaluate import MatrixProduct
+from hecommon.keys import SecretKey
+from hecommon.params import N2048, N4096
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+_spec = importlib.util.spec_from_file_location("make_wire_vectors", VECTORS / "make_wire_vectors.py")
+gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen)
+INDEX = json.loads((VECTORS / gen.INDEX).read_text())
+RID = bytes(range(100, 116))
+
+
+def residues(params, rows: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    limbs = [rng.integers(0, p, size=(rows, params.n), dtype=np.uint32) for p in params.primes]
+    return np.stack(limbs, axis=1)  # (rows, L, N)
+
+
+def words(params, rows: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 1 << params.out_bits, size=(rows, params.n), dtype=np.uint64)
+
+
+def same(a, b) -> bool:
+    return gen.describe(a) == gen.describe(b)
+
+
+# -- bit packing ------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_pack_unpack_round_trip(data):
+    width = data.draw(st.integers(1, 64), label="bits")
+    values = data.draw(st.lists(st.integers(0, (1 << width) - 1), max_size=300), label="values")
+    arr = np.array(values, dtype=np.uint64)
+    packed = pack_bits(arr, width)
+    assert len(packed) == packed_size(width, len(values))
+    assert unpack_bits(packed, width, len(values)).tolist() == values
+    # the same bits as a plain little-endian bit stream, computed with Python integers
+    stream = sum(v << (i * width) for i, v in enumerate(values))
+    assert packed == stream.to_bytes(len(packed), "little")
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 13, 27, 38, 45, 63, 64])
+def test_long_and_short_paths_agree(width, monkeypatch):
+    count = 3 * bits._SMALL + 17  # long path, with a partial last group
+    top = (1 << width) - 1
+    arr = np.random.default_rng(width).integers(0, top, size=count, dtype=np.uint64, endpoint=True)
+    arr[:2] = (0, top)
+    long_bytes = pack_bits(arr, width)
+    assert np.array_equal(unpack_bits(long_bytes, width, count), arr)
+    monkeypatch.setattr(bits, "_SMALL", count + 1)
+    assert pack_bits(arr, width) == long_bytes
+    assert np.array_equal(unpack_bits(long_bytes, width, count), arr)
+
+
+def test_pack_layout_is_little_endian():
+    assert pack_bits(np.array([1, 2], dtype=np.uint32), 3) == bytes([0b010001])
+    assert pack_bits(np.array([0x1FF], dtype=np.uint64), 9) == b"\xff\x01"
+    assert pack_bits(np.zeros(0, dtype=np.uint64), 5) == b""
+
+
+def test_pack_refuses_bad_input():
+    with pytest.raises(ValueError, match="fit in 4 bits"):
+        pack_bits(np.array([16], dtype=np.uint64), 4)
+    with pytest.raises(TypeError):
+        pack_bits(np.array([1], dtype=np.int64), 4)
+    for width in (0, 65, True):
+        with pytest.raises(ValueError):
+            pack_bits(np.array([1], dtype=np.uint64), width)
+    with pytest.raises(errors.MalformedMessage, match="bytes, expected"):
+        unpack_bits(b"\x00\x00", 3, 2)
+    with pytest.raises(errors.MalformedMessage, match="padding"):
+        unpack_bits(b"\xff", 3, 2)
+
+
+# -- round trips ------------------------------------------------------------------------
+def _messages(params):
+    n = 7
+    yield wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(params, residues(params, 3, 1), n), 1, 2, 40)
+    pa = EncryptedPartial(params, residues(params, 2, 2), residues(params, 2, 3), n)
+    yield wire.PartialResult(RID, "5.down", "bwd", 2, 3, 10, 20, pa, part=1, parts=2, out_start=2)
+    yield wire.EncryptedReply(RID, "5.down", "bwd", EncryptedResult(params, words(params, 2, 4), words(params, 2, 5), n))
+    yield wire.ErrorReply(RID, "malformed", "b: limb 0 has a residue not below its prime", params.name)
+    yield gen.manifest() if params is N2048 else dataclasses.replace(gen.manifest(), params=params)
+
+
+@pytest.mark.parametrize("params", [N2048, N4096], ids=lambda p: p.name)
+def test_round_trip_every_type(params):
+    for msg in _messages(params):
+        data = wire.encode(msg)
+        back = wire.decode(data)
+        assert type(back) is type(msg) and same(back, msg)
+        assert wire.encode(back) == data
+        typed = {"request": wire.decode_request, "partial": wire.decode_partial, "reply": wire.decode_reply,
+                 "error": wire.decode_error, "manifest": wire.decode_manifest}[msg.TYPE]
+        assert same(typed(data), msg)
+
+
+def test_request_size_is_bit_packed():
+    msg = next(_messages(N2048))  # 3 ciphertexts, 2 limbs of 27 bits
+    assert len(wire.encode(msg)) - 3 * 2 * 2048 * 27 // 8 < 300
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 4), st.integers(1, 2048), st.integers(0, 2**32))
+def test_real_encryption_through_the_wire(d, tokens, seed):
+    """encrypt → wire → evaluate → wire → switch → wire → decrypt equals the clear product."""
+    rng = np.random.default_rng(seed)
+    secret = SecretKey.generate().request_secret(N2048, bytes(16))
+    m = rng.integers(-128, 128, size=(tokens, d))
+    w = rng.integers(-128, 128, size=(3, d))
+    a_seed = bytes(range(16))
+    batch = encrypt(secret, m, a_seed)
+    req = wire.decode_request(wire.encode(wire.EncryptedRequest(RID, "0.qkv", "fwd", batch)))
+    assert np.array_equal(req.batch.b, batch.b) and req.batch.n_tokens == tokens
+    partial = MatrixProduct(w, N2048, a_seed)(req.batch)
+    pr = wire.decode_partial(wire.encode(wire.PartialResult(RID, "0.qkv", "fwd", 0, 1, 0, d, partial)))
+    reply = wire.EncryptedReply(RID, "0.qkv", "fwd", pr.partial.switch())
+    back = wire.decode_reply(wire.encode(reply))
+    assert np.array_equal(decrypt(secret, back.result), m @ w.T)
+
+
+# -- known-answer vectors -----------------------------------------------------------------
+@pytest.mark.parametrize("entry", INDEX["positive"], ids=lambda e: e["file"])
+def test_positive_vector(entry):
+    data = (VECTORS / entry["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
+    assert wire.encode(gen.POSITIVE[entry["type"]]()) == data  # byte for byte
+    msg = wire.decode(data)
+    assert json.loads(json.dumps(gen.describe(msg), ensure_ascii=False)) == entry["fields"]  # field by field
+    assert msg.TYPE == entry["type"] and wire.encode(msg) == data
+
+
+@pytest.mark.parametrize("entry", INDEX["negative"], ids=lambda e: e["file"])
+def test_negative_vector(entry):
+    data = (VECTORS / entry["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+    expected = getattr(errors, entry["error"])
+    with pytest.raises(expected) as info:
+        wire.decode(data)
+    assert type(info.value) is expected, str(info.value)
+    assert len(str(info.value)) < 200  # names the field; never dumps the payload
+
+
+def test_vectors_regenerate_identically():
+    for name, data in gen.build().items():
+        assert (VECTORS / name).read_bytes() == data, f"{name} is stale: run make_wire_vectors.py"
+
+
+def test_every_prefix_of_a_message_is_refused():
+    data = wire.encode(gen.manifest())
+    for cut in range(len(data)):
+        with pytest.raises(errors.MalformedMessage):
+            wire.decode(data[:cut])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 10_000), st.integers(1, 255))
+def test_garbage_raises_only_helora_errors(junk, pos, flip):
+    with pytest.raises(errors.HeloraError):
+        wire.decode(junk)
+    data = bytearray(wire.encode(gen.error()))
+    data[pos % len(data)] ^= flip
+    try:
+        wire.decode(bytes(data))
+    except errors.HeloraError:
+        pass
+
+
+# -- refusals -------------------------------------------------------------------------------
+def test_secret_material_has_no_encoder():
+    key = SecretKey.generate()
+    for obj in (key, key.request_secret(N2048, bytes(16)), {"v": 1}, b"raw", gen.request().batch):
+        with pytest.raises(TypeError, match="no wire encoder"):
+            wire.encode(obj)
+    with pytest.raises(TypeError):
+        wire.encode_request(gen.error())
+
+
+def test_oversized_is_refused_before_parsing():
+    with pytest.raises(errors.OversizedMessage):
+        wire.decode(b"\xc1" * (wire.MAX_MESSAGE_BYTES + 1))
+    data = wire.encode(gen.request())
+    with pytest.raises(errors.OversizedMessage):
+        wire.decode(data, max_bytes=len(data) - 1)
+    with pytest.raises(errors.OversizedMessage, match="split it"):
+        wire.encode(gen.request(), max_bytes=1000)
+
+
+def test_wrong_type_for_the_decoder():
+    with pytest.raises(errors.MalformedMessage, match="'request' expected"):
+        wire.decode_request(wire.encode(gen.error()))
+    with pytest.raises(errors.MalformedMessage):
+        wire.decode(bytearray(b"\x80"))  # an empty map
+    with pytest.raises(errors.MalformedMessage):
+        wire.decode("not bytes")
+
+
+def _raw(msg, **changes) -> bytes:
+    m = msgpack.unpackb(wire.encode(msg), raw=False)
+    m.update(changes)
+    return msgpack.packb(m, use_bin_type=True)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"layer": ""}, "layer"), ({"layer": "x" * 129}, "layer"), ({"lib": 1}, "lib"),
+    ({"parts": 0}, "parts"), ({"row_start": -1}, "row_start"), ({"b": b"xx"}, "b"),
+    ({"b": [b"", b""]}, r"b\[0\]"), ({"shape": [0, 2, 2048]}, r"shape\[0\]"), ({"shape": "1"}, "shape"),
+    ({"n_tokens": 0}, "n_tokens"), ({"pset": 5}, "pset"), ({"rid": "x" * 16}, "rid"), ({"v": True}, "v"),
+])
+def test_request_field_errors_name_the_field(changes, field):
+    with pytest.raises(errors.MalformedMessage, match=f"^{field}"):
+        wire.decode(_raw(gen.request(), **changes))
+
+
+def test_reply_and_partial_shapes_checked():
+    m = msgpack.unpackb(wire.encode(gen.reply()), raw=False)
+    m["shape"] = [2, 2048]  # claims two rows, carries one
+    with pytest.raises(errors.MalformedMessage, match="^a: "):
+        wire.decode(msgpack.packb(m, use_bin_type=True))
+    m = msgpack.unpackb(wire.encode(gen.partial()), raw=False)
+    m["a"] = m["a"][:1]
+    with pytest.raises(errors.MalformedMessage, match="^a: a list of 2 limbs"):
+        wire.decode(msgpack.packb(m, use_bin_type=True))
+
+
+def test_construction_validates():
+    bad = residues(N2048, 1)
+    bad[0, 1, 5] = N2048.primes[1]
+    with pytest.raises(errors.MalformedMessage, match="limb 1"):
+        wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, 1))
+    big = words(N2048, 1)
+    big[0, 3] = 1 << N2048.out_bits
+    with pytest.raises(errors.MalformedMessage, match="out_bits"):
+        wire.EncryptedReply(RID, "l", "fwd", EncryptedResult(N2048, big, words(N2048, 1), 1))
+    with pytest.raises(errors.MalformedMessage, match="unique"):
+        m = gen.manifest()
+        dataclasses.replace(m, layers=(m.layers[0], m.layers[0]))
+    with pytest.raises(errors.MalformedMessage, match="message"):
+        wire.ErrorReply(RID, "malformed", "x" * (wire.MAX_ERROR_CHARS + 1))
+
+
+def test_error_reply_from_exception_does_not_leak():
+    e = wire.ErrorReply.from_exception(RID, errors.ParameterMismatch("unknown parameter set 'x'"), "n2048-q54")
+    assert (e.reason, e.message) == ("parameter_mismatch", "unknown parameter set 'x'")
+    e = wire.ErrorReply.from_exception(RID, KeyError("plaintext 1234"))
+    assert (e.reason, e.message) == ("internal", "KeyError")
+    assert wire.decode(wire.encode(dataclasses.replace(e, pset="no-such-set"))) == dataclasses.replace(e, pset="no-such-set")
+
+
+# -- chunking --------------------------------------------------------------------------------
+LIMIT = 100_000  # 13,824 bytes per request row: 6 rows per part
+
+
+def _chunked_messages():
+    yield wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 29, 7), 9), row_start=100)
+    pa = EncryptedPartial(N2048, residues(N2048, 13, 8), residues(N2048, 13, 9), 9)
+    yield wire.PartialResult(RID, "0.down", "fwd", 1, 2, 64, 128, pa)
+    yield wire.EncryptedReply(RID, "0.down", "fwd", EncryptedResult(N2048, words(N2048, 17, 1), words(N2048, 17, 2), 9))
+
+
+@pytest.mark.parametrize("msg", list(_chunked_messages()), ids=lambda m: m.TYPE)
+def test_split_join_round_trip(msg):
+    parts = wire.split(msg, LIMIT)
+    assert len(parts) > 2 and [p.part for p in parts] == list(range(len(parts)))
+    encoded = [wire.encode(p, LIMIT) for p in parts]
+    assert all(len(e) <= LIMIT for e in encoded)
+    received = [wire.decode(e, LIMIT) for e in encoded]
+    random.Random(0).shuffle(received)
+    assert same(wire.join(received), msg)
+
+
+def test_split_whole_message_under_the_real_limit():
+    msg = wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 1536), 3))
+    with pytest.raises(errors.OversizedMessage):
+        wire.encode(msg)
+    parts = wire.split(msg)
+    assert len(parts) == 2 and all(len(wire.encode(p)) <= wire.MAX_MESSAGE_BYTES for p in parts)
+    assert same(wire.join(parts), msg)
+    assert len(wire.split(gen.request().__class__(RID, "l", "fwd", gen.request().batch))) == 1
+
+
+def test_join_refuses_incomplete_or_inconsistent_sets():
+    parts = wire.split(next(_chunked_messages()), LIMIT)
+    with pytest.raises(errors.MalformedMessage, match="missing parts"):
+        wire.join(parts[:-1])
+    with pytest.raises(errors.MalformedMessage, match="duplicate"):
+        wire.join(parts + parts[:1])
+    with pytest.raises(errors.MalformedMessage, match="different"):
+        wire.join(parts[:-1] + [dataclasses.replace(parts[-1], rid=bytes(16))])
+    with pytest.raises(errors.MalformedMessage, match="contiguous"):
+        wire.join(parts[:-1] + [dataclasses.replace(parts[-1], row_start=parts[-1].row_start + 1)])
+    with pytest.raises(errors.MalformedMessage, match="no parts"):
+        wire.join([])
+    with pytest.raises(ValueError, match="already a part"):
+        wire.split(parts[0], LIMIT)
+    with pytest.raises(errors.OversizedMessage, match="one ciphertext row"):
+        wire.split(next(_chunked_messages()), 10_000)
+    with pytest.raises(TypeError):
+        wire.split(gen.error())

@@ -1,0 +1,106 @@
+"""Server handlers without a broker: sharding, aggregation, validation (DESIGN §4, §7)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from hecommon import params as P
+from hecommon import wire
+from hecommon.encrypt import EncryptedBatch, decrypt, encrypt
+from hecommon.errors import MalformedMessage, ParameterMismatch
+from hecommon.keys import SecretKey
+from hecommon.quantize import integer_matmul, quantize_weight
+from helora_aggregator.handler import AggregatorHandler
+from helora_encoder.handler import even_split
+from helora_encoder.model import discover_groups, tiny_llama
+from helora_orchestrator.embedded import EmbeddedServer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llama(0)
+    model = model[0] if isinstance(model, tuple) else model
+    return model, discover_groups(model)
+
+
+def _request(server: EmbeddedServer, layer: str, direction: str, m: np.ndarray):
+    entry = next(e for e in server.manifest.layers if e.name == layer)
+    secret = SecretKey.generate().request_secret(server.manifest.params, os.urandom(16))
+    seed = entry.a_seed_fwd if direction == "fwd" else entry.a_seed_bwd
+    req = wire.EncryptedRequest(rid=os.urandom(16), layer=layer, direction=direction, batch=encrypt(secret, m, seed))
+    return secret, req
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_sharded_layers_give_the_whole_product(tiny, shards, rng):
+    from helora_encoder.model import group_weight
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=shards)
+    assert len(server.evaluators) == shards
+    g = groups[2]  # gate_up: d_out = 2 × intermediate
+    wq = quantize_weight(group_weight(model, g).double().numpy()).values
+    for direction, width, expected in (("fwd", g.in_features, lambda m: integer_matmul(m, wq.T)),
+                                       ("bwd", g.total_out, lambda m: integer_matmul(m, wq))):
+        m = rng.integers(0, 256, size=(33, width))
+        secret, req = _request(server, g.name, direction, m)
+        chunks = [wire.encode_request(c) for c in wire.split(req)]
+        reply = wire.join([wire.decode_reply(c) for c in server.call(chunks)])
+        np.testing.assert_array_equal(decrypt(secret, reply.result), expected(m))
+
+
+def test_errors_come_back_as_error_replies(tiny, rng):
+    model, groups = tiny
+    server = EmbeddedServer(model, groups)
+    _, req = _request(server, groups[0].name, "fwd", rng.integers(0, 256, size=(4, groups[0].in_features)))
+    bad_layer = wire.EncryptedRequest(rid=req.rid, layer="99.qkv", direction="fwd", batch=req.batch)
+    err = wire.decode(server.call([wire.encode_request(bad_layer)])[0])
+    assert isinstance(err, wire.ErrorReply) and err.reason == ParameterMismatch.reason and "99.qkv" in err.message
+    narrow = EncryptedBatch(req.batch.params, req.batch.b[:-1], 4)
+    err = wire.decode(server.call([wire.encode_request(wire.EncryptedRequest(
+        rid=req.rid, layer=req.layer, direction="fwd", batch=narrow))])[0])
+    assert isinstance(err, wire.ErrorReply) and err.reason == MalformedMessage.reason
+    # the server keeps serving valid requests afterwards
+    ok = wire.decode(server.call([wire.encode_request(c) for c in wire.split(req)])[0])
+    assert isinstance(ok, wire.EncryptedReply)
+
+
+def test_aggregator_ignores_redelivered_partials(tiny, rng):
+    from helora_encoder.model import group_weight
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=2)
+    g = groups[0]
+    m = rng.integers(0, 256, size=(5, g.in_features))
+    secret, req = _request(server, g.name, "fwd", m)
+    parts = [server.evaluators[i].handle(sub) for i, sub in server.encoder.route(req)]
+    agg = AggregatorHandler()
+    assert agg.add(parts[0]) is None
+    assert agg.add(parts[0]) is None  # duplicate of shard 0 before completion: not counted twice
+    reply = agg.add(parts[1])
+    assert reply is not None
+    assert agg.add(parts[1]) is None  # redelivered after completion: ignored
+    # each shard summed exactly once: the result is the whole product
+    wq = quantize_weight(group_weight(model, g).double().numpy()).values
+    np.testing.assert_array_equal(decrypt(secret, reply.result), integer_matmul(m, wq.T))
+
+
+def test_even_split_covers_every_column_once():
+    assert even_split(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert even_split(5, 1) == [(0, 5)]
+    with pytest.raises(ValueError):
+        even_split(2, 3)
+
+
+def test_manifest_is_public_and_complete(tiny):
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, params=P.DEFAULT)
+    m = wire.decode_manifest(server.manifest_bytes())
+    assert [e.name for e in m.layers] == [g.name for g in groups]
+    for e, g in zip(m.layers, groups, strict=True):
+        assert (e.d_in, e.d_out) == (g.in_features, g.total_out)
+        assert e.row_sums.shape == (g.total_out,) and e.col_sums.shape == (g.in_features,)
+        assert e.a_seed_fwd != e.a_seed_bwd
