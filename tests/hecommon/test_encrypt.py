@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from hecommon import params as P
 from hecommon.encrypt import EncryptedBatch, EncryptedPartial, _encrypt_with, decrypt, encrypt, expand_a
 from hecommon.errors import ConfigError, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.keys import RequestSecret, SecretKey, centered_binomial, noise_stream, sample_noise
 from hecommon.quantize import integer_matmul
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 PSETS = list(P.REGISTRY.values())
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"

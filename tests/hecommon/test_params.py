@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 from hecommon import params as P
 from hecommon.errors import ConfigError, InsecureParameters, ParameterMismatch
 

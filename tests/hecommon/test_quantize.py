@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from hecommon.errors import ConfigError
 from hecommon.quantize import (
     dequantize_backward,
@@ -18,6 +15,8 @@ from hecommon.quantize import (
     quantized_matmul,
     quantized_matmul_backward,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @settings(max_examples=30, deadline=None)

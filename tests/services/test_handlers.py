@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-
 from hecommon import params as P
 from hecommon import wire
 from hecommon.encrypt import EncryptedBatch, decrypt, encrypt

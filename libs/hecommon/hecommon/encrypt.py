@@ -19,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from .errors import DecryptionError, ParameterMismatch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .errors import DecryptionError, ParameterMismatch
 from .keys import RequestSecret, derive_key, sample_noise
 from .params import ParamSet
 from .ring import centered, moduli_column, switch_modulus

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class MatrixProduct:
         self._hint = self._product(xp.asarray(a))  # (d_out, L, N) int64 residues
         self.hint_seconds = time.perf_counter() - t0
 
-    def _product(self, residues) -> object:  # noqa: ANN001 - numpy or cupy array
+    def _product(self, residues: Any) -> Any:  # numpy or cupy arrays
         """``M · residues`` mod p per limb; residues (d_in, L, N) in [0, p)."""
         xp = self.xp
         p = self._moduli

@@ -510,7 +510,7 @@ class Manifest:
         return cls(m["rid"], m["model"], params, layers, m["x_bits"], m["w_bits"], m["metadata"], m["lib"])
 
 
-_BODY_KEYS = {
+_BODY_KEYS: dict[Any, tuple[str, ...]] = {
     EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "n_tokens", "shape", "b"),
     PartialResult: ("layer", "direction", "shard", "shards", "row_start", "row_end", "part", "parts",
                     "out_start", "n_tokens", "shape", "a", "b"),
@@ -519,7 +519,7 @@ _BODY_KEYS = {
     Manifest: ("model", "x_bits", "w_bits", "metadata", "layers"),
 }
 Message = EncryptedRequest | PartialResult | EncryptedReply | ErrorReply | Manifest
-_BY_TYPE: dict[str, type] = {cls.TYPE: cls for cls in _BODY_KEYS}
+_BY_TYPE: dict[str, Any] = {cls.TYPE: cls for cls in _BODY_KEYS}
 
 
 # -- encode / decode -----------------------------------------------------------------------
@@ -587,10 +587,11 @@ def _parse(data: Any, max_bytes: int) -> dict[str, Any]:
     return m
 
 
-def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: type | None = None) -> Message:
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) -> Message:
     """Parse and validate one message of any allow-listed type (or of type ``expect``)."""
     m = _parse(data, max_bytes)
-    cls = _BY_TYPE.get(m.get("type")) if isinstance(m.get("type"), str) else None
+    kind = m.get("type")
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
         _fail("type", f"one of {sorted(_BY_TYPE)} is required")
     if expect is not None and cls is not expect:
@@ -673,7 +674,7 @@ def split(msg: Chunked, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Chunked]:
 
 
 def _route(msg: Chunked) -> tuple[Any, ...]:
-    key = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
+    key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
     if isinstance(msg, PartialResult):
         key += (msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
     else:
@@ -701,5 +702,5 @@ def join(chunks: Sequence[Chunked]) -> Chunked:
     for prev, cur in zip(ordered, ordered[1:], strict=False):
         if getattr(cur, offset) != getattr(prev, offset) + prev._rows():
             _fail("join", f"part {cur.part}: {offset} is not contiguous with part {prev.part}")
-    whole = ordered[0]._with_rows(ordered)
+    whole = ordered[0]._with_rows(ordered)  # type: ignore[arg-type]  # all parts share first's type
     return dataclasses.replace(whole, part=0, parts=1, **{offset: start})

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from hecommon.encrypt import EncryptedPartial
 from hecommon.errors import MalformedMessage
 from hecommon.wire import EncryptedReply, PartialResult

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-
 from hecommon import params as P
 from hecommon.encrypt import EncryptedBatch
 from hecommon.errors import MalformedMessage, ParameterMismatch

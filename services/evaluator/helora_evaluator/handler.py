@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.params import ParamSet

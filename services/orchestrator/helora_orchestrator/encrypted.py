@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-
 from hecommon import params as P
 from hecommon import wire
 from hecommon.encrypt import decrypt, encrypt
