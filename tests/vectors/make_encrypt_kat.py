@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from hecommon import params as P
 from hecommon.encrypt import _encrypt_with
 from hecommon.keys import RequestSecret

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from .errors import DecryptionError, ParameterMismatch
 from .keys import RequestSecret, derive_key, sample_noise
 from .params import ParamSet
-from .ring import centered, moduli_column, switch_modulus
+from .ring import centered, centered_float, crt_fraction, moduli_column, reduce_float, switch_modulus
 
 SEED_BYTES = 16
 
@@ -146,17 +146,24 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
 
 
 def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray) -> EncryptedBatch:
-    """Deterministic core of ``encrypt`` (known-answer tests): noise (d, L, N) given."""
+    """Deterministic core of ``encrypt`` (known-answer tests): noise (d, N) or (d, L, N) given.
+
+    Arithmetic is on float64 integers below 2^39 (exact): ``|a·s| < 2^37``, ``Δ·m mod p < 2^27``.
+    """
     params = secret.params
     m = _check_message(m, params)
     t, d = m.shape
     a = expand_a(a_seed, params, d)  # (d, L, N)
-    p = moduli_column(params)
-    a_s = secret.multiplier.mul(centered(a, p))  # exact (d, L, N) integers, |.| < 2^37
-    msg = np.zeros((d, params.limbs, params.n), dtype=np.int64)
-    msg[:, :, :t] = encode_residues(m.T, params)
-    b = (msg + noise - a_s) % p
-    return EncryptedBatch(params, b.astype(np.uint32), t)
+    noise = noise.reshape(d, -1, params.n)
+    mt = m.T  # (d, T) int64
+    b = np.empty((d, params.limbs, params.n), dtype=np.uint32)
+    for i, p in enumerate(params.primes):
+        x = secret.multiplier.product(centered_float(a[:, i], p))  # (d, N) exact a·s
+        np.negative(x, out=x)
+        x[:, :t] += (mt % p) * (params.delta % p) % p  # Δ·m mod p in int64 (< 2^54)
+        x += noise[:, min(i, noise.shape[1] - 1)]
+        b[:, i] = reduce_float(x, float(p))
+    return EncryptedBatch(params, b, t)
 
 
 def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes) -> EncryptedBatch:
@@ -166,15 +173,14 @@ def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes) -> EncryptedBat
     """
     params = secret.params
     d = np.asarray(m).shape[-1]
-    e = sample_noise(params, (d, 1, params.n))
-    return _encrypt_with(secret, m, a_seed, np.broadcast_to(e, (d, params.limbs, params.n)))
+    return _encrypt_with(secret, m, a_seed, sample_noise(params, (d, params.n)))
 
 
 def _decode(frac: np.ndarray, params: ParamSet, n_tokens: int) -> np.ndarray:
     """Messages from ``x/q`` (or ``x/2^k``) in [0, 1): center, scale by ``q/Δ``, round."""
+    frac = frac[:, :n_tokens]
     frac = np.where(frac >= 0.5, frac - 1.0, frac)
-    m = np.rint(frac * (params.q / params.delta)).astype(np.int64)
-    return m[:, :n_tokens].T  # (T, d)
+    return np.rint(frac * (params.q / params.delta)).astype(np.int64).T  # (T, d)
 
 
 def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial) -> np.ndarray:
@@ -186,16 +192,16 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial) -> np
         raise ParameterMismatch("ciphertext and secret use different parameter sets")
     mul = secret.multiplier
     if isinstance(ct, EncryptedResult):
-        k = params.out_bits
-        modulus = np.int64(1 << k)
-        a = ct.a.astype(np.int64)
-        a -= np.where(a >= modulus // 2, modulus, 0)
-        x = (ct.b.astype(np.int64) + mul.mul_wide(a)) % modulus
-        return _decode(x / float(modulus), params, ct.n_tokens)
+        modulus = float(1 << params.out_bits)
+        a = ct.a.astype(np.float64)  # < 2^38, exact
+        np.subtract(a, modulus, out=a, where=a >= modulus / 2)
+        x = mul.product_wide(a)  # exact, |.| < 2^49
+        x += ct.b
+        x = reduce_float(x, modulus)
+        x /= modulus
+        return _decode(x, params, ct.n_tokens)
     if isinstance(ct, EncryptedPartial):
         p = moduli_column(params)
         x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)
-        from .ring import crt_fraction
-
         return _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params, ct.n_tokens)
     raise DecryptionError("unsupported ciphertext type")

@@ -71,29 +71,33 @@ class MatrixProduct:
         self.d_out, self.d_in = (int(s) for s in matrix.shape)
         self.xp = array_module(backend)
         xp = self.xp
-        self._moduli = xp.asarray(np.asarray(params.primes, dtype=np.int64)[:, None])  # (L, 1)
+        self._moduli_f = xp.asarray(np.asarray(params.primes, dtype=np.float64)[:, None])  # (L, 1)
         self._chunks = [
             xp.asarray(matrix[:, j : j + MAX_GEMM_TERMS].astype(np.float64))
             for j in range(0, self.d_in, MAX_GEMM_TERMS)
         ]
         t0 = time.perf_counter()
         a = expand_a(a_seed, params, self.d_in, start=input_start)
-        self._hint = self._product(xp.asarray(a))  # (d_out, L, N) int64 residues
+        self._hint = self._product(xp.asarray(a)).astype(xp.uint32)  # (d_out, L, N) residues
         self.hint_seconds = time.perf_counter() - t0
 
-    def _product(self, residues: Any) -> Any:  # numpy or cupy arrays
-        """``M · residues`` mod p per limb; residues (d_in, L, N) in [0, p)."""
+    def _product(self, residues: Any) -> Any:
+        """``M · residues`` mod p per limb, as float64 integers in [0, p); residues (d_in, L, N)."""
         xp = self.xp
-        p = self._moduli
-        c = residues.astype(xp.int64)
-        c -= xp.where(c > p // 2, p, 0)  # centered, |c| < 2^26
-        flat = c.reshape(self.d_in, -1).astype(xp.float64)  # (d_in, L·N)
+        p = self._moduli_f
+        c = residues.astype(xp.float64)
+        c -= (c > p // 2) * p  # centered, |c| < 2^26
+        flat = c.reshape(self.d_in, -1)  # (d_in, L·N)
         acc = None
         for idx, chunk in enumerate(self._chunks):
             lo = idx * MAX_GEMM_TERMS
-            part = chunk @ flat[lo : lo + chunk.shape[1]]  # exact: |.| < 2^47
-            part = xp.rint(part).astype(xp.int64).reshape(self.d_out, self.params.limbs, -1) % p
-            acc = part if acc is None else (acc + part) % p
+            part = (chunk @ flat[lo : lo + chunk.shape[1]]).reshape(self.d_out, self.params.limbs, -1)  # exact < 2^47
+            part -= xp.floor(part / p) * p
+            if acc is None:
+                acc = part
+            else:
+                acc += part
+                acc -= (acc >= p) * p
         return acc
 
     def __call__(self, batch: EncryptedBatch) -> EncryptedPartial:
@@ -103,8 +107,8 @@ class MatrixProduct:
         if batch.width != self.d_in:
             raise ParameterMismatch(f"batch has {batch.width} ciphertexts, this layer takes {self.d_in}")
         xp = self.xp
-        b = self._product(xp.asarray(batch.b))
+        b = self._product(xp.asarray(batch.b)).astype(xp.uint32)
         a = self._hint
         if xp is not np:
             a, b = xp.asnumpy(a), xp.asnumpy(b)
-        return EncryptedPartial(self.params, a.astype(np.uint32), b.astype(np.uint32), batch.n_tokens)
+        return EncryptedPartial(self.params, a, b, batch.n_tokens)

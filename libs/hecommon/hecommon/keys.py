@@ -68,15 +68,21 @@ def centered_binomial(stream: np.ndarray, count: int, eta: int) -> np.ndarray:
         raise ValueError("centered_binomial: eta must be a multiple of 4")
     nbytes = eta // 4  # eta bits = eta/8 bytes per half; two halves
     raw = stream[: count * nbytes].reshape(count, nbytes)
-    bits = np.bitwise_count(raw).astype(np.int64)
+    bits = np.bitwise_count(raw)  # uint8 per byte; column adds below beat a reduce over axis 1
     half = nbytes // 2
-    if nbytes % 2 == 0:
-        return bits[:, :half].sum(axis=1) - bits[:, half:].sum(axis=1)
-    # odd number of bytes: the middle byte is split into its two nibbles
-    mid = raw[:, half]
-    pos = bits[:, :half].sum(axis=1) + np.bitwise_count(mid & 0x0F)
-    neg = bits[:, half + 1 :].sum(axis=1) + np.bitwise_count(mid >> 4)
-    return pos - neg
+    if nbytes % 2:  # the middle byte is split into its two nibbles
+        mid = raw[:, half]
+        pos = np.bitwise_count(mid & 0x0F).astype(np.int16)
+        neg = np.bitwise_count(mid >> 4).astype(np.int16)
+        skip = 1
+    else:
+        pos = np.zeros(count, dtype=np.int16)
+        neg = np.zeros(count, dtype=np.int16)
+        skip = 0
+    for j in range(half):
+        pos += bits[:, j]
+        neg += bits[:, half + skip + j]
+    return (pos - neg).astype(np.int64)
 
 
 def noise_stream(nbytes: int) -> np.ndarray:

@@ -63,25 +63,57 @@ class SmallSecretMultiplier:
         out[..., self.n // 2 :] = folded.imag
         return out
 
+    def product(self, a: np.ndarray) -> np.ndarray:
+        """Exact ``a · s`` as float64 holding integers; ``a``: float64 integers, ``|a| < 2^26``."""
+        if a.shape[-1] != self.n:
+            raise ValueError(f"polynomial length {a.shape[-1]} != {self.n}")
+        spectrum = self._forward(a)
+        spectrum *= self._s_hat
+        return np.rint(self._inverse(spectrum))
+
     def mul(self, a: np.ndarray) -> np.ndarray:
         """Exact integer product ``a · s`` in Z[X]/(X^N+1), not reduced; ``|a| < 2^26``.
 
         ``a``: integer array (..., N). Returns int64 of the same shape.
         """
-        if a.shape[-1] != self.n:
-            raise ValueError(f"polynomial length {a.shape[-1]} != {self.n}")
-        product = self._inverse(self._forward(a.astype(np.float64)) * self._s_hat)
-        return np.rint(product).astype(np.int64)
+        return self.product(a.astype(np.float64)).astype(np.int64)
+
+    def product_wide(self, a: np.ndarray, split_bits: int = 20) -> np.ndarray:
+        """Exact ``a · s`` for float64 integers ``|a| < 2^(2·split_bits)``, as float64 integers.
+
+        Two exact products of the halves; the result must stay below 2^53 (it does for
+        ``|a| < 2^40`` and N <= 2^12).
+        """
+        scale = float(1 << split_bits)
+        hi = np.rint(a / scale)
+        lo = a - hi * scale
+        out = self.product(hi)
+        out *= scale
+        out += self.product(lo)
+        return out
 
     def mul_wide(self, a: np.ndarray, split_bits: int = 20) -> np.ndarray:
-        """Exact ``a · s`` for ``|a| < 2^(2·split_bits)``, as two exact products of halves.
+        """Integer version of ``product_wide`` (int64 in, int64 out)."""
+        return self.product_wide(a.astype(np.float64), split_bits).astype(np.int64)
 
-        Result coefficients must stay below 2^62 (they do for ``|a| < 2^40`` and N <= 2^16).
-        """
-        a = a.astype(np.int64)
-        hi = (a + (1 << (split_bits - 1))) >> split_bits
-        lo = a - (hi << split_bits)
-        return (self.mul(hi) << split_bits) + self.mul(lo)
+
+def reduce_float(x: np.ndarray, moduli: np.ndarray | float) -> np.ndarray:
+    """``x mod p`` in place for float64 integers ``|x| < 2^50``; ``moduli`` broadcasts.
+
+    Exact: ``x/p`` is correctly rounded, so its floor is the true quotient (the quotient is far
+    from the next integer by at least ``1/p``, far more than the rounding error ``2^-50·x/p``).
+    """
+    q = np.floor(x / moduli)
+    q *= moduli
+    x -= q
+    return x
+
+
+def centered_float(residues: np.ndarray, moduli: np.ndarray) -> np.ndarray:
+    """Residues in [0, p) to float64 in (-p/2, p/2]."""
+    c = residues.astype(np.float64)
+    np.subtract(c, moduli, out=c, where=c > moduli // 2)
+    return c
 
 
 def negacyclic_reference(a: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -111,8 +143,19 @@ def crt_fraction(residues: np.ndarray, params: ParamSet) -> np.ndarray:
 def switch_modulus(residues: np.ndarray, params: ParamSet) -> np.ndarray:
     """Round ``x · 2^k / q`` mod ``2^k`` (k = ``params.out_bits``) from RNS residues (L, ...).
 
-    Returns uint64 values in [0, 2^k).
+    Returns uint64 values in [0, 2^k). With two limbs the integer is rebuilt exactly
+    (``q < 2^54``) and scaled in float64 (error < 2^-15, far below the rounding's own 1/2);
+    with more limbs ``crt_fraction`` avoids multi-word integers.
     """
     k = params.out_bits
-    scaled = np.rint(crt_fraction(residues, params) * float(1 << k)).astype(np.uint64)
-    return scaled & np.uint64((1 << k) - 1)
+    if params.limbs == 2:
+        p1, p2 = params.primes
+        r1 = residues[0].astype(np.int64)
+        t = (residues[1].astype(np.int64) - r1) % p2
+        t *= pow(p1, -1, p2)
+        t %= p2
+        x = (t * p1 + r1).astype(np.float64)  # exact integer below q < 2^54, rounded to float64
+        x *= float(1 << k) / params.q
+    else:
+        x = crt_fraction(residues, params) * float(1 << k)
+    return np.rint(x).astype(np.uint64) & np.uint64((1 << k) - 1)

@@ -1,0 +1,215 @@
+"""``helora``: the data owner's command line (DESIGN §4, orchestrator).
+
+``helora train | eval | generate``. Without ``--broker`` the server side runs in-process (the
+embedded default). Bad input exits with status 2 and one line on stderr, never a traceback.
+``--model tiny`` is a tiny random Llama with a byte tokenizer, for smoke tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from hecommon.errors import ConfigError, HeloraError, ParameterMismatch
+
+from .backend import MODES
+from .lora import BLOCK_LINEARS, LoraSettings
+
+TINY = "tiny"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="base model: .gguf file or HF directory (default: bundled SmolLM2-135M-Instruct; 'tiny': test model)")
+    if data:
+        p.add_argument("--data", default=None, metavar="PATH", help=".txt or .jsonl (default: bundled pydoc corpus)")
+        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--mode", choices=MODES, default="encrypted", help="how the block linears are computed")
+    p.add_argument("--bits", type=int, default=8, help="quantization bits (quantized/encrypted modes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param-set", default=None, metavar="NAME", help="HE parameter set (encrypted mode)")
+    p.add_argument("--broker", default=None, metavar="URL", help="RabbitMQ URL (not implemented yet)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="helora", description="Private LoRA fine-tuning over encrypted linear layers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate}")
+    t = sub.add_parser("train", help="fine-tune a LoRA adapter")
+    _common(t)
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--targets", default=",".join(BLOCK_LINEARS), help="comma-separated block linears with LoRA")
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup", type=int, default=10)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--eval-batches", type=int, default=8)
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--out", default="helora-out", metavar="DIR")
+    t.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("eval", help="held-out loss and perplexity")
+    _common(e)
+    e.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter or checkpoint directory")
+    e.add_argument("--eval-batches", type=int, default=8)
+    g = sub.add_parser("generate", help="greedy generation")
+    _common(g, data=False)
+    g.add_argument("--adapter", default=None, metavar="DIR")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    return parser
+
+
+def _load_base(model_arg: str | None, seed: int):
+    """(model, tokenizer, model id) without touching the network."""
+    if model_arg == TINY:
+        from helora_encoder.model import tiny_llama
+
+        from .data import ByteTokenizer
+
+        return tiny_llama(seed)[0], ByteTokenizer(), f"tiny-llama(seed={seed})"
+    from helora_encoder.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
+
+    return load_model(model_arg), load_tokenizer(model_arg), (model_arg or BUNDLED_MODEL_ID)
+
+
+def _client(args, model, model_id: str, lora: LoraSettings):
+    from .client_model import build_client
+
+    kwargs = {}
+    if args.mode == "encrypted":  # the embedded server needs the parameter set and the model id
+        kwargs = {"model_id": model_id, **({"params": args.param_set} if args.param_set else {})}
+    return build_client(model, args.mode, lora, bits=args.bits, seed=args.seed, **kwargs)
+
+
+def _meta(args, model, model_id: str, lora: LoraSettings, client=None):
+    """Checkpoint metadata; the parameter-set name comes from the backend actually in use."""
+    from helora_encoder.model import config_fingerprint
+
+    from .checkpoint import CheckpointMeta
+
+    params = getattr(getattr(client, "backend", None), "params", None)
+    param_set = getattr(params, "name", None) or args.param_set
+    return CheckpointMeta(base_model_id=model_id, base_model_fingerprint=config_fingerprint(model),
+                          mode=args.mode, bits=args.bits, lora=lora.to_dict(), param_set=param_set)
+
+
+def _read_adapter(path: str):
+    """(LoRA settings, weights, meta or None) from a PEFT export or a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import LINK, read_meta
+    from .export import CONFIG, load_peft_adapter
+
+    d = Path(path)
+    if (d / CONFIG).is_file():
+        return load_peft_adapter(d)
+    if (d / LINK).exists():
+        d = (d / LINK).resolve()
+    if (d / "lora.safetensors").is_file():
+        meta = read_meta(d)
+        return LoraSettings.from_dict(meta.lora), load_file(str(d / "lora.safetensors")), meta
+    raise ConfigError(f"adapter: {path} is neither a PEFT adapter nor a helora checkpoint")
+
+
+def _client_with_adapter(args, model, model_id: str):
+    settings, weights, meta = _read_adapter(args.adapter) if args.adapter else (LoraSettings(), None, None)
+    if meta is not None and meta.base_model_fingerprint != _meta(args, model, model_id, settings).base_model_fingerprint:
+        raise ParameterMismatch(f"adapter: trained on {meta.base_model_id!r}, not on this base model")
+    client = _client(args, model, model_id, settings)
+    if weights is not None:
+        client.load_lora_state_dict(weights)
+    return client
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import checkpoint_dir
+    from .data import load_splits, read_examples
+    from .export import export_peft
+    from .train import TrainConfig, Trainer
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    lora = LoraSettings(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets)
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, seq_len=args.seq_len, seed=args.seed, eval_every=args.eval_every,
+                      eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, mode=args.mode,
+                      bits=args.bits, output_dir=args.out, progress=not args.no_progress)
+    read_examples(args.data)  # fail on bad data before the (slow) model load
+    if not args.resume and checkpoint_dir(args.out) is not None:
+        raise ConfigError(f"output: {args.out} already holds a checkpoint; pass --resume or choose another --out")
+    model, tokenizer, model_id = _load_base(args.model, args.seed)
+    train_data, eval_data = load_splits(args.data, tokenizer, cfg.seq_len)
+    client = _client(args, model, model_id, lora)
+    meta = _meta(args, model, model_id, lora, client)
+    trainer = Trainer(cfg, client, train_data, eval_data, meta)
+    trainer.start(resume=args.resume)
+    summary = trainer.run()
+    adapter = export_peft(client, Path(args.out) / "adapter", meta)
+    print(summary)
+    print(f"adapter (PEFT format): {adapter}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_splits, read_examples
+    from .train import evaluate
+
+    if args.eval_batches < 1 or args.batch_size < 1:
+        raise ConfigError("--eval-batches and --batch-size must be at least 1")
+    read_examples(args.data)
+    model, tokenizer, model_id = _load_base(args.model, args.seed)
+    _, eval_data = load_splits(args.data, tokenizer, args.seq_len)
+    client = _client_with_adapter(args, model, model_id)
+    loss = evaluate(client, eval_data, args.eval_batches, args.batch_size)
+    print(f"held-out loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.2f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    model, tokenizer, model_id = _load_base(args.model, args.seed)
+    client = _client_with_adapter(args, model, model_id)
+    prompt = tokenizer.encode(args.prompt, add_special_tokens=False)
+    if not prompt:
+        raise ConfigError("--prompt is empty")
+    ids = client.generate(torch.tensor([prompt]), args.max_new_tokens, getattr(tokenizer, "eos_token_id", None))
+    print(tokenizer.decode(ids[0, len(prompt):].tolist(), skip_special_tokens=True))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.broker is not None:
+            raise ConfigError("--broker: not implemented yet: use the embedded default (omit --broker)")
+        if args.param_set and args.mode != "encrypted":
+            raise ConfigError(f"--param-set: only meaningful with --mode encrypted, not {args.mode}")
+        return COMMANDS[args.command](args)
+    except (HeloraError, OSError) as e:
+        print(f"helora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"helora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
