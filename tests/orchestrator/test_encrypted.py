@@ -66,3 +66,15 @@ def test_encrypted_mode_never_holds_block_weights():
     names = [n for n, _ in client.hf.named_parameters()]
     assert not any(n.endswith(("q_proj.weight", "down_proj.weight", "gate_proj.weight")) for n in names)
     assert np.isfinite(client(torch.zeros((1, 4), dtype=torch.long)).detach().numpy()).all()
+
+
+def test_over_bytes_equals_in_process_and_counts_real_bytes():
+    """The wire codec path (what a broker carries) gives the same logits as the object path."""
+    lora = LoraSettings()
+    direct = build_client(_model(), "encrypted", lora, seed=0)
+    framed = build_client(_model(), "encrypted", lora, seed=0, over_bytes=True)
+    ids = torch.randint(0, direct.hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(direct(ids), framed(ids))
+    # payload bytes (in-process count) are the encoded bytes less a small msgpack framing
+    assert 0 < framed.wire_bytes - direct.wire_bytes < 2000 * direct.backend.requests

@@ -16,6 +16,9 @@ Encryption: ``b = -a·s + Δ·m + e (mod q)``. Decryption: ``x = b + a·s``, cen
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,24 +148,57 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
     return m.astype(np.int64)
 
 
+def _row_chunks(rows: int, minimum: int = 128) -> list[tuple[int, int]]:
+    """Contiguous ranges of rows, one per worker thread (numpy and the FFT release the GIL)."""
+    parts = max(1, min(_workers(), rows // minimum))
+    cuts = np.linspace(0, rows, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def _workers() -> int:
+    return max(1, int(os.environ.get("HELORA_THREADS", os.cpu_count() or 1)))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _map_rows(fn: Callable[[int, int], None], rows: int) -> None:
+    """Run ``fn(lo, hi)`` over row ranges, in parallel when there are several."""
+    global _POOL
+    chunks = _row_chunks(rows)
+    if len(chunks) == 1:
+        fn(*chunks[0])
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="hecommon")
+    for f in [_POOL.submit(fn, lo, hi) for lo, hi in chunks]:
+        f.result()
+
+
 def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray) -> EncryptedBatch:
     """Deterministic core of ``encrypt`` (known-answer tests): noise (d, N) or (d, L, N) given.
 
     Arithmetic is on float64 integers below 2^39 (exact): ``|a·s| < 2^37``, ``Δ·m mod p < 2^27``.
+    Ciphertexts are independent, so ranges of them are encrypted in parallel threads.
     """
     params = secret.params
     m = _check_message(m, params)
     t, d = m.shape
-    a = expand_a(a_seed, params, d)  # (d, L, N)
     noise = noise.reshape(d, -1, params.n)
     mt = m.T  # (d, T) int64
     b = np.empty((d, params.limbs, params.n), dtype=np.uint32)
-    for i, p in enumerate(params.primes):
-        x = secret.multiplier.product(centered_float(a[:, i], p))  # (d, N) exact a·s
-        np.negative(x, out=x)
-        x[:, :t] += (mt % p) * (params.delta % p) % p  # Δ·m mod p in int64 (< 2^54)
-        x += noise[:, min(i, noise.shape[1] - 1)]
-        b[:, i] = reduce_float(x, float(p))
+    mul = secret.multiplier
+
+    def rows(lo: int, hi: int) -> None:
+        a = expand_a(a_seed, params, hi - lo, start=lo)  # (rows, L, N)
+        for i, p in enumerate(params.primes):
+            x = mul.product(centered_float(a[:, i], p))  # (rows, N) exact a·s
+            np.negative(x, out=x)
+            x[:, :t] += (mt[lo:hi] % p) * (params.delta % p) % p  # Δ·m mod p in int64 (< 2^54)
+            x += noise[lo:hi, min(i, noise.shape[1] - 1)]
+            b[lo:hi, i] = reduce_float(x, float(p))
+
+    _map_rows(rows, d)
     return EncryptedBatch(params, b, t)
 
 
@@ -193,13 +229,19 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial) -> np
     mul = secret.multiplier
     if isinstance(ct, EncryptedResult):
         modulus = float(1 << params.out_bits)
-        a = ct.a.astype(np.float64)  # < 2^38, exact
-        np.subtract(a, modulus, out=a, where=a >= modulus / 2)
-        x = mul.product_wide(a)  # exact, |.| < 2^49
-        x += ct.b
-        x = reduce_float(x, modulus)
-        x /= modulus
-        return _decode(x, params, ct.n_tokens)
+        out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
+
+        def rows(lo: int, hi: int) -> None:
+            a = ct.a[lo:hi].astype(np.float64)  # < 2^38, exact
+            np.subtract(a, modulus, out=a, where=a >= modulus / 2)
+            x = mul.product_wide(a)  # exact, |.| < 2^49
+            x += ct.b[lo:hi]
+            x = reduce_float(x, modulus)
+            x /= modulus
+            out[:, lo:hi] = _decode(x, params, ct.n_tokens)
+
+        _map_rows(rows, ct.width)
+        return out
     if isinstance(ct, EncryptedPartial):
         p = moduli_column(params)
         x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)

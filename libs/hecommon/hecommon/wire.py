@@ -704,3 +704,17 @@ def join(chunks: Sequence[Chunked]) -> Chunked:
             _fail("join", f"part {cur.part}: {offset} is not contiguous with part {prev.part}")
     whole = ordered[0]._with_rows(ordered)  # type: ignore[arg-type]  # all parts share first's type
     return dataclasses.replace(whole, part=0, parts=1, **{offset: start})
+
+
+def payload_bytes(msg: EncryptedRequest | EncryptedReply) -> int:
+    """Bytes of the packed ciphertext arrays in ``msg``, exactly as ``encode`` would write them.
+
+    The in-process (embedded) transport counts wire bytes with this instead of encoding: the
+    msgpack framing it leaves out is a few hundred bytes per message of megabytes.
+    """
+    if isinstance(msg, EncryptedRequest):
+        rows = msg.batch.width * msg.params.n
+        return sum(packed_size(p.bit_length(), rows) for p in msg.params.primes)
+    if isinstance(msg, EncryptedReply):
+        return 2 * packed_size(msg.params.out_bits, msg.result.width * msg.params.n)
+    raise TypeError(f"{type(msg).__name__} carries no ciphertext payload")

@@ -1,8 +1,8 @@
 """The embedded default: the server's handlers (encoder, evaluators, aggregator) in-process.
 
-Messages still cross as bytes through the same wire codec as over RabbitMQ, so the wire bytes
-counted and the validation done are those of a real deployment (DESIGN §4: "Without a broker,
-``helora train`` runs the same handlers in-process").
+DESIGN §4: "Without a broker, ``helora train`` runs the same handlers in-process". The training
+path passes message objects (``exchange``) and counts the bytes their packed payloads take on
+the wire; ``call`` takes and returns encoded chunks, exactly as a broker delivers them.
 """
 
 from __future__ import annotations
@@ -42,17 +42,27 @@ class EmbeddedServer:
     def manifest_bytes(self) -> bytes:
         return wire.encode_manifest(self.manifest, self.max_message_bytes)
 
+    def exchange(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
+        """One request through encoder, evaluators and aggregator, as objects (the embedded path).
+
+        Returns the reply and the bytes that would cross the network (packed payloads).
+        """
+        reply = None
+        for index, sub in self.encoder.route(request):
+            reply = self.aggregator.add(self.evaluators[index].handle(sub))
+        if reply is None:
+            raise HeloraError("aggregator did not complete the request")
+        return reply, wire.payload_bytes(request) + wire.payload_bytes(reply)
+
     def call(self, chunks: list[bytes]) -> list[bytes]:
-        """Request chunks in, reply chunks out; errors come back as one ``ErrorReply``."""
+        """Request chunks in, reply chunks out, through the wire codec (what a broker carries).
+
+        Errors come back as one ``ErrorReply``.
+        """
         limit = self.max_message_bytes
         try:
             request = wire.join([wire.decode_request(c, limit) for c in chunks])
-            reply = None
-            for index, sub in self.encoder.route(request):
-                partial = self.evaluators[index].handle(sub)
-                reply = self.aggregator.add(wire.decode_partial(wire.encode_partial(partial, 1 << 40), 1 << 40))
-            if reply is None:
-                raise HeloraError("aggregator did not complete the request")
+            reply, _ = self.exchange(request)
             return [wire.encode_reply(r, limit) for r in wire.split(reply, limit)]
         except HeloraError as exc:
             rid = request.rid if "request" in locals() else bytes(16)

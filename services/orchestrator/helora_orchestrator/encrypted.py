@@ -19,21 +19,42 @@ from hecommon.errors import HeloraError, ParameterMismatch
 from hecommon.keys import NONCE_BYTES, SecretKey
 from hecommon.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
 
-Transport = Callable[[list[bytes]], list[bytes]]
+#: request -> (reply, bytes moved): the embedded server's ``exchange`` or a ``ByteTransport``
+Exchange = Callable[[wire.EncryptedRequest], tuple[wire.EncryptedReply, int]]
+
+
+class ByteTransport:
+    """Adapts a transport of encoded chunks (``list[bytes] -> list[bytes]``) to an ``Exchange``.
+
+    Splits requests below the message-size limit, joins reply chunks, and raises on an
+    ``ErrorReply``; counts the bytes really sent and received.
+    """
+
+    def __init__(self, send: Callable[[list[bytes]], list[bytes]], max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
+        self.send = send
+        self.limit = max_message_bytes
+
+    def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
+        chunks = [wire.encode_request(c, self.limit) for c in wire.split(request, self.limit)]
+        replies = self.send(chunks)
+        decoded = [wire.decode(r, self.limit) for r in replies]
+        for d in decoded:
+            if isinstance(d, wire.ErrorReply):
+                raise HeloraError(f"server error on layer {request.layer} {request.direction}: {d.reason}: {d.message}")
+        reply = wire.join(decoded)
+        return reply, sum(map(len, chunks)) + sum(map(len, replies))
 
 
 class EncryptedBackend:
     """Implements ``LinearBackend`` over a transport (embedded server or RabbitMQ)."""
 
-    def __init__(self, manifest: wire.Manifest, transport: Transport, key: SecretKey | None = None,
-                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, manifest: wire.Manifest, transport: Exchange, key: SecretKey | None = None) -> None:
         self.manifest = manifest
         self.params = manifest.params
         self.bits = manifest.x_bits
         self.layers = {e.name: e for e in manifest.layers}
         self.transport = transport
         self.key = key or SecretKey.generate()
-        self.max_message_bytes = max_message_bytes
         self.wire_bytes = 0
         self.requests = 0
 
@@ -49,17 +70,12 @@ class EncryptedBackend:
         rid = os.urandom(wire.RID_BYTES)
         request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction,
                                         batch=encrypt(secret, m, a_seed))
-        chunks = [wire.encode_request(c, self.max_message_bytes) for c in wire.split(request, self.max_message_bytes)]
-        replies = self.transport(chunks)
-        self.wire_bytes += sum(map(len, chunks)) + sum(map(len, replies))
+        reply, moved = self.transport(request)
+        self.wire_bytes += moved
         self.requests += 1
-        decoded = [wire.decode(r, self.max_message_bytes) for r in replies]
-        for d in decoded:
-            if isinstance(d, wire.ErrorReply):
-                raise HeloraError(f"server error on layer {layer} {direction}: {d.reason}: {d.message}")
-        reply = wire.join(decoded)
-        if reply.rid != rid:
-            raise HeloraError(f"reply for another request on layer {layer}")
+        if reply.rid != rid or reply.result.width != (self.layers[layer].d_out if direction == "fwd"
+                                                       else self.layers[layer].d_in):
+            raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
         return decrypt(secret, reply.result)
 
     def forward(self, group: str, x: np.ndarray) -> np.ndarray:
@@ -85,11 +101,16 @@ class EncryptedBackend:
 
 def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | str = P.DEFAULT,
                            key: SecretKey | None = None, shards: int = 1, backend: str = "numpy",
-                           model_id: str = "", **_: object) -> EncryptedBackend:
-    """The embedded default: an in-process server built from ``model``, and the client over it."""
+                           model_id: str = "", over_bytes: bool = False, **_: object) -> EncryptedBackend:
+    """The embedded default: an in-process server built from ``model``, and the client over it.
+
+    ``over_bytes``: pass every message through the wire codec (as a broker would) instead of
+    handing objects over in-process.
+    """
     from .embedded import EmbeddedServer
 
     ps = P.get(params) if isinstance(params, str) else params
     server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id)
     manifest = wire.decode_manifest(server.manifest_bytes())
-    return EncryptedBackend(manifest, server.call, key)
+    exchange: Exchange = ByteTransport(server.call) if over_bytes else server.exchange
+    return EncryptedBackend(manifest, exchange, key)
