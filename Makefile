@@ -23,10 +23,13 @@ $(STAMP): requirements.txt libs/hecommon/pyproject.toml services/*/pyproject.tom
 	touch $(STAMP)
 
 ## The main job: encrypted LoRA fine-tuning of SmolLM2-135M on the bundled corpus, then eval and generate.
+## One process: 2 steps of 8 x 256 tokens (one full ciphertext batch of N = 2048 tokens each),
+## a held-out evaluation, and a short generation with every block linear still encrypted.
+DEMO_OUT ?= runs/demo
 demo: setup
-	$(BIN)/helora train --mode encrypted --steps 3 --out runs/demo
-	$(BIN)/helora eval --adapter runs/demo/adapter --mode encrypted
-	$(BIN)/helora generate --adapter runs/demo/adapter --mode encrypted --prompt "The for statement" --max-new-tokens 12
+	rm -rf $(DEMO_OUT)
+	$(BIN)/helora train --mode encrypted --steps 2 --batch-size 8 --seq-len 256 --lr 1e-3 --warmup 1 \
+	  --eval-batches 1 --out $(DEMO_OUT) --generate "The with statement" --max-new-tokens 3
 
 ## Fast unit tests and broker integration tests (the CI command).
 test: setup

@@ -59,5 +59,17 @@ def test_tiny_train_eval_generate_end_to_end(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     assert main(["generate", "--model", "tiny", "--mode", "clear", "--adapter", str(out), "--prompt", "Q1?",
                  "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Q1?")
     assert main(["eval", *common, "--adapter", str(tmp_path)]) == 2
     assert "neither a PEFT adapter nor a helora checkpoint" in capsys.readouterr().err
+
+
+def test_train_then_generate_in_one_process_encrypted(tmp_path, capsys):
+    """The demo's shape: encrypted training, held-out eval and a generation, one process."""
+    out = tmp_path / "run"
+    assert main(["train", "--model", "tiny", "--mode", "encrypted", "--seq-len", "32", "--batch-size", "2",
+                 "--steps", "2", "--eval-batches", "1", "--out", str(out), "--no-progress",
+                 "--generate", "The for", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "eval loss" in printed and "wire" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("The for")

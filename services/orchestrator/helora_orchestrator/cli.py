@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="helora-out", metavar="DIR")
     t.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--generate", default=None, metavar="PROMPT",
+                   help="after training, generate from PROMPT with the new adapter (same process, same server)")
+    t.add_argument("--max-new-tokens", type=int, default=16)
     e = sub.add_parser("eval", help="held-out loss and perplexity")
     _common(e)
     e.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter or checkpoint directory")
@@ -159,7 +162,22 @@ def cmd_train(args) -> int:
     adapter = export_peft(client, Path(args.out) / "adapter", meta)
     print(summary)
     print(f"adapter (PEFT format): {adapter}")
+    if args.generate is not None:
+        _generate(client, tokenizer, args.generate, args.max_new_tokens)
     return 0
+
+
+def _generate(client, tokenizer, prompt_text: str, max_new_tokens: int) -> None:
+    """Greedy continuation of ``prompt_text``; in encrypted mode every block linear stays encrypted."""
+    import torch
+
+    if max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+    if not prompt:
+        raise ConfigError("the prompt is empty")
+    ids = client.generate(torch.tensor([prompt]), max_new_tokens, getattr(tokenizer, "eos_token_id", None))
+    print(f"{prompt_text}{tokenizer.decode(ids[0, len(prompt):].tolist(), skip_special_tokens=True)}")
 
 
 def cmd_eval(args) -> int:
@@ -178,17 +196,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
     model, tokenizer, model_id = _load_base(args.model, args.seed)
-    client = _client_with_adapter(args, model, model_id)
-    prompt = tokenizer.encode(args.prompt, add_special_tokens=False)
-    if not prompt:
-        raise ConfigError("--prompt is empty")
-    ids = client.generate(torch.tensor([prompt]), args.max_new_tokens, getattr(tokenizer, "eos_token_id", None))
-    print(tokenizer.decode(ids[0, len(prompt):].tolist(), skip_special_tokens=True))
+    _generate(_client_with_adapter(args, model, model_id), tokenizer, args.prompt, args.max_new_tokens)
     return 0
 
 
