@@ -73,3 +73,19 @@ def test_train_then_generate_in_one_process_encrypted(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "eval loss" in printed and "wire" in printed
     assert printed.rstrip().splitlines()[-1].startswith("The for")
+
+
+def test_key_file_is_created_private_and_reused(tmp_path, capsys):
+    import stat
+
+    key = tmp_path / "owner.key"
+    argv = ["generate", "--model", "tiny", "--mode", "encrypted", "--prompt", "ab", "--max-new-tokens", "1",
+            "--key-file", str(key)]
+    assert main(argv) == 0
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    first = key.read_bytes()
+    assert main(argv) == 0 and key.read_bytes() == first  # loaded, not overwritten
+    key.chmod(0o644)
+    assert main(argv) == 2
+    assert "readable by others" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny", "--mode", "clear", "--prompt", "ab", "--key-file", str(key)]) == 2

@@ -52,3 +52,68 @@ def test_short_quantized_run_lowers_the_held_out_loss(smollm2, tmp_path):
     print(f"held-out loss {before:.4f} -> {summary.eval_loss:.4f}; {summary}")
     assert torch.isfinite(torch.tensor(summary.eval_loss))
     assert summary.eval_loss < before
+
+
+def _first_blocks(model, n: int):
+    """A copy of the real model keeping its first ``n`` decoder blocks (bounds the test's time)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.model.layers = m.model.layers[:n]
+    m.config.num_hidden_layers = n
+    return m
+
+
+def test_encrypted_equals_quantized_on_the_real_model(smollm2):
+    """One training step on the real SmolLM2 weights (first 3 blocks): logits, loss, every LoRA
+    gradient equal bit for bit between the encrypted and the quantized modes."""
+    from helora_orchestrator.client_model import build_client, causal_lm_loss
+    from helora_orchestrator.data import load_splits
+    from helora_orchestrator.lora import LoraSettings
+
+    model, tokenizer = smollm2
+    train, _ = load_splits(None, tokenizer, seq_len=64)
+    ids, labels = train.batch([0, 1])
+    results = []
+    for mode in ("quantized", "encrypted"):
+        client = build_client(_first_blocks(model, 3), mode, LoraSettings(), seed=0)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():  # non-zero B so that every A has a gradient too
+            for name, p in client.lora_named_parameters():
+                if name.endswith("lora_B.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        logits = client(ids)
+        loss, n = causal_lm_loss(logits, labels)
+        (loss / n).backward()
+        grads = {k: p.grad.clone() for k, p in client.lora_named_parameters()}
+        results.append((logits.detach(), loss.detach(), grads, client.wire_bytes))
+    (lq, sq, gq, _), (le, se, ge, wire) = results
+    assert torch.equal(lq, le) and torch.equal(sq, se)
+    assert gq.keys() == ge.keys() and len(gq) == 3 * 7 * 2
+    for k in gq:
+        assert torch.equal(gq[k], ge[k]), k
+        assert gq[k].abs().sum() > 0, k
+    assert wire > 0
+
+
+def test_peft_loads_the_adapter_exported_from_the_real_model(smollm2, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    from helora_orchestrator.client_model import build_client
+    from helora_orchestrator.export import export_peft
+    from helora_orchestrator.lora import LoraSettings
+
+    model, _ = smollm2
+    reference = copy.deepcopy(model)
+    client = build_client(copy.deepcopy(model), "clear", LoraSettings(), seed=0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in client.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    out = export_peft(client, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(reference, str(out))
+    ids = torch.tensor([[1, 504, 3299, 282, 10043, 30, 11, 198]])
+    with torch.no_grad():
+        torch.testing.assert_close(client(ids), peft_model(input_ids=ids).logits, rtol=1e-3, atol=1e-3)

@@ -39,6 +39,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param-set", default=None, metavar="NAME", help="HE parameter set (encrypted mode)")
     p.add_argument("--broker", default=None, metavar="URL", help="RabbitMQ URL (not implemented yet)")
+    p.add_argument("--key-file", default=None, metavar="PATH",
+                   help="keep the secret key in this 0600 file (created if missing); default: memory only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +95,25 @@ def _client(args, model, model_id: str, lora: LoraSettings):
 
     kwargs = {}
     if args.mode == "encrypted":  # the embedded server needs the parameter set and the model id
-        kwargs = {"model_id": model_id, **({"params": args.param_set} if args.param_set else {})}
+        kwargs = {"model_id": model_id, "key": _secret_key(args.key_file),
+                  **({"params": args.param_set} if args.param_set else {})}
+    elif args.key_file:
+        raise ConfigError(f"--key-file: only meaningful with --mode encrypted, not {args.mode}")
     return build_client(model, args.mode, lora, bits=args.bits, seed=args.seed, **kwargs)
+
+
+def _secret_key(path: str | None):
+    """The owner's key: from ``path`` (created 0600 if missing), or fresh in memory only."""
+    from hecommon.keys import SecretKey
+
+    if path is None:
+        return SecretKey.generate()
+    if Path(path).exists():
+        return SecretKey.load(path)
+    key = SecretKey.generate()
+    key.save(path)
+    print(f"new secret key written to {path} (mode 0600); keep it private", file=sys.stderr)
+    return key
 
 
 def _meta(args, model, model_id: str, lora: LoraSettings, client=None):
