@@ -99,11 +99,10 @@ def test_encrypted_equals_quantized_on_the_real_model(smollm2):
 def test_peft_loads_the_adapter_exported_from_the_real_model(smollm2, tmp_path):
     import copy
 
-    from peft import PeftModel
-
     from helora_orchestrator.client_model import build_client
     from helora_orchestrator.export import export_peft
     from helora_orchestrator.lora import LoraSettings
+    from peft import PeftModel
 
     model, _ = smollm2
     reference = copy.deepcopy(model)
