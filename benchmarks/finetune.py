@@ -4,12 +4,13 @@
 
 Same data (the bundled CPython docs corpus), same batches, same seed, same LoRA (r=8, α=16 on
 all block linears), same AdamW + warm-up/cosine schedule, in one run:
-- ``plain_peft``: transformers + PEFT, fp32, the reference;
-- ``clear``, ``quantized``: helora's client model with local backends;
-- ``encrypted``: the embedded server, a few steps, compared bit for bit with ``quantized``
-  over the same steps (LoRA weights after each step).
-Then the client's cost and wire bytes per token at Llama-3.2-1B dimensions (one block of random
-weights, scaled to 16 blocks).
+- quality: ``plain_peft`` (transformers + PEFT, fp32, the reference), helora's ``clear`` and
+  ``quantized`` modes, ``--steps`` steps of small batches, final held-out loss;
+- throughput, at full packing (one ciphertext batch of N = 2048 tokens per request):
+  ``plain_peft`` and ``encrypted`` tokens/s on the same batches; ``encrypted`` is compared bit for
+  bit with ``quantized`` over the same steps (loss and LoRA weights after each step);
+- the client's cost and wire bytes per token at Llama-3.2-1B dimensions (one block of random
+  weights, scaled to 16 blocks).
 """
 
 from __future__ import annotations
@@ -157,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="20 steps instead of 200, one encrypted step")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--encrypted-steps", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=1, help="quality runs")
+    ap.add_argument("--seq-len", type=int, default=128, help="quality runs")
+    ap.add_argument("--throughput-batch", type=int, default=8, help="throughput runs (8 x 256 = N tokens)")
+    ap.add_argument("--throughput-seq-len", type=int, default=256)
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--png", metavar="PATH", default="out/finetune_loss.png")
     ap.add_argument("--skip-llama1b", action="store_true")
@@ -189,24 +192,35 @@ def main(argv: list[str] | None = None) -> int:
         curves[name] = run.losses
         del run
 
-    # encrypted vs quantized, step by step, from the same start
+    # throughput at full packing, and encrypted vs quantized step by step from the same start
+    tcfg = TrainConfig(steps=steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, batch_size=args.throughput_batch,
+                       seq_len=args.throughput_seq_len, eval_batches=1, progress=False)
+    train_t, _ = load_splits(None, load_tokenizer(None), tcfg.seq_len)
+    order_t = DataOrder(len(train_t), tcfg.batch_size, tcfg.seed)
+    big = [train_t.batch(order_t.next_batch()) for _ in range(enc_steps)]
     torch.manual_seed(cfg.seed)
-    quant = helora_run("quantized", cfg, lora)
+    peft_t = peft_run(tcfg, lora)
+    for ids, labels in big:
+        peft_t.step(ids, labels)
+    tps_peft = peft_t.tokens / peft_t.seconds
+    del peft_t
     torch.manual_seed(cfg.seed)
-    enc = helora_run("encrypted", cfg, lora)
+    quant = helora_run("quantized", tcfg, lora)
+    torch.manual_seed(cfg.seed)
+    enc = helora_run("encrypted", tcfg, lora)
     server = enc.module.backend.transport
     server_seconds = [0.0]
 
-    def timed(chunks):
+    def timed(request):
         t0 = time.perf_counter()
-        out = server(chunks)
+        out = server(request)
         server_seconds[0] += time.perf_counter() - t0
         return out
 
     enc.module.backend.transport = timed
     equal = True
     step_seconds = []
-    for ids, labels in batches[:enc_steps]:
+    for ids, labels in big:
         quant.step(ids, labels)
         t0 = time.perf_counter()
         enc.step(ids, labels)
@@ -215,24 +229,26 @@ def main(argv: list[str] | None = None) -> int:
         equal &= quant.losses[-1] == enc.losses[-1]
         print(f"  encrypted: step {len(enc.losses)}/{enc_steps} loss {enc.losses[-1]:.4f} "
               f"({step_seconds[-1]:.0f} s, equal to quantized: {equal})", flush=True)
-    curves["encrypted"] = enc.losses
+    curves["encrypted (full packing)"] = enc.losses
+    curves["quantized (full packing)"] = quant.losses
     tokens = enc.tokens
     # the first step also computes the server's hints (start-up); report the steady state when we have it
     steady = step_seconds[1:] or step_seconds
-    tps_enc = batches[0][0].numel() / (sum(steady) / len(steady))
+    tps_enc = big[0][0].numel() / (sum(steady) / len(steady))
 
     summary = {
         "steps": steps,
         "encrypted_steps": enc_steps,
-        "tokens_per_step": batches[0][0].numel(),
+        "tokens_per_step_quality": batches[0][0].numel(),
+        "tokens_per_step_throughput": big[0][0].numel(),
         "loss_fp32": results["plain_peft"]["eval_loss_after"],
         "loss_clear": results["clear"]["eval_loss_after"],
         "loss_quantized": results["quantized"]["eval_loss_after"],
         "loss_ratio_quantized_vs_fp32": results["quantized"]["eval_loss_after"] / results["plain_peft"]["eval_loss_after"],
         "encrypted_equals_quantized": bool(equal),
-        "tokens_per_s_plain_peft": results["plain_peft"]["tokens_per_s"],
+        "tokens_per_s_plain_peft": tps_peft,
         "tokens_per_s_encrypted": tps_enc,
-        "slowdown_vs_plain_peft": results["plain_peft"]["tokens_per_s"] / tps_enc,
+        "slowdown_vs_plain_peft": tps_peft / tps_enc,
         "client_share": 1.0 - server_seconds[0] / sum(step_seconds),
         "bytes_per_token": enc.module.wire_bytes / tokens,
         "encrypted_step_seconds": step_seconds,
@@ -244,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':12s} {'eval before':>12s} {'eval after':>12s} {'tok/s':>10s}")
     for name, r in results.items():
         print(f"{name:12s} {r['eval_loss_before']:12.4f} {r['eval_loss_after']:12.4f} {r['tokens_per_s']:10.1f}")
-    print(f"{'encrypted':12s} {'':12s} {'':12s} {tps_enc:10.2f}")
+    print(f"full packing ({big[0][0].numel()} tokens/step): plain PEFT {tps_peft:.1f} tok/s, "
+          f"encrypted {tps_enc:.2f} tok/s")
     for k, v in summary.items():
         if not isinstance(v, (dict, list)):
             print(f"  {k:32s} {v}")

@@ -13,6 +13,7 @@ only in how the integer product is obtained.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -48,15 +49,20 @@ class QuantizedWeight:
     scale: np.ndarray  # (d_out,) float64
     bits: int
 
-    @property
+    @cached_property
     def row_sums(self) -> np.ndarray:
         """``Σ_j values[o, j]``: the forward zero-point correction, per output channel."""
         return self.values.sum(axis=1, dtype=np.int64)
 
-    @property
+    @cached_property
     def col_sums(self) -> np.ndarray:
         """``Σ_o values[o, j]``: the backward zero-point correction, per input channel."""
         return self.values.sum(axis=0, dtype=np.int64)
+
+    @cached_property
+    def as_float64(self) -> np.ndarray:
+        """The integer weights as float64, converted once (the clear reference GEMMs use it)."""
+        return self.values.astype(np.float64)
 
 
 def quantize_rows(x: np.ndarray, bits: int = 8) -> QuantizedTensor:
@@ -120,13 +126,19 @@ def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, col_sums: np.ndar
     return corrected * g.scale[:, None]
 
 
+def _exact_product(a: np.ndarray, b_f64: np.ndarray, bits: int) -> np.ndarray:
+    """Integer ``a @ b`` for ``a`` < 2^bits (bits <= 16) and 8-bit ``b``: below 2^53, exact."""
+    assert bits <= 16 and a.shape[-1] < 2**29, "product could exceed 2^53"
+    return (a.astype(np.float64) @ b_f64).astype(np.int64)
+
+
 def quantized_matmul(x: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.ndarray:
     """Clear reference of the forward product ``x · wᵀ`` in the quantized domain."""
     xq = quantize_rows(x, bits)
-    return dequantize_forward(integer_matmul(xq.values, w.values.T), xq, w.scale, w.row_sums)
+    return dequantize_forward(_exact_product(xq.values, w.as_float64.T, bits), xq, w.scale, w.row_sums)
 
 
 def quantized_matmul_backward(dy: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.ndarray:
     """Clear reference of the backward product ``dy · w`` in the quantized domain."""
     gq = quantize_rows(fold_output_scale(dy, w.scale), bits)
-    return dequantize_backward(integer_matmul(gq.values, w.values), gq, w.col_sums)
+    return dequantize_backward(_exact_product(gq.values, w.as_float64, bits), gq, w.col_sums)
