@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hecommon import params as P
 from hecommon.encrypt import EncryptedBatch, EncryptedPartial, _encrypt_with, decrypt, encrypt, expand_a
-from hecommon.errors import ConfigError, ParameterMismatch
+from hecommon.errors import ConfigError, DecryptionError, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.keys import RequestSecret, SecretKey, centered_binomial, noise_stream, sample_noise
 from hecommon.quantize import integer_matmul
@@ -51,7 +51,7 @@ def test_encrypt_decrypt_round_trip(ps, tokens, rng):
     tokens=st.integers(1, 2048),
     x_bits=st.integers(2, 8),
     backward=st.booleans(),
-    switch=st.booleans(),
+    switch=st.sampled_from(["mod q", "a and b", "b only"]),
     pset=st.sampled_from([p.name for p in PSETS]),
 )
 def test_product_equals_clear_integer_product(d_in, d_out, tokens, x_bits, backward, switch, pset):
@@ -65,7 +65,12 @@ def test_product_equals_clear_integer_product(d_in, d_out, tokens, x_bits, backw
     s = secret(ps)
     seed = os.urandom(16)
     out = MatrixProduct(matrix, ps, seed)(encrypt(s, x, seed))
-    got = decrypt(s, out.switch() if switch else out)
+    if switch == "mod q":
+        got = decrypt(s, out)
+    elif switch == "a and b":
+        got = decrypt(s, out.switch())
+    else:  # the client holds the hint (out.a is the same for every request of this layer)
+        got = decrypt(s, out.switch(send_a=False), hint=out.a)
     np.testing.assert_array_equal(got, integer_matmul(x, matrix.T))
 
 
@@ -84,6 +89,11 @@ def test_extreme_values_at_d_in_8192(ps):
     assert expected.max() == 255 * 127 * d_in
     np.testing.assert_array_equal(decrypt(s, out), expected)
     np.testing.assert_array_equal(decrypt(s, out.switch()), expected)
+    b_only = out.switch(send_a=False)
+    assert b_only.a is None and int(b_only.b.max()) < 2**ps.hint_out_bits
+    np.testing.assert_array_equal(decrypt(s, b_only, hint=out.a), expected)
+    with pytest.raises(DecryptionError, match="hint"):
+        decrypt(s, b_only)
 
 
 @pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)

@@ -250,7 +250,7 @@ def test_construction_validates():
         wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, 1))
     big = words(N2048, 1)
     big[0, 3] = 1 << N2048.out_bits
-    with pytest.raises(errors.MalformedMessage, match="out_bits"):
+    with pytest.raises(errors.MalformedMessage, match="does not fit in 38 bits"):
         wire.EncryptedReply(RID, "l", "fwd", EncryptedResult(N2048, big, words(N2048, 1), 1))
     with pytest.raises(errors.MalformedMessage, match="unique"):
         m = gen.manifest()
@@ -317,3 +317,18 @@ def test_join_refuses_incomplete_or_inconsistent_sets():
         wire.split(next(_chunked_messages()), 10_000)
     with pytest.raises(TypeError):
         wire.split(gen.error())
+
+
+def test_reply_without_a_round_trips_at_hint_bits():
+    """When the client holds the layer's hint, replies carry b alone, at hint_out_bits."""
+    k = N2048.hint_out_bits
+    b = words(N2048, 3, 7) & np.uint64((1 << k) - 1)
+    msg = wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b, 11))
+    data = wire.encode_reply(msg)
+    back = wire.decode_reply(data)
+    assert back.result.a is None and np.array_equal(back.result.b, b) and back.result.bits == k
+    assert wire.payload_bytes(msg) == packed_size(k, 3 * N2048.n) < len(data)
+    parts = wire.split(msg, max_bytes=30_000)
+    assert len(parts) > 1 and np.array_equal(wire.join(parts).result.b, b)
+    with pytest.raises(errors.MalformedMessage, match="does not fit"):
+        wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b | np.uint64(1 << k), 11))

@@ -33,12 +33,13 @@ def _request(server: EmbeddedServer, layer: str, direction: str, m: np.ndarray):
     return secret, req
 
 
+@pytest.mark.parametrize("hints_on_client", [True, False], ids=["b-only replies", "a and b replies"])
 @pytest.mark.parametrize("shards", [1, 2, 3])
-def test_sharded_layers_give_the_whole_product(tiny, shards, rng):
+def test_sharded_layers_give_the_whole_product(tiny, shards, hints_on_client, rng):
     from helora_encoder.model import group_weight
 
     model, groups = tiny
-    server = EmbeddedServer(model, groups, shards=shards)
+    server = EmbeddedServer(model, groups, shards=shards, hints_on_client=hints_on_client)
     assert len(server.evaluators) == shards
     g = groups[2]  # gate_up: d_out = 2 × intermediate
     wq = quantize_weight(group_weight(model, g).double().numpy()).values
@@ -48,7 +49,9 @@ def test_sharded_layers_give_the_whole_product(tiny, shards, rng):
         secret, req = _request(server, g.name, direction, m)
         chunks = [wire.encode_request(c) for c in wire.split(req)]
         reply = wire.join([wire.decode_reply(c) for c in server.call(chunks)])
-        np.testing.assert_array_equal(decrypt(secret, reply.result), expected(m))
+        assert (reply.result.a is None) == hints_on_client
+        hint = server.hint(g.name, direction) if hints_on_client else None
+        np.testing.assert_array_equal(decrypt(secret, reply.result, hint=hint), expected(m))
 
 
 def test_errors_come_back_as_error_replies(tiny, rng):

@@ -109,8 +109,15 @@ class EncryptedPartial:
         b = (self.b.astype(np.uint64) + other.b) % p
         return EncryptedPartial(self.params, a.astype(np.uint32), b.astype(np.uint32), self.n_tokens)
 
-    def switch(self) -> EncryptedResult:
-        """Modulus-switch to ``2^out_bits``, the smallest modulus that keeps results exact."""
+    def switch(self, send_a: bool = True) -> EncryptedResult:
+        """Modulus-switch to the smallest power of two that keeps results exact.
+
+        ``send_a=False``: the client holds this layer's hint (the ``a`` part, which is the same
+        for every request), so only ``b`` is switched, to ``2^hint_out_bits``.
+        """
+        if not send_a:
+            b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params, self.params.hint_out_bits)
+            return EncryptedResult(self.params, None, b, self.n_tokens)
         a = switch_modulus(np.moveaxis(self.a, 1, 0), self.params)
         b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params)
         return EncryptedResult(self.params, a, b, self.n_tokens)
@@ -118,16 +125,23 @@ class EncryptedPartial:
 
 @dataclass(frozen=True)
 class EncryptedResult:
-    """Output ciphertexts mod ``2^out_bits`` (what the client receives)."""
+    """Output ciphertexts mod ``2^bits`` (what the client receives).
+
+    ``a`` is None when the client holds the layer's hint: then ``b`` is at ``hint_out_bits``.
+    """
 
     params: ParamSet
-    a: np.ndarray  # (d_out, N) uint64 in [0, 2^k)
-    b: np.ndarray  # (d_out, N) uint64
+    a: np.ndarray | None  # (d_out, N) uint64 in [0, 2^out_bits), or None
+    b: np.ndarray  # (d_out, N) uint64 in [0, 2^bits)
     n_tokens: int
 
     @property
     def width(self) -> int:
-        return int(self.a.shape[0])
+        return int(self.b.shape[0])
+
+    @property
+    def bits(self) -> int:
+        return self.params.out_bits if self.a is not None else self.params.hint_out_bits
 
 
 def encode_residues(m: np.ndarray, params: ParamSet) -> np.ndarray:
@@ -219,8 +233,11 @@ def _decode(frac: np.ndarray, params: ParamSet, n_tokens: int) -> np.ndarray:
     return np.rint(frac * (params.q / params.delta)).astype(np.int64).T  # (T, d)
 
 
-def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial) -> np.ndarray:
-    """Decrypt to the integer messages, shape (T, d_out)."""
+def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint: np.ndarray | None = None) -> np.ndarray:
+    """Decrypt to the integer messages, shape (T, d_out).
+
+    ``hint``: the layer's ``a`` mod q, (d_out, L, N) residues, for results sent without ``a``.
+    """
     if not isinstance(secret, RequestSecret):
         raise TypeError("decrypt needs the RequestSecret of the batch")
     params = secret.params
@@ -228,13 +245,21 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial) -> np
         raise ParameterMismatch("ciphertext and secret use different parameter sets")
     mul = secret.multiplier
     if isinstance(ct, EncryptedResult):
-        modulus = float(1 << params.out_bits)
+        modulus = float(1 << ct.bits)
+        if ct.a is None and (hint is None or hint.shape != (ct.width, params.limbs, params.n)):
+            raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
         out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
 
         def rows(lo: int, hi: int) -> None:
-            a = ct.a[lo:hi].astype(np.float64)  # < 2^38, exact
-            np.subtract(a, modulus, out=a, where=a >= modulus / 2)
-            x = mul.product_wide(a)  # exact, |.| < 2^49
+            if ct.a is None:  # a·s mod q from the hint, exactly, then rounded to 2^bits
+                a_s = np.empty((params.limbs, hi - lo, params.n), dtype=np.int64)
+                for i, p in enumerate(params.primes):
+                    a_s[i] = reduce_float(mul.product(centered_float(hint[lo:hi, i], p)), float(p))
+                x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
+            else:
+                a = ct.a[lo:hi].astype(np.float64)  # < 2^38, exact
+                np.subtract(a, modulus, out=a, where=a >= modulus / 2)
+                x = mul.product_wide(a)  # exact, |.| < 2^49
             x += ct.b[lo:hi]
             x = reduce_float(x, modulus)
             x /= modulus

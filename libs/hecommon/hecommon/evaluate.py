@@ -100,6 +100,11 @@ class MatrixProduct:
                 acc -= (acc >= p) * p
         return acc
 
+    @property
+    def hint(self) -> np.ndarray:
+        """``M·A`` mod q, (d_out, L, N) uint32 residues on the host: the ``a`` part of every output."""
+        return self._hint if self.xp is np else self.xp.asnumpy(self._hint)
+
     def __call__(self, batch: EncryptedBatch) -> EncryptedPartial:
         """The partial result for one batch (mod q, not yet switched)."""
         if batch.params != self.params:

@@ -67,6 +67,8 @@ class ParamSet:
     noise_eta: int = 24
     #: bits of the power-of-two modulus that outputs are switched to; derived.
     out_bits: int = field(init=False)
+    #: bits of ``b`` when the client holds the layer's hint (``a`` is not sent); derived.
+    hint_out_bits: int = field(init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -91,7 +93,8 @@ class ParamSet:
                 f"ParamSet.primes: log2(q) = {self.log_q:.2f} exceeds {MAX_LOG_Q_128[self.n]}, "
                 f"the 128-bit bound for N = {self.n} (HE standard, Table 1)"
             )
-        object.__setattr__(self, "out_bits", self._smallest_exact_out_bits())
+        object.__setattr__(self, "out_bits", self._smallest_exact_out_bits(with_a=True))
+        object.__setattr__(self, "hint_out_bits", self._smallest_exact_out_bits(with_a=False))
         if self.fresh_noise_bound(MAX_GEMM_TERMS) >= self.delta / 2:
             raise ConfigError(f"ParamSet.msg_bits: {self.msg_bits} leaves Δ too small for the noise")
 
@@ -125,16 +128,18 @@ class ParamSet:
         """Tail bound of the noise of ``Σ_j w_j·ct_j`` (each ``|w_j| <= weight_bound``)."""
         return TAIL_SIGMAS * self.noise_sigma * weight_bound * math.sqrt(d_in)
 
-    def _smallest_exact_out_bits(self) -> int:
+    def _smallest_exact_out_bits(self, with_a: bool) -> int:
         """Smallest k such that switching to 2^k keeps every result exact (DESIGN §3).
 
-        Rounding ``a`` to the new modulus adds ``ε·s`` with variance ``N·(2/3)/12 = N/18``
-        (ternary ``s``), rounding ``b`` adds 1/12; the scaled fresh noise adds the rest.
+        With ``a`` sent: rounding ``a`` adds ``ε·s`` with variance ``N·(2/3)/12 = N/18`` (ternary
+        ``s``), rounding ``b`` adds 1/12. When the client holds the hint ``a`` mod q, it rounds
+        ``a·s`` itself after the product: 1/12 instead of N/18. The scaled fresh noise adds the rest.
         Exact while ``TAIL_SIGMAS·σ < Δ'/2`` with ``Δ' = 2^(k - msg_bits)``.
         """
+        rounding = self.n / 18 if with_a else 1 / 12
         for k in range(self.msg_bits + 1, int(self.log_q) + 1):
             scaled = self.fresh_noise_bound(MAX_GEMM_TERMS) / TAIL_SIGMAS * 2.0**k / self.q
-            sigma = math.sqrt(self.n / 18 + 1 / 12 + scaled**2)
+            sigma = math.sqrt(rounding + 1 / 12 + scaled**2)
             if TAIL_SIGMAS * sigma < 2.0 ** (k - self.msg_bits) / 2:
                 return k
         raise ConfigError(f"ParamSet {self.name}: no output modulus below q keeps results exact")
@@ -148,6 +153,7 @@ class ParamSet:
             "msg_bits": self.msg_bits,
             "noise_eta": self.noise_eta,
             "out_bits": self.out_bits,
+            "hint_out_bits": self.hint_out_bits,
             "log_q": round(self.log_q, 3),
         }
 

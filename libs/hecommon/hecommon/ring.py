@@ -140,14 +140,14 @@ def crt_fraction(residues: np.ndarray, params: ParamSet) -> np.ndarray:
     return acc - np.floor(acc)
 
 
-def switch_modulus(residues: np.ndarray, params: ParamSet) -> np.ndarray:
-    """Round ``x · 2^k / q`` mod ``2^k`` (k = ``params.out_bits``) from RNS residues (L, ...).
+def switch_modulus(residues: np.ndarray, params: ParamSet, bits: int | None = None) -> np.ndarray:
+    """Round ``x · 2^k / q`` mod ``2^k`` (k = ``bits`` or ``params.out_bits``) from RNS residues (L, ...).
 
     Returns uint64 values in [0, 2^k). With two limbs the integer is rebuilt exactly
     (``q < 2^54``) and scaled in float64 (error < 2^-15, far below the rounding's own 1/2);
     with more limbs ``crt_fraction`` avoids multi-word integers.
     """
-    k = params.out_bits
+    k = params.out_bits if bits is None else bits
     if params.limbs == 2:
         p1, p2 = params.primes
         r1 = residues[0].astype(np.int64)

@@ -306,7 +306,7 @@ class EncryptedReply:
     rid: bytes
     layer: str
     direction: str
-    result: EncryptedResult  # a, b: (d_out, N) uint64 < 2^out_bits
+    result: EncryptedResult  # a, b: (d_out, N) uint64 < 2^out_bits; or a None, b < 2^hint_out_bits
     part: int = 0
     parts: int = 1
     out_start: int = 0
@@ -318,14 +318,15 @@ class EncryptedReply:
         res = self.result
         if not isinstance(res, EncryptedResult):
             _fail("result", "an EncryptedResult is required")
-        k, n = res.params.out_bits, res.params.n
-        for name, arr in (("a", res.a), ("b", res.b)):
+        k, n = res.bits, res.params.n
+        parts = (("b", res.b),) if res.a is None else (("a", res.a), ("b", res.b))
+        for name, arr in parts:
             if not isinstance(arr, np.ndarray) or arr.dtype != np.uint64 or arr.ndim != 2:
                 _fail(name, "a (rows, N) uint64 array is required")
-            if arr.shape[0] < 1 or arr.shape != (res.a.shape[0], n):
-                _fail(name, f"shape {arr.shape} is not (rows >= 1, {n}) or differs from a")
+            if arr.shape[0] < 1 or arr.shape != (res.b.shape[0], n):
+                _fail(name, f"shape {arr.shape} is not (rows >= 1, {n}) or differs from b")
             if arr.size and int(arr.max()) >> k:
-                _fail(name, f"a value does not fit in out_bits = {k}")
+                _fail(name, f"a value does not fit in {k} bits")
         _check_tokens("n_tokens", res.n_tokens, res.params)
 
     @property
@@ -333,17 +334,18 @@ class EncryptedReply:
         return self.result.params
 
     def _body(self) -> dict[str, Any]:
-        res, k = self.result, self.params.out_bits
+        res, k = self.result, self.result.bits
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
-                "out_start": self.out_start, "n_tokens": res.n_tokens, "shape": list(res.a.shape),
-                "a": pack_bits(res.a, k), "b": pack_bits(res.b, k)}
+                "out_start": self.out_start, "n_tokens": res.n_tokens, "shape": list(res.b.shape),
+                "a": None if res.a is None else pack_bits(res.a, k), "b": pack_bits(res.b, k)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedReply:
-        k, n = params.out_bits, params.n
-        rows = _shape("shape", m["shape"], (n,), 2 * packed_size(k, n), max_bytes)
+        with_a = m["a"] is not None  # None: the client holds the hint, b is at hint_out_bits
+        k, n = (params.out_bits if with_a else params.hint_out_bits), params.n
+        rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
         _check_tokens("n_tokens", m["n_tokens"], params)
-        a = _unpack_words("a", m["a"], k, (rows, n))
+        a = _unpack_words("a", m["a"], k, (rows, n)) if with_a else None
         b = _unpack_words("b", m["b"], k, (rows, n))
         return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"]),
                    m["part"], m["parts"], m["out_start"], m["lib"])
@@ -352,15 +354,18 @@ class EncryptedReply:
         return self.result.width
 
     def _row_bytes(self) -> int:
-        return 2 * packed_size(self.params.out_bits, self.params.n)
+        res = self.result
+        return (1 if res.a is None else 2) * packed_size(res.bits, self.params.n)
 
     def _slice(self, lo: int, hi: int) -> EncryptedReply:
         res = self.result
-        sliced = EncryptedResult(self.params, res.a[lo:hi], res.b[lo:hi], res.n_tokens)
+        sliced = EncryptedResult(self.params, None if res.a is None else res.a[lo:hi], res.b[lo:hi], res.n_tokens)
         return dataclasses.replace(self, result=sliced, out_start=self.out_start + lo)
 
     def _with_rows(self, chunks: Sequence[EncryptedReply]) -> EncryptedReply:
-        a = np.concatenate([c.result.a for c in chunks])
+        if any((c.result.a is None) != (self.result.a is None) for c in chunks):
+            _fail("join", "parts with and without their a part")
+        a = None if self.result.a is None else np.concatenate([c.result.a for c in chunks])
         b = np.concatenate([c.result.b for c in chunks])
         return dataclasses.replace(self, result=EncryptedResult(self.params, a, b, self.result.n_tokens))
 
@@ -716,5 +721,6 @@ def payload_bytes(msg: EncryptedRequest | EncryptedReply) -> int:
         rows = msg.batch.width * msg.params.n
         return sum(packed_size(p.bit_length(), rows) for p in msg.params.primes)
     if isinstance(msg, EncryptedReply):
-        return 2 * packed_size(msg.params.out_bits, msg.result.width * msg.params.n)
+        res = msg.result
+        return (1 if res.a is None else 2) * packed_size(res.bits, res.width * msg.params.n)
     raise TypeError(f"{type(msg).__name__} carries no ciphertext payload")

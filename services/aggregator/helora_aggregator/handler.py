@@ -22,7 +22,10 @@ class _Pending:
 
 
 class AggregatorHandler:
-    def __init__(self, max_pending: int = 4096) -> None:
+    """``send_a=False``: the clients hold the layers' hints, so replies carry ``b`` alone."""
+
+    def __init__(self, max_pending: int = 4096, send_a: bool = True) -> None:
+        self.send_a = send_a
         self._pending: dict[tuple[bytes, str, str], _Pending] = {}
         self._done: dict[tuple[bytes, str, str], None] = {}  # recently completed, for duplicates
         self.max_pending = max_pending
@@ -46,8 +49,7 @@ class AggregatorHandler:
             self._done.pop(next(iter(self._done)))
         return self._combine(partial, [pending.parts[i] for i in range(pending.shards)])
 
-    @staticmethod
-    def _combine(first: PartialResult, parts: list[PartialResult]) -> EncryptedReply:
+    def _combine(self, first: PartialResult, parts: list[PartialResult]) -> EncryptedReply:
         if first.direction == "fwd":
             total = parts[0].partial
             for p in parts[1:]:
@@ -57,4 +59,5 @@ class AggregatorHandler:
             pp = [p.partial for p in ordered]
             total = EncryptedPartial(pp[0].params, np.concatenate([p.a for p in pp]),
                                      np.concatenate([p.b for p in pp]), pp[0].n_tokens)
-        return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction, result=total.switch())
+        return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction,
+                              result=total.switch(send_a=self.send_a))

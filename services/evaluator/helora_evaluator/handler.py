@@ -45,6 +45,12 @@ class EvaluatorHandler:
                     self._products[key] = MatrixProduct(matrix, self.params, s.a_seed_bwd, 0, self.backend)
             return self._products[key]
 
+    def hint(self, layer: str, direction: str) -> np.ndarray:
+        """This shard's hint ``M·A`` mod q, (outputs, L, N) uint32: public, the same for every request."""
+        if layer not in self.shards:
+            raise ParameterMismatch(f"this evaluator does not hold layer {layer!r}")
+        return self._product(layer, direction).hint
+
     def handle(self, req: EncryptedRequest) -> PartialResult:
         shard = self.shards.get(req.layer)
         if shard is None:

@@ -7,6 +7,8 @@ the wire; ``call`` takes and returns encoded chunks, exactly as a broker deliver
 
 from __future__ import annotations
 
+import numpy as np
+
 from hecommon import params as P
 from hecommon import wire
 from hecommon.errors import HeloraError
@@ -24,7 +26,7 @@ class EmbeddedServer:
 
     def __init__(self, model, groups: list[LinearGroup], params: P.ParamSet = P.DEFAULT, bits: int = 8,
                  shards: int = 1, backend: str = "numpy", model_id: str = "",
-                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES, hints_on_client: bool = True) -> None:
         qweights = quantize_groups(model, groups, bits)
         self.manifest = build_manifest(model, groups, qweights, params, x_bits=bits, model_id=model_id)
         plan = {g.name: min(shards, g.in_features) for g in groups}
@@ -36,8 +38,27 @@ class EmbeddedServer:
             mine = [v[i] for v in layer_shards.values() if i < len(v)]
             index = {v[i].layer: (i, len(v)) for v in layer_shards.values() if i < len(v)}
             self.evaluators.append(EvaluatorHandler(params, mine, index, backend))
-        self.aggregator = AggregatorHandler()
+        self.aggregator = AggregatorHandler(send_a=not hints_on_client)
+        self._ranges = {k: [(s.lo, s.hi) for s in v] for k, v in layer_shards.items()}
         self.max_message_bytes = max_message_bytes
+
+    def hint(self, layer: str, direction: str) -> np.ndarray:
+        """The layer's public hint (the ``a`` part of its outputs), mod q: (d_out, L, N) uint32.
+
+        Forward shards are row shards (their hints add up); backward shards are column shards
+        (their hints are stacked). With one shard this is the evaluator's own array, not a copy.
+        """
+        count = len(self._ranges.get(layer, [])) or 1
+        parts = [self.evaluators[i].hint(layer, direction) for i in range(count)]
+        if len(parts) == 1:
+            return parts[0]
+        if direction == "bwd":
+            return np.concatenate(parts)
+        total = parts[0].astype(np.uint64)
+        p = np.asarray(self.manifest.params.primes, dtype=np.uint64)[:, None]
+        for part in parts[1:]:
+            total = (total + part) % p
+        return total.astype(np.uint32)
 
     def manifest_bytes(self) -> bytes:
         return wire.encode_manifest(self.manifest, self.max_message_bytes)

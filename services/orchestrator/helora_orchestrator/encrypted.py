@@ -48,7 +48,10 @@ class ByteTransport:
 class EncryptedBackend:
     """Implements ``LinearBackend`` over a transport (embedded server or RabbitMQ)."""
 
-    def __init__(self, manifest: wire.Manifest, transport: Exchange, key: SecretKey | None = None) -> None:
+    def __init__(self, manifest: wire.Manifest, transport: Exchange, key: SecretKey | None = None,
+                 hints: Callable[[str, str], np.ndarray] | None = None) -> None:
+        """``hints(layer, direction)``: the public hint of a layer, fetched once, for servers
+        that reply without the ``a`` part (it is the same for every request)."""
         self.manifest = manifest
         self.params = manifest.params
         self.bits = manifest.x_bits
@@ -57,6 +60,8 @@ class EncryptedBackend:
         self.key = key or SecretKey.generate()
         self.wire_bytes = 0
         self.requests = 0
+        self._fetch_hint = hints
+        self._hints: dict[tuple[str, str], np.ndarray] = {}
 
     def _entry(self, group: str) -> wire.LayerEntry:
         entry = self.layers.get(group)
@@ -76,7 +81,15 @@ class EncryptedBackend:
         if reply.rid != rid or reply.result.width != (self.layers[layer].d_out if direction == "fwd"
                                                        else self.layers[layer].d_in):
             raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
-        return decrypt(secret, reply.result)
+        hint = None
+        if reply.result.a is None:
+            if self._fetch_hint is None:
+                raise HeloraError(f"layer {layer}: the server sent no a part and this client has no hints")
+            key = (layer, direction)
+            if key not in self._hints:
+                self._hints[key] = self._fetch_hint(layer, direction)
+            hint = self._hints[key]
+        return decrypt(secret, reply.result, hint=hint)
 
     def forward(self, group: str, x: np.ndarray) -> np.ndarray:
         e = self._entry(group)
@@ -101,16 +114,21 @@ class EncryptedBackend:
 
 def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | str = P.DEFAULT,
                            key: SecretKey | None = None, shards: int = 1, backend: str = "numpy",
-                           model_id: str = "", over_bytes: bool = False, **_: object) -> EncryptedBackend:
+                           model_id: str = "", over_bytes: bool = False, hints_on_client: bool = True,
+                           **_: object) -> EncryptedBackend:
     """The embedded default: an in-process server built from ``model``, and the client over it.
 
     ``over_bytes``: pass every message through the wire codec (as a broker would) instead of
-    handing objects over in-process.
+    handing objects over in-process. ``hints_on_client``: the client keeps each layer's public
+    hint (the ``a`` part of its outputs, identical for every request) and the server sends ``b``
+    alone, at ``hint_out_bits``: less than half the download. In-process the client reads the
+    evaluator's own array; its one-time transfer is not counted in ``wire_bytes``.
     """
     from .embedded import EmbeddedServer
 
     ps = P.get(params) if isinstance(params, str) else params
-    server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id)
+    server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id,
+                            hints_on_client=hints_on_client)
     manifest = wire.decode_manifest(server.manifest_bytes())
     exchange: Exchange = ByteTransport(server.call) if over_bytes else server.exchange
-    return EncryptedBackend(manifest, exchange, key)
+    return EncryptedBackend(manifest, exchange, key, hints=server.hint if hints_on_client else None)
