@@ -249,14 +249,16 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
         if ct.a is None and (hint is None or hint.shape != (ct.width, params.limbs, params.n)):
             raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
         out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
+        held = hint
 
         def rows(lo: int, hi: int) -> None:
-            if ct.a is None:  # a·s mod q from the hint, exactly, then rounded to 2^bits
+            if held is not None and ct.a is None:  # a·s mod q from the hint, exactly, then rounded
                 a_s = np.empty((params.limbs, hi - lo, params.n), dtype=np.int64)
                 for i, p in enumerate(params.primes):
-                    a_s[i] = reduce_float(mul.product(centered_float(hint[lo:hi, i], p)), float(p))
+                    a_s[i] = reduce_float(mul.product(centered_float(held[lo:hi, i], p)), float(p))
                 x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
             else:
+                assert ct.a is not None
                 a = ct.a[lo:hi].astype(np.float64)  # < 2^38, exact
                 np.subtract(a, modulus, out=a, where=a >= modulus / 2)
                 x = mul.product_wide(a)  # exact, |.| < 2^49

@@ -109,7 +109,7 @@ def reduce_float(x: np.ndarray, moduli: np.ndarray | float) -> np.ndarray:
     return x
 
 
-def centered_float(residues: np.ndarray, moduli: np.ndarray) -> np.ndarray:
+def centered_float(residues: np.ndarray, moduli: np.ndarray | int) -> np.ndarray:
     """Residues in [0, p) to float64 in (-p/2, p/2]."""
     c = residues.astype(np.float64)
     np.subtract(c, moduli, out=c, where=c > moduli // 2)

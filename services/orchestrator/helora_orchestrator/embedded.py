@@ -8,7 +8,6 @@ the wire; ``call`` takes and returns encoded chunks, exactly as a broker deliver
 from __future__ import annotations
 
 import numpy as np
-
 from hecommon import params as P
 from hecommon import wire
 from hecommon.errors import HeloraError
