@@ -4,7 +4,9 @@
 
 For each layer shape (SmolLM2-135M and Llama-3.2-1B), N tokens: the numpy float32 plaintext
 GEMM, our encrypted product (per request; the hint ``W·A`` is precomputed once per layer and
-reported apart), the aggregator's modulus switch, and the client's encryption and decryption.
+reported apart), the aggregator's modulus switch, the client's encryption and decryption, and
+the encoded message sizes: replies with ``a`` and ``b``, and with ``b`` alone (the client holds
+the layer's hint, the default).
 In the same run: TenSEAL's CKKSTensor product (tokens batched in slots) on a reduced shape.
 On a GPU (``--backend cupy``) also torch's bf16 GEMM of the same shape.
 """
@@ -54,6 +56,11 @@ def bench_shape(d_in: int, d_out: int, ps: P.ParamSet, reps: int, backend: str) 
         wire.EncryptedRequest(rid=b"r" * 16, layer="bench", direction="fwd", batch=ct)))
     down = sum(len(wire.encode_reply(c)) for c in wire.split(
         wire.EncryptedReply(rid=b"r" * 16, layer="bench", direction="fwd", result=result)))
+    b_only = partial.switch(send_a=False)  # the client holds the layer's hint: b alone comes back
+    assert np.array_equal(decrypt(s, b_only, hint=partial.a), decrypt(s, result))
+    down_b = sum(len(wire.encode_reply(c)) for c in wire.split(
+        wire.EncryptedReply(rid=b"r" * 16, layer="bench", direction="fwd", result=b_only)))
+    t_dec_b = median_time(lambda: decrypt(s, b_only, hint=partial.a), max(1, reps // 2))
     row = {
         "shape": f"{d_in}->{d_out}",
         "d_in": d_in,
@@ -70,6 +77,8 @@ def bench_shape(d_in: int, d_out: int, ps: P.ParamSet, reps: int, backend: str) 
         "client_us_per_value": 1e6 * (t_enc + t_dec) / (n * d_in + n * d_out),
         "bytes_per_value_up": up / (n * d_in),
         "bytes_per_value_down": down / (n * d_out),
+        "bytes_per_value_down_hint_on_client": down_b / (n * d_out),
+        "decrypt_hint_on_client_s": t_dec_b,
     }
     if backend == "cupy":
         row.update(gpu_row(layer, ct, n, d_in, d_out, reps))
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         ("shape", "shape", "s"), ("plain_f32_s", "f32 GEMM s", ".4f"), ("he_product_s", "HE s", ".4f"),
         ("ratio_vs_plain_f32", "ratio", ".2f"), ("hint_s", "hint s", ".3f"), ("switch_s", "switch s", ".3f"),
         ("client_us_per_value", "client us/v", ".3f"), ("bytes_per_value_up", "B/v up", ".3f"),
-        ("bytes_per_value_down", "B/v down", ".3f"), ("gpu_ratio_vs_bf16", "GPU/bf16", ".2f"),
+        ("bytes_per_value_down", "B/v down", ".3f"), ("bytes_per_value_down_hint_on_client", "B/v dn b", ".3f"),
+        ("gpu_ratio_vs_bf16", "GPU/bf16", ".2f"),
     ])
     tenseal = bench_tenseal(1 if args.quick else 3)
     ref = next(r for r in rows if (r["d_in"], r["d_out"]) == REFERENCE)
@@ -141,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "client_us_per_value": ref["client_us_per_value"],
         "bytes_per_value_up": ref["bytes_per_value_up"],
         "bytes_per_value_down": ref["bytes_per_value_down"],
+        "bytes_per_value_down_hint_on_client": ref["bytes_per_value_down_hint_on_client"],
     }
     if "gpu_ratio_vs_bf16" in ref:
         summary["gpu_ratio_vs_bf16"] = ref["gpu_ratio_vs_bf16"]
