@@ -92,6 +92,20 @@ def lora_snapshot(run: Run) -> list[torch.Tensor]:
     return [p.detach().clone() for p in run.params]
 
 
+def time_server(backend) -> list[float]:
+    """Wrap the backend's transport so that the server's seconds add up in the returned cell."""
+    server, seconds = backend.transport, [0.0]
+
+    def timed(request):
+        t0 = time.perf_counter()
+        out = server(request)
+        seconds[0] += time.perf_counter() - t0
+        return out
+
+    backend.transport = timed
+    return seconds
+
+
 def llama1b_costs() -> dict:
     """Client seconds and wire bytes per token for one Llama-3.2-1B block, scaled to 16 blocks."""
     from helora_orchestrator.encrypted import make_encrypted_backend
@@ -103,16 +117,7 @@ def llama1b_costs() -> dict:
     model = LlamaForCausalLM(cfg)
     groups = discover_groups(model)
     backend = make_encrypted_backend(model, groups)
-    server = backend.transport
-    server_seconds = [0.0]
-
-    def timed(chunks):
-        t0 = time.perf_counter()
-        out = server(chunks)
-        server_seconds[0] += time.perf_counter() - t0
-        return out
-
-    backend.transport = timed
+    server_seconds = time_server(backend)
     gen = np.random.default_rng(0)
     n = backend.params.n
     for g in groups:  # warm the hints (server start-up, not per-token cost)
@@ -208,16 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     quant = helora_run("quantized", tcfg, lora)
     torch.manual_seed(cfg.seed)
     enc = helora_run("encrypted", tcfg, lora)
-    server = enc.module.backend.transport
-    server_seconds = [0.0]
-
-    def timed(request):
-        t0 = time.perf_counter()
-        out = server(request)
-        server_seconds[0] += time.perf_counter() - t0
-        return out
-
-    enc.module.backend.transport = timed
+    server_seconds = time_server(enc.module.backend)
     equal = True
     step_seconds = []
     for ids, labels in big:
