@@ -106,6 +106,17 @@ def time_server(backend) -> list[float]:
     return seconds
 
 
+def hint_bytes_once(backend, blocks_scale: float = 1.0) -> float:
+    """Bytes of every layer's public hint (forward and backward) at the residues' packed size.
+
+    The client fetches each once (the embedded mode reads the evaluator's array instead); it is
+    not in the per-token figures and amortizes over the whole run.
+    """
+    ps = backend.params
+    per_value = sum(p.bit_length() for p in ps.primes) / 8
+    return blocks_scale * sum((e.d_out + e.d_in) * ps.n * per_value for e in backend.manifest.layers)
+
+
 def llama1b_costs() -> dict:
     """Client seconds and wire bytes per token for one Llama-3.2-1B block, scaled to 16 blocks."""
     from helora_orchestrator.encrypted import make_encrypted_backend
@@ -135,6 +146,7 @@ def llama1b_costs() -> dict:
         "client_s_per_token": (total - server_seconds[0]) * blocks / n,
         "server_cpu_s_per_token": server_seconds[0] * blocks / n,
         "wire_bytes_per_token": backend.wire_bytes * blocks / n,
+        "hint_bytes_once": hint_bytes_once(backend, blocks),
         "zama_estimate_bytes_per_token": 8.4e6,
     }
 
@@ -247,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "slowdown_vs_plain_peft": tps_peft / tps_enc,
         "client_share": 1.0 - server_seconds[0] / sum(step_seconds),
         "bytes_per_token": enc.module.wire_bytes / tokens,
+        "hint_bytes_once": hint_bytes_once(enc.module.backend),
         "encrypted_step_seconds": step_seconds,
     }
     if not args.skip_llama1b:
