@@ -38,7 +38,9 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--bits", type=int, default=8, help="quantization bits (quantized/encrypted modes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param-set", default=None, metavar="NAME", help="HE parameter set (encrypted mode)")
-    p.add_argument("--broker", default=None, metavar="URL", help="RabbitMQ URL (not implemented yet)")
+    p.add_argument("--broker", default=None, metavar="URL",
+                   help="RabbitMQ URL of a running helora server (encrypted mode); default: in-process server")
+    p.add_argument("--namespace", default="helora", help="the server's exchange and queue prefix (with --broker)")
     p.add_argument("--key-file", default=None, metavar="PATH",
                    help="keep the secret key in this 0600 file (created if missing); default: memory only")
 
@@ -93,6 +95,8 @@ def _load_base(model_arg: str | None, seed: int):
 def _client(args, model, model_id: str, lora: LoraSettings):
     from .client_model import build_client
 
+    if args.broker is not None:
+        return _broker_client(args, model, lora)
     kwargs = {}
     if args.mode == "encrypted":  # the embedded server needs the parameter set and the model id
         kwargs = {"model_id": model_id, "key": _secret_key(args.key_file),
@@ -100,6 +104,21 @@ def _client(args, model, model_id: str, lora: LoraSettings):
     elif args.key_file:
         raise ConfigError(f"--key-file: only meaningful with --mode encrypted, not {args.mode}")
     return build_client(model, args.mode, lora, bits=args.bits, seed=args.seed, **kwargs)
+
+
+def _broker_client(args, model, lora: LoraSettings):
+    """The client over a RabbitMQ server: the model stays local for embeddings, norms and lm_head;
+    its block weights are dropped by ``ClientModel`` (the server holds them)."""
+    from helora_encoder.model import discover_groups
+
+    from .broker import make_broker_backend
+    from .client_model import ClientModel
+
+    backend = make_broker_backend(args.broker, key=_secret_key(args.key_file), namespace=args.namespace,
+                                  model=model, params=args.param_set)
+    if backend.bits != args.bits:
+        raise ParameterMismatch(f"--bits {args.bits}: the server quantizes with {backend.bits} bits")
+    return ClientModel(model, backend, discover_groups(model), lora, args.seed)
 
 
 def _secret_key(path: str | None):
@@ -228,8 +247,10 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.broker is not None:
-            raise ConfigError("--broker: not implemented yet: use the embedded default (omit --broker)")
+        if args.broker is not None and args.mode != "encrypted":
+            raise ConfigError(f"--broker: only meaningful with --mode encrypted, not {args.mode}")
+        if args.broker is not None and not args.broker.startswith(("amqp://", "amqps://")):
+            raise ConfigError("--broker: an amqp:// or amqps:// URL is required")
         if args.param_set and args.mode != "encrypted":
             raise ConfigError(f"--param-set: only meaningful with --mode encrypted, not {args.mode}")
         return COMMANDS[args.command](args)

@@ -1,0 +1,565 @@
+"""helora over RabbitMQ: the topology every service declares, and the shell they share (DESIGN §4).
+
+Topology (``ns`` = the namespace, ``helora`` by default; tests use a unique one per session):
+
+- ``{ns}.ingress`` (queue): client requests, consumed by the encoder(s).
+- ``{ns}.manifest`` (queue): manifest RPC, answered by the encoder(s).
+- ``{ns}.requests`` (direct exchange): encoder → evaluators. Routing key
+  ``{layer}.s{i}of{n}`` (``3.qkv.s0of2``): shard ``i`` of ``n`` of one layer group, both
+  directions. Each evaluator binds its queue ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to the keys
+  of the layers it holds; replicas of one evaluator share that queue (competing consumers).
+  Encoder and evaluators must agree on ``n`` per layer: a mismatch is unroutable, and the
+  ``mandatory`` flag turns it into a clear error instead of a silent drop.
+- ``{ns}.partials`` (queue): evaluators → aggregator.
+- Replies go to the client's exclusive ``reply_to`` queue through the default exchange, with
+  ``correlation_id`` = the request id in hex, forwarded unchanged by every hop.
+- ``{ns}.dlx`` (fanout exchange) → ``{ns}.dead`` (queue). Service queues are declared with
+  ``x-dead-letter-exchange`` = ``{ns}.dlx`` as a fallback.
+
+Dead-lettering: RabbitMQ's own dead-lettering (reject with ``requeue=False``) cannot add headers,
+so a service publishes the rejected body to ``{ns}.dlx`` itself, with ``x-helora-reason`` (the
+exception's ``.reason``), ``x-helora-message`` (its short text, which never holds payload) and
+``x-helora-queue``, waits for the confirm, then acks the original. If that publish fails, it
+rejects the original without requeue and the queue's ``x-dead-letter-exchange`` takes over
+(RabbitMQ's ``x-death`` header then records the queue and reason ``rejected``).
+
+Threads (DESIGN §4 RabbitMQ practice): pika's ``BlockingConnection`` lives on the main thread,
+which only runs the I/O loop; deliveries go to one worker thread, which runs the service's
+logic. Every ack and publish is run on the I/O thread through ``add_callback_threadsafe``, so
+heartbeats keep flowing during a long product. Every publish uses publisher confirms and
+``mandatory``; every payload is split below ``max_message_bytes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import queue
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+
+from .errors import ConfigError, HeloraError, MalformedMessage, TransientError
+from .wire import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, RID_BYTES, ErrorReply, encode_error
+
+log = logging.getLogger("helora.amqp")
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_NAMESPACE = "helora"
+REASON_HEADER = "x-helora-reason"
+MESSAGE_HEADER = "x-helora-message"
+QUEUE_HEADER = "x-helora-queue"
+DROPPED_HEADER = "x-helora-dropped-bytes"
+_NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: broker-side floor: a message must at least hold one ciphertext row and the headers
+MIN_MESSAGE_BYTES = 64 * 1024
+#: RabbitMQ's hard maximum for ``max_message_size`` (512 MiB)
+MAX_BROKER_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+# -- topology ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Topology:
+    """Names of every exchange and queue of one helora deployment (see the module docstring)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.namespace, str) or not _NAMESPACE_RE.match(self.namespace):
+            raise ConfigError(f"namespace: {self.namespace!r} must match {_NAMESPACE_RE.pattern}")
+
+    @property
+    def requests(self) -> str:
+        return f"{self.namespace}.requests"
+
+    @property
+    def dlx(self) -> str:
+        return f"{self.namespace}.dlx"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def ingress(self) -> str:
+        return f"{self.namespace}.ingress"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.namespace}.manifest"
+
+    @property
+    def partials(self) -> str:
+        return f"{self.namespace}.partials"
+
+    def evaluator_queue(self, blocks: str, shard: int, shards: int) -> str:
+        return f"{self.namespace}.evaluator.b{blocks}.s{shard}of{shards}"
+
+    @staticmethod
+    def routing_key(layer: str, shard: int, shards: int) -> str:
+        return f"{layer}.s{shard}of{shards}"
+
+    def declare_common(self, ch) -> None:
+        """Exchanges and the dead-letter queue; idempotent (same arguments every time)."""
+        ch.exchange_declare(self.requests, exchange_type="direct", durable=True)
+        ch.exchange_declare(self.dlx, exchange_type="fanout", durable=True)
+        ch.queue_declare(self.dead, durable=True)
+        ch.queue_bind(self.dead, self.dlx)
+
+    def declare_queue(self, ch, name: str) -> None:
+        """A durable service queue whose rejected messages go to the dead-letter exchange."""
+        ch.queue_declare(name, durable=True, arguments={"x-dead-letter-exchange": self.dlx})
+
+    def delete(self, ch, queues: Iterable[str] = ()) -> None:
+        """Remove this namespace's exchanges and the named queues (tests' teardown)."""
+        for q in (self.ingress, self.manifest, self.partials, self.dead, *queues):
+            ch.queue_delete(q)
+        for ex in (self.requests, self.dlx):
+            ch.exchange_delete(ex)
+
+
+def parse_blocks(spec: str) -> tuple[int, ...]:
+    """``"0-14"``, ``"3"``, ``"0-3,7"`` → sorted block indices."""
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            a, b = int(lo), int(hi or lo)
+            if a < 0 or b < a:
+                raise ValueError
+            out.update(range(a, b + 1))
+    except ValueError:
+        raise ConfigError(f"blocks: {spec!r} is not a list of ranges such as '0-14' or '0-3,7'") from None
+    return tuple(sorted(out))
+
+
+def blocks_label(blocks: Iterable[int]) -> str:
+    """Compact text of a block set for queue names: ``(0,1,2,5)`` → ``0-2_5``."""
+    runs: list[str] = []
+    items = sorted(blocks)
+    start = prev = items[0]
+    for b in items[1:] + [None]:  # type: ignore[list-item]
+        if b is not None and b == prev + 1:
+            prev = b
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if b is not None:
+            start = prev = b
+    return "_".join(runs)
+
+
+# -- shared config checks -------------------------------------------------------------------
+def env_default(environ: Mapping[str, str], name: str, default: Any) -> Any:
+    return environ.get(name, default)
+
+
+def add_broker_flags(p: argparse.ArgumentParser, environ: Mapping[str, str], prefetch: int) -> None:
+    p.add_argument("--broker", dest="broker_url", default=env_default(environ, "HELORA_BROKER_URL", DEFAULT_URL),
+                   metavar="URL", help="RabbitMQ URL (env HELORA_BROKER_URL)")
+    p.add_argument("--namespace", default=env_default(environ, "HELORA_NAMESPACE", DEFAULT_NAMESPACE),
+                   help="prefix of every exchange and queue (env HELORA_NAMESPACE)")
+    p.add_argument("--max-message-bytes", type=int,
+                   default=int(env_default(environ, "HELORA_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES)),
+                   help="the broker's max_message_size; payloads are split below it (env HELORA_MAX_MESSAGE_BYTES)")
+    p.add_argument("--prefetch", type=int, default=int(env_default(environ, "HELORA_PREFETCH", prefetch)),
+                   help="unacknowledged deliveries held at once (env HELORA_PREFETCH)")
+    p.add_argument("--log-level", default=env_default(environ, "HELORA_LOG_LEVEL", "INFO"))
+
+
+def check_broker_fields(cfg: Any) -> None:
+    """Validate the fields ``add_broker_flags`` fills; raise ``ConfigError`` naming the field."""
+    if not isinstance(cfg.broker_url, str) or not cfg.broker_url.startswith(("amqp://", "amqps://")):
+        raise ConfigError("broker_url: an amqp:// or amqps:// URL is required")
+    Topology(cfg.namespace)
+    if not isinstance(cfg.max_message_bytes, int) or not (
+            MIN_MESSAGE_BYTES <= cfg.max_message_bytes <= MAX_BROKER_MESSAGE_BYTES):
+        raise ConfigError(f"max_message_bytes: {cfg.max_message_bytes} outside "
+                          f"{MIN_MESSAGE_BYTES}..{MAX_BROKER_MESSAGE_BYTES}")
+    if not isinstance(cfg.prefetch, int) or not 1 <= cfg.prefetch <= 65535:
+        raise ConfigError(f"prefetch: {cfg.prefetch} outside 1..65535")
+    if str(cfg.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: {cfg.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+
+
+def _reject(channel: Any, tag: int) -> None:
+    """Reject without requeue: the queue's own dead-letter exchange takes the message."""
+    channel.basic_reject(tag, requeue=False)
+
+
+def config_from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
+    """Build a config dataclass from a mapping; unknown keys are refused by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(values) - known)
+    if extra:
+        raise ConfigError(f"unknown config key(s) {extra}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+# -- connections -----------------------------------------------------------------------------
+def connect(url: str, name: str, deadline_s: float = 60.0, heartbeat: int = 30) -> pika.BlockingConnection:
+    """A blocking connection, retried with exponential backoff until ``deadline_s``."""
+    params = pika.URLParameters(url)
+    params.heartbeat = heartbeat
+    params.blocked_connection_timeout = 300
+    params.client_properties = {"connection_name": name}
+    delay, end = 0.2, time.monotonic() + deadline_s
+    while True:
+        try:
+            return pika.BlockingConnection(params)
+        except pex.AMQPConnectionError as exc:
+            if time.monotonic() + delay > end:
+                raise TransientError(f"broker {safe_url(url)} did not answer within {deadline_s:.0f} s "
+                                     f"({type(exc).__name__})") from None
+            time.sleep(delay * (1 + random.random() / 4))
+            delay = min(delay * 2, 5.0)
+
+
+def rid_of(properties: Any, fallback: bytes | None = None) -> bytes:
+    """The request id a reply must carry: the message's own, else the hex ``correlation_id``."""
+    if fallback is not None and len(fallback) == RID_BYTES:
+        return fallback
+    cid = getattr(properties, "correlation_id", None) or ""
+    try:
+        rid = bytes.fromhex(cid)
+    except ValueError:
+        return bytes(RID_BYTES)
+    return rid if len(rid) == RID_BYTES else bytes(RID_BYTES)
+
+
+def forward_properties(props: Any, **extra: Any) -> pika.BasicProperties:
+    """Reply routing carried along every hop: ``reply_to`` and ``correlation_id``."""
+    return pika.BasicProperties(reply_to=getattr(props, "reply_to", None),
+                                correlation_id=getattr(props, "correlation_id", None),
+                                delivery_mode=pika.DeliveryMode.Persistent, **extra)
+
+
+class Unroutable(HeloraError):
+    """No queue is bound for a message (``mandatory`` publish returned): a deployment mismatch."""
+
+    reason = "unroutable"
+
+
+class PartCollector:
+    """Parts of chunked wire messages (``wire.split``), gathered by key until all have arrived.
+
+    ``add`` returns ``(chunks, deliveries)`` once complete (the caller joins them); a duplicate
+    part raises ``MalformedMessage``. ``expired`` hands back what waited longer than
+    ``timeout_s`` so the caller can dead-letter it instead of holding it unacked forever.
+    """
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self._pending: dict[Any, tuple[float, dict[int, tuple[Any, Delivery]]]] = {}
+
+    def add(self, key: Any, msg: Any, d: Delivery) -> tuple[list[Any], list[Delivery]] | None:
+        if msg.parts == 1:
+            return [msg], [d]
+        _, parts = self._pending.setdefault(key, (time.monotonic(), {}))
+        if msg.part in parts:
+            raise MalformedMessage(f"part {msg.part} of {msg.parts} arrived twice")
+        parts[msg.part] = (msg, d)
+        if len(parts) < msg.parts:
+            return None
+        del self._pending[key]
+        ordered = [parts[i] for i in sorted(parts)]
+        return [m for m, _ in ordered], [dd for _, dd in ordered]
+
+    def expired(self) -> list[tuple[Any, list[Delivery]]]:
+        now = time.monotonic()
+        old = [k for k, (t0, _) in self._pending.items() if now - t0 > self.timeout_s]
+        return [(k, [d for _, d in self._pending.pop(k)[1].values()]) for k in old]
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+# -- the service shell -------------------------------------------------------------------------
+@dataclass
+class Delivery:
+    """One message as the worker thread sees it; ``gen`` is the connection it came on."""
+
+    queue: str
+    tag: int
+    properties: Any
+    body: bytes
+    gen: int
+    redelivered: bool = False
+
+
+@dataclass
+class _Work:
+    fn: Callable[[Any], Any]
+    future: Future = field(default_factory=Future)
+
+
+class Service:
+    """Connection, declaration, consumption and the worker thread; subclasses add the logic.
+
+    Subclasses implement ``declare(ch) -> queues to consume``, ``handle(delivery)`` (worker
+    thread) and ``reset()`` (drop in-flight state after a reconnect: the broker redelivers every
+    unacknowledged message). From the worker thread they use ``publish``, ``ack``, ``fail``.
+    """
+
+    name = "service"
+
+    def __init__(self, cfg: Any, io_timeout_s: float = 120.0) -> None:
+        self.cfg = cfg
+        self.topology = Topology(cfg.namespace)
+        self.limit = cfg.max_message_bytes
+        self.prefetch = cfg.prefetch
+        self.io_timeout_s = io_timeout_s
+        self._inbox: queue.Queue[Delivery | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._gen = 0
+        self._conn: pika.BlockingConnection | None = None
+        self._ch: Any = None
+        self._worker: threading.Thread | None = None
+        self.ready = threading.Event()
+
+    # -- to override ----------------------------------------------------------------------
+    def declare(self, ch) -> list[str]:
+        raise NotImplementedError
+
+    def handle(self, d: Delivery) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget partial state after a reconnect (its deliveries come back)."""
+
+    def tick(self) -> None:
+        """Called on the worker thread about once a second when idle (timeouts)."""
+
+    # -- worker-thread helpers -----------------------------------------------------------------
+    def io(self, fn: Callable[[Any], Any], gen: int | None = None) -> Any:
+        """Run ``fn(channel)`` on the I/O thread and wait for it (from the worker thread)."""
+        work = _Work(fn)
+        conn = self._conn
+        if conn is None or (gen is not None and gen != self._gen):
+            raise TransientError("the connection these deliveries came on is gone")
+        try:
+            conn.add_callback_threadsafe(lambda: self._run(work))
+        except pex.ConnectionWrongStateError:
+            raise TransientError("the broker connection is closed") from None
+        try:
+            return work.future.result(self.io_timeout_s)
+        except FutureTimeout:
+            raise TransientError(f"broker operation did not finish within {self.io_timeout_s:.0f} s") from None
+
+    def _run(self, work: _Work) -> None:
+        try:
+            work.future.set_result(work.fn(self._ch))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the waiting thread
+            work.future.set_exception(exc)
+
+    def publish(self, routing_key: str, body: bytes, props: Any, exchange: str = "") -> None:
+        """Publish with confirms and ``mandatory``; raises ``UnroutableError`` / ``NackError``."""
+        if len(body) > self.limit:  # wire.encode already refuses this: a bug if reached
+            raise HeloraError(f"refusing to publish {len(body)} bytes above the limit {self.limit}")
+        self.io(lambda ch: ch.basic_publish(exchange, routing_key, body, props, mandatory=True))
+
+    def publish_all(self, routing_key: str, bodies: list[bytes], props: Any, exchange: str = "") -> None:
+        def run(ch):
+            for body in bodies:
+                ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
+        if any(len(b) > self.limit for b in bodies):
+            raise HeloraError(f"refusing to publish a message above the limit {self.limit}")
+        self.io(run)
+
+    def ack(self, deliveries: Iterable[Delivery]) -> None:
+        ds = [d for d in deliveries if d.gen == self._gen]  # older tags died with their connection
+        if ds:
+            self.io(lambda ch: [ch.basic_ack(d.tag) for d in ds])
+
+    def requeue(self, deliveries: Iterable[Delivery]) -> None:
+        ds = [d for d in deliveries if d.gen == self._gen]
+        if ds:
+            self.io(lambda ch: [ch.basic_nack(d.tag, requeue=True) for d in ds])
+
+    def reply_error(self, props: Any, exc: BaseException, rid: bytes | None = None, pset: str = "") -> None:
+        """Tell the client at ``reply_to`` why its request failed, so it fails fast."""
+        reply_to = getattr(props, "reply_to", None)
+        if not reply_to:
+            return
+        body = encode_error(ErrorReply.from_exception(rid_of(props, rid), exc, pset), self.limit)
+        try:
+            self.publish(reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id))
+        except (pex.UnroutableError, pex.NackError):
+            log.warning("client reply queue gone; error reply dropped")
+
+    def dead_letter(self, deliveries: Iterable[Delivery], exc: BaseException) -> None:
+        """Publish each message to the DLX with its reason, then ack it (see module docstring).
+
+        A body above the message limit cannot be republished: the dead letter then carries the
+        headers alone (``x-helora-dropped-bytes`` says how large it was).
+        """
+        reason = exc.reason if isinstance(exc, HeloraError) else "internal"
+        text = str(exc)[:MAX_ERROR_CHARS] if isinstance(exc, HeloraError) else type(exc).__name__
+        for d in deliveries:
+            props = d.properties
+            headers = dict(getattr(props, "headers", None) or {})
+            headers.update({REASON_HEADER: reason, MESSAGE_HEADER: text, QUEUE_HEADER: d.queue})
+            body = d.body
+            if len(body) > self.limit:
+                headers[DROPPED_HEADER] = len(body)
+                body = b""
+            out = pika.BasicProperties(reply_to=props.reply_to, correlation_id=props.correlation_id,
+                                       headers=headers, delivery_mode=pika.DeliveryMode.Persistent)
+            try:
+                self.publish(d.queue, body, out, exchange=self.topology.dlx)
+                self.ack([d])
+            except Exception:  # noqa: BLE001 - never leave it unacked: the queue's own DLX takes it
+                log.warning("explicit dead-lettering failed; rejecting to the queue's dead-letter exchange")
+                if d.gen == self._gen:
+                    self.io(functools.partial(_reject, tag=d.tag))
+            log.warning("dead-lettered a message from %s: %s (%d bytes)", d.queue, reason, len(d.body))
+
+    def fail(self, deliveries: list[Delivery], exc: BaseException, rid: bytes | None = None,
+             pset: str = "") -> None:
+        """A request that cannot be served: dead-letter its messages and tell the client."""
+        self.dead_letter(deliveries, exc)
+        if deliveries:
+            self.reply_error(deliveries[-1].properties, exc, rid, pset)
+
+    # -- worker thread ---------------------------------------------------------------------
+    def _work_loop(self) -> None:
+        seen_gen, last_tick = 0, time.monotonic()
+        while True:
+            if time.monotonic() - last_tick >= 1.0:
+                self._tick()
+                last_tick = time.monotonic()
+            try:
+                d = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if d is None:
+                return
+            if d.gen != self._gen:
+                continue  # its connection died: the broker redelivers it
+            if d.gen != seen_gen:  # first delivery of a new connection: old partial state is void
+                self.reset()
+                seen_gen = d.gen
+            try:
+                self.handle(d)
+            except TransientError as exc:
+                log.warning("transient failure, message requeued: %s", exc)
+                try:
+                    self.requeue([d])
+                except HeloraError:
+                    pass
+            except Exception as exc:  # noqa: BLE001 - keep serving; dead-letter what failed
+                log.exception("unexpected failure in %s", self.name)
+                try:
+                    self.fail([d], exc)
+                except Exception:  # noqa: BLE001
+                    log.exception("could not dead-letter a message")
+
+    def _tick(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            self.tick()
+        except Exception:  # noqa: BLE001 - a failed sweep must not stop the worker
+            log.exception("periodic check failed in %s", self.name)
+
+    # -- I/O thread ---------------------------------------------------------------------------
+    def _on_message(self, queue_name: str):
+        def callback(ch, method, properties, body) -> None:
+            self._inbox.put(Delivery(queue_name, method.delivery_tag, properties, body, self._gen,
+                                     bool(method.redelivered)))
+        return callback
+
+    def stop(self) -> None:
+        """Thread- and signal-safe: finish the current message, then close."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def _session(self) -> None:
+        cfg = self.cfg
+        self._conn = connect(cfg.broker_url, f"helora-{self.name}")
+        self._ch = self._conn.channel()
+        self._ch.confirm_delivery()
+        self.topology.declare_common(self._ch)
+        queues = self.declare(self._ch)
+        self._ch.basic_qos(prefetch_count=self.prefetch)
+        for q in queues:
+            self._ch.basic_consume(q, self._on_message(q), auto_ack=False)
+        log.info("%s consuming %s on %s", self.name, queues, safe_url(cfg.broker_url))
+        self.ready.set()
+        while not self._stop.is_set():
+            self._conn.process_data_events(time_limit=0.5)
+
+    def run(self) -> int:
+        """Serve until ``stop()``; reconnect with backoff when the connection drops."""
+        self._worker = threading.Thread(target=self._work_loop, name=f"{self.name}-worker", daemon=True)
+        self._worker.start()
+        backoff = 0.5
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._session()
+                except (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError,
+                        pex.ConnectionClosed, TransientError) as exc:
+                    if self._stop.is_set():
+                        break
+                    log.warning("broker connection lost (%s); reconnecting in %.1f s", type(exc).__name__, backoff)
+                    self._drop_connection()
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _drop_connection(self) -> None:
+        self.ready.clear()
+        self._gen += 1  # deliveries of the old connection are no longer ours to ack
+        try:
+            if self._conn is not None and self._conn.is_open:
+                self._conn.close()
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+        self._conn = None
+
+    def _shutdown(self) -> None:
+        """Let the worker finish its current message (bounded), then close the connection."""
+        self._inbox.put(None)
+        deadline = time.monotonic() + 30
+        while self._worker is not None and self._worker.is_alive() and time.monotonic() < deadline:
+            if self._conn is not None and self._conn.is_open:
+                try:
+                    self._conn.process_data_events(time_limit=0.2)  # run its pending acks
+                except Exception:  # noqa: BLE001
+                    break
+            else:
+                self._worker.join(0.2)
+        try:
+            if self._conn is not None and self._conn.is_open:
+                self._conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+        log.info("%s stopped", self.name)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+

@@ -1,0 +1,113 @@
+"""The aggregator's RabbitMQ shell (DESIGN §4): gather partials, switch, reply to the client.
+
+Consumes ``{ns}.partials``. The parts of one partial (a shard's output split below the message
+limit) are joined first; ``AggregatorHandler.add`` then sums or joins the shards. Every partial
+of a request stays unacked until the request's reply has been published (with confirms) to its
+``reply_to``, with its ``correlation_id``: if this process dies first, the broker redelivers
+them and a fresh aggregator completes the request (DESIGN §7.5). A partial of an
+already-answered request (a redelivery) is acked and ignored.
+
+Replies carry the ``a`` part for now (``send_a=True``): in broker mode the client holds no hints.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import OrderedDict
+
+import pika
+import pika.exceptions as pex
+from hecommon import amqp, wire
+from hecommon.errors import HeloraError, MalformedMessage
+
+from .config import AggregatorConfig
+from .handler import AggregatorHandler
+
+log = logging.getLogger("helora.aggregator")
+
+
+class AggregatorWorker(amqp.Service):
+    name = "aggregator"
+
+    def __init__(self, cfg: AggregatorConfig) -> None:
+        super().__init__(cfg)
+        self.handler = AggregatorHandler(cfg.max_pending, send_a=True)
+        self.parts = amqp.PartCollector(cfg.part_timeout_s)
+        self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
+        self._done: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
+
+    def declare(self, ch) -> list[str]:
+        self.topology.declare_queue(ch, self.topology.partials)
+        return [self.topology.partials]
+
+    def reset(self) -> None:
+        self.parts.clear()
+        self._held.clear()
+        self.handler = AggregatorHandler(self.cfg.max_pending, send_a=True)
+
+    def tick(self) -> None:
+        for key, ds in self.parts.expired():
+            self.fail(ds, MalformedMessage(f"partial incomplete after {self.parts.timeout_s:.0f} s"), rid=key[0])
+        now = time.monotonic()
+        for key in [k for k, (t0, _) in self._held.items() if now - t0 > self.parts.timeout_s]:
+            _, ds = self._held.pop(key)
+            self.fail(ds, MalformedMessage(f"layer {key[1]} {key[2]}: not every shard's partial arrived within "
+                                           f"{self.parts.timeout_s:.0f} s (is an evaluator down?)"), rid=key[0])
+
+    def handle(self, d: amqp.Delivery) -> None:
+        try:
+            chunk = wire.decode_partial(d.body, self.limit)
+            if not d.properties.reply_to:
+                raise MalformedMessage("partial without reply_to: nowhere to send the result")
+            got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard), chunk, d)
+        except HeloraError as exc:
+            self.fail([d], exc)
+            return
+        if got is None:
+            return
+        chunks, ds = got
+        key = (chunk.rid, chunk.layer, chunk.direction)
+        if key in self._done:
+            self.ack(ds)  # a redelivered partial of an answered request
+            return
+        held = self._held.setdefault(key, (time.monotonic(), []))[1]
+        held.extend(ds)
+        try:
+            reply = self.handler.add(wire.join(chunks))
+        except HeloraError as exc:
+            del self._held[key]
+            self.fail(held, exc, rid=chunk.rid, pset=chunk.params.name)
+            return
+        if reply is not None:
+            self._reply(key, reply, d.properties)
+
+    def _reply(self, key: tuple[bytes, str, str], reply: wire.EncryptedReply, props) -> None:
+        bodies = [wire.encode_reply(r, self.limit) for r in wire.split(reply, self.limit)]
+        try:
+            self.publish_all(props.reply_to, bodies, pika.BasicProperties(correlation_id=props.correlation_id))
+        except (pex.UnroutableError, pex.NackError):
+            log.warning("rid %s layer %s: the client's reply queue is gone; reply dropped", key[0].hex(), key[1])
+        _, ds = self._held.pop(key)
+        self.ack(ds)
+        self._done[key] = None
+        while len(self._done) > self.cfg.max_pending:
+            self._done.popitem(last=False)
+        log.debug("rid %s layer %s %s: replied, %d bytes", key[0].hex(), key[1], key[2], sum(map(len, bodies)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = AggregatorConfig.from_args(argv)
+    except HeloraError as exc:
+        print(f"helora-aggregator: error: {exc}", file=sys.stderr)
+        return 2
+    amqp.setup_logging(cfg.log_level)
+    worker = AggregatorWorker(cfg)
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The encoder's RabbitMQ shell (DESIGN §4): quantize once, write shards, validate and route.
+
+At start: load the model, quantize every block linear, write each evaluator's shard to
+``shard_dir`` as ``{layer}.{i}of{n}.npy`` (int8, ``np.save`` without pickle) and the manifest as
+``manifest.bin`` (written last, atomically: its presence means the shards are complete). A
+manifest already in ``shard_dir`` for the same model and quantization is reused, so a restarted
+encoder keeps the public seeds the evaluators and clients already hold.
+
+Serves ``{ns}.manifest`` (RPC: the encoded manifest to ``reply_to``) and ``{ns}.ingress``
+(requests: parts joined by request id, validated, routed to ``{ns}.requests`` with key
+``{layer}.s{i}of{n}``, ``reply_to``/``correlation_id`` forwarded). A bad request is
+dead-lettered with its reason and the client gets an ``ErrorReply``. Logs name layers, request
+ids and sizes, never payload.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pika
+import pika.exceptions as pex
+from hecommon import amqp, wire
+from hecommon import params as P
+from hecommon.errors import ConfigError, HeloraError, MalformedMessage
+
+from .config import TINY, EncoderConfig
+from .handler import EncoderHandler, Shard, build_manifest, make_shards, quantize_groups
+from .model import discover_groups
+
+log = logging.getLogger("helora.encoder")
+MANIFEST_FILE = "manifest.bin"
+
+
+def shard_file(shard_dir: str | Path, layer: str, index: int, count: int) -> Path:
+    return Path(shard_dir) / f"{layer}.{index}of{count}.npy"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _load_model(cfg: EncoderConfig):
+    """(model, model id) as the client names it (``helora --model tiny`` uses the same id)."""
+    from .model import BUNDLED_MODEL_ID, load_model, tiny_llama
+
+    if cfg.model == TINY:
+        return tiny_llama(cfg.seed)[0], cfg.model_id or f"tiny-llama(seed={cfg.seed})"
+    return load_model(cfg.model), cfg.model_id or (cfg.model or BUNDLED_MODEL_ID)
+
+
+def _reusable(old: wire.Manifest, new: wire.Manifest) -> bool:
+    """Same model, parameters and quantization: keep the old public seeds."""
+    if (old.model, old.params, old.x_bits, old.w_bits, old.metadata) != (
+            new.model, new.params, new.x_bits, new.w_bits, new.metadata):
+        return False
+    if [(e.name, e.d_in, e.d_out, e.members) for e in old.layers] != [
+            (e.name, e.d_in, e.d_out, e.members) for e in new.layers]:
+        return False
+    return all(np.array_equal(a.row_sums, b.row_sums) and np.array_equal(a.col_sums, b.col_sums)
+               and np.array_equal(a.weight_scale, b.weight_scale) for a, b in zip(old.layers, new.layers, strict=True))
+
+
+def layer_plan(cfg: EncoderConfig, manifest: wire.Manifest) -> dict[str, int]:
+    """Shard count of every layer from ``--shards`` (later entries win; default 1)."""
+    plan: dict[str, int] = {}
+    for e in manifest.layers:
+        count = 1
+        for blocks, n in cfg.plan:
+            if e.block in blocks:
+                count = n
+        if count > e.d_in:
+            raise ConfigError(f"shards: layer {e.name} has {e.d_in} inputs, cannot make {count} shards")
+        plan[e.name] = count
+    return plan
+
+
+def prepare(cfg: EncoderConfig) -> tuple[wire.Manifest, dict[str, list[Shard]]]:
+    """Quantize, write the shards and the manifest; return what the handler needs."""
+    model, model_id = _load_model(cfg)
+    groups = discover_groups(model)
+    qweights = quantize_groups(model, groups, cfg.bits)
+    manifest = build_manifest(model, groups, qweights, P.get(cfg.param_set), x_bits=cfg.bits, model_id=model_id)
+    out = Path(cfg.shard_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old_path = out / MANIFEST_FILE
+    if old_path.is_file():
+        try:
+            old = wire.decode_manifest(old_path.read_bytes(), cfg.max_message_bytes)
+            if _reusable(old, manifest):
+                manifest = old
+                log.info("reusing the manifest in %s (same model and quantization)", out)
+        except HeloraError as exc:
+            log.warning("ignoring an unreadable %s: %s", old_path, exc.reason)
+    shards = make_shards(manifest, qweights, layer_plan(cfg, manifest))
+    for layer, parts in shards.items():
+        for i, s in enumerate(parts):
+            buf = io.BytesIO()
+            np.save(buf, s.values, allow_pickle=False)
+            _write_atomic(shard_file(out, layer, i, len(parts)), buf.getvalue())
+    _write_atomic(old_path, wire.encode_manifest(manifest, cfg.max_message_bytes))
+    log.info("model %s: %d layers quantized, shards and manifest in %s", model_id, len(manifest.layers), out)
+    return manifest, shards
+
+
+class EncoderWorker(amqp.Service):
+    name = "encoder"
+
+    def __init__(self, cfg: EncoderConfig, manifest: wire.Manifest, shards: dict[str, list[Shard]]) -> None:
+        super().__init__(cfg)
+        self.manifest = manifest
+        self.manifest_bytes = wire.encode_manifest(manifest, cfg.max_message_bytes)
+        self.handler = EncoderHandler(manifest, {k: [(s.lo, s.hi) for s in v] for k, v in shards.items()})
+        self.parts = amqp.PartCollector(cfg.part_timeout_s)
+
+    def declare(self, ch) -> list[str]:
+        t = self.topology
+        t.declare_queue(ch, t.ingress)
+        t.declare_queue(ch, t.manifest)
+        return [t.manifest, t.ingress]
+
+    def reset(self) -> None:
+        self.parts.clear()
+
+    def tick(self) -> None:
+        for key, ds in self.parts.expired():
+            self.fail(ds, MalformedMessage(f"request incomplete after {self.parts.timeout_s:.0f} s "
+                                           f"({len(ds)} parts arrived)"), rid=key)
+
+    def handle(self, d: amqp.Delivery) -> None:
+        if d.queue == self.topology.manifest:
+            self._serve_manifest(d)
+        else:
+            self._route(d)
+
+    def _serve_manifest(self, d: amqp.Delivery) -> None:
+        if not d.properties.reply_to:
+            self.dead_letter([d], MalformedMessage("manifest request without reply_to"))
+            return
+        props = pika.BasicProperties(correlation_id=d.properties.correlation_id)
+        try:
+            self.publish(d.properties.reply_to, self.manifest_bytes, props)
+        except (pex.UnroutableError, pex.NackError):
+            log.warning("manifest requester went away before the reply")
+        self.ack([d])
+
+    def _route(self, d: amqp.Delivery) -> None:
+        try:
+            chunk = wire.decode_request(d.body, self.limit)
+            got = self.parts.add(chunk.rid, chunk, d)
+        except HeloraError as exc:
+            self.fail([d], exc)
+            return
+        if got is None:
+            return
+        chunks, ds = got
+        try:
+            req = wire.join(chunks)
+            routed = self.handler.route(req)
+        except HeloraError as exc:
+            self.fail(ds, exc, rid=chunks[0].rid, pset=chunks[0].params.name)
+            return
+        props = amqp.forward_properties(d.properties)
+        for index, sub in routed:
+            key = self.topology.routing_key(req.layer, index, len(routed))
+            bodies = [wire.encode_request(c, self.limit) for c in wire.split(sub, self.limit)]
+            try:
+                self.publish_all(key, bodies, props, exchange=self.topology.requests)
+            except pex.UnroutableError:
+                exc = amqp.Unroutable(f"no evaluator holds shard {index} of {len(routed)} of layer {req.layer} "
+                                      f"(routing key {key!r})")
+                self.fail(ds, exc, rid=req.rid, pset=req.params.name)
+                return
+        self.ack(ds)
+        log.debug("rid %s layer %s %s: %d bytes routed to %d shard(s)", req.rid.hex(), req.layer, req.direction,
+                  sum(len(x.body) for x in ds), len(routed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = EncoderConfig.from_args(argv)
+    except HeloraError as exc:
+        print(f"helora-encoder: error: {exc}", file=sys.stderr)
+        return 2
+    amqp.setup_logging(cfg.log_level)
+    try:
+        manifest, shards = prepare(cfg)
+        worker = EncoderWorker(cfg, manifest, shards)
+    except (HeloraError, OSError) as exc:
+        log.error("start-up failed: %s", exc)
+        return 2
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

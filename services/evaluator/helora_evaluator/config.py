@@ -1,0 +1,83 @@
+"""Evaluator configuration: CLI flags with environment defaults, validated (STYLE: config)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hecommon import amqp
+from hecommon.errors import ConfigError
+
+BACKENDS = ("auto", "numpy", "cupy")
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"1/2"`` → (1, 2)."""
+    index, sep, count = str(spec).partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
+        raise ConfigError(f"shard: {spec!r} is not I/N with 0 <= I < N, e.g. '0/1' or '1/2'")
+    return int(index), int(count)
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    broker_url: str = amqp.DEFAULT_URL
+    namespace: str = amqp.DEFAULT_NAMESPACE
+    max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
+    prefetch: int = 1  # DESIGN §4: prefetch 1 on GPU consumers
+    log_level: str = "INFO"
+    blocks: str = "0"  # e.g. "0-14" or "0-3,7"
+    shard: str = "0/1"  # this evaluator's shard of every layer of its blocks
+    shard_dir: str = "helora-shards"
+    backend: str = "auto"
+    #: how long to wait at start for the encoder to write the shards
+    wait_shards_s: float = 600.0
+    #: an incomplete multi-part sub-request is dropped (dead-lettered) after this long
+    part_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        amqp.check_broker_fields(self)
+        amqp.parse_blocks(self.blocks)
+        parse_shard(self.shard)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: {self.backend!r} is not one of {BACKENDS}")
+        if not self.shard_dir:
+            raise ConfigError("shard_dir: a directory is required")
+        for name in ("wait_shards_s", "part_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+
+    @property
+    def block_list(self) -> tuple[int, ...]:
+        return amqp.parse_blocks(self.blocks)
+
+    @property
+    def shard_pair(self) -> tuple[int, int]:
+        return parse_shard(self.shard)
+
+    @property
+    def queue_name(self) -> str:
+        i, n = self.shard_pair
+        return amqp.Topology(self.namespace).evaluator_queue(amqp.blocks_label(self.block_list), i, n)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> EvaluatorConfig:
+        return amqp.config_from_mapping(cls, values)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] = os.environ) -> EvaluatorConfig:
+        p = argparse.ArgumentParser(prog="helora-evaluator", description="helora evaluator service (DESIGN §4)")
+        amqp.add_broker_flags(p, environ, prefetch=1)
+        p.add_argument("--blocks", default=environ.get("HELORA_BLOCKS", "0"),
+                       help="decoder blocks whose layers this evaluator holds, e.g. 0-14 (env HELORA_BLOCKS)")
+        p.add_argument("--shard", default=environ.get("HELORA_SHARD", "0/1"),
+                       help="I/N: this evaluator's shard of those layers (env HELORA_SHARD)")
+        p.add_argument("--shard-dir", default=environ.get("HELORA_SHARD_DIR", "helora-shards"))
+        p.add_argument("--backend", default=environ.get("HELORA_BACKEND", "auto"), choices=BACKENDS)
+        p.add_argument("--wait-shards-s", type=float, default=float(environ.get("HELORA_WAIT_SHARDS_S", 600)))
+        p.add_argument("--part-timeout-s", type=float, default=float(environ.get("HELORA_PART_TIMEOUT_S", 60)))
+        return cls.from_mapping(vars(p.parse_args(argv)))

@@ -1,0 +1,162 @@
+"""The evaluator's RabbitMQ shell (DESIGN §4): hold shards, compute products, publish partials.
+
+At start it waits for the encoder's ``manifest.bin`` and its own shard files
+(``{layer}.{i}of{n}.npy`` for every layer of ``--blocks``) in ``--shard-dir``, then binds its
+queue ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to ``{ns}.requests`` with the routing keys
+``{layer}.s{i}of{n}``. Manual acks with prefetch 1; the product runs on the worker thread, never
+on pika's I/O thread, and acks and publishes go through ``add_callback_threadsafe``
+(``hecommon.amqp.Service``), so heartbeats flow during long products.
+
+A sub-request larger than the message limit arrives in parts, held unacked until all have come,
+so the prefetch is ``max(--prefetch, the most parts any sub-request for these shards takes)``,
+computed at start from the manifest and the message limit (RabbitMQ applies a new ``basic_qos``
+only to consumers created after it, so it cannot be raised on the fly). It stays 1 whenever
+every sub-request fits one message. Every service must use the same ``--max-message-bytes``.
+Replicas sharing one queue could split the parts of one multi-part sub-request between them;
+until the product is computed per part (each part is a row slice whose product is a partial
+the aggregator can sum), run one consumer per evaluator queue when sub-requests are multi-part.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from hecommon import amqp, wire
+from hecommon.bits import packed_size
+from hecommon.errors import ConfigError, HeloraError, MalformedMessage
+from hecommon.evaluate import default_backend
+from helora_encoder.handler import Shard, even_split
+from helora_encoder.worker import MANIFEST_FILE, shard_file
+
+from .config import EvaluatorConfig
+from .handler import EvaluatorHandler
+
+log = logging.getLogger("helora.evaluator")
+
+
+def _wait_for(paths: list[Path], deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while True:
+        missing = [p for p in paths if not p.is_file()]
+        if not missing:
+            return
+        if time.monotonic() > end:
+            raise ConfigError(f"shard_dir: {missing[0]} (and {len(missing) - 1} more) did not appear within "
+                              f"{deadline_s:.0f} s; is the encoder running with a --shards plan that gives "
+                              "these layers this many shards?")
+        time.sleep(0.2)
+
+
+def load_shards(cfg: EvaluatorConfig) -> tuple[wire.Manifest, list[Shard], dict[str, tuple[int, int]]]:
+    """This evaluator's shards, as the encoder wrote them, checked against the manifest."""
+    root = Path(cfg.shard_dir)
+    _wait_for([root / MANIFEST_FILE], cfg.wait_shards_s)
+    manifest = wire.decode_manifest((root / MANIFEST_FILE).read_bytes(), cfg.max_message_bytes)
+    index, count = cfg.shard_pair
+    entries = [e for e in manifest.layers if e.block in cfg.block_list]
+    missing = sorted(set(cfg.block_list) - {e.block for e in entries})
+    if missing:
+        raise ConfigError(f"blocks: the model has no block(s) {missing[:5]}")
+    _wait_for([shard_file(root, e.name, index, count) for e in entries], cfg.wait_shards_s)
+    shards, shard_index = [], {}
+    for e in entries:
+        if count > e.d_in:
+            raise ConfigError(f"shard: layer {e.name} has {e.d_in} inputs, cannot be cut into {count}")
+        lo, hi = even_split(e.d_in, count)[index]
+        values = np.load(shard_file(root, e.name, index, count), allow_pickle=False)
+        if values.shape != (e.d_out, hi - lo) or values.dtype != np.int8:
+            raise ConfigError(f"shard_dir: {e.name} shard {index}/{count} is {values.shape} {values.dtype}, "
+                              f"expected ({e.d_out}, {hi - lo}) int8")
+        shards.append(Shard(e.name, lo, hi, values, e.a_seed_fwd, e.a_seed_bwd))
+        shard_index[e.name] = (index, count)
+    return manifest, shards, shard_index
+
+
+def max_parts(manifest: wire.Manifest, shards: list[Shard], limit: int) -> int:
+    """Most messages one sub-request for these shards takes (``wire.split``'s arithmetic)."""
+    params = manifest.params
+    row_bytes = sum(packed_size(p.bit_length(), params.n) for p in params.primes)
+    per_message = max(1, (limit - wire.HEADER_ALLOWANCE) // row_bytes)
+    widths = {e.name: e.d_out for e in manifest.layers}
+    rows = max((max(s.hi - s.lo, widths[s.layer]) for s in shards), default=1)  # fwd: its inputs; bwd: d_out
+    return math.ceil(rows / per_message)
+
+
+class EvaluatorWorker(amqp.Service):
+    name = "evaluator"
+
+    def __init__(self, cfg: EvaluatorConfig, manifest: wire.Manifest, shards: list[Shard],
+                 shard_index: dict[str, tuple[int, int]]) -> None:
+        super().__init__(cfg)
+        backend = default_backend() if cfg.backend == "auto" else cfg.backend
+        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend)
+        self.shard_index = shard_index
+        self.parts = amqp.PartCollector(cfg.part_timeout_s)
+        self.prefetch = max(cfg.prefetch, max_parts(manifest, shards, cfg.max_message_bytes))
+
+    def declare(self, ch) -> list[str]:
+        t, q = self.topology, self.cfg.queue_name
+        t.declare_queue(ch, q)
+        t.declare_queue(ch, t.partials)  # partials wait there if the aggregator is not up yet
+        for layer, (i, n) in self.shard_index.items():
+            ch.queue_bind(q, t.requests, routing_key=t.routing_key(layer, i, n))
+        return [q]
+
+    def reset(self) -> None:
+        self.parts.clear()
+
+    def tick(self) -> None:
+        for key, ds in self.parts.expired():
+            self.fail(ds, MalformedMessage(f"sub-request incomplete after {self.parts.timeout_s:.0f} s"), rid=key[0])
+
+    def handle(self, d: amqp.Delivery) -> None:
+        try:
+            chunk = wire.decode_request(d.body, self.limit)
+            got = self.parts.add((chunk.rid, chunk.layer, chunk.direction), chunk, d)
+        except HeloraError as exc:
+            self.fail([d], exc)
+            return
+        if got is None:
+            return
+        chunks, ds = got
+        t0 = time.perf_counter()
+        try:
+            req = wire.join(chunks)
+            partial = self.handler.handle(req)  # the product, on this worker thread
+        except HeloraError as exc:
+            self.fail(ds, exc, rid=chunk.rid, pset=chunk.params.name)
+            return
+        seconds = time.perf_counter() - t0
+        bodies = [wire.encode_partial(p, self.limit) for p in wire.split(partial, self.limit)]
+        props = amqp.forward_properties(d.properties)
+        self.publish_all(self.topology.partials, bodies, props)
+        self.ack(ds)
+        log.debug("rid %s layer %s %s shard %d/%d: %.3f s, %d bytes out", req.rid.hex(), req.layer,
+                  req.direction, partial.shard, partial.shards, seconds, sum(map(len, bodies)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = EvaluatorConfig.from_args(argv)
+    except HeloraError as exc:
+        print(f"helora-evaluator: error: {exc}", file=sys.stderr)
+        return 2
+    amqp.setup_logging(cfg.log_level)
+    try:
+        manifest, shards, shard_index = load_shards(cfg)
+        worker = EvaluatorWorker(cfg, manifest, shards, shard_index)
+    except (HeloraError, OSError) as exc:
+        log.error("start-up failed: %s", exc)
+        return 2
+    log.info("holding %d layer shard(s) of blocks %s, shard %s", len(shards), cfg.blocks, cfg.shard)
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The client's transport over RabbitMQ (DESIGN §4: ``helora train --broker amqp://…``).
+
+``BrokerTransport`` is an ``Exchange`` (``helora_orchestrator.encrypted``): it publishes a
+request's chunks to ``{ns}.ingress`` with ``reply_to`` = its own exclusive, auto-delete queue and
+``correlation_id`` = the request id in hex, and waits for every reply chunk. An ``ErrorReply``
+raises at once, naming the layer and the server's reason; silence past ``timeout_s`` raises an
+error naming the layer and the service that looks down. One transport per thread: pika's
+``BlockingConnection`` is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+from hecommon import amqp, wire
+from hecommon.errors import HeloraError, ParameterMismatch, TransientError
+from hecommon.keys import SecretKey
+
+from .encrypted import EncryptedBackend
+
+log = logging.getLogger("helora.broker")
+_CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.StreamLostError, pex.ConnectionClosed, pex.ChannelClosed)
+
+
+class ServerError(HeloraError):
+    """The server refused a request; ``reason`` is the server's (``errors.py`` names)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
+class BrokerTransport:
+    """request → (reply, bytes moved) over RabbitMQ; reconnects with backoff on connection loss."""
+
+    def __init__(self, url: str, namespace: str = amqp.DEFAULT_NAMESPACE, timeout_s: float = 120.0,
+                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES, connect_s: float = 30.0,
+                 retries: int = 3) -> None:
+        self.url = url
+        self.topology = amqp.Topology(namespace)
+        self.timeout_s = timeout_s
+        self.limit = max_message_bytes
+        self.connect_s = connect_s
+        self.retries = retries
+        self._conn: pika.BlockingConnection | None = None
+        self._ch: Any = None
+        self._reply_queue = ""
+        self._inbox: dict[str, list[bytes]] = {}
+
+    # -- connection ---------------------------------------------------------------------------
+    def _open(self) -> None:
+        self._conn = amqp.connect(self.url, f"helora-client-{uuid.uuid4().hex[:8]}", self.connect_s)
+        self._ch = self._conn.channel()
+        self._ch.confirm_delivery()
+        self._reply_queue = self._ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        self._ch.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
+        self._inbox.clear()
+
+    def _on_reply(self, ch, method, properties, body: bytes) -> None:
+        self._inbox.setdefault(properties.correlation_id or "", []).append(body)
+
+    def close(self) -> None:
+        try:
+            if self._conn is not None and self._conn.is_open:
+                self._conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+        self._conn = None
+
+    def __enter__(self) -> BrokerTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _with_reconnect(self, fn, what: str):
+        """Run ``fn()`` (which may publish and wait); on connection loss reconnect and retry."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                if self._conn is None or not self._conn.is_open:
+                    self._open()
+                return fn()
+            except _CONNECTION_ERRORS as exc:
+                self.close()
+                if attempt == self.retries:
+                    raise TransientError(f"{what}: the broker connection failed {attempt + 1} times "
+                                         f"({type(exc).__name__})") from None
+                log.warning("%s: broker connection lost (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    # -- requests -------------------------------------------------------------------------------
+    def _publish(self, queue: str, bodies: list[bytes], cid: str) -> None:
+        props = pika.BasicProperties(reply_to=self._reply_queue, correlation_id=cid,
+                                     delivery_mode=pika.DeliveryMode.Persistent)
+        for body in bodies:
+            self._ch.basic_publish("", queue, body, props, mandatory=True)
+
+    def _wait(self, cid: str, done, deadline: float) -> list[bytes] | None:
+        while True:
+            got = self._inbox.get(cid, [])
+            if done(got):
+                return self._inbox.pop(cid)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._conn.process_data_events(time_limit=min(left, 0.5))
+
+    def _round_trip(self, request: wire.EncryptedRequest, chunks: list[bytes]) -> list[bytes]:
+        cid = request.rid.hex()
+        self._inbox.pop(cid, None)
+        try:
+            self._publish(self.topology.ingress, chunks, cid)
+        except pex.UnroutableError:
+            raise TransientError(f"layer {request.layer} {request.direction}: no queue "
+                                 f"{self.topology.ingress!r}: is the encoder running?") from None
+        got = self._wait(cid, _complete, time.monotonic() + self.timeout_s)
+        if got is None:
+            raise TransientError(self._silence(request))
+        return got
+
+    def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
+        chunks = [wire.encode_request(c, self.limit) for c in wire.split(request, self.limit)]
+        replies = self._with_reconnect(lambda: self._round_trip(request, chunks),
+                                       f"layer {request.layer} {request.direction}")
+        decoded = [wire.decode(r, self.limit) for r in replies]
+        for d in decoded:
+            if isinstance(d, wire.ErrorReply):
+                raise ServerError(d.reason, f"layer {request.layer} {request.direction}: the server refused the "
+                                            f"request: {d.reason}: {d.message}")
+        reply = wire.join(decoded)  # type: ignore[arg-type]
+        return reply, sum(map(len, chunks)) + sum(map(len, replies))  # type: ignore[return-value]
+
+    def _silence(self, request: wire.EncryptedRequest) -> str:
+        """Which service looks down, from the consumer counts of the queues the client knows."""
+        t = self.topology
+        waiting = []
+        for queue, service in ((t.ingress, "encoder"), (t.partials, "aggregator")):
+            try:
+                ok = self._ch.queue_declare(queue, passive=True).method
+                if ok.consumer_count == 0:
+                    waiting.append(f"the {service} (no consumer on {queue}, {ok.message_count} waiting)")
+            except pex.ChannelClosedByBroker:
+                self._ch = self._conn.channel()
+                self._ch.confirm_delivery()
+                waiting.append(f"the {service} (queue {queue} does not exist)")
+        who = ", ".join(waiting) or "an evaluator holding this layer (encoder and aggregator are consuming)"
+        return (f"layer {request.layer} {request.direction}: no reply within {self.timeout_s:.0f} s; "
+                f"not answering: {who}")
+
+    def fetch_manifest(self) -> wire.Manifest:
+        """The encoder's public manifest (RPC on ``{ns}.manifest``); waits for the encoder to start."""
+        deadline = time.monotonic() + self.timeout_s
+
+        def ask() -> list[bytes] | None:
+            cid = uuid.uuid4().hex
+            while True:
+                try:
+                    self._publish(self.topology.manifest, [b""], cid)
+                except pex.UnroutableError:  # the encoder has not declared its queue yet
+                    if time.monotonic() > deadline:
+                        return None
+                    self._conn.sleep(0.5)
+                    continue
+                return self._wait(cid, bool, deadline)
+
+        got = self._with_reconnect(ask, "manifest")
+        if not got:
+            raise TransientError(f"manifest: the encoder did not answer on {self.topology.manifest!r} "
+                                 f"within {self.timeout_s:.0f} s")
+        msg = wire.decode(got[0], self.limit)
+        if isinstance(msg, wire.ErrorReply):
+            raise ServerError(msg.reason, f"manifest: the server refused: {msg.reason}: {msg.message}")
+        if not isinstance(msg, wire.Manifest):
+            raise HeloraError(f"manifest: the encoder answered with a {msg.TYPE!r} message")
+        return msg
+
+
+def _complete(bodies: list[bytes]) -> bool:
+    """All reply chunks are in (``parts`` of the first), or one is an error."""
+    if not bodies:
+        return False
+    try:
+        first = wire.decode(bodies[0], max(len(b) for b in bodies) + 1)
+    except HeloraError:
+        return True  # let the caller decode and report it
+    if isinstance(first, wire.ErrorReply) or not hasattr(first, "parts"):
+        return True
+    return len(bodies) >= first.parts
+
+
+def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = amqp.DEFAULT_NAMESPACE,
+                        model=None, params: str | None = None, timeout_s: float = 120.0,
+                        max_message_bytes: int = wire.MAX_MESSAGE_BYTES) -> EncryptedBackend:
+    """The encrypted backend over RabbitMQ. ``hints=None``: the aggregator's replies carry ``a``.
+
+    With ``model``, the server's manifest must describe the same architecture (config
+    fingerprint); with ``params``, the same parameter set.
+    """
+    from helora_encoder.model import config_fingerprint
+
+    transport = BrokerTransport(url, namespace, timeout_s, max_message_bytes)
+    manifest = transport.fetch_manifest()
+    if model is not None and manifest.metadata.get("config_fingerprint") != config_fingerprint(model):
+        transport.close()
+        raise ParameterMismatch(f"the server serves {manifest.model!r}, a different architecture than the local model")
+    if params is not None and params != manifest.params.name:
+        transport.close()
+        raise ParameterMismatch(f"--param-set {params}: the server uses {manifest.params.name}")
+    return EncryptedBackend(manifest, transport, key, hints=None)  # backend.transport.close() when done

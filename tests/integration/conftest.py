@@ -1,0 +1,134 @@
+"""A real helora fleet on the real broker: encoder, two evaluators (every layer cut in two shards)
+and the aggregator, as subprocesses, under a namespace unique to this session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+#: small on purpose: requests, partials and replies of the tiny model all travel in several parts
+LIMIT = 256 * 1024
+SHARDS = 2
+
+
+def _broker_up(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Fleet:
+    namespace: str
+    shard_dir: Path
+    log_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    url: str = URL
+    limit: int = LIMIT
+
+    @property
+    def evaluator_queues(self) -> list[str]:
+        from hecommon.amqp import Topology
+
+        return [Topology(self.namespace).evaluator_queue("0-1", i, SHARDS) for i in range(SHARDS)]
+
+    def start(self, name: str, module: str, *args: str) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        argv = [sys.executable, "-m", module, "--broker", URL, "--namespace", self.namespace,
+                "--max-message-bytes", str(LIMIT), "--part-timeout-s", "30", *args]
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+    def check_alive(self) -> None:
+        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            raise AssertionError(f"services exited: {dead}\n{self.logs()}")
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Every service consuming: the encoder answers, evaluators and aggregator have consumers."""
+        import pika
+        import pika.exceptions as pex
+        from hecommon.amqp import Topology
+
+        logging.getLogger("pika").setLevel(logging.ERROR)  # passive declares of absent queues are expected
+        queues = [*self.evaluator_queues, Topology(self.namespace).partials, Topology(self.namespace).ingress]
+        end = time.monotonic() + timeout_s
+        conn = pika.BlockingConnection(pika.URLParameters(URL))
+        try:
+            ch = conn.channel()
+            while True:
+                self.check_alive()
+                try:
+                    if all(ch.queue_declare(q, passive=True).method.consumer_count > 0 for q in queues):
+                        return
+                except pex.ChannelClosedByBroker:  # not declared yet
+                    ch = conn.channel()
+                if time.monotonic() > end:
+                    raise AssertionError(f"fleet not ready within {timeout_s} s\n{self.logs()}")
+                time.sleep(0.3)
+        finally:
+            conn.close()
+
+    def stop(self, timeout_s: float = 10.0) -> dict[str, int]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout_s
+        codes = {}
+        for name, p in self.procs.items():
+            try:
+                codes[name] = p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[name] = p.wait()
+        return codes
+
+    def delete_topology(self) -> None:
+        import pika
+        from hecommon.amqp import Topology
+
+        conn = pika.BlockingConnection(pika.URLParameters(URL))
+        try:
+            Topology(self.namespace).delete(conn.channel(), self.evaluator_queues)
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory):
+    if not _broker_up():
+        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
+    root = tmp_path_factory.mktemp("fleet")
+    f = Fleet(f"helora-test-{secrets.token_hex(4)}", root / "shards", root)
+    try:
+        f.start("encoder", "helora_encoder.worker", "--model", "tiny", "--seed", "0", "--shards", f"0-1:{SHARDS}",
+                "--shard-dir", str(f.shard_dir))
+        for i in range(SHARDS):
+            f.start(f"evaluator{i}", "helora_evaluator.worker", "--blocks", "0-1", "--shard", f"{i}/{SHARDS}",
+                    "--shard-dir", str(f.shard_dir), "--backend", "numpy", "--wait-shards-s", "60")
+        f.start("aggregator", "helora_aggregator.worker")
+        f.wait_ready()
+        yield f
+        f.check_alive()  # nothing crashed during the tests
+    finally:
+        codes = f.stop()
+        f.delete_topology()
+    assert all(c == 0 for c in codes.values()), f"unclean shutdown {codes}\n{f.logs()}"

@@ -1,0 +1,164 @@
+"""helora over the real RabbitMQ broker (DESIGN §4, §7): exactness, dead-lettering, isolation."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import msgpack
+import numpy as np
+import pika
+import pytest
+import torch
+from hecommon import amqp, wire
+from hecommon import params as P
+from hecommon.encrypt import EncryptedBatch, encrypt
+from hecommon.keys import SecretKey
+from helora_encoder.model import discover_groups, tiny_llama
+from helora_orchestrator.backend import build_backend
+from helora_orchestrator.broker import make_broker_backend
+from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
+from helora_orchestrator.lora import LoraSettings
+
+pytestmark = pytest.mark.integration
+LORA = LoraSettings(r=4, alpha=8)
+
+
+def _model():
+    return tiny_llama(0)[0]
+
+
+def _broker_client(fleet, key: SecretKey | None = None, model=None) -> ClientModel:
+    model = _model() if model is None else model
+    backend = make_broker_backend(fleet.url, key, namespace=fleet.namespace, model=model, timeout_s=60,
+                                  max_message_bytes=fleet.limit)
+    return ClientModel(model, backend, discover_groups(model), LORA, seed=0)
+
+
+def _train(client, steps: int, data_seed: int) -> dict[str, torch.Tensor]:
+    """A few AdamW steps on seeded random token batches; the LoRA weights after them."""
+    opt = torch.optim.AdamW(client.lora_parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(data_seed)
+    for _ in range(steps):
+        ids = torch.randint(0, client.hf.config.vocab_size, (2, 24), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss, n = causal_lm_loss(client(ids), ids)
+        (loss / n).backward()
+        opt.step()
+    return client.lora_state_dict()
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_training_over_the_broker_equals_the_embedded_mode(fleet):
+    reference = _train(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=7)
+    client = _broker_client(fleet)
+    try:
+        got = _train(client, steps=2, data_seed=7)
+    finally:
+        client.backend.transport.close()
+    _assert_same(reference, got)
+    assert any(torch.count_nonzero(v) for k, v in got.items() if "lora_B" in k)  # it did train
+    assert client.backend.requests > 0 and client.backend.wire_bytes > 0
+
+
+def _valid_request(manifest: wire.Manifest, rows: int = 3) -> tuple[wire.EncryptedRequest, np.ndarray]:
+    entry = manifest.layers[0]
+    secret = SecretKey.generate().request_secret(manifest.params, os.urandom(16))
+    m = np.random.default_rng(0).integers(0, 256, size=(rows, entry.d_in))
+    req = wire.EncryptedRequest(rid=os.urandom(16), layer=entry.name, direction="fwd",
+                                batch=encrypt(secret, m, entry.a_seed_fwd))
+    return req, m
+
+
+def _bad_messages(manifest: wire.Manifest, limit: int) -> dict[str, tuple[bytes, str]]:
+    """correlation id -> (body, expected x-helora-reason)."""
+    req, _ = _valid_request(manifest, rows=1)
+    whole = wire.encode_request(req, 1 << 24)  # one message above the services' limit
+    first = wire.encode_request(wire.split(req, limit)[0], limit)
+    head = {"v": 99, "type": "request", "pset": manifest.params.name, "rid": os.urandom(16), "lib": "0"}
+    other = P.N4096
+    foreign = wire.EncryptedRequest(rid=os.urandom(16), layer=req.layer, direction="fwd",
+                                    batch=EncryptedBatch(other, np.zeros((1, other.limbs, other.n), np.uint32), 1))
+    return {uuid.uuid4().hex: body for body in (
+        (os.urandom(300), "malformed"),
+        (first[: len(first) // 2], "malformed"),  # truncated
+        (whole, "oversized"),
+        (msgpack.packb(head, use_bin_type=True), "version"),
+        (wire.encode_request(foreign, limit), "parameter_mismatch"),
+    )}
+
+
+def test_bad_requests_are_dead_lettered_with_their_reason_and_service_goes_on(fleet):
+    backend = make_broker_backend(fleet.url, namespace=fleet.namespace, timeout_s=60, max_message_bytes=fleet.limit)
+    topo = amqp.Topology(fleet.namespace)
+    bad = _bad_messages(backend.manifest, fleet.limit)
+    conn = pika.BlockingConnection(pika.URLParameters(fleet.url))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        reply_q = ch.queue_declare("", exclusive=True).method.queue
+        for cid, (body, _) in bad.items():
+            ch.basic_publish("", topo.ingress, body, pika.BasicProperties(reply_to=reply_q, correlation_id=cid),
+                             mandatory=True)
+        dead, errors = {}, {}
+        end = time.monotonic() + 30
+        while (len(dead) < len(bad) or len(errors) < len(bad)) and time.monotonic() < end:
+            method, props, body = ch.basic_get(topo.dead, auto_ack=True)
+            if method is not None and props.correlation_id in bad:
+                dead[props.correlation_id] = props.headers
+            method, props, body = ch.basic_get(reply_q, auto_ack=True)
+            if method is not None:
+                errors[props.correlation_id] = wire.decode_error(body)
+            if method is None:
+                conn.sleep(0.1)
+    finally:
+        conn.close()
+    for cid, (_, reason) in bad.items():
+        assert dead.get(cid, {}).get(amqp.REASON_HEADER) == reason, (cid, reason, dead.get(cid), fleet.logs())
+        assert dead[cid][amqp.QUEUE_HEADER] == topo.ingress
+        assert (amqp.DROPPED_HEADER in dead[cid]) == (reason == "oversized")
+        assert errors[cid].reason == reason  # the client is told too, and fails fast
+    # the fleet still serves: encrypted over the broker == the clear quantized product
+    x = np.random.default_rng(1).standard_normal((5, backend.manifest.layers[0].d_in)).astype(np.float32)
+    model = _model()
+    quantized = build_backend("quantized", model, discover_groups(model))
+    layer = backend.manifest.layers[0].name
+    try:
+        np.testing.assert_array_equal(backend.forward(layer, x), quantized.forward(layer, x))
+    finally:
+        backend.transport.close()
+    fleet.check_alive()
+
+
+def test_two_owners_with_different_keys_train_concurrently(fleet):
+    seeds = (11, 12)
+    references = [_train(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=s) for s in seeds]
+    assert not all(torch.equal(references[0][k], references[1][k]) for k in references[0])  # distinct runs
+    results: dict[int, object] = {}
+    models = [_model() for _ in seeds]  # here: tiny_llama seeds torch's global generator, not thread-safe
+
+    def owner(i: int) -> None:
+        client = _broker_client(fleet, SecretKey.generate(), models[i])
+        try:
+            results[i] = _train(client, steps=2, data_seed=seeds[i])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            results[i] = exc
+        finally:
+            client.backend.transport.close()
+
+    threads = [threading.Thread(target=owner, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, ref in enumerate(references):
+        got = results.get(i)
+        assert isinstance(got, dict), f"owner {i}: {got!r}\n{fleet.logs()}"
+        _assert_same(ref, got)
