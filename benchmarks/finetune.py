@@ -151,7 +151,8 @@ def llama1b_costs() -> dict:
     }
 
 
-def plot(runs: dict[str, list[float]], path: str) -> None:
+def plot(runs: dict[str, list[float]], path: str, window: int = 10) -> None:
+    """Train-loss curves: raw (faint) and a ``window``-step moving average."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,15 +160,28 @@ def plot(runs: dict[str, list[float]], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, losses in runs.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=name, marker="o" if len(losses) < 10 else None)
+        steps = np.arange(1, len(losses) + 1)
+        if len(losses) < 2 * window:
+            ax.plot(steps, losses, label=name, marker="o", linestyle="none")
+            continue
+        line, = ax.plot(steps, losses, alpha=0.15)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color=line.get_color(), label=f"{name} ({window}-step mean)")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.set_title("SmolLM2-135M LoRA fine-tuning (bundled corpus)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def replot(json_path: str, png_path: str) -> None:
+    """Redraw the PNG from a JSON written by this script."""
+    import json
+
+    plot(json.loads(open(json_path).read())["curves"], png_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--png", metavar="PATH", default="out/finetune_loss.png")
     ap.add_argument("--skip-llama1b", action="store_true")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw --png from an earlier --json output")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(args.replot, args.png)
+        return 0
     steps = args.steps or (20 if args.quick else 200)
     enc_steps = args.encrypted_steps or (1 if args.quick else 2)
     cfg = TrainConfig(steps=steps, lr=2e-4, warmup_steps=max(1, steps // 20), batch_size=args.batch_size,
