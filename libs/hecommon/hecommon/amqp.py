@@ -37,9 +37,10 @@ import dataclasses
 import functools
 import logging
 import queue
-import random
 import re
+import secrets
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -227,7 +228,7 @@ def connect(url: str, name: str, deadline_s: float = 60.0, heartbeat: int = 30) 
             if time.monotonic() + delay > end:
                 raise TransientError(f"broker {safe_url(url)} did not answer within {deadline_s:.0f} s "
                                      f"({type(exc).__name__})") from None
-            time.sleep(delay * (1 + random.random() / 4))
+            time.sleep(delay * (1 + secrets.randbelow(250) / 1000))  # jitter up to +25%
             delay = min(delay * 2, 5.0)
 
 
@@ -563,3 +564,24 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
 
+
+
+def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any], Any],
+          argv: list[str] | None = None) -> int:
+    """A worker's ``main``: parse and validate the config, build the service, run it.
+
+    Bad arguments and start-up failures exit with status 2 and one line, never a traceback.
+    """
+    try:
+        cfg = from_args(argv)
+    except HeloraError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    try:
+        worker = build(cfg)
+    except (HeloraError, OSError) as exc:
+        log.error("start-up failed: %s", exc)
+        return 2
+    worker.install_signal_handlers()
+    return int(worker.run())

@@ -98,16 +98,7 @@ class AggregatorWorker(amqp.Service):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = AggregatorConfig.from_args(argv)
-    except HeloraError as exc:
-        print(f"helora-aggregator: error: {exc}", file=sys.stderr)
-        return 2
-    amqp.setup_logging(cfg.log_level)
-    worker = AggregatorWorker(cfg)
-    worker.install_signal_handlers()
-    return worker.run()
-
+    return amqp.serve("helora-aggregator", AggregatorConfig.from_args, AggregatorWorker, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

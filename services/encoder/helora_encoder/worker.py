@@ -183,21 +183,7 @@ class EncoderWorker(amqp.Service):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = EncoderConfig.from_args(argv)
-    except HeloraError as exc:
-        print(f"helora-encoder: error: {exc}", file=sys.stderr)
-        return 2
-    amqp.setup_logging(cfg.log_level)
-    try:
-        manifest, shards = prepare(cfg)
-        worker = EncoderWorker(cfg, manifest, shards)
-    except (HeloraError, OSError) as exc:
-        log.error("start-up failed: %s", exc)
-        return 2
-    worker.install_signal_handlers()
-    return worker.run()
-
+    return amqp.serve("helora-encoder", EncoderConfig.from_args, lambda cfg: EncoderWorker(cfg, *prepare(cfg)), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

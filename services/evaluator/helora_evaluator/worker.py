@@ -140,23 +140,14 @@ class EvaluatorWorker(amqp.Service):
                   req.direction, partial.shard, partial.shards, seconds, sum(map(len, bodies)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = EvaluatorConfig.from_args(argv)
-    except HeloraError as exc:
-        print(f"helora-evaluator: error: {exc}", file=sys.stderr)
-        return 2
-    amqp.setup_logging(cfg.log_level)
-    try:
-        manifest, shards, shard_index = load_shards(cfg)
-        worker = EvaluatorWorker(cfg, manifest, shards, shard_index)
-    except (HeloraError, OSError) as exc:
-        log.error("start-up failed: %s", exc)
-        return 2
+def _build(cfg: EvaluatorConfig) -> EvaluatorWorker:
+    manifest, shards, shard_index = load_shards(cfg)
     log.info("holding %d layer shard(s) of blocks %s, shard %s", len(shards), cfg.blocks, cfg.shard)
-    worker.install_signal_handlers()
-    return worker.run()
+    return EvaluatorWorker(cfg, manifest, shards, shard_index)
 
+
+def main(argv: list[str] | None = None) -> int:
+    return amqp.serve("helora-evaluator", EvaluatorConfig.from_args, _build, argv)
 
 if __name__ == "__main__":
     sys.exit(main())
