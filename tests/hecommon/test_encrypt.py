@@ -251,3 +251,18 @@ def test_secret_key_file_and_serialization(tmp_path):
         pickle.dumps(sk.request_secret(P.DEFAULT, os.urandom(16)))
     assert "hidden" in repr(sk.request_secret(P.DEFAULT, os.urandom(16)))
     assert sk.fingerprint() in repr(sk)
+
+
+@pytest.mark.parametrize("n", [2048, 4096])
+def test_fft_products_equal_the_schoolbook_product(n, rng):
+    """The client's float64 FFT products are exact at the extremes of their input ranges."""
+    from hecommon.ring import SmallSecretMultiplier, negacyclic_reference
+
+    s = rng.integers(-1, 2, n)
+    mul = SmallSecretMultiplier(s)
+    a = rng.integers(-(2**26) + 1, 2**26, size=(3, n))
+    a[0], a[1] = 2**26 - 1, -(2**26) + 1
+    np.testing.assert_array_equal(mul.mul(a), np.stack([negacyclic_reference(x, s) for x in a]))
+    wide = rng.integers(-(2**37), 2**37, size=(2, n))
+    got = mul.product_wide(wide.astype(np.float64)).astype(np.int64)
+    np.testing.assert_array_equal(got, np.stack([negacyclic_reference(x, s) for x in wide]))

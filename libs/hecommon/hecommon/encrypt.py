@@ -144,13 +144,6 @@ class EncryptedResult:
         return self.params.out_bits if self.a is not None else self.params.hint_out_bits
 
 
-def encode_residues(m: np.ndarray, params: ParamSet) -> np.ndarray:
-    """``Δ·m mod p_i`` for each limb: (d, T) messages -> (d, L, T) int64."""
-    p = moduli_column(params)  # (L, 1)
-    delta = np.asarray([params.delta % pi for pi in params.primes], dtype=np.int64)[:, None]
-    return (m[:, None, :] % p) * delta % p
-
-
 def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
     m = np.asarray(m)
     if m.ndim != 2 or not 1 <= m.shape[0] <= params.n or m.shape[1] < 1:

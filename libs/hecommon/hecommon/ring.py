@@ -92,10 +92,6 @@ class SmallSecretMultiplier:
         out += self.product(lo)
         return out
 
-    def mul_wide(self, a: np.ndarray, split_bits: int = 20) -> np.ndarray:
-        """Integer version of ``product_wide`` (int64 in, int64 out)."""
-        return self.product_wide(a.astype(np.float64), split_bits).astype(np.int64)
-
 
 def reduce_float(x: np.ndarray, moduli: np.ndarray | float) -> np.ndarray:
     """``x mod p`` in place for float64 integers ``|x| < 2^50``; ``moduli`` broadcasts.
