@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -20,6 +21,8 @@ URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:567
 #: small on purpose: requests, partials and replies of the tiny model all travel in several parts
 LIMIT = 256 * 1024
 SHARDS = 2
+#: the line each service logs once its metrics endpoints listen (``hecommon.metrics.serve``)
+METRICS_LINE = re.compile(rb"metrics on http://[^:/\s]+:(\d+)/metrics")
 
 
 def _broker_up(host: str = "127.0.0.1", port: int = 5672) -> bool:
@@ -49,13 +52,21 @@ class Fleet:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         argv = [sys.executable, "-m", module, "--broker", URL, "--namespace", self.namespace,
-                "--max-message-bytes", str(LIMIT), "--part-timeout-s", "30", *args]
+                "--max-message-bytes", str(LIMIT), "--part-timeout-s", "30",
+                "--metrics-port", "0", "--metrics-host", "127.0.0.1", *args]  # port 0: one host, many services
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                          for p in sorted(self.log_dir.glob("*.log")))
+
+    def metrics_url(self, name: str) -> str:
+        """``http://127.0.0.1:PORT`` of a service's metrics endpoints, from the port its log names."""
+        found = METRICS_LINE.search((self.log_dir / f"{name}.log").read_bytes())
+        if found is None:
+            raise AssertionError(f"{name} logged no metrics port\n{self.logs()}")
+        return f"http://127.0.0.1:{int(found.group(1))}"
 
     def check_alive(self) -> None:
         dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}

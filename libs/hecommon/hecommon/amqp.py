@@ -53,6 +53,8 @@ import pika
 import pika.exceptions as pex
 
 from .errors import ConfigError, HeloraError, MalformedMessage, TransientError
+from .metrics import Metrics
+from .metrics import serve as serve_metrics
 from .wire import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, RID_BYTES, ErrorReply, encode_error
 
 log = logging.getLogger("helora.amqp")
@@ -282,6 +284,10 @@ class PartCollector:
         ordered = [parts[i] for i in sorted(parts)]
         return [m for m, _ in ordered], [dd for _, dd in ordered]
 
+    def __len__(self) -> int:
+        """Messages whose parts are still arriving."""
+        return len(self._pending)
+
     def expired(self) -> list[tuple[Any, list[Delivery]]]:
         now = time.monotonic()
         old = [k for k, (t0, _) in self._pending.items() if now - t0 > self.timeout_s]
@@ -316,11 +322,15 @@ class Service:
     Subclasses implement ``declare(ch) -> queues to consume``, ``handle(delivery)`` (worker
     thread) and ``reset()`` (drop in-flight state after a reconnect: the broker redelivers every
     unacknowledged message). From the worker thread they use ``publish``, ``ack``, ``fail``.
+
+    Metrics (``hecommon.metrics``): the shell counts body bytes in and out, failures by reason and
+    dead-lettered messages, times ``publish`` and ``total`` (one delivery's handling), reports
+    ``in_flight()`` at each scrape and sets ``metrics.ready`` (``/readyz``) while consuming.
     """
 
     name = "service"
 
-    def __init__(self, cfg: Any, io_timeout_s: float = 120.0) -> None:
+    def __init__(self, cfg: Any, io_timeout_s: float = 120.0, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.topology = Topology(cfg.namespace)
         self.limit = cfg.max_message_bytes
@@ -332,7 +342,10 @@ class Service:
         self._conn: pika.BlockingConnection | None = None
         self._ch: Any = None
         self._worker: threading.Thread | None = None
-        self.ready = threading.Event()
+        self._busy = 0
+        self.metrics = metrics if metrics is not None else Metrics(self.name, getattr(cfg, "metrics_group", "all"))
+        self.ready = self.metrics.ready  # /readyz: set while consuming
+        self.metrics.track_in_flight(lambda: self.in_flight())
 
     # -- to override ----------------------------------------------------------------------
     def declare(self, ch) -> list[str]:
@@ -346,6 +359,11 @@ class Service:
 
     def tick(self) -> None:
         """Called on the worker thread about once a second when idle (timeouts)."""
+
+    def in_flight(self) -> int:
+        """``helora_in_flight``, read at each scrape (any thread): deliveries queued or being handled;
+        services that hold partial sets add them."""
+        return self._inbox.qsize() + self._busy
 
     # -- worker-thread helpers -----------------------------------------------------------------
     def io(self, fn: Callable[[Any], Any], gen: int | None = None) -> Any:
@@ -373,7 +391,9 @@ class Service:
         """Publish with confirms and ``mandatory``; raises ``UnroutableError`` / ``NackError``."""
         if len(body) > self.limit:  # wire.encode already refuses this: a bug if reached
             raise HeloraError(f"refusing to publish {len(body)} bytes above the limit {self.limit}")
-        self.io(lambda ch: ch.basic_publish(exchange, routing_key, body, props, mandatory=True))
+        with self.metrics.stage("publish"):
+            self.io(lambda ch: ch.basic_publish(exchange, routing_key, body, props, mandatory=True))
+        self.metrics.bytes_out(len(body))
 
     def publish_all(self, routing_key: str, bodies: list[bytes], props: Any, exchange: str = "") -> None:
         def run(ch):
@@ -381,7 +401,9 @@ class Service:
                 ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
         if any(len(b) > self.limit for b in bodies):
             raise HeloraError(f"refusing to publish a message above the limit {self.limit}")
-        self.io(run)
+        with self.metrics.stage("publish"):
+            self.io(run)
+        self.metrics.bytes_out(sum(map(len, bodies)))
 
     def ack(self, deliveries: Iterable[Delivery]) -> None:
         ds = [d for d in deliveries if d.gen == self._gen]  # older tags died with their connection
@@ -429,6 +451,7 @@ class Service:
                 log.warning("explicit dead-lettering failed; rejecting to the queue's dead-letter exchange")
                 if d.gen == self._gen:
                     self.io(functools.partial(_reject, tag=d.tag))
+            self.metrics.failure(exc, d.queue, self.topology.namespace)
             log.warning("dead-lettered a message from %s: %s (%d bytes)", d.queue, reason, len(d.body))
 
     def fail(self, deliveries: list[Delivery], exc: BaseException, rid: bytes | None = None,
@@ -456,6 +479,8 @@ class Service:
             if d.gen != seen_gen:  # first delivery of a new connection: old partial state is void
                 self.reset()
                 seen_gen = d.gen
+            self._busy = 1
+            t0 = time.perf_counter()
             try:
                 self.handle(d)
             except TransientError as exc:
@@ -470,6 +495,9 @@ class Service:
                     self.fail([d], exc)
                 except Exception:  # noqa: BLE001
                     log.exception("could not dead-letter a message")
+            finally:
+                self._busy = 0
+                self.metrics.observe_stage("total", time.perf_counter() - t0)
 
     def _tick(self) -> None:
         if self._conn is None:
@@ -482,6 +510,7 @@ class Service:
     # -- I/O thread ---------------------------------------------------------------------------
     def _on_message(self, queue_name: str):
         def callback(ch, method, properties, body) -> None:
+            self.metrics.bytes_in(len(body))
             self._inbox.put(Delivery(queue_name, method.delivery_tag, properties, body, self._gen,
                                      bool(method.redelivered)))
         return callback
@@ -552,6 +581,7 @@ class Service:
                     break
             else:
                 self._worker.join(0.2)
+        self.ready.clear()
         try:
             if self._conn is not None and self._conn.is_open:
                 self._conn.close()
@@ -566,9 +596,11 @@ def setup_logging(level: str) -> None:
 
 
 
-def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any], Any],
+def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any, Metrics], Any],
           argv: list[str] | None = None) -> int:
-    """A worker's ``main``: parse and validate the config, build the service, run it.
+    """A worker's ``main``: parse and validate the config, start the metrics endpoints, build the
+    service (``build(cfg, metrics)``: loading weights may take minutes; ``/healthz`` answers and
+    ``/readyz`` says 503 meanwhile), run it.
 
     Bad arguments and start-up failures exit with status 2 and one line, never a traceback.
     """
@@ -579,7 +611,9 @@ def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callab
         return 2
     setup_logging(cfg.log_level)
     try:
-        worker = build(cfg)
+        metrics = Metrics(prog.removeprefix("helora-"), getattr(cfg, "metrics_group", "all"))
+        serve_metrics(metrics, cfg.metrics_host, cfg.metrics_port, prog)
+        worker = build(cfg, metrics)
     except (HeloraError, OSError) as exc:
         log.error("start-up failed: %s", exc)
         return 2

@@ -101,6 +101,11 @@ class MatrixProduct:
         return acc
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of the weight chunks and the hint on this product's device."""
+        return int(sum(c.nbytes for c in self._chunks) + self._hint.nbytes)
+
+    @property
     def hint(self) -> np.ndarray:
         """``M·A`` mod q, (d_out, L, N) uint32 residues on the host: the ``a`` part of every output."""
         return self._hint if self.xp is np else self.xp.asnumpy(self._hint)

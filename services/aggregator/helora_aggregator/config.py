@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon import amqp
+from hecommon import amqp, metrics
 from hecommon.errors import ConfigError
 
 
@@ -20,12 +20,15 @@ class AggregatorConfig:
     #: partials are held unacked until their request's reply is out: room for many requests
     prefetch: int = 256
     log_level: str = "INFO"
+    metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
+    metrics_host: str = metrics.DEFAULT_HOST
     max_pending: int = 4096
     #: an incomplete multi-part partial is dropped (dead-lettered) after this long
     part_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         amqp.check_broker_fields(self)
+        metrics.check_metrics_fields(self)
         if not isinstance(self.max_pending, int) or self.max_pending < 1:
             raise ConfigError(f"max_pending: {self.max_pending} must be a positive integer")
         if not self.part_timeout_s > 0:
@@ -40,6 +43,7 @@ class AggregatorConfig:
                   environ: Mapping[str, str] = os.environ) -> AggregatorConfig:
         p = argparse.ArgumentParser(prog="helora-aggregator", description="helora aggregator service (DESIGN §4)")
         amqp.add_broker_flags(p, environ, prefetch=256)
+        metrics.add_metrics_flags(p, environ)
         p.add_argument("--max-pending", type=int, default=int(environ.get("HELORA_MAX_PENDING", 4096)))
         p.add_argument("--part-timeout-s", type=float, default=float(environ.get("HELORA_PART_TIMEOUT_S", 60)))
         return cls.from_mapping(vars(p.parse_args(argv)))

@@ -7,6 +7,7 @@ message) is ignored, so a request is never counted twice (DESIGN §7.5).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,7 @@ class AggregatorHandler:
         self._pending: dict[tuple[bytes, str, str], _Pending] = {}
         self._done: dict[tuple[bytes, str, str], None] = {}  # recently completed, for duplicates
         self.max_pending = max_pending
+        self.switch_seconds = 0.0  # the modulus switch of the last completed request (a metric)
 
     def add(self, partial: PartialResult) -> EncryptedReply | None:
         """Record one partial; the reply once every shard of the request has arrived."""
@@ -59,5 +61,7 @@ class AggregatorHandler:
             pp = [p.partial for p in ordered]
             total = EncryptedPartial(pp[0].params, np.concatenate([p.a for p in pp]),
                                      np.concatenate([p.b for p in pp]), pp[0].n_tokens)
-        return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction,
-                              result=total.switch(send_a=self.send_a))
+        t0 = time.perf_counter()
+        result = total.switch(send_a=self.send_a)
+        self.switch_seconds = time.perf_counter() - t0
+        return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction, result=result)

@@ -21,6 +21,7 @@ import pika
 import pika.exceptions as pex
 from hecommon import amqp, wire
 from hecommon.errors import HeloraError, MalformedMessage
+from hecommon.metrics import Metrics
 
 from .config import AggregatorConfig
 from .handler import AggregatorHandler
@@ -31,8 +32,9 @@ log = logging.getLogger("helora.aggregator")
 class AggregatorWorker(amqp.Service):
     name = "aggregator"
 
-    def __init__(self, cfg: AggregatorConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: AggregatorConfig, metrics: Metrics | None = None) -> None:
+        super().__init__(cfg, metrics=metrics)
+        self.metrics.set_info("any", "numpy")  # it takes whatever parameter set the partials carry
         self.handler = AggregatorHandler(cfg.max_pending, send_a=True)
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
         self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
@@ -47,6 +49,10 @@ class AggregatorWorker(amqp.Service):
         self._held.clear()
         self.handler = AggregatorHandler(self.cfg.max_pending, send_a=True)
 
+    def in_flight(self) -> int:
+        """Deliveries queued or being handled, plus requests whose partials are still arriving."""
+        return super().in_flight() + len(self._held)
+
     def tick(self) -> None:
         for key, ds in self.parts.expired():
             self.fail(ds, MalformedMessage(f"partial incomplete after {self.parts.timeout_s:.0f} s"), rid=key[0])
@@ -58,7 +64,8 @@ class AggregatorWorker(amqp.Service):
 
     def handle(self, d: amqp.Delivery) -> None:
         try:
-            chunk = wire.decode_partial(d.body, self.limit)
+            with self.metrics.stage("decode"):
+                chunk = wire.decode_partial(d.body, self.limit)
             if not d.properties.reply_to:
                 raise MalformedMessage("partial without reply_to: nowhere to send the result")
             got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard), chunk, d)
@@ -75,7 +82,12 @@ class AggregatorWorker(amqp.Service):
         held = self._held.setdefault(key, (time.monotonic(), []))[1]
         held.extend(ds)
         try:
+            t0 = time.perf_counter()
             reply = self.handler.add(wire.join(chunks))
+            switch = self.handler.switch_seconds if reply is not None else 0.0
+            self.metrics.observe_stage("aggregate", time.perf_counter() - t0 - switch)
+            if reply is not None:
+                self.metrics.observe_stage("switch", switch)
         except HeloraError as exc:
             del self._held[key]
             self.fail(held, exc, rid=chunk.rid, pset=chunk.params.name)
@@ -91,6 +103,8 @@ class AggregatorWorker(amqp.Service):
             log.warning("rid %s layer %s: the client's reply queue is gone; reply dropped", key[0].hex(), key[1])
         _, ds = self._held.pop(key)
         self.ack(ds)
+        self.metrics.request(key[1], key[2])
+        self.metrics.add_tokens(reply.result.n_tokens)
         self._done[key] = None
         while len(self._done) > self.cfg.max_pending:
             self._done.popitem(last=False)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon import amqp
+from hecommon import amqp, metrics
 from hecommon import params as P
 from hecommon.errors import ConfigError
 
@@ -34,6 +34,8 @@ class EncoderConfig:
     max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
     prefetch: int = 64
     log_level: str = "INFO"
+    metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
+    metrics_host: str = metrics.DEFAULT_HOST
     model: str | None = None  # a .gguf / HF directory, None for the bundled model, "tiny"
     seed: int = 0  # the tiny model's seed
     bits: int = 8
@@ -47,6 +49,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         amqp.check_broker_fields(self)
+        metrics.check_metrics_fields(self)
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits: {self.bits} outside 2..8")
         P.get(self.param_set)  # ParameterMismatch names the known sets
@@ -68,6 +71,7 @@ class EncoderConfig:
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> EncoderConfig:
         p = argparse.ArgumentParser(prog="helora-encoder", description="helora encoder service (DESIGN §4)")
         amqp.add_broker_flags(p, environ, prefetch=64)
+        metrics.add_metrics_flags(p, environ)
         p.add_argument("--model", default=environ.get("HELORA_MODEL"),
                        help="base model (.gguf or HF dir; 'tiny' for tests; default: bundled SmolLM2)")
         p.add_argument("--seed", type=int, default=int(environ.get("HELORA_SEED", 0)))

@@ -27,6 +27,7 @@ import pika.exceptions as pex
 from hecommon import amqp, wire
 from hecommon import params as P
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
+from hecommon.metrics import Metrics
 
 from .config import TINY, EncoderConfig
 from .handler import EncoderHandler, Shard, build_manifest, make_shards, quantize_groups
@@ -112,8 +113,10 @@ def prepare(cfg: EncoderConfig) -> tuple[wire.Manifest, dict[str, list[Shard]]]:
 class EncoderWorker(amqp.Service):
     name = "encoder"
 
-    def __init__(self, cfg: EncoderConfig, manifest: wire.Manifest, shards: dict[str, list[Shard]]) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: EncoderConfig, manifest: wire.Manifest, shards: dict[str, list[Shard]],
+                 metrics: Metrics | None = None) -> None:
+        super().__init__(cfg, metrics=metrics)
+        self.metrics.set_info(manifest.params.name, "numpy")
         self.manifest = manifest
         self.manifest_bytes = wire.encode_manifest(manifest, cfg.max_message_bytes)
         self.handler = EncoderHandler(manifest, {k: [(s.lo, s.hi) for s in v] for k, v in shards.items()})
@@ -152,7 +155,8 @@ class EncoderWorker(amqp.Service):
 
     def _route(self, d: amqp.Delivery) -> None:
         try:
-            chunk = wire.decode_request(d.body, self.limit)
+            with self.metrics.stage("decode"):
+                chunk = wire.decode_request(d.body, self.limit)
             got = self.parts.add(chunk.rid, chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
@@ -162,7 +166,8 @@ class EncoderWorker(amqp.Service):
         chunks, ds = got
         try:
             req = wire.join(chunks)
-            routed = self.handler.route(req)
+            with self.metrics.stage("route"):
+                routed = self.handler.route(req)
         except HeloraError as exc:
             self.fail(ds, exc, rid=chunks[0].rid, pset=chunks[0].params.name)
             return
@@ -178,12 +183,14 @@ class EncoderWorker(amqp.Service):
                 self.fail(ds, exc, rid=req.rid, pset=req.params.name)
                 return
         self.ack(ds)
+        self.metrics.request(req.layer, req.direction)
         log.debug("rid %s layer %s %s: %d bytes routed to %d shard(s)", req.rid.hex(), req.layer, req.direction,
                   sum(len(x.body) for x in ds), len(routed))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return amqp.serve("helora-encoder", EncoderConfig.from_args, lambda cfg: EncoderWorker(cfg, *prepare(cfg)), argv)
+    return amqp.serve("helora-encoder", EncoderConfig.from_args,
+                      lambda cfg, metrics: EncoderWorker(cfg, *prepare(cfg), metrics=metrics), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon import amqp
+from hecommon import amqp, metrics
 from hecommon.errors import ConfigError
 
 BACKENDS = ("auto", "numpy", "cupy")
@@ -29,10 +29,14 @@ class EvaluatorConfig:
     max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
     prefetch: int = 1  # DESIGN §4: prefetch 1 on GPU consumers
     log_level: str = "INFO"
+    metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
+    metrics_host: str = metrics.DEFAULT_HOST
     blocks: str = "0"  # e.g. "0-14" or "0-3,7"
     shard: str = "0/1"  # this evaluator's shard of every layer of its blocks
     shard_dir: str = "helora-shards"
     backend: str = "auto"
+    #: this evaluator's layer-group name, the ``group`` metric label; "" = ``blocks-{blocks}``
+    group: str = ""
     #: how long to wait at start for the encoder to write the shards
     wait_shards_s: float = 600.0
     #: an incomplete multi-part sub-request is dropped (dead-lettered) after this long
@@ -40,10 +44,12 @@ class EvaluatorConfig:
 
     def __post_init__(self) -> None:
         amqp.check_broker_fields(self)
+        metrics.check_metrics_fields(self)
         amqp.parse_blocks(self.blocks)
         parse_shard(self.shard)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: {self.backend!r} is not one of {BACKENDS}")
+        metrics.config_label("group", self.metrics_group)
         if not self.shard_dir:
             raise ConfigError("shard_dir: a directory is required")
         for name in ("wait_shards_s", "part_timeout_s"):
@@ -53,6 +59,11 @@ class EvaluatorConfig:
     @property
     def block_list(self) -> tuple[int, ...]:
         return amqp.parse_blocks(self.blocks)
+
+    @property
+    def metrics_group(self) -> str:
+        """The ``group`` label: ``--group``, else derived from the block spec (``blocks-0-14``)."""
+        return self.group or f"blocks-{amqp.blocks_label(self.block_list)}"
 
     @property
     def shard_pair(self) -> tuple[int, int]:
@@ -72,10 +83,14 @@ class EvaluatorConfig:
                   environ: Mapping[str, str] = os.environ) -> EvaluatorConfig:
         p = argparse.ArgumentParser(prog="helora-evaluator", description="helora evaluator service (DESIGN §4)")
         amqp.add_broker_flags(p, environ, prefetch=1)
+        metrics.add_metrics_flags(p, environ)
         p.add_argument("--blocks", default=environ.get("HELORA_BLOCKS", "0"),
                        help="decoder blocks whose layers this evaluator holds, e.g. 0-14 (env HELORA_BLOCKS)")
         p.add_argument("--shard", default=environ.get("HELORA_SHARD", "0/1"),
                        help="I/N: this evaluator's shard of those layers (env HELORA_SHARD)")
+        p.add_argument("--group", default=environ.get("HELORA_GROUP", ""),
+                       help="layer-group name for the metrics' group label, e.g. blocks-0-14 "
+                            "(env HELORA_GROUP; default: blocks-<BLOCKS>)")
         p.add_argument("--shard-dir", default=environ.get("HELORA_SHARD_DIR", "helora-shards"))
         p.add_argument("--backend", default=environ.get("HELORA_BACKEND", "auto"), choices=BACKENDS)
         p.add_argument("--wait-shards-s", type=float, default=float(environ.get("HELORA_WAIT_SHARDS_S", 600)))

@@ -33,6 +33,15 @@ class EvaluatorHandler:
     def layers(self) -> list[str]:
         return list(self.shards)
 
+    def held_bytes(self) -> int:
+        """Bytes of the weights this evaluator holds in host memory: the int8 shards and, for each
+        product built so far, its float64 weight chunks and hint (numpy backend; a metric)."""
+        total = sum(s.values.nbytes for s in self.shards.values())
+        for product in list(self._products.values()):  # list(): a snapshot, safe from another thread
+            if product.xp is np:
+                total += product.held_bytes
+        return total
+
     def _product(self, layer: str, direction: str) -> MatrixProduct:
         key = (layer, direction)
         with self._lock:

@@ -30,6 +30,7 @@ from hecommon import amqp, wire
 from hecommon.bits import packed_size
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.evaluate import default_backend
+from hecommon.metrics import Metrics
 from helora_encoder.handler import Shard, even_split
 from helora_encoder.worker import MANIFEST_FILE, shard_file
 
@@ -91,10 +92,15 @@ class EvaluatorWorker(amqp.Service):
     name = "evaluator"
 
     def __init__(self, cfg: EvaluatorConfig, manifest: wire.Manifest, shards: list[Shard],
-                 shard_index: dict[str, tuple[int, int]]) -> None:
-        super().__init__(cfg)
+                 shard_index: dict[str, tuple[int, int]], metrics: Metrics | None = None) -> None:
+        super().__init__(cfg, metrics=metrics)
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
         self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend)
+        self.metrics.set_info(manifest.params.name, backend)
+        if backend == "cupy":
+            self.metrics.track_device_memory("cuda", _cupy_pool_bytes)
+        else:
+            self.metrics.track_device_memory("cpu", self.handler.held_bytes)
         self.shard_index = shard_index
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
         self.prefetch = max(cfg.prefetch, max_parts(manifest, shards, cfg.max_message_bytes))
@@ -110,13 +116,18 @@ class EvaluatorWorker(amqp.Service):
     def reset(self) -> None:
         self.parts.clear()
 
+    def in_flight(self) -> int:
+        """Deliveries queued or being handled, plus multi-part sub-requests still arriving."""
+        return super().in_flight() + len(self.parts)
+
     def tick(self) -> None:
         for key, ds in self.parts.expired():
             self.fail(ds, MalformedMessage(f"sub-request incomplete after {self.parts.timeout_s:.0f} s"), rid=key[0])
 
     def handle(self, d: amqp.Delivery) -> None:
         try:
-            chunk = wire.decode_request(d.body, self.limit)
+            with self.metrics.stage("decode"):
+                chunk = wire.decode_request(d.body, self.limit)
             got = self.parts.add((chunk.rid, chunk.layer, chunk.direction), chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
@@ -124,26 +135,36 @@ class EvaluatorWorker(amqp.Service):
         if got is None:
             return
         chunks, ds = got
-        t0 = time.perf_counter()
         try:
             req = wire.join(chunks)
+            t0 = time.perf_counter()
             partial = self.handler.handle(req)  # the product, on this worker thread
+            seconds = time.perf_counter() - t0
         except HeloraError as exc:
             self.fail(ds, exc, rid=chunk.rid, pset=chunk.params.name)
             return
-        seconds = time.perf_counter() - t0
+        self.metrics.he_product(req.layer, req.direction, seconds)
         bodies = [wire.encode_partial(p, self.limit) for p in wire.split(partial, self.limit)]
         props = amqp.forward_properties(d.properties)
         self.publish_all(self.topology.partials, bodies, props)
         self.ack(ds)
+        self.metrics.request(req.layer, req.direction)
+        self.metrics.add_tokens(req.batch.n_tokens)
         log.debug("rid %s layer %s %s shard %d/%d: %.3f s, %d bytes out", req.rid.hex(), req.layer,
                   req.direction, partial.shard, partial.shards, seconds, sum(map(len, bodies)))
 
 
-def _build(cfg: EvaluatorConfig) -> EvaluatorWorker:
+def _cupy_pool_bytes() -> int:
+    """Bytes cupy's default memory pool holds on the device (cupy imported lazily: GPU only)."""
+    import cupy  # noqa: PLC0415 - optional GPU extra
+
+    return int(cupy.get_default_memory_pool().used_bytes())
+
+
+def _build(cfg: EvaluatorConfig, metrics: Metrics | None = None) -> EvaluatorWorker:
     manifest, shards, shard_index = load_shards(cfg)
     log.info("holding %d layer shard(s) of blocks %s, shard %s", len(shards), cfg.blocks, cfg.shard)
-    return EvaluatorWorker(cfg, manifest, shards, shard_index)
+    return EvaluatorWorker(cfg, manifest, shards, shard_index, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
