@@ -1,0 +1,476 @@
+"""Messages of the federated mode (SHE-LoRA, arXiv 2505.21051; DESIGN §5), same discipline as ``wire.py``.
+
+Every message is one msgpack map of allow-listed types (int, str, bytes, list, map with str
+keys; no floats, no ext types, never pickle) carrying ``v`` (``FEDWIRE_VERSION``), ``type``,
+``rid`` (the 16-byte round id) and ``lib``. Arrays travel as raw little-endian float32 bytes
+with their shapes; CKKS ciphertexts as TenSEAL's own serialized bytes (opaque here; the
+aggregator deserializes them against the round's public context). Decoding checks the size
+first, then the version, the type, the exact key set of every map, every type, range, length
+and that every float is finite; it raises ``OversizedMessage``, ``UnsupportedVersion`` or
+``MalformedMessage`` naming the field, never showing payload contents.
+
+A round: one owner publishes the shared **public** context (``PublicContext``; never a secret
+key: the aggregator checks); every owner sends a ``Proposal`` (its top-k column positions per
+layer, no scores); the aggregator answers one ``RoundPlan`` (a global ordered list per layer);
+every owner sends a ``Contribution``; the aggregator answers one ``Aggregate``.
+
+CKKS layout (shared by both sides): an owner's encrypted vectors of one layer,
+``w_i·s_i·B_i·a_ij`` for ``j`` = the first ``k_i`` positions of the global list, in list order,
+are concatenated into one flat vector of ``k_i·d_out`` values and cut into ciphertexts of
+``CKKS_SLOTS`` slots (the last one zero-padded). Position ``t`` of the list is right-aligned
+column ``d_in - 1 - t`` of the owner's swapped ``A`` (SHE-LoRA §4.3), whatever its rank and budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
+
+import msgpack
+import numpy as np
+
+from .errors import HeloraError, MalformedMessage, OversizedMessage, UnsupportedVersion
+from .wire import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
+
+FEDWIRE_VERSION = 1
+#: CKKS parameters of the shared context (see docs/federated.md): N = 4096, one 60-bit data
+#: prime and a 49-bit special prime (109 bits: the 128-bit bound for N = 4096), scale 2^40.
+CKKS_POLY_DEGREE = 4096
+CKKS_COEFF_BITS = (60, 49)
+CKKS_SCALE_BITS = 40
+CKKS_SLOTS = CKKS_POLY_DEGREE // 2
+DIGEST_BYTES = 32
+MAX_OWNERS = 1024
+MAX_OWNER_CHARS = 64
+MAX_DIM = 1 << 16
+MAX_LAYERS = 4096
+#: one serialized CKKS ciphertext of this context is ~66 KB; anything far larger is not one
+MAX_CIPHERTEXT_BYTES = 1 << 20
+MAX_CONTEXT_BYTES = 8 << 20
+MAX_SAMPLES = 1 << 40
+_HEADER = ("v", "type", "rid", "lib")
+
+
+def context_digest(public_context: bytes) -> bytes:
+    """SHA-256 of the serialized public context: names the round's key in every message."""
+    return hashlib.sha256(public_context).digest()
+
+
+def ciphertext_count(k: int, d_out: int) -> int:
+    """Ciphertexts holding ``k`` encrypted vectors of ``d_out`` values (flat packing)."""
+    return -(-k * d_out // CKKS_SLOTS)
+
+
+# -- field checks ------------------------------------------------------------------------
+def _fail(where: str, what: str) -> NoReturn:
+    raise MalformedMessage(f"{where}: {what}")
+
+
+def _int(where: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        _fail(where, "an integer is required")
+    if not lo <= value <= hi:
+        _fail(where, f"{value} outside {lo}..{hi}")
+    return int(value)
+
+
+def _text(where: str, value: Any, max_chars: int) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
+        _fail(where, f"a string of 1..{max_chars} characters is required")
+    return value
+
+
+def _blob(where: str, value: Any, lo: int, hi: int) -> bytes:
+    if not isinstance(value, bytes):
+        _fail(where, "bytes are required")
+    if not lo <= len(value) <= hi:
+        _fail(where, f"{len(value)} bytes outside {lo}..{hi}")
+    return value
+
+
+def _ints(where: str, value: Any, hi: int, max_len: int) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or len(value) > max_len:
+        _fail(where, f"a list of at most {max_len} integers is required")
+    return tuple(_int(f"{where}[{i}]", v, 0, hi) for i, v in enumerate(value))
+
+
+def _matrix(where: str, value: Any, shape: tuple[int, int]) -> np.ndarray:
+    """float32 ``shape`` from an array (construction) or raw little-endian bytes (decoding)."""
+    if isinstance(value, bytes):
+        if len(value) != 4 * shape[0] * shape[1]:
+            _fail(where, f"{len(value)} bytes, expected {4 * shape[0] * shape[1]} for shape {shape}")
+        value = np.frombuffer(value, dtype="<f4").reshape(shape).astype(np.float32)
+    if not isinstance(value, np.ndarray) or value.shape != shape:
+        _fail(where, f"a {shape} array is required")
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    if not np.isfinite(value).all():
+        _fail(where, "non-finite values")
+    return value
+
+
+def _cts(where: str, value: Any, count: int) -> tuple[bytes, ...]:
+    if not isinstance(value, list | tuple) or len(value) != count:
+        _fail(where, f"{count} ciphertexts expected, got "
+                     f"{len(value) if isinstance(value, list | tuple) else type(value).__name__}")
+    return tuple(_blob(f"{where}[{i}]", c, 1, MAX_CIPHERTEXT_BYTES) for i, c in enumerate(value))
+
+
+def _keys(where: str, m: Any, expected: Sequence[str]) -> None:
+    if not isinstance(m, dict):
+        _fail(where, "a map is required")
+    missing, extra = sorted(set(expected) - m.keys()), sorted(m.keys() - set(expected))
+    if missing or extra:
+        shown = ", ".join(repr(str(k)[:32]) for k in (missing or extra)[:5])
+        _fail(where, f"{'missing' if missing else 'unexpected'} field(s) {shown}")
+
+
+def _check_layers(where: str, layers: Any) -> None:
+    if not isinstance(layers, tuple) or not 1 <= len(layers) <= MAX_LAYERS:
+        _fail(where, f"a tuple of 1..{MAX_LAYERS} layers is required")
+    names = [lay.name for lay in layers]
+    if len(set(names)) != len(names):
+        _fail(where, "duplicate layer name")
+
+
+def _dims(where: str, d_out: Any, d_in: Any) -> None:
+    _int(f"{where}.d_out", d_out, 1, MAX_DIM)
+    _int(f"{where}.d_in", d_in, 1, MAX_DIM)
+
+
+# -- messages ----------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PublicContext:
+    """The round's CKKS context, serialized WITHOUT its secret key (the aggregator checks)."""
+
+    TYPE: ClassVar[str] = "fed-context"
+    rid: bytes
+    context: bytes
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("context", self.context, 1, MAX_CONTEXT_BYTES)
+
+    @property
+    def digest(self) -> bytes:
+        return context_digest(self.context)
+
+    def _body(self) -> dict[str, Any]:
+        return {"context": self.context}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> PublicContext:
+        return cls(m["rid"], m["context"], m["lib"])
+
+
+@dataclass(frozen=True)
+class ProposalLayer:
+    """One layer's top-k column positions, best first (scores never leave the owner)."""
+
+    name: str
+    d_out: int
+    d_in: int
+    top: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _text("layer", self.name, MAX_NAME_CHARS)
+        _dims(self.name, self.d_out, self.d_in)
+        top = _ints(f"{self.name}.top", self.top, self.d_in - 1, self.d_in)
+        if len(set(top)) != len(top):
+            _fail(f"{self.name}.top", "duplicate column")
+        object.__setattr__(self, "top", top)
+
+
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    TYPE: ClassVar[str] = "fed-proposal"
+    rid: bytes
+    owner: str
+    ctx: bytes
+    layers: tuple[ProposalLayer, ...]
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _text("owner", self.owner, MAX_OWNER_CHARS)
+        _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
+        _check_layers("layers", self.layers)
+
+    def _body(self) -> dict[str, Any]:
+        return {"owner": self.owner, "ctx": self.ctx,
+                "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in, "top": list(x.top)} for x in self.layers]}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> Proposal:
+        layers = []
+        for i, x in enumerate(_list("layers", m["layers"])):
+            _keys(f"layers[{i}]", x, ("name", "d_out", "d_in", "top"))
+            layers.append(ProposalLayer(x["name"], x["d_out"], x["d_in"], x["top"]))
+        return cls(m["rid"], m["owner"], m["ctx"], tuple(layers), m["lib"])
+
+
+@dataclass(frozen=True)
+class PlanLayer:
+    """The global ordered list of one layer: position ``t`` is the ``t``-th column to encrypt."""
+
+    name: str
+    d_out: int
+    d_in: int
+    order: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        ProposalLayer(self.name, self.d_out, self.d_in, self.order)  # same checks
+        object.__setattr__(self, "order", tuple(int(j) for j in self.order))
+
+
+@dataclass(frozen=True, eq=False)
+class RoundPlan:
+    TYPE: ClassVar[str] = "fed-plan"
+    rid: bytes
+    ctx: bytes
+    layers: tuple[PlanLayer, ...]
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
+        _check_layers("layers", self.layers)
+
+    def layer(self, name: str) -> PlanLayer:
+        for x in self.layers:
+            if x.name == name:
+                return x
+        raise KeyError(name)
+
+    def _body(self) -> dict[str, Any]:
+        return {"ctx": self.ctx, "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in, "order": list(x.order)}
+                                            for x in self.layers]}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> RoundPlan:
+        layers = []
+        for i, x in enumerate(_list("layers", m["layers"])):
+            _keys(f"layers[{i}]", x, ("name", "d_out", "d_in", "order"))
+            layers.append(PlanLayer(x["name"], x["d_out"], x["d_in"], x["order"]))
+        return cls(m["rid"], m["ctx"], tuple(layers), m["lib"])
+
+
+@dataclass(frozen=True, eq=False)
+class LayerContribution:
+    """What the server receives of one layer: ``b`` = ``s_i·B_i`` (d_out, r); ``a`` = ``A_i`` with
+    the ``k`` chosen columns swapped to the end (right-aligned) and zeroed (r, d_in); ``enc`` =
+    the ciphertexts of ``w_i·s_i·B_i·a_ij`` (flat packing, see the module docstring)."""
+
+    name: str
+    d_out: int
+    d_in: int
+    r: int
+    k: int
+    b: np.ndarray
+    a: np.ndarray
+    enc: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _text("layer", self.name, MAX_NAME_CHARS)
+        _dims(self.name, self.d_out, self.d_in)
+        _int(f"{self.name}.r", self.r, 1, MAX_DIM)
+        _int(f"{self.name}.k", self.k, 0, self.d_in)
+        object.__setattr__(self, "b", _matrix(f"{self.name}.b", self.b, (self.d_out, self.r)))
+        object.__setattr__(self, "a", _matrix(f"{self.name}.a", self.a, (self.r, self.d_in)))
+        object.__setattr__(self, "enc", _cts(f"{self.name}.enc", self.enc, ciphertext_count(self.k, self.d_out)))
+
+    def _body(self) -> dict[str, Any]:
+        return {"name": self.name, "d_out": self.d_out, "d_in": self.d_in, "r": self.r, "k": self.k,
+                "b": self.b.astype("<f4").tobytes(), "a": self.a.astype("<f4").tobytes(), "enc": list(self.enc)}
+
+
+@dataclass(frozen=True, eq=False)
+class Contribution:
+    TYPE: ClassVar[str] = "fed-contribution"
+    rid: bytes
+    owner: str
+    samples: int
+    ctx: bytes
+    layers: tuple[LayerContribution, ...]
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _text("owner", self.owner, MAX_OWNER_CHARS)
+        _int("samples", self.samples, 1, MAX_SAMPLES)
+        _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
+        _check_layers("layers", self.layers)
+
+    def _body(self) -> dict[str, Any]:
+        return {"owner": self.owner, "samples": self.samples, "ctx": self.ctx,
+                "layers": [x._body() for x in self.layers]}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> Contribution:
+        layers = []
+        for i, x in enumerate(_list("layers", m["layers"])):
+            _keys(f"layers[{i}]", x, ("name", "d_out", "d_in", "r", "k", "b", "a", "enc"))
+            layers.append(LayerContribution(x["name"], x["d_out"], x["d_in"], x["r"], x["k"], x["b"], x["a"],
+                                            x["enc"]))
+        return cls(m["rid"], m["owner"], m["samples"], m["ctx"], tuple(layers), m["lib"])
+
+
+@dataclass(frozen=True, eq=False)
+class LayerAggregate:
+    """``clear`` = Σ_i w_i·s_i·B_i·A_i over the clear columns (d_out, d_in), original column order;
+    ``enc`` = Σ_i of the owners' flat ciphertexts; ``counts[t]`` = Σ w_i over the owners that
+    encrypted position ``t`` of ``order``. Owners decrypt, add and divide by the total weight."""
+
+    name: str
+    d_out: int
+    d_in: int
+    clear: np.ndarray
+    order: tuple[int, ...]
+    counts: tuple[int, ...]
+    enc: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        PlanLayer(self.name, self.d_out, self.d_in, self.order)
+        object.__setattr__(self, "order", tuple(int(j) for j in self.order))
+        object.__setattr__(self, "clear", _matrix(f"{self.name}.clear", self.clear, (self.d_out, self.d_in)))
+        counts = _ints(f"{self.name}.counts", self.counts, MAX_SAMPLES, self.d_in)
+        if len(counts) != len(self.order):
+            _fail(f"{self.name}.counts", f"{len(counts)} counts for {len(self.order)} positions")
+        object.__setattr__(self, "counts", counts)
+        k = sum(1 for c in counts if c > 0)
+        object.__setattr__(self, "enc", _cts(f"{self.name}.enc", self.enc, ciphertext_count(k, self.d_out)))
+
+    def _body(self) -> dict[str, Any]:
+        return {"name": self.name, "d_out": self.d_out, "d_in": self.d_in, "clear": self.clear.astype("<f4").tobytes(),
+                "order": list(self.order), "counts": list(self.counts), "enc": list(self.enc)}
+
+
+@dataclass(frozen=True, eq=False)
+class Aggregate:
+    TYPE: ClassVar[str] = "fed-aggregate"
+    rid: bytes
+    ctx: bytes
+    total: int
+    owners: tuple[str, ...]
+    layers: tuple[LayerAggregate, ...]
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
+        _int("total", self.total, 1, MAX_SAMPLES * MAX_OWNERS)
+        if not isinstance(self.owners, tuple) or not 1 <= len(self.owners) <= MAX_OWNERS:
+            _fail("owners", f"a tuple of 1..{MAX_OWNERS} names is required")
+        for o in self.owners:
+            _text("owners[]", o, MAX_OWNER_CHARS)
+        _check_layers("layers", self.layers)
+
+    def layer(self, name: str) -> LayerAggregate:
+        for x in self.layers:
+            if x.name == name:
+                return x
+        raise KeyError(name)
+
+    def _body(self) -> dict[str, Any]:
+        return {"ctx": self.ctx, "total": self.total, "owners": list(self.owners),
+                "layers": [x._body() for x in self.layers]}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> Aggregate:
+        layers = []
+        for i, x in enumerate(_list("layers", m["layers"])):
+            _keys(f"layers[{i}]", x, ("name", "d_out", "d_in", "clear", "order", "counts", "enc"))
+            layers.append(LayerAggregate(x["name"], x["d_out"], x["d_in"], x["clear"], x["order"], x["counts"],
+                                         x["enc"]))
+        owners = _list("owners", m["owners"])
+        return cls(m["rid"], m["ctx"], m["total"], tuple(owners), tuple(layers), m["lib"])
+
+
+Message = PublicContext | Proposal | RoundPlan | Contribution | Aggregate
+_BY_TYPE: dict[str, Any] = {c.TYPE: c for c in (PublicContext, Proposal, RoundPlan, Contribution, Aggregate)}
+_BODY_KEYS: dict[Any, tuple[str, ...]] = {
+    PublicContext: ("context",),
+    Proposal: ("owner", "ctx", "layers"),
+    RoundPlan: ("ctx", "layers"),
+    Contribution: ("owner", "samples", "ctx", "layers"),
+    Aggregate: ("ctx", "total", "owners", "layers"),
+}
+
+
+def _list(where: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        _fail(where, "a list is required")
+    return value
+
+
+# -- encode / decode ---------------------------------------------------------------------
+def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    """Serialize an allow-listed message; anything else (a TenSEAL context object…) raises ``TypeError``."""
+    if type(msg) not in _BODY_KEYS:
+        raise TypeError(f"{type(msg).__name__} has no federated wire encoder")
+    head = {"v": FEDWIRE_VERSION, "type": msg.TYPE, "rid": msg.rid, "lib": msg.lib}
+    data = msgpack.packb({**head, **msg._body()}, use_bin_type=True, strict_types=True)
+    if len(data) > max_bytes:
+        raise OversizedMessage(f"{msg.TYPE}: {len(data)} bytes exceed the limit {max_bytes}")
+    return data
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            _fail("map", "keys must be strings")
+        if key in out:
+            _fail(repr(key[:32]), "duplicate key")
+        out[key] = value
+    return out
+
+
+def _no_ext(code: int, data: bytes) -> NoReturn:
+    _fail("msgpack", f"ext type {code} is not allowed")
+
+
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) -> Message:
+    """Parse and validate one federated message (of type ``expect`` when given)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MalformedMessage(f"message: bytes are required, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise OversizedMessage(f"message: {len(data)} bytes exceed the limit {max_bytes}")
+    try:
+        m = msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=_pairs, ext_hook=_no_ext,
+                            max_bin_len=max_bytes, max_str_len=1 << 16, max_array_len=MAX_DIM,
+                            max_map_len=64, max_ext_len=0)
+    except HeloraError:
+        raise
+    except Exception as exc:  # msgpack's own errors name limits and offsets, never the data
+        raise MalformedMessage(f"message: not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(m, dict):
+        _fail("message", "a map is required at the top level")
+    if m.get("v") != FEDWIRE_VERSION or isinstance(m.get("v"), bool):
+        raise UnsupportedVersion(f"v: this build speaks federated wire version {FEDWIRE_VERSION}")
+    kind = m.get("type")
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        _fail("type", f"one of {sorted(_BY_TYPE)} is required")
+    if expect is not None and cls is not expect:
+        _fail("type", f"{expect.TYPE!r} expected, got {cls.TYPE!r}")
+    _keys(cls.TYPE, m, _HEADER + _BODY_KEYS[cls])
+    _blob("rid", m["rid"], RID_BYTES, RID_BYTES)
+    _text("lib", m["lib"], MAX_LIB_CHARS)
+    try:
+        return cls._from(m)
+    except HeloraError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise MalformedMessage(f"{cls.TYPE}: invalid field ({type(exc).__name__})") from None
+
+
+def encode_contribution(msg: Contribution, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    return encode(_expect(msg, Contribution), max_bytes)
+
+
+def decode_contribution(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Contribution:
+    return decode(data, max_bytes, Contribution)  # type: ignore[return-value]
+
+
+def _expect(msg: Any, cls: type) -> Any:
+    if type(msg) is not cls:
+        raise TypeError(f"{cls.__name__} expected, got {type(msg).__name__}")
+    return msg

@@ -1,0 +1,131 @@
+"""Federated rounds, embedded (SHE-LoRA; DESIGN §5): N owners and an in-process aggregator.
+
+Every message between an owner and the aggregator goes through the federated wire codec
+(``hecommon.fedwire``), so the bytes counted here, and the bytes the aggregator decodes, are
+exactly what would cross the broker. ``run_federation`` builds the owners on the tiny model (or
+a real one) with a fresh shared CKKS key; ``run_round`` runs one round on existing objects.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from hecommon import fedwire
+from hecommon.fedwire import Aggregate, RoundPlan
+from helora_aggregator.federated import FederatedAggregator
+
+from .client import Owner, OwnerConfig
+from .selective import CkksKeys
+
+#: embedded messages are not chunked: allow whole adapters of a small model
+EMBEDDED_MAX_BYTES = 1 << 30
+
+
+@dataclass
+class RoundReport:
+    round: int
+    train_loss: dict[str, float] = field(default_factory=dict)
+    eval_loss: dict[str, float] = field(default_factory=dict)
+    bytes_up: dict[str, int] = field(default_factory=dict)  # proposal + contribution, per owner
+    bytes_down: int = 0  # plan + aggregate, received by each owner
+    enc_seconds: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    #: what the aggregator saw and answered this round (for attacks and tests): the plan, the
+    #: contribution bytes exactly as received, and the aggregate
+    plan: RoundPlan | None = field(default=None, repr=False)
+    received: list[bytes] = field(default_factory=list, repr=False)
+    aggregate: Aggregate | None = field(default=None, repr=False)
+
+    @property
+    def mean_eval_loss(self) -> float:
+        vals = [v for v in self.eval_loss.values() if math.isfinite(v)]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def __str__(self) -> str:
+        from ..train import human_bytes
+
+        losses = "  ".join(f"{k} {v:.4f}" for k, v in self.eval_loss.items())
+        up = sum(self.bytes_up.values())
+        rej = f"  rejected: {self.rejected}" if self.rejected else ""
+        return (f"round {self.round}: held-out loss {self.mean_eval_loss:.4f} ({losses})  "
+                f"up {human_bytes(up)}  down {human_bytes(self.bytes_down)}/owner{rej}")
+
+
+def run_round(owners: list[Owner], aggregator: FederatedAggregator, round_no: int,
+              rid: bytes | None = None, tamper=None, train: bool = True) -> RoundReport:
+    """Local training, negotiation, contributions, aggregation, merge; every message as bytes.
+
+    ``train=False`` skips the local steps (the caller ran them). ``tamper`` (tests): a function ``(owner, contribution bytes) -> list of bytes`` standing in
+    for a faulty or malicious sender; the aggregator must reject what is bad and go on.
+    """
+    rid = rid if rid is not None else os.urandom(fedwire.RID_BYTES)
+    report = RoundReport(round_no)
+    for o in owners:
+        report.train_loss[o.name] = o.train_local() if train else float("nan")
+    proposals = []
+    for o in owners:
+        data = fedwire.encode(o.proposal(rid), EMBEDDED_MAX_BYTES)
+        report.bytes_up[o.name] = len(data)
+        proposals.append(fedwire.decode(data, EMBEDDED_MAX_BYTES, fedwire.Proposal))
+    plan, rejected = aggregator.plan(proposals, owners[0].shapes(), rid)
+    plan_bytes = fedwire.encode(plan, EMBEDDED_MAX_BYTES)
+    plan = fedwire.decode(plan_bytes, EMBEDDED_MAX_BYTES, RoundPlan)  # type: ignore[assignment]
+    received: list[bytes] = []
+    for o in owners:
+        data = fedwire.encode(o.contribute(plan), EMBEDDED_MAX_BYTES)
+        report.bytes_up[o.name] += len(data)
+        report.enc_seconds[o.name] = o.enc_seconds
+        received.extend(tamper(o, data) if tamper else [data])
+    agg, rej = aggregator.aggregate(plan, received, EMBEDDED_MAX_BYTES)
+    report.rejected = {**rejected, **rej}
+    agg_bytes = fedwire.encode(agg, EMBEDDED_MAX_BYTES)
+    report.bytes_down = len(plan_bytes) + len(agg_bytes)
+    agg = fedwire.decode(agg_bytes, EMBEDDED_MAX_BYTES, Aggregate)  # type: ignore[assignment]
+    for o in owners:
+        o.merge(agg)
+        report.eval_loss[o.name] = o.eval_loss()
+    report.plan, report.received, report.aggregate = plan, received, agg
+    return report
+
+
+def build_owners(configs: list[OwnerConfig], model: str = "tiny", data=None, seed: int = 0,
+                 keys: CkksKeys | None = None) -> tuple[list[Owner], CkksKeys]:
+    """Owners on the same base model, each with its own shard of the data (example ``i`` goes to
+    owner ``i mod N``) and its own held-out split; one shared CKKS key."""
+    from ..data import ByteTokenizer, pack, read_examples, split_examples
+
+    if not configs or len({c.name for c in configs}) != len(configs):
+        raise ValueError("owners: at least one, with distinct names")
+    keys = keys or CkksKeys.generate()
+    examples = read_examples(data)
+    owners = []
+    for i, cfg in enumerate(configs):
+        if model == "tiny":
+            from helora_encoder.model import tiny_llama
+
+            base, tokenizer, model_id = tiny_llama(seed)[0], ByteTokenizer(), f"tiny-llama(seed={seed})"
+        else:
+            from helora_encoder.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
+
+            path = None if model in ("smollm2", "") else model
+            base, tokenizer, model_id = load_model(path), load_tokenizer(path), path or BUNDLED_MODEL_ID
+        train, held = split_examples(examples[i::len(configs)])
+        owners.append(Owner(cfg, base, pack(train, tokenizer, cfg.seq_len), pack(held, tokenizer, cfg.seq_len),
+                            keys, model_id))
+    return owners, keys
+
+
+def run_federation(configs: list[OwnerConfig], rounds: int = 2, model: str = "tiny", data=None, seed: int = 0,
+                   keys: CkksKeys | None = None, on_round=None) -> list[RoundReport]:
+    """``rounds`` embedded rounds; ``on_round(report)`` is called after each (the CLI prints)."""
+    owners, keys = build_owners(configs, model, data, seed, keys)
+    aggregator = FederatedAggregator(keys.public_bytes())
+    reports = []
+    for r in range(1, rounds + 1):
+        report = run_round(owners, aggregator, r)
+        reports.append(report)
+        if on_round:
+            on_round(report)
+    return reports

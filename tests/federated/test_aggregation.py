@@ -1,0 +1,127 @@
+"""SHE-LoRA aggregation equals the clear computation of the same algorithm (FlexLoRA's weighted ΔW
+average), at any budget, across heterogeneous ranks, over several rounds (tiny model, embedded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helora_aggregator.federated import FederatedAggregator, clear_update
+from helora_orchestrator.federated import fullhe
+from helora_orchestrator.federated.reparam import svd_to_rank
+from helora_orchestrator.federated.round import run_round
+
+from .conftest import CKKS_ATOL
+
+
+def torch_flexlora(owners) -> dict[str, np.ndarray]:
+    """The reference: Σ_i w_i·s_i·B_i·A_i / Σ_i w_i from each owner's own parameters, in torch."""
+    total = sum(o.samples for o in owners)
+    out = {}
+    for name in owners[0].shapes():
+        acc = 0
+        for o in owners:
+            a, b = o.adapter()[name]
+            acc = acc + o.samples * o.client.lora_settings.scaling * (b.double() @ a.double())
+        out[name] = (acc / total).numpy()
+    return out
+
+
+def _round_against_reference(owners, aggregator, r):
+    for o in owners:
+        o.train_local()
+    want = torch_flexlora(owners)
+    report = run_round(owners, aggregator, r, train=False)
+    assert not report.rejected
+    return want, report
+
+
+@pytest.mark.parametrize("budgets", [(0.02, 0.05, 0.2), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)],
+                         ids=["she", "budget0", "all-encrypted"])
+def test_heterogeneous_ranks_match_clear_flexlora(make_owners, fed_keys, budgets):
+    owners = make_owners((4, 8, 16), budgets)
+    aggregator = FederatedAggregator(fed_keys.public_bytes())
+    for r in range(1, 4 if budgets == (0.02, 0.05, 0.2) else 3):
+        want, report = _round_against_reference(owners, aggregator, r)
+        agg = report.aggregate
+        for o in owners:
+            for name, dw in o.last_merged.items():
+                scale = np.abs(want[name]).max()
+                assert scale > 1e-4  # a real update, not zeros on both sides
+                tol = 1e-7 * scale if max(budgets) == 0 else CKKS_ATOL  # float32 clear part only
+                np.testing.assert_allclose(dw, want[name], rtol=0, atol=tol)
+                # and the owner now holds the best rank-r_i approximation of that ΔW
+                a, b = o.adapter()[name]
+                s = o.client.lora_settings.scaling
+                a_ref, b_ref = svd_to_rank(want[name], a.shape[0], s)
+                np.testing.assert_allclose(s * (b.double() @ a.double()).numpy(), s * b_ref @ a_ref,
+                                           rtol=0, atol=1e-4 * scale)
+        for lay in agg.layers:
+            k_max = max(min(int(np.ceil(b * lay.d_in - 1e-9)), lay.d_in) for b in budgets)
+            assert sum(1 for c in lay.counts if c > 0) == k_max
+            if max(budgets) == 0:
+                assert lay.enc == () and lay.counts == ()
+            if min(budgets) == 1.0:
+                assert not lay.clear.any()  # nothing of the update in the clear
+
+
+def test_counts_are_the_weights_of_the_owners_that_encrypted_each_position(make_owners, fed_keys):
+    owners = make_owners((4, 8, 16), (0.02, 0.05, 0.2))
+    report = run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1)
+    w = [o.samples for o in owners]
+    for lay in report.aggregate.layers:
+        ks = [min(int(np.ceil(b * lay.d_in - 1e-9)), len(lay.order)) for b in (0.02, 0.05, 0.2)]
+        expect = [sum(wi for wi, k in zip(w, ks, strict=True) if k > t) for t in range(len(lay.order))]
+        assert list(lay.counts) == expect
+        assert report.aggregate.total == sum(w)
+
+
+def test_all_encrypted_equals_full_he_baseline(make_owners, fed_keys):
+    owners = make_owners((4, 8, 16), (1.0, 1.0, 1.0))
+    for o in owners:
+        o.train_local()
+    deltas = [o.delta() for o in owners]
+    total = sum(o.samples for o in owners)
+    cts = [fullhe.encrypt_full(fed_keys, d, o.samples)[0] for d, o in zip(deltas, owners, strict=True)]
+    baseline = fullhe.decrypt_full(fed_keys, fullhe.sum_full(fed_keys.public_bytes(), cts), owners[0].shapes(), total)
+    report = run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1, train=False)
+    for name, dw in owners[0].last_merged.items():
+        np.testing.assert_allclose(dw, baseline[name], rtol=0, atol=CKKS_ATOL)
+    # with every column encrypted, the server computes nothing of the update in the clear
+    for data in report.received:
+        from hecommon.fedwire import decode_contribution
+
+        assert all(not u.any() for u in clear_update(decode_contribution(data, 1 << 30), report.plan).values())
+
+
+def test_clear_update_is_the_owners_update_with_encrypted_columns_zeroed(make_owners, fed_keys):
+    from hecommon.fedwire import decode_contribution
+
+    owners = make_owners((4, 8, 16), (0.02, 0.05, 0.2))
+    for o in owners:
+        o.train_local()
+    deltas = {o.name: o.delta() for o in owners}
+    report = run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1, train=False)
+    for data in report.received:
+        c = decode_contribution(data, 1 << 30)
+        seen = clear_update(c, report.plan)
+        for lay in c.layers:
+            hidden = list(report.plan.layer(lay.name).order[:lay.k])
+            assert lay.k >= 1
+            want = deltas[c.owner][lay.name].copy()
+            want[:, hidden] = 0.0
+            np.testing.assert_allclose(seen[lay.name], want, rtol=0, atol=1e-6 * np.abs(want).max())
+            assert not seen[lay.name][:, hidden].any()
+
+
+def test_merged_adapter_exports_in_peft_format(make_owners, fed_keys, tmp_path):
+    from helora_orchestrator.export import export_peft, load_peft_adapter
+
+    owners = make_owners((4, 8), (0.05, 0.1))
+    run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1)
+    out = export_peft(owners[1].client, tmp_path / "adapter")
+    settings, weights, _ = load_peft_adapter(out)
+    assert settings.r == 8
+    for name, (a, b) in owners[1].adapter().items():
+        assert torch.equal(weights[f"{name}.lora_A.weight"], a)
+        assert torch.equal(weights[f"{name}.lora_B.weight"], b)
