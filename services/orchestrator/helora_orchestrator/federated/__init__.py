@@ -28,24 +28,36 @@ Owner side (``helora_orchestrator.federated``)::
         .merge(aggregate: fedwire.Aggregate) -> None         # decrypt + SVD to own rank
         .eval_loss() -> float                                # held-out loss, own eval data
         .adapter() -> dict[layer, (A (r,d_in), B (d_out,r))] # torch tensors
-    round.run_federation(owners: list[OwnerConfig], rounds=2, model="tiny",
-                         data=None, seed=0, aggregator=None) -> list[RoundReport]
+        .delta() -> dict[layer, np.ndarray (d_out,d_in)]     # s·B·A now (float64)
+        .samples (int, the weight w_i)  .last_merged (layer → aggregated ΔW after merge)
+    round.build_owners(configs, model="tiny", data=None (path; bundled corpus), seed=0, keys=None)
+        -> (list[Owner], CkksKeys)      # example i goes to owner i mod N; same base weights
+    round.run_federation(configs: list[OwnerConfig], rounds=2, model="tiny",
+                         data=None, seed=0, keys=None, on_round=None) -> list[RoundReport]
         # embedded: an in-process helora_aggregator.federated.FederatedAggregator
-    round.RoundReport(round, eval_loss: dict[owner, float], mean_eval_loss, bytes_up: dict[owner,int],
-                      bytes_down, enc_seconds: dict[owner, float], rejected: dict[owner, str])
-    round.run_round(owners: list[Owner], aggregator, round_no) -> RoundReport   # one round, given objects
+    round.run_round(owners, aggregator, round_no, rid=None, tamper=None, train=True) -> RoundReport
+        # train=False: the caller already ran owner.train_local() (e.g. one SGD step for DAGER)
+    round.RoundReport: round, train_loss, eval_loss: dict[owner, float], mean_eval_loss,
+        bytes_up: dict[owner, int], bytes_down (per owner), enc_seconds: dict[owner, float],
+        rejected: dict[owner, str], plan (RoundPlan), received (list[bytes]: the contributions
+        exactly as the server received them), aggregate (Aggregate)
+    fullhe.encrypt_full(keys, owner.delta(), owner.samples) -> (layer → ciphertexts, seconds)
+    fullhe.sum_full(public_bytes, [per-owner dicts]) ; fullhe.decrypt_full(keys, summed, shapes, total)
+        # the full-HE baseline (every value of every ΔW_i encrypted)
+    tests/federated/conftest.py: fixtures ``fed_keys`` (session CkksKeys), ``fed_data`` (jsonl),
+        ``make_owners(ranks=(4,8,16), budgets=(...), **OwnerConfig fields)`` -> list[Owner]
 
 Server side (``helora_aggregator.federated``, pure, no broker)::
 
     FederatedAggregator(public_context: bytes)   # refuses a context with a secret key
-        .plan(proposals: list[Proposal], layers: dict[layer,(d_out,d_in)], round_id) -> RoundPlan
-        .aggregate(plan, contributions: list[bytes]) -> (Aggregate, rejected: dict[owner, str])
-    clear_update(c: Contribution) -> dict[layer, np.ndarray (d_out, d_in)]
+        .plan(proposals: list[Proposal], layers: dict[layer,(d_out,d_in)], rid) -> (RoundPlan, rejected)
+        .aggregate(plan, contributions: list[bytes | Contribution]) -> (Aggregate, rejected: dict[owner, str])
+    clear_update(c: Contribution, plan: RoundPlan) -> dict[layer, np.ndarray (d_out, d_in)]
         # EXACTLY what the server can compute in the clear from one owner's message:
         # s_i·B_i·A_i with the encrypted columns zero, in the original column order
         # (the DAGER attack's input). ``fedwire.decode_contribution(bytes)`` gives ``c``.
 
-Wire (``hecommon.fedwire``): ``Contribution`` / ``encode_contribution`` / ``decode_contribution``,
+Wire (``hecommon.fedwire``): ``Contribution`` / ``encode_contribution`` / ``decode_contribution(b, max_bytes)``,
 ``Proposal``, ``RoundPlan``, ``Aggregate`` (same discipline as ``wire.py``). Per owner the server
 receives: owner name, sample count, context digest, and per layer ``B_eff = s_i·B_i``
 (float32), ``A`` with the chosen columns swapped to the end and zeroed (float32), ``k_i``, and
