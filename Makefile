@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-slow test-all bench bench-quick lint clean docker-lint dashboard-check
+.PHONY: setup demo test test-slow test-all bench bench-quick lint clean chart-check docker-lint dashboard-check
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ docker-lint: setup
 ## training run on the tiny model (needs the Debian package prometheus and RabbitMQ).
 dashboard-check: setup
 	$(PYTEST) tests/deploy/test_dashboard_prometheus.py -q
+
+## Helm chart and k8s/ manifests, offline: helm lint, render every charts/helora/ci values file,
+## kubernetes-validate --strict on each object, custom resources against the upstream CRDs in
+## ../shared/crds (or $$HELORA_CRDS_DIR).
+chart-check: setup
+	$(BIN)/python tools/chart_check.py
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache

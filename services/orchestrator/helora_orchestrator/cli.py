@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--generate", default=None, metavar="PROMPT",
                    help="after training, generate from PROMPT with the new adapter (same process, same server)")
     t.add_argument("--max-new-tokens", type=int, default=16)
+    t.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve /metrics, /healthz, /readyz on PORT while training (0: any free port, logged; "
+                        "default: off)")
+    t.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                   help="address of the metrics endpoints (default 127.0.0.1: the loss stays on this machine)")
     e = sub.add_parser("eval", help="held-out loss and perplexity")
     _common(e)
     e.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter or checkpoint directory")
@@ -179,6 +184,7 @@ def cmd_train(args) -> int:
     from .checkpoint import checkpoint_dir
     from .data import load_splits, read_examples
     from .export import export_peft
+    from .metrics import check_metrics_fields, start_metrics
     from .train import TrainConfig, Trainer
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -188,15 +194,23 @@ def cmd_train(args) -> int:
                       eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, mode=args.mode,
                       bits=args.bits, output_dir=args.out, progress=not args.no_progress)
     read_examples(args.data)  # fail on bad data before the (slow) model load
+    metrics_on = args.metrics_port is not None
+    if metrics_on:
+        check_metrics_fields(args)
     if not args.resume and checkpoint_dir(args.out) is not None:
         raise ConfigError(f"output: {args.out} already holds a checkpoint; pass --resume or choose another --out")
     model, tokenizer, model_id = _load_base(args.model, args.seed)
     train_data, eval_data = load_splits(args.data, tokenizer, cfg.seq_len)
     client = _client(args, model, model_id, lora)
     meta = _meta(args, model, model_id, lora, client)
-    trainer = Trainer(cfg, client, train_data, eval_data, meta)
+    metrics, server = start_metrics(args.metrics_port, args.metrics_host, client) if metrics_on else (None, None)
+    trainer = Trainer(cfg, client, train_data, eval_data, meta, metrics)
     trainer.start(resume=args.resume)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:
+        if server is not None:
+            server.close()
     adapter = export_peft(client, Path(args.out) / "adapter", meta)
     print(summary)
     print(f"adapter (PEFT format): {adapter}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hecommon.errors import ConfigError
+from hecommon.metrics import OrchestratorMetrics
 from tqdm.auto import tqdm
 
 from .backend import MODES
@@ -124,11 +125,15 @@ def evaluate(client: ClientModel, data: PackedData, batches: int, batch_size: in
 
 
 class Trainer:
-    """One run: call :meth:`run`; ``resume=True`` continues from ``<output_dir>/checkpoint``."""
+    """One run: call :meth:`run`; ``resume=True`` continues from ``<output_dir>/checkpoint``.
+
+    ``metrics`` (``hecommon.metrics.OrchestratorMetrics``): step, loss, tokens and tokens/s after
+    every optimizer step (``helora train --metrics-port``).
+    """
 
     def __init__(self, cfg: TrainConfig, client: ClientModel, train_data: PackedData, eval_data: PackedData,
-                 meta: CheckpointMeta):
-        self.cfg, self.client, self.meta = cfg, client, meta
+                 meta: CheckpointMeta, metrics: OrchestratorMetrics | None = None):
+        self.cfg, self.client, self.meta, self.metrics = cfg, client, meta, metrics
         self.train_data, self.eval_data = train_data, eval_data
         self.optimizer = torch.optim.AdamW(client.lora_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
@@ -190,6 +195,8 @@ class Trainer:
             t0 = time.perf_counter()
             loss, n = self.train_step()
             elapsed, tokens = elapsed + time.perf_counter() - t0, tokens + n
+            if self.metrics is not None:
+                self.metrics.record_step(self.step, loss, n, tokens / elapsed if elapsed else 0.0)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:.1f}",
                             wire=human_bytes(self.client.wire_bytes), refresh=False)
             bar.update(1)

@@ -1,0 +1,69 @@
+"""``helora train --metrics-port``: the orchestrator's metrics from a real training loop, over HTTP."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+from helora_encoder.model import config_fingerprint, tiny_llama
+from helora_orchestrator.checkpoint import CheckpointMeta
+from helora_orchestrator.cli import main
+from helora_orchestrator.client_model import build_client
+from helora_orchestrator.lora import LoraSettings
+from helora_orchestrator.metrics import MeteredExchange, start_metrics
+from helora_orchestrator.train import TrainConfig, Trainer
+from prometheus_client.parser import text_string_to_metric_families
+
+LORA = LoraSettings(r=4, alpha=8)
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}, text
+
+
+def test_training_loop_exposes_step_loss_tokens_and_round_trips(tiny_splits, tmp_path, contract_violations):
+    model, _ = tiny_llama(seed=0)
+    cfg = TrainConfig(steps=2, warmup_steps=1, batch_size=2, seq_len=32, eval_batches=1, mode="encrypted",
+                      output_dir=str(tmp_path), progress=False)
+    client = build_client(model, "encrypted", LORA, seed=0)
+    meta = CheckpointMeta(base_model_id="tiny", base_model_fingerprint=config_fingerprint(model), mode="encrypted",
+                          bits=8, lora=LORA.to_dict(), param_set=client.backend.params.name)
+    metrics, server = start_metrics(0, "127.0.0.1", client)
+    try:
+        assert isinstance(client.backend.transport, MeteredExchange)
+        trainer = Trainer(cfg, client, *tiny_splits, meta, metrics)
+        trainer.start(resume=False)
+        summary = trainer.run()
+        got, text = _scrape(server.port)
+    finally:
+        server.close()
+    assert got[("helora_orchestrator_step", ())] == 2
+    assert got[("helora_orchestrator_loss", ())] == pytest.approx(summary.final_train_loss)
+    assert got[("helora_orchestrator_tokens_total", ())] == 2 * 2 * 32
+    assert got[("helora_orchestrator_tokens_per_second", ())] > 0
+    sent = got[("helora_orchestrator_bytes_total", (("direction", "out"),))]
+    received = got[("helora_orchestrator_bytes_total", (("direction", "in"),))]
+    assert sent > 0 and received > 0 and sent + received == client.wire_bytes  # every request metered
+    round_trips = sum(v for (name, _), v in got.items() if name == "helora_orchestrator_request_seconds_count")
+    assert round_trips == client.backend.requests > 0
+    assert got[("helora_orchestrator_request_seconds_count", (("direction", "backward"), ("kind", "qkv")))] > 0
+    assert contract_violations(text, set(), set()) == []
+
+
+def test_cli_train_with_metrics_port_names_the_port(tmp_path, capsys):
+    assert main(["train", "--model", "tiny", "--mode", "quantized", "--seq-len", "32", "--batch-size", "2",
+                 "--steps", "1", "--eval-batches", "1", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--metrics-port", "0"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"metrics on http://127\.0\.0\.1:\d+/metrics", err), err
+
+
+@pytest.mark.parametrize("port, message", [("-1", "metrics_port: -1 outside 0..65535"),
+                                           ("70000", "metrics_port: 70000 outside 0..65535")])
+def test_bad_metrics_port_exits_2(capsys, port, message):
+    assert main(["train", "--model", "tiny", "--metrics-port", port]) == 2
+    assert message in capsys.readouterr().err
