@@ -1,0 +1,148 @@
+"""The server side never holds a secret key, and bad contributions are rejected while the round goes on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import numpy as np
+import pytest
+import tenseal as ts
+from hecommon import fedwire
+from hecommon.errors import MalformedMessage, ParameterMismatch
+from helora_aggregator.federated import FederatedAggregator, check_public_context
+from helora_orchestrator.federated.round import run_round
+from helora_orchestrator.federated.selective import CkksKeys
+
+from .conftest import CKKS_ATOL
+
+BIG = 1 << 30
+
+
+def test_server_context_is_public_and_the_secret_key_never_appears(make_owners, fed_keys):
+    public = fed_keys.public_bytes()
+    assert ts.context_from(public).is_private() is False
+    aggregator = FederatedAggregator(public)
+    assert not aggregator.ctx.is_private() and not aggregator.ctx.has_secret_key()
+    owners = make_owners((4, 8), (0.05, 0.1))
+    report = run_round(owners, aggregator, 1)
+    secret = fed_keys.secret_key_bytes()
+    assert len(secret) > 1000
+    probe = secret[len(secret) // 2:len(secret) // 2 + 64]  # any 64 bytes of the key's serialization
+    for blob in [public, *report.received]:
+        assert secret not in blob and probe not in blob
+    # and the serialized context that carries the key is refused outright
+    with pytest.raises(ParameterMismatch, match="secret key"):
+        FederatedAggregator(fed_keys._ctx.serialize(save_secret_key=True))
+
+
+def test_public_context_message_roundtrip_and_refusal_of_a_private_one(fed_keys):
+    rid = bytes(16)
+    msg = fedwire.decode(fedwire.encode(fedwire.PublicContext(rid, fed_keys.public_bytes())))
+    assert msg.digest == fed_keys.digest
+    check_public_context(msg.context)
+    with pytest.raises(ParameterMismatch, match="secret key"):
+        check_public_context(fed_keys._ctx.serialize(save_secret_key=True))
+    with pytest.raises(MalformedMessage):
+        check_public_context(b"not a context")
+    other = ts.context(ts.SCHEME_TYPE.CKKS, 8192, -1, [60, 40, 60])
+    other.make_context_public()
+    with pytest.raises(ParameterMismatch, match="N = 8192"):
+        check_public_context(other.serialize())
+
+
+def _with_layer(c: fedwire.Contribution, i: int, **changes) -> fedwire.Contribution:
+    layers = list(c.layers)
+    layers[i] = dataclasses.replace(layers[i], **changes)
+    return dataclasses.replace(c, layers=tuple(layers))
+
+
+def test_bad_contributions_are_rejected_and_the_round_goes_on(make_owners, fed_keys):
+    owners = make_owners((4, 8, 16), (0.02, 0.05, 0.2))
+    stranger = CkksKeys.generate()  # a key that is not the round's
+
+    def tamper(owner, data):
+        c = fedwire.decode_contribution(data, BIG)
+        if owner.name == "o0":  # o0 is fine, and also sends a truncated copy and a duplicate
+            return [data, data[: len(data) // 2], data]
+        lay = c.layers[0]
+        if owner.name == "o1":  # wrong layer shape (one more input column) and a foreign context
+            a = np.zeros((lay.r, lay.d_in + 1), np.float32)
+            bad_shape = _with_layer(c, 0, d_in=lay.d_in + 1, a=a)
+            foreign = dataclasses.replace(c, owner="o1-foreign", ctx=stranger.digest)
+            return [fedwire.encode(bad_shape, BIG), fedwire.encode(foreign, BIG)]
+        # o2: an encrypted column left in the clear copy, and a ciphertext under another key's context
+        a = lay.a.copy()
+        a[:, -1] = 1.0
+        leaky = _with_layer(dataclasses.replace(c, owner="o2-leaky"), 0, a=a)
+        bogus = _with_layer(dataclasses.replace(c, owner="o2-bogus"), 0, enc=(b"\x00" * 100,) * len(lay.enc))
+        return [fedwire.encode(leaky, BIG), fedwire.encode(bogus, BIG)]
+
+    for o in owners:
+        o.train_local()
+    valid = owners[0]
+    want = {n: valid.samples * d / valid.samples for n, d in valid.delta().items()}
+    report = run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1, tamper=tamper, train=False)
+    rej = report.rejected
+    assert set(report.aggregate.owners) == {"o0"}
+    assert "duplicated owner" in rej["o0 (duplicate)"]
+    assert "not valid msgpack" in rej["#1"]
+    assert "shape" in rej["o1"]
+    assert "another CKKS context" in rej["o1-foreign"]
+    assert "not zeroed" in rej["o2-leaky"]
+    assert "does not deserialize" in rej["o2-bogus"]
+    assert all(len(reason) < 300 for reason in rej.values())  # short reasons, no payload
+    for name, dw in owners[2].last_merged.items():  # everyone merged o0's update alone
+        np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
+
+
+def test_no_valid_contribution_is_a_clear_error(make_owners, fed_keys):
+    owners = make_owners((4,), (0.05,))
+    with pytest.raises(MalformedMessage, match="no valid contribution"):
+        run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1, tamper=lambda o, d: [d[:10]])
+
+
+def test_wrong_round_is_rejected(make_owners, fed_keys):
+    owners = make_owners((4, 8), (0.05, 0.05))
+
+    def tamper(owner, data):
+        if owner.name == "o1":
+            c = fedwire.decode_contribution(data, BIG)
+            return [fedwire.encode(dataclasses.replace(c, rid=b"\x01" * 16), BIG)]
+        return [data]
+
+    report = run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1, tamper=tamper)
+    assert "is not this round" in report.rejected["o1"]
+    assert report.aggregate.owners == ("o0",)
+
+
+def test_fedwire_strict_decoding(fed_keys, make_owners):
+    owners = make_owners((4,), (0.05,))
+    owners[0].train_local()
+    plan_layers = tuple(fedwire.PlanLayer(n, d_out, d_in, tuple(range(4))) for n, (d_out, d_in) in owners[0].shapes().items())
+    plan = fedwire.RoundPlan(bytes(16), fed_keys.digest, plan_layers)
+    data = fedwire.encode(owners[0].contribute(plan), BIG)
+    c = fedwire.decode_contribution(data, BIG)
+    assert c.owner == "o0" and c.layers[0].k == 4  # ceil(0.05 · 64)
+    m = msgpack.unpackb(data, raw=False)
+    cases = {
+        "version": ({**m, "v": 2}, "version"),
+        "extra": ({**m, "x": 1}, "unexpected field"),
+        "missing": ({k: v for k, v in m.items() if k != "samples"}, "missing field"),
+        "samples": ({**m, "samples": 0}, "samples"),
+        "type": ({**m, "type": "fed-plan"}, "expected"),
+    }
+    for _name, (bad, match) in cases.items():
+        with pytest.raises(MalformedMessage, match=match):
+            fedwire.decode_contribution(msgpack.packb(bad, use_bin_type=True), BIG)
+    nan_layer = dict(m["layers"][0])
+    nan_layer["b"] = np.full(len(nan_layer["b"]) // 4, np.nan, "<f4").tobytes()
+    with pytest.raises(MalformedMessage, match="non-finite"):
+        fedwire.decode_contribution(msgpack.packb({**m, "layers": [nan_layer, *m["layers"][1:]]}, use_bin_type=True), BIG)
+    few = dict(m["layers"][0], enc=[])
+    with pytest.raises(MalformedMessage, match="ciphertexts expected"):
+        fedwire.decode_contribution(msgpack.packb({**m, "layers": [few, *m["layers"][1:]]}, use_bin_type=True), BIG)
+    with pytest.raises(MalformedMessage, match="exceed the limit"):
+        fedwire.decode_contribution(data, 1024)
+    with pytest.raises(TypeError):
+        fedwire.encode(fed_keys)  # no encoder for key material
