@@ -1,6 +1,6 @@
 """``helora``: the data owner's command line (DESIGN §4, orchestrator).
 
-``helora train | eval | generate``. Without ``--broker`` the server side runs in-process (the
+``helora train | eval | generate | status``. Without ``--broker`` the server side runs in-process (the
 embedded default). Bad input exits with status 2 and one line on stderr, never a traceback.
 ``--model tiny`` is a tiny random Llama with a byte tokenizer, for smoke tests.
 """
@@ -16,6 +16,8 @@ from hecommon.errors import ConfigError, HeloraError, ParameterMismatch
 
 from .backend import MODES
 from .lora import BLOCK_LINEARS, LoraSettings
+from .status import add_parser as add_status_parser
+from .status import cmd_status
 
 TINY = "tiny"
 
@@ -47,7 +49,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helora", description="Private LoRA fine-tuning over encrypted linear layers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,status}")
     t = sub.add_parser("train", help="fine-tune a LoRA adapter")
     _common(t)
     t.add_argument("--steps", type=int, default=100)
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, metavar="DIR")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    add_status_parser(sub)
     return parser
 
 
@@ -255,7 +258,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:
