@@ -49,7 +49,7 @@ bench-quick: setup
 	$(BIN)/python benchmarks/he_matmul.py --quick --json out/he_matmul_quick.json
 
 lint: setup
-	$(BIN)/ruff check libs services tests benchmarks
+	$(BIN)/ruff check libs services tests benchmarks tools tools/helm
 	$(BIN)/mypy libs/hecommon/hecommon
 
 ## Lint docker/Dockerfile with hadolint (config: .hadolint.yaml); no Docker engine needed.
