@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, metavar="DIR")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    from .federated.cli import add_parser as add_federate_parser
+
+    add_federate_parser(sub)
     add_status_parser(sub)
     return parser
 
@@ -263,6 +266,10 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sta
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "federate":  # its own subcommands and error handling (federated/cli.py)
+        from .federated.cli import cmd_federate
+
+        return cmd_federate(args)
     try:
         if args.broker is not None and args.mode != "encrypted":
             raise ConfigError(f"--broker: only meaningful with --mode encrypted, not {args.mode}")

@@ -90,30 +90,40 @@ def run_round(owners: list[Owner], aggregator: FederatedAggregator, round_no: in
     return report
 
 
+def _load_base(model: str, seed: int):
+    """(model, tokenizer, model id): the tiny random Llama, the bundled SmolLM2, or a path."""
+    from ..data import ByteTokenizer
+
+    if model == "tiny":
+        from helora_encoder.model import tiny_llama
+
+        return tiny_llama(seed)[0], ByteTokenizer(), f"tiny-llama(seed={seed})"
+    from helora_encoder.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
+
+    path = None if model in ("smollm2", "") else model
+    return load_model(path), load_tokenizer(path), path or BUNDLED_MODEL_ID
+
+
+def build_owner_shard(cfg: OwnerConfig, index: int, count: int, model: str = "tiny", data=None, seed: int = 0,
+                      keys: CkksKeys | None = None) -> Owner:
+    """Owner ``index`` of ``count``: examples ``index, index + count, …`` of ``data``, its own
+    train/held-out split, the base model of ``seed`` (the same for every owner)."""
+    from ..data import pack, read_examples, split_examples
+
+    base, tokenizer, model_id = _load_base(model, seed)
+    train, held = split_examples(read_examples(data)[index::count])
+    return Owner(cfg, base, pack(train, tokenizer, cfg.seq_len), pack(held, tokenizer, cfg.seq_len),
+                 keys or CkksKeys.generate(), model_id)
+
+
 def build_owners(configs: list[OwnerConfig], model: str = "tiny", data=None, seed: int = 0,
                  keys: CkksKeys | None = None) -> tuple[list[Owner], CkksKeys]:
     """Owners on the same base model, each with its own shard of the data (example ``i`` goes to
     owner ``i mod N``) and its own held-out split; one shared CKKS key."""
-    from ..data import ByteTokenizer, pack, read_examples, split_examples
-
     if not configs or len({c.name for c in configs}) != len(configs):
         raise ValueError("owners: at least one, with distinct names")
     keys = keys or CkksKeys.generate()
-    examples = read_examples(data)
-    owners = []
-    for i, cfg in enumerate(configs):
-        if model == "tiny":
-            from helora_encoder.model import tiny_llama
-
-            base, tokenizer, model_id = tiny_llama(seed)[0], ByteTokenizer(), f"tiny-llama(seed={seed})"
-        else:
-            from helora_encoder.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
-
-            path = None if model in ("smollm2", "") else model
-            base, tokenizer, model_id = load_model(path), load_tokenizer(path), path or BUNDLED_MODEL_ID
-        train, held = split_examples(examples[i::len(configs)])
-        owners.append(Owner(cfg, base, pack(train, tokenizer, cfg.seq_len), pack(held, tokenizer, cfg.seq_len),
-                            keys, model_id))
+    owners = [build_owner_shard(cfg, i, len(configs), model, data, seed, keys) for i, cfg in enumerate(configs)]
     return owners, keys
 
 

@@ -1,0 +1,213 @@
+"""The aggregator's federated rounds over RabbitMQ (SHE-LoRA; DESIGN §5), on the shared ``amqp.Service`` shell.
+
+``python -m helora_aggregator.fedworker --context KEY.pub --owners N`` consumes
+``{ns}.federated``. Owners (``helora federate round``) publish ``fedwire`` messages there with
+``reply_to`` and ``correlation_id``:
+
+1. a ``Proposal`` per owner and round; once ``N`` owners have proposed (or ``--round-timeout-s``
+   after the first, with those that did), the worker answers every proposer with the
+   ``RoundPlan``;
+2. a ``Contribution`` per planned owner; each is checked on arrival (``FederatedAggregator.check``:
+   round, context, layers, shapes, zeroed columns, ciphertexts): a bad one is dead-lettered and
+   its sender gets an error reply; once every planned owner has answered (or after the timeout),
+   the worker answers every accepted owner with the ``Aggregate``.
+
+The round id is derived by the owners from the context digest and the round number, so they
+agree on it without talking to each other. The worker holds only the PUBLIC context (refused at
+start if it carries a secret key). Deliveries of a round stay unacked until its answer is out;
+a round's state lives in this process, so if it dies mid-round the broker redelivers the
+messages to its successor, which replays the round from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+from hecommon import amqp, fedwire, metrics
+from hecommon.errors import ConfigError, HeloraError, MalformedMessage, ParameterMismatch
+from hecommon.fedwire import Contribution, Proposal
+
+from .federated import FederatedAggregator
+
+log = logging.getLogger("helora.aggregator.federated")
+
+
+def federated_queue(namespace: str) -> str:
+    return f"{amqp.Topology(namespace).namespace}.federated"
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    context: str = ""
+    owners: int = 0
+    broker_url: str = amqp.DEFAULT_URL
+    namespace: str = amqp.DEFAULT_NAMESPACE
+    max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
+    prefetch: int = 64  # every message of a round is held until the round's answer is out
+    log_level: str = "INFO"
+    metrics_port: int = metrics.DEFAULT_PORT
+    metrics_host: str = metrics.DEFAULT_HOST
+    round_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        amqp.check_broker_fields(self)
+        metrics.check_metrics_fields(self)
+        if not isinstance(self.owners, int) or not 1 <= self.owners <= fedwire.MAX_OWNERS:
+            raise ConfigError(f"owners: {self.owners!r} must be in 1..{fedwire.MAX_OWNERS}")
+        if self.prefetch < 2 * self.owners:
+            raise ConfigError(f"prefetch: {self.prefetch} cannot hold a round of {self.owners} owners (2 per owner)")
+        if not Path(self.context).is_file():
+            raise ConfigError(f"context: no such file: {self.context!r} (the public context from keygen)")
+        if not self.round_timeout_s > 0:
+            raise ConfigError(f"round_timeout_s: {self.round_timeout_s} must be positive")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> FederatedConfig:
+        return amqp.config_from_mapping(cls, values)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> FederatedConfig:
+        p = argparse.ArgumentParser(prog="helora-federated", description="helora federated aggregator (DESIGN §5)")
+        amqp.add_broker_flags(p, environ, prefetch=64)
+        metrics.add_metrics_flags(p, environ)
+        p.add_argument("--context", required=True, metavar="KEY.pub", help="the federation's public CKKS context")
+        p.add_argument("--owners", type=int, required=True, help="owners expected per round")
+        p.add_argument("--round-timeout-s", type=float, default=600.0,
+                       help="after this long, a round goes on with the owners that answered")
+        return cls.from_mapping(vars(p.parse_args(argv)))
+
+
+@dataclass
+class _Round:
+    started: float = field(default_factory=time.monotonic)
+    proposals: dict[str, tuple[Proposal, amqp.Delivery]] = field(default_factory=dict)
+    plan: fedwire.RoundPlan | None = None
+    planned: tuple[str, ...] = ()
+    contributions: dict[str, tuple[Contribution, amqp.Delivery]] = field(default_factory=dict)
+    rejected: set[str] = field(default_factory=set)
+
+
+class FederatedWorker(amqp.Service):
+    name = "aggregator"  # the metrics' service label: this is the aggregator, in federated mode
+
+    def __init__(self, cfg: FederatedConfig, metrics: metrics.Metrics | None = None) -> None:
+        super().__init__(cfg, metrics=metrics)
+        self.aggregator = FederatedAggregator(Path(cfg.context).read_bytes())
+        self.queue = federated_queue(cfg.namespace)
+        self.rounds: dict[bytes, _Round] = {}
+        self.closed: dict[bytes, None] = {}
+
+    def declare(self, ch) -> list[str]:
+        self.topology.declare_queue(ch, self.queue)
+        return [self.queue]
+
+    def reset(self) -> None:
+        self.rounds.clear()
+
+    def handle(self, d: amqp.Delivery) -> None:
+        try:
+            msg = fedwire.decode(d.body, self.limit)
+            if not d.properties.reply_to:
+                raise MalformedMessage("federated message without reply_to: nowhere to answer")
+            if msg.rid in self.closed:
+                raise ParameterMismatch(f"round {msg.rid.hex()} is closed")
+            if isinstance(msg, Proposal):
+                self._proposal(msg, d)
+            elif isinstance(msg, Contribution):
+                self._contribution(msg, d)
+            else:
+                raise MalformedMessage(f"{msg.TYPE}: not accepted on the federated queue")
+        except HeloraError as exc:
+            self.fail([d], exc)
+
+    def _proposal(self, p: Proposal, d: amqp.Delivery) -> None:
+        rnd = self.rounds.setdefault(p.rid, _Round())
+        if rnd.plan is not None:
+            raise ParameterMismatch(f"owner {p.owner!r}: round {p.rid.hex()} is already planned")
+        if p.owner in rnd.proposals:
+            raise MalformedMessage(f"owner {p.owner!r}: a second proposal for this round (duplicated owner)")
+        rnd.proposals[p.owner] = (p, d)
+        if len(rnd.proposals) >= self.cfg.owners:
+            self._plan(p.rid, rnd)
+
+    def _plan(self, rid: bytes, rnd: _Round) -> None:
+        first = next(iter(rnd.proposals.values()))[0]
+        shapes = {x.name: (x.d_out, x.d_in) for x in first.layers}
+        plan, rejected = self.aggregator.plan([p for p, _ in rnd.proposals.values()], shapes, rid)
+        body = fedwire.encode(plan, self.limit)
+        for owner, (_, d) in rnd.proposals.items():
+            if owner in rejected:
+                self.fail([d], ParameterMismatch(rejected[owner]))
+                continue
+            self._answer(d, body)
+        rnd.plan, rnd.planned = plan, tuple(o for o in rnd.proposals if o not in rejected)
+        self.ack([d for o, (_, d) in rnd.proposals.items() if o not in rejected])
+        log.info("round %s: planned for %d owners", rid.hex()[:8], len(rnd.planned))
+
+    def _contribution(self, c: Contribution, d: amqp.Delivery) -> None:
+        rnd = self.rounds.get(c.rid)
+        if rnd is None or rnd.plan is None:
+            raise ParameterMismatch(f"owner {c.owner!r}: round {c.rid.hex()} has no plan (propose first)")
+        if c.owner not in rnd.planned:
+            raise ParameterMismatch(f"owner {c.owner!r}: not an owner of this round's plan")
+        try:
+            self.aggregator.check(rnd.plan, c, {o: x for o, (x, _) in rnd.contributions.items()})
+        except HeloraError:
+            rnd.rejected.add(c.owner)
+            self._maybe_aggregate(c.rid, rnd)
+            raise
+        rnd.contributions[c.owner] = (c, d)
+        self._maybe_aggregate(c.rid, rnd)
+
+    def _maybe_aggregate(self, rid: bytes, rnd: _Round, timed_out: bool = False) -> None:
+        if len(rnd.contributions) + len(rnd.rejected - set(rnd.contributions)) < len(rnd.planned) and not timed_out:
+            return
+        assert rnd.plan is not None
+        del self.rounds[rid]
+        self.closed[rid] = None
+        while len(self.closed) > 1024:
+            self.closed.pop(next(iter(self.closed)))
+        if not rnd.contributions:
+            return
+        agg, _ = self.aggregator.aggregate(rnd.plan, [c for c, _ in rnd.contributions.values()])
+        body = fedwire.encode(agg, self.limit)
+        for _, d in rnd.contributions.values():
+            self._answer(d, body)
+        self.ack([d for _, d in rnd.contributions.values()])
+        log.info("round %s: aggregated %d owners, %d bytes", rid.hex()[:8], len(agg.owners), len(body))
+
+    def _answer(self, d: amqp.Delivery, body: bytes) -> None:
+        try:
+            self.publish(d.properties.reply_to, body, pika.BasicProperties(correlation_id=d.properties.correlation_id))
+        except (pex.UnroutableError, pex.NackError):
+            log.warning("an owner's reply queue is gone; answer dropped")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for rid, rnd in list(self.rounds.items()):
+            if now - rnd.started <= self.cfg.round_timeout_s:
+                continue
+            log.warning("round %s: timed out; going on with the owners that answered", rid.hex()[:8])
+            if rnd.plan is None:
+                self._plan(rid, rnd)
+                rnd.started = now
+            else:
+                self._maybe_aggregate(rid, rnd, timed_out=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return amqp.serve("helora-aggregator", FederatedConfig.from_args, FederatedWorker, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

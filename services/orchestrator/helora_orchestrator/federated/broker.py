@@ -1,0 +1,112 @@
+"""One owner's federated rounds over RabbitMQ (``helora federate round``; SHE-LoRA, DESIGN §5).
+
+The owner publishes its ``Proposal`` and then its ``Contribution`` to ``{ns}.federated`` (the
+aggregator's ``fedworker``) with its own exclusive ``reply_to`` queue and a fresh
+``correlation_id``, and waits for the ``RoundPlan`` and then the ``Aggregate``. An error reply
+(``hecommon.wire.ErrorReply``) becomes a ``HeloraError`` naming the aggregator's reason.
+The round id is ``SHA-256("helora-fed-round" ‖ context digest ‖ round number)[:16]``: owners of one
+federation agree on it without talking to each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+import pika
+from hecommon import amqp, fedwire, wire
+from hecommon.errors import HeloraError, MalformedMessage, TransientError
+
+from .client import Owner
+from .round import RoundReport
+
+
+def round_id(digest: bytes, round_no: int) -> bytes:
+    return hashlib.sha256(b"helora-fed-round" + digest + round_no.to_bytes(8, "big")).digest()[:fedwire.RID_BYTES]
+
+
+class AggregatorError(HeloraError):
+    """The aggregator refused this owner's message; ``reason`` is its own."""
+
+
+class FederatedBrokerClient:
+    """A blocking request/reply client of the federated aggregator."""
+
+    def __init__(self, url: str, namespace: str = amqp.DEFAULT_NAMESPACE, timeout_s: float = 600.0,
+                 max_bytes: int = wire.MAX_MESSAGE_BYTES):
+        from helora_aggregator.fedworker import federated_queue
+
+        self.timeout_s, self.max_bytes = timeout_s, max_bytes
+        # heartbeats off: the owner trains for minutes between two messages on this connection
+        self.conn = amqp.connect(url, f"helora-federated-owner@{namespace}", heartbeat=0)
+        self.ch = self.conn.channel()
+        self.ch.confirm_delivery()
+        topology = amqp.Topology(namespace)
+        topology.declare_common(self.ch)
+        self.queue = federated_queue(namespace)
+        topology.declare_queue(self.ch, self.queue)  # messages wait there until the aggregator runs
+        self.reply_to = self.ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        self.bytes_up = self.bytes_down = 0
+
+    def call(self, msg: fedwire.Message, expect: type) -> fedwire.Message:
+        body = fedwire.encode(msg, self.max_bytes)
+        cid = secrets.token_hex(fedwire.RID_BYTES)
+        self.ch.basic_publish("", self.queue, body, pika.BasicProperties(reply_to=self.reply_to, correlation_id=cid,
+                                                                          delivery_mode=2), mandatory=True)
+        self.bytes_up += len(body)
+        deadline = time.monotonic() + self.timeout_s
+        for method, props, reply in self.ch.consume(self.reply_to, inactivity_timeout=1.0):
+            if method is None:
+                if time.monotonic() > deadline:
+                    self.ch.cancel()
+                    raise TransientError(f"no answer from the federated aggregator within {self.timeout_s:.0f} s")
+                continue
+            self.ch.basic_ack(method.delivery_tag)
+            if props.correlation_id != cid:
+                continue  # a stale answer to an earlier, abandoned request
+            self.ch.cancel()
+            self.bytes_down += len(reply)
+            return self._decode(reply, expect)
+        raise TransientError("the reply queue was cancelled")  # pragma: no cover - consume never ends otherwise
+
+    def _decode(self, reply: bytes, expect: type) -> fedwire.Message:
+        try:
+            return fedwire.decode(reply, self.max_bytes, expect)
+        except MalformedMessage:
+            try:
+                err = wire.decode_error(reply, self.max_bytes)
+            except HeloraError:
+                raise MalformedMessage(f"the aggregator's answer is neither a {expect.__name__} nor an error") from None
+            exc = AggregatorError(f"the aggregator refused it ({err.reason}): {err.message}")
+            exc.reason = err.reason
+            raise exc from None
+
+    def close(self) -> None:
+        if self.conn.is_open:
+            self.conn.close()
+
+    def __enter__(self) -> FederatedBrokerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def owner_round(owner: Owner, client: FederatedBrokerClient, round_no: int, train: bool = True) -> RoundReport:
+    """Train locally, propose, contribute, merge: one round of one owner over the broker."""
+    rid = round_id(owner.keys.digest, round_no)
+    report = RoundReport(round_no)
+    report.train_loss[owner.name] = owner.train_local() if train else float("nan")
+    up0, down0 = client.bytes_up, client.bytes_down
+    plan = client.call(owner.proposal(rid), fedwire.RoundPlan)
+    assert isinstance(plan, fedwire.RoundPlan)
+    agg = client.call(owner.contribute(plan), fedwire.Aggregate)
+    assert isinstance(agg, fedwire.Aggregate)
+    owner.merge(agg)
+    report.eval_loss[owner.name] = owner.eval_loss()
+    report.enc_seconds[owner.name] = owner.enc_seconds
+    report.bytes_up[owner.name] = client.bytes_up - up0
+    report.bytes_down = client.bytes_down - down0
+    report.plan, report.aggregate = plan, agg
+    return report
