@@ -2,6 +2,9 @@
 {{- define "helora.podCommon" -}}
 serviceAccountName: {{ include "helora.serviceAccountName" . }}
 automountServiceAccountToken: false
+# on SIGTERM a service finishes its current message (bounded at 30 s), acks it and closes;
+# anything unacknowledged is redelivered to another replica
+terminationGracePeriodSeconds: 45
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
