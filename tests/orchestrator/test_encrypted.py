@@ -78,3 +78,18 @@ def test_over_bytes_equals_in_process_and_counts_real_bytes():
         assert torch.equal(direct(ids), framed(ids))
     # payload bytes (in-process count) are the encoded bytes less a small msgpack framing
     assert 0 < framed.wire_bytes - direct.wire_bytes < 2000 * direct.backend.requests
+
+
+@pytest.mark.gpu
+def test_encrypted_on_the_gpu_equals_quantized_exactly():  # pragma: no cover - needs a device
+    """The embedded server on cupy (int8 tensor cores where the shape allows, else float64)."""
+    lora = LoraSettings()
+    quantized = build_client(_model(), "quantized", lora, seed=0)
+    encrypted = build_client(_model(), "encrypted", lora, seed=0, backend="cupy", shards=2)
+    _randomize_lora([quantized, encrypted])
+    ids = torch.randint(0, quantized.hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    lq, loss_q, gq = _step(quantized, ids)
+    le, loss_e, ge = _step(encrypted, ids)
+    assert torch.equal(lq, le) and torch.equal(loss_q, loss_e)
+    for name in gq:
+        assert torch.equal(gq[name], ge[name]), name

@@ -9,11 +9,14 @@ the request (``a`` is fixed per layer and direction), so it is computed once: th
 Forward uses ``M = W`` (d_out × d_in); backward uses ``M = Wᵀ``. A row shard (a slice of the
 inputs) returns a partial that the aggregator adds to the others.
 
-Backends: numpy (CPU) and cupy (GPU, imported lazily) run the same code through ``xp``.
+Backends: numpy (CPU) and cupy (GPU, imported lazily) run the same float64 code through ``xp``.
+On a GPU the default GEMM is the int8 tensor-core digit method of :mod:`hecommon.gpu` (bit-identical
+results); ``gemm="float64"`` or ``HELORA_GPU_GEMM=float64`` keeps the float64 GEMMs.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from types import ModuleType
 from typing import Any
@@ -22,6 +25,7 @@ import numpy as np
 
 from .encrypt import EncryptedBatch, EncryptedPartial, expand_a
 from .errors import ConfigError, ParameterMismatch
+from .gpu import DIGITS, Int8Product, int8_available, int8_shape_ok
 from .params import MAX_GEMM_TERMS, ParamSet
 
 
@@ -62,6 +66,7 @@ class MatrixProduct:
         a_seed: bytes,
         input_start: int = 0,
         backend: str = "numpy",
+        gemm: str = "auto",
     ) -> None:
         if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.integer):
             raise ConfigError("MatrixProduct: a 2-D integer matrix is required")
@@ -71,18 +76,24 @@ class MatrixProduct:
         self.d_out, self.d_in = (int(s) for s in matrix.shape)
         self.xp = array_module(backend)
         xp = self.xp
-        self._moduli_f = xp.asarray(np.asarray(params.primes, dtype=np.float64)[:, None])  # (L, 1)
-        self._chunks = [
+        in_int8 = int(matrix.max(initial=0)) <= 127 and int(matrix.min(initial=0)) >= -128
+        self.gemm = resolve_gemm(backend, gemm, self.d_out, self.d_in, DIGITS * params.limbs * params.n, in_int8)
+        self._int8 = Int8Product(matrix, params.primes) if self.gemm == "int8" else None
+        self._chunks = [] if self._int8 is not None else [
             xp.asarray(matrix[:, j : j + MAX_GEMM_TERMS].astype(np.float64))
             for j in range(0, self.d_in, MAX_GEMM_TERMS)
         ]
+        self._moduli_f = xp.asarray(np.asarray(params.primes, dtype=np.float64)[:, None])  # (L, 1)
         t0 = time.perf_counter()
         a = expand_a(a_seed, params, self.d_in, start=input_start)
-        self._hint = self._product(xp.asarray(a)).astype(xp.uint32)  # (d_out, L, N) residues
+        hint = self._product(xp.asarray(a)).astype(xp.uint32)  # (d_out, L, N) residues
+        self._hint = hint if xp is np else xp.asnumpy(hint)  # kept on the host: it goes on the wire
         self.hint_seconds = time.perf_counter() - t0
 
     def _product(self, residues: Any) -> Any:
         """``M · residues`` mod p per limb, as float64 integers in [0, p); residues (d_in, L, N)."""
+        if self._int8 is not None:
+            return self._int8(residues)
         xp = self.xp
         p = self._moduli_f
         c = residues.astype(xp.float64)
@@ -103,12 +114,13 @@ class MatrixProduct:
     @property
     def held_bytes(self) -> int:
         """Bytes of the weight chunks and the hint on this product's device."""
-        return int(sum(c.nbytes for c in self._chunks) + self._hint.nbytes)
+        weights = self.d_out * self.d_in if self._int8 is not None else sum(c.nbytes for c in self._chunks)
+        return int(weights + self._hint.nbytes)
 
     @property
     def hint(self) -> np.ndarray:
         """``M·A`` mod q, (d_out, L, N) uint32 residues on the host: the ``a`` part of every output."""
-        return self._hint if self.xp is np else self.xp.asnumpy(self._hint)
+        return self._hint
 
     def __call__(self, batch: EncryptedBatch) -> EncryptedPartial:
         """The partial result for one batch (mod q, not yet switched)."""
@@ -117,8 +129,38 @@ class MatrixProduct:
         if batch.width != self.d_in:
             raise ParameterMismatch(f"batch has {batch.width} ciphertexts, this layer takes {self.d_in}")
         xp = self.xp
-        b = self._product(xp.asarray(batch.b)).astype(xp.uint32)
-        a = self._hint
+        b = self.product_on_device(xp.asarray(batch.b))
         if xp is not np:
-            a, b = xp.asnumpy(a), xp.asnumpy(b)
-        return EncryptedPartial(self.params, a, b, batch.n_tokens)
+            b = xp.asnumpy(b)
+        return EncryptedPartial(self.params, self._hint, b, batch.n_tokens)
+
+    def product_on_device(self, b: Any) -> Any:
+        """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""
+        out = self._product(b)
+        return out if out.dtype == self.xp.uint32 else out.astype(self.xp.uint32)
+
+
+def resolve_gemm(backend: str, gemm: str, d_out: int, d_in: int, columns: int, in_int8: bool = True) -> str:
+    """The GEMM a layer uses: 'float64' (any backend) or 'int8' (cupy with torch's CUDA int8 GEMM).
+
+    ``auto`` takes ``HELORA_GPU_GEMM`` if set, else int8 on a GPU whenever the shape allows it.
+    """
+    if gemm == "auto":
+        gemm = os.environ.get("HELORA_GPU_GEMM", "auto")
+    if gemm not in ("auto", "int8", "float64"):
+        raise ConfigError(f"gemm: {gemm!r} is not 'auto', 'int8' or 'float64'")
+    if backend != "cupy":
+        if gemm == "int8":
+            raise ConfigError("gemm 'int8' needs the cupy backend (a CUDA device)")
+        return "float64"
+    fits = in_int8 and int8_shape_ok(d_out, d_in, columns)
+    if gemm == "int8":
+        if not fits:
+            raise ConfigError(f"gemm 'int8': shape {d_out}x{d_in} or its entries break the int8 GEMM's "
+                              f"rules (int8 values, rows > 16, inner size a multiple of 8 and at most 2^17)")
+        if not int8_available():
+            raise ConfigError("gemm 'int8' needs torch with CUDA beside cupy")
+        return "int8"
+    if gemm == "auto" and fits and int8_available():
+        return "int8"
+    return "float64"
