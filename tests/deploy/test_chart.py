@@ -20,7 +20,7 @@ import crd_validate
 import helmchart
 import pytest
 import yaml
-from hecommon import amqp
+from hecommon import amqp, wire
 from hecommon import metrics as hm
 from helora_aggregator.config import AggregatorConfig
 from helora_encoder.config import EncoderConfig
@@ -417,3 +417,53 @@ def test_dashboard_configmap_is_labelled_and_valid(rendered) -> None:
         assert needed in text, needed
     assert "histogram_quantile(0.5," in text and "histogram_quantile(0.95," in text
     assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "namespace", "group"}
+
+
+# -- k8s/ and the docs agree with the chart ------------------------------------------------------
+def test_broker_config_matches_the_services() -> None:
+    """The RabbitmqCluster's max_message_size equals what the services split below (the chart's
+    default and hecommon's), and queues default to quorum."""
+    (cluster,) = chart_check.k8s_objects()["rabbitmq-cluster.yaml"]
+    conf = dict(line.split(" = ", 1) for line in cluster["spec"]["rabbitmq"]["additionalConfig"].splitlines()
+                if " = " in line and not line.lstrip().startswith("#"))
+    chart_default = helmchart.render_templates()["helora/templates/configmap.yaml"]
+    assert int(conf["max_message_size"]) == wire.MAX_MESSAGE_BYTES
+    assert int(conf["max_message_size"]) == yaml.safe_load((helmchart.CHART_DIR / "values.yaml").read_text())[
+        "broker"]["maxMessageBytes"]
+    assert conf["default_queue_type"] == "quorum"
+    assert cluster["metadata"]["name"] == "helora-rabbitmq" and 'brokerHost: "helora-rabbitmq"' in chart_default
+
+
+def test_keda_example_matches_what_the_chart_renders(rendered) -> None:
+    example = {o["kind"]: o for o in chart_check.k8s_objects()["keda-rabbitmq-trigger.yaml"]}
+    trigger = example["ScaledObject"]["spec"]["triggers"][0]
+    (target,) = [d for d in kinds(rendered["defaults"], "Deployment")
+                 if d["metadata"]["name"] == example["ScaledObject"]["spec"]["scaleTargetRef"]["name"]]
+    assert trigger["metadata"]["queueName"] == target["metadata"]["annotations"]["helora.dev/queue"]
+    assert trigger["metadata"]["protocol"] == "http"
+    assert trigger["authenticationRef"]["name"] == example["TriggerAuthentication"]["metadata"]["name"]
+
+
+def test_status_role_is_read_only_and_covers_what_helora_status_lists() -> None:
+    roles = {o["metadata"]["name"]: o for o in chart_check.k8s_objects()["rbac.yaml"] if o["kind"] == "Role"}
+    rules = roles["helora-status"]["rules"]
+    granted = {(r, v) for rule in rules for r in rule["resources"] for v in rule["verbs"]}
+    assert {("pods", "list"), ("services", "list"), ("configmaps", "list"), ("deployments", "list")} <= granted
+    assert {v for _, v in granted} <= {"get", "list", "watch"}
+    assert not any(r == "secrets" for r, _ in granted)
+    (creds,) = [r for r in roles["helora-broker-credentials"]["rules"] if "secrets" in r["resources"]]
+    assert creds["resourceNames"] == ["helora-rabbitmq-default-user"] and creds["verbs"] == ["get"]
+
+
+def test_the_readme_values_example_installs(tmp_path) -> None:
+    """The values file in k8s/README.md renders, validates and covers the model."""
+    text = (ROOT / "k8s" / "README.md").read_text()
+    block = re.search(r"```yaml\n# my-values.yaml\n(.*?)```", text, re.S)
+    assert block, "k8s/README.md lost its values example"
+    path = tmp_path / "my-values.yaml"
+    path.write_text(block[1])
+    objects = helmchart.render([path])
+    assert chart_check.check_objects("README example", objects) == []
+    assert helmchart.lint([path]) == []
+    images = {c["image"] for _, c in containers(objects)}
+    assert "registry.example.com/helora/evaluator:0.1.0" in images
