@@ -9,6 +9,8 @@ own checks (``fail``) and schema errors raise ``ChartError`` with Helm's message
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,10 @@ def user_values(values_files: Iterable[str | Path] = (), set_values: Iterable[st
     """The user-supplied values (before the chart's defaults), as Helm composes them."""
     out: dict[str, Any] = {}
     for f in values_files:
-        text = Path(f).read_text()
+        try:
+            text = Path(f).read_text()
+        except OSError as exc:
+            raise ChartError(f"values file {f}: {exc.strerror}") from None
         try:
             doc = helm.values_from_yaml(text)
         except helm.HelmError as exc:
@@ -111,13 +116,41 @@ def render_notes(values_files: Iterable[str | Path] = (), set_values: Iterable[s
     return next((t for p, t in rendered.items() if p.endswith("NOTES.txt")), "")
 
 
+def _quietly(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` with file descriptor 2 captured: in lint mode the Go library logs each template
+    ``fail`` to stderr itself (``lint`` reports them through ``render`` instead)."""
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def lint(values_files: Iterable[str | Path] = (), set_values: Iterable[str] = (),
          values: Mapping[str, Any] | None = None, strict: bool = True,
          chart_dir: Path = CHART_DIR) -> list[str]:
-    """``helm lint --strict``: the findings at warning level and above (empty: clean)."""
+    """``helm lint --strict`` plus a render: the findings at warning level and above (empty: clean).
+
+    Helm's lint mode turns the templates' ``fail`` checks into log lines, not findings, so the
+    values are also rendered and a refusal is reported as a finding on ``templates/``.
+    """
     vals = user_values(values_files, set_values, values)
-    report = helm.lint(str(chart_dir), vals, strict=strict, namespace=NAMESPACE)
-    return [f"{m['path']}: {m['error'].strip()}" for m in report["messages"] if m["severity"] >= 2]
+    try:
+        report = _quietly(helm.lint, str(chart_dir), vals, strict=strict, namespace=NAMESPACE)
+    except helm.HelmError as exc:
+        raise ChartError(str(exc)) from None
+    found = [f"{m['path']}: {m['error'].strip()}" for m in report["messages"] if m["severity"] >= 2]
+    if not report["total_charts_linted"]:
+        return found + [e.strip() for e in report["errors"]] or [f"{chart_dir}: no chart linted"]
+    if not found:
+        try:
+            render_templates(values=vals, chart_dir=chart_dir)
+        except ChartError as exc:
+            found.append(f"templates/: {exc}")
+    return found
 
 
 def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:

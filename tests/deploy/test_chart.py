@@ -321,6 +321,14 @@ def test_bad_values_are_refused_with_a_clear_message(case: str) -> None:
         assert fragment in message, message
 
 
+def test_lint_reports_the_template_checks_too(tmp_path) -> None:
+    """Helm's lint mode logs a template ``fail`` instead of reporting it; ``lint`` renders too."""
+    assert any("blocks 4-29 have no evaluator group" in m for m in helmchart.lint(values=groups("0-3")))
+    assert any("/evaluators/0/replicas" in m for m in helmchart.lint(values=groups("0-29", replicas=-1)))
+    with pytest.raises(helmchart.ChartError, match="no-such.yaml"):
+        helmchart.lint([tmp_path / "no-such.yaml"])
+
+
 def test_the_cli_wrapper_renders_and_refuses() -> None:
     helm = [sys.executable, str(ROOT / "tools" / "helm")]
     ok = subprocess.run([*helm, "template", "-f", str(helmchart.CI_VALUES[0]), "--set", "logLevel=DEBUG"],
