@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helora_aggregator.federated import FederatedAggregator, clear_update
+from helora_aggregator.federated import FederatedAggregator, clear_update, global_order
 from helora_orchestrator.federated import fullhe
 from helora_orchestrator.federated.reparam import svd_to_rank
 from helora_orchestrator.federated.round import run_round
@@ -125,3 +125,36 @@ def test_merged_adapter_exports_in_peft_format(make_owners, fed_keys, tmp_path):
     for name, (a, b) in owners[1].adapter().items():
         assert torch.equal(weights[f"{name}.lora_A.weight"], a)
         assert torch.equal(weights[f"{name}.lora_B.weight"], b)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(576, 576), (1536, 576), (576, 1536), (192, 576)])
+def test_smollm2_dimensions_aggregate_within_tolerance(fed_keys, d_out, d_in):
+    """SmolLM2-135M's layer shapes (hidden 576, MLP 1536, k/v 192), synthetic adapters, no model:
+    the flat packing spans ciphertexts (d_out·k values over 2048-slot vectors) and still lines up."""
+    from hecommon import fedwire
+    from helora_orchestrator.federated.negotiate import budget_columns, top_k
+    from helora_orchestrator.federated.reparam import reconstruct
+    from helora_orchestrator.federated.selective import select_and_encrypt
+
+    rng = np.random.default_rng(d_out * 7 + d_in)
+    name, rid = "model.layers.0.mlp.x_proj", bytes(16)
+    owners = [(4, 0.01, 30), (8, 0.1, 50), (16, 0.00125, 20)]  # (rank, budget, samples)
+    facs = [(rng.standard_normal((r, d_in)) * 0.05, rng.standard_normal((d_out, r)) * 0.01) for r, _, _ in owners]
+    scores = [np.abs(a).sum(0) * rng.random(d_in) for a, _ in facs]
+    order = global_order([top_k(s, budget_columns(b, d_in)) for s, (_, b, _) in zip(scores, owners, strict=True)])
+    plan = fedwire.RoundPlan(rid, fed_keys.digest, (fedwire.PlanLayer(name, d_out, d_in, order),))
+    contribs = []
+    for i, ((r, b, w), (a, bb)) in enumerate(zip(owners, facs, strict=True)):
+        k = min(budget_columns(b, d_in), len(order))
+        b_eff = (2.0 * bb).astype(np.float32)  # scaling 2
+        swapped, enc = select_and_encrypt(fed_keys, a.astype(np.float32), b_eff, order, k, w)
+        lay = fedwire.LayerContribution(name, d_out, d_in, r, k, b_eff, swapped, enc)
+        contribs.append(fedwire.encode(fedwire.Contribution(rid, f"o{i}", w, fed_keys.digest, (lay,)), 1 << 30))
+    agg, rejected = FederatedAggregator(fed_keys.public_bytes()).aggregate(plan, contribs)
+    assert not rejected
+    got = reconstruct(agg.layer(name), agg.total, fed_keys)
+    want = sum(w * 2.0 * bb.astype(np.float32).astype(np.float64) @ a.astype(np.float32).astype(np.float64)
+               for (_, _, w), (a, bb) in zip(owners, facs, strict=True)) / 100
+    np.testing.assert_allclose(got, want, rtol=0, atol=CKKS_ATOL)
+    assert len(agg.layer(name).enc) == -(-len(order) * d_out // fedwire.CKKS_SLOTS)
+

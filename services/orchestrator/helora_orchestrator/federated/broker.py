@@ -46,7 +46,8 @@ class FederatedBrokerClient:
         topology.declare_common(self.ch)
         self.queue = federated_queue(namespace)
         topology.declare_queue(self.ch, self.queue)  # messages wait there until the aggregator runs
-        self.reply_to = self.ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        # exclusive, not auto-delete: the queue must outlive each call's consumer (deleted with the connection)
+        self.reply_to = self.ch.queue_declare("", exclusive=True).method.queue
         self.bytes_up = self.bytes_down = 0
 
     def call(self, msg: fedwire.Message, expect: type) -> fedwire.Message:

@@ -1,0 +1,174 @@
+"""Federated rounds over the real broker: the aggregator's ``fedworker`` as a subprocess, three owners
+(ranks 4, 8, 16) in threads, each with its own connection; a malformed message is dead-lettered and
+the rounds go on."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pika
+import pytest
+from hecommon import amqp, wire
+
+from .conftest import CKKS_ATOL
+from .test_aggregation import torch_flexlora
+
+pytestmark = pytest.mark.integration
+URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+def _broker_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def fedworker(tmp_path, fed_keys):
+    if not _broker_up():
+        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
+    from helora_aggregator.fedworker import federated_queue
+
+    ns = f"helora-fedtest-{secrets.token_hex(4)}"
+    pub = tmp_path / "fed.key.pub"
+    pub.write_bytes(fed_keys.public_bytes())
+    log = open(tmp_path / "fedworker.log", "wb")  # noqa: SIM115 - closed below
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "helora_aggregator.fedworker", "--broker", URL, "--namespace", ns,
+                             "--context", str(pub), "--owners", "3", "--metrics-port", "0", "--metrics-host",
+                             "127.0.0.1", "--round-timeout-s", "120"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        ch = conn.channel()
+        end = time.monotonic() + 60
+        while True:  # consuming?
+            assert proc.poll() is None, (tmp_path / "fedworker.log").read_text()
+            try:
+                if ch.queue_declare(federated_queue(ns), passive=True).method.consumer_count:
+                    break
+            except pika.exceptions.ChannelClosedByBroker:
+                ch = conn.channel()
+            assert time.monotonic() < end, (tmp_path / "fedworker.log").read_text()
+            time.sleep(0.3)
+        yield ns, tmp_path / "fedworker.log"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        amqp.Topology(ns).delete(conn.channel(), [federated_queue(ns)])
+        conn.close()
+
+
+def _garbage(ns: str) -> bytes:
+    """Publish bytes that are no federated message; return the error reply the worker sends."""
+    from helora_aggregator.fedworker import federated_queue
+
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        ch = conn.channel()
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.basic_publish("", federated_queue(ns), b"\x81\xa1v\x07", pika.BasicProperties(reply_to=q, correlation_id="00" * 16))
+        for method, _props, body in ch.consume(q, inactivity_timeout=30):
+            assert method is not None, "no error reply within 30 s"
+            ch.basic_ack(method.delivery_tag)
+            return body
+    finally:
+        conn.close()
+    raise AssertionError("unreachable")
+
+
+def test_rounds_over_the_broker_match_clear_flexlora(fedworker, make_owners):
+    from helora_orchestrator.federated.broker import FederatedBrokerClient, owner_round
+
+    ns, log_path = fedworker
+    err = wire.decode_error(_garbage(ns))
+    assert err.reason == "version"
+    owners = make_owners((4, 8, 16), (0.02, 0.05, 0.2))
+    clients = [FederatedBrokerClient(URL, ns, timeout_s=120) for _ in owners]
+    try:
+        for r in (1, 2):
+            for o in owners:
+                o.train_local()
+            want = torch_flexlora(owners)
+            reports: dict[str, object] = {}
+            errors: list[BaseException] = []
+
+            def run(o, c, r=r, reports=reports, errors=errors):
+                try:
+                    reports[o.name] = owner_round(o, c, r, train=False)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(o, c)) for o, c in zip(owners, clients, strict=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(180)
+            assert not errors, f"{errors}\n{log_path.read_text()[-3000:]}"
+            for o in owners:
+                assert reports[o.name].bytes_up[o.name] > 0
+                for name, dw in o.last_merged.items():
+                    np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_bad_contribution_is_refused_over_the_broker_and_the_round_goes_on(fedworker, make_owners):
+    import dataclasses
+
+    from hecommon import fedwire
+    from helora_orchestrator.federated.broker import (
+        AggregatorError,
+        FederatedBrokerClient,
+        owner_round,
+        round_id,
+    )
+    from helora_orchestrator.federated.selective import CkksKeys
+
+    ns, log_path = fedworker
+    owners = make_owners((4, 8, 16), (0.02, 0.05, 0.2))
+    for o in owners:
+        o.train_local()
+    want = {n: sum(o.samples * o.delta()[n] for o in owners[:2]) / sum(o.samples for o in owners[:2])
+            for n in owners[0].shapes()}
+    stranger = CkksKeys.generate()
+    results: dict[str, object] = {}
+
+    def good(o):
+        with FederatedBrokerClient(URL, ns, timeout_s=120) as c:
+            results[o.name] = owner_round(o, c, 7, train=False)
+
+    def bad(o):
+        with FederatedBrokerClient(URL, ns, timeout_s=120) as c:
+            plan = c.call(o.proposal(round_id(o.keys.digest, 7)), fedwire.RoundPlan)
+            foreign = dataclasses.replace(o.contribute(plan), ctx=stranger.digest)
+            try:
+                c.call(foreign, fedwire.Aggregate)
+            except AggregatorError as exc:
+                results[o.name] = exc
+
+    threads = [threading.Thread(target=good, args=(owners[0],)), threading.Thread(target=good, args=(owners[1],)),
+               threading.Thread(target=bad, args=(owners[2],))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert isinstance(results.get("o2"), AggregatorError), f"{results}\n{log_path.read_text()[-3000:]}"
+    assert "another CKKS context" in str(results["o2"]) and results["o2"].reason == "parameter_mismatch"
+    for o in owners[:2]:
+        assert set(results[o.name].aggregate.owners) == {"o0", "o1"}
+        for name, dw in o.last_merged.items():
+            np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)

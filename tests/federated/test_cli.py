@@ -1,0 +1,40 @@
+"""``helora federate keygen | demo``: files, permissions, output, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import tenseal as ts
+from helora_orchestrator.cli import main
+from helora_orchestrator.federated.selective import CkksKeys
+
+
+def test_keygen_writes_a_0600_key_and_a_public_context(tmp_path, capsys):
+    key = tmp_path / "fed.key"
+    assert main(["federate", "keygen", "--out", str(key)]) == 0
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    pub = (tmp_path / "fed.key.pub").read_bytes()
+    assert not ts.context_from(pub).is_private()
+    assert CkksKeys.load(key).public_bytes() == pub
+    assert main(["federate", "keygen", "--out", str(key)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_demo_prints_rounds_and_exports_adapters(tmp_path, fed_data, capsys):
+    rc = main(["federate", "demo", "--rounds", "2", "--data", str(fed_data), "--ranks", "4,8,16",
+               "--budgets", "0,0.01,1", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("held-out loss") == 3 and "round 2:" in out and "up " in out
+    for i, r in enumerate((4, 8, 16)):
+        assert (tmp_path / "out" / f"owner{i}" / "adapter_model.safetensors").is_file()
+        assert f'"r": {r}' in (tmp_path / "out" / f"owner{i}" / "adapter_config.json").read_text()
+
+
+def test_demo_bad_input_is_one_line(capsys):
+    assert main(["federate", "demo", "--ranks", "4,8", "--budgets", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("helora federate demo: error:") and err.count("\n") == 1
+    assert main(["federate", "demo", "--budgets", "0.1,2,0.1"]) == 2
+    assert "budget" in capsys.readouterr().err
