@@ -14,9 +14,9 @@
 
 The round id is derived by the owners from the context digest and the round number, so they
 agree on it without talking to each other. The worker holds only the PUBLIC context (refused at
-start if it carries a secret key). Deliveries of a round stay unacked until its answer is out;
-a round's state lives in this process, so if it dies mid-round the broker redelivers the
-messages to its successor, which replays the round from them.
+start if it carries a secret key). Proposals stay unacked until the plan is out, contributions
+until the aggregate is out. A round's state lives in this process: if it dies mid-round, the
+owners wait until their own timeout and run the round again (not replayed automatically).
 """
 
 from __future__ import annotations
