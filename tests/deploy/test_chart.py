@@ -355,7 +355,8 @@ def test_monitoring_objects(rendered) -> None:
         assert trigger["type"] == "rabbitmq" and trigger["metadata"]["protocol"] == "http"
         assert trigger["metadata"]["host"].startswith("http://") and "@" not in trigger["metadata"]["host"]
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-    assert scaled["helora-evaluator-blocks-15-29"]["spec"]["minReplicaCount"] == 0
+    zero = scaled["helora-evaluator-blocks-15-29"]["spec"]
+    assert zero["minReplicaCount"] == 0 and zero["initialCooldownPeriod"] >= 600  # the first pod declares the queue
     (sm,) = kinds(objects, "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True  # the metrics' own `service` label wins
     (svc,) = kinds(objects, "Service")
