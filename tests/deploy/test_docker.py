@@ -351,3 +351,29 @@ def test_healthcheck_script_against_a_helora_metrics_server():
         assert _healthcheck(server.port, "/readyz").returncode == 0
     finally:
         server.close()
+
+
+# -- the chart runs these images as built ---------------------------------------------------------
+@pytest.mark.parametrize("values_file", ["default", "cpu-only.yaml", "mig.yaml"])
+def test_the_chart_runs_the_images_as_built(stages, values_file):
+    """Every container the chart renders names a target of this Dockerfile as its image, runs that
+    target's ENTRYPOINT as the same numeric user, and serves the port the image EXPOSEs."""
+    import helmchart  # tools/, on sys.path through tests/deploy/conftest.py
+
+    files = [] if values_file == "default" else [ROOT / "charts" / "helora" / "ci" / values_file]
+    deployments = [o for o in helmchart.render(values_files=files) if o["kind"] == "Deployment"]
+    assert deployments
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        for c in pod["containers"]:
+            target = c["image"].rsplit("/", 1)[-1].split(":")[0]
+            assert target in TARGETS, f"{d['metadata']['name']}: image {c['image']} is not a Dockerfile target"
+            entry = _exec_form(instructions(stages, target, "ENTRYPOINT")[-1])
+            assert c.get("command", entry)[:1] == entry[:1], f"{d['metadata']['name']}: {c.get('command')} vs {entry}"
+            uid = instructions(stages, target, "USER")[-1].split(":")[0]
+            ctx = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+            assert str(ctx.get("runAsUser")) == uid and ctx.get("runAsNonRoot") is True, (d["metadata"]["name"], ctx)
+            ports = {str(p["containerPort"]) for p in c.get("ports", [])}
+            assert METRICS_PORT in ports and METRICS_PORT in " ".join(instructions(stages, target, "EXPOSE")).split()
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert c[probe]["httpGet"]["path"] in ("/healthz", "/readyz"), (d["metadata"]["name"], probe)

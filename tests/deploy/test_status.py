@@ -13,21 +13,18 @@ from __future__ import annotations
 import copy
 import json
 import socket
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import helmchart  # tools/, on sys.path through tests/deploy/conftest.py
 import pytest
 import yaml
+from helora_orchestrator import cli
+from helora_orchestrator.status import StatusError, render, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))  # tests/deploy/conftest.py does the same; harmless twice
-helmchart = pytest.importorskip("helmchart")
-
-from helora_orchestrator import cli  # noqa: E402
-from helora_orchestrator.status import StatusError, render, summarize  # noqa: E402
 
 CI_VALUES = ROOT / "charts" / "helora" / "ci"
 RELEASE = NAMESPACE = "helora"
