@@ -158,3 +158,21 @@ def test_smollm2_dimensions_aggregate_within_tolerance(fed_keys, d_out, d_in):
     np.testing.assert_allclose(got, want, rtol=0, atol=CKKS_ATOL)
     assert len(agg.layer(name).enc) == -(-len(order) * d_out // fedwire.CKKS_SLOTS)
 
+
+
+def test_owners_train_locally_in_any_mode(fed_data, fed_keys):
+    """One owner trains through the encrypted split protocol (embedded server), one quantized, one
+    clear: the federation only sees their adapters, and the aggregate is the same average."""
+    from helora_orchestrator.federated.client import OwnerConfig
+    from helora_orchestrator.federated.round import build_owners
+
+    configs = [OwnerConfig("enc", rank=4, budget=0.05, mode="encrypted", local_steps=1, seed=1),
+               OwnerConfig("quant", rank=8, budget=0.02, mode="quantized", local_steps=1, seed=2),
+               OwnerConfig("clear", rank=16, budget=0.1, mode="clear", local_steps=1, seed=3)]
+    owners, _ = build_owners(configs, "tiny", fed_data, keys=fed_keys)
+    assert owners[0].client.wire_bytes == 0
+    want, report = _round_against_reference(owners, FederatedAggregator(fed_keys.public_bytes()), 1)
+    assert owners[0].client.wire_bytes > 0  # its local step went through the encrypted server
+    for o in owners:
+        for name, dw in o.last_merged.items():
+            np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
