@@ -238,7 +238,7 @@ def render(s: Status) -> str:
     total = f"{s.num_blocks} blocks" if s.num_blocks is not None else "model size unknown (no ConfigMap)"
     lines.append(f"blocks ({total}): ready {ranges(s.covered)}; without a ready evaluator: {ranges(s.uncovered)}")
     if s.broker:
-        lines.append(f"broker: {s.broker} ({s.broker_service}); credentials are in the release's Secret")
+        lines.append(f"broker: {s.broker} ({s.broker_service}); credentials not shown")
     else:
         lines.append("broker: unknown (the release's ConfigMap was not found)")
     return "\n".join(lines)
