@@ -172,3 +172,22 @@ def test_a_bad_contribution_is_refused_over_the_broker_and_the_round_goes_on(fed
         assert set(results[o.name].aggregate.owners) == {"o0", "o1"}
         for name, dw in o.last_merged.items():
             np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
+
+
+def test_handshake_and_a_secret_key_context_is_refused_without_being_stored(fedworker, fed_keys):
+    from hecommon import fedwire
+    from helora_orchestrator.federated.broker import AggregatorError, FederatedBrokerClient
+    from helora_orchestrator.federated.selective import CkksKeys
+
+    ns, _ = fedworker
+    with FederatedBrokerClient(URL, ns, timeout_s=60) as c:
+        c.handshake(fed_keys)  # the same public context comes back
+        with pytest.raises(AggregatorError, match="another public context|not this federation"):
+            c.handshake(CkksKeys.generate())
+        private = fed_keys._ctx.serialize(save_secret_key=True)
+        with pytest.raises(AggregatorError, match="secret key") as info:
+            c.call(fedwire.PublicContext(bytes(16), private), fedwire.PublicContext)
+        assert info.value.reason == "parameter_mismatch"
+        # refused handshakes are acked and dropped, never dead-lettered: the secret key is stored nowhere
+        assert c.ch.queue_declare(amqp.Topology(ns).dead, passive=True).method.message_count == 0
+        assert c.ch.queue_declare(f"{ns}.federated", passive=True).method.message_count == 0

@@ -150,6 +150,7 @@ class PublicContext:
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
         _blob("context", self.context, 1, MAX_CONTEXT_BYTES)
 
     @property
@@ -192,6 +193,7 @@ class Proposal:
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
         _text("owner", self.owner, MAX_OWNER_CHARS)
         _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
         _check_layers("layers", self.layers)
@@ -232,6 +234,7 @@ class RoundPlan:
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
         _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
         _check_layers("layers", self.layers)
 
@@ -294,6 +297,7 @@ class Contribution:
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
         _text("owner", self.owner, MAX_OWNER_CHARS)
         _int("samples", self.samples, 1, MAX_SAMPLES)
         _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
@@ -354,6 +358,7 @@ class Aggregate:
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
         _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
         _int("total", self.total, 1, MAX_SAMPLES * MAX_OWNERS)
         if not isinstance(self.owners, tuple) or not 1 <= len(self.owners) <= MAX_OWNERS:

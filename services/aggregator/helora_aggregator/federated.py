@@ -106,6 +106,7 @@ class FederatedAggregator:
 
     def __init__(self, public_context: bytes):
         self.ctx = check_public_context(public_context)
+        self.public_context = public_context
         self.digest = context_digest(public_context)
 
     # -- negotiation -------------------------------------------------------------------

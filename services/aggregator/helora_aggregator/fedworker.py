@@ -7,6 +7,9 @@
 1. a ``Proposal`` per owner and round; once ``N`` owners have proposed (or ``--round-timeout-s``
    after the first, with those that did), the worker answers every proposer with the
    ``RoundPlan``;
+0. optionally a ``PublicContext`` handshake: the worker answers with its own public context if
+   the owner's is the same, and refuses a context that carries a secret key without storing it
+   anywhere (no dead letter);
 2. a ``Contribution`` per planned owner; each is checked on arrival (``FederatedAggregator.check``:
    round, context, layers, shapes, zeroed columns, ciphertexts): a bad one is dead-lettered and
    its sender gets an error reply; once every planned owner has answered (or after the timeout),
@@ -37,7 +40,7 @@ from hecommon import amqp, fedwire, metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage, ParameterMismatch
 from hecommon.fedwire import Contribution, Proposal
 
-from .federated import FederatedAggregator
+from .federated import FederatedAggregator, check_public_context
 
 log = logging.getLogger("helora.aggregator.federated")
 
@@ -119,6 +122,9 @@ class FederatedWorker(amqp.Service):
             msg = fedwire.decode(d.body, self.limit)
             if not d.properties.reply_to:
                 raise MalformedMessage("federated message without reply_to: nowhere to answer")
+            if isinstance(msg, fedwire.PublicContext):
+                self._handshake(msg, d)
+                return
             if msg.rid in self.closed:
                 raise ParameterMismatch(f"round {msg.rid.hex()} is closed")
             if isinstance(msg, Proposal):
@@ -129,6 +135,25 @@ class FederatedWorker(amqp.Service):
                 raise MalformedMessage(f"{msg.TYPE}: not accepted on the federated queue")
         except HeloraError as exc:
             self.fail([d], exc)
+
+    def _handshake(self, msg: fedwire.PublicContext, d: amqp.Delivery) -> None:
+        """An owner checks it talks to its federation's aggregator: the same public context comes back.
+
+        A context that carries a secret key is refused WITHOUT dead-lettering: its body must not
+        be stored anywhere on the server side, so it is acked and dropped, and the sender told.
+        """
+        try:
+            check_public_context(msg.context)
+            if msg.digest != self.aggregator.digest:
+                raise ParameterMismatch("context: not this federation's public context")
+        except HeloraError as exc:
+            self.ack([d])
+            self.metrics.failure(exc)
+            self.reply_error(d.properties, exc)
+            log.warning("refused a handshake: %s", exc.reason)
+            return
+        self._answer(d, fedwire.encode(fedwire.PublicContext(msg.rid, self.aggregator.public_context), self.limit))
+        self.ack([d])
 
     def _proposal(self, p: Proposal, d: amqp.Delivery) -> None:
         rnd = self.rounds.setdefault(p.rid, _Round())

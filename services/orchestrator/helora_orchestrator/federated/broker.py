@@ -71,6 +71,14 @@ class FederatedBrokerClient:
             return self._decode(reply, expect)
         raise TransientError("the reply queue was cancelled")  # pragma: no cover - consume never ends otherwise
 
+    def handshake(self, keys) -> None:
+        """Check that the aggregator serves this federation (same public context); raises otherwise."""
+        got = self.call(fedwire.PublicContext(secrets.token_bytes(fedwire.RID_BYTES), keys.public_bytes()),
+                        fedwire.PublicContext)
+        assert isinstance(got, fedwire.PublicContext)
+        if got.digest != keys.digest:
+            raise AggregatorError("the aggregator answered with another public context")
+
     def _decode(self, reply: bytes, expect: type) -> fedwire.Message:
         try:
             return fedwire.decode(reply, self.max_bytes, expect)

@@ -146,6 +146,7 @@ def cmd_round(args) -> int:
     cfg = _configs(args, [args.owner], [args.rank], [args.budget])[0]
     owner = build_owner_shard(cfg, args.index, args.owners, args.model, args.data, args.seed, keys)
     with FederatedBrokerClient(args.fed_broker, args.namespace, timeout_s=args.timeout_s) as client:
+        client.handshake(keys)
         for r in range(args.first_round, args.first_round + args.rounds):
             print(owner_round(owner, client, r))
     _export([owner], args.out)
