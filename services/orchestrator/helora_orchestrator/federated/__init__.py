@@ -47,6 +47,15 @@ Owner side (``helora_orchestrator.federated``)::
     tests/federated/conftest.py: fixtures ``fed_keys`` (session CkksKeys), ``fed_data`` (jsonl),
         ``make_owners(ranks=(4,8,16), budgets=(...), **OwnerConfig fields)`` -> list[Owner]
 
+Over RabbitMQ (``broker.py``; the server is ``helora_aggregator.fedworker``)::
+
+    FederatedBrokerClient(url, namespace, timeout_s) .handshake(keys) .call(msg, expect) .close()
+    owner_round(owner, client, round_no, train=True) -> RoundReport
+    round_id(digest, round_no) -> bytes   # the owners agree on it without talking
+
+Modules here: sensitivity, negotiate, selective (CKKS), reparam (SVD), client (Owner), round
+(embedded driver), fullhe (baseline), broker, cli (``helora federate``); dager.py is C2's.
+
 Server side (``helora_aggregator.federated``, pure, no broker)::
 
     FederatedAggregator(public_context: bytes)   # refuses a context with a secret key
