@@ -118,13 +118,24 @@ class AttackResult:
     position_aware: bool
 
 
-def row_space(updates: Sequence[np.ndarray], rank_rtol: float = DEFAULT_RANK_RTOL) -> np.ndarray:
-    """Orthonormal basis ``(k, d)`` of the stacked updates' row space (numerical rank by ``rank_rtol``)."""
+def row_space(updates: Sequence[np.ndarray], rank_rtol: float = DEFAULT_RANK_RTOL,
+              noise_floor: float = 0.0) -> np.ndarray:
+    """Orthonormal basis ``(k, d)`` of the stacked updates' row space: singular values above both
+    ``rank_rtol·σ_max`` and ``noise_floor`` count."""
     stacked = np.concatenate([np.asarray(u, dtype=np.float64) for u in updates], axis=0)
     _, s, vt = np.linalg.svd(stacked, full_matrices=False)
     if s.size == 0 or s[0] == 0.0:
         return vt[:0]
-    return vt[: int(np.sum(s > rank_rtol * s[0]))]
+    return vt[: int(np.sum(s > max(rank_rtol * s[0], noise_floor)))]
+
+
+def fp32_noise_floor(received: Sequence[np.ndarray]) -> float:
+    """Largest singular value expected from rounding ``A₁`` to float32 on the wire (``u = 2⁻²⁴``
+    relative, uniform): ``σ_entry·(√n + √d)`` with ``σ_entry = u·rms(A₁)/√3``, doubled for margin."""
+    stacked = np.concatenate([np.asarray(a, dtype=np.float64) for a in received], axis=0)
+    rms = float(np.sqrt(np.mean(stacked * stacked))) if stacked.size else 0.0
+    n, d = stacked.shape
+    return 2.0 * 2.0 ** -24 * rms / np.sqrt(3.0) * (np.sqrt(n) + np.sqrt(d))
 
 
 def span_distances(candidates: np.ndarray, basis: np.ndarray, chunk: int = 8192) -> np.ndarray:
@@ -157,10 +168,14 @@ def dager_attack(observed: Sequence[ObservedA], candidates: np.ndarray,
         if o.a.shape[1] != d:
             raise ConfigError(f"dager: {o.layer}: A has d_in {o.a.shape[1]}, candidates have {d}")
     updates = [o.update(None if a_start is None else a_start[o.layer]) for o in observed]
+    received = [o.a for o in observed]
     if position_aware:
         keep = np.setdiff1d(np.arange(d), np.concatenate([o.hidden for o in observed]))
         updates, candidates = [u[:, keep] for u in updates], candidates[:, keep]
-    basis = row_space(updates, rank_rtol)
+        received = [a[:, keep] for a in received]
+    # A₁ − A₀ carries A₁'s float32 rounding: directions at that level are noise, not tokens
+    floor = fp32_noise_floor(received) if a_start is not None else 0.0
+    basis = row_space(updates, rank_rtol, floor)
     if basis.shape[0] == 0:
         dist = np.full(candidates.shape[0], np.inf)
     else:
@@ -246,7 +261,7 @@ def warm_start(client: ClientModel, data: PackedData, steps: int = 3, lr: float 
 
 
 def one_step_contribution(client: ClientModel, batch_ids: torch.Tensor, calibration: PackedData,
-                          budget: float, keys: CkksKeys, lr: float = 1e-2, owner: str = "victim",
+                          budget: float, keys: CkksKeys, lr: float = 0.1, owner: str = "victim",
                           layers: Sequence[str] = FIRST_BLOCK_QKV) -> VictimView:
     """One owner, one round: sensitivity scoring on its own data, negotiation, ONE SGD step on
     ``batch_ids`` (B, S), selective encryption of ``layers`` (SHE-LoRA §4.1–4.3, C1's functions).

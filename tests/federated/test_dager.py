@@ -1,0 +1,155 @@
+"""DAGER-style reconstruction by the server, on exactly what it receives (issue 6; DESIGN §5).
+
+The attack's own setting: one owner, a round after the first (a merged adapter, ``B ≠ 0``), ONE
+SGD step (lr 0.1) on a private batch of 9 distinct byte tokens (rank 16 ≥ 9), the message built
+by the federated code (Wanda scores, negotiation, selective CKKS encryption, fedwire) and decoded
+as the server does. Measured on the tiny model (recall of the distinct tokens / precision):
+
+==============  =========  ==========  ==========  ==========
+variant          clear      0.125 %     1 %         10 %
+==============  =========  ==========  ==========  ==========
+DAGER, q only    1.00/1.00  0.11/1.00   0.11/1.00   0.00/-
+DAGER, q|k|v     1.00/1.00  0.11/1.00   0.11/1.00   0.00/-
+position-aware   1.00/1.00  1.00/1.00   1.00/1.00   1.00/1.00
+==============  =========  ==========  ==========  ==========
+
+(``d_in = 64``: 0.125 % and 1 % both hide one column per layer, 10 % seven.)
+
+- DAGER as published (full candidates against the masked update): SHE-LoRA defeats it at every
+  budget, on one ``A`` or on q|k|v stacked. (Stacking can undo small budgets elsewhere: each
+  layer has its own list, so q, k and v may hide *different* columns and the union of their row
+  spaces brings the hidden coordinates back; ``benchmarks/federated.py`` reports it on SmolLM2.)
+- Position-aware (the server knows the positions from the negotiation and drops them): the
+  hiding does not protect the token set at all, at any budget: ``d_in − |S|`` coordinates still
+  single out the batch's tokens among the 256 candidates.
+
+These are assertions, not just prints: if the protection or the leak changes, the test fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hecommon.errors import ConfigError
+from helora_encoder.model import tiny_llama
+from helora_orchestrator.client_model import build_client
+from helora_orchestrator.data import ByteTokenizer, Example, pack
+from helora_orchestrator.federated.dager import (
+    FIRST_BLOCK_QKV,
+    ObservedA,
+    attack_message,
+    dager_attack,
+    first_layer_inputs,
+    one_step_contribution,
+    recovery_scores,
+    row_space,
+    warm_start,
+)
+from helora_orchestrator.federated.selective import CkksKeys
+from helora_orchestrator.lora import LoraSettings
+
+BUDGETS = (0.00125, 0.01, 0.1)
+VARIANTS = {  # name → (layers, position_aware)
+    "dager_q": (FIRST_BLOCK_QKV[:1], False),
+    "dager_qkv": (FIRST_BLOCK_QKV, False),
+    "position_aware": (FIRST_BLOCK_QKV, True),
+}
+SECRET = "hello world, hello"  # 9 distinct bytes; the last one also occurs earlier
+
+
+@pytest.fixture(scope="module")
+def owner_data():
+    tok = ByteTokenizer()
+    rows = [Example(key=str(i), completion=f"The number {i} is followed by {i + 1}, and then by {i + 2}.")
+            for i in range(40)]
+    return pack(rows, tok, seq_len=32)
+
+
+def _candidates(model) -> np.ndarray:
+    return first_layer_inputs(model.model.embed_tokens.weight.detach().numpy(),
+                              model.model.layers[0].input_layernorm.weight.detach().numpy(),
+                              model.config.rms_norm_eps)
+
+
+@pytest.fixture(scope="module")
+def recovery(fed_keys: CkksKeys, owner_data) -> dict[float, dict[str, dict[str, float]]]:
+    """budget → variant → scores; the same owner state and batch for every budget."""
+    batch = torch.tensor([ByteTokenizer().encode(SECRET)])
+    out: dict[float, dict[str, dict[str, float]]] = {}
+    for budget in (0.0, *BUDGETS):
+        model, _ = tiny_llama(seed=0)
+        candidates = _candidates(model)
+        client = build_client(model, "clear", LoraSettings(r=16), seed=1)
+        warm_start(client, owner_data)
+        view = one_step_contribution(client, batch, owner_data, budget, fed_keys)
+        out[budget] = {name: attack_message(view, candidates, layers, aware)
+                       for name, (layers, aware) in VARIANTS.items()}
+    for budget, row in out.items():  # the measured rates, in the test log
+        print(f"budget {budget:>7}: " + "  ".join(f"{n} {s['recall']:.2f}/{s['precision']:.2f}" for n, s in row.items()))
+    return out
+
+
+def test_clear_update_betrays_the_batch(recovery):
+    for name, s in recovery[0.0].items():
+        assert s["recall"] >= 0.9, (name, s)
+        assert s["precision"] == 1.0, (name, s)
+        assert s["hidden"] == 0
+
+
+@pytest.mark.parametrize("variant", ["dager_q", "dager_qkv"])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_selective_encryption_defeats_published_dager(recovery, budget, variant):
+    """DAGER with full candidates: far below the clear rate at every budget."""
+    clear, she = recovery[0.0][variant], recovery[budget][variant]
+    assert she["hidden"] >= 1
+    assert she["recall"] <= 0.2 * clear["recall"], (budget, variant, she)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_position_aware_server_still_recovers_the_tokens(recovery, budget):
+    """Documented limit of column hiding: the server knows the positions and drops them."""
+    s = recovery[budget]["position_aware"]
+    assert s["dims"] < 64
+    assert s["recall"] >= 0.9 and s["precision"] == 1.0, (budget, s)
+
+
+def test_span_check_on_known_inputs_and_its_rank_limit():
+    """Exact math on synthetic inputs: recovered iff T ≤ rank, nothing else in the vocabulary."""
+    rng = np.random.default_rng(0)
+    candidates = rng.standard_normal((500, 48))
+    for tokens, expect in ((rng.choice(500, 6, replace=False), 1.0), (rng.choice(500, 20, replace=False), 0.0)):
+        grads = rng.standard_normal((8, len(tokens)))  # Bᵀ·Gᵀ, rank min(8, T)
+        obs = [ObservedA("q", grads @ candidates[tokens], np.array([], dtype=np.int64))]
+        res = dager_attack(obs, candidates)
+        s = recovery_scores(res.tokens, tokens)
+        assert s["recall"] == expect and s["false_positives"] == 0, (len(tokens), s)
+        assert res.rank == min(8, len(tokens))
+
+
+def test_hidden_coordinates_raise_the_naive_distance_by_their_share():
+    """Naive check: a true token's distance is at least ``‖x[S]‖ / ‖x‖`` when ``S`` is zeroed."""
+    rng = np.random.default_rng(1)
+    candidates = rng.standard_normal((200, 32))
+    tokens = np.array([3, 17, 42])
+    update = rng.standard_normal((8, 3)) @ candidates[tokens]
+    hidden = np.array([5, 9])
+    masked = update.copy()
+    masked[:, hidden] = 0
+    res = dager_attack([ObservedA("q", masked, hidden)], candidates)
+    share = np.linalg.norm(candidates[tokens][:, hidden], axis=1) / np.linalg.norm(candidates[tokens], axis=1)
+    assert np.all(res.distances[tokens] >= share - 1e-12)
+    aware = dager_attack([ObservedA("q", masked, hidden)], candidates, position_aware=True)
+    assert set(aware.tokens.tolist()) == set(tokens.tolist())
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ConfigError, match="hidden columns"):
+        ObservedA("q", np.zeros((2, 4)), np.array([4]))
+    with pytest.raises(ConfigError, match="d_in"):
+        dager_attack([ObservedA("q", np.ones((2, 4)), np.array([], dtype=np.int64))], np.ones((3, 5)))
+    with pytest.raises(ConfigError, match="no observed"):
+        dager_attack([], np.ones((3, 5)))
+    with pytest.raises(ConfigError, match="start A"):
+        ObservedA("q", np.ones((2, 4)), np.array([0])).update(np.ones((3, 4)))
+    assert row_space([np.zeros((2, 4))]).shape == (0, 4)
