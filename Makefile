@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-slow test-all bench bench-quick lint clean chart-check docker-lint dashboard-check
+.PHONY: setup demo test test-slow test-all bench bench-quick bench-federated lint clean chart-check docker-lint dashboard-check
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python benchmarks/he_matmul.py --quick --json out/he_matmul_quick.json
+
+## SHE-LoRA vs the full-HE baseline (rounds, SmolLM2 block cost) and the DAGER attack on SmolLM2-135M
+## (about 10 minutes here); BENCH_ARGS=--quick: tiny model only, about a minute.
+bench-federated: setup
+	$(BIN)/python benchmarks/federated.py $(BENCH_ARGS) --json out/federated.json
 
 lint: setup
 	$(BIN)/ruff check libs services tests benchmarks tools tools/helm
