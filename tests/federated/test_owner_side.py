@@ -92,3 +92,12 @@ def test_merge_resets_optimizer_moments_and_training_continues(make_owners, fed_
     before = {n: a.clone() for n, (a, _) in owners[0].adapter().items()}
     owners[0].train_local()
     assert any(not torch.equal(before[n], a) for n, (a, _) in owners[0].adapter().items())
+
+
+def test_sgd_owner_takes_plain_gradient_steps(make_owners):
+    owner = make_owners((4,), (0.05,), optimizer="sgd", local_steps=1, lr=0.5)[0]
+    assert isinstance(owner.trainer.optimizer, torch.optim.SGD)
+    name, layer = next(iter(lora_layers(owner.client).items()))
+    assert not layer.lora_B.weight.any()
+    owner.train_local()
+    assert layer.lora_B.weight.any()  # B moved off zero by -lr·grad (clipped), nothing else

@@ -56,10 +56,10 @@ def check_public_context(data: bytes) -> ts.Context:
         # Never keep it: drop the object at once, say nothing else about it.
         del ctx
         raise ParameterMismatch("context: it carries a secret key; the server accepts only a public context")
-    data = ctx.seal_context().data
-    n = data.key_context_data().parms().poly_modulus_degree()
-    bits = (data.first_context_data().total_coeff_modulus_bit_count(),
-            data.key_context_data().total_coeff_modulus_bit_count())
+    seal = ctx.seal_context().data
+    n = seal.key_context_data().parms().poly_modulus_degree()
+    bits = (seal.first_context_data().total_coeff_modulus_bit_count(),
+            seal.key_context_data().total_coeff_modulus_bit_count())
     want = (CKKS_COEFF_BITS[0], sum(CKKS_COEFF_BITS))  # (data level, with the special prime)
     if n != CKKS_POLY_DEGREE or bits != want:
         raise ParameterMismatch(f"context: N = {n}, modulus bits {bits}; the federated mode uses "

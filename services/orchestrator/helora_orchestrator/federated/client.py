@@ -99,7 +99,8 @@ class Owner:
                               bits=cfg.bits, lora=cfg.lora.to_dict())
         self.trainer = Trainer(tcfg, self.client, train_data, eval_data, meta)
         if cfg.optimizer == "sgd":  # plain gradient steps: the setting of gradient-inversion attacks
-            self.trainer.optimizer = torch.optim.SGD(self.client.lora_parameters(), lr=cfg.lr)
+            sgd = torch.optim.SGD(self.client.lora_parameters(), lr=cfg.lr)
+            self.trainer.optimizer = sgd  # type: ignore[assignment]  # Trainer's attribute is inferred as AdamW
             self.trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer, lambda s: 1.0)
         self.enc_seconds = 0.0
         self.last_merged: dict[str, np.ndarray] = {}
