@@ -16,9 +16,10 @@ position-aware   1.00/1.00  1.00/1.00   1.00/1.00   1.00/1.00
 (``d_in = 64``: 0.125 % and 1 % both hide one column per layer, 10 % seven.)
 
 - DAGER as published (full candidates against the masked update): SHE-LoRA defeats it at every
-  budget, on one ``A`` or on q|k|v stacked. (Stacking can undo small budgets elsewhere: each
-  layer has its own list, so q, k and v may hide *different* columns and the union of their row
-  spaces brings the hidden coordinates back; ``benchmarks/federated.py`` reports it on SmolLM2.)
+  budget, on one ``A`` or on q|k|v stacked. Stacking can undo a small budget, though: each layer
+  has its own list, so q, k and v may hide *different* columns, and the union of their masked
+  row spaces brings the hidden coordinates back (``test_stacking_qkv_can_undo_a_small_budget``,
+  with another owner's calibration data: recall 1.00 at 0.125 %).
 - Position-aware (the server knows the positions from the negotiation and drops them): the
   hiding does not protect the token set at all, at any budget: ``d_in − |S|`` coordinates still
   single out the batch's tokens among the 256 candidates.
@@ -58,12 +59,14 @@ VARIANTS = {  # name → (layers, position_aware)
 SECRET = "hello world, hello"  # 9 distinct bytes; the last one also occurs earlier
 
 
+def _owner_data(template: str):
+    rows = [Example(key=str(i), completion=template.format(i=i, j=i + 1, k=i + 2)) for i in range(40)]
+    return pack(rows, ByteTokenizer(), seq_len=32)
+
+
 @pytest.fixture(scope="module")
 def owner_data():
-    tok = ByteTokenizer()
-    rows = [Example(key=str(i), completion=f"The number {i} is followed by {i + 1}, and then by {i + 2}.")
-            for i in range(40)]
-    return pack(rows, tok, seq_len=32)
+    return _owner_data("The number {i} is followed by {j}, and then by {k}.")
 
 
 def _candidates(model) -> np.ndarray:
@@ -104,6 +107,24 @@ def test_selective_encryption_defeats_published_dager(recovery, budget, variant)
     clear, she = recovery[0.0][variant], recovery[budget][variant]
     assert she["hidden"] >= 1
     assert she["recall"] <= 0.2 * clear["recall"], (budget, variant, she)
+
+
+def test_stacking_qkv_can_undo_a_small_budget(fed_keys: CkksKeys):
+    """Documented leak: each layer has its own list; with this owner's calibration data q, k and v
+    hide *different* single columns at 0.125 %, and DAGER on the three stacked updates (whose
+    row space then holds the hidden coordinates again) recovers every token, while DAGER on q
+    alone does not."""
+    data = _owner_data("The number {i} is followed by {j}.")
+    model, _ = tiny_llama(seed=0)
+    candidates = _candidates(model)
+    client = build_client(model, "clear", LoraSettings(r=16), seed=1)
+    warm_start(client, data)
+    view = one_step_contribution(client, torch.tensor([ByteTokenizer().encode(SECRET)]), data, 0.00125, fed_keys)
+    stacked = attack_message(view, candidates, FIRST_BLOCK_QKV)
+    single = attack_message(view, candidates, FIRST_BLOCK_QKV[:1])
+    assert stacked["hidden"] > 1  # the three layers hide different columns
+    assert stacked["recall"] >= 0.9 and stacked["precision"] == 1.0, stacked
+    assert single["recall"] <= 0.2, single
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
