@@ -39,8 +39,8 @@ TARGETS = {
     "evaluator-cpu": ("evaluator", "helora_evaluator.worker"),
 }
 #: imported only when a model is loaded (helora_encoder.model.load_model), so the import probe
-#: below cannot see them
-LAZY_IMPORTS = {"encoder": ("transformers", "gguf", "safetensors")}
+#: below cannot see them; transformers refuses a GGUF file without accelerate
+LAZY_IMPORTS = {"encoder": ("transformers", "gguf", "safetensors", "accelerate")}
 #: the GPU image's extra (hecommon[gpu]); cupy is imported lazily, and not installed here
 GPU_EXTRA = {"evaluator": ("cupy-cuda12x",)}
 LOCAL = {"hecommon", "helora-encoder", "helora-evaluator", "helora-aggregator", "helora-orchestrator"}
