@@ -176,11 +176,16 @@ def attack_section(model_name: str, keys: CkksKeys) -> tuple[list[dict], dict]:
         view = one_step_contribution(client, batch, data, budget, keys)
         for name, (layers, aware) in VARIANTS.items():
             s = attack_message(view, candidates, layers, aware)
-            out.append({"budget": budget, "variant": name, **s})
+            out.append({"budget": budget, "variant": name, "optimizer": "sgd", **s})
+    # outside the attack's setting: one Adam step from fresh moments (as after Owner.merge), clear
+    client.load_lora_state_dict(start)
+    view = one_step_contribution(client, batch, data, 0.0, keys, lr=1e-3, optimizer="adam")
+    adam = {name: attack_message(view, candidates, layers, aware) for name, (layers, aware) in VARIANTS.items()}
     summary = {
         "model": model_name, "rank": rank, "batch_tokens": int(batch.numel()),
         "batch_unique_tokens": int(len(set(batch[0].tolist()))),
         "attack_token_recovery_clear": {r["variant"]: r["recall"] for r in out if r["budget"] == 0.0},
+        "attack_token_recovery_clear_one_adam_step": {name: s["recall"] for name, s in adam.items()},
         "attack_token_recovery_she": {pct(b): {r["variant"]: r["recall"] for r in out if r["budget"] == b}
                                       for b in SHE_BUDGETS},
         "attack_rouge1_clear": {r["variant"]: r["rouge1_unique"] for r in out if r["budget"] == 0.0},
@@ -220,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     attack_rows, attack_summary = attack_section("tiny" if args.quick else "smollm2", keys)
     print(f"\nDAGER-style attack, {attack_summary['model']}, rank {attack_summary['rank']}, "
           f"{attack_summary['batch_unique_tokens']} distinct tokens in the batch, one SGD step")
+    print(f"one Adam step instead (clear): recall {attack_summary['attack_token_recovery_clear_one_adam_step']}")
     print_table(attack_rows, [("budget", "budget", ".5f"), ("variant", "variant", "s"),
                               ("recall", "recall", ".3f"), ("precision", "precision", ".3f"),
                               ("false_positives", "false pos", ".0f"), ("rouge1_unique", "ROUGE-1", ".3f"),

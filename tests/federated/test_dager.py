@@ -127,6 +127,21 @@ def test_stacking_qkv_can_undo_a_small_budget(fed_keys: CkksKeys):
     assert single["recall"] <= 0.2, single
 
 
+def test_one_adam_step_is_outside_the_span_check(fed_keys: CkksKeys, owner_data):
+    """The attack's setting is FedSGD: an Adam step from fresh moments (as after ``Owner.merge``)
+    moves each entry by about ``lr·sign(g)``, whose rows leave the inputs' span, and the check
+    recovers nothing even from a clear update. Not a proof of safety: another attack might."""
+    model, _ = tiny_llama(seed=0)
+    candidates = _candidates(model)
+    client = build_client(model, "clear", LoraSettings(r=16), seed=1)
+    warm_start(client, owner_data)
+    view = one_step_contribution(client, torch.tensor([ByteTokenizer().encode(SECRET)]), owner_data, 0.0,
+                                 fed_keys, lr=1e-3, optimizer="adam")
+    for layers in (FIRST_BLOCK_QKV[:1], FIRST_BLOCK_QKV):
+        s = attack_message(view, candidates, layers)
+        assert s["recall"] == 0.0 and s["hidden"] == 0, s
+
+
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_position_aware_server_still_recovers_the_tokens(recovery, budget):
     """Documented limit of column hiding: the server knows the positions and drops them."""
@@ -171,6 +186,10 @@ def test_bad_inputs_are_refused():
         dager_attack([ObservedA("q", np.ones((2, 4)), np.array([], dtype=np.int64))], np.ones((3, 5)))
     with pytest.raises(ConfigError, match="no observed"):
         dager_attack([], np.ones((3, 5)))
+    with pytest.raises(ConfigError, match="optimizer"):
+        model, _ = tiny_llama(seed=0)
+        client = build_client(model, "clear", LoraSettings(r=4), seed=1)
+        one_step_contribution(client, torch.tensor([[1, 2, 3]]), _owner_data("{i}{j}{k}"), 0.0, None, optimizer="lion")
     with pytest.raises(ConfigError, match="start A"):
         ObservedA("q", np.ones((2, 4)), np.array([0])).update(np.ones((3, 4)))
     assert row_space([np.zeros((2, 4))]).shape == (0, 4)

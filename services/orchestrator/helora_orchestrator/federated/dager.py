@@ -262,13 +262,16 @@ def warm_start(client: ClientModel, data: PackedData, steps: int = 3, lr: float 
 
 def one_step_contribution(client: ClientModel, batch_ids: torch.Tensor, calibration: PackedData,
                           budget: float, keys: CkksKeys, lr: float = 0.1, owner: str = "victim",
-                          layers: Sequence[str] = FIRST_BLOCK_QKV) -> VictimView:
-    """One owner, one round: sensitivity scoring on its own data, negotiation, ONE SGD step on
-    ``batch_ids`` (B, S), selective encryption of ``layers`` (SHE-LoRA §4.1–4.3, C1's functions).
+                          layers: Sequence[str] = FIRST_BLOCK_QKV, optimizer: str = "sgd") -> VictimView:
+    """One owner, one round: sensitivity scoring on its own data, negotiation, ONE local step on
+    ``batch_ids`` (B, S) (SGD, or Adam from fresh moments), selective encryption of ``layers``
+    (SHE-LoRA §4.1–4.3, with the federated mode's own functions).
 
     Only ``layers`` go into the message: the attack reads nothing else, and encrypting the other
     layers would change nothing the server can see in these.
     """
+    if optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"dager: optimizer {optimizer!r} is not 'sgd' or 'adam'")
     lora = lora_layers(client)
     scores = column_scores(client, calibration)
     shapes = {name: (lora[name].out_features, lora[name].in_features) for name in layers}
@@ -282,10 +285,13 @@ def one_step_contribution(client: ClientModel, batch_ids: torch.Tensor, calibrat
     loss, n = causal_lm_loss(client(batch_ids), batch_ids)
     client.zero_grad(set_to_none=True)
     (loss / max(n, 1)).backward()
-    with torch.no_grad():  # FedSGD: one plain gradient step
-        for p in client.lora_parameters():
-            if p.grad is not None:
-                p -= lr * p.grad
+    if optimizer == "sgd":  # FedSGD: one plain gradient step, the attack's setting
+        with torch.no_grad():
+            for p in client.lora_parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+    else:  # Adam from fresh moments, as after Owner.merge: ≈ −lr·sign(g) element-wise
+        torch.optim.Adam(client.lora_parameters(), lr=lr).step()
     client.zero_grad(set_to_none=True)
     parts = []
     for name in layers:
