@@ -190,6 +190,8 @@ def test_bad_inputs_are_refused():
         model, _ = tiny_llama(seed=0)
         client = build_client(model, "clear", LoraSettings(r=4), seed=1)
         one_step_contribution(client, torch.tensor([[1, 2, 3]]), _owner_data("{i}{j}{k}"), 0.0, None, optimizer="lion")
+    with pytest.raises(ConfigError, match="no starting A"):
+        dager_attack([ObservedA("q", np.ones((2, 4)), np.array([0]))], np.ones((3, 4)), a_start={})
     with pytest.raises(ConfigError, match="start A"):
         ObservedA("q", np.ones((2, 4)), np.array([0])).update(np.ones((3, 4)))
     assert row_space([np.zeros((2, 4))]).shape == (0, 4)

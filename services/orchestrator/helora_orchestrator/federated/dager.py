@@ -1,7 +1,7 @@
 """A DAGER-style reconstruction attack on what the server receives from one owner (issue 6).
 
-DAGER (Petrov et al., "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS 2024,
-§3–4) checks, for every vocabulary token, whether its first-layer input lies in the row space of
+DAGER (Petrov et al., "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS 2024)
+checks, for every vocabulary token, whether its first-layer input lies in the row space of
 the first layer's weight gradient. For LoRA, ``y = W0·x + s·B·A·x``, so
 
     ∂L/∂A = s·Bᵀ·Gᵀ·X            # (r, d_in); G (T, d_out) output gradients, X (T, d_in) inputs
@@ -14,8 +14,9 @@ q/k/v read the same ``X``; stacking their updates raises the usable rank to ``3r
 
 The attack's own setting (and its limits, stated in the report, not hidden):
 
-- one local **SGD** step (FedSGD): the update ``A₁ − A₀ = −lr·∂L/∂A`` keeps the row space. An
-  Adam step is ``≈ −lr·sign(g)`` element-wise and breaks it; ``OwnerConfig(optimizer="sgd")``.
+- one local **SGD** step (FedSGD): the update ``A₁ − A₀ = −lr·∂L/∂A`` keeps the row space. One
+  Adam step from fresh moments is ``≈ −lr·sign(g)`` element-wise and leaves it: the check then
+  recovers nothing even in the clear (tested; not a proof that Adam updates are safe).
 - ``B ≠ 0``: a round after the first, where the owner starts from a merged global adapter (in
   round 1 ``B = 0`` and ``∂L/∂A = 0``: nothing to attack).
 - the server knows the owner's starting ``A₀`` (its clear columns): exact for clear FedSGD, a
@@ -24,12 +25,13 @@ The attack's own setting (and its limits, stated in the report, not hidden):
 - the last token of each sequence gets no gradient through q/k/v (no loss reads its output
   under the causal mask) and is invisible unless it occurs earlier.
 
-SHE-LoRA (Liu et al., arXiv 2505.21051, §3) zeroes the encrypted columns of ``A`` in the clear
+SHE-LoRA (Liu et al., arXiv 2505.21051) zeroes the encrypted columns of ``A`` in the clear
 copy, so the server sees ``ΔA`` without the coordinates ``S``. Two attackers:
 
 - *naive* (DAGER as published, what the paper evaluates): full candidates against the row space
   of the masked update. A true token's distance is at least ``‖x[S]‖/‖x‖``, so hiding the
-  high-activation coordinates defeats the threshold.
+  high-activation coordinates defeats the threshold. (Stacked q|k|v layers that hide different
+  columns escape that bound: the union of their masked row spaces can hold the full inputs.)
 - *position-aware*: the server knows ``S`` (it learns the positions in the negotiation) and
   drops those coordinates from the candidates too; ``span{x_t[∉S]}`` still contains every true
   token's projection, so nothing is protected unless ``d_in − |S|`` nears the rank.
@@ -130,8 +132,8 @@ def row_space(updates: Sequence[np.ndarray], rank_rtol: float = DEFAULT_RANK_RTO
 
 
 def fp32_noise_floor(received: Sequence[np.ndarray]) -> float:
-    """Largest singular value expected from rounding ``A₁`` to float32 on the wire (``u = 2⁻²⁴``
-    relative, uniform): ``σ_entry·(√n + √d)`` with ``σ_entry = u·rms(A₁)/√3``, doubled for margin."""
+    """Largest singular value expected from rounding ``A₁`` to float32 (the owner's parameters and
+    the wire: ``u = 2⁻²⁴`` relative, uniform): ``σ_entry·(√n + √d)`` with ``σ_entry = u·rms(A₁)/√3``, doubled for margin."""
     stacked = np.concatenate([np.asarray(a, dtype=np.float64) for a in received], axis=0)
     rms = float(np.sqrt(np.mean(stacked * stacked))) if stacked.size else 0.0
     n, d = stacked.shape
@@ -154,7 +156,7 @@ def span_distances(candidates: np.ndarray, basis: np.ndarray, chunk: int = 8192)
 def dager_attack(observed: Sequence[ObservedA], candidates: np.ndarray,
                  a_start: dict[str, np.ndarray] | None = None, position_aware: bool = False,
                  threshold: float = DEFAULT_THRESHOLD, rank_rtol: float = DEFAULT_RANK_RTOL) -> AttackResult:
-    """Recover the batch's token set from the first block's received ``A`` (DAGER §4, token check).
+    """Recover the batch's token set from the first block's received ``A`` (DAGER's token check).
 
     ``observed``: the LoRA ``A`` of the layers reading the first block's input (q/k/v);
     ``candidates``: :func:`first_layer_inputs`; ``a_start``: the round's starting ``A`` per layer
@@ -167,6 +169,8 @@ def dager_attack(observed: Sequence[ObservedA], candidates: np.ndarray,
     for o in observed:
         if o.a.shape[1] != d:
             raise ConfigError(f"dager: {o.layer}: A has d_in {o.a.shape[1]}, candidates have {d}")
+    if a_start is not None and (missing := [o.layer for o in observed if o.layer not in a_start]):
+        raise ConfigError(f"dager: no starting A for {missing[0]!r}")
     updates = [o.update(None if a_start is None else a_start[o.layer]) for o in observed]
     received = [o.a for o in observed]
     if position_aware:
