@@ -1,6 +1,7 @@
 """Federated rounds over the real broker: the aggregator's ``fedworker`` as a subprocess, three owners
 (ranks 4, 8, 16) in threads, each with its own connection; a malformed message is dead-lettered and
-the rounds go on."""
+the rounds go on. The message limit is small on purpose: contributions (~1 MB) and aggregates
+(~1.2 MB) of the tiny model travel in chunks both ways."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .test_aggregation import torch_flexlora
 
 pytestmark = pytest.mark.integration
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+LIMIT = 256 * 1024
 
 
 def _broker_up() -> bool:
@@ -44,7 +46,7 @@ def fedworker(tmp_path, fed_keys):
     log = open(tmp_path / "fedworker.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "helora_aggregator.fedworker", "--broker", URL, "--namespace", ns,
-                             "--context", str(pub), "--owners", "3", "--metrics-port", "0", "--metrics-host",
+                             "--context", str(pub), "--owners", "3", "--max-message-bytes", str(LIMIT), "--metrics-port", "0", "--metrics-host",
                              "127.0.0.1", "--round-timeout-s", "120"], stdout=log, stderr=subprocess.STDOUT, env=env)
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     try:
@@ -96,7 +98,7 @@ def test_rounds_over_the_broker_match_clear_flexlora(fedworker, make_owners):
     err = wire.decode_error(_garbage(ns))
     assert err.reason == "version"
     owners = make_owners((4, 8, 16), (0.02, 0.05, 0.2))
-    clients = [FederatedBrokerClient(URL, ns, timeout_s=120) for _ in owners]
+    clients = [FederatedBrokerClient(URL, ns, timeout_s=120, max_bytes=LIMIT) for _ in owners]
     try:
         for r in (1, 2):
             for o in owners:
@@ -118,7 +120,8 @@ def test_rounds_over_the_broker_match_clear_flexlora(fedworker, make_owners):
                 t.join(180)
             assert not errors, f"{errors}\n{log_path.read_text()[-3000:]}"
             for o in owners:
-                assert reports[o.name].bytes_up[o.name] > 0
+                assert reports[o.name].bytes_up[o.name] > 2 * LIMIT  # its contribution went in chunks
+                assert reports[o.name].bytes_down > 2 * LIMIT  # and so did the aggregate
                 for name, dw in o.last_merged.items():
                     np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
     finally:
@@ -148,11 +151,11 @@ def test_a_bad_contribution_is_refused_over_the_broker_and_the_round_goes_on(fed
     results: dict[str, object] = {}
 
     def good(o):
-        with FederatedBrokerClient(URL, ns, timeout_s=120) as c:
+        with FederatedBrokerClient(URL, ns, timeout_s=120, max_bytes=LIMIT) as c:
             results[o.name] = owner_round(o, c, 7, train=False)
 
     def bad(o):
-        with FederatedBrokerClient(URL, ns, timeout_s=120) as c:
+        with FederatedBrokerClient(URL, ns, timeout_s=120, max_bytes=LIMIT) as c:
             plan = c.call(o.proposal(round_id(o.keys.digest, 7)), fedwire.RoundPlan)
             foreign = dataclasses.replace(o.contribute(plan), ctx=stranger.digest)
             try:
@@ -180,7 +183,7 @@ def test_handshake_and_a_secret_key_context_is_refused_without_being_stored(fedw
     from helora_orchestrator.federated.selective import CkksKeys
 
     ns, _ = fedworker
-    with FederatedBrokerClient(URL, ns, timeout_s=60) as c:
+    with FederatedBrokerClient(URL, ns, timeout_s=60, max_bytes=LIMIT) as c:
         c.handshake(fed_keys)  # the same public context comes back
         with pytest.raises(AggregatorError, match="another public context|not this federation"):
             c.handshake(CkksKeys.generate())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import msgpack
 import numpy as np
@@ -146,3 +147,30 @@ def test_fedwire_strict_decoding(fed_keys, make_owners):
         fedwire.decode_contribution(data, 1024)
     with pytest.raises(TypeError):
         fedwire.encode(fed_keys)  # no encoder for key material
+
+
+def test_chunks_split_and_join_and_refuse_inconsistent_parts():
+    from hecommon.errors import OversizedMessage
+
+    data = bytes(range(256)) * 1000  # 256,000 bytes
+    limit = 64 * 1024
+    parts = fedwire.split_bytes(data, limit, b"\x07" * 16)
+    assert len(parts) == 4 and all(len(p) <= limit for p in parts)
+    assert fedwire.split_bytes(b"small", limit, b"\x07" * 16) == [b"small"]
+    joiner = fedwire.Reassembler(1 << 20)
+    chunks = [fedwire.decode(p, limit) for p in parts]
+    assert [joiner.add(c, i) for i, c in enumerate(chunks[:3])] == [None] * 3
+    assert joiner.add(chunks[1], "again") is None  # a redelivered part counts once
+    joined, tokens = joiner.add(chunks[3], 3)
+    assert joined == data and tokens == [0, 1, 2, "again", 3]
+    with pytest.raises(MalformedMessage, match="earlier ones"):
+        joiner.add(chunks[0])
+        joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1))
+    with pytest.raises(OversizedMessage):
+        fedwire.Reassembler(100_000).add(chunks[2])
+    with pytest.raises(MalformedMessage):
+        fedwire.Chunk(bytes(16), 2, 2, 10, b"x")  # part out of range
+    stale = fedwire.Reassembler(1 << 20, timeout_s=0.0)
+    assert stale.add(chunks[0], "d0") is None
+    time.sleep(0.01)
+    assert stale.expired() == [["d0"]] and stale.held_bytes() == 0

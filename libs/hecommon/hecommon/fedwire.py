@@ -24,6 +24,7 @@ column ``d_in - 1 - t`` of the owner's swapped ``A`` (SHE-LoRA §4.3), whatever 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
@@ -50,6 +51,11 @@ MAX_LAYERS = 4096
 MAX_CIPHERTEXT_BYTES = 1 << 20
 MAX_CONTEXT_BYTES = 8 << 20
 MAX_SAMPLES = 1 << 40
+MAX_CHUNKS = 1 << 12
+#: the largest message reassembled from chunks (a whole adapter's contribution or aggregate)
+MAX_JOINED_BYTES = 1 << 31
+#: room for the chunk's map and small fields when ``split_bytes`` sizes its pieces
+CHUNK_OVERHEAD = 1024
 _HEADER = ("v", "type", "rid", "lib")
 
 
@@ -388,9 +394,38 @@ class Aggregate:
         return cls(m["rid"], m["ctx"], m["total"], tuple(owners), tuple(layers), m["lib"])
 
 
-Message = PublicContext | Proposal | RoundPlan | Contribution | Aggregate
-_BY_TYPE: dict[str, Any] = {c.TYPE: c for c in (PublicContext, Proposal, RoundPlan, Contribution, Aggregate)}
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """Part ``part`` of ``parts`` of one encoded message larger than the broker's limit; ``rid``
+    here is the message's own random id, ``total`` its length in bytes (``split_bytes``)."""
+
+    TYPE: ClassVar[str] = "fed-chunk"
+    rid: bytes
+    part: int
+    parts: int
+    total: int
+    data: bytes
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
+        _int("parts", self.parts, 2, MAX_CHUNKS)
+        _int("part", self.part, 0, self.parts - 1)
+        _int("total", self.total, 1, MAX_JOINED_BYTES)
+        _blob("data", self.data, 1, self.total)
+
+    def _body(self) -> dict[str, Any]:
+        return {"part": self.part, "parts": self.parts, "total": self.total, "data": self.data}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> Chunk:
+        return cls(m["rid"], m["part"], m["parts"], m["total"], m["data"], m["lib"])
+
+
+Message = PublicContext | Proposal | RoundPlan | Contribution | Aggregate | Chunk
+_BY_TYPE: dict[str, Any] = {c.TYPE: c for c in (PublicContext, Proposal, RoundPlan, Contribution, Aggregate, Chunk)}
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
+    Chunk: ("part", "parts", "total", "data"),
     PublicContext: ("context",),
     Proposal: ("owner", "ctx", "layers"),
     RoundPlan: ("ctx", "layers"),
@@ -479,3 +514,57 @@ def _expect(msg: Any, cls: type) -> Any:
     if type(msg) is not cls:
         raise TypeError(f"{cls.__name__} expected, got {type(msg).__name__}")
     return msg
+
+
+# -- chunking (messages above the broker's max_message_size) -------------------------------
+def split_bytes(data: bytes, max_bytes: int, mid: bytes) -> list[bytes]:
+    """``data`` itself when it fits in ``max_bytes``, else encoded ``Chunk``s of it (id ``mid``)."""
+    if len(data) <= max_bytes:
+        return [data]
+    piece = max_bytes - CHUNK_OVERHEAD
+    parts = -(-len(data) // piece)
+    if piece < 1 or parts > MAX_CHUNKS:
+        raise OversizedMessage(f"message: {len(data)} bytes do not fit in {MAX_CHUNKS} chunks of {max_bytes}")
+    return [encode(Chunk(mid, i, parts, len(data), data[i * piece:(i + 1) * piece]), max_bytes) for i in range(parts)]
+
+
+class Reassembler:
+    """Joins chunks by message id. Bounded: at most ``max_bytes`` per joined message and in all,
+    and a message still incomplete after ``timeout_s`` is handed back by ``expired``."""
+
+    def __init__(self, max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0) -> None:
+        self.max_bytes, self.timeout_s = max_bytes, timeout_s
+        self._pending: dict[bytes, tuple[float, Chunk, dict[int, bytes], list[Any]]] = {}
+
+    def held_bytes(self) -> int:
+        return sum(first.total for _, first, _, _ in self._pending.values())
+
+    def add(self, c: Chunk, token: Any = None) -> tuple[bytes, list[Any]] | None:
+        """Record one chunk (``token``: e.g. its delivery); the joined bytes and every token once complete."""
+        entry = self._pending.get(c.rid)
+        if entry is None:
+            if c.total > self.max_bytes or self.held_bytes() + c.total > self.max_bytes:
+                raise OversizedMessage(f"chunked message of {c.total} bytes: over the limit {self.max_bytes} "
+                                       f"(or too much held already)")
+            entry = self._pending[c.rid] = (time.monotonic(), c, {}, [])
+        _, first, parts, tokens = entry
+        if (c.parts, c.total) != (first.parts, first.total):
+            raise MalformedMessage(f"chunk {c.part}: says {c.parts} parts and {c.total} bytes, "
+                                   f"earlier ones {first.parts} and {first.total}")
+        tokens.append(token)
+        parts.setdefault(c.part, c.data)  # a redelivered chunk is counted once
+        if len(parts) < first.parts:
+            return None
+        del self._pending[c.rid]
+        data = b"".join(parts[i] for i in range(first.parts))
+        if len(data) != first.total:
+            raise MalformedMessage(f"chunked message: {len(data)} bytes joined, {first.total} announced")
+        return data, tokens
+
+    def expired(self) -> list[list[Any]]:
+        now = time.monotonic()
+        old = [k for k, (t0, _, _, _) in self._pending.items() if now - t0 > self.timeout_s]
+        return [self._pending.pop(k)[3] for k in old]
+
+    def clear(self) -> None:
+        self._pending.clear()

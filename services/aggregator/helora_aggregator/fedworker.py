@@ -15,6 +15,8 @@
    its sender gets an error reply; once every planned owner has answered (or after the timeout),
    the worker answers every accepted owner with the ``Aggregate``.
 
+Messages above ``--max-message-bytes`` travel as ``fedwire.Chunk``s (both ways), joined here
+up to ``--max-joined-bytes``; an incomplete one is dead-lettered after the round timeout.
 The round id is derived by the owners from the context digest and the round number, so they
 agree on it without talking to each other. The worker holds only the PUBLIC context (refused at
 start if it carries a secret key). Proposals stay unacked until the plan is out, contributions
@@ -61,6 +63,8 @@ class FederatedConfig:
     metrics_port: int = metrics.DEFAULT_PORT
     metrics_host: str = metrics.DEFAULT_HOST
     round_timeout_s: float = 600.0
+    #: the largest message joined from chunks (a whole contribution or aggregate)
+    max_joined_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         amqp.check_broker_fields(self)
@@ -73,6 +77,10 @@ class FederatedConfig:
             raise ConfigError(f"context: no such file: {self.context!r} (the public context from keygen)")
         if not self.round_timeout_s > 0:
             raise ConfigError(f"round_timeout_s: {self.round_timeout_s} must be positive")
+        if not isinstance(self.max_joined_bytes, int) or not (
+                self.max_message_bytes <= self.max_joined_bytes <= fedwire.MAX_JOINED_BYTES):
+            raise ConfigError(f"max_joined_bytes: {self.max_joined_bytes} outside "
+                              f"{self.max_message_bytes}..{fedwire.MAX_JOINED_BYTES}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> FederatedConfig:
@@ -85,18 +93,23 @@ class FederatedConfig:
         metrics.add_metrics_flags(p, environ)
         p.add_argument("--context", required=True, metavar="KEY.pub", help="the federation's public CKKS context")
         p.add_argument("--owners", type=int, required=True, help="owners expected per round")
+        p.add_argument("--max-joined-bytes", type=int, default=1 << 30,
+                       help="largest message reassembled from chunks (a whole contribution or aggregate)")
         p.add_argument("--round-timeout-s", type=float, default=600.0,
                        help="after this long, a round goes on with the owners that answered")
         return cls.from_mapping(vars(p.parse_args(argv)))
 
 
+Deliveries = list[amqp.Delivery]  # one message: a single delivery, or every chunk of it
+
+
 @dataclass
 class _Round:
     started: float = field(default_factory=time.monotonic)
-    proposals: dict[str, tuple[Proposal, amqp.Delivery]] = field(default_factory=dict)
+    proposals: dict[str, tuple[Proposal, Deliveries]] = field(default_factory=dict)
     plan: fedwire.RoundPlan | None = None
     planned: tuple[str, ...] = ()
-    contributions: dict[str, tuple[Contribution, amqp.Delivery]] = field(default_factory=dict)
+    contributions: dict[str, tuple[Contribution, Deliveries]] = field(default_factory=dict)
     rejected: set[str] = field(default_factory=set)
 
 
@@ -109,6 +122,7 @@ class FederatedWorker(amqp.Service):
         self.queue = federated_queue(cfg.namespace)
         self.rounds: dict[bytes, _Round] = {}
         self.closed: dict[bytes, None] = {}
+        self.chunks = fedwire.Reassembler(cfg.max_joined_bytes, cfg.round_timeout_s)
 
     def declare(self, ch) -> list[str]:
         self.topology.declare_queue(ch, self.queue)
@@ -116,27 +130,37 @@ class FederatedWorker(amqp.Service):
 
     def reset(self) -> None:
         self.rounds.clear()
+        self.chunks.clear()
 
     def handle(self, d: amqp.Delivery) -> None:
+        ds: Deliveries = [d]
         try:
-            msg = fedwire.decode(d.body, self.limit)
             if not d.properties.reply_to:
                 raise MalformedMessage("federated message without reply_to: nowhere to answer")
+            msg = fedwire.decode(d.body, self.limit)
+            if isinstance(msg, fedwire.Chunk):  # a message above the broker's limit, in parts
+                got = self.chunks.add(msg, d)
+                if got is None:
+                    return
+                body, ds = got
+                msg = fedwire.decode(body, self.cfg.max_joined_bytes)
+                if isinstance(msg, fedwire.Chunk):
+                    raise MalformedMessage("a chunk inside a chunked message")
             if isinstance(msg, fedwire.PublicContext):
-                self._handshake(msg, d)
+                self._handshake(msg, ds)
                 return
             if msg.rid in self.closed:
                 raise ParameterMismatch(f"round {msg.rid.hex()} is closed")
             if isinstance(msg, Proposal):
-                self._proposal(msg, d)
+                self._proposal(msg, ds)
             elif isinstance(msg, Contribution):
-                self._contribution(msg, d)
+                self._contribution(msg, ds)
             else:
                 raise MalformedMessage(f"{msg.TYPE}: not accepted on the federated queue")
         except HeloraError as exc:
-            self.fail([d], exc)
+            self.fail(ds, exc)
 
-    def _handshake(self, msg: fedwire.PublicContext, d: amqp.Delivery) -> None:
+    def _handshake(self, msg: fedwire.PublicContext, ds: Deliveries) -> None:
         """An owner checks it talks to its federation's aggregator: the same public context comes back.
 
         A context that carries a secret key is refused WITHOUT dead-lettering: its body must not
@@ -147,21 +171,22 @@ class FederatedWorker(amqp.Service):
             if msg.digest != self.aggregator.digest:
                 raise ParameterMismatch("context: not this federation's public context")
         except HeloraError as exc:
-            self.ack([d])
+            self.ack(ds)
             self.metrics.failure(exc)
-            self.reply_error(d.properties, exc)
+            self.reply_error(ds[-1].properties, exc)
             log.warning("refused a handshake: %s", exc.reason)
             return
-        self._answer(d, fedwire.encode(fedwire.PublicContext(msg.rid, self.aggregator.public_context), self.limit))
-        self.ack([d])
+        self._answer(ds, fedwire.encode(fedwire.PublicContext(msg.rid, self.aggregator.public_context),
+                                        self.cfg.max_joined_bytes))
+        self.ack(ds)
 
-    def _proposal(self, p: Proposal, d: amqp.Delivery) -> None:
+    def _proposal(self, p: Proposal, ds: Deliveries) -> None:
         rnd = self.rounds.setdefault(p.rid, _Round())
         if rnd.plan is not None:
             raise ParameterMismatch(f"owner {p.owner!r}: round {p.rid.hex()} is already planned")
         if p.owner in rnd.proposals:
             raise MalformedMessage(f"owner {p.owner!r}: a second proposal for this round (duplicated owner)")
-        rnd.proposals[p.owner] = (p, d)
+        rnd.proposals[p.owner] = (p, ds)
         if len(rnd.proposals) >= self.cfg.owners:
             self._plan(p.rid, rnd)
 
@@ -169,17 +194,17 @@ class FederatedWorker(amqp.Service):
         first = next(iter(rnd.proposals.values()))[0]
         shapes = {x.name: (x.d_out, x.d_in) for x in first.layers}
         plan, rejected = self.aggregator.plan([p for p, _ in rnd.proposals.values()], shapes, rid)
-        body = fedwire.encode(plan, self.limit)
-        for owner, (_, d) in rnd.proposals.items():
+        body = fedwire.encode(plan, self.cfg.max_joined_bytes)
+        for owner, (_, ds) in rnd.proposals.items():
             if owner in rejected:
-                self.fail([d], ParameterMismatch(rejected[owner]))
+                self.fail(ds, ParameterMismatch(rejected[owner]))
                 continue
-            self._answer(d, body)
+            self._answer(ds, body)
         rnd.plan, rnd.planned = plan, tuple(o for o in rnd.proposals if o not in rejected)
-        self.ack([d for o, (_, d) in rnd.proposals.items() if o not in rejected])
+        self.ack([d for o, (_, ds) in rnd.proposals.items() if o not in rejected for d in ds])
         log.info("round %s: planned for %d owners", rid.hex()[:8], len(rnd.planned))
 
-    def _contribution(self, c: Contribution, d: amqp.Delivery) -> None:
+    def _contribution(self, c: Contribution, ds: Deliveries) -> None:
         rnd = self.rounds.get(c.rid)
         if rnd is None or rnd.plan is None:
             raise ParameterMismatch(f"owner {c.owner!r}: round {c.rid.hex()} has no plan (propose first)")
@@ -191,7 +216,7 @@ class FederatedWorker(amqp.Service):
             rnd.rejected.add(c.owner)
             self._maybe_aggregate(c.rid, rnd)
             raise
-        rnd.contributions[c.owner] = (c, d)
+        rnd.contributions[c.owner] = (c, ds)
         self._maybe_aggregate(c.rid, rnd)
 
     def _maybe_aggregate(self, rid: bytes, rnd: _Round, timed_out: bool = False) -> None:
@@ -205,19 +230,24 @@ class FederatedWorker(amqp.Service):
         if not rnd.contributions:
             return
         agg, _ = self.aggregator.aggregate(rnd.plan, [c for c, _ in rnd.contributions.values()])
-        body = fedwire.encode(agg, self.limit)
-        for _, d in rnd.contributions.values():
-            self._answer(d, body)
-        self.ack([d for _, d in rnd.contributions.values()])
+        body = fedwire.encode(agg, self.cfg.max_joined_bytes)
+        for _, ds in rnd.contributions.values():
+            self._answer(ds, body)
+        self.ack([d for _, ds in rnd.contributions.values() for d in ds])
         log.info("round %s: aggregated %d owners, %d bytes", rid.hex()[:8], len(agg.owners), len(body))
 
-    def _answer(self, d: amqp.Delivery, body: bytes) -> None:
+    def _answer(self, ds: Deliveries, body: bytes) -> None:
+        """Publish ``body`` (in chunks if above the limit) to the sender's ``reply_to``."""
+        props = ds[-1].properties
+        bodies = fedwire.split_bytes(body, self.limit, os.urandom(fedwire.RID_BYTES))
         try:
-            self.publish(d.properties.reply_to, body, pika.BasicProperties(correlation_id=d.properties.correlation_id))
+            self.publish_all(props.reply_to, bodies, pika.BasicProperties(correlation_id=props.correlation_id))
         except (pex.UnroutableError, pex.NackError):
             log.warning("an owner's reply queue is gone; answer dropped")
 
     def tick(self) -> None:
+        for ds in self.chunks.expired():
+            self.fail(ds, MalformedMessage(f"chunked message incomplete after {self.chunks.timeout_s:.0f} s"))
         now = time.monotonic()
         for rid, rnd in list(self.rounds.items()):
             if now - rnd.started <= self.cfg.round_timeout_s:

@@ -4,6 +4,7 @@ The owner publishes its ``Proposal`` and then its ``Contribution`` to ``{ns}.fed
 aggregator's ``fedworker``) with its own exclusive ``reply_to`` queue and a fresh
 ``correlation_id``, and waits for the ``RoundPlan`` and then the ``Aggregate``. An error reply
 (``hecommon.wire.ErrorReply``) becomes a ``HeloraError`` naming the aggregator's reason.
+Messages above the broker's limit go as ``fedwire.Chunk``s, both ways.
 The round id is ``SHA-256("helora-fed-round" ‖ context digest ‖ round number)[:16]``: owners of one
 federation agree on it without talking to each other.
 """
@@ -34,10 +35,12 @@ class FederatedBrokerClient:
     """A blocking request/reply client of the federated aggregator."""
 
     def __init__(self, url: str, namespace: str = amqp.DEFAULT_NAMESPACE, timeout_s: float = 600.0,
-                 max_bytes: int = wire.MAX_MESSAGE_BYTES):
+                 max_bytes: int = wire.MAX_MESSAGE_BYTES, max_joined: int = 1 << 30):
         from helora_aggregator.fedworker import federated_queue
 
-        self.timeout_s, self.max_bytes = timeout_s, max_bytes
+        # max_bytes: the broker's max_message_size (larger messages go in chunks); max_joined: the
+        # largest whole message accepted (an aggregate is a full d_out × d_in product per layer)
+        self.timeout_s, self.max_bytes, self.max_joined = timeout_s, max_bytes, max_joined
         # heartbeats off: the owner trains for minutes between two messages on this connection
         self.conn = amqp.connect(url, f"helora-federated-owner@{namespace}", heartbeat=0)
         self.ch = self.conn.channel()
@@ -51,25 +54,42 @@ class FederatedBrokerClient:
         self.bytes_up = self.bytes_down = 0
 
     def call(self, msg: fedwire.Message, expect: type) -> fedwire.Message:
-        body = fedwire.encode(msg, self.max_bytes)
+        """Send ``msg`` (in chunks above the broker's limit) and wait for the answer of type ``expect``."""
+        body = fedwire.encode(msg, self.max_joined)
         cid = secrets.token_hex(fedwire.RID_BYTES)
-        self.ch.basic_publish("", self.queue, body, pika.BasicProperties(reply_to=self.reply_to, correlation_id=cid,
-                                                                          delivery_mode=2), mandatory=True)
-        self.bytes_up += len(body)
+        props = pika.BasicProperties(reply_to=self.reply_to, correlation_id=cid, delivery_mode=2)
+        for part in fedwire.split_bytes(body, self.max_bytes, secrets.token_bytes(fedwire.RID_BYTES)):
+            self.ch.basic_publish("", self.queue, part, props, mandatory=True)
+            self.bytes_up += len(part)
+        chunks = fedwire.Reassembler(self.max_joined, self.timeout_s)
         deadline = time.monotonic() + self.timeout_s
-        for method, props, reply in self.ch.consume(self.reply_to, inactivity_timeout=1.0):
+        for method, rprops, reply in self.ch.consume(self.reply_to, inactivity_timeout=1.0):
             if method is None:
                 if time.monotonic() > deadline:
                     self.ch.cancel()
                     raise TransientError(f"no answer from the federated aggregator within {self.timeout_s:.0f} s")
                 continue
             self.ch.basic_ack(method.delivery_tag)
-            if props.correlation_id != cid:
+            if rprops.correlation_id != cid:
                 continue  # a stale answer to an earlier, abandoned request
-            self.ch.cancel()
             self.bytes_down += len(reply)
-            return self._decode(reply, expect)
+            joined = self._join(chunks, reply)
+            if joined is None:
+                continue
+            self.ch.cancel()
+            return self._decode(joined, expect)
         raise TransientError("the reply queue was cancelled")  # pragma: no cover - consume never ends otherwise
+
+    def _join(self, chunks: fedwire.Reassembler, reply: bytes) -> bytes | None:
+        """The whole answer once every chunk of it is in; an unchunked answer as it is."""
+        try:
+            part = fedwire.decode(reply, self.max_bytes)
+        except MalformedMessage:
+            return reply  # an error reply (``hecommon.wire``): ``_decode`` reads it
+        if not isinstance(part, fedwire.Chunk):
+            return reply
+        got = chunks.add(part)
+        return None if got is None else got[0]
 
     def handshake(self, keys) -> None:
         """Check that the aggregator serves this federation (same public context); raises otherwise."""
@@ -81,7 +101,7 @@ class FederatedBrokerClient:
 
     def _decode(self, reply: bytes, expect: type) -> fedwire.Message:
         try:
-            return fedwire.decode(reply, self.max_bytes, expect)
+            return fedwire.decode(reply, self.max_joined, expect)
         except MalformedMessage:
             try:
                 err = wire.decode_error(reply, self.max_bytes)

@@ -72,6 +72,8 @@ def add_parser(sub) -> None:
     r.add_argument("--first-round", type=int, default=1)
     r.add_argument("--broker", dest="fed_broker", default="amqp://guest:guest@127.0.0.1:5672/%2F", metavar="URL")
     r.add_argument("--namespace", default="helora")
+    r.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                   help="the broker's max_message_size: larger messages go in chunks")
     r.add_argument("--timeout-s", type=float, default=600.0, help="how long to wait for the other owners")
 
 
@@ -145,7 +147,8 @@ def cmd_round(args) -> int:
         raise ConfigError(f"--index {args.index}: must be in 0..{args.owners - 1}")
     cfg = _configs(args, [args.owner], [args.rank], [args.budget])[0]
     owner = build_owner_shard(cfg, args.index, args.owners, args.model, args.data, args.seed, keys)
-    with FederatedBrokerClient(args.fed_broker, args.namespace, timeout_s=args.timeout_s) as client:
+    with FederatedBrokerClient(args.fed_broker, args.namespace, timeout_s=args.timeout_s,
+                               max_bytes=args.max_message_bytes) as client:
         client.handshake(keys)
         for r in range(args.first_round, args.first_round + args.rounds):
             print(owner_round(owner, client, r))
