@@ -35,7 +35,10 @@ def _broker_up() -> bool:
 
 
 @pytest.fixture
-def fedworker(tmp_path, fed_keys):
+def fedworker(request, tmp_path, fed_keys):
+    """The worker for 3 owners; ``@pytest.mark.parametrize("fedworker", [timeout_s], indirect=True)``
+    sets its round timeout (120 s by default)."""
+    timeout_s = getattr(request, "param", 120)
     if not _broker_up():
         pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
     from helora_aggregator.fedworker import federated_queue
@@ -47,7 +50,7 @@ def fedworker(tmp_path, fed_keys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "helora_aggregator.fedworker", "--broker", URL, "--namespace", ns,
                              "--context", str(pub), "--owners", "3", "--max-message-bytes", str(LIMIT), "--metrics-port", "0", "--metrics-host",
-                             "127.0.0.1", "--round-timeout-s", "120"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "127.0.0.1", "--round-timeout-s", str(timeout_s)], stdout=log, stderr=subprocess.STDOUT, env=env)
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     try:
         ch = conn.channel()
@@ -194,3 +197,36 @@ def test_handshake_and_a_secret_key_context_is_refused_without_being_stored(fedw
         # refused handshakes are acked and dropped, never dead-lettered: the secret key is stored nowhere
         assert c.ch.queue_declare(amqp.Topology(ns).dead, passive=True).method.message_count == 0
         assert c.ch.queue_declare(f"{ns}.federated", passive=True).method.message_count == 0
+
+
+@pytest.mark.parametrize("fedworker", [4], indirect=True)
+def test_a_missing_owner_times_out_and_the_round_goes_on(fedworker, make_owners):
+    """Three owners expected, two show up: after the round timeout (4 s) the plan goes to those two,
+    and their aggregate is their own average."""
+    from helora_orchestrator.federated.broker import FederatedBrokerClient, owner_round
+
+    ns, log_path = fedworker
+    owners = make_owners((4, 16), (0.05, 0.1))
+    for o in owners:
+        o.train_local()
+    want = {n: sum(o.samples * o.delta()[n] for o in owners) / sum(o.samples for o in owners)
+            for n in owners[0].shapes()}
+    results: dict[str, object] = {}
+
+    def run(o):
+        with FederatedBrokerClient(URL, ns, timeout_s=60, max_bytes=LIMIT) as c:
+            results[o.name] = owner_round(o, c, 3, train=False)
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in owners]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert set(results) == {"o0", "o1"}, log_path.read_text()[-3000:]
+    assert time.monotonic() - t0 >= 4  # it waited for the third owner first
+    assert "timed out" in log_path.read_text()
+    for o in owners:
+        assert set(results[o.name].aggregate.owners) == {"o0", "o1"}
+        for name, dw in o.last_merged.items():
+            np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
