@@ -14,9 +14,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -377,3 +379,92 @@ def test_the_chart_runs_the_images_as_built(stages, values_file):
             assert METRICS_PORT in ports and METRICS_PORT in " ".join(instructions(stages, target, "EXPOSE")).split()
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert c[probe]["httpGet"]["path"] in ("/healthz", "/readyz"), (d["metadata"]["name"], probe)
+
+
+# -- each image's package set runs its service ------------------------------------------------------
+def _image_site(stages, target: str, root: Path) -> Path:
+    """A site directory holding exactly the target's pinned packages (symlinks into this
+    virtualenv): the image's Python environment, without building the image."""
+    site = root / f"site-{target}"
+    site.mkdir()
+    for name in _target_pins(stages, target):
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            pytest.fail(f"{target}: {name} is pinned for the image but not installed here (make setup)")
+        base = Path(str(dist.locate_file("")))
+        for top in {str(f).split("/")[0] for f in dist.files or []} - {"..", "__pycache__"}:
+            if not top.endswith(".pth") and (base / top).exists() and not (site / top).exists():
+                (site / top).symlink_to(base / top)
+    return site
+
+
+def _image_env(stages, target: str, site: Path, **extra: str) -> dict[str, str]:
+    env = {"PATH": os.environ["PATH"], "HOME": str(site), "LANG": "C.UTF-8"}
+    for line in instructions(stages, target, "ENV"):
+        env.update(dict(shlex.split(w)[0].split("=", 1) for w in shlex.split(line, posix=False)))
+    sources = [ROOT / "libs" / "hecommon"] + [ROOT / "services" / s for s in ("encoder", "evaluator", "aggregator")
+                                               if f"services/{s} " in " ".join(instructions(stages, target, "COPY")) + " "]
+    env["PYTHONPATH"] = os.pathsep.join(map(str, [site, *sources]))
+    return {**env, **extra}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_each_images_package_set_runs_its_service(stages, tmp_path):
+    """encoder (the bundled SmolLM2, as the chart's default), aggregator and evaluator-cpu start
+    from their image's packages alone (``python -S`` over a site of exactly those packages) and
+    pass the image's HEALTHCHECK on /readyz: weights loaded, consuming from the real broker. The
+    CUDA evaluator is the evaluator-cpu set plus cupy, which needs a GPU to mean anything."""
+    import secrets
+
+    import pika
+    from hecommon.amqp import Topology
+
+    url = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    try:
+        pika.BlockingConnection(pika.URLParameters(url)).close()
+    except pika.exceptions.AMQPError:
+        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
+    namespace, shards = f"helora-img-{secrets.token_hex(4)}", tmp_path / "shards"
+    plan = [("encoder", "helora_encoder.worker", 300), ("aggregator", "helora_aggregator.worker", 60),
+            ("evaluator-cpu", "helora_evaluator.worker", 120)]
+    procs: dict[str, subprocess.Popen] = {}
+    sites = {target: _image_site(stages, target, tmp_path) for target, _, _ in plan}
+    leak = subprocess.run([sys.executable, "-S", "-c", "import peft"], env=_image_env(stages, "encoder", sites["encoder"]),
+                          capture_output=True)
+    assert leak.returncode != 0, "the emulated image sees packages it does not install"
+    try:
+        for target, module, timeout_s in plan:
+            env = _image_env(stages, target, sites[target], HELORA_BROKER_URL=url, HELORA_NAMESPACE=namespace,
+                             HELORA_METRICS_PORT=str(_free_port()), HELORA_SHARD_DIR=str(shards),
+                             HELORA_BLOCKS="0-29", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+            log = open(tmp_path / f"{target}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs[target] = subprocess.Popen([sys.executable, "-S", "-m", module], env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, cwd=tmp_path)
+            end = time.monotonic() + timeout_s
+            while subprocess.run([sys.executable, "-S", str(HEALTHCHECK), "/readyz"], env=env,
+                                 capture_output=True).returncode != 0:
+                logs = (tmp_path / f"{target}.log").read_text(errors="replace")[-3000:]
+                assert procs[target].poll() is None, f"{target} exited {procs[target].returncode}\n{logs}"
+                assert time.monotonic() < end, f"{target} not ready within {timeout_s} s\n{logs}"
+                time.sleep(1)
+            assert subprocess.run([sys.executable, "-S", str(HEALTHCHECK)], env=env).returncode == 0
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        codes = {t: p.wait(30) for t, p in procs.items()}
+        topo = Topology(namespace)
+        conn = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            topo.delete(conn.channel(), [topo.evaluator_queue("0-29", 0, 1)])
+        finally:
+            conn.close()
+    assert all(c == 0 for c in codes.values()), codes
