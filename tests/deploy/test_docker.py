@@ -5,7 +5,8 @@ start from pinned images (no ``latest``, no unresolved build argument), install 
 Python packages (``-r docker/requirements/*.txt`` with exact ``==`` pins, or helora's own sources
 with ``--no-deps``), pin every package its code really imports, and start a console script that
 the service's pyproject.toml declares. ``docker/healthcheck.py`` (the HEALTHCHECK) runs against
-real HTTP servers.
+real HTTP servers; the chart's containers run the images as built; and each image's package set,
+alone, starts its service on the real broker (no Docker engine here: the images are not built).
 """
 
 from __future__ import annotations
