@@ -52,7 +52,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from .errors import ConfigError, HeloraError, MalformedMessage, TransientError
+from .errors import ConfigError, HeloraError, TransientError
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .wire import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, RID_BYTES, ErrorReply, encode_error
@@ -262,27 +262,32 @@ class Unroutable(HeloraError):
 class PartCollector:
     """Parts of chunked wire messages (``wire.split``), gathered by key until all have arrived.
 
-    ``add`` returns ``(chunks, deliveries)`` once complete (the caller joins them); a duplicate
-    part raises ``MalformedMessage``. ``expired`` hands back what waited longer than
+    ``add`` returns ``(chunks, deliveries)`` once complete (the caller joins them and acks the
+    deliveries). A part that arrives twice is a copy (its sender died after publishing some parts
+    and a replacement sent them all again, or the broker redelivered it): the first is kept and the
+    copy's delivery is handed back with the others, to be acked with them, so that nothing is
+    counted twice and the request is not lost. ``expired`` hands back what waited longer than
     ``timeout_s`` so the caller can dead-letter it instead of holding it unacked forever.
     """
 
     def __init__(self, timeout_s: float = 60.0) -> None:
         self.timeout_s = timeout_s
-        self._pending: dict[Any, tuple[float, dict[int, tuple[Any, Delivery]]]] = {}
+        # key -> (first arrival, part -> (message, delivery), deliveries of duplicate copies)
+        self._pending: dict[Any, tuple[float, dict[int, tuple[Any, Delivery]], list[Delivery]]] = {}
 
     def add(self, key: Any, msg: Any, d: Delivery) -> tuple[list[Any], list[Delivery]] | None:
         if msg.parts == 1:
             return [msg], [d]
-        _, parts = self._pending.setdefault(key, (time.monotonic(), {}))
+        _, parts, copies = self._pending.setdefault(key, (time.monotonic(), {}, []))
         if msg.part in parts:
-            raise MalformedMessage(f"part {msg.part} of {msg.parts} arrived twice")
+            copies.append(d)
+            return None
         parts[msg.part] = (msg, d)
         if len(parts) < msg.parts:
             return None
         del self._pending[key]
         ordered = [parts[i] for i in sorted(parts)]
-        return [m for m, _ in ordered], [dd for _, dd in ordered]
+        return [m for m, _ in ordered], [dd for _, dd in ordered] + copies
 
     def __len__(self) -> int:
         """Messages whose parts are still arriving."""
@@ -290,8 +295,20 @@ class PartCollector:
 
     def expired(self) -> list[tuple[Any, list[Delivery]]]:
         now = time.monotonic()
-        old = [k for k, (t0, _) in self._pending.items() if now - t0 > self.timeout_s]
-        return [(k, [d for _, d in self._pending.pop(k)[1].values()]) for k in old]
+        old = [k for k, (t0, _, _) in self._pending.items() if now - t0 > self.timeout_s]
+        out = []
+        for k in old:
+            _, parts, copies = self._pending.pop(k)
+            out.append((k, [d for _, d in parts.values()] + copies))
+        return out
+
+    def discard(self, match: Callable[[Any], bool]) -> list[Delivery]:
+        """Drop the pending messages whose key matches (their request is answered); their deliveries."""
+        out: list[Delivery] = []
+        for k in [k for k in self._pending if match(k)]:
+            _, parts, copies = self._pending.pop(k)
+            out.extend([d for _, d in parts.values()] + copies)
+        return out
 
     def clear(self) -> None:
         self._pending.clear()
@@ -310,7 +327,7 @@ class Delivery:
     redelivered: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity (Service._io_waiting)
 class _Work:
     fn: Callable[[Any], Any]
     future: Future = field(default_factory=Future)
@@ -342,6 +359,7 @@ class Service:
         self._conn: pika.BlockingConnection | None = None
         self._ch: Any = None
         self._worker: threading.Thread | None = None
+        self._io_waiting: set[_Work] = set()  # operations handed to the I/O thread, not finished
         self._busy = 0
         self.metrics = metrics if metrics is not None else Metrics(self.name, getattr(cfg, "metrics_group", "all"))
         self.ready = self.metrics.ready  # /readyz: set while consuming
@@ -373,15 +391,21 @@ class Service:
         if conn is None or (gen is not None and gen != self._gen):
             raise TransientError("the connection these deliveries came on is gone")
         try:
+            self._io_waiting.add(work)
             conn.add_callback_threadsafe(lambda: self._run(work))
-        except pex.ConnectionWrongStateError:
-            raise TransientError("the broker connection is closed") from None
-        try:
             return work.future.result(self.io_timeout_s)
         except FutureTimeout:
             raise TransientError(f"broker operation did not finish within {self.io_timeout_s:.0f} s") from None
+        except (pex.AMQPConnectionError, pex.ChannelWrongStateError, pex.ChannelClosed) as exc:
+            # the connection died under this operation: the broker redelivers what was unacked,
+            # so the message is retried (requeue), never dead-lettered or answered with an error
+            raise TransientError(f"the broker connection was lost ({type(exc).__name__})") from None
+        finally:
+            self._io_waiting.discard(work)
 
     def _run(self, work: _Work) -> None:
+        if work.future.done():  # failed by _drop_connection already
+            return
         try:
             work.future.set_result(work.fn(self._ch))
         except BaseException as exc:  # noqa: BLE001 - handed back to the waiting thread
@@ -525,7 +549,8 @@ class Service:
 
     def _session(self) -> None:
         cfg = self.cfg
-        self._conn = connect(cfg.broker_url, f"helora-{self.name}")
+        # the namespace in the connection name (`rabbitmqctl list_connections client_properties`)
+        self._conn = connect(cfg.broker_url, f"helora-{self.name}@{self.topology.namespace}")
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
         self.topology.declare_common(self._ch)
@@ -536,7 +561,14 @@ class Service:
         log.info("%s consuming %s on %s", self.name, queues, safe_url(cfg.broker_url))
         self.ready.set()
         while not self._stop.is_set():
-            self._conn.process_data_events(time_limit=0.5)
+            try:
+                self._conn.process_data_events(time_limit=0.5)
+            except ValueError:
+                # pika 1.3: a connection that closes inside a callback (a publish from the worker
+                # thread) leaves the I/O loop closed, and the next timer raises ValueError
+                if self._conn.is_open:
+                    raise
+                raise pex.StreamLostError("the connection closed during a callback") from None
 
     def run(self) -> int:
         """Serve until ``stop()``; reconnect with backoff when the connection drops."""
@@ -551,6 +583,8 @@ class Service:
                         pex.ConnectionClosed, TransientError) as exc:
                     if self._stop.is_set():
                         break
+                    if self.ready.is_set():  # it was serving: a fresh loss starts the backoff over
+                        backoff = 0.5
                     log.warning("broker connection lost (%s); reconnecting in %.1f s", type(exc).__name__, backoff)
                     self._drop_connection()
                     time.sleep(backoff)
@@ -562,6 +596,9 @@ class Service:
     def _drop_connection(self) -> None:
         self.ready.clear()
         self._gen += 1  # deliveries of the old connection are no longer ours to ack
+        for work in list(self._io_waiting):  # their callbacks died with the connection: free the worker
+            if not work.future.done():
+                work.future.set_exception(TransientError("the broker connection was lost"))
         try:
             if self._conn is not None and self._conn.is_open:
                 self._conn.close()

@@ -33,6 +33,12 @@ class TransientError(HeloraError):
     reason = "transient"
 
 
+class ServiceTimeout(HeloraError):
+    """A service waited too long for another one; the message names the layer and who did not answer."""
+
+    reason = "timeout"
+
+
 class MalformedMessage(HeloraError, ValueError):
     """A message does not decode: bad schema, truncated bytes, shape mismatch, bad types."""
 

@@ -51,6 +51,17 @@ class AggregatorHandler:
             self._done.pop(next(iter(self._done)))
         return self._combine(partial, [pending.parts[i] for i in range(pending.shards)])
 
+    def abandon(self, key: tuple[bytes, str, str]) -> tuple[int, list[int]]:
+        """Give up on an incomplete request (its time is up): (its shard count, the shards that never
+        answered). Later partials of it count as duplicates."""
+        pending = self._pending.pop(key, None)
+        self._done[key] = None
+        if len(self._done) > self.max_pending:
+            self._done.pop(next(iter(self._done)))
+        if pending is None:
+            return 0, []
+        return pending.shards, sorted(set(range(pending.shards)) - set(pending.parts))
+
     def _combine(self, first: PartialResult, parts: list[PartialResult]) -> EncryptedReply:
         if first.direction == "fwd":
             total = parts[0].partial

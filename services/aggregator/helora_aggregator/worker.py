@@ -20,7 +20,7 @@ from collections import OrderedDict
 import pika
 import pika.exceptions as pex
 from hecommon import amqp, wire
-from hecommon.errors import HeloraError, MalformedMessage
+from hecommon.errors import HeloraError, MalformedMessage, ServiceTimeout
 from hecommon.metrics import Metrics
 
 from .config import AggregatorConfig
@@ -55,12 +55,16 @@ class AggregatorWorker(amqp.Service):
 
     def tick(self) -> None:
         for key, ds in self.parts.expired():
-            self.fail(ds, MalformedMessage(f"partial incomplete after {self.parts.timeout_s:.0f} s"), rid=key[0])
+            self.fail(ds, ServiceTimeout(f"layer {key[1]} {key[2]}: the partial of shard {key[3]} stayed incomplete "
+                                         f"for {self.parts.timeout_s:.0f} s"), rid=key[0])
         now = time.monotonic()
         for key in [k for k, (t0, _) in self._held.items() if now - t0 > self.parts.timeout_s]:
             _, ds = self._held.pop(key)
-            self.fail(ds, MalformedMessage(f"layer {key[1]} {key[2]}: not every shard's partial arrived within "
-                                           f"{self.parts.timeout_s:.0f} s (is an evaluator down?)"), rid=key[0])
+            shards, missing = self.handler.abandon(key)
+            self._remember(key)  # a late partial of it is acked and dropped, not held again
+            who = f"shard {', '.join(f'{i}/{shards}' for i in missing)}" if missing else "a shard"
+            self.fail(ds, ServiceTimeout(f"no evaluator for layer {key[1]} {key[2]} {who} answered within "
+                                         f"{self.parts.timeout_s:.0f} s"), rid=key[0])
 
     def handle(self, d: amqp.Delivery) -> None:
         try:
@@ -68,6 +72,9 @@ class AggregatorWorker(amqp.Service):
                 chunk = wire.decode_partial(d.body, self.limit)
             if not d.properties.reply_to:
                 raise MalformedMessage("partial without reply_to: nowhere to send the result")
+            if (chunk.rid, chunk.layer, chunk.direction) in self._done:
+                self.ack([d])  # a copy of a part of an answered request (a redelivery)
+                return
             got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard), chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
@@ -102,13 +109,18 @@ class AggregatorWorker(amqp.Service):
         except (pex.UnroutableError, pex.NackError):
             log.warning("rid %s layer %s: the client's reply queue is gone; reply dropped", key[0].hex(), key[1])
         _, ds = self._held.pop(key)
-        self.ack(ds)
+        # with the copies of parts that arrived after their partial was complete (a redelivery)
+        self.ack(ds + self.parts.discard(lambda k: k[:3] == key))
         self.metrics.request(key[1], key[2])
         self.metrics.add_tokens(reply.result.n_tokens)
+        self._remember(key)
+        log.debug("rid %s layer %s %s: replied, %d bytes", key[0].hex(), key[1], key[2], sum(map(len, bodies)))
+
+    def _remember(self, key: tuple[bytes, str, str]) -> None:
+        """An answered (or abandoned) request: its redelivered partials are acked and ignored."""
         self._done[key] = None
         while len(self._done) > self.cfg.max_pending:
             self._done.popitem(last=False)
-        log.debug("rid %s layer %s %s: replied, %d bytes", key[0].hex(), key[1], key[2], sum(map(len, bodies)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,24 @@ request's chunks to ``{ns}.ingress`` with ``reply_to`` = its own exclusive, auto
 raises at once, naming the layer and the server's reason; silence past ``timeout_s`` raises an
 error naming the layer and the service that looks down. One transport per thread: pika's
 ``BlockingConnection`` is not thread-safe.
+
+Reconnection. When the connection drops (broker restart, a connection closed by an operator, a
+network cut), the transport reconnects with backoff and sends the request again **under a fresh
+attempt id**, then hands the reply back under the caller's request id. Resending under the same id
+does not work: the aggregator remembers answered ids so that redelivered partials are never
+counted twice, and the first attempt's reply went to a reply queue that died with the old
+connection, so a same-id retry would be dropped as a duplicate and time out. A fresh id makes the
+retry a new request for every service; the services need no cache of (large) replies, and
+de-duplication stays what it is. The retry re-sends the same ciphertexts (no new secret): the
+server learns nothing it had not seen. The abandoned attempt may still be computed; its reply
+is unroutable (its queue is gone) and the aggregator drops it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -51,10 +64,14 @@ class BrokerTransport:
         self._ch: Any = None
         self._reply_queue = ""
         self._inbox: dict[str, list[bytes]] = {}
+        #: message bodies really sent and received (every attempt), for benchmarks and metrics
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # -- connection ---------------------------------------------------------------------------
     def _open(self) -> None:
-        self._conn = amqp.connect(self.url, f"helora-client-{uuid.uuid4().hex[:8]}", self.connect_s)
+        name = f"helora-client-{uuid.uuid4().hex[:8]}@{self.topology.namespace}"  # rabbitmqctl list_connections
+        self._conn = amqp.connect(self.url, name, self.connect_s)
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
         self._reply_queue = self._ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -79,13 +96,13 @@ class BrokerTransport:
         self.close()
 
     def _with_reconnect(self, fn, what: str):
-        """Run ``fn()`` (which may publish and wait); on connection loss reconnect and retry."""
+        """Run ``fn(attempt)`` (which may publish and wait); on connection loss reconnect and retry."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
                 if self._conn is None or not self._conn.is_open:
                     self._open()
-                return fn()
+                return fn(attempt)
             except _CONNECTION_ERRORS as exc:
                 self.close()
                 if attempt == self.retries:
@@ -113,30 +130,38 @@ class BrokerTransport:
                 return None
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
-    def _round_trip(self, request: wire.EncryptedRequest, chunks: list[bytes]) -> list[bytes]:
-        cid = request.rid.hex()
+    def _round_trip(self, request: wire.EncryptedRequest, attempt: int) -> tuple[bytes, list[bytes]]:
+        """Send ``request`` (under a fresh id after the first attempt); (its id, the reply chunks)."""
+        rid = request.rid if attempt == 0 else os.urandom(wire.RID_BYTES)
+        sent = dataclasses.replace(request, rid=rid)
+        chunks = [wire.encode_request(c, self.limit) for c in wire.split(sent, self.limit)]
+        self.bytes_sent += sum(map(len, chunks))
+        cid = rid.hex()
         self._inbox.pop(cid, None)
         try:
             self._publish(self.topology.ingress, chunks, cid)
         except pex.UnroutableError:
-            raise TransientError(f"layer {request.layer} {request.direction}: no queue "
-                                 f"{self.topology.ingress!r}: is the encoder running?") from None
+            raise TransientError(f"{describe(request)}: no queue {self.topology.ingress!r}: "
+                                 "is the encoder running?") from None
         got = self._wait(cid, _complete, time.monotonic() + self.timeout_s)
         if got is None:
             raise TransientError(self._silence(request))
-        return got
+        self.bytes_received += sum(map(len, got))
+        return rid, got
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
-        chunks = [wire.encode_request(c, self.limit) for c in wire.split(request, self.limit)]
-        replies = self._with_reconnect(lambda: self._round_trip(request, chunks),
-                                       f"layer {request.layer} {request.direction}")
+        before = self.bytes_sent + self.bytes_received
+        rid, replies = self._with_reconnect(lambda attempt: self._round_trip(request, attempt), describe(request))
         decoded = [wire.decode(r, self.limit) for r in replies]
         for d in decoded:
             if isinstance(d, wire.ErrorReply):
-                raise ServerError(d.reason, f"layer {request.layer} {request.direction}: the server refused the "
-                                            f"request: {d.reason}: {d.message}")
+                raise ServerError(d.reason, f"{describe(request)}: the server could not serve the request: "
+                                            f"{d.reason}: {d.message}")
         reply = wire.join(decoded)  # type: ignore[arg-type]
-        return reply, sum(map(len, chunks)) + sum(map(len, replies))  # type: ignore[return-value]
+        if reply.rid != rid:
+            raise HeloraError(f"{describe(request)}: a reply for another request arrived")
+        reply = dataclasses.replace(reply, rid=request.rid)  # the caller's id, whatever attempt answered
+        return reply, self.bytes_sent + self.bytes_received - before  # type: ignore[return-value]
 
     def _silence(self, request: wire.EncryptedRequest) -> str:
         """Which service looks down, from the consumer counts of the queues the client knows."""
@@ -151,15 +176,14 @@ class BrokerTransport:
                 self._ch = self._conn.channel()
                 self._ch.confirm_delivery()
                 waiting.append(f"the {service} (queue {queue} does not exist)")
-        who = ", ".join(waiting) or "an evaluator holding this layer (encoder and aggregator are consuming)"
-        return (f"layer {request.layer} {request.direction}: no reply within {self.timeout_s:.0f} s; "
-                f"not answering: {who}")
+        who = ", ".join(waiting) or "the evaluator(s) holding this layer (encoder and aggregator are consuming)"
+        return f"{describe(request)}: no reply within {self.timeout_s:.0f} s; not answering: {who}"
 
     def fetch_manifest(self) -> wire.Manifest:
         """The encoder's public manifest (RPC on ``{ns}.manifest``); waits for the encoder to start."""
         deadline = time.monotonic() + self.timeout_s
 
-        def ask() -> list[bytes] | None:
+        def ask(attempt: int) -> list[bytes] | None:
             cid = uuid.uuid4().hex
             while True:
                 try:
@@ -181,6 +205,12 @@ class BrokerTransport:
         if not isinstance(msg, wire.Manifest):
             raise HeloraError(f"manifest: the encoder answered with a {msg.TYPE!r} message")
         return msg
+
+
+def describe(request: wire.EncryptedRequest) -> str:
+    """``layer 3.qkv (block 3, qkv) fwd``: how errors name a request."""
+    block, _, kind = request.layer.partition(".")
+    return f"layer {request.layer} (block {block}, {kind or '?'}) {request.direction}"
 
 
 def _complete(bodies: list[bytes]) -> bool:

@@ -1,0 +1,354 @@
+"""Fault tolerance on the real broker (DESIGN §7.5, issue 4): a worker killed mid-request, connections
+closed by the broker, duplicated partials, and requests nobody answers.
+
+The fleet here is this module's own (``LocalFleet``: encoder, evaluators ``0/2`` and ``1/2``,
+aggregator) under a unique namespace, so killing and restarting its services disturbs no other
+test. Connections are closed from the broker side with ``rabbitmqctl close_connection``, only those
+whose name ends with ``@{namespace}`` (every helora connection carries its namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pika
+import pytest
+import torch
+from hecommon import amqp
+from hecommon.keys import SecretKey
+from helora_encoder.model import discover_groups, tiny_llama
+from helora_orchestrator.backend import build_backend
+from helora_orchestrator.broker import ServerError, make_broker_backend
+from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
+from helora_orchestrator.lora import LoraSettings
+from helora_orchestrator.up import LocalFleet
+
+pytestmark = pytest.mark.integration
+URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+LIMIT = 256 * 1024  # small: requests, partials and replies travel in several parts
+PART_TIMEOUT_S = 60.0
+LORA = LoraSettings(r=4, alpha=8)
+
+
+def _rabbitmqctl(*args: str) -> str:
+    out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise AssertionError(f"rabbitmqctl {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is needed to close connections and read unacked counts")
+    try:
+        _rabbitmqctl("list_queues", "name")
+    except (AssertionError, OSError) as exc:
+        pytest.skip(f"no RabbitMQ broker to administer here: {exc}")
+    f = LocalFleet(URL, f"helora-faults-{secrets.token_hex(4)}", "tiny", seed=0, evaluators=2,
+                   shard_dir=tmp_path_factory.mktemp("faults") / "shards", max_message_bytes=LIMIT,
+                   part_timeout_s=PART_TIMEOUT_S, backend="numpy", threads=1)
+    try:
+        f.start(timeout_s=120)
+        yield f
+        f.check_alive()
+    finally:
+        codes = f.stop()
+        f.delete_topology()
+    assert all(c == 0 for c in codes.values()), f"unclean shutdown {codes}\n{f.logs()}"
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _model():
+    return tiny_llama(0)[0]
+
+
+def _client(fleet: LocalFleet, timeout_s: float = 90.0) -> ClientModel:
+    model = _model()
+    backend = make_broker_backend(fleet.broker_url, SecretKey.generate(), namespace=fleet.namespace, model=model,
+                                  timeout_s=timeout_s, max_message_bytes=fleet.max_message_bytes)
+    return ClientModel(model, backend, discover_groups(model), LORA, seed=0)
+
+
+def _train(client, steps: int, data_seed: int) -> dict[str, torch.Tensor]:
+    opt = torch.optim.AdamW(client.lora_parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(data_seed)
+    for _ in range(steps):
+        ids = torch.randint(0, client.hf.config.vocab_size, (2, 24), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss, n = causal_lm_loss(client(ids), ids)
+        (loss / n).backward()
+        opt.step()
+    return client.lora_state_dict()
+
+
+def _reference(data_seed: int) -> dict[str, torch.Tensor]:
+    return _train(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=data_seed)
+
+
+class _Run(threading.Thread):
+    """Two training steps over the broker in the background; ``result`` or ``error`` afterwards."""
+
+    def __init__(self, client: ClientModel, data_seed: int) -> None:
+        super().__init__(daemon=True)
+        self.client, self.data_seed = client, data_seed
+        self.result: dict[str, torch.Tensor] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = _train(self.client, steps=2, data_seed=self.data_seed)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+        finally:
+            self.client.backend.transport.close()
+
+    def wait_requests(self, n: int, timeout_s: float = 120.0) -> None:
+        end = time.monotonic() + timeout_s
+        while self.client.backend.requests < n:
+            assert self.is_alive(), f"the run ended early: {self.error!r}"
+            assert time.monotonic() < end, f"fewer than {n} requests answered within {timeout_s} s"
+            time.sleep(0.05)
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor] | None) -> None:
+    assert b is not None and a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def _queue_counts(fleet: LocalFleet) -> dict[str, tuple[int, int]]:
+    """queue -> (ready, unacked), for this namespace's queues."""
+    out = {}
+    for line in _rabbitmqctl("list_queues", "--no-table-headers", "name", "messages_ready",
+                             "messages_unacknowledged").splitlines():
+        name, ready, unacked = line.split("\t")
+        if name.startswith(fleet.namespace + "."):
+            out[name] = (int(ready), int(unacked))
+    return out
+
+
+def _wait_for(what: str, predicate, timeout_s: float = 30.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, f"{what}: not within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def _connections(namespace: str) -> dict[str, str]:
+    """Broker connection pid -> connection name, for the connections of ``namespace``."""
+    out = {}
+    for line in _rabbitmqctl("list_connections", "--no-table-headers", "pid", "client_properties").splitlines():
+        pid, _, props = line.partition("\t")
+        m = re.search(r'\{"connection_name","([^"]+)"\}', props)
+        if m and m.group(1).endswith(f"@{namespace}"):
+            out[pid] = m.group(1)
+    return out
+
+
+def _close_connections(namespace: str) -> set[str]:
+    """Close every connection of ``namespace`` from the broker side; the services they belonged to."""
+    closed = set()
+    for pid, name in _connections(namespace).items():
+        try:
+            _rabbitmqctl("close_connection", pid, "helora fault test")
+        except AssertionError:
+            continue  # it went away meanwhile
+        closed.add(name.removeprefix("helora-").split("@")[0].split("-")[0])
+    return closed
+
+
+def _consumers(fleet: LocalFleet, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(fleet.broker_url))
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+    finally:
+        conn.close()
+
+
+def _dead_letters(fleet: LocalFleet) -> int:
+    return sum(_queue_counts(fleet).get(amqp.Topology(fleet.namespace).dead, (0, 0)))
+
+
+# -- tests --------------------------------------------------------------------------------------------
+def test_evaluator_killed_mid_request_is_redelivered_and_the_step_completes(fleet):
+    """SIGSTOP the evaluator of shard 1, wait until the broker shows it holding an unacked delivery,
+    SIGKILL it, start a replacement: the held sub-request is redelivered and the run equals the
+    undisturbed one bit for bit (a shard summed twice or lost would change the weights)."""
+    reference = _reference(data_seed=21)
+    dead_before = _dead_letters(fleet)
+    run = _Run(_client(fleet), data_seed=21)
+    run.start()
+    run.wait_requests(4)  # in the middle of the first step
+    victim, queue = fleet.procs["evaluator1"], fleet.evaluator_queue(1)
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        _wait_for("the stopped evaluator holds a delivery", lambda: _queue_counts(fleet)[queue][1] > 0)
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(10) == -signal.SIGKILL
+    requests_at_kill = run.client.backend.requests
+    fleet.start_evaluator(1)  # the replacement, under the same name
+    run.join(180)
+    assert not run.is_alive(), f"the run did not finish\n{fleet.logs()}"
+    assert run.error is None, f"{run.error!r}\n{fleet.logs()}"
+    assert requests_at_kill < run.client.backend.requests  # the run went on after the kill
+    _assert_same(reference, run.result)
+    assert _dead_letters(fleet) == dead_before  # nothing failed on the way
+    fleet.wait_ready(60)
+    assert all(unacked == 0 for _, unacked in _queue_counts(fleet).values())
+
+
+def test_connections_closed_by_the_broker_mid_run_reconnect_and_complete(fleet):
+    """Every connection of the namespace (encoder, both evaluators, aggregator, the client) is
+    closed from the broker side twice during a run: all reconnect with backoff, the client resends
+    under a fresh attempt id, and the weights equal the undisturbed run bit for bit."""
+    reference = _reference(data_seed=22)
+    run = _Run(_client(fleet), data_seed=22)
+    run.start()
+    for threshold in (3, 19):  # one drop per step (15 requests a step on the tiny model)
+        run.wait_requests(threshold)
+        closed = _close_connections(fleet.namespace)
+        assert {"encoder", "evaluator", "aggregator", "client"} <= closed, closed
+    run.join(180)
+    assert not run.is_alive(), f"the run did not finish\n{fleet.logs()}"
+    assert run.error is None, f"{run.error!r}\n{fleet.logs()}"
+    _assert_same(reference, run.result)
+    fleet.wait_ready(60)  # every service consumes again
+    services = {"encoder", "evaluator0", "evaluator1", "aggregator"}
+    logs = {p.stem: p.read_text(errors="replace") for p in fleet.log_dir.glob("*.log")}
+    assert all("reconnecting" in logs[s] for s in services), fleet.logs()
+    fleet.check_alive()
+
+
+def _restart(fleet: LocalFleet, name: str, part_timeout_s: float | None = None) -> None:
+    p = fleet.procs[name]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0
+    if part_timeout_s is not None:
+        fleet.part_timeout_s = part_timeout_s
+    try:
+        if name == "aggregator":
+            fleet.start_aggregator()
+        else:
+            fleet.start_evaluator(int(name.removeprefix("evaluator")))
+    finally:
+        fleet.part_timeout_s = PART_TIMEOUT_S
+
+
+def _exact_forward(backend, rows: int = 5, seed: int = 3) -> None:
+    """One forward over the broker equals the clear quantized product."""
+    layer = backend.manifest.layers[0].name
+    x = np.random.default_rng(seed).standard_normal((rows, backend.manifest.layers[0].d_in)).astype(np.float32)
+    model = _model()
+    quantized = build_backend("quantized", model, discover_groups(model))
+    np.testing.assert_array_equal(backend.forward(layer, x), quantized.forward(layer, x))
+
+
+def test_duplicated_partials_are_counted_once(fleet):
+    """Every partial message of a request reaches the aggregator twice (as after a redelivery of a
+    worker that published and died before its ack): the reply is still exact, nothing is left."""
+    topo = amqp.Topology(fleet.namespace)
+    dead_before = _dead_letters(fleet)
+    agg = fleet.procs["aggregator"]
+    agg.send_signal(signal.SIGTERM)
+    assert agg.wait(30) == 0
+    backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=90,
+                                  max_message_bytes=fleet.max_message_bytes)
+    box: dict[str, BaseException | None] = {}
+
+    def call() -> None:
+        try:
+            _exact_forward(backend)
+            box["error"] = None
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    conn = pika.BlockingConnection(pika.URLParameters(fleet.broker_url))
+    try:
+        ch = conn.channel()
+        count = lambda: ch.queue_declare(topo.partials, passive=True).method.message_count  # noqa: E731
+        _wait_for("both shards' partials wait in the queue", lambda: count() >= 2, 60)
+        seen, stable_since = count(), time.monotonic()
+        while time.monotonic() - stable_since < 1.5:  # every part of both partials has landed
+            conn.sleep(0.3)
+            if count() != seen:
+                seen, stable_since = count(), time.monotonic()
+        ch.confirm_delivery()
+        held = []  # take every message first (unacked, so basic_get does not return it again) ...
+        while (got := ch.basic_get(topo.partials, auto_ack=False))[0] is not None:
+            held.append(got)
+        assert 2 <= len(held) <= 64, len(held)
+        for _method, props, body in held:  # ... then put back each one and its copy, back to back
+            for _ in range(2):
+                ch.basic_publish("", topo.partials, body, props, mandatory=True)
+        for method, _, _ in held:
+            ch.basic_ack(method.delivery_tag)
+    finally:
+        conn.close()
+    fleet.start_aggregator()
+    t.join(90)
+    backend.transport.close()
+    assert not t.is_alive() and box.get("error", "unset") is None, f"{box}\n{fleet.logs()}"
+    _wait_for("the partials queue drains", lambda: _queue_counts(fleet)[topo.partials] == (0, 0))
+    assert _dead_letters(fleet) == dead_before
+
+
+def test_requests_nobody_answers_fail_with_the_layer_and_the_silent_service(fleet):
+    topo = amqp.Topology(fleet.namespace)
+    # 1. no aggregator: the client's own timeout names it
+    agg = fleet.procs["aggregator"]
+    agg.send_signal(signal.SIGTERM)
+    assert agg.wait(30) == 0
+    backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=4,
+                                  max_message_bytes=fleet.max_message_bytes)
+    try:
+        layer = backend.manifest.layers[0]
+        with pytest.raises(Exception, match=r"no reply within 4 s") as err:
+            backend.forward(layer.name, np.ones((2, layer.d_in), np.float32))
+        text = str(err.value)
+        assert f"layer {layer.name} (block {layer.block}, {layer.name.split('.')[1]}) fwd" in text
+        assert f"the aggregator (no consumer on {topo.partials}" in text
+    finally:
+        backend.transport.close()
+    # 2. shard 1's evaluator down: the aggregator names it once its shorter wait is over
+    fleet.part_timeout_s = 3.0
+    try:
+        fleet.start_aggregator()
+    finally:
+        fleet.part_timeout_s = PART_TIMEOUT_S
+    ev = fleet.procs["evaluator1"]
+    ev.send_signal(signal.SIGTERM)
+    assert ev.wait(30) == 0
+    _wait_for("the new aggregator consumes", lambda: _consumers(fleet, topo.partials) > 0, 60)
+    backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=60,
+                                  max_message_bytes=fleet.max_message_bytes)
+    try:
+        layer = backend.manifest.layers[0]
+        with pytest.raises(ServerError) as err:
+            backend.forward(layer.name, np.ones((2, layer.d_in), np.float32))
+        assert err.value.reason == "timeout"
+        assert f"no evaluator for layer {layer.name} fwd shard 1/2 answered within 3 s" in str(err.value)
+        assert f"layer {layer.name} (block {layer.block}," in str(err.value)
+    finally:
+        backend.transport.close()
+    # back to normal: shard 1's stale sub-request is computed by its new evaluator and dropped as late
+    _restart(fleet, "aggregator")
+    fleet.start_evaluator(1)
+    fleet.wait_ready(60)
+    backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=60,
+                                  max_message_bytes=fleet.max_message_bytes)
+    try:
+        _exact_forward(backend)
+    finally:
+        backend.transport.close()
