@@ -238,12 +238,15 @@ class _ApiServer(BaseHTTPRequestHandler):
 
     objects: dict[str, list[dict]] = {}
     seen: list[tuple[str, dict]] = []
+    forbidden: set[str] = set()  # namespaces the caller may not read
 
     def do_GET(self):  # noqa: N802
         url = urlparse(self.path)
         self.seen.append((url.path, parse_qs(url.query)))
         parts = url.path.strip("/").split("/")  # api v1 namespaces NS KIND
-        if len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] in self.objects:
+        if len(parts) == 5 and parts[3] in self.forbidden:
+            body, status = json.dumps({"kind": "Status", "code": 403, "reason": "Forbidden"}), 403
+        elif len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] in self.objects:
             kind = {"pods": "PodList", "configmaps": "ConfigMapList", "services": "ServiceList"}[parts[4]]
             items = [o for o in self.objects[parts[4]] if o["metadata"].get("namespace", NAMESPACE) == parts[3]]
             body, status = json.dumps({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": items}), 200
@@ -260,15 +263,41 @@ class _ApiServer(BaseHTTPRequestHandler):
         pass
 
 
+def _serve_api(objects: dict[str, list[dict]], forbidden: set[str] = frozenset()) -> ThreadingHTTPServer:
+    _ApiServer.objects, _ApiServer.seen, _ApiServer.forbidden = objects, [], set(forbidden)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ApiServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_broker_in_another_namespace(tmp_path, capsys):
+    """The broker's Service in its own namespace: found when readable; when the Role does not
+    reach that namespace, the endpoint is still shown and the command still works."""
+    host = "helora-rabbitmq.rabbitmq.svc.cluster.local"
+    objects = rendered(broker={"host": host})
+    other = {**BROKER, "metadata": {**BROKER["metadata"], "namespace": "rabbitmq"}}
+    s = summarize(pods_of(objects), [BROKER, other], config_of(objects), RELEASE, NAMESPACE)
+    assert s.broker == f"amqp://{host}:5672/%2F" and s.broker_service.startswith("Service rabbitmq/helora-rabbitmq")
+    configmaps = [{**o, "metadata": {**o["metadata"], "namespace": NAMESPACE}} for o in objects if o["kind"] == "ConfigMap"]
+    server = _serve_api({"pods": pods_of(objects), "configmaps": configmaps, "services": [BROKER, other]},
+                        forbidden={"rabbitmq"})
+    try:
+        cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{server.server_address[1]}")
+        assert cli.main(["status", "--kubeconfig", str(cfg)]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = capsys.readouterr().out
+    assert f"amqp://{host}:5672/%2F (Service rabbitmq/helora-rabbitmq not found or not readable)" in out
+    assert any(path == "/api/v1/namespaces/rabbitmq/services" for path, _ in _ApiServer.seen)
+
+
 def test_cli_against_a_stand_in_api_server(default_chart, tmp_path, capsys):
     victim = evaluator_deployments(default_chart)[2]
     configmaps = [{**o, "metadata": {**o["metadata"], "namespace": NAMESPACE}}
                   for o in default_chart if o["kind"] == "ConfigMap"]
-    _ApiServer.objects = {"pods": pods_of(default_chart, not_ready={victim["metadata"]["name"]}),
-                          "configmaps": configmaps, "services": [BROKER]}
-    _ApiServer.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ApiServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _serve_api({"pods": pods_of(default_chart, not_ready={victim["metadata"]["name"]}),
+                         "configmaps": configmaps, "services": [BROKER]})
     try:
         cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{server.server_address[1]}")
         code = cli.main(["status", "--kubeconfig", str(cfg), "--release", RELEASE])
@@ -283,9 +312,7 @@ def test_cli_against_a_stand_in_api_server(default_chart, tmp_path, capsys):
     assert pod_calls == [{"labelSelector": [f"app.kubernetes.io/instance={RELEASE}"]}]
     assert all(path.startswith(f"/api/v1/namespaces/{NAMESPACE}/") for path, _ in _ApiServer.seen)
     # the same cluster with every pod ready: exit 0
-    _ApiServer.objects["pods"] = pods_of(default_chart)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ApiServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _serve_api({**_ApiServer.objects, "pods": pods_of(default_chart)})
     try:
         cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{server.server_address[1]}")
         assert cli.main(["status", "--kubeconfig", str(cfg)]) == 0

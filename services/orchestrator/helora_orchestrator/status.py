@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from hecommon.amqp import parse_blocks
 from hecommon.errors import ConfigError
@@ -174,13 +175,13 @@ def _broker(config: Mapping[str, str] | None, services: list[dict], namespace: s
     if not config or not config.get("brokerHost"):
         return None, None
     host, port, vhost = config["brokerHost"], config.get("brokerPort", "5672"), config.get("brokerVhost", "/")
-    url = f"amqp://{host}:{port}/{'%2F' if vhost == '/' else vhost}"
+    url = f"amqp://{host}:{port}/{quote(vhost, safe='')}"
     name, _, rest = host.partition(".")
     svc_ns = rest.split(".", 1)[0] if rest else namespace
     svc = next((s for s in services if _get(s, "metadata", "name") == name
                 and _get(s, "metadata", "namespace", default=namespace) == svc_ns), None)
     if svc is None:
-        return url, f"Service {svc_ns}/{name} not found"
+        return url, f"Service {svc_ns}/{name} not found or not readable"
     kind = _get(svc, "spec", "type", default="ClusterIP")
     text = f"Service {svc_ns}/{name}: {kind} {_get(svc, 'spec', 'clusterIP', default='')}".rstrip()
     external = [i.get("ip") or i.get("hostname") for i in _get(svc, "status", "loadBalancer", "ingress", default=[])]
@@ -258,6 +259,7 @@ def fetch(kubeconfig: str | None, context: str | None, namespace: str | None, re
     paths = _kubeconfig_paths(kubeconfig)
     if not any(p.is_file() for p in paths):
         raise StatusError(f"no kubeconfig at {', '.join(map(str, paths))}; pass --kubeconfig PATH or set KUBECONFIG")
+    import urllib3  # noqa: PLC0415 - the kubernetes client's HTTP library
     from kubernetes import client, config  # noqa: PLC0415 - only `helora status` needs it
     from kubernetes.config.config_exception import ConfigException  # noqa: PLC0415
 
@@ -279,15 +281,18 @@ def fetch(kubeconfig: str | None, context: str | None, namespace: str | None, re
         maps = core.list_namespaced_config_map(ns, label_selector=selector, _request_timeout=timeout_s).items
         data = next((m.data for m in maps if m.metadata.name.endswith("-config") and m.data
                      and "numBlocks" in m.data), None)
-        broker_ns = {ns}
-        if data and "." in data.get("brokerHost", ""):
-            broker_ns.add(data["brokerHost"].split(".")[1])
-        services = [s for n in sorted(broker_ns)
-                    for s in core.list_namespaced_service(n, _request_timeout=timeout_s).items]
+        services = list(core.list_namespaced_service(ns, _request_timeout=timeout_s).items)
+        broker_ns = data["brokerHost"].split(".")[1] if data and "." in data.get("brokerHost", "") else ns
+        if broker_ns != ns:
+            try:
+                services += core.list_namespaced_service(broker_ns, _request_timeout=timeout_s).items
+            except client.ApiException as exc:  # not allowed there: the endpoint is shown without its Service
+                if exc.status not in (403, 404):
+                    raise
     except client.ApiException as exc:
         raise StatusError(f"the Kubernetes API at {host} answered {exc.status} {exc.reason} "
                           f"(namespace {ns}, context {_get(ctx, 'name')})") from None
-    except Exception as exc:  # urllib3's connection and timeout errors: the cluster is unreachable
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # refused, timed out, TLS: unreachable
         raise StatusError(f"cannot reach the Kubernetes API at {host}: {type(exc).__name__}") from None
     finally:
         api.close()
