@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-slow test-all bench bench-quick bench-federated lint clean chart-check docker-lint dashboard-check
+.PHONY: setup demo test test-slow test-all bench bench-quick bench-federated bench-services services-up lint clean chart-check docker-lint dashboard-check
 
 setup: $(STAMP)
 
@@ -52,6 +52,15 @@ bench-quick: setup
 ## (about 10 minutes here); BENCH_ARGS=--quick: tiny model only, about a minute.
 bench-federated: setup
 	$(BIN)/python benchmarks/federated.py $(BENCH_ARGS) --json out/federated.json
+
+## Embedded vs over RabbitMQ with 1 and 2 evaluators (SmolLM2-135M; BENCH_ARGS=--quick: tiny model).
+bench-services: setup
+	$(BIN)/python benchmarks/services.py $(BENCH_ARGS) --json out/services.json
+
+## The whole server side on this machine against the local broker (Ctrl-C stops it).
+## UP_ARGS="--model smollm2 --evaluators 2" for the real model.
+services-up: setup
+	$(BIN)/helora up $(UP_ARGS)
 
 lint: setup
 	$(BIN)/ruff check libs services tests benchmarks tools tools/helm

@@ -49,7 +49,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helora", description="Private LoRA fine-tuning over encrypted linear layers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,status}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,up,status}")
     t = sub.add_parser("train", help="fine-tune a LoRA adapter")
     _common(t)
     t.add_argument("--steps", type=int, default=100)
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_federate_parser(sub)
     add_status_parser(sub)
+    from .up import add_arguments as add_up_arguments
+
+    add_up_arguments(sub.add_parser("up", help="start the server side locally (encoder, evaluators, aggregator)"))
     return parser
 
 
@@ -270,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         from .federated.cli import cmd_federate
 
         return cmd_federate(args)
+    if args.command == "up":  # its own flags and signal handling (helora_orchestrator.up)
+        from .up import cmd_up
+
+        return cmd_up(args)
     try:
         if args.broker is not None and args.mode != "encrypted":
             raise ConfigError(f"--broker: only meaningful with --mode encrypted, not {args.mode}")
