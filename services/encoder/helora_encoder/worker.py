@@ -131,6 +131,10 @@ class EncoderWorker(amqp.Service):
     def reset(self) -> None:
         self.parts.clear()
 
+    def in_flight(self) -> int:
+        """Deliveries queued or being handled, plus multi-part requests still arriving."""
+        return super().in_flight() + len(self.parts)
+
     def tick(self) -> None:
         for key, ds in self.parts.expired():
             self.fail(ds, MalformedMessage(f"request incomplete after {self.parts.timeout_s:.0f} s "
