@@ -212,13 +212,13 @@ def summarize(pods: Iterable[Any], services: Iterable[Any] = (), config: Mapping
 # -- the table ---------------------------------------------------------------------------------
 def ranges(blocks: Iterable[int]) -> str:
     """``(0, 1, 2, 5)`` → ``0-2, 5``."""
-    out: list[str] = []
+    runs: list[list[int]] = []
     for b in sorted(blocks):
-        if out and out[-1][1] == b - 1:
-            out[-1] = (out[-1][0], b)
+        if runs and runs[-1][1] == b - 1:
+            runs[-1][1] = b
         else:
-            out.append((b, b))  # type: ignore[arg-type]
-    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in out) or "-"  # type: ignore[misc]
+            runs.append([b, b])
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs) or "-"
 
 
 def render(s: Status) -> str:
@@ -279,8 +279,8 @@ def fetch(kubeconfig: str | None, context: str | None, namespace: str | None, re
     try:
         pods = core.list_namespaced_pod(ns, label_selector=selector, _request_timeout=timeout_s).items
         maps = core.list_namespaced_config_map(ns, label_selector=selector, _request_timeout=timeout_s).items
-        data = next((m.data for m in maps if m.metadata.name.endswith("-config") and m.data
-                     and "numBlocks" in m.data), None)
+        data = next((m.data for m in maps if m.metadata and (m.metadata.name or "").endswith("-config")
+                     and m.data and "numBlocks" in m.data), None)
         services = list(core.list_namespaced_service(ns, _request_timeout=timeout_s).items)
         broker_ns = data["brokerHost"].split(".")[1] if data and "." in data.get("brokerHost", "") else ns
         if broker_ns != ns:
