@@ -7,12 +7,14 @@ subprocesses on the real RabbitMQ under a namespace unique to this run, and ``he
 queue afterwards gives the failure and dead-letter panels something to count. Prometheus is the
 Debian package ``prometheus`` (.ci/run installs it), scraping every second:
 
-- the services as the chart's ServiceMonitor does (``honor_labels: true``, target labels
-  ``namespace``, ``pod``, ``service``), so a query that needs the metric's own ``service`` label or
-  the pod's ``namespace`` label is checked with the labels it will have on a cluster;
+- the services as the chart's ServiceMonitor does (its path and ``honorLabels``, read from the
+  rendered chart; target labels ``namespace``, ``pod``, ``service``), so a query that needs the
+  metric's own ``service`` label or the pod's ``namespace`` label is checked with the labels it
+  will have on a cluster;
 - the orchestrator's endpoint (on the data owner's machine in real use);
 - RabbitMQ's own plugin on :15692, path ``/metrics/per-object`` (what
-  ``prometheus.return_per_object_metrics = true`` in k8s/rabbitmq-cluster.yaml makes ``/metrics``);
+  ``prometheus.return_per_object_metrics = true`` in k8s/rabbitmq-cluster.yaml makes ``/metrics``;
+  without that setting the test scrapes the plain ``/metrics`` and the queue panels fail);
 - a STAND-IN for two cluster exporters, tests/deploy/data/cluster_exporters.prom served from this
   test: DCGM's ``DCGM_FI_DEV_GPU_UTIL`` and kube-state-metrics'
   ``kube_deployment_status_replicas_available``. No GPU and no cluster exist here, so the panels on
@@ -260,8 +262,31 @@ class Run:
             conn.close()
 
 
+def chart_scrape_endpoint() -> dict:
+    """The endpoint of the chart's ServiceMonitor (monitoring switched on): path, honorLabels."""
+    import helmchart  # tools/, on sys.path through tests/deploy/conftest.py
+
+    objects = helmchart.render(values_files=[ROOT / "charts" / "helora" / "ci" / "monitoring-on.yaml"])
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 1, [o["metadata"]["name"] for o in monitors]
+    return monitors[0]["spec"]["endpoints"][0]
+
+
+def rabbitmq_path() -> str:
+    """What k8s/ makes Prometheus read from the broker. With ``prometheus.return_per_object_metrics
+    = true`` its ``/metrics`` is what ``/metrics/per-object`` serves by default, so that path stands
+    in here (the shared test broker's configuration is left alone)."""
+    monitor = yaml.safe_load((ROOT / "k8s" / "rabbitmq-servicemonitor.yaml").read_text())
+    path = monitor["spec"]["endpoints"][0].get("path", "/metrics")
+    per_object = re.search(r"^\s*prometheus\.return_per_object_metrics\s*=\s*true\s*$",
+                           (ROOT / "k8s" / "rabbitmq-cluster.yaml").read_text(), re.MULTILINE)
+    return "/metrics/per-object" if path == "/metrics" and per_object else path
+
+
 def scrape_config(run: Run, stand_in_port: int) -> dict:
-    """Jobs as a cluster's Prometheus would have them (see the module docstring)."""
+    """Jobs as a cluster's Prometheus would have them (see the module docstring): the helora job
+    takes its path and honor_labels from the chart's ServiceMonitor, the broker's from k8s/."""
+    endpoint = chart_scrape_endpoint()
     services = [{"targets": [f"127.0.0.1:{run.ports[name]}"],
                  "labels": {"namespace": K8S_NAMESPACE, "service": "helora-metrics", "endpoint": "metrics",
                             "pod": f"helora-{name}-0", "container": name.rstrip("01")}}
@@ -270,9 +295,10 @@ def scrape_config(run: Run, stand_in_port: int) -> dict:
         "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s",
                    "evaluation_interval": f"{SCRAPE_S}s"},
         "scrape_configs": [
-            {"job_name": "helora-metrics", "honor_labels": True, "static_configs": services},
+            {"job_name": "helora-metrics", "honor_labels": bool(endpoint.get("honorLabels", False)),
+             "metrics_path": endpoint.get("path", "/metrics"), "static_configs": services},
             {"job_name": "helora-orchestrator", "static_configs": [{"targets": [f"127.0.0.1:{run.ports['orchestrator']}"]}]},
-            {"job_name": "rabbitmq", "metrics_path": "/metrics/per-object",
+            {"job_name": "rabbitmq", "metrics_path": rabbitmq_path(),
              "static_configs": [{"targets": ["{}:{}".format(*RABBITMQ_PROMETHEUS)]}]},
             {"job_name": "cluster-exporters-stand-in", "honor_labels": True,
              "static_configs": [{"targets": [f"127.0.0.1:{stand_in_port}"]}]},
