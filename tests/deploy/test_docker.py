@@ -205,8 +205,9 @@ def test_pip_installs_are_pinned(stages, target):
     for run in instructions(stages, target, "RUN"):
         for args in pip_installs(run):
             local = [a for a in args if a.startswith("/opt/helora/src/")]
-            if local:
-                assert "--no-deps" in args, f"{target}: {run!r}: local sources without --no-deps"
+            if local:  # helora's sources: no dependency and no build backend fetched unpinned
+                assert {"--no-deps", "--no-build-isolation"} <= set(args), \
+                    f"{target}: {run!r}: local sources need --no-deps --no-build-isolation"
             skip = False
             for i, a in enumerate(args):
                 if skip:
