@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any
@@ -207,6 +208,43 @@ class BrokerTransport:
         return msg
 
 
+class TransportPool:
+    """One ``BrokerTransport`` per calling thread (pika connections are not thread-safe), so that
+    several requests are in flight at once (``helora train --in-flight K``); byte counters summed."""
+
+    def __init__(self, first: BrokerTransport) -> None:
+        self._args = (first.url, first.topology.namespace, first.timeout_s, first.limit, first.connect_s,
+                      first.retries)
+        self._local = threading.local()
+        self._local.transport = first  # the creating thread keeps the one that fetched the manifest
+        self._all = [first]
+        self._lock = threading.Lock()
+
+    def _mine(self) -> BrokerTransport:
+        t = getattr(self._local, "transport", None)
+        if t is None:
+            t = self._local.transport = BrokerTransport(*self._args)
+            with self._lock:
+                self._all.append(t)
+        return t
+
+    def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
+        return self._mine()(request)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(t.bytes_sent for t in self._all)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(t.bytes_received for t in self._all)
+
+    def close(self) -> None:
+        """Close every thread's connection (call from one thread once the others are done)."""
+        for t in self._all:
+            t.close()
+
+
 def describe(request: wire.EncryptedRequest) -> str:
     """``layer 3.qkv (block 3, qkv) fwd``: how errors name a request."""
     block, _, kind = request.layer.partition(".")
@@ -228,11 +266,12 @@ def _complete(bodies: list[bytes]) -> bool:
 
 def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = amqp.DEFAULT_NAMESPACE,
                         model=None, params: str | None = None, timeout_s: float = 120.0,
-                        max_message_bytes: int = wire.MAX_MESSAGE_BYTES) -> EncryptedBackend:
+                        max_message_bytes: int = wire.MAX_MESSAGE_BYTES, in_flight: int = 1) -> EncryptedBackend:
     """The encrypted backend over RabbitMQ. ``hints=None``: the aggregator's replies carry ``a``.
 
     With ``model``, the server's manifest must describe the same architecture (config
-    fingerprint); with ``params``, the same parameter set.
+    fingerprint); with ``params``, the same parameter set. ``in_flight > 1``: a ``TransportPool``
+    (one connection per calling thread) for concurrent micro-batches.
     """
     from helora_encoder.model import config_fingerprint
 
@@ -244,4 +283,5 @@ def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str =
     if params is not None and params != manifest.params.name:
         transport.close()
         raise ParameterMismatch(f"--param-set {params}: the server uses {manifest.params.name}")
-    return EncryptedBackend(manifest, transport, key, hints=None)  # backend.transport.close() when done
+    pool = TransportPool(transport) if in_flight > 1 else transport  # one connection per training thread
+    return EncryptedBackend(manifest, pool, key, hints=None)  # backend.transport.close() when done

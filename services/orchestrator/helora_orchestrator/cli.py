@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--warmup", type=int, default=10)
     t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--in-flight", type=int, default=None, metavar="K",
+                   help="with --broker: run up to K micro-batches of a step at once (their requests overlap "
+                        "on the server; same result bit for bit; needs --dropout 0); default 2, 1 with dropout")
     t.add_argument("--eval-every", type=int, default=0)
     t.add_argument("--eval-batches", type=int, default=8)
     t.add_argument("--checkpoint-every", type=int, default=0)
@@ -129,10 +132,25 @@ def _broker_client(args, model, lora: LoraSettings):
     from .client_model import ClientModel
 
     backend = make_broker_backend(args.broker, key=_secret_key(args.key_file), namespace=args.namespace,
-                                  model=model, params=args.param_set)
+                                  model=model, params=args.param_set, in_flight=_in_flight(args))
     if backend.bits != args.bits:
         raise ParameterMismatch(f"--bits {args.bits}: the server quantizes with {backend.bits} bits")
     return ClientModel(model, backend, discover_groups(model), lora, args.seed)
+
+
+def _in_flight(args) -> int:
+    """Concurrent micro-batches: only over a broker (in-process there is nothing to overlap), only
+    with several micro-batches, and only without dropout (its random draws would change order)."""
+    k = getattr(args, "in_flight", 1)
+    if k is None:
+        k = 1 if getattr(args, "dropout", 0.0) > 0 else 2
+    if k < 1:
+        raise ConfigError(f"--in-flight: {k} must be at least 1")
+    if args.broker is None or getattr(args, "grad_accum", 1) < 2:
+        return 1
+    if k > 1 and getattr(args, "dropout", 0.0) > 0:
+        raise ConfigError("--in-flight above 1 needs --dropout 0 (dropout's random draws would change order)")
+    return min(k, args.grad_accum)
 
 
 def _secret_key(path: str | None):
@@ -201,7 +219,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seq_len=args.seq_len, seed=args.seed, eval_every=args.eval_every,
                       eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, mode=args.mode,
-                      bits=args.bits, output_dir=args.out, progress=not args.no_progress)
+                      bits=args.bits, output_dir=args.out, progress=not args.no_progress, in_flight=_in_flight(args))
     read_examples(args.data)  # fail on bad data before the (slow) model load
     metrics_on = args.metrics_port is not None
     if metrics_on:

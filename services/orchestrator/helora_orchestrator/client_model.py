@@ -15,6 +15,8 @@ DESIGN §1: the client keeps embeddings, norms, attention, activations, residual
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,11 +54,23 @@ class _GroupProduct(torch.autograd.Function):
 
 
 class FusedGroup:
-    """Runtime state of one group: its backend and the outputs pending for later members."""
+    """Runtime state of one group: its backend and the outputs pending for later members.
+
+    The pending outputs are per thread: micro-batches may run their forwards concurrently
+    (``helora train --in-flight``), each on its own thread and autograd graph.
+    """
 
     def __init__(self, group: LinearGroup, backend: LinearBackend):
         self.group, self.backend = group, backend
-        self._pending: tuple[torch.Tensor, tuple[torch.Tensor, ...], set[int]] | None = None
+        self._local = threading.local()
+
+    @property
+    def _pending(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], set[int]] | None:
+        return getattr(self._local, "pending", None)
+
+    @_pending.setter
+    def _pending(self, value: tuple[torch.Tensor, tuple[torch.Tensor, ...], set[int]] | None) -> None:
+        self._local.pending = value
 
     def reset(self) -> None:
         self._pending = None

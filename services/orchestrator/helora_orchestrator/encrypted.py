@@ -9,6 +9,7 @@ into requests changes nothing. The result is bit-for-bit that of ``QuantizedBack
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -60,6 +61,7 @@ class EncryptedBackend:
         self.key = key or SecretKey.generate()
         self.wire_bytes = 0
         self.requests = 0
+        self._count_lock = threading.Lock()  # requests may come from several threads (--in-flight)
         self._fetch_hint = hints
         self._hints: dict[tuple[str, str], np.ndarray] = {}
 
@@ -76,8 +78,9 @@ class EncryptedBackend:
         request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction,
                                         batch=encrypt(secret, m, a_seed))
         reply, moved = self.transport(request)
-        self.wire_bytes += moved
-        self.requests += 1
+        with self._count_lock:
+            self.wire_bytes += moved
+            self.requests += 1
         if reply.rid != rid or reply.result.width != (self.layers[layer].d_out if direction == "fwd"
                                                        else self.layers[layer].d_in):
             raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")

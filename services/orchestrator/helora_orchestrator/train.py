@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
+    #: micro-batches of one step run concurrently (broker mode): requests in flight at once
+    in_flight: int = 1
     seq_len: int = 256
     seed: int = 0
     eval_every: int = 0  # 0: evaluate at the end only
@@ -56,7 +59,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
+        positive = ("steps", "batch_size", "grad_accum", "eval_batches", "in_flight")
         non_negative = ("warmup_steps", "seed", "eval_every", "checkpoint_every")
         for f in fields(self):
             v = getattr(self, f.name)
@@ -163,18 +166,44 @@ class Trainer:
         self.client.train()
         batches = [self.train_data.batch(self.order.next_batch()) for _ in range(self.cfg.grad_accum)]
         scored = sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches)
-        total = 0.0
-        for ids, labels in batches:
-            loss, _ = causal_lm_loss(self.client(ids), labels)
-            (loss / max(scored, 1)).backward()
-            total += float(loss.detach())
         params = self.client.lora_parameters()
+        total = 0.0
+        if self.cfg.in_flight > 1 and len(batches) > 1:
+            total = self._concurrent_micro_batches(batches, scored, params)
+        else:
+            for ids, labels in batches:
+                loss, _ = causal_lm_loss(self.client(ids), labels)
+                (loss / max(scored, 1)).backward()
+                total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total / max(scored, 1), sum(ids.numel() for ids, _ in batches)
+
+    def _concurrent_micro_batches(self, batches, scored: int, params: list[torch.nn.Parameter]) -> float:
+        """The micro-batches on ``in_flight`` threads, each with its own autograd graph (and its own
+        broker connection), so that their requests overlap on the server. Each thread returns its
+        gradients (``autograd.grad``); they are added here in micro-batch order, the order in which
+        sequential ``backward()`` calls accumulate them, so the step is the same bit for bit.
+        Needs LoRA dropout 0 (one random stream, drawn in an order threads would change)."""
+
+        def one(batch) -> tuple[float, tuple[torch.Tensor | None, ...]]:
+            ids, labels = batch
+            loss, _ = causal_lm_loss(self.client(ids), labels)
+            grads = torch.autograd.grad(loss / max(scored, 1), params, allow_unused=True)
+            return float(loss.detach()), grads
+
+        with ThreadPoolExecutor(self.cfg.in_flight, thread_name_prefix="micro-batch") as pool:
+            results = list(pool.map(one, batches))
+        total = 0.0
+        for loss, grads in results:
+            total += loss
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        return total
 
     def evaluate(self) -> float:
         return evaluate(self.client, self.eval_data, self.cfg.eval_batches, self.cfg.batch_size)
