@@ -23,6 +23,15 @@ exception's ``.reason``), ``x-helora-message`` (its short text, which never hold
 rejects the original without requeue and the queue's ``x-dead-letter-exchange`` takes over
 (RabbitMQ's ``x-death`` header then records the queue and reason ``rejected``).
 
+Faults (DESIGN §7.5): a service acks a message only once its result is published (with
+confirms), so a worker that dies mid-request leaves its deliveries to the broker, which
+redelivers them. A lost connection is reconnected with backoff; a broker operation cut by the
+loss raises ``TransientError`` (the message comes back; it is never dead-lettered). A part that
+arrives twice (a redelivery, or a sender that died half-way through publishing) is acked with
+the others and used once (``PartCollector``); the aggregator ignores partials of answered ids.
+Connections are named ``helora-{service}@{namespace}`` (``rabbitmqctl list_connections
+client_properties``).
+
 Threads (DESIGN §4 RabbitMQ practice): pika's ``BlockingConnection`` lives on the main thread,
 which only runs the I/O loop; deliveries go to one worker thread, which runs the service's
 logic. Every ack and publish is run on the I/O thread through ``add_callback_threadsafe``, so
