@@ -187,3 +187,14 @@ def test_metrics_flags_from_cli_and_environment(capsys):
     with pytest.raises(SystemExit) as exit_:
         EncoderConfig.from_args([], environ={"HELORA_METRICS_PORT": "ninety"})
     assert exit_.value.code == 2 and "--metrics-port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("service", ["encoder", "evaluator", "aggregator"])
+def test_dead_letter_series_exist_at_zero_before_the_first_one(service):
+    """rate() over a counter born at its first increment never shows that increment."""
+    m = M.Metrics(service)
+    for queue in M.CONSUMED[service]:
+        assert m.registry.get_sample_value("helora_dead_lettered_total", {"service": service, "queue": queue}) == 0.0
+    m.failure(MalformedMessage("bad"), queue=f"helora.{M.CONSUMED[service][0]}", namespace="helora")
+    assert m.registry.get_sample_value(
+        "helora_dead_lettered_total", {"service": service, "queue": M.CONSUMED[service][0]}) == 1.0

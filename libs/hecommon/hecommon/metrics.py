@@ -94,6 +94,10 @@ def queue_role(queue: str, namespace: str) -> str:
     return role if role in QUEUES else "other"
 
 
+#: the queues (roles) each service consumes from, hence can dead-letter from
+CONSUMED = {"encoder": ("ingress", "manifest"), "evaluator": ("evaluator",), "aggregator": ("partials",)}
+
+
 class Metrics:
     """The metrics of one service process (the contract in docs/metrics.md), in its own registry."""
 
@@ -130,6 +134,8 @@ class Metrics:
             self.failures.labels(service, reason)
         for d in BYTE_DIRECTIONS:
             self.bytes.labels(service, d)
+        for queue in CONSUMED[service]:  # likewise for the dead letters of the queues it consumes
+            self.dead_lettered.labels(service, queue)
 
     def set_info(self, param_set: str = "any", backend: str = "numpy") -> None:
         """``helora_service_info``; ``param_set`` ``any``: the service takes whatever set a message names."""
