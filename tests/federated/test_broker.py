@@ -218,14 +218,16 @@ def test_a_missing_owner_times_out_and_the_round_goes_on(fedworker, make_owners)
             results[o.name] = owner_round(o, c, 3, train=False)
 
     threads = [threading.Thread(target=run, args=(o,)) for o in owners]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert set(results) == {"o0", "o1"}, log_path.read_text()[-3000:]
-    assert time.monotonic() - t0 >= 4  # it waited for the third owner first
-    assert "timed out" in log_path.read_text()
+    log = log_path.read_text()
+    # it waited for the third owner first: the round timed out, then was planned for the two that came
+    assert "timed out; going on with the owners that answered" in log, log[-3000:]
+    assert log.index("timed out") < log.index("planned for 2 owners"), log[-3000:]
+    assert "planned for 3 owners" not in log
     for o in owners:
         assert set(results[o.name].aggregate.owners) == {"o0", "o1"}
         for name, dw in o.last_merged.items():
