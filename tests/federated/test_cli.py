@@ -38,3 +38,34 @@ def test_demo_bad_input_is_one_line(capsys):
     assert err.startswith("helora federate demo: error:") and err.count("\n") == 1
     assert main(["federate", "demo", "--budgets", "0.1,2,0.1"]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_round_bad_flags_are_one_line(tmp_path, capsys):
+    """Checked before the key is read or the broker dialled: a too-small message limit (it used to
+    die in ``split_bytes`` with ZeroDivisionError), a non-positive timeout, no rounds, no owners."""
+    from hecommon.amqp import MIN_MESSAGE_BYTES
+
+    base = ["federate", "round", "--key", str(tmp_path / "absent.key"), "--owner", "a", "--owners", "2", "--index", "0"]
+    for flags, word in ((["--max-message-bytes", "1024"], "--max-message-bytes"),
+                        (["--max-message-bytes", "0"], "--max-message-bytes"),
+                        (["--timeout-s", "0"], "--timeout-s"), (["--timeout-s", "nan"], "--timeout-s"),
+                        (["--rounds", "0"], "--rounds")):
+        assert main(base + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("helora federate round: error:") and err.count("\n") == 1, err
+        assert word in err, err
+    assert main(base[:7] + ["0", "--index", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--owners" in err and err.count("\n") == 1, err
+    assert main(base + ["--max-message-bytes", "1024"]) == 2
+    assert str(MIN_MESSAGE_BYTES) in capsys.readouterr().err  # the error says the least accepted
+
+
+def test_split_bytes_refuses_a_limit_below_the_chunk_overhead():
+    import pytest
+    from hecommon import fedwire
+    from hecommon.errors import OversizedMessage
+
+    for limit in (1, fedwire.CHUNK_OVERHEAD - 1, fedwire.CHUNK_OVERHEAD):
+        with pytest.raises(OversizedMessage, match="chunk"):
+            fedwire.split_bytes(bytes(4096), limit, bytes(fedwire.RID_BYTES))

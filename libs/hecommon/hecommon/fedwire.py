@@ -522,8 +522,11 @@ def split_bytes(data: bytes, max_bytes: int, mid: bytes) -> list[bytes]:
     if len(data) <= max_bytes:
         return [data]
     piece = max_bytes - CHUNK_OVERHEAD
+    if piece < 1:
+        raise OversizedMessage(f"message: a limit of {max_bytes} bytes leaves no room for a chunk's data "
+                               f"(each chunk carries {CHUNK_OVERHEAD} bytes of header)")
     parts = -(-len(data) // piece)
-    if piece < 1 or parts > MAX_CHUNKS:
+    if parts > MAX_CHUNKS:
         raise OversizedMessage(f"message: {len(data)} bytes do not fit in {MAX_CHUNKS} chunks of {max_bytes}")
     return [encode(Chunk(mid, i, parts, len(data), data[i * piece:(i + 1) * piece]), max_bytes) for i in range(parts)]
 

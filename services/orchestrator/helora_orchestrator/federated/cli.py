@@ -138,13 +138,24 @@ def cmd_demo(args) -> int:
 
 
 def cmd_round(args) -> int:
+    from hecommon.amqp import MAX_BROKER_MESSAGE_BYTES, MIN_MESSAGE_BYTES
+
     from .broker import FederatedBrokerClient, owner_round
     from .round import build_owner_shard
     from .selective import CkksKeys
 
-    keys = CkksKeys.load(args.key)
+    if not MIN_MESSAGE_BYTES <= args.max_message_bytes <= MAX_BROKER_MESSAGE_BYTES:
+        raise ConfigError(f"--max-message-bytes {args.max_message_bytes}: must be in "
+                          f"{MIN_MESSAGE_BYTES}..{MAX_BROKER_MESSAGE_BYTES}")
+    if not args.timeout_s > 0 or args.timeout_s == float("inf"):
+        raise ConfigError(f"--timeout-s {args.timeout_s}: must be a positive number of seconds")
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: must be at least 1")
+    if args.owners < 1:
+        raise ConfigError(f"--owners {args.owners}: must be at least 1")
     if not 0 <= args.index < args.owners:
         raise ConfigError(f"--index {args.index}: must be in 0..{args.owners - 1}")
+    keys = CkksKeys.load(args.key)
     cfg = _configs(args, [args.owner], [args.rank], [args.budget])[0]
     owner = build_owner_shard(cfg, args.index, args.owners, args.model, args.data, args.seed, keys)
     with FederatedBrokerClient(args.fed_broker, args.namespace, timeout_s=args.timeout_s,
