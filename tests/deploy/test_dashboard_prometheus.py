@@ -55,6 +55,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "helora" / "dashboards" / "helora.json"
+#: the data owner's dashboard (orchestrator metrics, loss included): for the owner's own Prometheus
+OWNER_DASHBOARD = ROOT / "docs" / "grafana" / "helora-owner.json"
 STAND_IN = Path(__file__).parent / "data" / "cluster_exporters.prom"
 BROKER_URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 RABBITMQ_PROMETHEUS = ("127.0.0.1", 15692)
@@ -94,16 +96,27 @@ def _http(url: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
 
 
 # -- the dashboard -----------------------------------------------------------------------------
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target of every panel, rows included."""
+def dashboard_queries(paths: tuple[Path, ...] = (DASHBOARD, OWNER_DASHBOARD)) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every panel, rows included, of both dashboards."""
     def walk(panels):
         for p in panels:
             yield p
             yield from walk(p.get("panels", []))
 
-    board = json.loads(DASHBOARD.read_text())
-    return [(p.get("title", "?"), t["expr"]) for p in walk(board["panels"]) for t in p.get("targets", [])
-            if t.get("expr")]
+    out = []
+    for path in paths:
+        board = json.loads(path.read_text())
+        out += [(p.get("title", "?"), t["expr"]) for p in walk(board["panels"]) for t in p.get("targets", [])
+                if t.get("expr")]
+    return out
+
+
+def test_the_cluster_dashboard_reads_nothing_of_the_data_owner():
+    """The loss (and the rest of the orchestrator's metrics) stays with the owner (DESIGN §7)."""
+    cluster = dashboard_queries((DASHBOARD,))
+    assert cluster and not [e for _, e in cluster if "helora_orchestrator_" in e]
+    owner = dashboard_queries((OWNER_DASHBOARD,))
+    assert any("helora_orchestrator_loss" in e for _, e in owner)
 
 
 def dashboard_variables() -> list[tuple[str, str]]:
