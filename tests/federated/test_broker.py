@@ -232,3 +232,33 @@ def test_a_missing_owner_times_out_and_the_round_goes_on(fedworker, make_owners)
         assert set(results[o.name].aggregate.owners) == {"o0", "o1"}
         for name, dw in o.last_merged.items():
             np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
+
+
+def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker):
+    """Two chunks whose lengths do not add up to the announced total (the first is plausible, the
+    last one 100 bytes too long): both are dead-lettered (the first one used to stay unacked
+    forever) and the sender gets one error reply."""
+    from hecommon import fedwire
+    from helora_aggregator.fedworker import federated_queue
+
+    ns, log_path = fedworker
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        ch = conn.channel()
+        q = ch.queue_declare("", exclusive=True).method.queue
+        props = pika.BasicProperties(reply_to=q, correlation_id="00" * 16)
+        mid = secrets.token_bytes(fedwire.RID_BYTES)
+        for c in (fedwire.Chunk(mid, 0, 2, 1500, b"x" * 1000), fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600)):
+            ch.basic_publish("", federated_queue(ns), fedwire.encode(c), props)
+        method, _, body = next(ch.consume(q, inactivity_timeout=30))
+        assert method is not None, f"no error reply within 30 s\n{log_path.read_text()[-3000:]}"
+        ch.cancel()
+        err = wire.decode_error(body)
+        assert err.reason == "malformed" and "bytes" in err.message
+        dead = amqp.Topology(ns).dead
+        end = time.monotonic() + 30
+        while ch.queue_declare(dead, passive=True).method.message_count < 2 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert ch.queue_declare(dead, passive=True).method.message_count == 2, log_path.read_text()[-3000:]
+    finally:
+        conn.close()

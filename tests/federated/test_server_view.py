@@ -174,3 +174,32 @@ def test_chunks_split_and_join_and_refuse_inconsistent_parts():
     assert stale.add(chunks[0], "d0") is None
     time.sleep(0.01)
     assert stale.expired() == [["d0"]] and stale.held_bytes() == 0
+
+
+def test_a_chunked_message_that_cannot_be_joined_hands_back_every_chunk():
+    """A bad part fails the whole message: the error carries the tokens (deliveries) of every
+    chunk received so far, so none is left unacked; a part of the wrong length is caught on arrival."""
+    limit = 64 * 1024
+    piece = limit - fedwire.CHUNK_OVERHEAD
+    data = bytes(range(256)) * 1000
+    chunks = [fedwire.decode(p, limit) for p in fedwire.split_bytes(data, limit, b"\x07" * 16)]
+    assert len(chunks) == 4 and len(chunks[0].data) == piece
+    # the parts' lengths do not add up to the announced total (the last one is short)
+    joiner = fedwire.Reassembler(1 << 20)
+    assert [joiner.add(c, i) for i, c in enumerate(chunks[:3])] == [None] * 3
+    with pytest.raises(fedwire.ChunkError, match="bytes") as info:
+        joiner.add(dataclasses.replace(chunks[3], data=chunks[3].data[:-1]), 3)
+    assert info.value.tokens == [0, 1, 2, 3] and joiner.held_bytes() == 0
+    # a middle part of another length than the others, caught on arrival (not at the end)
+    joiner = fedwire.Reassembler(1 << 20)
+    assert joiner.add(chunks[0], "a") is None
+    with pytest.raises(fedwire.ChunkError, match="part 1") as info:
+        joiner.add(dataclasses.replace(chunks[1], data=chunks[1].data[:-5]), "b")
+    assert info.value.tokens == ["a", "b"] and joiner.held_bytes() == 0
+    # parts or total that disagree with the earlier chunks: the whole message goes too
+    joiner = fedwire.Reassembler(1 << 20)
+    assert joiner.add(chunks[0], "a") is None
+    with pytest.raises(fedwire.ChunkError, match="earlier ones") as info:
+        joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1), "b")
+    assert info.value.tokens == ["a", "b"] and joiner.held_bytes() == 0
+    assert isinstance(info.value, MalformedMessage)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -531,9 +531,23 @@ def split_bytes(data: bytes, max_bytes: int, mid: bytes) -> list[bytes]:
     return [encode(Chunk(mid, i, parts, len(data), data[i * piece:(i + 1) * piece]), max_bytes) for i in range(parts)]
 
 
+class ChunkError(MalformedMessage):
+    """A chunked message that cannot be joined. ``tokens``: every chunk of it received so far (the
+    one that failed included), so that the caller fails them all and none stays unacked."""
+
+    def __init__(self, message: str, tokens: list[Any]) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+
+
 class Reassembler:
     """Joins chunks by message id. Bounded: at most ``max_bytes`` per joined message and in all,
-    and a message still incomplete after ``timeout_s`` is handed back by ``expired``."""
+    and a message still incomplete after ``timeout_s`` is handed back by ``expired``.
+
+    Every part but the last has the same length (``split_bytes``' piece) and the last one the
+    rest of ``total``; a chunk that breaks this, or disagrees with the earlier ones on ``parts`` or
+    ``total``, drops the whole message: ``ChunkError`` carries every token received for it.
+    """
 
     def __init__(self, max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0) -> None:
         self.max_bytes, self.timeout_s = max_bytes, timeout_s
@@ -551,17 +565,22 @@ class Reassembler:
                                        f"(or too much held already)")
             entry = self._pending[c.rid] = (time.monotonic(), c, {}, [])
         _, first, parts, tokens = entry
-        if (c.parts, c.total) != (first.parts, first.total):
-            raise MalformedMessage(f"chunk {c.part}: says {c.parts} parts and {c.total} bytes, "
-                                   f"earlier ones {first.parts} and {first.total}")
         tokens.append(token)
+        try:
+            if (c.parts, c.total) != (first.parts, first.total):
+                raise MalformedMessage(f"chunk {c.part}: says {c.parts} parts and {c.total} bytes, "
+                                       f"earlier ones {first.parts} and {first.total}")
+            _check_piece(c, parts)
+        except MalformedMessage as exc:
+            del self._pending[c.rid]
+            raise ChunkError(str(exc), tokens) from None
         parts.setdefault(c.part, c.data)  # a redelivered chunk is counted once
         if len(parts) < first.parts:
             return None
         del self._pending[c.rid]
         data = b"".join(parts[i] for i in range(first.parts))
-        if len(data) != first.total:
-            raise MalformedMessage(f"chunked message: {len(data)} bytes joined, {first.total} announced")
+        if len(data) != first.total:  # unreachable after _check_piece; kept as the final word
+            raise ChunkError(f"chunked message: {len(data)} bytes joined, {first.total} announced", tokens)
         return data, tokens
 
     def expired(self) -> list[list[Any]]:
@@ -571,3 +590,23 @@ class Reassembler:
 
     def clear(self) -> None:
         self._pending.clear()
+
+
+def _check_piece(c: Chunk, parts: Mapping[int, bytes]) -> None:
+    """``c``'s length agrees with the parts already in: one piece length, the last part the rest."""
+    pieces = {len(d) for i, d in parts.items() if i < c.parts - 1}
+    if c.part < c.parts - 1:
+        pieces.add(len(c.data))
+    if len(pieces) > 1:
+        raise MalformedMessage(f"chunk part {c.part}: {len(c.data)} bytes, the other parts {sorted(pieces)}")
+    if not pieces:
+        return
+    piece = pieces.pop()
+    rest = c.total - (c.parts - 1) * piece
+    if not 1 <= rest <= piece:
+        raise MalformedMessage(f"chunk part {c.part}: parts of {piece} bytes cannot make {c.total} bytes "
+                               f"in {c.parts} parts")
+    last = c.data if c.part == c.parts - 1 else parts.get(c.parts - 1)
+    if last is not None and len(last) != rest:
+        raise MalformedMessage(f"chunk part {c.parts - 1}: {len(last)} bytes, {rest} expected "
+                               f"for {c.total} bytes in {c.parts} parts")

@@ -157,6 +157,8 @@ class FederatedWorker(amqp.Service):
                 self._contribution(msg, ds)
             else:
                 raise MalformedMessage(f"{msg.TYPE}: not accepted on the federated queue")
+        except fedwire.ChunkError as exc:  # every chunk of the message received so far goes, not just this one
+            self.fail(exc.tokens, exc)
         except HeloraError as exc:
             self.fail(ds, exc)
 
