@@ -12,6 +12,7 @@ from hecommon import amqp, metrics
 from hecommon.errors import ConfigError
 
 BACKENDS = ("auto", "numpy", "cupy")
+GEMMS = ("auto", "int8", "float64")
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -35,6 +36,8 @@ class EvaluatorConfig:
     shard: str = "0/1"  # this evaluator's shard of every layer of its blocks
     shard_dir: str = "helora-shards"
     backend: str = "auto"
+    #: the GPU product's GEMM (hecommon.evaluate.resolve_gemm): auto = int8 tensor cores when possible
+    gemm: str = "auto"
     #: this evaluator's layer-group name, the ``group`` metric label; "" = ``blocks-{blocks}``
     group: str = ""
     #: how long to wait at start for the encoder to write the shards
@@ -49,6 +52,10 @@ class EvaluatorConfig:
         parse_shard(self.shard)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: {self.backend!r} is not one of {BACKENDS}")
+        if self.gemm not in GEMMS:
+            raise ConfigError(f"gemm: {self.gemm!r} is not one of {GEMMS} (flag --gemm, env HELORA_GPU_GEMM)")
+        if self.gemm == "int8" and self.backend == "numpy":
+            raise ConfigError("gemm: 'int8' runs on a GPU only; use --backend cupy or auto")
         metrics.config_label("group", self.metrics_group)
         if not self.shard_dir:
             raise ConfigError("shard_dir: a directory is required")
@@ -93,6 +100,9 @@ class EvaluatorConfig:
                             "(env HELORA_GROUP; default: blocks-<BLOCKS>)")
         p.add_argument("--shard-dir", default=environ.get("HELORA_SHARD_DIR", "helora-shards"))
         p.add_argument("--backend", default=environ.get("HELORA_BACKEND", "auto"), choices=BACKENDS)
+        p.add_argument("--gemm", default=environ.get("HELORA_GPU_GEMM", "auto"),
+                       help="GPU product: auto (int8 tensor cores where the shape allows), int8 or float64 "
+                            "(env HELORA_GPU_GEMM)")
         p.add_argument("--wait-shards-s", type=float, default=float(environ.get("HELORA_WAIT_SHARDS_S", 600)))
         p.add_argument("--part-timeout-s", type=float, default=float(environ.get("HELORA_PART_TIMEOUT_S", 60)))
         return cls.from_mapping(vars(p.parse_args(argv)))

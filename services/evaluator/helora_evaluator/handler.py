@@ -20,10 +20,11 @@ from helora_encoder.handler import Shard
 
 class EvaluatorHandler:
     def __init__(self, params: ParamSet, shards: list[Shard], shard_index: dict[str, tuple[int, int]],
-                 backend: str = "numpy") -> None:
+                 backend: str = "numpy", gemm: str = "auto") -> None:
         """``shard_index[layer] = (index, count)`` of this evaluator's shard of that layer."""
         self.params = params
         self.backend = backend
+        self.gemm = gemm
         self.shards = {s.layer: s for s in shards}
         self.shard_index = shard_index
         self._products: dict[tuple[str, str], MatrixProduct] = {}
@@ -48,10 +49,11 @@ class EvaluatorHandler:
             if key not in self._products:
                 s = self.shards[layer]
                 if direction == "fwd":
-                    self._products[key] = MatrixProduct(s.values, self.params, s.a_seed_fwd, s.lo, self.backend)
+                    self._products[key] = MatrixProduct(s.values, self.params, s.a_seed_fwd, s.lo, self.backend,
+                                                                 self.gemm)
                 else:
                     matrix = np.ascontiguousarray(s.values.T)  # (hi - lo, d_out)
-                    self._products[key] = MatrixProduct(matrix, self.params, s.a_seed_bwd, 0, self.backend)
+                    self._products[key] = MatrixProduct(matrix, self.params, s.a_seed_bwd, 0, self.backend, self.gemm)
             return self._products[key]
 
     def hint(self, layer: str, direction: str) -> np.ndarray:

@@ -95,7 +95,9 @@ class EvaluatorWorker(amqp.Service):
                  shard_index: dict[str, tuple[int, int]], metrics: Metrics | None = None) -> None:
         super().__init__(cfg, metrics=metrics)
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
-        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend)
+        if cfg.gemm == "int8" and backend != "cupy":
+            raise ConfigError("gemm: 'int8' needs a CUDA device (cupy), and none answers here")
+        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm)
         self.metrics.set_info(manifest.params.name, backend)
         if backend == "cupy":
             self.metrics.track_device_memory("cuda", _cupy_pool_bytes)
