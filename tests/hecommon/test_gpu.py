@@ -12,6 +12,7 @@ from hecommon.errors import ConfigError
 from hecommon.evaluate import MatrixProduct, resolve_gemm
 from hecommon.gpu import (
     DIGITS,
+    MAX_INT8_TERMS,
     combine_digits,
     digit_product_reference,
     int8_shape_ok,
@@ -48,17 +49,28 @@ def test_digit_method_equals_the_float64_product(d_in, d_out, seed, pset):
                                   layer.product_on_device(residues))
 
 
-def test_digit_method_extremes_at_the_int32_bound():
-    """All residues p-1 against ±127 (and -128) weights: the int32 planes stay exact."""
+def _int32_planes(m: np.ndarray, residues: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The digit GEMM as the GPU does it (int32 accumulators, wrapping) and exactly (int64)."""
+    d_in, limbs, n = residues.shape
+    digits = split_digits(residues.reshape(d_in, limbs * n))
+    return m.astype(np.int32) @ digits.astype(np.int32), m.astype(np.int64) @ digits.astype(np.int64)
+
+
+def test_digit_planes_fit_int32_at_the_longest_allowed_sum():
+    """All residues p-1 (digits up to 127) against +127 and -128 weights, d_in = MAX_INT8_TERMS:
+    every int32 accumulator is exact; one step past the limit it is not (so the check can fail)."""
     ps = P.DEFAULT
-    d_in = 8192
-    m = np.full((2, d_in), 127, dtype=np.int8)
-    m[1] = -128
-    residues = np.stack([np.full((d_in, ps.n), p - 1) for p in ps.primes], axis=1).astype(np.uint32)
-    got = digit_product_reference(m, residues, ps.primes)
-    for limb, p in enumerate(ps.primes):
-        assert got[0, limb, 0] == (127 * d_in * (p - 1)) % p
-        assert got[1, limb, 0] == (-128 * d_in * (p - 1)) % p
+    for d_in, exact in [(MAX_INT8_TERMS, True), (MAX_INT8_TERMS + 2**13, False)]:
+        m = np.full((2, d_in), 127, dtype=np.int8)
+        m[1] = -128
+        residues = np.stack([np.full((d_in, 2), p - 1) for p in ps.primes], axis=1).astype(np.uint32)
+        y32, y64 = _int32_planes(m, residues)
+        assert np.array_equal(y32.astype(np.int64), y64) is exact
+        if exact:
+            got = combine_digits(y32, ps.primes, 2)
+            for limb, p in enumerate(ps.primes):
+                assert got[0, limb, 0] == (127 * d_in * (p - 1)) % p
+                assert got[1, limb, 0] == (-128 * d_in * (p - 1)) % p
 
 
 def test_combine_digits_is_exact_for_the_largest_int32_planes():
