@@ -203,3 +203,29 @@ def test_a_chunked_message_that_cannot_be_joined_hands_back_every_chunk():
         joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1), "b")
     assert info.value.tokens == ["a", "b"] and joiner.held_bytes() == 0
     assert isinstance(info.value, MalformedMessage)
+
+
+def test_a_ciphertext_at_another_scale_is_rejected_and_the_round_goes_on(make_owners, fed_keys):
+    """A ciphertext of the round's context but at scale 2^30 (not 2^40) deserializes and has the
+    right slot count: it must be refused at check time (it used to pass, then break the sum with
+    TenSEAL's "scale mismatch" for every owner)."""
+    owners = make_owners((4, 8, 16), (0.05, 0.05, 0.2))
+    public = ts.context_from(fed_keys.public_bytes())
+
+    def tamper(owner, data):
+        if owner.name != "o2":
+            return [data]
+        c = fedwire.decode_contribution(data, BIG)
+        i = next(i for i, lay in enumerate(c.layers) if lay.enc)
+        odd = ts.ckks_vector(public, [0.5] * fedwire.CKKS_SLOTS, scale=2.0 ** 30).serialize()
+        return [fedwire.encode(_with_layer(c, i, enc=(odd, *c.layers[i].enc[1:])), BIG)]
+
+    for o in owners:
+        o.train_local()
+    want = {n: sum(o.samples * o.delta()[n] for o in owners[:2]) / sum(o.samples for o in owners[:2])
+            for n in owners[0].shapes()}
+    report = run_round(owners, FederatedAggregator(fed_keys.public_bytes()), 1, tamper=tamper, train=False)
+    assert set(report.aggregate.owners) == {"o0", "o1"}
+    assert "scale 2^30" in report.rejected["o2"] and "2^40" in report.rejected["o2"]
+    for name, dw in owners[0].last_merged.items():
+        np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)

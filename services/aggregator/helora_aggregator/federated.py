@@ -19,11 +19,14 @@ PUBLIC CKKS context only: one that carries a secret key is refused before anythi
 
 A malformed or mismatched contribution (bad bytes, another round or context, wrong layers or
 shapes, a duplicated owner, unzeroed encrypted columns, a ciphertext that is not of this
-context) is rejected with a clear reason and the round goes on with the others.
+context or not a fresh one at scale 2^40) is rejected with a clear reason and the round goes on
+with the others. Should the sum still fail, ``aggregate`` raises ``HeloraError`` (the worker then
+answers every owner of the round with it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -32,6 +35,7 @@ from hecommon.errors import HeloraError, MalformedMessage, ParameterMismatch
 from hecommon.fedwire import (
     CKKS_COEFF_BITS,
     CKKS_POLY_DEGREE,
+    CKKS_SCALE_BITS,
     CKKS_SLOTS,
     MAX_CIPHERTEXT_BYTES,
     Aggregate,
@@ -108,6 +112,7 @@ class FederatedAggregator:
         self.ctx = check_public_context(public_context)
         self.public_context = public_context
         self.digest = context_digest(public_context)
+        self._data_level = self.ctx.seal_context().data.first_parms_id()  # fresh ciphertexts live here
 
     # -- negotiation -------------------------------------------------------------------
     def plan(self, proposals: Sequence[Proposal], layers: Mapping[str, tuple[int, int]],
@@ -148,8 +153,14 @@ class FederatedAggregator:
         if not accepted:
             raise MalformedMessage(f"round {plan.rid.hex()}: no valid contribution ({len(rejected)} rejected)")
         total = sum(c.samples for c in accepted.values())
-        layers = tuple(self._aggregate_layer(pl, [(c.samples, _layer(c, pl.name)) for c in accepted.values()])
-                       for pl in plan.layers)
+        try:
+            layers = tuple(self._aggregate_layer(pl, [(c.samples, _layer(c, pl.name)) for c in accepted.values()])
+                           for pl in plan.layers)
+        except HeloraError:
+            raise
+        except (ValueError, RuntimeError, ArithmeticError) as exc:  # TenSEAL/numpy: checks should have caught it
+            raise HeloraError(f"round {plan.rid.hex()}: aggregation failed ({type(exc).__name__}: "
+                              f"{str(exc)[:120]})") from None
         return Aggregate(plan.rid, self.digest, total, tuple(accepted), layers), rejected
 
     def check(self, plan: RoundPlan, c: Contribution, accepted: Mapping[str, Contribution] = {}) -> None:
@@ -192,6 +203,18 @@ class FederatedAggregator:
             raise MalformedMessage(f"{where}: a ciphertext does not deserialize under the round's context") from None
         if v.size() != CKKS_SLOTS:
             raise MalformedMessage(f"{where}: a ciphertext of {v.size()} slots, not {CKKS_SLOTS}")
+        # the sum adds ciphertexts as they are: one scale, one level, two polynomials (fresh
+        # encryptions); anything else would break TenSEAL's addition for the whole round
+        parts = v.ciphertext()
+        if len(parts) != 1:
+            raise MalformedMessage(f"{where}: a ciphertext in {len(parts)} parts, not 1")
+        ct = parts[0]
+        if ct.scale != 2.0 ** CKKS_SCALE_BITS:
+            got = f"2^{math.log2(ct.scale):.4g}" if ct.scale > 0 else f"{ct.scale:g}"
+            raise ParameterMismatch(f"{where}: a ciphertext at scale {got}, the round's is 2^{CKKS_SCALE_BITS}")
+        if ct.parms_id() != self._data_level or ct.size() != 2 or not ct.is_ntt_form():
+            raise ParameterMismatch(f"{where}: a ciphertext at another level or of size {ct.size()}; the round "
+                                    f"adds fresh encryptions (data level, size 2)")
         return v
 
     def _aggregate_layer(self, pl: PlanLayer, parts: list[tuple[int, LayerContribution]]) -> LayerAggregate:

@@ -231,7 +231,13 @@ class FederatedWorker(amqp.Service):
             self.closed.pop(next(iter(self.closed)))
         if not rnd.contributions:
             return
-        agg, _ = self.aggregator.aggregate(rnd.plan, [c for c, _ in rnd.contributions.values()])
+        try:
+            agg, _ = self.aggregator.aggregate(rnd.plan, [c for c, _ in rnd.contributions.values()])
+        except HeloraError as exc:  # the round is closed: every owner in it hears why, none waits
+            for _, ds in rnd.contributions.values():
+                self.fail(ds, exc)
+            log.warning("round %s: aggregation failed: %s", rid.hex()[:8], exc)
+            return
         body = fedwire.encode(agg, self.cfg.max_joined_bytes)
         for _, ds in rnd.contributions.values():
             self._answer(ds, body)
