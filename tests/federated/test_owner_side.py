@@ -101,3 +101,40 @@ def test_sgd_owner_takes_plain_gradient_steps(make_owners):
     assert not layer.lora_B.weight.any()
     owner.train_local()
     assert layer.lora_B.weight.any()  # B moved off zero by -lr·grad (clipped), nothing else
+
+
+def test_owner_refuses_a_plan_or_aggregate_that_does_not_match_its_layers(make_owners, fed_keys):
+    """A plan or an aggregate with a layer missing, an extra one, or another (d_out, d_in) is a
+    ParameterMismatch naming the layer (it used to be a KeyError or a numpy/torch error)."""
+    import dataclasses
+
+    from hecommon import fedwire
+    from hecommon.errors import ParameterMismatch
+    from helora_aggregator.federated import FederatedAggregator
+
+    owner = make_owners((4,), (0.05,))[0]
+    shapes = owner.shapes()
+    first = next(iter(shapes))
+    aggregator = FederatedAggregator(fed_keys.public_bytes())
+    rid = bytes(fedwire.RID_BYTES)
+    plan, _ = aggregator.plan([owner.proposal(rid)], shapes, rid)
+    missing = dataclasses.replace(plan, layers=plan.layers[1:])
+    with pytest.raises(ParameterMismatch, match=f"missing.*{first}"):
+        owner.contribute(missing)
+    d_out, d_in = shapes[first]
+    wider = fedwire.PlanLayer(first, d_out, d_in + 4, plan.layers[0].order)
+    with pytest.raises(ParameterMismatch, match=f"{first}: .*\\({d_out}, {d_in + 4}\\).*\\({d_out}, {d_in}\\)"):
+        owner.contribute(dataclasses.replace(plan, layers=(wider, *plan.layers[1:])))
+    extra = fedwire.PlanLayer("model.layers.99.mlp.up_proj", 8, 8, ())
+    with pytest.raises(ParameterMismatch, match="unexpected.*layers.99"):
+        owner.contribute(dataclasses.replace(plan, layers=(*plan.layers, extra)))
+
+    agg, _ = aggregator.aggregate(plan, [owner.contribute(plan)])
+    with pytest.raises(ParameterMismatch, match=f"missing.*{first}"):
+        owner.merge(dataclasses.replace(agg, layers=agg.layers[1:]))
+    lay = agg.layers[0]
+    taller = fedwire.LayerAggregate(first, d_out + 2, d_in, np.zeros((d_out + 2, d_in), np.float32), lay.order,
+                                    (0,) * len(lay.order), ())
+    with pytest.raises(ParameterMismatch, match=f"{first}: "):
+        owner.merge(dataclasses.replace(agg, layers=(taller, *agg.layers[1:])))
+    owner.merge(agg)  # the real one still merges

@@ -139,6 +139,7 @@ class Owner:
     def contribute(self, plan: RoundPlan) -> Contribution:
         if plan.ctx != self.keys.digest:
             raise ParameterMismatch("round plan: another CKKS context than this owner's key")
+        _match_layers("round plan", {x.name: (x.d_out, x.d_in) for x in plan.layers}, self.shapes())
         layers = []
         t0 = time.perf_counter()
         for name, m in lora_layers(self.client).items():
@@ -156,6 +157,7 @@ class Owner:
         """Load the aggregate at this owner's rank; returns the full aggregated ``ΔW`` per layer."""
         if agg.ctx != self.keys.digest:
             raise ParameterMismatch("aggregate: another CKKS context than this owner's key")
+        _match_layers("aggregate", {x.name: (x.d_out, x.d_in) for x in agg.layers}, self.shapes())
         full = {}
         with torch.no_grad():
             for name, m in lora_layers(self.client).items():
@@ -166,3 +168,15 @@ class Owner:
         self.trainer.optimizer.state.clear()  # moments of the old factors mean nothing for the new ones
         self.last_merged = full
         return full
+
+
+def _match_layers(what: str, got: dict[str, tuple[int, int]], own: dict[str, tuple[int, int]]) -> None:
+    """The server's layer set and shapes must be this owner's own: a ``ParameterMismatch`` naming the layer."""
+    missing, extra = sorted(set(own) - set(got)), sorted(set(got) - set(own))
+    if missing or extra:
+        raise ParameterMismatch(f"{what}: layers do not match this owner's adapter (missing {missing[:3]}, "
+                                f"unexpected {extra[:3]})")
+    for name, shape in own.items():
+        if tuple(got[name]) != tuple(shape):
+            raise ParameterMismatch(f"{what}: {name}: shape (d_out, d_in) = {tuple(got[name])}, "
+                                    f"this owner's is {tuple(shape)}")
