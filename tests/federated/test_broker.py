@@ -49,7 +49,8 @@ def fedworker(request, tmp_path, fed_keys):
     log = open(tmp_path / "fedworker.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "helora_aggregator.fedworker", "--broker", URL, "--namespace", ns,
-                             "--context", str(pub), "--owners", "3", "--max-message-bytes", str(LIMIT), "--metrics-port", "0", "--metrics-host",
+                             "--context", str(pub), "--owners", "3", "--max-message-bytes", str(LIMIT),
+                             "--max-contribution-bytes", str(4 << 20), "--metrics-port", "0", "--metrics-host",
                              "127.0.0.1", "--round-timeout-s", str(timeout_s)], stdout=log, stderr=subprocess.STDOUT, env=env)
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     try:

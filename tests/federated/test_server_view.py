@@ -229,3 +229,32 @@ def test_a_ciphertext_at_another_scale_is_rejected_and_the_round_goes_on(make_ow
     assert "scale 2^30" in report.rejected["o2"] and "2^40" in report.rejected["o2"]
     for name, dw in owners[0].last_merged.items():
         np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
+
+
+def test_prefetch_must_hold_every_chunk_of_a_round(tmp_path, fed_keys):
+    """A round holds per owner its proposal and every chunk of its contribution unacked: with a
+    64 KiB message limit, contributions of up to 4 MiB come in 66 chunks, so 3 owners need a
+    prefetch of 3 × (1 + 66) = 201, not 2 per owner; and the worker refuses a larger contribution."""
+    from hecommon.errors import ConfigError, OversizedMessage
+    from helora_aggregator.fedworker import FederatedConfig
+
+    pub = tmp_path / "fed.key.pub"
+    pub.write_bytes(fed_keys.public_bytes())
+    base = dict(context=str(pub), owners=3, max_message_bytes=64 * 1024, max_contribution_bytes=4 << 20)
+    chunks = -(-(4 << 20) // (64 * 1024 - fedwire.CHUNK_OVERHEAD))
+    assert chunks == 66
+    with pytest.raises(ConfigError, match=f"prefetch: 64 .* {3 * (1 + chunks)}"):
+        FederatedConfig(**base, prefetch=64)
+    cfg = FederatedConfig(**base, prefetch=3 * (1 + chunks))
+    assert cfg.max_contribution_bytes == 4 << 20
+    args = FederatedConfig.from_args(["--context", str(pub), "--owners", "2", "--max-contribution-bytes", "1048576"],
+                                     environ={})
+    assert args.max_contribution_bytes == 1 << 20 and args.prefetch == 64
+    # the bound holds at run time: one message above it is refused on its first chunk,
+    # while several smaller ones may be held together beyond it
+    joiner = fedwire.Reassembler(1 << 30, max_message_bytes=100_000)
+    with pytest.raises(OversizedMessage, match="100000"):
+        joiner.add(fedwire.Chunk(b"\x01" * 16, 0, 2, 100_001, b"x" * 60_000), "big")
+    for i in range(3):
+        assert joiner.add(fedwire.Chunk(bytes([i + 2]) * 16, 0, 2, 90_000, b"x" * 60_000), i) is None
+    assert joiner.held_bytes() == 270_000

@@ -541,16 +541,19 @@ class ChunkError(MalformedMessage):
 
 
 class Reassembler:
-    """Joins chunks by message id. Bounded: at most ``max_bytes`` per joined message and in all,
-    and a message still incomplete after ``timeout_s`` is handed back by ``expired``.
+    """Joins chunks by message id. Bounded: at most ``max_message_bytes`` per joined message and
+    ``max_bytes`` in all, and a message still incomplete after ``timeout_s`` is handed back by ``expired``.
 
     Every part but the last has the same length (``split_bytes``' piece) and the last one the
     rest of ``total``; a chunk that breaks this, or disagrees with the earlier ones on ``parts`` or
     ``total``, drops the whole message: ``ChunkError`` carries every token received for it.
     """
 
-    def __init__(self, max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0) -> None:
+    def __init__(self, max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0,
+                 max_message_bytes: int | None = None) -> None:
         self.max_bytes, self.timeout_s = max_bytes, timeout_s
+        #: the largest single joined message (``max_bytes``, the bound on all held, by default)
+        self.max_message_bytes = max_bytes if max_message_bytes is None else min(max_message_bytes, max_bytes)
         self._pending: dict[bytes, tuple[float, Chunk, dict[int, bytes], list[Any]]] = {}
 
     def held_bytes(self) -> int:
@@ -560,9 +563,11 @@ class Reassembler:
         """Record one chunk (``token``: e.g. its delivery); the joined bytes and every token once complete."""
         entry = self._pending.get(c.rid)
         if entry is None:
-            if c.total > self.max_bytes or self.held_bytes() + c.total > self.max_bytes:
-                raise OversizedMessage(f"chunked message of {c.total} bytes: over the limit {self.max_bytes} "
-                                       f"(or too much held already)")
+            if c.total > self.max_message_bytes:
+                raise OversizedMessage(f"chunked message of {c.total} bytes: over the limit {self.max_message_bytes}")
+            if self.held_bytes() + c.total > self.max_bytes:
+                raise OversizedMessage(f"chunked message of {c.total} bytes: {self.held_bytes()} bytes already "
+                                       f"held, the limit is {self.max_bytes} in all")
             entry = self._pending[c.rid] = (time.monotonic(), c, {}, [])
         _, first, parts, tokens = entry
         tokens.append(token)

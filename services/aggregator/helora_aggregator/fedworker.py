@@ -16,7 +16,11 @@
    the worker answers every accepted owner with the ``Aggregate``.
 
 Messages above ``--max-message-bytes`` travel as ``fedwire.Chunk``s (both ways), joined here
-up to ``--max-joined-bytes``; an incomplete one is dead-lettered after the round timeout.
+up to ``--max-contribution-bytes`` per message (``--max-joined-bytes`` in all); an incomplete
+one is dead-lettered after the round timeout. Every chunk of a round's messages stays unacked
+until the round's answer is out, so ``--prefetch`` must be at least
+``owners × (1 + ceil(max_contribution_bytes / (max_message_bytes − CHUNK_OVERHEAD)))``
+(``round_deliveries``; checked at start).
 The round id is derived by the owners from the context digest and the round number, so they
 agree on it without talking to each other. The worker holds only the PUBLIC context (refused at
 start if it carries a secret key). Proposals stay unacked until the plan is out, contributions
@@ -65,14 +69,24 @@ class FederatedConfig:
     round_timeout_s: float = 600.0
     #: the largest message joined from chunks (a whole contribution or aggregate)
     max_joined_bytes: int = 1 << 30
+    #: the largest message an owner may send (a contribution; SmolLM2 q/v: about 20 MiB); it
+    #: sizes the prefetch check, and a larger one is refused on its first chunk
+    max_contribution_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         amqp.check_broker_fields(self)
         metrics.check_metrics_fields(self)
         if not isinstance(self.owners, int) or not 1 <= self.owners <= fedwire.MAX_OWNERS:
             raise ConfigError(f"owners: {self.owners!r} must be in 1..{fedwire.MAX_OWNERS}")
-        if self.prefetch < 2 * self.owners:
-            raise ConfigError(f"prefetch: {self.prefetch} cannot hold a round of {self.owners} owners (2 per owner)")
+        if not isinstance(self.max_contribution_bytes, int) or not (
+                1 <= self.max_contribution_bytes <= fedwire.MAX_JOINED_BYTES):
+            raise ConfigError(f"max_contribution_bytes: {self.max_contribution_bytes} outside "
+                              f"1..{fedwire.MAX_JOINED_BYTES}")
+        need = round_deliveries(self.owners, self.max_contribution_bytes, self.max_message_bytes)
+        if self.prefetch < need:
+            raise ConfigError(f"prefetch: {self.prefetch} cannot hold a round of {self.owners} owners: each holds "
+                              f"a proposal and up to {need // self.owners - 1} chunks of a contribution of "
+                              f"max_contribution_bytes {self.max_contribution_bytes} unacked; {need} needed")
         if not Path(self.context).is_file():
             raise ConfigError(f"context: no such file: {self.context!r} (the public context from keygen)")
         if not self.round_timeout_s > 0:
@@ -95,9 +109,20 @@ class FederatedConfig:
         p.add_argument("--owners", type=int, required=True, help="owners expected per round")
         p.add_argument("--max-joined-bytes", type=int, default=1 << 30,
                        help="largest message reassembled from chunks (a whole contribution or aggregate)")
+        p.add_argument("--max-contribution-bytes", type=int, default=64 << 20,
+                       help="largest message an owner may send (a contribution); sizes the --prefetch check")
         p.add_argument("--round-timeout-s", type=float, default=600.0,
                        help="after this long, a round goes on with the owners that answered")
         return cls.from_mapping(vars(p.parse_args(argv)))
+
+
+def round_deliveries(owners: int, max_contribution_bytes: int, max_message_bytes: int) -> int:
+    """The most deliveries one round holds unacked: per owner a proposal and every chunk of its
+    contribution (``ceil(max_contribution_bytes / chunk piece)``; 1 when it fits in one message)."""
+    if max_contribution_bytes <= max_message_bytes:
+        return 2 * owners
+    piece = max_message_bytes - fedwire.CHUNK_OVERHEAD
+    return owners * (1 + -(-max_contribution_bytes // piece))
 
 
 Deliveries = list[amqp.Delivery]  # one message: a single delivery, or every chunk of it
@@ -122,7 +147,7 @@ class FederatedWorker(amqp.Service):
         self.queue = federated_queue(cfg.namespace)
         self.rounds: dict[bytes, _Round] = {}
         self.closed: dict[bytes, None] = {}
-        self.chunks = fedwire.Reassembler(cfg.max_joined_bytes, cfg.round_timeout_s)
+        self.chunks = fedwire.Reassembler(cfg.max_joined_bytes, cfg.round_timeout_s, cfg.max_contribution_bytes)
 
     def declare(self, ch) -> list[str]:
         self.topology.declare_queue(ch, self.queue)
