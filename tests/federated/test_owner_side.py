@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from hecommon.errors import ConfigError
+from hecommon.fedwire import swap_layout
 from helora_aggregator.federated import global_order, unswap
 from helora_orchestrator.federated.negotiate import budget_columns, top_k
 from helora_orchestrator.federated.reparam import svd_to_rank
-from helora_orchestrator.federated.selective import CkksKeys, select_and_encrypt, swap_layout
+from helora_orchestrator.federated.selective import CkksKeys, select_and_encrypt
 from helora_orchestrator.federated.sensitivity import column_scores, lora_layers
 
 

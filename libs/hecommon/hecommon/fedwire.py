@@ -27,12 +27,18 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
-import msgpack
 import numpy as np
 
-from .errors import HeloraError, MalformedMessage, OversizedMessage, UnsupportedVersion
+from .codec import check_blob_range as _blob
+from .codec import check_int_like as _int
+from .codec import check_keys as _keys
+from .codec import check_text as _text
+from .codec import expect as _expect
+from .codec import fail as _fail
+from .codec import pack, unpack
+from .errors import HeloraError, MalformedMessage, OversizedMessage
 from .wire import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
 
 FEDWIRE_VERSION = 1
@@ -69,33 +75,17 @@ def ciphertext_count(k: int, d_out: int) -> int:
     return -(-k * d_out // CKKS_SLOTS)
 
 
-# -- field checks ------------------------------------------------------------------------
-def _fail(where: str, what: str) -> NoReturn:
-    raise MalformedMessage(f"{where}: {what}")
+def swap_layout(d_in: int, order: Sequence[int], k: int) -> np.ndarray:
+    """Column permutation of an owner's ``A`` in a ``LayerContribution``: the clear columns in
+    their order, then the ``k`` chosen columns right-aligned (position ``t`` of ``order`` at column
+    ``d_in - 1 - t``). Public: owner and server both derive it from the plan and ``k``, here only,
+    so their layouts cannot diverge (swapped ``= a[:, perm]``, original ``[:, perm] = swapped``)."""
+    chosen = [int(j) for j in order[:k]]
+    chosen_set = set(chosen)
+    return np.array([j for j in range(d_in) if j not in chosen_set] + chosen[::-1], dtype=np.int64)
 
 
-def _int(where: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        _fail(where, "an integer is required")
-    if not lo <= value <= hi:
-        _fail(where, f"{value} outside {lo}..{hi}")
-    return int(value)
-
-
-def _text(where: str, value: Any, max_chars: int) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
-        _fail(where, f"a string of 1..{max_chars} characters is required")
-    return value
-
-
-def _blob(where: str, value: Any, lo: int, hi: int) -> bytes:
-    if not isinstance(value, bytes):
-        _fail(where, "bytes are required")
-    if not lo <= len(value) <= hi:
-        _fail(where, f"{len(value)} bytes outside {lo}..{hi}")
-    return value
-
-
+# -- field checks (the generic ones: hecommon.codec, shared with wire) --------------------
 def _ints(where: str, value: Any, hi: int, max_len: int) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or len(value) > max_len:
         _fail(where, f"a list of at most {max_len} integers is required")
@@ -121,15 +111,6 @@ def _cts(where: str, value: Any, count: int) -> tuple[bytes, ...]:
         _fail(where, f"{count} ciphertexts expected, got "
                      f"{len(value) if isinstance(value, list | tuple) else type(value).__name__}")
     return tuple(_blob(f"{where}[{i}]", c, 1, MAX_CIPHERTEXT_BYTES) for i, c in enumerate(value))
-
-
-def _keys(where: str, m: Any, expected: Sequence[str]) -> None:
-    if not isinstance(m, dict):
-        _fail(where, "a map is required")
-    missing, extra = sorted(set(expected) - m.keys()), sorted(m.keys() - set(expected))
-    if missing or extra:
-        shown = ", ".join(repr(str(k)[:32]) for k in (missing or extra)[:5])
-        _fail(where, f"{'missing' if missing else 'unexpected'} field(s) {shown}")
 
 
 def _check_layers(where: str, layers: Any) -> None:
@@ -446,45 +427,13 @@ def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     if type(msg) not in _BODY_KEYS:
         raise TypeError(f"{type(msg).__name__} has no federated wire encoder")
     head = {"v": FEDWIRE_VERSION, "type": msg.TYPE, "rid": msg.rid, "lib": msg.lib}
-    data = msgpack.packb({**head, **msg._body()}, use_bin_type=True, strict_types=True)
-    if len(data) > max_bytes:
-        raise OversizedMessage(f"{msg.TYPE}: {len(data)} bytes exceed the limit {max_bytes}")
-    return data
-
-
-def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if not isinstance(key, str):
-            _fail("map", "keys must be strings")
-        if key in out:
-            _fail(repr(key[:32]), "duplicate key")
-        out[key] = value
-    return out
-
-
-def _no_ext(code: int, data: bytes) -> NoReturn:
-    _fail("msgpack", f"ext type {code} is not allowed")
+    return pack({**head, **msg._body()}, max_bytes, msg.TYPE)
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) -> Message:
     """Parse and validate one federated message (of type ``expect`` when given)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise MalformedMessage(f"message: bytes are required, got {type(data).__name__}")
-    if len(data) > max_bytes:
-        raise OversizedMessage(f"message: {len(data)} bytes exceed the limit {max_bytes}")
-    try:
-        m = msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=_pairs, ext_hook=_no_ext,
-                            max_bin_len=max_bytes, max_str_len=1 << 16, max_array_len=MAX_DIM,
-                            max_map_len=64, max_ext_len=0)
-    except HeloraError:
-        raise
-    except Exception as exc:  # msgpack's own errors name limits and offsets, never the data
-        raise MalformedMessage(f"message: not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
-    if not isinstance(m, dict):
-        _fail("message", "a map is required at the top level")
-    if m.get("v") != FEDWIRE_VERSION or isinstance(m.get("v"), bool):
-        raise UnsupportedVersion(f"v: this build speaks federated wire version {FEDWIRE_VERSION}")
+    m = unpack(data, max_bytes, version=FEDWIRE_VERSION, protocol="federated wire", max_array_len=MAX_DIM,
+               max_map_len=64)
     kind = m.get("type")
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -508,12 +457,6 @@ def encode_contribution(msg: Contribution, max_bytes: int = MAX_MESSAGE_BYTES) -
 
 def decode_contribution(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Contribution:
     return decode(data, max_bytes, Contribution)  # type: ignore[return-value]
-
-
-def _expect(msg: Any, cls: type) -> Any:
-    if type(msg) is not cls:
-        raise TypeError(f"{cls.__name__} expected, got {type(msg).__name__}")
-    return msg
 
 
 # -- chunking (messages above the broker's max_message_size) -------------------------------

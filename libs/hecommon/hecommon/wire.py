@@ -26,14 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
-import msgpack
 import numpy as np
 
 from .bits import pack_bits, packed_size, unpack_bits
+from .codec import check_blob as _blob
+from .codec import check_int as _int
+from .codec import check_keys as _keys
+from .codec import check_text as _text
+from .codec import expect as _expect
+from .codec import fail as _fail
+from .codec import pack, unpack
 from .encrypt import SEED_BYTES, EncryptedBatch, EncryptedPartial, EncryptedResult
-from .errors import HeloraError, MalformedMessage, OversizedMessage, UnsupportedVersion
+from .errors import HeloraError, MalformedMessage, OversizedMessage
 from .params import ParamSet
 from .params import get as get_params
 
@@ -59,35 +65,7 @@ HEADER_ALLOWANCE = 4096
 _HEADER = ("v", "type", "pset", "rid", "lib")
 
 
-# -- field checks (shared by construction and decoding) -------------------------------
-def _fail(where: str, what: str) -> NoReturn:
-    raise MalformedMessage(f"{where}: {what}")
-
-
-def _int(where: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(where, "an integer is required")
-    if not lo <= value <= hi:
-        _fail(where, f"{value} outside {lo}..{hi}")
-    return value
-
-
-def _text(where: str, value: Any, max_chars: int, *, empty: bool = False) -> str:
-    if not isinstance(value, str):
-        _fail(where, "a string is required")
-    if len(value) > max_chars or (not value and not empty):
-        _fail(where, f"length {len(value)} outside {0 if empty else 1}..{max_chars}")
-    return value
-
-
-def _blob(where: str, value: Any, size: int) -> bytes:
-    if not isinstance(value, bytes):
-        _fail(where, "bytes are required")
-    if len(value) != size:
-        _fail(where, f"{len(value)} bytes, expected {size}")
-    return value
-
-
+# -- field checks (the generic ones: hecommon.codec, shared with fedwire) ------------------
 def _check_route(msg: Any) -> None:
     _blob("rid", msg.rid, RID_BYTES)
     _text("layer", msg.layer, MAX_NAME_CHARS)
@@ -534,62 +512,12 @@ def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
         raise TypeError(f"{type(msg).__name__} has no wire encoder")
     pset = msg.pset if isinstance(msg, ErrorReply) else msg.params.name
     head = {"v": WIRE_VERSION, "type": msg.TYPE, "pset": pset, "rid": msg.rid, "lib": msg.lib}
-    data = msgpack.packb({**head, **msg._body()}, use_bin_type=True, strict_types=True)
-    if len(data) > max_bytes:
-        raise OversizedMessage(f"{msg.TYPE}: {len(data)} bytes exceed the limit {max_bytes}; split it")
-    return data
-
-
-def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if not isinstance(key, str):
-            _fail("map", "keys must be strings")
-        if key in out:
-            _fail(_names([key]), "duplicate key")
-        out[key] = value
-    return out
-
-
-def _no_ext(code: int, data: bytes) -> NoReturn:
-    _fail("msgpack", f"ext type {code} is not allowed")
-
-
-def _keys(where: str, m: Any, expected: Any) -> None:
-    if not isinstance(m, dict):
-        _fail(where, "a map is required")
-    missing, extra = sorted(set(expected) - m.keys()), sorted(m.keys() - set(expected))
-    if missing:
-        _fail(where, f"missing field(s) {_names(missing)}")
-    if extra:
-        _fail(where, f"unexpected field(s) {_names(extra)}")
-
-
-def _names(keys: Sequence[Any]) -> str:
-    """Field names for an error message, bounded: keys come from the sender."""
-    shown = ", ".join(repr(str(k)[:32]) for k in keys[:5])
-    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    return pack({**head, **msg._body()}, max_bytes, msg.TYPE, "; split it")
 
 
 def _parse(data: Any, max_bytes: int) -> dict[str, Any]:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise MalformedMessage(f"message: bytes are required, got {type(data).__name__}")
-    if len(data) > max_bytes:
-        raise OversizedMessage(f"message: {len(data)} bytes exceed the limit {max_bytes}")
-    try:
-        m = msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=_pairs,
-                            ext_hook=_no_ext, max_bin_len=max_bytes, max_str_len=1 << 16,
-                            max_array_len=MAX_LAYERS, max_map_len=2 * MAX_META_ENTRIES, max_ext_len=0)
-    except HeloraError:
-        raise
-    except Exception as exc:  # msgpack's errors: truncated, trailing bytes, bad format, limits
-        # msgpack's texts name limits and offsets, never the data: keep them, bounded
-        raise MalformedMessage(f"message: not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
-    if not isinstance(m, dict):
-        _fail("message", "a map is required at the top level")
-    if m.get("v") != WIRE_VERSION or isinstance(m.get("v"), bool):
-        raise UnsupportedVersion(f"v: this build speaks wire version {WIRE_VERSION}")
-    return m
+    return unpack(data, max_bytes, version=WIRE_VERSION, protocol="wire", max_array_len=MAX_LAYERS,
+                  max_map_len=2 * MAX_META_ENTRIES)
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) -> Message:
@@ -650,12 +578,6 @@ def encode_manifest(msg: Manifest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
 
 def decode_manifest(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Manifest:
     return decode(data, max_bytes, Manifest)  # type: ignore[return-value]
-
-
-def _expect(msg: Any, cls: type) -> Any:
-    if type(msg) is not cls:
-        raise TypeError(f"{cls.__name__} expected, got {type(msg).__name__}")
-    return msg
 
 
 # -- chunking ------------------------------------------------------------------------------

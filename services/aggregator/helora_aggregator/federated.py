@@ -47,6 +47,7 @@ from hecommon.fedwire import (
     RoundPlan,
     context_digest,
     decode,
+    swap_layout,
 )
 
 
@@ -85,13 +86,9 @@ def global_order(tops: Sequence[Sequence[int]]) -> tuple[int, ...]:
 
 
 def unswap(a_swapped: np.ndarray, order: Sequence[int], k: int) -> np.ndarray:
-    """``A`` in its original column order from the swapped layout (chosen columns right-aligned)."""
-    r, d_in = a_swapped.shape
-    chosen = list(order[:k])
-    chosen_set = set(chosen)
-    perm = np.array([j for j in range(d_in) if j not in chosen_set] + chosen[::-1], dtype=np.int64)
+    """``A`` in its original column order from the swapped layout (``fedwire.swap_layout``)."""
     out = np.empty_like(a_swapped)
-    out[:, perm] = a_swapped
+    out[:, swap_layout(a_swapped.shape[1], order, k)] = a_swapped
     return out
 
 

@@ -29,6 +29,7 @@ from hecommon.fedwire import (
     CKKS_SLOTS,
     ciphertext_count,
     context_digest,
+    swap_layout,  # the one column permutation, shared with the server's unswap
 )
 
 
@@ -113,15 +114,6 @@ class CkksKeys:
         if len(flat) < count:
             raise DecryptionError("federated aggregate: fewer encrypted values than announced")
         return flat[:count]
-
-
-def swap_layout(d_in: int, order: tuple[int, ...], k: int) -> np.ndarray:
-    """Column permutation of ``A``: the clear columns in their order, then the ``k`` chosen
-    columns right-aligned (position ``t`` of ``order`` at column ``d_in - 1 - t``). Public: the
-    server derives it from the plan and ``k``."""
-    chosen = list(order[:k])
-    chosen_set = set(chosen)
-    return np.array([j for j in range(d_in) if j not in chosen_set] + chosen[::-1], dtype=np.int64)
 
 
 def select_and_encrypt(keys: CkksKeys, a: np.ndarray, b_eff: np.ndarray, order: tuple[int, ...], k: int,

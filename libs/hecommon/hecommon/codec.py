@@ -1,0 +1,137 @@
+"""Strict msgpack codec helpers shared by ``wire`` (the split protocol) and ``fedwire`` (the
+federated mode): field checks, the safe ``unpackb`` call (string keys, no duplicates, no ext
+types, bounded lengths), and the version check. Every failure is a ``MalformedMessage`` (an
+``OversizedMessage`` for a size, ``UnsupportedVersion`` for a version) whose text names the
+field, never its data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import msgpack
+import numpy as np
+
+from .errors import HeloraError, MalformedMessage, OversizedMessage, UnsupportedVersion
+
+
+# -- field checks (shared by construction and decoding) -------------------------------------
+def fail(where: str, what: str) -> NoReturn:
+    raise MalformedMessage(f"{where}: {what}")
+
+
+def check_int(where: str, value: Any, lo: int, hi: int) -> int:
+    """A Python ``int`` (never ``bool``) in ``lo..hi``, returned as it is."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(where, "an integer is required")
+    if not lo <= value <= hi:
+        fail(where, f"{value} outside {lo}..{hi}")
+    return value
+
+
+def check_int_like(where: str, value: Any, lo: int, hi: int) -> int:
+    """As ``check_int``, numpy integers accepted too (construction from arrays); a Python ``int``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        fail(where, "an integer is required")
+    if not lo <= value <= hi:
+        fail(where, f"{value} outside {lo}..{hi}")
+    return int(value)
+
+
+def check_text(where: str, value: Any, max_chars: int, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        fail(where, "a string is required")
+    if len(value) > max_chars or (not value and not empty):
+        fail(where, f"length {len(value)} outside {0 if empty else 1}..{max_chars}")
+    return value
+
+
+def check_blob(where: str, value: Any, size: int) -> bytes:
+    """``bytes`` of exactly ``size``."""
+    if not isinstance(value, bytes):
+        fail(where, "bytes are required")
+    if len(value) != size:
+        fail(where, f"{len(value)} bytes, expected {size}")
+    return value
+
+
+def check_blob_range(where: str, value: Any, lo: int, hi: int) -> bytes:
+    """``bytes`` of ``lo..hi``."""
+    if not isinstance(value, bytes):
+        fail(where, "bytes are required")
+    if not lo <= len(value) <= hi:
+        fail(where, f"{len(value)} bytes outside {lo}..{hi}")
+    return value
+
+
+def names(keys: Sequence[Any]) -> str:
+    """Field names for an error message, bounded: keys come from the sender."""
+    shown = ", ".join(repr(str(k)[:32]) for k in keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def check_keys(where: str, m: Any, expected: Any) -> None:
+    """``m`` is a map with exactly the ``expected`` keys."""
+    if not isinstance(m, dict):
+        fail(where, "a map is required")
+    missing, extra = sorted(set(expected) - m.keys()), sorted(m.keys() - set(expected))
+    if missing:
+        fail(where, f"missing field(s) {names(missing)}")
+    if extra:
+        fail(where, f"unexpected field(s) {names(extra)}")
+
+
+def expect(msg: Any, cls: type) -> Any:
+    if type(msg) is not cls:
+        raise TypeError(f"{cls.__name__} expected, got {type(msg).__name__}")
+    return msg
+
+
+# -- msgpack -------------------------------------------------------------------------------
+def pairs(items: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: string keys only, no duplicate."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if not isinstance(key, str):
+            fail("map", "keys must be strings")
+        if key in out:
+            fail(names([key]), "duplicate key")
+        out[key] = value
+    return out
+
+
+def no_ext(code: int, data: bytes) -> NoReturn:
+    fail("msgpack", f"ext type {code} is not allowed")
+
+
+def pack(m: dict[str, Any], max_bytes: int, what: str, hint: str = "") -> bytes:
+    """msgpack of ``m`` (strict types: only what the caller built), at most ``max_bytes``."""
+    data = msgpack.packb(m, use_bin_type=True, strict_types=True)
+    if len(data) > max_bytes:
+        raise OversizedMessage(f"{what}: {len(data)} bytes exceed the limit {max_bytes}{hint}")
+    return data
+
+
+def unpack(data: Any, max_bytes: int, *, version: int, protocol: str, max_array_len: int,
+           max_map_len: int) -> dict[str, Any]:
+    """The top-level map of one message, its ``v`` checked against ``version`` (``protocol``
+    names the wire in the error: "wire", "federated wire")."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedMessage(f"message: bytes are required, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise OversizedMessage(f"message: {len(data)} bytes exceed the limit {max_bytes}")
+    try:
+        m = msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=pairs,
+                            ext_hook=no_ext, max_bin_len=max_bytes, max_str_len=1 << 16,
+                            max_array_len=max_array_len, max_map_len=max_map_len, max_ext_len=0)
+    except HeloraError:
+        raise
+    except Exception as exc:  # msgpack's errors: truncated, trailing bytes, bad format, limits
+        # msgpack's texts name limits and offsets, never the data: keep them, bounded
+        raise MalformedMessage(f"message: not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(m, dict):
+        fail("message", "a map is required at the top level")
+    if m.get("v") != version or isinstance(m.get("v"), bool):
+        raise UnsupportedVersion(f"v: this build speaks {protocol} version {version}")
+    return m
