@@ -258,3 +258,24 @@ def test_prefetch_must_hold_every_chunk_of_a_round(tmp_path, fed_keys):
     for i in range(3):
         assert joiner.add(fedwire.Chunk(bytes([i + 2]) * 16, 0, 2, 90_000, b"x" * 60_000), i) is None
     assert joiner.held_bytes() == 270_000
+
+
+def test_a_sum_that_still_fails_is_a_helora_error_for_the_round(make_owners, fed_keys):
+    """Should a contribution get past ``check``, the sum still raises a ``HeloraError`` (the worker
+    answers every owner of the round with it), never TenSEAL's ValueError "scale mismatch"."""
+    from hecommon.errors import HeloraError
+
+    class Unchecked(FederatedAggregator):  # the real aggregator, its per-contribution checks skipped
+        def check(self, plan, c, accepted={}):  # noqa: B006 - same signature as the base
+            pass
+
+    owners = make_owners((4, 8), (0.05, 0.05))
+    rid = bytes(fedwire.RID_BYTES)
+    aggregator = Unchecked(fed_keys.public_bytes())
+    plan, _ = aggregator.plan([o.proposal(rid) for o in owners], owners[0].shapes(), rid)
+    good, other = (o.contribute(plan) for o in owners)
+    i = next(i for i, lay in enumerate(other.layers) if lay.enc)
+    odd = ts.ckks_vector(ts.context_from(fed_keys.public_bytes()), [0.5] * fedwire.CKKS_SLOTS, scale=2.0 ** 30)
+    bad = _with_layer(other, i, enc=(odd.serialize(), *other.layers[i].enc[1:]))
+    with pytest.raises(HeloraError, match="scale 2\\^30"):
+        aggregator.aggregate(plan, [good, bad])
