@@ -1,0 +1,168 @@
+"""The services over RabbitMQ vs the embedded server: same fine-tuning steps, same results?
+
+    python benchmarks/services.py [--quick] [--json PATH] [--model tiny|smollm2] [--steps K]
+
+One run, three configurations on the same batches, seed, LoRA and optimizer:
+- ``embedded``: ``helora train``'s default, the three server handlers in-process (the baseline);
+- ``broker_1``: encoder, one evaluator, aggregator as processes on the local RabbitMQ
+  (``helora_orchestrator.up.LocalFleet``), the client over ``BrokerTransport``;
+- ``broker_2``: the same with two evaluators, each holding half of every layer.
+
+Each configuration runs ``--warmup`` steps (the first computes the server's hints), then
+``--steps`` timed steps. Reported: ``equals_embedded`` (the LoRA weights after every step equal
+the embedded run's bit for bit, for both fleets), ``overhead_vs_embedded`` (median step time over
+the broker with one evaluator / embedded), the same ratio with two evaluators, tokens/s of each,
+and ``broker_bytes_per_token``: the message bodies the client really sent and received (its
+transport's byte counters, every attempt) per trained token. ``--quick``: the tiny random Llama,
+seconds. Default: the bundled SmolLM2-135M with one warm-up and one timed step of 8 × 256 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, print_table, write_json  # noqa: E402
+from hecommon.keys import SecretKey  # noqa: E402
+from helora_encoder.model import discover_groups, load_model, load_tokenizer, tiny_llama  # noqa: E402
+from helora_orchestrator.broker import make_broker_backend  # noqa: E402
+from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss  # noqa: E402
+from helora_orchestrator.data import ByteTokenizer, load_splits  # noqa: E402
+from helora_orchestrator.lora import LoraSettings  # noqa: E402
+from helora_orchestrator.up import SMOLLM2, TINY, LocalFleet  # noqa: E402
+
+URL = os.environ.get("HELORA_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+LORA = LoraSettings(r=8, alpha=16)
+
+
+def _model(name: str):
+    return tiny_llama(0)[0] if name == TINY else load_model(None)
+
+
+def _batches(name: str, steps: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
+    tokenizer = ByteTokenizer() if name == TINY else load_tokenizer(None)
+    train, _ = load_splits(None, tokenizer, seq_len)
+    return [train.batch(range(i * batch_size, (i + 1) * batch_size))[0] for i in range(steps)]
+
+
+def _run(client: ClientModel, batches: list[torch.Tensor], warmup: int, on_timed=None) -> dict:
+    """Steps over ``batches`` (one optimizer); per-step seconds of the steps after ``warmup``, LoRA
+    weights after each step. ``on_timed()`` runs once, before the first timed step."""
+    opt = torch.optim.AdamW(client.lora_parameters(), lr=1e-3)
+    seconds, states, tokens = [], [], 0
+    for i, ids in enumerate(batches):
+        if i == warmup and on_timed is not None:
+            on_timed()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss, n = causal_lm_loss(client(ids), ids)
+        (loss / n).backward()
+        opt.step()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            seconds.append(dt)
+            tokens += ids.numel()
+        states.append({k: v.clone() for k, v in client.lora_state_dict().items()})
+        print(f"  step {i + 1}/{len(batches)}: {dt:.1f} s, loss {float(loss) / n:.4f}", flush=True)
+    return {"seconds": seconds, "states": states, "tokens": tokens}
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b, strict=True))
+
+
+def _broker(args, evaluators: int, batches: list[torch.Tensor], root: Path) -> dict:
+    ns = f"helora-bench-{secrets.token_hex(4)}"
+    fleet = LocalFleet(URL, ns, args.model, evaluators=evaluators, shard_dir=root / f"shards{evaluators}",
+                       backend="numpy", part_timeout_s=3600)
+    t0 = time.perf_counter()
+    try:
+        fleet.start(timeout_s=1800)
+        start_s = time.perf_counter() - t0
+        model = _model(args.model)
+        backend = make_broker_backend(URL, SecretKey.generate(), namespace=ns, model=model, timeout_s=3600)
+        client = ClientModel(model, backend, discover_groups(model), LORA, seed=0)
+        transport = backend.transport
+        start = {}
+        timed = _run(client, batches, args.warmup,
+                     on_timed=lambda: start.update(bytes=transport.bytes_sent + transport.bytes_received))
+        timed["client_bytes"] = transport.bytes_sent + transport.bytes_received - start["bytes"]
+        timed["start_s"] = start_s
+        transport.close()
+        return timed
+    finally:
+        codes = fleet.stop()
+        fleet.delete_topology()
+        if any(codes.values()):
+            print(f"  warning: unclean service exits {codes}\n{fleet.logs()}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny model, a few seconds per configuration")
+    p.add_argument("--model", choices=(TINY, SMOLLM2), default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--json", default=None, metavar="PATH")
+    args = p.parse_args(argv)
+    args.model = args.model or (TINY if args.quick else SMOLLM2)
+    args.steps = args.steps or (3 if args.quick else 1)
+    torch.manual_seed(0)
+    batches = _batches(args.model, args.warmup + args.steps, args.batch_size, args.seq_len)
+    tokens_per_step = batches[0].numel()
+    load0 = os.getloadavg()
+    print(f"model {args.model}: {args.warmup} warm-up + {args.steps} timed steps of {tokens_per_step} tokens")
+    results = {}
+    print("embedded (in-process server)", flush=True)
+    results["embedded"] = _run(build_client(_model(args.model), "encrypted", LORA, seed=0), batches, args.warmup)
+    with tempfile.TemporaryDirectory(prefix="helora-bench-") as tmp:
+        for n in (1, 2):
+            print(f"over RabbitMQ, {n} evaluator(s)", flush=True)
+            results[f"broker_{n}"] = _broker(args, n, batches, Path(tmp))
+    emb = statistics.median(results["embedded"]["seconds"])
+    rows, summary = [], {}
+    for name, r in results.items():
+        step = statistics.median(r["seconds"])
+        rows.append({"config": name, "step_s": step, "tokens_per_s": tokens_per_step / step,
+                     "ratio": step / emb, "bytes_per_token": r.get("client_bytes", 0) / max(r["tokens"], 1) or None,
+                     "start_s": r.get("start_s")})
+        summary[name] = {k: v for k, v in rows[-1].items() if k != "config"}
+    print_table(rows, [("config", "config", "s"), ("step_s", "s/step", ".2f"), ("tokens_per_s", "tokens/s", ".1f"),
+                       ("ratio", "vs embedded", ".3f"), ("bytes_per_token", "bytes/token", ".0f"),
+                       ("start_s", "fleet start s", ".1f")])
+    equal = all(_same(results["embedded"]["states"], results[f"broker_{n}"]["states"]) for n in (1, 2))
+    payload = {
+        "benchmark": "services", "model": args.model, "quick": args.quick, "machine": machine(),
+        "cpu_shared_with_other_jobs": True, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "warmup_steps": args.warmup, "timed_steps": args.steps, "tokens_per_step": tokens_per_step,
+        "equals_embedded": equal,
+        "overhead_vs_embedded": summary["broker_1"]["ratio"],
+        "overhead_vs_embedded_2_evaluators": summary["broker_2"]["ratio"],
+        "tokens_per_s_embedded": summary["embedded"]["tokens_per_s"],
+        "tokens_per_s_1_evaluator": summary["broker_1"]["tokens_per_s"],
+        "tokens_per_s_2_evaluators": summary["broker_2"]["tokens_per_s"],
+        "broker_bytes_per_token": summary["broker_1"]["bytes_per_token"],
+        "configs": summary,
+        "note": "broker_bytes_per_token: request and reply bodies the client sent and received (replies carry "
+                "the a part in broker mode); the 2-core machine is shared with other jobs, so timings are noisy",
+    }
+    print(f"equals_embedded {equal}  overhead_vs_embedded {payload['overhead_vs_embedded']:.3f} "
+          f"(2 evaluators: {payload['overhead_vs_embedded_2_evaluators']:.3f})")
+    write_json(args.json, payload)
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
