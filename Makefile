@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test test-slow test-all bench bench-quick bench-federated bench-services services-up lint clean chart-check docker-lint dashboard-check
+.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services services-up lint clean chart-check docker-lint dashboard-check
 
 setup: $(STAMP)
 
@@ -32,7 +32,11 @@ demo: setup
 	  --eval-batches 1 --out $(DEMO_OUT) --generate "The with statement" --max-new-tokens 3
 
 ## Fast unit tests and broker integration tests (the CI command).
-test: setup
+## RabbitMQ running, Prometheus and RabbitMQ's Prometheus plugin installed (each only when missing).
+system-deps:
+	tools/system-deps.sh
+
+test: setup system-deps
 	$(PYTEST) -m "not slow and not gpu" -q
 
 ## Tests on the real SmolLM2-135M model (minutes).
