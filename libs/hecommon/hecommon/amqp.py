@@ -27,8 +27,8 @@ Faults (DESIGN §7.5): a service acks a message only once its result is publishe
 confirms), so a worker that dies mid-request leaves its deliveries to the broker, which
 redelivers them. A lost connection is reconnected with backoff; a broker operation cut by the
 loss raises ``TransientError`` (the message comes back; it is never dead-lettered). A part that
-arrives twice (a redelivery, or a sender that died half-way through publishing) is acked with
-the others and used once (``PartCollector``); the aggregator ignores partials of answered ids.
+arrives twice (a redelivery, or a sender that died half-way through publishing) is acked at
+once and used once (``PartCollector``); the aggregator ignores partials of answered ids.
 Connections are named ``helora-{service}@{namespace}`` (``rabbitmqctl list_connections
 client_properties``).
 
@@ -273,9 +273,9 @@ class PartCollector:
 
     ``add`` returns ``(chunks, deliveries)`` once complete (the caller joins them and acks the
     deliveries). A part that arrives twice is a copy (its sender died after publishing some parts
-    and a replacement sent them all again, or the broker redelivered it): the first is kept and the
-    copy's delivery is handed back with the others, to be acked with them, so that nothing is
-    counted twice and the request is not lost. ``expired`` hands back what waited longer than
+    and a replacement sent them all again, or the broker redelivered it): the first is kept, still
+    unacked, and the copy's delivery waits in ``take_copies()``, which the caller acks at once, so
+    that copies never fill the prefetch window, nothing is counted twice and nothing is lost. ``expired`` hands back what waited longer than
     ``timeout_s`` so the caller can dead-letter it instead of holding it unacked forever.
     """
 
@@ -283,13 +283,19 @@ class PartCollector:
         self.timeout_s = timeout_s
         # key -> (first arrival, part -> (message, delivery), deliveries of duplicate copies)
         self._pending: dict[Any, tuple[float, dict[int, tuple[Any, Delivery]], list[Delivery]]] = {}
+        self._copies: list[Delivery] = []
+
+    def take_copies(self) -> list[Delivery]:
+        """Deliveries of copies of parts already held: ack them now (the originals stay unacked)."""
+        out, self._copies = self._copies, []
+        return out
 
     def add(self, key: Any, msg: Any, d: Delivery) -> tuple[list[Any], list[Delivery]] | None:
         if msg.parts == 1:
             return [msg], [d]
         _, parts, copies = self._pending.setdefault(key, (time.monotonic(), {}, []))
         if msg.part in parts:
-            copies.append(d)
+            self._copies.append(d)
             return None
         parts[msg.part] = (msg, d)
         if len(parts) < msg.parts:
@@ -321,6 +327,7 @@ class PartCollector:
 
     def clear(self) -> None:
         self._pending.clear()
+        self._copies.clear()
 
 
 # -- the service shell -------------------------------------------------------------------------

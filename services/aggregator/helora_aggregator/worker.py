@@ -79,6 +79,7 @@ class AggregatorWorker(amqp.Service):
         except HeloraError as exc:
             self.fail([d], exc)
             return
+        self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
         if got is None:
             return
         chunks, ds = got

@@ -8,7 +8,8 @@ on pika's I/O thread, and acks and publishes go through ``add_callback_threadsaf
 (``hecommon.amqp.Service``), so heartbeats flow during long products.
 
 A sub-request larger than the message limit arrives in parts, held unacked until all have come,
-so the prefetch is ``max(--prefetch, the most parts any sub-request for these shards takes)``,
+so the prefetch is ``max(--prefetch, 2 × the most parts any sub-request for these shards takes)``
+(room for the parts a sender that died mid-publish left behind),
 computed at start from the manifest and the message limit (RabbitMQ applies a new ``basic_qos``
 only to consumers created after it, so it cannot be raised on the fly). It stays 1 whenever
 every sub-request fits one message. Every service must use the same ``--max-message-bytes``.
@@ -105,7 +106,9 @@ class EvaluatorWorker(amqp.Service):
             self.metrics.track_device_memory("cpu", self.handler.held_bytes)
         self.shard_index = shard_index
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
-        self.prefetch = max(cfg.prefetch, max_parts(manifest, shards, cfg.max_message_bytes))
+        # room for one complete sub-request next to the incomplete parts a sender that died
+        # mid-publish left behind (its replacement re-sends them all)
+        self.prefetch = max(cfg.prefetch, 2 * max_parts(manifest, shards, cfg.max_message_bytes))
 
     def declare(self, ch) -> list[str]:
         t, q = self.topology, self.cfg.queue_name
@@ -134,6 +137,7 @@ class EvaluatorWorker(amqp.Service):
         except HeloraError as exc:
             self.fail([d], exc)
             return
+        self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
         if got is None:
             return
         chunks, ds = got
