@@ -124,3 +124,14 @@ def test_gpu_int8_hint_equals_reference(rng):  # pragma: no cover - needs a devi
     m = rng.integers(-128, 128, size=(40, 256)).astype(np.int8)
     layer = MatrixProduct(m, ps, seed, backend="cupy", gemm="int8")
     np.testing.assert_array_equal(layer.hint, digit_product_reference(m, expand_a(seed, ps, 256), ps.primes))
+
+
+@pytest.mark.gpu
+def test_device_memory_metric_counts_the_int8_weights(rng):  # pragma: no cover - needs a device
+    from helora_evaluator.worker import device_bytes
+
+    before = device_bytes()
+    m = rng.integers(-127, 128, size=(1024, 2048)).astype(np.int8)
+    layer = MatrixProduct(m, P.DEFAULT, os.urandom(16), backend="cupy", gemm="int8")
+    assert device_bytes() - before >= m.nbytes
+    del layer

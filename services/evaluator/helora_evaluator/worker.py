@@ -101,7 +101,7 @@ class EvaluatorWorker(amqp.Service):
         self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm)
         self.metrics.set_info(manifest.params.name, backend)
         if backend == "cupy":
-            self.metrics.track_device_memory("cuda", _cupy_pool_bytes)
+            self.metrics.track_device_memory("cuda", device_bytes)
         else:
             self.metrics.track_device_memory("cpu", self.handler.held_bytes)
         self.shard_index = shard_index
@@ -160,11 +160,16 @@ class EvaluatorWorker(amqp.Service):
                   req.direction, partial.shard, partial.shards, seconds, sum(map(len, bodies)))
 
 
-def _cupy_pool_bytes() -> int:
-    """Bytes cupy's default memory pool holds on the device (cupy imported lazily: GPU only)."""
+def device_bytes() -> int:
+    """Bytes held on the device: cupy's default memory pool, plus torch's allocator, which holds the
+    int8 weights of the tensor-core product (both imported lazily: GPU only)."""
     import cupy  # noqa: PLC0415 - optional GPU extra
 
-    return int(cupy.get_default_memory_pool().used_bytes())
+    held = int(cupy.get_default_memory_pool().used_bytes())
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        held += int(torch.cuda.memory_allocated())
+    return held
 
 
 def _build(cfg: EvaluatorConfig, metrics: Metrics | None = None) -> EvaluatorWorker:
