@@ -49,7 +49,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helora", description="Private LoRA fine-tuning over encrypted linear layers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,up,status}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,generate,federate,status,up}")
     t = sub.add_parser("train", help="fine-tune a LoRA adapter")
     _common(t)
     t.add_argument("--steps", type=int, default=100)
