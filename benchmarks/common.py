@@ -46,3 +46,18 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}")
+
+
+def time_transport(backend: Any) -> list[float]:
+    """Wrap ``backend.transport`` (an encrypted backend's exchange with the server) so that the
+    server's seconds add up in the returned one-element list; reset it by assigning ``[0] = 0.0``."""
+    inner, seconds = backend.transport, [0.0]
+
+    def timed(request: Any) -> Any:
+        t0 = time.perf_counter()
+        out = inner(request)
+        seconds[0] += time.perf_counter() - t0
+        return out
+
+    backend.transport = timed
+    return seconds

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, write_json  # noqa: E402
+from common import machine, time_transport, write_json  # noqa: E402
 from helora_encoder.model import discover_groups, load_model, load_tokenizer  # noqa: E402
 from helora_orchestrator.client_model import build_client, causal_lm_loss  # noqa: E402
 from helora_orchestrator.data import DataOrder, load_splits  # noqa: E402
@@ -92,20 +92,6 @@ def lora_snapshot(run: Run) -> list[torch.Tensor]:
     return [p.detach().clone() for p in run.params]
 
 
-def time_server(backend) -> list[float]:
-    """Wrap the backend's transport so that the server's seconds add up in the returned cell."""
-    server, seconds = backend.transport, [0.0]
-
-    def timed(request):
-        t0 = time.perf_counter()
-        out = server(request)
-        seconds[0] += time.perf_counter() - t0
-        return out
-
-    backend.transport = timed
-    return seconds
-
-
 def hint_bytes_once(backend, blocks_scale: float = 1.0) -> float:
     """Bytes of every layer's public hint (forward and backward) at the residues' packed size.
 
@@ -128,7 +114,7 @@ def llama1b_costs() -> dict:
     model = LlamaForCausalLM(cfg)
     groups = discover_groups(model)
     backend = make_encrypted_backend(model, groups)
-    server_seconds = time_server(backend)
+    server_seconds = time_transport(backend)
     gen = np.random.default_rng(0)
     n = backend.params.n
     for g in groups:  # warm the hints (server start-up, not per-token cost)
@@ -243,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     quant = helora_run("quantized", tcfg, lora)
     torch.manual_seed(cfg.seed)
     enc = helora_run("encrypted", tcfg, lora)
-    server_seconds = time_server(enc.module.backend)
+    server_seconds = time_transport(enc.module.backend)
     equal = True
     step_seconds = []
     for ids, labels in big:

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, print_table, write_json  # noqa: E402
+from common import machine, print_table, time_transport, write_json  # noqa: E402
 from helora_encoder.model import tiny_llama  # noqa: E402
 from helora_orchestrator.client_model import build_client, causal_lm_loss  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402
@@ -35,23 +35,9 @@ CONFIGS = {
 }
 
 
-def timed_transport(client) -> list[float]:
-    backend, seconds = client.backend, [0.0]
-    inner = backend.transport
-
-    def timed(request):
-        t0 = time.perf_counter()
-        out = inner(request)
-        seconds[0] += time.perf_counter() - t0
-        return out
-
-    backend.transport = timed
-    return seconds
-
-
 def helora_steps(model, backend: str, batches: list[torch.Tensor]) -> dict:
     client = build_client(copy.deepcopy(model), "encrypted", LoraSettings(), seed=0, backend=backend)
-    server = timed_transport(client)
+    server = time_transport(client.backend)
     params = client.lora_parameters()
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     steps, losses = [], []

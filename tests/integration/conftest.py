@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helora_orchestrator.up import stop_processes, tail_logs
 
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 #: small on purpose: requests, partials and replies of the tiny model all travel in several parts
@@ -58,8 +58,7 @@ class Fleet:
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
+        return tail_logs(self.log_dir)
 
     def metrics_url(self, name: str) -> str:
         """``http://127.0.0.1:PORT`` of a service's metrics endpoints, from the port its log names."""
@@ -99,18 +98,7 @@ class Fleet:
             conn.close()
 
     def stop(self, timeout_s: float = 10.0) -> dict[str, int]:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        end = time.monotonic() + timeout_s
-        codes = {}
-        for name, p in self.procs.items():
-            try:
-                codes[name] = p.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes[name] = p.wait()
-        return codes
+        return stop_processes(self.procs, timeout_s)
 
     def delete_topology(self) -> None:
         import pika
@@ -143,3 +131,4 @@ def fleet(tmp_path_factory):
         codes = f.stop()
         f.delete_topology()
     assert all(c == 0 for c in codes.values()), f"unclean shutdown {codes}\n{f.logs()}"
+

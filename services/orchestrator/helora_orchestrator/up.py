@@ -34,6 +34,27 @@ MAX_BLOCK = 1023
 MANIFEST_FILE = "manifest.bin"  # helora_encoder.worker.MANIFEST_FILE, without importing torch here
 
 
+def stop_processes(procs: dict[str, subprocess.Popen], timeout_s: float) -> dict[str, int]:
+    """SIGTERM to every live child, SIGKILL to those still running after ``timeout_s``; exit codes."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    end = time.monotonic() + timeout_s
+    codes = {}
+    for name, p in procs.items():
+        try:
+            codes[name] = p.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes[name] = p.wait()
+    return codes
+
+
+def tail_logs(log_dir: Path, tail: int = 3000) -> str:
+    """The last ``tail`` characters of every ``*.log`` in ``log_dir``, each under its name."""
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(log_dir.glob("*.log")))
+
+
 @dataclass
 class LocalFleet:
     """Encoder, ``evaluators`` evaluators and the aggregator as child processes (see module doc)."""
@@ -169,23 +190,10 @@ class LocalFleet:
 
     def logs(self, tail: int = 3000) -> str:
         assert self.log_dir is not None
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
+        return tail_logs(self.log_dir, tail)
 
     def stop(self, timeout_s: float = 20.0) -> dict[str, int]:
-        """SIGTERM to every live child, SIGKILL to those still running after ``timeout_s``; exit codes."""
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        end = time.monotonic() + timeout_s
-        codes = {}
-        for name, p in self.procs.items():
-            try:
-                codes[name] = p.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes[name] = p.wait()
-        return codes
+        return stop_processes(self.procs, timeout_s)
 
     def delete_topology(self) -> None:
         """Remove this namespace's exchanges and queues (tests and benchmarks clean up with it)."""
