@@ -238,9 +238,22 @@ def test_reply_and_partial_shapes_checked():
     with pytest.raises(errors.MalformedMessage, match="^a: "):
         wire.decode(msgpack.packb(m, use_bin_type=True))
     m = msgpack.unpackb(wire.encode(gen.partial()), raw=False)
-    m["a"] = m["a"][:1]
-    with pytest.raises(errors.MalformedMessage, match="^a: a list of 2 limbs"):
+    m["a"] = [m["a"][: len(m["a"]) // 2], m["a"][len(m["a"]) // 2 :]]  # version 1's per-limb list
+    with pytest.raises(errors.MalformedMessage, match="^a: bytes are required"):
         wire.decode(msgpack.packb(m, use_bin_type=True))
+    m["a"] = m["b"] + m["b"]  # two rows of residues where the shape says one
+    with pytest.raises(errors.MalformedMessage, match="^a: 32768 bytes, expected 16384"):
+        wire.decode(msgpack.packb(m, use_bin_type=True))
+
+
+def test_partials_carry_raw_little_endian_residues():
+    """Wire version 2: a partial's a and b are the (rows, L, N) uint32 residues, little-endian."""
+    msg = gen.partial()
+    m = msgpack.unpackb(wire.encode(msg), raw=False)
+    assert m["v"] == 2
+    assert m["a"] == msg.partial.a.astype("<u4").tobytes() and m["b"] == msg.partial.b.astype("<u4").tobytes()
+    back = wire.decode_partial(wire.encode(msg))
+    assert np.array_equal(back.partial.a, msg.partial.a) and back.partial.b.dtype == np.uint32
 
 
 def test_construction_validates():

@@ -1,4 +1,4 @@
-"""Regenerate the wire-format known-answer vectors (``wire_*.msgpack`` + ``wire_v1.json``).
+"""Regenerate the wire-format known-answer vectors (``wire_*.msgpack`` + ``wire_v2.json``).
 
     .venv/bin/python tests/vectors/make_wire_vectors.py          # write the files
     .venv/bin/python tests/vectors/make_wire_vectors.py --check  # exit 1 if they differ
@@ -25,7 +25,7 @@ from hecommon.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult
 from hecommon.params import N2048
 
 HERE = Path(__file__).resolve().parent
-INDEX = "wire_v1.json"
+INDEX = f"wire_v{wire.WIRE_VERSION}.json"
 P = N2048
 RID = bytes(range(16))
 LIB = "0.1.0"  # pinned: vectors must not change when the library version does
@@ -104,6 +104,14 @@ def _residue_ge_prime(base: bytes) -> bytes:
     return msgpack.packb(m, use_bin_type=True)
 
 
+def _partial_residue_ge_prime(base: bytes) -> bytes:
+    m = msgpack.unpackb(base, raw=False)
+    raw = np.frombuffer(m["a"], dtype="<u4").copy()
+    raw[P.n + 3] = P.primes[1]  # limb 1: fits in 32 bits, but is not a residue
+    m["a"] = raw.tobytes()
+    return msgpack.packb(m, use_bin_type=True)
+
+
 def negatives(pos: dict[str, bytes]) -> dict[str, tuple[bytes, str, str]]:
     """name -> (bytes, expected exception class, what is wrong)."""
     # header-level faults are made on the small manifest; payload faults on the request
@@ -111,7 +119,8 @@ def negatives(pos: dict[str, bytes]) -> dict[str, tuple[bytes, str, str]]:
     short_b = [m["b"][0][:-1], m["b"][1]]
     return {
         "truncated": (rq[: len(rq) // 2], "MalformedMessage", "request cut in half"),
-        "wrong_version": (_edit(mf, v=2), "UnsupportedVersion", "v = 2"),
+        "wrong_version": (_edit(mf, v=wire.WIRE_VERSION + 1), "UnsupportedVersion", "a newer version"),
+        "old_version": (_edit(mf, v=1), "UnsupportedVersion", "v = 1 (bit-packed partials)"),
         "missing_version": (_edit(mf, v=None), "UnsupportedVersion", "no v field"),
         "unknown_pset": (_edit(mf, pset="n1024-q27"), "ParameterMismatch", "pset not registered"),
         "ext_type": (_edit(mf, model=msgpack.ExtType(42, b"x")), "MalformedMessage", "ext type as model"),
@@ -136,6 +145,10 @@ def negatives(pos: dict[str, bytes]) -> dict[str, tuple[bytes, str, str]]:
         "n_tokens_above_n": (_edit(rq, n_tokens=P.n + 1), "MalformedMessage", "n_tokens > N"),
         "bad_direction": (_edit(rq, direction="sideways"), "MalformedMessage", "direction"),
         "reply_short_a": (_edit(pos["reply"], a=b"\x00" * 8), "MalformedMessage", "a too short"),
+        "partial_residue_ge_prime": (_partial_residue_ge_prime(pos["partial"]), "MalformedMessage",
+                                     "raw partial residue = p_1"),
+        "partial_short_b": (_edit(pos["partial"], b=msgpack.unpackb(pos["partial"], raw=False)["b"][:-4]),
+                            "MalformedMessage", "raw b one residue short"),
         "partial_rows_inverted": (_edit(pos["partial"], row_end=288), "MalformedMessage", "row_end = row_start"),
         "error_bad_reason": (_edit(pos["error"], reason="Bad Reason!"), "MalformedMessage", "reason charset"),
         "manifest_nan_scale": (_nan_scale(mf), "MalformedMessage", "weight_scale holds a NaN"),
@@ -190,7 +203,7 @@ def build() -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     index: dict[str, Any] = {"wire_version": wire.WIRE_VERSION, "positive": [], "negative": []}
     for name, data in pos.items():
-        fname = f"wire_{name}_v1.msgpack"
+        fname = f"wire_{name}_v{wire.WIRE_VERSION}.msgpack"
         files[fname] = data
         index["positive"].append({"file": fname, "type": name, "size": len(data),
                                   "sha256": hashlib.sha256(data).hexdigest(),

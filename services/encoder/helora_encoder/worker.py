@@ -179,7 +179,10 @@ class EncoderWorker(amqp.Service):
         props = amqp.forward_properties(d.properties)
         for index, sub in routed:
             key = self.topology.routing_key(req.layer, index, len(routed))
-            bodies = [wire.encode_request(c, self.limit) for c in wire.split(sub, self.limit)]
+            if sub is req:  # not cut (one shard, or backward): the validated bodies go on as they came
+                bodies = [x.body for x in ds]
+            else:
+                bodies = [wire.encode_request(c, self.limit) for c in wire.split(sub, self.limit)]
             try:
                 self.publish_all(key, bodies, props, exchange=self.topology.requests)
             except pex.UnroutableError:
