@@ -59,7 +59,7 @@ def test_pack_unpack_round_trip(data):
     assert packed == stream.to_bytes(len(packed), "little")
 
 
-@pytest.mark.parametrize("width", [1, 7, 8, 13, 27, 38, 45, 63, 64])
+@pytest.mark.parametrize("width", [1, 7, 8, 13, 27, 34, 38, 45, 56, 57, 63, 64])
 def test_long_and_short_paths_agree(width, monkeypatch):
     count = 3 * bits._SMALL + 17  # long path, with a partial last group
     top = (1 << width) - 1
@@ -67,7 +67,10 @@ def test_long_and_short_paths_agree(width, monkeypatch):
     arr[:2] = (0, top)
     long_bytes = pack_bits(arr, width)
     assert np.array_equal(unpack_bits(long_bytes, width, count), arr)
-    monkeypatch.setattr(bits, "_SMALL", count + 1)
+    monkeypatch.setattr(bits, "_WINDOW_BITS", (0, 0))  # the 64-value groups, for every width
+    assert pack_bits(arr, width) == long_bytes
+    assert np.array_equal(unpack_bits(long_bytes, width, count), arr)
+    monkeypatch.setattr(bits, "_SMALL", count + 1)  # the bit matrix
     assert pack_bits(arr, width) == long_bytes
     assert np.array_equal(unpack_bits(long_bytes, width, count), arr)
 
@@ -345,3 +348,18 @@ def test_reply_without_a_round_trips_at_hint_bits():
     assert len(parts) > 1 and np.array_equal(wire.join(parts).result.b, b)
     with pytest.raises(errors.MalformedMessage, match="does not fit"):
         wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b | np.uint64(1 << k), 11))
+
+
+def test_peek_parts_reads_the_part_count_without_the_arrays():
+    res = EncryptedResult(N2048, np.vstack([gen.words(1, 4)] * 3), np.vstack([gen.words(1, 5)] * 3), 5)
+    reply = wire.EncryptedReply(RID, "3.qkv", "fwd", res)
+    chunks = wire.split(reply, reply._row_bytes() + wire.HEADER_ALLOWANCE)  # one row per chunk
+    assert len(chunks) > 1
+    assert {wire.peek_parts(wire.encode(c)) for c in chunks} == {len(chunks)}
+    assert wire.peek_parts(wire.encode(gen.error())) is None
+    m = msgpack.unpackb(wire.encode(chunks[0]), raw=False)
+    m["parts"] = "2"
+    with pytest.raises(errors.MalformedMessage, match="^parts"):
+        wire.peek_parts(msgpack.packb(m, use_bin_type=True))
+    with pytest.raises(errors.UnsupportedVersion):
+        wire.peek_parts(msgpack.packb({**m, "v": 1}, use_bin_type=True))

@@ -5,11 +5,15 @@ and stream bit ``k`` is bit ``k mod 8`` of byte ``k // 8`` (little-endian bit or
 ``np.packbits(..., bitorder="little")``). The last byte is padded with zero bits, and a decoder
 refuses non-zero padding, so every array has exactly one encoding.
 
-Two vectorized paths give the same bytes. Long arrays go by groups of 64 values: 64 values of
-``bits`` bits fill exactly ``bits`` 64-bit words, so the work is a fixed 64-step loop of
-whole-array shifts and ORs, whatever the length. Short arrays, where those 64 steps' call
-overhead dominates, go through a bit matrix (``np.unpackbits``/``np.packbits``), which costs
-8x the memory traffic but only a handful of calls.
+Three vectorized paths give the same bytes. Long arrays of 8 to 56 bits go by groups of 8
+values, which fill exactly ``bits`` bytes: value ``r`` of every group lies in the 8-byte window
+that starts at byte ``r·bits // 8`` of its group, shifted by ``r·bits % 8``, so eight strided
+(unaligned) uint64 views of the buffer move all of them in 8 whole-array shifts (about twice as
+fast as the next path; the helora widths are 27, 34 and 38 bits). Other long arrays go by groups
+of 64 values: 64 values of ``bits`` bits fill exactly ``bits`` 64-bit words, so the work is a
+fixed 64-step loop of whole-array shifts and ORs. Short arrays, where those steps' call overhead
+dominates, go through a bit matrix (``np.unpackbits``/``np.packbits``), which costs 8x the
+memory traffic but only a handful of calls.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import numpy as np
 from .errors import MalformedMessage
 
 _GROUP = 64  # values per group; a group packs into exactly `bits` uint64 words
+#: The byte-window path needs a value plus its shift (< 8) to fit in 64 bits, and windows of
+#: one pass not to overlap (a group's ``bits`` bytes hold the 8-byte window): 8 <= bits <= 56.
+_WINDOW_BITS = (8, 56)
 #: Below this many values the bit-matrix path is faster (measured on a 2-core x86 VM).
 _SMALL = 1 << 14
 
@@ -54,6 +61,8 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     if count < _SMALL:
         matrix = np.unpackbits(flat.astype("<u8").view(np.uint8).reshape(count, 8), axis=1, bitorder="little")
         return np.packbits(matrix[:, :bits], axis=None, bitorder="little").tobytes()
+    if _WINDOW_BITS[0] <= bits <= _WINDOW_BITS[1]:
+        return _pack_windows(flat, bits)
     groups = -(-count // _GROUP)
     # (64, groups): row j holds value j of every group, contiguous for the shifts below
     padded = np.zeros(groups * _GROUP, dtype=np.uint64)
@@ -84,6 +93,8 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     if pad and data[-1] >> (8 - pad):
         raise MalformedMessage("packed data: non-zero padding bits")
     raw = np.frombuffer(data, dtype=np.uint8)
+    if count >= _SMALL and _WINDOW_BITS[0] <= bits <= _WINDOW_BITS[1]:
+        return _unpack_windows(raw, bits, count)
     if count < _SMALL:
         matrix = np.zeros((count, 64), dtype=np.uint8)
         matrix[:, :bits] = np.unpackbits(raw, count=count * bits, bitorder="little").reshape(count, bits)
@@ -101,3 +112,36 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     if bits < 64:
         lanes &= np.uint64((1 << bits) - 1)
     return lanes.T.reshape(-1)[:count]
+
+
+def _windows(buf: np.ndarray, bits: int, r: int, groups: int) -> tuple[np.ndarray, np.uint64]:
+    """The 8-byte windows holding value ``r`` of each group of 8, as a strided uint64 view of
+    ``buf`` (which has 8 bytes of slack at its end), and that value's shift in its window."""
+    offset = r * bits
+    view = np.ndarray(shape=(groups,), dtype="<u8", buffer=buf, offset=offset >> 3, strides=(bits,))
+    return view, np.uint64(offset & 7)
+
+
+def _pack_windows(flat: np.ndarray, bits: int) -> bytes:
+    count = flat.size
+    groups = -(-count // 8)
+    values = np.zeros(groups * 8, dtype=np.uint64)
+    values[:count] = flat
+    values = values.reshape(groups, 8)
+    buf = np.zeros(groups * bits + 8, dtype=np.uint8)
+    for r in range(8):  # the windows of one pass are `bits` >= 8 bytes apart: they never overlap
+        view, shift = _windows(buf, bits, r, groups)
+        view |= values[:, r] << shift
+    return buf[: packed_size(bits, count)].tobytes()
+
+
+def _unpack_windows(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
+    groups = -(-count // 8)
+    buf = np.zeros(groups * bits + 8, dtype=np.uint8)
+    buf[: raw.size] = raw
+    out = np.empty((groups, 8), dtype=np.uint64)
+    for r in range(8):
+        view, shift = _windows(buf, bits, r, groups)
+        np.right_shift(view, shift, out=out[:, r])
+    out &= np.uint64((1 << bits) - 1)
+    return out.reshape(-1)[:count]

@@ -554,6 +554,18 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) 
         raise MalformedMessage(f"{cls.TYPE}: invalid field ({type(exc).__name__})") from None
 
 
+def peek_parts(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> int | None:
+    """How many parts the message ``data`` belongs to, from its map alone, without decoding its
+    arrays (a client waiting for reply chunks asks this on every arrival); None for messages
+    that are not chunked (an error reply). Raises like ``decode`` on what is not a message."""
+    m = _parse(data, max_bytes)
+    kind = m.get("type")
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if cls not in (EncryptedRequest, PartialResult, EncryptedReply):
+        return None
+    return _int("parts", m.get("parts"), 1, MAX_PARTS)
+
+
 def encode_request(msg: EncryptedRequest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     return encode(_expect(msg, EncryptedRequest), max_bytes)
 

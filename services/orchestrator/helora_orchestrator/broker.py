@@ -256,12 +256,10 @@ def _complete(bodies: list[bytes]) -> bool:
     if not bodies:
         return False
     try:
-        first = wire.decode(bodies[0], max(len(b) for b in bodies) + 1)
+        parts = wire.peek_parts(bodies[0], max(len(b) for b in bodies) + 1)  # the map only: no arrays
     except HeloraError:
         return True  # let the caller decode and report it
-    if isinstance(first, wire.ErrorReply) or not hasattr(first, "parts"):
-        return True
-    return len(bodies) >= first.parts
+    return parts is None or len(bodies) >= parts
 
 
 def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = amqp.DEFAULT_NAMESPACE,
