@@ -363,3 +363,46 @@ def test_peek_parts_reads_the_part_count_without_the_arrays():
         wire.peek_parts(msgpack.packb(m, use_bin_type=True))
     with pytest.raises(errors.UnsupportedVersion):
         wire.peek_parts(msgpack.packb({**m, "v": 1}, use_bin_type=True))
+
+
+def test_packed_rows_slice_and_join_as_bytes():
+    from hecommon.bits import PackedRows
+
+    values = np.random.default_rng(3).integers(0, 1 << 38, size=(5, 2048), dtype=np.uint64)
+    packed = PackedRows.pack(values, 38)
+    assert packed.shape == (5, 2048) and packed.row_bytes == 2048 * 38 // 8
+    assert np.array_equal(packed[1:4].unpack(), values[1:4])
+    assert PackedRows.concat([packed[:2], packed[2:]]) == packed
+    assert packed[4:9].rows == 1 and packed[3:1].rows == 0
+    with pytest.raises(ValueError, match="whole bytes"):
+        PackedRows(38, 3, b"")  # 3 values of 38 bits do not end on a byte
+    with pytest.raises(ValueError, match="whole number"):
+        PackedRows(38, 2048, packed.data[:-1])
+    with pytest.raises(TypeError):
+        packed[::2]  # noqa: B018
+    with pytest.raises(ValueError, match="one width"):
+        PackedRows.concat([packed, PackedRows.pack(values[:, :1024], 38)])
+
+
+def test_partial_with_a_switched_part_round_trips_and_is_checked():
+    from hecommon.bits import PackedRows
+
+    rows, params = 3, N2048
+    a = PackedRows.pack(words(params, rows, 7), params.out_bits)
+    b = gen.residues(rows, 8)
+    msg = wire.PartialResult(RID, "2.o", "bwd", 1, 2, 0, 4, EncryptedPartial(params, a, b, 7), out_start=5)
+    data = wire.encode(msg)
+    m = msgpack.unpackb(data, raw=False)
+    assert m["a_bits"] == params.out_bits and m["a"] == a.data  # the packed bytes as they are
+    back = wire.decode_partial(data)
+    assert back.partial.a == a and np.array_equal(back.partial.b, b)
+    # cut into one-row messages and joined: the same packed rows
+    limit = msg._row_bytes() + wire.HEADER_ALLOWANCE
+    parts = [wire.decode_partial(wire.encode(c, limit), limit) for c in wire.split(msg, limit)]
+    assert len(parts) == rows and wire.join(parts).partial.a == a
+    for bad, field in (({"a_bits": 34}, "a_bits"), ({"a_bits": -1}, "a_bits"), ({"a": a.data[:-1]}, "a")):
+        with pytest.raises(errors.MalformedMessage, match=f"^{field}"):
+            wire.decode(msgpack.packb({**m, **bad}, use_bin_type=True))
+    mixed = [parts[0], dataclasses.replace(parts[1], partial=EncryptedPartial(params, gen.residues(1, 9), b[1:2], 7))]
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join([mixed[0], mixed[1], parts[2]])

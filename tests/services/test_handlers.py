@@ -106,3 +106,58 @@ def test_manifest_is_public_and_complete(tiny):
         assert (e.d_in, e.d_out) == (g.in_features, g.total_out)
         assert e.row_sums.shape == (g.total_out,) and e.col_sums.shape == (g.in_features,)
         assert e.a_seed_fwd != e.a_seed_bwd
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_evaluators_that_switch_a_give_the_same_replies(tiny, shards, rng):
+    """The worker's evaluators send the public part switched and packed where they hold the whole
+    output (forward with one shard, every backward shard); through the wire, in several messages,
+    the aggregator's reply equals the one from partials mod q bit for bit, and decrypts."""
+    from helora_evaluator.handler import EvaluatorHandler
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
+    switching = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+                 for e in server.evaluators]
+    aggregator = AggregatorHandler(send_a=True)
+    g = groups[2]
+    limit = 64 * 1024  # partials of several messages: packed a rows are cut and joined as bytes
+    for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
+        m = rng.integers(0, 256, size=(9, width))
+        for _ in range(2):  # the second request reuses the cached switched a
+            secret, req = _request(server, g.name, direction, m)
+            expected, _ = server.exchange(req)
+            reply = None
+            for index, sub in server.encoder.route(req):
+                partial = switching[index].handle(sub)
+                assert partial.partial.a_switched == (direction == "bwd" or shards == 1)
+                chunks = [wire.decode_partial(wire.encode_partial(c, limit), limit) for c in wire.split(partial, limit)]
+                reply = aggregator.add(wire.join(chunks)) or reply
+            assert reply is not None
+            back = wire.join([wire.decode_reply(wire.encode_reply(c)) for c in wire.split(reply)])
+            np.testing.assert_array_equal(back.result.a, expected.result.a)
+            np.testing.assert_array_equal(back.result.b, expected.result.b)
+            np.testing.assert_array_equal(decrypt(secret, reply.result), decrypt(secret, expected.result))
+    # the switched form replaced the mod-q hint where it is used
+    product = switching[0]._products[(g.name, "bwd")]
+    with pytest.raises(Exception, match="released"):
+        product.hint  # noqa: B018
+
+
+def test_switched_and_mod_q_partials_do_not_mix(tiny, rng):
+    """Row shards must come mod q (they are summed); a switched part there is refused."""
+    from hecommon.bits import PackedRows
+    from hecommon.encrypt import EncryptedPartial
+
+    params = P.DEFAULT
+    b = np.zeros((2, params.limbs, params.n), dtype=np.uint32)
+    packed = PackedRows.pack(np.zeros((2, params.n), dtype=np.uint64), params.out_bits)
+    switched = EncryptedPartial(params, packed, b, 3)
+    mod_q = EncryptedPartial(params, b.copy(), b, 3)
+    with pytest.raises(ParameterMismatch, match="already switched"):
+        switched + mod_q  # noqa: B018
+    with pytest.raises(ParameterMismatch, match="switched and a mod-q"):
+        EncryptedPartial.join([switched, mod_q])
+    bad = PackedRows.pack(np.zeros((2, params.n), dtype=np.uint64), params.out_bits - 1)
+    with pytest.raises(MalformedMessage, match="a_bits"):
+        wire.PartialResult(os.urandom(16), "0.qkv", "bwd", 0, 1, 0, 2, EncryptedPartial(params, bad, b, 3))

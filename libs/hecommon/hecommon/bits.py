@@ -18,6 +18,8 @@ memory traffic but only a handful of calls.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .errors import MalformedMessage
@@ -145,3 +147,62 @@ def _unpack_windows(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
         np.right_shift(view, shift, out=out[:, r])
     out &= np.uint64((1 << bits) - 1)
     return out.reshape(-1)[:count]
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """A (rows, n) array of ``bits``-bit unsigned values, kept packed (``pack_bits`` layout).
+
+    Every row fills whole bytes (``n·bits`` is a multiple of 8), so ranges of rows slice and
+    concatenate as plain bytes, and any byte string of the right length is a valid array: a
+    service can pass such an array on, or cut it into messages, without unpacking it.
+    """
+
+    bits: int
+    n: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1 or (self.n * self.bits) % 8:
+            raise ValueError(f"PackedRows: rows of {self.n!r} values of {self.bits} bits are not whole bytes")
+        if not isinstance(self.data, bytes) or len(self.data) % self.row_bytes:
+            raise ValueError(f"PackedRows: data must be bytes, a whole number of {self.row_bytes}-byte rows")
+
+    @classmethod
+    def pack(cls, values: np.ndarray, bits: int) -> PackedRows:
+        """Pack a (rows, n) unsigned array; values must be < 2^bits."""
+        values = np.asarray(values)
+        if values.ndim != 2:
+            raise ValueError(f"PackedRows.pack: a (rows, n) array is required, got {values.shape}")
+        return cls(bits, int(values.shape[1]), pack_bits(values, bits))
+
+    @property
+    def row_bytes(self) -> int:
+        return self.n * self.bits // 8
+
+    @property
+    def rows(self) -> int:
+        return len(self.data) // self.row_bytes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.n)
+
+    def unpack(self) -> np.ndarray:
+        """The values, (rows, n) uint64."""
+        return unpack_bits(self.data, self.bits, self.rows * self.n).reshape(self.rows, self.n)
+
+    def __getitem__(self, rows: slice) -> PackedRows:
+        """Rows ``lo:hi`` (a slice with step 1), still packed."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("PackedRows: only row slices with step 1 are supported")
+        lo, hi, _ = rows.indices(self.rows)
+        return PackedRows(self.bits, self.n, self.data[lo * self.row_bytes : max(lo, hi) * self.row_bytes])
+
+    @staticmethod
+    def concat(parts: list[PackedRows]) -> PackedRows:
+        """The rows of ``parts`` one after the other; all must have the same width and bits."""
+        if not parts or any((p.bits, p.n) != (parts[0].bits, parts[0].n) for p in parts):
+            raise ValueError("PackedRows.concat: parts of one width and bit size are required")
+        return PackedRows(parts[0].bits, parts[0].n, b"".join(p.data for p in parts))

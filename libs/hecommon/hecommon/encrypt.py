@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .bits import PackedRows
 from .errors import DecryptionError, ParameterMismatch
 from .keys import RequestSecret, derive_key, sample_noise
 from .params import ParamSet
@@ -91,23 +92,50 @@ class EncryptedBatch:
 
 @dataclass(frozen=True)
 class EncryptedPartial:
-    """Output ciphertexts mod q, before switching: summable across row shards."""
+    """Output ciphertexts mod q, before switching: summable across row shards.
+
+    ``a`` is the public part: the residues mod q, or, from an evaluator that holds the whole
+    output (a forward layer with one shard, or any backward shard, whose outputs are joined, not
+    summed), that part already switched to ``2^out_bits`` and packed (``PackedRows``). It is the
+    same for every request of a layer, so the evaluator switches and packs it once, and the
+    aggregator passes it into the reply as it came; ``b`` is switched per request as always.
+    """
 
     params: ParamSet
-    a: np.ndarray  # (d_out, L, N) uint32
+    a: np.ndarray | PackedRows  # (d_out, L, N) uint32, or (d_out, N) switched at out_bits
     b: np.ndarray  # (d_out, L, N) uint32
     n_tokens: int
+
+    @property
+    def a_switched(self) -> bool:
+        return isinstance(self.a, PackedRows)
 
     def __add__(self, other: EncryptedPartial) -> EncryptedPartial:
         """Homomorphic addition (mod q, per limb)."""
         if not isinstance(other, EncryptedPartial):
             return NotImplemented
+        if self.a_switched or other.a_switched:
+            raise ParameterMismatch("cannot add partials whose a part is already switched (row shards send it mod q)")
         if other.params != self.params or other.a.shape != self.a.shape or other.n_tokens != self.n_tokens:
             raise ParameterMismatch("cannot add partials of different shapes or parameter sets")
         p = moduli_column(self.params).astype(np.uint64)
         a = (self.a.astype(np.uint64) + other.a) % p
         b = (self.b.astype(np.uint64) + other.b) % p
         return EncryptedPartial(self.params, a.astype(np.uint32), b.astype(np.uint32), self.n_tokens)
+
+    @staticmethod
+    def join(parts: list[EncryptedPartial]) -> EncryptedPartial:
+        """Column shards' partials, in output order, as one (their outputs one after the other)."""
+        first = parts[0]
+        if any(p.params != first.params or p.n_tokens != first.n_tokens for p in parts):
+            raise ParameterMismatch("cannot join partials of different parameter sets or token counts")
+        if all(p.a_switched for p in parts):
+            a: np.ndarray | PackedRows = PackedRows.concat([p.a for p in parts])  # type: ignore[misc]
+        elif not any(p.a_switched for p in parts):
+            a = np.concatenate([p.a for p in parts])
+        else:
+            raise ParameterMismatch("cannot join partials with a switched and a mod-q a part")
+        return EncryptedPartial(first.params, a, np.concatenate([p.b for p in parts]), first.n_tokens)
 
     def switch(self, send_a: bool = True) -> EncryptedResult:
         """Modulus-switch to the smallest power of two that keeps results exact.
@@ -118,9 +146,16 @@ class EncryptedPartial:
         if not send_a:
             b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params, self.params.hint_out_bits)
             return EncryptedResult(self.params, None, b, self.n_tokens)
-        a = switch_modulus(np.moveaxis(self.a, 1, 0), self.params)
+        if isinstance(self.a, PackedRows) and self.a.bits != self.params.out_bits:
+            raise ParameterMismatch(f"the switched a part has {self.a.bits} bits, not {self.params.out_bits}")
+        a = self.a if isinstance(self.a, PackedRows) else switch_a(self.a, self.params)
         b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params)
         return EncryptedResult(self.params, a, b, self.n_tokens)
+
+
+def switch_a(a: np.ndarray, params: ParamSet) -> np.ndarray:
+    """The public part of outputs mod q, (d, L, N) residues, switched to ``2^out_bits``: (d, N)."""
+    return switch_modulus(np.moveaxis(a, 1, 0), params)
 
 
 @dataclass(frozen=True)
@@ -128,10 +163,11 @@ class EncryptedResult:
     """Output ciphertexts mod ``2^bits`` (what the client receives).
 
     ``a`` is None when the client holds the layer's hint: then ``b`` is at ``hint_out_bits``.
+    It may stay packed (``PackedRows``) as the evaluator sent it; ``decrypt`` unpacks it.
     """
 
     params: ParamSet
-    a: np.ndarray | None  # (d_out, N) uint64 in [0, 2^out_bits), or None
+    a: np.ndarray | PackedRows | None  # (d_out, N) uint64 in [0, 2^out_bits), or None
     b: np.ndarray  # (d_out, N) uint64 in [0, 2^bits)
     n_tokens: int
 
@@ -252,7 +288,8 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
                 x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
             else:
                 assert ct.a is not None
-                a = ct.a[lo:hi].astype(np.float64)  # < 2^38, exact
+                rows_a = ct.a[lo:hi]
+                a = (rows_a.unpack() if isinstance(rows_a, PackedRows) else rows_a).astype(np.float64)  # < 2^38
                 np.subtract(a, modulus, out=a, where=a >= modulus / 2)
                 x = mul.product_wide(a)  # exact, |.| < 2^49
             x += ct.b[lo:hi]
@@ -263,6 +300,8 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
         _map_rows(rows, ct.width)
         return out
     if isinstance(ct, EncryptedPartial):
+        if ct.a_switched:
+            return decrypt(secret, ct.switch(), hint)
         p = moduli_column(params)
         x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)
         return _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params, ct.n_tokens)

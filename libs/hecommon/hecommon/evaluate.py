@@ -87,7 +87,7 @@ class MatrixProduct:
         t0 = time.perf_counter()
         a = expand_a(a_seed, params, self.d_in, start=input_start)
         hint = self._product(xp.asarray(a)).astype(xp.uint32)  # (d_out, L, N) residues
-        self._hint = hint if xp is np else xp.asnumpy(hint)  # kept on the host: it goes on the wire
+        self._hint: np.ndarray | None = hint if xp is np else xp.asnumpy(hint)  # on the host: it goes on the wire
         self.hint_seconds = time.perf_counter() - t0
 
     def _product(self, residues: Any) -> Any:
@@ -113,17 +113,24 @@ class MatrixProduct:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of the weight chunks and the hint on this product's device."""
+        """Bytes of the weight chunks and the hint (while it is kept) on this product's device."""
         weights = self.d_out * self.d_in if self._int8 is not None else sum(c.nbytes for c in self._chunks)
-        return int(weights + self._hint.nbytes)
+        return int(weights + (self._hint.nbytes if self._hint is not None else 0))
 
     @property
     def hint(self) -> np.ndarray:
         """``M·A`` mod q, (d_out, L, N) uint32 residues on the host: the ``a`` part of every output."""
+        if self._hint is None:
+            raise ConfigError("this product's hint was released (its owner keeps it switched)")
         return self._hint
 
-    def __call__(self, batch: EncryptedBatch) -> EncryptedPartial:
-        """The partial result for one batch (mod q, not yet switched)."""
+    def release_hint(self) -> None:
+        """Drop the mod-q hint: its owner keeps only its switched form and passes it as ``a``."""
+        self._hint = None
+
+    def __call__(self, batch: EncryptedBatch, a: Any = None) -> EncryptedPartial:
+        """The partial result for one batch (mod q, not yet switched); its ``a`` part is the hint,
+        or ``a`` when given (the hint already switched and packed, ``EncryptedPartial``)."""
         if batch.params != self.params:
             raise ParameterMismatch(f"batch uses {batch.params.name}, this layer {self.params.name}")
         if batch.width != self.d_in:
@@ -132,7 +139,7 @@ class MatrixProduct:
         b = self.product_on_device(xp.asarray(batch.b))
         if xp is not np:
             b = xp.asnumpy(b)
-        return EncryptedPartial(self.params, self._hint, b, batch.n_tokens)
+        return EncryptedPartial(self.params, self.hint if a is None else a, b, batch.n_tokens)
 
     def product_on_device(self, b: Any) -> Any:
         """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""

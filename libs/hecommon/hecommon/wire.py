@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .bits import pack_bits, packed_size, unpack_bits
+from .bits import PackedRows, pack_bits, packed_size, unpack_bits
 from .codec import check_blob as _blob
 from .codec import check_int as _int
 from .codec import check_keys as _keys
@@ -165,6 +165,15 @@ def _array(where: str, blob: Any, dtype: str, count: int) -> np.ndarray:
     return np.frombuffer(blob, dtype=dtype).astype(dtype[1:])
 
 
+def _join_a(parts: list[Any]) -> Any:
+    """Row ranges of an ``a`` part, all packed (``PackedRows``) or all arrays."""
+    if all(isinstance(p, PackedRows) for p in parts):
+        return PackedRows.concat(parts)
+    if any(isinstance(p, PackedRows) for p in parts):
+        _fail("join", "parts with a switched and a mod-q a part")
+    return np.concatenate(parts)
+
+
 # -- messages ---------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class EncryptedRequest:
@@ -247,10 +256,17 @@ class PartialResult:
         _int("row_end", self.row_end, self.row_start + 1, MAX_ROWS)
         if not isinstance(self.partial, EncryptedPartial):
             _fail("partial", "an EncryptedPartial is required")
-        _check_residues("a", self.partial.a, self.params)
         _check_residues("b", self.partial.b, self.params)
-        if self.partial.a.shape != self.partial.b.shape:
-            _fail("b", "shape differs from a")
+        a = self.partial.a
+        if isinstance(a, PackedRows):  # switched once by the evaluator: any bytes are valid values
+            if (a.bits, a.n) != (self.params.out_bits, self.params.n):
+                _fail("a_bits", f"a switched a part is {self.params.n} values of {self.params.out_bits} bits")
+            if a.rows != self.partial.b.shape[0]:
+                _fail("a", f"{a.rows} rows, b has {self.partial.b.shape[0]}")
+        else:
+            _check_residues("a", a, self.params)
+            if a.shape != self.partial.b.shape:
+                _fail("b", "shape differs from a")
         _check_tokens("n_tokens", self.partial.n_tokens, self.params)
 
     @property
@@ -261,23 +277,32 @@ class PartialResult:
         pa = self.partial
         return {"layer": self.layer, "direction": self.direction, "shard": self.shard, "shards": self.shards,
                 "row_start": self.row_start, "row_end": self.row_end, "part": self.part, "parts": self.parts,
-                "out_start": self.out_start, "n_tokens": pa.n_tokens, "shape": list(pa.a.shape),
-                "a": _raw_residues(pa.a), "b": _raw_residues(pa.b)}
+                "out_start": self.out_start, "n_tokens": pa.n_tokens, "shape": list(pa.b.shape),
+                "a_bits": pa.a.bits if pa.a_switched else 0,
+                "a": pa.a.data if pa.a_switched else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> PartialResult:
-        rows = _shape("shape", m["shape"], (params.limbs, params.n), 8 * params.limbs * params.n, max_bytes)
+        a_bits = _int("a_bits", m["a_bits"], 0, 64)
+        if a_bits not in (0, params.out_bits):
+            _fail("a_bits", f"0 (residues mod q) or {params.out_bits} (switched) is required")
+        a_row = packed_size(a_bits, params.n) if a_bits else 4 * params.limbs * params.n
+        rows = _shape("shape", m["shape"], (params.limbs, params.n), 4 * params.limbs * params.n + a_row, max_bytes)
         _check_tokens("n_tokens", m["n_tokens"], params)
-        a = _read_raw_residues("a", m["a"], params, rows)
+        if a_bits:
+            a: np.ndarray | PackedRows = PackedRows(a_bits, params.n, _blob("a", m["a"], rows * a_row))
+        else:
+            a = _read_raw_residues("a", m["a"], params, rows)
         b = _read_raw_residues("b", m["b"], params, rows)
         return cls(m["rid"], m["layer"], m["direction"], m["shard"], m["shards"], m["row_start"], m["row_end"],
                    EncryptedPartial(params, a, b, m["n_tokens"]), m["part"], m["parts"], m["out_start"], m["lib"])
 
     def _rows(self) -> int:
-        return int(self.partial.a.shape[0])
+        return int(self.partial.b.shape[0])
 
     def _row_bytes(self) -> int:
-        return 8 * self.params.limbs * self.params.n  # a and b, raw uint32
+        raw = 4 * self.params.limbs * self.params.n  # b, and a when it is mod q: raw uint32
+        return raw + (self.partial.a.row_bytes if self.partial.a_switched else raw)
 
     def _slice(self, lo: int, hi: int) -> PartialResult:
         pa = self.partial
@@ -285,7 +310,7 @@ class PartialResult:
         return dataclasses.replace(self, partial=sliced, out_start=self.out_start + lo)
 
     def _with_rows(self, chunks: Sequence[PartialResult]) -> PartialResult:
-        a = np.concatenate([c.partial.a for c in chunks])
+        a = _join_a([c.partial.a for c in chunks])
         b = np.concatenate([c.partial.b for c in chunks])
         return dataclasses.replace(self, partial=EncryptedPartial(self.params, a, b, self.partial.n_tokens))
 
@@ -312,6 +337,10 @@ class EncryptedReply:
             _fail("result", "an EncryptedResult is required")
         k, n = res.bits, res.params.n
         parts = (("b", res.b),) if res.a is None else (("a", res.a), ("b", res.b))
+        if isinstance(res.a, PackedRows):  # as the evaluator packed it: any bytes are valid values
+            if (res.a.bits, res.a.n, res.a.rows) != (k, n, res.b.shape[0] if res.b.ndim == 2 else -1):
+                _fail("a", f"packed a must be {res.b.shape[0]} rows of {n} values of {k} bits")
+            parts = (("b", res.b),)
         for name, arr in parts:
             if not isinstance(arr, np.ndarray) or arr.dtype != np.uint64 or arr.ndim != 2:
                 _fail(name, "a (rows, N) uint64 array is required")
@@ -329,7 +358,8 @@ class EncryptedReply:
         res, k = self.result, self.result.bits
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
                 "out_start": self.out_start, "n_tokens": res.n_tokens, "shape": list(res.b.shape),
-                "a": None if res.a is None else pack_bits(res.a, k), "b": pack_bits(res.b, k)}
+                "a": None if res.a is None else res.a.data if isinstance(res.a, PackedRows) else pack_bits(res.a, k),
+                "b": pack_bits(res.b, k)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedReply:
@@ -357,7 +387,7 @@ class EncryptedReply:
     def _with_rows(self, chunks: Sequence[EncryptedReply]) -> EncryptedReply:
         if any((c.result.a is None) != (self.result.a is None) for c in chunks):
             _fail("join", "parts with and without their a part")
-        a = None if self.result.a is None else np.concatenate([c.result.a for c in chunks])
+        a = None if self.result.a is None else _join_a([c.result.a for c in chunks])
         b = np.concatenate([c.result.b for c in chunks])
         return dataclasses.replace(self, result=EncryptedResult(self.params, a, b, self.result.n_tokens))
 
@@ -510,7 +540,7 @@ class Manifest:
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
     EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "n_tokens", "shape", "b"),
     PartialResult: ("layer", "direction", "shard", "shards", "row_start", "row_end", "part", "parts",
-                    "out_start", "n_tokens", "shape", "a", "b"),
+                    "out_start", "n_tokens", "shape", "a_bits", "a", "b"),
     EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "n_tokens", "shape", "a", "b"),
     ErrorReply: ("reason", "message"),
     Manifest: ("model", "x_bits", "w_bits", "metadata", "layers"),

@@ -2,7 +2,10 @@
 
 Pure logic (no broker). Forward partials are row shards and are summed mod q; backward
 partials are column shards and are joined in output order. A duplicate partial (a redelivered
-message) is ignored, so a request is never counted twice (DESIGN §7.5).
+message) is ignored, so a request is never counted twice (DESIGN §7.5). The switch covers the
+request's ``b``; the public ``a`` part, the same for every request of a layer, comes already
+switched and packed from an evaluator that holds the whole output (``EncryptedPartial``), and
+goes into the reply as it came; row shards' ``a`` parts come mod q and are summed and switched.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 from hecommon.encrypt import EncryptedPartial
 from hecommon.errors import MalformedMessage
 from hecommon.wire import EncryptedReply, PartialResult
@@ -69,9 +71,7 @@ class AggregatorHandler:
                 total = total + p.partial
         else:
             ordered = sorted(parts, key=lambda p: p.out_start)
-            pp = [p.partial for p in ordered]
-            total = EncryptedPartial(pp[0].params, np.concatenate([p.a for p in pp]),
-                                     np.concatenate([p.b for p in pp]), pp[0].n_tokens)
+            total = EncryptedPartial.join([p.partial for p in ordered])
         t0 = time.perf_counter()
         result = total.switch(send_a=self.send_a)
         self.switch_seconds = time.perf_counter() - t0

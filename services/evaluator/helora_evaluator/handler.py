@@ -4,6 +4,13 @@ Pure logic (no broker). Forward ``Enc(X[:, lo:hi]) -> Enc(X[:, lo:hi]·W[:, lo:h
 shard; the aggregator sums); backward ``Enc(dY) -> Enc(dY·W[:, lo:hi])`` (a column shard; the
 aggregator joins). Each (layer, direction) product precomputes its hint ``W·A`` lazily, on the
 first request, so that start-up stays short and memory follows the layers really used.
+
+``switch_a`` (the RabbitMQ worker): where this evaluator holds the whole output of a product (a
+forward layer with one shard, or a backward shard, whose outputs the aggregator joins rather
+than sums), its partials carry the hint already switched to ``2^out_bits`` and packed, computed
+once per product; the mod-q hint is then dropped. The aggregator passes that part into the reply
+as it came, instead of unpacking, switching and packing the same constant for every request.
+The result is bit-identical: the switch is the same function on the same values.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+from hecommon.bits import PackedRows
+from hecommon.encrypt import switch_a
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.params import ParamSet
@@ -20,9 +29,11 @@ from helora_encoder.handler import Shard
 
 class EvaluatorHandler:
     def __init__(self, params: ParamSet, shards: list[Shard], shard_index: dict[str, tuple[int, int]],
-                 backend: str = "numpy", gemm: str = "auto") -> None:
+                 backend: str = "numpy", gemm: str = "auto", switch_a: bool = False) -> None:
         """``shard_index[layer] = (index, count)`` of this evaluator's shard of that layer."""
         self.params = params
+        self.switch_a = switch_a
+        self._switched: dict[tuple[str, str], PackedRows] = {}
         self.backend = backend
         self.gemm = gemm
         self.shards = {s.layer: s for s in shards}
@@ -41,7 +52,7 @@ class EvaluatorHandler:
         for product in list(self._products.values()):  # list(): a snapshot, safe from another thread
             if product.xp is np:
                 total += product.held_bytes
-        return total
+        return total + sum(len(a.data) for a in list(self._switched.values()))
 
     def _product(self, layer: str, direction: str) -> MatrixProduct:
         key = (layer, direction)
@@ -55,6 +66,14 @@ class EvaluatorHandler:
                     matrix = np.ascontiguousarray(s.values.T)  # (hi - lo, d_out)
                     self._products[key] = MatrixProduct(matrix, self.params, s.a_seed_bwd, 0, self.backend, self.gemm)
             return self._products[key]
+
+    def _switched_hint(self, layer: str, direction: str, product: MatrixProduct) -> PackedRows:
+        key = (layer, direction)
+        with self._lock:
+            if key not in self._switched:
+                self._switched[key] = PackedRows.pack(switch_a(product.hint, self.params), self.params.out_bits)
+                product.release_hint()
+            return self._switched[key]
 
     def hint(self, layer: str, direction: str) -> np.ndarray:
         """This shard's hint ``M·A`` mod q, (outputs, L, N) uint32: public, the same for every request."""
@@ -72,8 +91,10 @@ class EvaluatorHandler:
             raise MalformedMessage(f"rows {req.row_start}…{req.row_start + req.batch.width} do not match "
                                    f"this shard {shard.lo}…{shard.hi} of {req.layer}")
         product = self._product(req.layer, req.direction)
-        partial = product(req.batch)
         index, count = self.shard_index.get(req.layer, (0, 1))
+        whole = req.direction == "bwd" or count == 1  # this shard's outputs are not summed with others'
+        a = self._switched_hint(req.layer, req.direction, product) if self.switch_a and whole else None
+        partial = product(req.batch, a=a)
         out_start = 0 if req.direction == "fwd" else shard.lo
         return PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
                              row_start=shard.lo, row_end=shard.hi, partial=partial, out_start=out_start)

@@ -98,7 +98,7 @@ class EvaluatorWorker(amqp.Service):
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
         if cfg.gemm == "int8" and backend != "cupy":
             raise ConfigError("gemm: 'int8' needs a CUDA device (cupy), and none answers here")
-        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm)
+        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm, switch_a=True)
         self.metrics.set_info(manifest.params.name, backend)
         if backend == "cupy":
             self.metrics.track_device_memory("cuda", device_bytes)
