@@ -117,7 +117,7 @@ class BrokerTransport:
     # -- requests -------------------------------------------------------------------------------
     def _publish(self, queue: str, bodies: list[bytes], cid: str) -> None:
         props = pika.BasicProperties(reply_to=self._reply_queue, correlation_id=cid,
-                                     delivery_mode=pika.DeliveryMode.Persistent)
+                                     delivery_mode=amqp.TRAFFIC_DELIVERY)  # resent after a broker loss
         for body in bodies:
             self._ch.basic_publish("", queue, body, props, mandatory=True)
 
