@@ -406,3 +406,44 @@ def test_partial_with_a_switched_part_round_trips_and_is_checked():
     mixed = [parts[0], dataclasses.replace(parts[1], partial=EncryptedPartial(params, gen.residues(1, 9), b[1:2], 7))]
     with pytest.raises(errors.MalformedMessage, match="join"):
         wire.join([mixed[0], mixed[1], parts[2]])
+
+
+def test_request_head_matches_the_full_decode_without_unpacking():
+    """The encoder's view of a request: every field but the residues' ranges, as ``decode``."""
+    req = gen.request()
+    data = wire.encode(req)
+    head = wire.decode_request_head(data)
+    assert (head.rid, head.layer, head.direction, head.params, head.n_tokens, head.width, head.part, head.parts,
+            head.row_start, head.lib) == (req.rid, req.layer, req.direction, req.params, req.batch.n_tokens,
+                                          req.width, req.part, req.parts, req.row_start, req.lib)
+    # parts of a split request join into the whole request's head, in any order
+    whole = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, gen.residues(5, 1), 9))
+    limit = 2 * whole._row_bytes() + wire.HEADER_ALLOWANCE
+    heads = [wire.decode_request_head(wire.encode(c, limit), limit) for c in wire.split(whole, limit)]
+    assert len(heads) == 3
+    joined = wire.join_heads(heads[::-1])
+    assert (joined.width, joined.part, joined.parts, joined.row_start) == (5, 0, 1, 0)
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join_heads(heads[:2])
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join_heads([heads[0], heads[0], heads[2]])
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join_heads([heads[0], dataclasses.replace(heads[1], row_start=3), heads[2]])
+
+
+@pytest.mark.parametrize("entry", INDEX["negative"], ids=lambda e: e["file"])
+def test_request_head_refuses_what_decode_refuses(entry):
+    """Every bad vector is refused by the head decoder too, with the same error class, except a
+    residue not below its prime, which only unpacking finds (the evaluator's full decode)."""
+    data = (VECTORS / entry["file"]).read_bytes()
+    expected = getattr(errors, entry["error"])
+    if entry["file"] == "wire_bad_residue_ge_prime.msgpack":
+        assert wire.decode_request_head(data).width == 1
+        return
+    try:
+        is_request = msgpack.unpackb(data, raw=False).get("type") == "request"
+    except Exception:  # noqa: BLE001 - not even msgpack
+        is_request = False
+    with pytest.raises(expected if is_request else (expected, errors.MalformedMessage)) as info:
+        wire.decode_request_head(data)
+    assert len(str(info.value)) < 200

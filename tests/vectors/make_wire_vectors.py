@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 from hecommon import wire
-from hecommon.bits import pack_bits, unpack_bits
+from hecommon.bits import PackedRows, pack_bits, unpack_bits
 from hecommon.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult
 from hecommon.params import N2048
 
@@ -184,6 +184,8 @@ def describe(msg: Any) -> dict[str, Any]:
             out[name] = value.hex()
         elif isinstance(value, np.ndarray):
             out[name] = _array_summary(value)
+        elif isinstance(value, PackedRows):  # kept packed after decoding: summarized as its values
+            out[name] = _array_summary(value.unpack())
         elif isinstance(value, (EncryptedBatch, EncryptedPartial, EncryptedResult)):
             out[name] = describe(value)
         elif isinstance(value, tuple) and value and isinstance(value[0], wire.LayerEntry):

@@ -200,6 +200,11 @@ class EncryptedRequest:
     def params(self) -> ParamSet:
         return self.batch.params
 
+    @property
+    def width(self) -> int:
+        """Input ciphertexts in this message."""
+        return self.batch.width
+
     def _body(self) -> dict[str, Any]:
         b = self.batch.b
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
@@ -336,11 +341,8 @@ class EncryptedReply:
         if not isinstance(res, EncryptedResult):
             _fail("result", "an EncryptedResult is required")
         k, n = res.bits, res.params.n
-        parts = (("b", res.b),) if res.a is None else (("a", res.a), ("b", res.b))
-        if isinstance(res.a, PackedRows):  # as the evaluator packed it: any bytes are valid values
-            if (res.a.bits, res.a.n, res.a.rows) != (k, n, res.b.shape[0] if res.b.ndim == 2 else -1):
-                _fail("a", f"packed a must be {res.b.shape[0]} rows of {n} values of {k} bits")
-            parts = (("b", res.b),)
+        packed = isinstance(res.a, PackedRows)  # as the evaluator packed it: any bytes are valid values
+        parts = (("b", res.b),) if res.a is None or packed else (("b", res.b), ("a", res.a))
         for name, arr in parts:
             if not isinstance(arr, np.ndarray) or arr.dtype != np.uint64 or arr.ndim != 2:
                 _fail(name, "a (rows, N) uint64 array is required")
@@ -348,6 +350,8 @@ class EncryptedReply:
                 _fail(name, f"shape {arr.shape} is not (rows >= 1, {n}) or differs from b")
             if arr.size and int(arr.max()) >> k:
                 _fail(name, f"a value does not fit in {k} bits")
+        if packed and (res.a.bits, res.a.n, res.a.rows) != (k, n, res.b.shape[0]):
+            _fail("a", f"packed a must be {res.b.shape[0]} rows of {n} values of {k} bits")
         _check_tokens("n_tokens", res.n_tokens, res.params)
 
     @property
@@ -367,7 +371,8 @@ class EncryptedReply:
         k, n = (params.out_bits if with_a else params.hint_out_bits), params.n
         rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
         _check_tokens("n_tokens", m["n_tokens"], params)
-        a = _unpack_words("a", m["a"], k, (rows, n)) if with_a else None
+        # a stays packed (any bytes are valid values): decrypt unpacks it, row range by row range
+        a = PackedRows(k, n, _blob("a", m["a"], rows * packed_size(k, n))) if with_a else None
         b = _unpack_words("b", m["b"], k, (rows, n))
         return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"]),
                    m["part"], m["parts"], m["out_start"], m["lib"])
@@ -582,6 +587,70 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) 
         raise
     except (ValueError, TypeError) as exc:  # a constructor below refused a field: still malformed
         raise MalformedMessage(f"{cls.TYPE}: invalid field ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A request message checked without unpacking its residues (the encoder's view).
+
+    Everything but the residues' ranges is validated as ``decode`` would (version, type, keys,
+    parameter set, route, part numbers, shape against the size limit, every limb's exact byte
+    length and zero padding); the evaluator, which unpacks the residues to compute, checks
+    that each is below its prime. ``width``: the input ciphertexts this message carries.
+    """
+
+    rid: bytes
+    layer: str
+    direction: str
+    params: ParamSet
+    n_tokens: int
+    width: int
+    part: int = 0
+    parts: int = 1
+    row_start: int = 0
+    lib: str = LIB_VERSION
+
+
+def decode_request_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> RequestHead:
+    """The head of a request message, its residues checked for size and padding only."""
+    m = _parse(data, max_bytes)
+    if m.get("type") != EncryptedRequest.TYPE:
+        _fail("type", f"{EncryptedRequest.TYPE!r} expected")
+    _keys(EncryptedRequest.TYPE, m, _HEADER + _BODY_KEYS[EncryptedRequest])
+    params = get_params(_text("pset", m["pset"], MAX_NAME_CHARS))
+    rows = _shape("shape", m["shape"], (params.limbs, params.n), _residue_row_bytes(params), max_bytes)
+    _check_tokens("n_tokens", m["n_tokens"], params)
+    blobs = m["b"]
+    if not isinstance(blobs, list) or len(blobs) != params.limbs:
+        _fail("b", f"a list of {params.limbs} limbs is required")
+    for i, (blob, p) in enumerate(zip(blobs, params.primes, strict=True)):
+        bits, count = p.bit_length(), rows * params.n
+        _blob(f"b[{i}]", blob, packed_size(bits, count))
+        pad = packed_size(bits, count) * 8 - count * bits
+        if pad and blob[-1] >> (8 - pad):
+            _fail(f"b[{i}]", "packed data: non-zero padding bits")
+    head = RequestHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
+                       m["part"], m["parts"], m["row_start"], m["lib"])
+    _check_route(head)
+    _check_chunk(head, "row_start")
+    return head
+
+
+def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
+    """The head of the whole request from its parts' heads, with ``join``'s checks."""
+    if not heads:
+        raise MalformedMessage("join: no parts")
+    first = heads[0]
+    route = (first.rid, first.layer, first.direction, first.parts, first.lib, first.params.name, first.n_tokens)
+    if any((h.rid, h.layer, h.direction, h.parts, h.lib, h.params.name, h.n_tokens) != route for h in heads):
+        _fail("join", "parts of different messages or shapes")
+    ordered = sorted(heads, key=lambda h: h.part)
+    if [h.part for h in ordered] != list(range(first.parts)):
+        _fail("join", f"parts {[h.part for h in ordered]} are not 0..{first.parts - 1} once each")
+    for prev, cur in zip(ordered, ordered[1:], strict=False):
+        if cur.row_start != prev.row_start + prev.width:
+            _fail("join", f"part {cur.part}: row_start is not contiguous with part {prev.part}")
+    return dataclasses.replace(ordered[0], part=0, parts=1, width=sum(h.width for h in ordered))
 
 
 def peek_parts(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> int | None:

@@ -17,7 +17,7 @@ from hecommon import params as P
 from hecommon.encrypt import EncryptedBatch
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.quantize import QuantizedWeight, quantize_weight
-from hecommon.wire import EncryptedRequest, LayerEntry, Manifest
+from hecommon.wire import EncryptedRequest, LayerEntry, Manifest, RequestHead
 
 from .model import LinearGroup, config_fingerprint, group_weight
 
@@ -88,17 +88,28 @@ class EncoderHandler:
         self.layers = {e.name: e for e in manifest.layers}
         self.shard_ranges = shard_ranges
 
-    def validate(self, req: EncryptedRequest) -> LayerEntry:
+    def validate(self, req: EncryptedRequest | RequestHead) -> LayerEntry:
+        """The request's parameter set, layer and width against the manifest (a whole request, or
+        the joined head of one: the RabbitMQ encoder checks heads and forwards uncut bodies)."""
         if req.params != self.manifest.params:
             raise ParameterMismatch(f"request uses {req.params.name}, the server {self.manifest.params.name}")
         entry = self.layers.get(req.layer)
         if entry is None:
             raise ParameterMismatch(f"unknown layer {req.layer!r}")
         width = entry.d_in if req.direction == "fwd" else entry.d_out
-        if req.parts != 1 or req.row_start != 0 or req.batch.width != width:
+        if req.parts != 1 or req.row_start != 0 or req.width != width:
             raise MalformedMessage(f"layer {req.layer} {req.direction} takes {width} ciphertexts in one "
-                                   f"request, got {req.batch.width} (part {req.part}/{req.parts})")
+                                   f"request, got {req.width} (part {req.part}/{req.parts})")
         return entry
+
+    def shard_count(self, req: EncryptedRequest | RequestHead) -> int:
+        """How many evaluators serve the request's layer."""
+        return len(self.shard_ranges.get(req.layer, [(0, self.layers[req.layer].d_in)]))
+
+    def cuts(self, req: EncryptedRequest | RequestHead) -> bool:
+        """Whether routing cuts the request (a forward request to a layer with several shards);
+        otherwise every shard gets the request as it is."""
+        return req.direction == "fwd" and self.shard_count(req) > 1
 
     def route(self, req: EncryptedRequest) -> list[tuple[int, EncryptedRequest]]:
         """(shard index, sub-request) pairs. Forward requests are cut by input rows."""

@@ -160,7 +160,7 @@ class EncoderWorker(amqp.Service):
     def _route(self, d: amqp.Delivery) -> None:
         try:
             with self.metrics.stage("decode"):
-                chunk = wire.decode_request(d.body, self.limit)
+                chunk = wire.decode_request_head(d.body, self.limit)  # residues: sizes only, not unpacked
             got = self.parts.add(chunk.rid, chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
@@ -168,21 +168,24 @@ class EncoderWorker(amqp.Service):
         self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
         if got is None:
             return
-        chunks, ds = got
+        heads, ds = got
         try:
-            req = wire.join(chunks)
+            req = wire.join_heads(heads)
             with self.metrics.stage("route"):
-                routed = self.handler.route(req)
+                self.handler.validate(req)
+                if self.handler.cuts(req):  # forward rows split across shards: unpack and cut
+                    whole = wire.join([wire.decode_request(x.body, self.limit) for x in ds[: len(heads)]])
+                    routed = [(i, [wire.encode_request(c, self.limit) for c in wire.split(sub, self.limit)])
+                              for i, sub in self.handler.route(whole)]
+                else:  # every shard gets the request as it came: the validated bodies, in part order
+                    bodies = [x.body for x in ds[: len(heads)]]
+                    routed = [(i, bodies) for i in range(self.handler.shard_count(req))]
         except HeloraError as exc:
-            self.fail(ds, exc, rid=chunks[0].rid, pset=chunks[0].params.name)
+            self.fail(ds, exc, rid=heads[0].rid, pset=heads[0].params.name)
             return
         props = amqp.forward_properties(d.properties)
-        for index, sub in routed:
+        for index, bodies in routed:
             key = self.topology.routing_key(req.layer, index, len(routed))
-            if sub is req:  # not cut (one shard, or backward): the validated bodies go on as they came
-                bodies = [x.body for x in ds]
-            else:
-                bodies = [wire.encode_request(c, self.limit) for c in wire.split(sub, self.limit)]
             try:
                 self.publish_all(key, bodies, props, exchange=self.topology.requests)
             except pex.UnroutableError:
