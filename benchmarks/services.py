@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--idle", action="store_true",
+                   help="record that nothing else ran on the machine (default: assume it was shared)")
     args = p.parse_args(argv)
     args.model = args.model or (TINY if args.quick else SMOLLM2)
     args.steps = args.steps or (3 if args.quick else 1)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     equal = all(_same(results["embedded"]["states"], results[f"broker_{n}"]["states"]) for n in (1, 2))
     payload = {
         "benchmark": "services", "model": args.model, "quick": args.quick, "machine": machine(),
-        "cpu_shared_with_other_jobs": True, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "cpu_shared_with_other_jobs": not args.idle, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "warmup_steps": args.warmup, "timed_steps": args.steps, "tokens_per_step": tokens_per_step,
         "equals_embedded": equal,
         "overhead_vs_embedded": summary["broker_1"]["ratio"],
@@ -155,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s_2_evaluators": summary["broker_2"]["tokens_per_s"],
         "broker_bytes_per_token": summary["broker_1"]["bytes_per_token"],
         "configs": summary,
-        "note": "broker_bytes_per_token: request and reply bodies the client sent and received (replies carry "
-                "the a part in broker mode); the 2-core machine is shared with other jobs, so timings are noisy",
+        "note": "broker_bytes_per_token: request and reply bodies the client sent and received (broker replies "
+                "carry the a part, switched once per layer by the evaluator); "
+                + ("nothing else ran on the machine" if args.idle else "the machine may have been shared with "
+                   "other jobs, so timings are noisy"),
     }
     print(f"equals_embedded {equal}  overhead_vs_embedded {payload['overhead_vs_embedded']:.3f} "
           f"(2 evaluators: {payload['overhead_vs_embedded_2_evaluators']:.3f})")
