@@ -350,19 +350,19 @@ def test_reply_without_a_round_trips_at_hint_bits():
         wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b | np.uint64(1 << k), 11))
 
 
-def test_peek_parts_reads_the_part_count_without_the_arrays():
+def test_peek_part_reads_the_part_count_without_the_arrays():
     res = EncryptedResult(N2048, np.vstack([gen.words(1, 4)] * 3), np.vstack([gen.words(1, 5)] * 3), 5)
     reply = wire.EncryptedReply(RID, "3.qkv", "fwd", res)
     chunks = wire.split(reply, reply._row_bytes() + wire.HEADER_ALLOWANCE)  # one row per chunk
     assert len(chunks) > 1
-    assert {wire.peek_parts(wire.encode(c)) for c in chunks} == {len(chunks)}
-    assert wire.peek_parts(wire.encode(gen.error())) is None
+    assert [wire.peek_part(wire.encode(c)) for c in chunks] == [(i, len(chunks)) for i in range(len(chunks))]
+    assert wire.peek_part(wire.encode(gen.error())) is None
     m = msgpack.unpackb(wire.encode(chunks[0]), raw=False)
     m["parts"] = "2"
     with pytest.raises(errors.MalformedMessage, match="^parts"):
-        wire.peek_parts(msgpack.packb(m, use_bin_type=True))
+        wire.peek_part(msgpack.packb(m, use_bin_type=True))
     with pytest.raises(errors.UnsupportedVersion):
-        wire.peek_parts(msgpack.packb({**m, "v": 1}, use_bin_type=True))
+        wire.peek_part(msgpack.packb({**m, "v": 1}, use_bin_type=True))
 
 
 def test_packed_rows_slice_and_join_as_bytes():

@@ -22,7 +22,7 @@ import numpy as np
 import pika
 import pytest
 import torch
-from hecommon import amqp
+from hecommon import amqp, wire
 from hecommon.keys import SecretKey
 from helora_encoder.model import discover_groups, tiny_llama
 from helora_orchestrator.backend import build_backend
@@ -45,15 +45,14 @@ def _rabbitmqctl(*args: str) -> str:
     return out.stdout
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def _fleet(tmp_path_factory, evaluators: int):
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is needed to close connections and read unacked counts")
     try:
         _rabbitmqctl("list_queues", "name")
     except (AssertionError, OSError) as exc:
         pytest.skip(f"no RabbitMQ broker to administer here: {exc}")
-    f = LocalFleet(URL, f"helora-faults-{secrets.token_hex(4)}", "tiny", seed=0, evaluators=2,
+    f = LocalFleet(URL, f"helora-faults-{secrets.token_hex(4)}", "tiny", seed=0, evaluators=evaluators,
                    shard_dir=tmp_path_factory.mktemp("faults") / "shards", max_message_bytes=LIMIT,
                    part_timeout_s=PART_TIMEOUT_S, backend="numpy", threads=1)
     try:
@@ -64,6 +63,18 @@ def fleet(tmp_path_factory):
         codes = f.stop()
         f.delete_topology()
     assert all(c == 0 for c in codes.values()), f"unclean shutdown {codes}\n{f.logs()}"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Two evaluators: forward partials are row shards (summed), backward ones column shards."""
+    yield from _fleet(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def fleet1(tmp_path_factory):
+    """One evaluator: every partial is a whole output, switched a part, streamed by the aggregator."""
+    yield from _fleet(tmp_path_factory, 1)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -253,9 +264,13 @@ def _exact_forward(backend, rows: int = 5, seed: int = 3) -> None:
     np.testing.assert_array_equal(backend.forward(layer, x), quantized.forward(layer, x))
 
 
-def test_duplicated_partials_are_counted_once(fleet):
+@pytest.mark.parametrize("which", ["fleet", "fleet1"], ids=["two evaluators, gathered", "one evaluator, streamed"])
+def test_duplicated_partials_are_counted_once(which, request):
     """Every partial message of a request reaches the aggregator twice (as after a redelivery of a
-    worker that published and died before its ack): the reply is still exact, nothing is left."""
+    worker that published and died before its ack): the reply is still exact, nothing is left.
+    With one evaluator the aggregator answers part by part (streaming): a copy of a part already
+    answered is dropped, so the client gets each reply part once."""
+    fleet = request.getfixturevalue(which)
     topo = amqp.Topology(fleet.namespace)
     dead_before = _dead_letters(fleet)
     agg = fleet.procs["aggregator"]
@@ -352,3 +367,26 @@ def test_requests_nobody_answers_fail_with_the_layer_and_the_silent_service(flee
         _exact_forward(backend)
     finally:
         backend.transport.close()
+
+
+def test_one_evaluator_streams_exact_replies_part_by_part(fleet1):
+    """With one evaluator, forward and backward partials are whole outputs whose a part comes
+    switched: the aggregator replies to each part as it arrives, and the products stay exact."""
+    model = _model()
+    quantized = build_backend("quantized", model, discover_groups(model))
+    backend = make_broker_backend(fleet1.broker_url, namespace=fleet1.namespace, timeout_s=90,
+                                  max_message_bytes=fleet1.max_message_bytes)
+    try:
+        params = backend.manifest.params
+        partial_row = 4 * params.limbs * params.n + params.out_bits * params.n // 8  # raw b, packed a
+        rows_per_part = (LIMIT - wire.HEADER_ALLOWANCE) // partial_row
+        rng = np.random.default_rng(5)
+        for layer in backend.manifest.layers[:4]:
+            assert max(layer.d_out, layer.d_in) > rows_per_part  # several parts: the streamed path
+            x = rng.standard_normal((7, layer.d_in)).astype(np.float32)
+            np.testing.assert_array_equal(backend.forward(layer.name, x), quantized.forward(layer.name, x))
+            dy = rng.standard_normal((7, layer.d_out)).astype(np.float32)
+            np.testing.assert_array_equal(backend.backward(layer.name, dy), quantized.backward(layer.name, dy))
+    finally:
+        backend.transport.close()
+    assert _dead_letters(fleet1) == 0

@@ -653,16 +653,17 @@ def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
     return dataclasses.replace(ordered[0], part=0, parts=1, width=sum(h.width for h in ordered))
 
 
-def peek_parts(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> int | None:
-    """How many parts the message ``data`` belongs to, from its map alone, without decoding its
-    arrays (a client waiting for reply chunks asks this on every arrival); None for messages
-    that are not chunked (an error reply). Raises like ``decode`` on what is not a message."""
+def peek_part(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[int, int] | None:
+    """``(part, parts)`` of the message ``data``, from its map alone, without decoding its arrays
+    (a client waiting for reply parts asks this of every arrival); None for messages that are
+    not chunked (an error reply). Raises like ``decode`` on what is not a message."""
     m = _parse(data, max_bytes)
     kind = m.get("type")
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls not in (EncryptedRequest, PartialResult, EncryptedReply):
         return None
-    return _int("parts", m.get("parts"), 1, MAX_PARTS)
+    parts = _int("parts", m.get("parts"), 1, MAX_PARTS)
+    return _int("part", m.get("part"), 0, parts - 1), parts
 
 
 def encode_request(msg: EncryptedRequest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:

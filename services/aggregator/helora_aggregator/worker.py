@@ -7,7 +7,16 @@ of a request stays unacked until the request's reply has been published (with co
 them and a fresh aggregator completes the request (DESIGN §7.5). A partial of an
 already-answered request (a redelivery) is acked and ignored.
 
-Replies carry the ``a`` part for now (``send_a=True``): in broker mode the client holds no hints.
+Replies carry the ``a`` part (``send_a=True``): in broker mode the client holds no hints.
+
+Streaming. A request served by one evaluator that sends its ``a`` part switched (a whole output,
+``EncryptedPartial``) needs no gathering: each part of its partial becomes the same part of the
+reply (the same rows, switched: a reply row is smaller than a partial row, so it fits the same
+limit) and is published as soon as it arrives, while the evaluator is still publishing the next
+parts and the client already receives the first. Each part is acked once its reply part is
+confirmed; a copy of a part already answered is acked and dropped. If this process dies between
+publishing a reply part and acking its partial, a fresh aggregator answers that part again: the
+client keeps the first copy of every reply part (``helora_orchestrator.broker``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ class AggregatorWorker(amqp.Service):
         self.handler = AggregatorHandler(cfg.max_pending, send_a=True)
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
         self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
+        # streamed requests: key -> (first part's arrival, parts answered, properties to reply to)
+        self._streams: dict[tuple[bytes, str, str], tuple[float, set[int], object]] = {}
         self._done: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
 
     def declare(self, ch) -> list[str]:
@@ -51,13 +62,19 @@ class AggregatorWorker(amqp.Service):
 
     def in_flight(self) -> int:
         """Deliveries queued or being handled, plus requests whose partials are still arriving."""
-        return super().in_flight() + len(self._held)
+        return super().in_flight() + len(self._held) + len(self._streams)
 
     def tick(self) -> None:
         for key, ds in self.parts.expired():
             self.fail(ds, ServiceTimeout(f"layer {key[1]} {key[2]}: the partial of shard {key[3]} stayed incomplete "
                                          f"for {self.parts.timeout_s:.0f} s"), rid=key[0])
         now = time.monotonic()
+        for key in [k for k, (t0, _, _) in self._streams.items() if now - t0 > self.parts.timeout_s]:
+            _, sent, props = self._streams.pop(key)
+            self._remember(key)  # its late parts are acked and dropped
+            self.reply_error(props, ServiceTimeout(f"layer {key[1]} {key[2]}: {len(sent)} parts of the evaluator's "
+                                                   f"partial came within {self.parts.timeout_s:.0f} s, not all"),
+                             rid=key[0])
         for key in [k for k, (t0, _) in self._held.items() if now - t0 > self.parts.timeout_s]:
             _, ds = self._held.pop(key)
             shards, missing = self.handler.abandon(key)
@@ -74,6 +91,9 @@ class AggregatorWorker(amqp.Service):
                 raise MalformedMessage("partial without reply_to: nowhere to send the result")
             if (chunk.rid, chunk.layer, chunk.direction) in self._done:
                 self.ack([d])  # a copy of a part of an answered request (a redelivery)
+                return
+            if chunk.shards == 1 and chunk.parts > 1 and chunk.partial.a_switched:
+                self._stream(chunk, d)
                 return
             got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard), chunk, d)
         except HeloraError as exc:
@@ -102,6 +122,39 @@ class AggregatorWorker(amqp.Service):
             return
         if reply is not None:
             self._reply(key, reply, d.properties)
+
+    def _stream(self, chunk: wire.PartialResult, d: amqp.Delivery) -> None:
+        """One part of a one-shard partial whose a part is switched: its reply part, at once."""
+        key = (chunk.rid, chunk.layer, chunk.direction)
+        _, sent, _ = self._streams.setdefault(key, (time.monotonic(), set(), d.properties))
+        if chunk.part in sent:
+            self.ack([d])  # a copy of a part already answered
+            return
+        try:
+            t0 = time.perf_counter()
+            result = chunk.partial.switch(send_a=True)
+            self.metrics.observe_stage("switch", time.perf_counter() - t0)
+            reply = wire.EncryptedReply(chunk.rid, chunk.layer, chunk.direction, result, part=chunk.part,
+                                        parts=chunk.parts, out_start=chunk.out_start)
+            body = wire.encode_reply(reply, self.limit)
+        except HeloraError as exc:
+            del self._streams[key]
+            self._remember(key)
+            self.fail([d], exc, rid=chunk.rid, pset=chunk.params.name)
+            return
+        props = d.properties
+        try:
+            self.publish(props.reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id))
+        except (pex.UnroutableError, pex.NackError):
+            log.warning("rid %s layer %s: the client's reply queue is gone; reply part dropped", key[0].hex(), key[1])
+        self.ack([d])
+        sent.add(chunk.part)
+        if len(sent) == chunk.parts:
+            del self._streams[key]
+            self._remember(key)
+            self.metrics.request(key[1], key[2])
+            self.metrics.add_tokens(result.n_tokens)
+            log.debug("rid %s layer %s %s: streamed %d reply parts", key[0].hex(), key[1], key[2], chunk.parts)
 
     def _reply(self, key: tuple[bytes, str, str], reply: wire.EncryptedReply, props) -> None:
         bodies = [wire.encode_reply(r, self.limit) for r in wire.split(reply, self.limit)]

@@ -144,7 +144,7 @@ class BrokerTransport:
         except pex.UnroutableError:
             raise TransientError(f"{describe(request)}: no queue {self.topology.ingress!r}: "
                                  "is the encoder running?") from None
-        got = self._wait(cid, _complete, time.monotonic() + self.timeout_s)
+        got = self._wait(cid, _ReplyParts(), time.monotonic() + self.timeout_s)
         if got is None:
             raise TransientError(self._silence(request))
         self.bytes_received += sum(map(len, got))
@@ -158,7 +158,7 @@ class BrokerTransport:
             if isinstance(d, wire.ErrorReply):
                 raise ServerError(d.reason, f"{describe(request)}: the server could not serve the request: "
                                             f"{d.reason}: {d.message}")
-        reply = wire.join(decoded)  # type: ignore[arg-type]
+        reply = wire.join(list({d.part: d for d in reversed(decoded)}.values()))  # type: ignore[arg-type,union-attr]
         if reply.rid != rid:
             raise HeloraError(f"{describe(request)}: a reply for another request arrived")
         reply = dataclasses.replace(reply, rid=request.rid)  # the caller's id, whatever attempt answered
@@ -251,15 +251,24 @@ def describe(request: wire.EncryptedRequest) -> str:
     return f"layer {request.layer} (block {block}, {kind or '?'}) {request.direction}"
 
 
-def _complete(bodies: list[bytes]) -> bool:
-    """All reply chunks are in (``parts`` of the first), or one is an error."""
-    if not bodies:
-        return False
-    try:
-        parts = wire.peek_parts(bodies[0], max(len(b) for b in bodies) + 1)  # the map only: no arrays
-    except HeloraError:
-        return True  # let the caller decode and report it
-    return parts is None or len(bodies) >= parts
+class _ReplyParts:
+    """Whether every part of a reply is in (``done(bodies)``, asked after each arrival), or one
+    message is an error. A part may come twice (an aggregator that died after replying and before
+    its ack is replaced, and the new one answers the same part again): parts are counted once,
+    and ``__call__`` keeps the first copy of each. Each body is peeked once (its map, no arrays)."""
+
+    def __init__(self) -> None:
+        self.heads: list[tuple[int, int] | None] = []
+
+    def __call__(self, bodies: list[bytes]) -> bool:
+        for body in bodies[len(self.heads):]:
+            try:
+                self.heads.append(wire.peek_part(body, len(body) + 1))
+            except HeloraError:
+                return True  # let the caller decode and report it
+        if any(h is None for h in self.heads):
+            return True  # an error reply
+        return bool(self.heads) and len({h[0] for h in self.heads}) >= self.heads[0][1]  # type: ignore[index]
 
 
 def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = amqp.DEFAULT_NAMESPACE,
