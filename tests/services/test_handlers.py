@@ -161,3 +161,24 @@ def test_switched_and_mod_q_partials_do_not_mix(tiny, rng):
     bad = PackedRows.pack(np.zeros((2, params.n), dtype=np.uint64), params.out_bits - 1)
     with pytest.raises(MalformedMessage, match="a_bits"):
         wire.PartialResult(os.urandom(16), "0.qkv", "bwd", 0, 1, 0, 2, EncryptedPartial(params, bad, b, 3))
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["a mod q", "a switched"])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_partials_computed_part_by_part_equal_the_split_whole(tiny, shards, switch, rng):
+    """``handle_parts`` (the worker's: one message's output rows at a time) gives, byte for byte,
+    the messages of ``wire.split(handle(req))``."""
+    from helora_evaluator.handler import EvaluatorHandler
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
+    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=switch)
+                for e in server.evaluators]
+    g = groups[2]
+    limit = 100 * 1024 + wire.HEADER_ALLOWANCE
+    for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
+        _, req = _request(server, g.name, direction, rng.integers(0, 256, size=(6, width)))
+        for index, sub in server.encoder.route(req):
+            expected = [wire.encode_partial(c, limit) for c in wire.split(handlers[index].handle(sub), limit)]
+            got = [wire.encode_partial(p, limit) for p in handlers[index].handle_parts(sub, limit)]
+            assert len(got) > 1 and got == expected

@@ -127,9 +127,9 @@ def _windows(buf: np.ndarray, bits: int, r: int, groups: int) -> tuple[np.ndarra
 def _pack_windows(flat: np.ndarray, bits: int) -> bytes:
     count = flat.size
     groups = -(-count // 8)
-    values = np.zeros(groups * 8, dtype=np.uint64)
-    values[:count] = flat
-    values = values.reshape(groups, 8)
+    padded = np.zeros(groups * 8, dtype=np.uint64)
+    padded[:count] = flat
+    values = padded.reshape(groups, 8)
     buf = np.zeros(groups * bits + 8, dtype=np.uint8)
     for r in range(8):  # the windows of one pass are `bits` >= 8 bytes apart: they never overlap
         view, shift = _windows(buf, bits, r, groups)

@@ -114,7 +114,7 @@ class EncryptedPartial:
         """Homomorphic addition (mod q, per limb)."""
         if not isinstance(other, EncryptedPartial):
             return NotImplemented
-        if self.a_switched or other.a_switched:
+        if isinstance(self.a, PackedRows) or isinstance(other.a, PackedRows):
             raise ParameterMismatch("cannot add partials whose a part is already switched (row shards send it mod q)")
         if other.params != self.params or other.a.shape != self.a.shape or other.n_tokens != self.n_tokens:
             raise ParameterMismatch("cannot add partials of different shapes or parameter sets")
@@ -300,7 +300,7 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
         _map_rows(rows, ct.width)
         return out
     if isinstance(ct, EncryptedPartial):
-        if ct.a_switched:
+        if isinstance(ct.a, PackedRows):
             return decrypt(secret, ct.switch(), hint)
         p = moduli_column(params)
         x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)

@@ -90,19 +90,29 @@ class MatrixProduct:
         self._hint: np.ndarray | None = hint if xp is np else xp.asnumpy(hint)  # on the host: it goes on the wire
         self.hint_seconds = time.perf_counter() - t0
 
-    def _product(self, residues: Any) -> Any:
-        """``M · residues`` mod p per limb, as float64 integers in [0, p); residues (d_in, L, N)."""
-        if self._int8 is not None:
-            return self._int8(residues)
+    def _centered(self, residues: Any) -> Any:
+        """(d_in, L·N) float64 centered residues, |c| < 2^26: the right-hand side of the GEMMs."""
         xp = self.xp
         p = self._moduli_f
         c = residues.astype(xp.float64)
-        c -= (c > p // 2) * p  # centered, |c| < 2^26
-        flat = c.reshape(self.d_in, -1)  # (d_in, L·N)
+        c -= (c > p // 2) * p
+        return c.reshape(self.d_in, -1)
+
+    def _product(self, residues: Any, flat: Any = None, rows: tuple[int, int] | None = None) -> Any:
+        """``M · residues`` mod p per limb, as float64 integers in [0, p); residues (d_in, L, N).
+
+        ``rows``: only output rows ``lo…hi`` of M (from ``flat``, ``_centered(residues)``, when given)."""
+        if self._int8 is not None:
+            out = self._int8(residues)
+            return out if rows is None else out[rows[0] : rows[1]]
+        xp = self.xp
+        p = self._moduli_f
+        flat = self._centered(residues) if flat is None else flat
+        lo_row, hi_row = rows if rows is not None else (0, self.d_out)
         acc = None
         for idx, chunk in enumerate(self._chunks):
             lo = idx * MAX_GEMM_TERMS
-            part = (chunk @ flat[lo : lo + chunk.shape[1]]).reshape(self.d_out, self.params.limbs, -1)  # exact < 2^47
+            part = (chunk[lo_row:hi_row] @ flat[lo : lo + chunk.shape[1]]).reshape(hi_row - lo_row, self.params.limbs, -1)
             part -= xp.floor(part / p) * p
             if acc is None:
                 acc = part
@@ -140,6 +150,27 @@ class MatrixProduct:
         if xp is not np:
             b = xp.asnumpy(b)
         return EncryptedPartial(self.params, self.hint if a is None else a, b, batch.n_tokens)
+
+    def row_blocks(self, batch: EncryptedBatch, blocks: list[tuple[int, int]]):
+        """``M·b`` mod q for the output rows of each ``(lo, hi)`` in ``blocks``, one block at a time,
+        as (hi - lo, L, N) uint32 host arrays: a caller can send a block while the next is computed.
+        Equal, row for row, to ``__call__``'s ``b``."""
+        if batch.params != self.params:
+            raise ParameterMismatch(f"batch uses {batch.params.name}, this layer {self.params.name}")
+        if batch.width != self.d_in:
+            raise ParameterMismatch(f"batch has {batch.width} ciphertexts, this layer takes {self.d_in}")
+        xp = self.xp
+        b = xp.asarray(batch.b)
+        if self._int8 is not None:  # a GPU computes the whole product faster than any block of it
+            whole = self.product_on_device(b)
+            for lo, hi in blocks:
+                out = whole[lo:hi]
+                yield out if xp is np else xp.asnumpy(out)
+            return
+        flat = self._centered(b)
+        for lo, hi in blocks:
+            out = self._product(b, flat, (lo, hi)).astype(xp.uint32)
+            yield out if xp is np else xp.asnumpy(out)
 
     def product_on_device(self, b: Any) -> Any:
         """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""

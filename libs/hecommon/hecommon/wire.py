@@ -24,7 +24,6 @@ Payloads larger than the broker's ``max_message_size`` are cut by ciphertext row
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
@@ -283,8 +282,8 @@ class PartialResult:
         return {"layer": self.layer, "direction": self.direction, "shard": self.shard, "shards": self.shards,
                 "row_start": self.row_start, "row_end": self.row_end, "part": self.part, "parts": self.parts,
                 "out_start": self.out_start, "n_tokens": pa.n_tokens, "shape": list(pa.b.shape),
-                "a_bits": pa.a.bits if pa.a_switched else 0,
-                "a": pa.a.data if pa.a_switched else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
+                "a_bits": pa.a.bits if isinstance(pa.a, PackedRows) else 0,
+                "a": pa.a.data if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> PartialResult:
@@ -307,7 +306,8 @@ class PartialResult:
 
     def _row_bytes(self) -> int:
         raw = 4 * self.params.limbs * self.params.n  # b, and a when it is mod q: raw uint32
-        return raw + (self.partial.a.row_bytes if self.partial.a_switched else raw)
+        a = self.partial.a
+        return raw + (a.row_bytes if isinstance(a, PackedRows) else raw)
 
     def _slice(self, lo: int, hi: int) -> PartialResult:
         pa = self.partial
@@ -350,7 +350,7 @@ class EncryptedReply:
                 _fail(name, f"shape {arr.shape} is not (rows >= 1, {n}) or differs from b")
             if arr.size and int(arr.max()) >> k:
                 _fail(name, f"a value does not fit in {k} bits")
-        if packed and (res.a.bits, res.a.n, res.a.rows) != (k, n, res.b.shape[0]):
+        if isinstance(res.a, PackedRows) and (res.a.bits, res.a.n, res.a.rows) != (k, n, res.b.shape[0]):
             _fail("a", f"packed a must be {res.b.shape[0]} rows of {n} values of {k} bits")
         _check_tokens("n_tokens", res.n_tokens, res.params)
 
@@ -717,13 +717,17 @@ def split(msg: Chunked, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Chunked]:
         raise TypeError(f"{type(msg).__name__} cannot be split")
     if msg.parts != 1:
         raise ValueError("split: the message is already a part")
-    per_chunk = (max_bytes - HEADER_ALLOWANCE) // msg._row_bytes()
+    ranges = row_ranges(msg._rows(), msg._row_bytes(), max_bytes, msg.TYPE)
+    return [dataclasses.replace(msg._slice(lo, hi), part=i, parts=len(ranges)) for i, (lo, hi) in enumerate(ranges)]
+
+
+def row_ranges(rows: int, row_bytes: int, max_bytes: int = MAX_MESSAGE_BYTES, what: str = "message") -> list[tuple[int, int]]:
+    """The rows of each part ``split`` makes of a message of ``rows`` rows of ``row_bytes`` bytes:
+    a sender that computes its rows block by block cuts them the same way."""
+    per_chunk = (max_bytes - HEADER_ALLOWANCE) // row_bytes
     if per_chunk < 1:
-        raise OversizedMessage(f"{msg.TYPE}: one ciphertext row ({msg._row_bytes()} bytes) exceeds {max_bytes}")
-    rows = msg._rows()
-    count = math.ceil(rows / per_chunk)
-    return [dataclasses.replace(msg._slice(lo, min(lo + per_chunk, rows)), part=i, parts=count)
-            for i, lo in enumerate(range(0, rows, per_chunk))]
+        raise OversizedMessage(f"{what}: one ciphertext row ({row_bytes} bytes) exceeds {max_bytes}")
+    return [(lo, min(lo + per_chunk, rows)) for lo in range(0, rows, per_chunk)]
 
 
 def _route(msg: Chunked) -> tuple[Any, ...]:

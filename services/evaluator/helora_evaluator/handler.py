@@ -16,10 +16,12 @@ The result is bit-identical: the switch is the same function on the same values.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import numpy as np
+from hecommon import wire
 from hecommon.bits import PackedRows
-from hecommon.encrypt import switch_a
+from hecommon.encrypt import EncryptedPartial, switch_a
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.params import ParamSet
@@ -81,7 +83,9 @@ class EvaluatorHandler:
             raise ParameterMismatch(f"this evaluator does not hold layer {layer!r}")
         return self._product(layer, direction).hint
 
-    def handle(self, req: EncryptedRequest) -> PartialResult:
+    def _prepare(self, req: EncryptedRequest) -> tuple[Shard, MatrixProduct, int, int, PackedRows | None]:
+        """Check ``req`` against this evaluator: (shard, product, shard index, shard count, switched
+        hint or None)."""
         shard = self.shards.get(req.layer)
         if shard is None:
             raise ParameterMismatch(f"this evaluator does not hold layer {req.layer!r}")
@@ -94,7 +98,27 @@ class EvaluatorHandler:
         index, count = self.shard_index.get(req.layer, (0, 1))
         whole = req.direction == "bwd" or count == 1  # this shard's outputs are not summed with others'
         a = self._switched_hint(req.layer, req.direction, product) if self.switch_a and whole else None
+        return shard, product, index, count, a
+
+    def handle(self, req: EncryptedRequest) -> PartialResult:
+        shard, product, index, count, a = self._prepare(req)
         partial = product(req.batch, a=a)
         out_start = 0 if req.direction == "fwd" else shard.lo
         return PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
                              row_start=shard.lo, row_end=shard.hi, partial=partial, out_start=out_start)
+
+    def handle_parts(self, req: EncryptedRequest, max_bytes: int) -> Iterator[PartialResult]:
+        """``wire.split(handle(req), max_bytes)``, computed part by part: each part's output rows
+        are multiplied only when it is asked for, so the caller sends one while the next is
+        computed (the RabbitMQ worker; the aggregator streams one-evaluator replies on)."""
+        shard, product, index, count, a = self._prepare(req)
+        raw = 4 * self.params.limbs * self.params.n  # a row of b, or of a mod q: raw uint32
+        row_bytes = raw + (a.row_bytes if a is not None else raw)
+        blocks = wire.row_ranges(product.d_out, row_bytes, max_bytes, PartialResult.TYPE)
+        out_start = 0 if req.direction == "fwd" else shard.lo
+        hint = a if a is not None else product.hint
+        for i, ((lo, hi), b) in enumerate(zip(blocks, product.row_blocks(req.batch, blocks), strict=True)):
+            partial = EncryptedPartial(self.params, hint[lo:hi], b, req.batch.n_tokens)
+            yield PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
+                                row_start=shard.lo, row_end=shard.hi, partial=partial, part=i, parts=len(blocks),
+                                out_start=out_start + lo)

@@ -5,7 +5,9 @@ At start it waits for the encoder's ``manifest.bin`` and its own shard files
 queue ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to ``{ns}.requests`` with the routing keys
 ``{layer}.s{i}of{n}``. Manual acks with prefetch 1; the product runs on the worker thread, never
 on pika's I/O thread, and acks and publishes go through ``add_callback_threadsafe``
-(``hecommon.amqp.Service``), so heartbeats flow during long products.
+(``hecommon.amqp.Service``), so heartbeats flow during long products. The partial is computed
+part by part (``EvaluatorHandler.handle_parts``: the output rows of one message at a time) and
+each part is published as soon as it is computed; the sub-request is acked after the last.
 
 A sub-request larger than the message limit arrives in parts, held unacked until all have come,
 so the prefetch is ``max(--prefetch, 2 × the most parts any sub-request for these shards takes)``
@@ -141,23 +143,29 @@ class EvaluatorWorker(amqp.Service):
         if got is None:
             return
         chunks, ds = got
+        props = amqp.forward_properties(d.properties)
+        seconds, sent = 0.0, 0
         try:
             req = wire.join(chunks)
-            t0 = time.perf_counter()
-            partial = self.handler.handle(req)  # the product, on this worker thread
-            seconds = time.perf_counter() - t0
-        except HeloraError as exc:
+            parts = self.handler.handle_parts(req, self.limit)  # the product, on this worker thread,
+            while True:                                          # part by part: each goes out at once
+                t0 = time.perf_counter()
+                part = next(parts, None)
+                seconds += time.perf_counter() - t0
+                if part is None:
+                    break
+                body = wire.encode_partial(part, self.limit)
+                self.publish_all(self.topology.partials, [body], props)
+                sent += len(body)
+        except HeloraError as exc:  # parts already sent are dropped by the aggregator once it times out
             self.fail(ds, exc, rid=chunk.rid, pset=chunk.params.name)
             return
         self.metrics.he_product(req.layer, req.direction, seconds)
-        bodies = [wire.encode_partial(p, self.limit) for p in wire.split(partial, self.limit)]
-        props = amqp.forward_properties(d.properties)
-        self.publish_all(self.topology.partials, bodies, props)
         self.ack(ds)
         self.metrics.request(req.layer, req.direction)
         self.metrics.add_tokens(req.batch.n_tokens)
-        log.debug("rid %s layer %s %s shard %d/%d: %.3f s, %d bytes out", req.rid.hex(), req.layer,
-                  req.direction, partial.shard, partial.shards, seconds, sum(map(len, bodies)))
+        log.debug("rid %s layer %s %s shard %s: %.3f s, %d bytes out", req.rid.hex(), req.layer,
+                  req.direction, self.shard_index.get(req.layer), seconds, sent)
 
 
 def device_bytes() -> int:
