@@ -30,8 +30,8 @@ loss raises ``TransientError`` (the message comes back; it is never dead-lettere
 arrives twice (a redelivery, or a sender that died half-way through publishing) is acked at
 once and used once (``PartCollector``); the aggregator ignores partials of answered ids.
 Messages are transient (``TRAFFIC_DELIVERY``): a broker restart loses those in flight, and the
-client, whose connection dropped with it, sends its request again. Connections are named ``helora-{service}@{namespace}`` (``rabbitmqctl list_connections
-client_properties``).
+client, whose connection dropped with it, sends its request again. Connections are named
+``helora-{service}@{namespace}`` (``rabbitmqctl list_connections client_properties``).
 
 Threads (DESIGN §4 RabbitMQ practice): pika's ``BlockingConnection`` lives on the main thread,
 which only runs the I/O loop; deliveries go to one worker thread, which runs the service's

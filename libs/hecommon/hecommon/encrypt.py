@@ -129,12 +129,7 @@ class EncryptedPartial:
         first = parts[0]
         if any(p.params != first.params or p.n_tokens != first.n_tokens for p in parts):
             raise ParameterMismatch("cannot join partials of different parameter sets or token counts")
-        if all(p.a_switched for p in parts):
-            a: np.ndarray | PackedRows = PackedRows.concat([p.a for p in parts])  # type: ignore[misc]
-        elif not any(p.a_switched for p in parts):
-            a = np.concatenate([p.a for p in parts])
-        else:
-            raise ParameterMismatch("cannot join partials with a switched and a mod-q a part")
+        a = concat_a([p.a for p in parts])
         return EncryptedPartial(first.params, a, np.concatenate([p.b for p in parts]), first.n_tokens)
 
     def switch(self, send_a: bool = True) -> EncryptedResult:
@@ -151,6 +146,15 @@ class EncryptedPartial:
         a = self.a if isinstance(self.a, PackedRows) else switch_a(self.a, self.params)
         b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params)
         return EncryptedResult(self.params, a, b, self.n_tokens)
+
+
+def concat_a(parts: list[np.ndarray | PackedRows]) -> np.ndarray | PackedRows:
+    """Row ranges of ``a`` parts one after the other: all packed (switched) or all arrays."""
+    packed = [p for p in parts if isinstance(p, PackedRows)]
+    arrays = [p for p in parts if not isinstance(p, PackedRows)]
+    if packed and arrays:
+        raise ParameterMismatch("cannot join partials with a switched and a mod-q a part")
+    return PackedRows.concat(packed) if packed else np.concatenate(arrays)
 
 
 def switch_a(a: np.ndarray, params: ParamSet) -> np.ndarray:

@@ -138,13 +138,16 @@ class MatrixProduct:
         """Drop the mod-q hint: its owner keeps only its switched form and passes it as ``a``."""
         self._hint = None
 
-    def __call__(self, batch: EncryptedBatch, a: Any = None) -> EncryptedPartial:
-        """The partial result for one batch (mod q, not yet switched); its ``a`` part is the hint,
-        or ``a`` when given (the hint already switched and packed, ``EncryptedPartial``)."""
+    def _check(self, batch: EncryptedBatch) -> None:
         if batch.params != self.params:
             raise ParameterMismatch(f"batch uses {batch.params.name}, this layer {self.params.name}")
         if batch.width != self.d_in:
             raise ParameterMismatch(f"batch has {batch.width} ciphertexts, this layer takes {self.d_in}")
+
+    def __call__(self, batch: EncryptedBatch, a: Any = None) -> EncryptedPartial:
+        """The partial result for one batch (mod q, not yet switched); its ``a`` part is the hint,
+        or ``a`` when given (the hint already switched and packed, ``EncryptedPartial``)."""
+        self._check(batch)
         xp = self.xp
         b = self.product_on_device(xp.asarray(batch.b))
         if xp is not np:
@@ -155,10 +158,7 @@ class MatrixProduct:
         """``M·b`` mod q for the output rows of each ``(lo, hi)`` in ``blocks``, one block at a time,
         as (hi - lo, L, N) uint32 host arrays: a caller can send a block while the next is computed.
         Equal, row for row, to ``__call__``'s ``b``."""
-        if batch.params != self.params:
-            raise ParameterMismatch(f"batch uses {batch.params.name}, this layer {self.params.name}")
-        if batch.width != self.d_in:
-            raise ParameterMismatch(f"batch has {batch.width} ciphertexts, this layer takes {self.d_in}")
+        self._check(batch)
         xp = self.xp
         b = xp.asarray(batch.b)
         if self._int8 is not None:  # a GPU computes the whole product faster than any block of it

@@ -40,8 +40,8 @@ from .codec import check_text as _text
 from .codec import expect as _expect
 from .codec import fail as _fail
 from .codec import pack, unpack
-from .encrypt import SEED_BYTES, EncryptedBatch, EncryptedPartial, EncryptedResult
-from .errors import HeloraError, MalformedMessage, OversizedMessage
+from .encrypt import SEED_BYTES, EncryptedBatch, EncryptedPartial, EncryptedResult, concat_a
+from .errors import HeloraError, MalformedMessage, OversizedMessage, ParameterMismatch
 from .params import ParamSet
 from .params import get as get_params
 
@@ -165,12 +165,17 @@ def _array(where: str, blob: Any, dtype: str, count: int) -> np.ndarray:
 
 
 def _join_a(parts: list[Any]) -> Any:
-    """Row ranges of an ``a`` part, all packed (``PackedRows``) or all arrays."""
-    if all(isinstance(p, PackedRows) for p in parts):
-        return PackedRows.concat(parts)
-    if any(isinstance(p, PackedRows) for p in parts):
+    """Row ranges of an ``a`` part (``encrypt.concat_a``); a mix is a malformed join."""
+    try:
+        return concat_a(parts)
+    except ParameterMismatch:
         _fail("join", "parts with a switched and a mod-q a part")
-    return np.concatenate(parts)
+
+
+def partial_row_bytes(params: ParamSet, a_switched: bool) -> int:
+    """Bytes of one output row of a partial: raw uint32 ``b``, and ``a`` raw or switched and packed."""
+    raw = 4 * params.limbs * params.n
+    return raw + (packed_size(params.out_bits, params.n) if a_switched else raw)
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -290,11 +295,11 @@ class PartialResult:
         a_bits = _int("a_bits", m["a_bits"], 0, 64)
         if a_bits not in (0, params.out_bits):
             _fail("a_bits", f"0 (residues mod q) or {params.out_bits} (switched) is required")
-        a_row = packed_size(a_bits, params.n) if a_bits else 4 * params.limbs * params.n
-        rows = _shape("shape", m["shape"], (params.limbs, params.n), 4 * params.limbs * params.n + a_row, max_bytes)
+        row_bytes = partial_row_bytes(params, a_switched=bool(a_bits))
+        rows = _shape("shape", m["shape"], (params.limbs, params.n), row_bytes, max_bytes)
         _check_tokens("n_tokens", m["n_tokens"], params)
         if a_bits:
-            a: np.ndarray | PackedRows = PackedRows(a_bits, params.n, _blob("a", m["a"], rows * a_row))
+            a: np.ndarray | PackedRows = PackedRows(a_bits, params.n, _blob("a", m["a"], rows * packed_size(a_bits, params.n)))
         else:
             a = _read_raw_residues("a", m["a"], params, rows)
         b = _read_raw_residues("b", m["b"], params, rows)
@@ -305,9 +310,7 @@ class PartialResult:
         return int(self.partial.b.shape[0])
 
     def _row_bytes(self) -> int:
-        raw = 4 * self.params.limbs * self.params.n  # b, and a when it is mod q: raw uint32
-        a = self.partial.a
-        return raw + (a.row_bytes if isinstance(a, PackedRows) else raw)
+        return partial_row_bytes(self.params, isinstance(self.partial.a, PackedRows))
 
     def _slice(self, lo: int, hi: int) -> PartialResult:
         pa = self.partial

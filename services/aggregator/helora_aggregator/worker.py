@@ -92,7 +92,7 @@ class AggregatorWorker(amqp.Service):
             if (chunk.rid, chunk.layer, chunk.direction) in self._done:
                 self.ack([d])  # a copy of a part of an answered request (a redelivery)
                 return
-            if chunk.shards == 1 and chunk.parts > 1 and chunk.partial.a_switched:
+            if self.handler.streams(chunk):
                 self._stream(chunk, d)
                 return
             got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard), chunk, d)
@@ -131,11 +131,8 @@ class AggregatorWorker(amqp.Service):
             self.ack([d])  # a copy of a part already answered
             return
         try:
-            t0 = time.perf_counter()
-            result = chunk.partial.switch(send_a=True)
-            self.metrics.observe_stage("switch", time.perf_counter() - t0)
-            reply = wire.EncryptedReply(chunk.rid, chunk.layer, chunk.direction, result, part=chunk.part,
-                                        parts=chunk.parts, out_start=chunk.out_start)
+            reply = self.handler.reply_part(chunk)
+            self.metrics.observe_stage("switch", self.handler.switch_seconds)
             body = wire.encode_reply(reply, self.limit)
         except HeloraError as exc:
             del self._streams[key]
@@ -153,7 +150,7 @@ class AggregatorWorker(amqp.Service):
             del self._streams[key]
             self._remember(key)
             self.metrics.request(key[1], key[2])
-            self.metrics.add_tokens(result.n_tokens)
+            self.metrics.add_tokens(reply.result.n_tokens)
             log.debug("rid %s layer %s %s: streamed %d reply parts", key[0].hex(), key[1], key[2], chunk.parts)
 
     def _reply(self, key: tuple[bytes, str, str], reply: wire.EncryptedReply, props) -> None:

@@ -112,8 +112,7 @@ class EvaluatorHandler:
         are multiplied only when it is asked for, so the caller sends one while the next is
         computed (the RabbitMQ worker; the aggregator streams one-evaluator replies on)."""
         shard, product, index, count, a = self._prepare(req)
-        raw = 4 * self.params.limbs * self.params.n  # a row of b, or of a mod q: raw uint32
-        row_bytes = raw + (a.row_bytes if a is not None else raw)
+        row_bytes = wire.partial_row_bytes(self.params, a_switched=a is not None)
         blocks = wire.row_ranges(product.d_out, row_bytes, max_bytes, PartialResult.TYPE)
         out_start = 0 if req.direction == "fwd" else shard.lo
         hint = a if a is not None else product.hint
