@@ -1,33 +1,74 @@
-"""The broker client's reply assembly: parts counted once, copies dropped, errors end the wait."""
+"""The broker client's reply parts: each used once as it arrives, checked like ``join`` checks
+them; late copies for an answered request are dropped, not kept."""
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 from hecommon import wire
 from hecommon.encrypt import EncryptedResult
+from hecommon.errors import MalformedMessage
 from hecommon.params import N2048
-from helora_orchestrator.broker import _ReplyParts
+from helora_orchestrator.broker import BrokerTransport
 
 
-def _reply_parts(rows: int = 3) -> list[bytes]:
+def _reply_parts(rows: int = 3) -> list[wire.EncryptedReply]:
     k = N2048.out_bits
     values = np.arange(rows * N2048.n, dtype=np.uint64).reshape(rows, N2048.n) % (1 << k)
     reply = wire.EncryptedReply(bytes(16), "0.qkv", "fwd", EncryptedResult(N2048, values, values[::-1].copy(), 4))
     limit = reply._row_bytes() + wire.HEADER_ALLOWANCE  # one row per part
-    return [wire.encode_reply(c, limit) for c in wire.split(reply, limit)]
+    return wire.split(reply, limit)  # type: ignore[return-value]
 
 
 def test_every_part_once_completes_whatever_the_order():
     p0, p1, p2 = _reply_parts()
-    done = _ReplyParts()
-    assert not done([p2])
-    assert not done([p2, p0])
-    assert not done([p2, p0, p0])  # a copy of part 0 is not part 1
-    assert done([p2, p0, p0, p1])
+    parts = wire.PartTracker()
+    assert parts.add(p2) and not parts.complete
+    assert parts.add(p0) and not parts.complete
+    assert not parts.add(p0) and not parts.complete  # a copy of part 0 is not part 1
+    assert 0 in parts and 1 not in parts
+    assert parts.add(p1) and parts.complete
+    assert parts.rows == 3
 
 
-def test_an_error_reply_ends_the_wait():
-    p0, _, _ = _reply_parts()
-    error = wire.encode_error(wire.ErrorReply(bytes(16), "timeout", "shard 1/2 never answered", "n2048-q54"))
-    assert _ReplyParts()([p0, error])
-    assert _ReplyParts()([b"not msgpack"])  # the caller decodes it and reports why
+def test_parts_of_another_message_are_refused():
+    p0, p1, _ = _reply_parts()
+    parts = wire.PartTracker()
+    parts.add(p0)
+    with pytest.raises(MalformedMessage, match="different messages"):
+        parts.add(dataclasses.replace(p1, rid=bytes(15) + b"\x01"))
+    with pytest.raises(MalformedMessage, match="different messages"):
+        parts.add(dataclasses.replace(p1, layer="1.qkv"))
+
+
+def test_parts_whose_offsets_do_not_follow_are_refused():
+    p0, p1, p2 = _reply_parts()
+    parts = wire.PartTracker()
+    for p in (p0, dataclasses.replace(p1, out_start=2), p2):
+        parts.add(p)
+    with pytest.raises(MalformedMessage, match="not contiguous"):
+        _ = parts.complete
+
+
+def test_the_parts_used_one_by_one_equal_the_joined_reply():
+    whole = wire.join(_reply_parts())
+    out = np.zeros_like(whole.result.b)
+    parts = wire.PartTracker()
+    for p in reversed(_reply_parts()):
+        if parts.add(p):
+            out[p.out_start:p.out_start + p.result.width] = p.result.b
+    assert parts.complete and np.array_equal(out, whole.result.b)
+
+
+def test_late_copies_for_an_answered_request_are_dropped():
+    t = BrokerTransport("amqp://guest:guest@127.0.0.1:5672/%2F")
+    t._expect("aa")
+    t._on_reply(None, None, SimpleNamespace(correlation_id="aa"), b"part")
+    t._on_reply(None, None, SimpleNamespace(correlation_id="bb"), b"late copy")
+    assert t._inbox == {"aa": [b"part"]}
+    t._expect("cc")  # the next request: what is left of the last one goes
+    t._on_reply(None, None, SimpleNamespace(correlation_id="aa"), b"late copy")
+    assert t._inbox == {}

@@ -766,6 +766,54 @@ def join(chunks: Sequence[Chunked]) -> Chunked:
     return dataclasses.replace(whole, part=0, parts=1, **{offset: start})
 
 
+class PartTracker:
+    """The parts of one chunked message as they arrive, for a receiver that uses each part at once
+    instead of joining them (the client decrypts reply parts as they come in).
+
+    ``add`` checks every part against the first as ``join`` does and says whether the part is new
+    (a copy of a part already seen is dropped: the first copy counts); ``complete`` is true once
+    parts ``0 … parts-1`` are in, and refuses parts whose offsets do not follow each other.
+    Only offsets are kept, never arrays.
+    """
+
+    def __init__(self) -> None:
+        self._route: tuple[Any, ...] | None = None
+        self._spans: dict[int, tuple[int, int]] = {}  # part -> (offset, rows)
+
+    def add(self, chunk: Chunked) -> bool:
+        if type(chunk) not in (EncryptedRequest, PartialResult, EncryptedReply):
+            raise TypeError(f"{type(chunk).__name__} is not a part of a chunked message")
+        route = _route(chunk)
+        if self._route is None:
+            self._route = route
+        elif route != self._route:
+            _fail("join", "parts of different messages or shapes")
+        if chunk.part in self._spans:
+            return False
+        offset = chunk.row_start if isinstance(chunk, EncryptedRequest) else chunk.out_start
+        self._spans[chunk.part] = (offset, chunk._rows())
+        return True
+
+    def __contains__(self, part: object) -> bool:
+        """Whether part number ``part`` is in already."""
+        return part in self._spans
+
+    @property
+    def complete(self) -> bool:
+        if self._route is None or len(self._spans) < self._route[4]:  # _route()[4]: parts
+            return False
+        ordered = [self._spans[i] for i in range(len(self._spans))]
+        for i, (prev, cur) in enumerate(zip(ordered, ordered[1:], strict=False), start=1):
+            if cur[0] != prev[0] + prev[1]:
+                _fail("join", f"part {i}: its offset is not contiguous with part {i - 1}")
+        return True
+
+    @property
+    def rows(self) -> int:
+        """Rows (ciphertexts) in the parts seen so far."""
+        return sum(rows for _, rows in self._spans.values())
+
+
 def payload_bytes(msg: EncryptedRequest | EncryptedReply) -> int:
     """Bytes of the packed ciphertext arrays in ``msg``, exactly as ``encode`` would write them.
 

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -65,6 +66,7 @@ class BrokerTransport:
         self._ch: Any = None
         self._reply_queue = ""
         self._inbox: dict[str, list[bytes]] = {}
+        self._awaiting: str | None = None  # the correlation id whose replies are wanted now
         #: message bodies really sent and received (every attempt), for benchmarks and metrics
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -80,7 +82,15 @@ class BrokerTransport:
         self._inbox.clear()
 
     def _on_reply(self, ch, method, properties, body: bytes) -> None:
-        self._inbox.setdefault(properties.correlation_id or "", []).append(body)
+        cid = properties.correlation_id or ""
+        if cid == self._awaiting:
+            self._inbox.setdefault(cid, []).append(body)
+        # else: a late copy for a request already answered (or abandoned): dropped, not kept
+
+    def _expect(self, cid: str | None) -> None:
+        """Keep replies for ``cid`` only (None: none), dropping what is left of earlier ones."""
+        self._awaiting = cid
+        self._inbox.clear()
 
     def close(self) -> None:
         try:
@@ -131,38 +141,59 @@ class BrokerTransport:
                 return None
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
-    def _round_trip(self, request: wire.EncryptedRequest, attempt: int) -> tuple[bytes, list[bytes]]:
-        """Send ``request`` (under a fresh id after the first attempt); (its id, the reply chunks)."""
+    def _round_trip(self, request: wire.EncryptedRequest, attempt: int,
+                    on_part: Callable[[wire.EncryptedReply], None]) -> None:
+        """Send ``request`` (under a fresh id after the first attempt) and hand each reply part to
+        ``on_part`` as it arrives, under the caller's request id; return once every part is in."""
         rid = request.rid if attempt == 0 else os.urandom(wire.RID_BYTES)
         sent = dataclasses.replace(request, rid=rid)
         chunks = [wire.encode_request(c, self.limit) for c in wire.split(sent, self.limit)]
         self.bytes_sent += sum(map(len, chunks))
         cid = rid.hex()
-        self._inbox.pop(cid, None)
+        self._expect(cid)
         try:
             self._publish(self.topology.ingress, chunks, cid)
         except pex.UnroutableError:
             raise TransientError(f"{describe(request)}: no queue {self.topology.ingress!r}: "
                                  "is the encoder running?") from None
-        got = self._wait(cid, _ReplyParts(), time.monotonic() + self.timeout_s)
-        if got is None:
-            raise TransientError(self._silence(request))
-        self.bytes_received += sum(map(len, got))
-        return rid, got
+        parts = wire.PartTracker()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            for body in self._inbox.pop(cid, []):
+                self.bytes_received += len(body)
+                head = wire.peek_part(body, self.limit)
+                if head is not None and head[0] in parts:
+                    continue  # a copy of a part already used (a replaced aggregator answered it again)
+                msg = wire.decode(body, self.limit)
+                if isinstance(msg, wire.ErrorReply):
+                    raise ServerError(msg.reason, f"{describe(request)}: the server could not serve the request: "
+                                                  f"{msg.reason}: {msg.message}")
+                if not isinstance(msg, wire.EncryptedReply) or msg.rid != rid:
+                    raise HeloraError(f"{describe(request)}: a reply for another request arrived")
+                if parts.add(msg):
+                    on_part(dataclasses.replace(msg, rid=request.rid))  # the caller's id, whatever attempt
+            if parts.complete:
+                self._expect(None)
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransientError(self._silence(request))
+            self._conn.process_data_events(time_limit=min(left, 0.5))
+
+    def stream(self, request: wire.EncryptedRequest, on_part: Callable[[wire.EncryptedReply], None]) -> int:
+        """Send ``request``; call ``on_part(reply part)`` for each part of the reply as it arrives
+        (each part once), so that the caller decrypts a part while the next is still computed.
+        Returns the bytes sent and received. After a reconnection the parts come again, from the
+        retry: equal to the first attempt's, since the same ciphertexts are computed again."""
+        before = self.bytes_sent + self.bytes_received
+        self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part), describe(request))
+        return self.bytes_sent + self.bytes_received - before
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
-        before = self.bytes_sent + self.bytes_received
-        rid, replies = self._with_reconnect(lambda attempt: self._round_trip(request, attempt), describe(request))
-        decoded = [wire.decode(r, self.limit) for r in replies]
-        for d in decoded:
-            if isinstance(d, wire.ErrorReply):
-                raise ServerError(d.reason, f"{describe(request)}: the server could not serve the request: "
-                                            f"{d.reason}: {d.message}")
-        reply = wire.join(list({d.part: d for d in reversed(decoded)}.values()))  # type: ignore[arg-type,union-attr]
-        if reply.rid != rid:
-            raise HeloraError(f"{describe(request)}: a reply for another request arrived")
-        reply = dataclasses.replace(reply, rid=request.rid)  # the caller's id, whatever attempt answered
-        return reply, self.bytes_sent + self.bytes_received - before  # type: ignore[return-value]
+        """The whole reply (its parts joined) and the bytes moved."""
+        got: dict[int, wire.EncryptedReply] = {}
+        moved = self.stream(request, lambda part: got.__setitem__(part.part, part))
+        return wire.join(list(got.values())), moved  # type: ignore[return-value]
 
     def _silence(self, request: wire.EncryptedRequest) -> str:
         """Which service looks down, from the consumer counts of the queues the client knows."""
@@ -186,6 +217,7 @@ class BrokerTransport:
 
         def ask(attempt: int) -> list[bytes] | None:
             cid = uuid.uuid4().hex
+            self._expect(cid)
             while True:
                 try:
                     self._publish(self.topology.manifest, [b""], cid)
@@ -231,6 +263,9 @@ class TransportPool:
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
         return self._mine()(request)
 
+    def stream(self, request: wire.EncryptedRequest, on_part: Callable[[wire.EncryptedReply], None]) -> int:
+        return self._mine().stream(request, on_part)
+
     @property
     def bytes_sent(self) -> int:
         return sum(t.bytes_sent for t in self._all)
@@ -249,26 +284,6 @@ def describe(request: wire.EncryptedRequest) -> str:
     """``layer 3.qkv (block 3, qkv) fwd``: how errors name a request."""
     block, _, kind = request.layer.partition(".")
     return f"layer {request.layer} (block {block}, {kind or '?'}) {request.direction}"
-
-
-class _ReplyParts:
-    """Whether every part of a reply is in (``done(bodies)``, asked after each arrival), or one
-    message is an error. A part may come twice (an aggregator that died after replying and before
-    its ack is replaced, and the new one answers the same part again): parts are counted once,
-    and ``__call__`` keeps the first copy of each. Each body is peeked once (its map, no arrays)."""
-
-    def __init__(self) -> None:
-        self.heads: list[tuple[int, int] | None] = []
-
-    def __call__(self, bodies: list[bytes]) -> bool:
-        for body in bodies[len(self.heads):]:
-            try:
-                self.heads.append(wire.peek_part(body, len(body) + 1))
-            except HeloraError:
-                return True  # let the caller decode and report it
-        if any(h is None for h in self.heads):
-            return True  # an error reply
-        return bool(self.heads) and len({h[0] for h in self.heads}) >= self.heads[0][1]  # type: ignore[index]
 
 
 def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = amqp.DEFAULT_NAMESPACE,

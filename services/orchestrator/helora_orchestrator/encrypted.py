@@ -72,27 +72,49 @@ class EncryptedBackend:
         return entry
 
     def _call(self, layer: str, direction: str, m: np.ndarray, a_seed: bytes) -> np.ndarray:
-        """Encrypt ``m`` (T <= N, d) under a fresh secret, send, decrypt the integer result."""
+        """Encrypt ``m`` (T <= N, d) under a fresh secret, send, decrypt the integer result.
+
+        Over a transport that streams (``stream(request, on_part)``: the broker client), each reply
+        part is decrypted into its columns as soon as it arrives, while the server still computes
+        and sends the next; otherwise the whole reply is decrypted at once."""
         secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
         rid = os.urandom(wire.RID_BYTES)
         request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction,
                                         batch=encrypt(secret, m, a_seed))
-        reply, moved = self.transport(request)
+        entry = self.layers[layer]
+        width = entry.d_out if direction == "fwd" else entry.d_in
+        out = np.empty((m.shape[0], width), dtype=np.int64)
+        filled = [0]
+
+        def decrypt_part(part: wire.EncryptedReply) -> None:
+            lo, hi = part.out_start, part.out_start + part.result.width
+            if part.rid != rid or hi > width or part.result.n_tokens != m.shape[0]:
+                raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
+            hint = None if part.result.a is not None else self._hint(layer, direction)[lo:hi]
+            out[:, lo:hi] = decrypt(secret, part.result, hint=hint)
+            filled[0] += hi - lo
+
+        stream = getattr(self.transport, "stream", None)
+        if stream is not None:
+            moved = stream(request, decrypt_part)
+        else:
+            reply, moved = self.transport(request)
+            decrypt_part(reply)
+        if filled[0] != width:  # the parts are distinct and contiguous (the transport checks): all of them
+            raise HeloraError(f"the reply to layer {layer} {direction} has {filled[0]} outputs, not {width}")
         with self._count_lock:
             self.wire_bytes += moved
             self.requests += 1
-        if reply.rid != rid or reply.result.width != (self.layers[layer].d_out if direction == "fwd"
-                                                       else self.layers[layer].d_in):
-            raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
-        hint = None
-        if reply.result.a is None:
-            if self._fetch_hint is None:
-                raise HeloraError(f"layer {layer}: the server sent no a part and this client has no hints")
-            key = (layer, direction)
-            if key not in self._hints:
-                self._hints[key] = self._fetch_hint(layer, direction)
-            hint = self._hints[key]
-        return decrypt(secret, reply.result, hint=hint)
+        return out
+
+    def _hint(self, layer: str, direction: str) -> np.ndarray:
+        """The layer's public hint, for replies sent without their ``a`` part (fetched once)."""
+        if self._fetch_hint is None:
+            raise HeloraError(f"layer {layer}: the server sent no a part and this client has no hints")
+        key = (layer, direction)
+        if key not in self._hints:
+            self._hints[key] = self._fetch_hint(layer, direction)
+        return self._hints[key]
 
     def forward(self, group: str, x: np.ndarray) -> np.ndarray:
         e = self._entry(group)
