@@ -447,3 +447,49 @@ def test_request_head_refuses_what_decode_refuses(entry):
     with pytest.raises(expected if is_request else (expected, errors.MalformedMessage)) as info:
         wire.decode_request_head(data)
     assert len(str(info.value)) < 200
+
+
+def test_reply_head_matches_the_full_decode_without_unpacking():
+    """The aggregator's view of a reply part an evaluator made: every field, no arrays unpacked."""
+    for reply in (gen.reply(), wire.EncryptedReply(RID, "3.down", "bwd",
+                                                   EncryptedResult(N2048, None, words(N2048, 2) >> 4, 5),
+                                                   part=1, parts=3, out_start=7)):
+        data = wire.encode(reply)
+        head = wire.decode_reply_head(data)
+        res = reply.result
+        assert (head.rid, head.layer, head.direction, head.params, head.n_tokens, head.width, head.with_a,
+                head.part, head.parts, head.out_start, head.lib) == (
+            reply.rid, reply.layer, reply.direction, reply.params, res.n_tokens, res.width, res.a is not None,
+            reply.part, reply.parts, reply.out_start, reply.lib)
+        assert wire.decode_partial_or_reply_head(data) == head
+    partial = gen.partial()
+    assert same(wire.decode_partial_or_reply_head(wire.encode(partial)), partial)  # a partial: decoded whole
+    with pytest.raises(errors.MalformedMessage, match="type"):
+        wire.decode_partial_or_reply_head(wire.encode(gen.request()))
+
+
+@pytest.mark.parametrize("entry", INDEX["negative"], ids=lambda e: e["file"])
+def test_reply_head_refuses_what_decode_refuses(entry):
+    """Every bad vector is refused by the reply head decoder (a reply's packed values have no range
+    to check: any bits are a value), and by the aggregator's decoder, with decode's error class."""
+    data = (VECTORS / entry["file"]).read_bytes()
+    expected = getattr(errors, entry["error"])
+    try:
+        kind = msgpack.unpackb(data, raw=False).get("type")
+    except Exception:  # noqa: BLE001 - not even msgpack
+        kind = None
+    with pytest.raises(expected if kind == "reply" else (expected, errors.MalformedMessage)) as info:
+        wire.decode_reply_head(data)
+    assert len(str(info.value)) < 200
+    with pytest.raises(expected if kind in ("reply", "partial") else (expected, errors.MalformedMessage)):
+        wire.decode_partial_or_reply_head(data)
+
+
+def test_reply_head_refuses_bad_sizes_and_fields():
+    reply = wire.EncryptedReply(RID, "0.o", "fwd", EncryptedResult(N2048, None, words(N2048, 1) >> 4, 3))
+    m = msgpack.unpackb(wire.encode(reply), raw=False)
+    size = packed_size(N2048.hint_out_bits, N2048.n)
+    for bad, field in (({"b": m["b"][:-1]}, "b"), ({"a": bytes(size)}, "a"), ({"shape": [2, N2048.n]}, "b"),
+                       ({"part": 1}, "part"), ({"direction": "up"}, "direction")):
+        with pytest.raises(errors.MalformedMessage, match=f"^{field}: "):
+            wire.decode_reply_head(msgpack.packb({**m, **bad}, use_bin_type=True))

@@ -17,7 +17,9 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 
+import msgpack
 import numpy as np
 import pika
 import pytest
@@ -30,6 +32,7 @@ from helora_orchestrator.broker import ServerError, make_broker_backend
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
 from helora_orchestrator.lora import LoraSettings
 from helora_orchestrator.up import LocalFleet
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -73,7 +76,7 @@ def fleet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet1(tmp_path_factory):
-    """One evaluator: every partial is a whole output, switched a part, streamed by the aggregator."""
+    """One evaluator: it holds every layer whole, finishes the reply parts, the aggregator forwards them."""
     yield from _fleet(tmp_path_factory, 1)
 
 
@@ -185,6 +188,17 @@ def _consumers(fleet: LocalFleet, queue: str) -> int:
         conn.close()
 
 
+def _stage_count(fleet: LocalFleet, service: str, stage: str) -> float:
+    """``helora_stage_seconds_count{stage=…}`` of a service, from the /metrics port its log names
+    (the last one: a restarted service appends to the same log)."""
+    ports = re.findall(rb"metrics on http://[^:/\s]+:(\d+)/metrics", (fleet.log_dir / f"{service}.log").read_bytes())
+    assert ports, fleet.logs()
+    with urllib.request.urlopen(f"http://127.0.0.1:{int(ports[-1])}/metrics", timeout=5) as r:  # the latest start
+        text = r.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "helora_stage_seconds_count" and s.labels.get("stage") == stage)
+
+
 def _dead_letters(fleet: LocalFleet) -> int:
     return sum(_queue_counts(fleet).get(amqp.Topology(fleet.namespace).dead, (0, 0)))
 
@@ -264,12 +278,12 @@ def _exact_forward(backend, rows: int = 5, seed: int = 3) -> None:
     np.testing.assert_array_equal(backend.forward(layer, x), quantized.forward(layer, x))
 
 
-@pytest.mark.parametrize("which", ["fleet", "fleet1"], ids=["two evaluators, gathered", "one evaluator, streamed"])
+@pytest.mark.parametrize("which", ["fleet", "fleet1"], ids=["two evaluators, gathered", "one evaluator, forwarded"])
 def test_duplicated_partials_are_counted_once(which, request):
     """Every partial message of a request reaches the aggregator twice (as after a redelivery of a
     worker that published and died before its ack): the reply is still exact, nothing is left.
-    With one evaluator the aggregator answers part by part (streaming): a copy of a part already
-    answered is dropped, so the client gets each reply part once."""
+    With one evaluator the messages are finished reply parts, which the aggregator forwards one by
+    one: a copy of a part already forwarded is dropped, so the client gets each reply part once."""
     fleet = request.getfixturevalue(which)
     topo = amqp.Topology(fleet.namespace)
     dead_before = _dead_letters(fleet)
@@ -370,8 +384,11 @@ def test_requests_nobody_answers_fail_with_the_layer_and_the_silent_service(flee
 
 
 def test_one_evaluator_streams_exact_replies_part_by_part(fleet1):
-    """With one evaluator, forward and backward partials are whole outputs whose a part comes
-    switched: the aggregator replies to each part as it arrives, and the products stay exact."""
+    """With one evaluator, which holds every layer whole, the evaluator switches each part itself
+    and sends finished reply parts; the aggregator forwards each as it arrives (it switches
+    nothing: its metrics show no switch stage, the evaluator's do), the client decrypts each as it
+    comes, and the products stay exact."""
+    switches = {name: _stage_count(fleet1, name, "switch") for name in ("aggregator", "evaluator0")}
     model = _model()
     quantized = build_backend("quantized", model, discover_groups(model))
     backend = make_broker_backend(fleet1.broker_url, namespace=fleet1.namespace, timeout_s=90,
@@ -390,3 +407,50 @@ def test_one_evaluator_streams_exact_replies_part_by_part(fleet1):
     finally:
         backend.transport.close()
     assert _dead_letters(fleet1) == 0
+    assert _stage_count(fleet1, "aggregator", "switch") == switches["aggregator"]
+    assert _stage_count(fleet1, "evaluator0", "switch") > switches["evaluator0"] + 8  # 8 requests, several parts
+
+
+def test_a_bad_reply_part_is_dead_lettered_by_the_aggregator(fleet1):
+    """A reply part on the partials queue whose b is a byte short: the aggregator's head check
+    refuses it (dead letter with its reason, an error reply to the client) and goes on serving."""
+    from hecommon.encrypt import EncryptedResult
+
+    backend = make_broker_backend(fleet1.broker_url, namespace=fleet1.namespace, timeout_s=90,
+                                  max_message_bytes=fleet1.max_message_bytes)
+    params, layer = backend.manifest.params, backend.manifest.layers[0]
+    values = np.arange(2 * params.n, dtype=np.uint64).reshape(2, params.n)
+    reply = wire.EncryptedReply(os.urandom(16), layer.name, "fwd", EncryptedResult(params, values, values, 3))
+    m = msgpack.unpackb(wire.encode_reply(reply, LIMIT), raw=False)
+    bad = msgpack.packb({**m, "b": m["b"][:-1]}, use_bin_type=True)
+    topo = amqp.Topology(fleet1.namespace)
+    dead_before = _dead_letters(fleet1)
+    conn = pika.BlockingConnection(pika.URLParameters(fleet1.broker_url))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        reply_q = ch.queue_declare("", exclusive=True).method.queue
+        ch.basic_publish("", topo.partials, bad, pika.BasicProperties(reply_to=reply_q, correlation_id="bad-reply"),
+                         mandatory=True)
+        _wait_for("the bad reply part is dead-lettered", lambda: _dead_letters(fleet1) == dead_before + 1)
+        dead, error = None, None
+        end = time.monotonic() + 30
+        while (dead is None or error is None) and time.monotonic() < end:
+            method, props, _ = ch.basic_get(topo.dead, auto_ack=True)
+            if method is not None and props.correlation_id == "bad-reply":
+                dead = props.headers
+            method, props, body = ch.basic_get(reply_q, auto_ack=True)
+            if method is not None:
+                error = wire.decode_error(body)
+            conn.sleep(0.1)
+    finally:
+        conn.close()
+    assert dead is not None and dead[amqp.REASON_HEADER] == "malformed" and dead[amqp.QUEUE_HEADER] == topo.partials
+    assert error is not None and error.reason == "malformed" and "b:" in error.message
+    model = _model()  # the aggregator goes on serving
+    quantized = build_backend("quantized", model, discover_groups(model))
+    x = np.random.default_rng(2).standard_normal((3, layer.d_in)).astype(np.float32)
+    try:
+        np.testing.assert_array_equal(backend.forward(layer.name, x), quantized.forward(layer.name, x))
+    finally:
+        backend.transport.close()

@@ -182,3 +182,39 @@ def test_partials_computed_part_by_part_equal_the_split_whole(tiny, shards, swit
             expected = [wire.encode_partial(c, limit) for c in wire.split(handlers[index].handle(sub), limit)]
             got = [wire.encode_partial(p, limit) for p in handlers[index].handle_parts(sub, limit)]
             assert len(got) > 1 and got == expected
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, shards, rng):
+    """An evaluator that holds the whole layer (one shard, a switched) answers: its parts, switched
+    there (``wire.reply_part``), decode as reply parts that join into the aggregator's reply, bit for
+    bit; the aggregator's head check reads each one. With two shards nobody answers alone."""
+    from helora_evaluator.handler import EvaluatorHandler
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
+    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+                for e in server.evaluators]
+    plain = EvaluatorHandler(server.evaluators[0].params, list(server.evaluators[0].shards.values()),
+                             server.evaluators[0].shard_index)  # switch_a off: the embedded server's
+    g = groups[2]
+    limit = 100 * 1024 + wire.HEADER_ALLOWANCE
+    for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
+        secret, req = _request(server, g.name, direction, rng.integers(0, 256, size=(6, width)))
+        routed = list(server.encoder.route(req))
+        assert [handlers[i].answers(sub) for i, sub in routed] == [shards == 1] * len(routed)
+        assert not plain.answers(routed[0][1])
+        if shards != 1:
+            continue
+        expected = AggregatorHandler(send_a=True).add(handlers[0].handle(routed[0][1]))
+        bodies = [wire.encode_reply(wire.reply_part(p), limit) for p in handlers[0].handle_parts(routed[0][1], limit)]
+        assert len(bodies) > 1
+        heads = [wire.decode_partial_or_reply_head(b, limit) for b in bodies]
+        assert all(isinstance(h, wire.ReplyHead) and h.with_a for h in heads)
+        assert [(h.part, h.parts) for h in heads] == [(i, len(bodies)) for i in range(len(bodies))]
+        assert [h.out_start for h in heads] == list(np.cumsum([0] + [h.width for h in heads[:-1]]))
+        assert sum(h.width for h in heads) == expected.result.width
+        joined = wire.join([wire.decode_reply(b, limit) for b in bodies])
+        np.testing.assert_array_equal(joined.result.a.unpack(), expected.result.a.unpack())
+        np.testing.assert_array_equal(joined.result.b, expected.result.b)
+        np.testing.assert_array_equal(decrypt(secret, joined.result), decrypt(secret, expected.result))

@@ -574,7 +574,10 @@ def _parse(data: Any, max_bytes: int) -> dict[str, Any]:
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) -> Message:
     """Parse and validate one message of any allow-listed type (or of type ``expect``)."""
-    m = _parse(data, max_bytes)
+    return _decode_map(_parse(data, max_bytes), max_bytes, expect)
+
+
+def _decode_map(m: dict[str, Any], max_bytes: int, expect: Any = None) -> Message:
     kind = m.get("type")
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -637,6 +640,74 @@ def decode_request_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Requ
     _check_route(head)
     _check_chunk(head, "row_start")
     return head
+
+
+@dataclass(frozen=True)
+class ReplyHead:
+    """A reply part checked without unpacking its arrays: the aggregator's view of a reply part
+    that an evaluator holding a whole layer made itself, which the aggregator forwards as it came.
+
+    Checked as ``decode`` would: version, type, keys, parameter set, route, part numbers, shape
+    against the size limit, the exact byte length of ``a`` and ``b`` and ``b``'s zero padding.
+    Every bit pattern of packed ``out_bits`` values is a valid value, so nothing else is left.
+    """
+
+    rid: bytes
+    layer: str
+    direction: str
+    params: ParamSet
+    n_tokens: int
+    width: int
+    with_a: bool
+    part: int = 0
+    parts: int = 1
+    out_start: int = 0
+    lib: str = LIB_VERSION
+
+
+def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
+    if m.get("type") != EncryptedReply.TYPE:
+        _fail("type", f"{EncryptedReply.TYPE!r} expected")
+    _keys(EncryptedReply.TYPE, m, _HEADER + _BODY_KEYS[EncryptedReply])
+    params = get_params(_text("pset", m["pset"], MAX_NAME_CHARS))
+    with_a = m["a"] is not None
+    k, n = (params.out_bits if with_a else params.hint_out_bits), params.n
+    rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
+    _check_tokens("n_tokens", m["n_tokens"], params)
+    if with_a:
+        _blob("a", m["a"], rows * packed_size(k, n))
+    size = packed_size(k, rows * n)
+    _blob("b", m["b"], size)
+    pad = size * 8 - rows * n * k
+    if pad and m["b"][-1] >> (8 - pad):
+        _fail("b", "packed data: non-zero padding bits")
+    head = ReplyHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
+                     with_a, m["part"], m["parts"], m["out_start"], m["lib"])
+    _check_route(head)
+    _check_chunk(head, "out_start")
+    return head
+
+
+def decode_reply_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ReplyHead:
+    """The head of a reply message, its arrays checked for size and padding only."""
+    return _reply_head(_parse(data, max_bytes), max_bytes)
+
+
+def decode_partial_or_reply_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> PartialResult | ReplyHead:
+    """What reaches the aggregator, parsed once: a partial (decoded), or the head of a reply part an
+    evaluator made itself (``ReplyHead``; the body goes on to the client as it came)."""
+    m = _parse(data, max_bytes)
+    if m.get("type") == EncryptedReply.TYPE:
+        return _reply_head(m, max_bytes)
+    return _decode_map(m, max_bytes, PartialResult)  # type: ignore[return-value]
+
+
+def reply_part(partial: PartialResult, send_a: bool = True) -> EncryptedReply:
+    """The reply for one part of a one-shard partial whose ``a`` part is switched: ``b`` switched,
+    ``a`` as it came, the same rows and part number (each part is answered alone, as it comes)."""
+    result = partial.partial.switch(send_a=send_a)
+    return EncryptedReply(rid=partial.rid, layer=partial.layer, direction=partial.direction, result=result,
+                          part=partial.part, parts=partial.parts, out_start=partial.out_start)
 
 
 def join_heads(heads: Sequence[RequestHead]) -> RequestHead:

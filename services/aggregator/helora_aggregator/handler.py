@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from hecommon import wire
 from hecommon.encrypt import EncryptedPartial
 from hecommon.errors import MalformedMessage
 from hecommon.wire import EncryptedReply, PartialResult
@@ -63,10 +64,9 @@ class AggregatorHandler:
         """The reply part for one part of a streamed partial (``streams``): the same rows and part
         number, ``b`` switched, ``a`` as it came. The caller keeps duplicates out."""
         t0 = time.perf_counter()
-        result = partial.partial.switch(send_a=self.send_a)
+        reply = wire.reply_part(partial, send_a=self.send_a)
         self.switch_seconds = time.perf_counter() - t0
-        return EncryptedReply(rid=partial.rid, layer=partial.layer, direction=partial.direction, result=result,
-                              part=partial.part, parts=partial.parts, out_start=partial.out_start)
+        return reply
 
     def abandon(self, key: tuple[bytes, str, str]) -> tuple[int, list[int]]:
         """Give up on an incomplete request (its time is up): (its shard count, the shards that never

@@ -17,6 +17,11 @@ parts and the client already receives the first. Each part is acked once its rep
 confirmed; a copy of a part already answered is acked and dropped. If this process dies between
 publishing a reply part and acking its partial, a fresh aggregator answers that part again: the
 client keeps the first copy of every reply part (``helora_orchestrator.broker``).
+
+Forwarding. An evaluator that holds a whole layer (one shard) switches ``b`` itself and sends
+finished reply parts (``wire.EncryptedReply``). Their heads are checked (``wire.ReplyHead``: every
+field but the packed values, which any bit pattern makes valid) and their bodies go to the
+client as they came, with the same de-duplication, acks and timeouts as streamed parts.
 """
 
 from __future__ import annotations
@@ -86,11 +91,15 @@ class AggregatorWorker(amqp.Service):
     def handle(self, d: amqp.Delivery) -> None:
         try:
             with self.metrics.stage("decode"):
-                chunk = wire.decode_partial(d.body, self.limit)
+                chunk = wire.decode_partial_or_reply_head(d.body, self.limit)
             if not d.properties.reply_to:
-                raise MalformedMessage("partial without reply_to: nowhere to send the result")
+                raise MalformedMessage(f"{'reply part' if isinstance(chunk, wire.ReplyHead) else 'partial'} "
+                                       "without reply_to: nowhere to send the result")
             if (chunk.rid, chunk.layer, chunk.direction) in self._done:
                 self.ack([d])  # a copy of a part of an answered request (a redelivery)
+                return
+            if isinstance(chunk, wire.ReplyHead):
+                self._forward(chunk, d)
                 return
             if self.handler.streams(chunk):
                 self._stream(chunk, d)
@@ -126,9 +135,7 @@ class AggregatorWorker(amqp.Service):
     def _stream(self, chunk: wire.PartialResult, d: amqp.Delivery) -> None:
         """One part of a one-shard partial whose a part is switched: its reply part, at once."""
         key = (chunk.rid, chunk.layer, chunk.direction)
-        _, sent, _ = self._streams.setdefault(key, (time.monotonic(), set(), d.properties))
-        if chunk.part in sent:
-            self.ack([d])  # a copy of a part already answered
+        if self._answered(key, chunk.part, d):
             return
         try:
             reply = self.handler.reply_part(chunk)
@@ -139,19 +146,38 @@ class AggregatorWorker(amqp.Service):
             self._remember(key)
             self.fail([d], exc, rid=chunk.rid, pset=chunk.params.name)
             return
+        self._send_part(key, chunk.part, chunk.parts, chunk.partial.n_tokens, body, d)
+
+    def _forward(self, head: wire.ReplyHead, d: amqp.Delivery) -> None:
+        """A reply part an evaluator holding the whole layer made itself: to the client as it came."""
+        key = (head.rid, head.layer, head.direction)
+        if not self._answered(key, head.part, d):
+            self._send_part(key, head.part, head.parts, head.n_tokens, d.body, d)
+
+    def _answered(self, key: tuple[bytes, str, str], part: int, d: amqp.Delivery) -> bool:
+        """Start or continue a streamed request; True (and ``d`` acked) for a part already answered."""
+        _, sent, _ = self._streams.setdefault(key, (time.monotonic(), set(), d.properties))
+        if part in sent:
+            self.ack([d])  # a copy of a part already answered
+            return True
+        return False
+
+    def _send_part(self, key: tuple[bytes, str, str], part: int, parts: int, n_tokens: int, body: bytes,
+                   d: amqp.Delivery) -> None:
         props = d.properties
         try:
             self.publish(props.reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id))
         except (pex.UnroutableError, pex.NackError):
             log.warning("rid %s layer %s: the client's reply queue is gone; reply part dropped", key[0].hex(), key[1])
         self.ack([d])
-        sent.add(chunk.part)
-        if len(sent) == chunk.parts:
+        sent = self._streams[key][1]
+        sent.add(part)
+        if len(sent) == parts:
             del self._streams[key]
             self._remember(key)
             self.metrics.request(key[1], key[2])
-            self.metrics.add_tokens(reply.result.n_tokens)
-            log.debug("rid %s layer %s %s: streamed %d reply parts", key[0].hex(), key[1], key[2], chunk.parts)
+            self.metrics.add_tokens(n_tokens)
+            log.debug("rid %s layer %s %s: streamed %d reply parts", key[0].hex(), key[1], key[2], parts)
 
     def _reply(self, key: tuple[bytes, str, str], reply: wire.EncryptedReply, props) -> None:
         bodies = [wire.encode_reply(r, self.limit) for r in wire.split(reply, self.limit)]

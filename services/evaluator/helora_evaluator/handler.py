@@ -11,6 +11,11 @@ than sums), its partials carry the hint already switched to ``2^out_bits`` and p
 once per product; the mod-q hint is then dropped. The aggregator passes that part into the reply
 as it came, instead of unpacking, switching and packing the same constant for every request.
 The result is bit-identical: the switch is the same function on the same values.
+
+Where such an evaluator holds the whole layer (one shard: nothing to sum or join), it switches
+``b`` as well (``answers``) and sends finished reply parts, which the aggregator forwards without
+unpacking them: one hop's unpacking, switching and packing less per request, and a message of
+4.75 bytes per output coefficient instead of 12.75 from evaluator to aggregator.
 """
 
 from __future__ import annotations
@@ -100,6 +105,12 @@ class EvaluatorHandler:
         a = self._switched_hint(req.layer, req.direction, product) if self.switch_a and whole else None
         return shard, product, index, count, a
 
+    def answers(self, req: EncryptedRequest) -> bool:
+        """Whether this evaluator finishes ``req``'s reply itself: it holds the whole layer (one
+        shard) and sends the public part switched, so it switches ``b`` too (``wire.reply_part``)
+        and each part it computes is a reply part, which the aggregator forwards as it came."""
+        return self.switch_a and self.shard_index.get(req.layer, (0, 1))[1] == 1
+
     def handle(self, req: EncryptedRequest) -> PartialResult:
         shard, product, index, count, a = self._prepare(req)
         partial = product(req.batch, a=a)
@@ -110,7 +121,7 @@ class EvaluatorHandler:
     def handle_parts(self, req: EncryptedRequest, max_bytes: int) -> Iterator[PartialResult]:
         """``wire.split(handle(req), max_bytes)``, computed part by part: each part's output rows
         are multiplied only when it is asked for, so the caller sends one while the next is
-        computed (the RabbitMQ worker; the aggregator streams one-evaluator replies on)."""
+        computed (the RabbitMQ worker, which sends each part on at once)."""
         shard, product, index, count, a = self._prepare(req)
         row_bytes = wire.partial_row_bytes(self.params, a_switched=a is not None)
         blocks = wire.row_ranges(product.d_out, row_bytes, max_bytes, PartialResult.TYPE)

@@ -8,6 +8,8 @@ on pika's I/O thread, and acks and publishes go through ``add_callback_threadsaf
 (``hecommon.amqp.Service``), so heartbeats flow during long products. The partial is computed
 part by part (``EvaluatorHandler.handle_parts``: the output rows of one message at a time) and
 each part is published as soon as it is computed; the sub-request is acked after the last.
+An evaluator that holds a whole layer (one shard) switches each part's ``b`` too and publishes
+finished reply parts (``EvaluatorHandler.answers``), which the aggregator forwards unchanged.
 
 A sub-request larger than the message limit arrives in parts, held unacked until all have come,
 so the prefetch is ``max(--prefetch, 2 × the most parts any sub-request for these shards takes)``
@@ -147,6 +149,7 @@ class EvaluatorWorker(amqp.Service):
         seconds, sent = 0.0, 0
         try:
             req = wire.join(chunks)
+            answers = self.handler.answers(req)  # the whole layer: finished reply parts, b switched here
             parts = self.handler.handle_parts(req, self.limit)  # the product, on this worker thread,
             while True:                                          # part by part: each goes out at once
                 t0 = time.perf_counter()
@@ -154,7 +157,12 @@ class EvaluatorWorker(amqp.Service):
                 seconds += time.perf_counter() - t0
                 if part is None:
                     break
-                body = wire.encode_partial(part, self.limit)
+                if answers:
+                    with self.metrics.stage("switch"):
+                        reply = wire.reply_part(part)
+                    body = wire.encode_reply(reply, self.limit)
+                else:
+                    body = wire.encode_partial(part, self.limit)
                 self.publish_all(self.topology.partials, [body], props)
                 sent += len(body)
         except HeloraError as exc:  # parts already sent are dropped by the aggregator once it times out
