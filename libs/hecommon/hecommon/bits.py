@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import parallel
 from .errors import MalformedMessage
 
 _GROUP = 64  # values per group; a group packs into exactly `bits` uint64 words
@@ -30,6 +31,8 @@ _GROUP = 64  # values per group; a group packs into exactly `bits` uint64 words
 _WINDOW_BITS = (8, 56)
 #: Below this many values the bit-matrix path is faster (measured on a 2-core x86 VM).
 _SMALL = 1 << 14
+#: Arrays of at least twice this many values are packed and unpacked in pieces, in parallel.
+_PARALLEL = 1 << 19
 
 
 def packed_size(bits: int, count: int) -> int:
@@ -51,15 +54,24 @@ def _steps(bits: int):
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack unsigned integers (any shape, C order) at ``bits`` bits each; values must be < 2^bits."""
+    """Pack unsigned integers (any shape, C order) at ``bits`` bits each; values must be < 2^bits.
+
+    Long arrays are packed in pieces on the shared thread pool (``hecommon.parallel``): a piece
+    of a multiple of 64 values fills whole bytes, so the pieces' bytes, one after the other, are
+    the whole array's."""
     _check_bits(bits)
     values = np.asarray(values)
     if values.dtype.kind != "u":
         raise TypeError(f"pack_bits: unsigned integers required, got {values.dtype}")
-    count = values.size
     flat = values.reshape(-1)
-    if bits < 64 and count and int(flat.max()) >> bits:
+    ranges = parallel.chunks(flat.size, _PARALLEL, align=_GROUP)
+    if bits < 64 and flat.size and max(parallel.map_ranges(lambda lo, hi: int(flat[lo:hi].max()), ranges)) >> bits:
         raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
+    return b"".join(parallel.map_ranges(lambda lo, hi: _pack_flat(flat[lo:hi], bits), ranges))
+
+
+def _pack_flat(flat: np.ndarray, bits: int) -> bytes:
+    count = flat.size
     if count < _SMALL:
         matrix = np.unpackbits(flat.astype("<u8").view(np.uint8).reshape(count, 8), axis=1, bitorder="little")
         return np.packbits(matrix[:, :bits], axis=None, bitorder="little").tobytes()
@@ -95,6 +107,19 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     if pad and data[-1] >> (8 - pad):
         raise MalformedMessage("packed data: non-zero padding bits")
     raw = np.frombuffer(data, dtype=np.uint8)
+    ranges = parallel.chunks(count, _PARALLEL, align=_GROUP)  # pieces of whole bytes, as pack_bits cuts
+    if len(ranges) == 1:
+        return _unpack_flat(raw, bits, count)
+    out = np.empty(count, dtype=np.uint64)
+
+    def piece(lo: int, hi: int) -> None:
+        out[lo:hi] = _unpack_flat(raw[lo * bits // 8 : packed_size(bits, hi)], bits, hi - lo)
+
+    parallel.map_ranges(piece, ranges)
+    return out
+
+
+def _unpack_flat(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
     if count >= _SMALL and _WINDOW_BITS[0] <= bits <= _WINDOW_BITS[1]:
         return _unpack_windows(raw, bits, count)
     if count < _SMALL:
@@ -103,7 +128,7 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
         return np.packbits(matrix, axis=1, bitorder="little").view("<u8").reshape(count).astype(np.uint64)
     groups = -(-count // _GROUP)
     buf = np.zeros(groups * bits * 8, dtype=np.uint8)
-    buf[:expected] = raw
+    buf[: raw.size] = raw
     words = np.ascontiguousarray(buf.view("<u8").reshape(groups, bits).T)  # (bits, groups)
     lanes = np.empty((_GROUP, groups), dtype=np.uint64)
     for j, word, shift, spills in _steps(bits):

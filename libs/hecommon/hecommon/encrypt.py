@@ -16,9 +16,6 @@ Encryption: ``b = -a·s + Δ·m + e (mod q)``. Decryption: ``x = b + a·s``, cen
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from .bits import PackedRows
 from .errors import DecryptionError, ParameterMismatch
 from .keys import RequestSecret, derive_key, sample_noise
+from .parallel import map_rows
 from .params import ParamSet
 from .ring import centered, centered_float, crt_fraction, moduli_column, reduce_float, switch_modulus
 
@@ -139,13 +137,12 @@ class EncryptedPartial:
         for every request), so only ``b`` is switched, to ``2^hint_out_bits``.
         """
         if not send_a:
-            b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params, self.params.hint_out_bits)
-            return EncryptedResult(self.params, None, b, self.n_tokens)
+            return EncryptedResult(self.params, None, _switch_rows(self.b, self.params, self.params.hint_out_bits),
+                                   self.n_tokens)
         if isinstance(self.a, PackedRows) and self.a.bits != self.params.out_bits:
             raise ParameterMismatch(f"the switched a part has {self.a.bits} bits, not {self.params.out_bits}")
         a = self.a if isinstance(self.a, PackedRows) else switch_a(self.a, self.params)
-        b = switch_modulus(np.moveaxis(self.b, 1, 0), self.params)
-        return EncryptedResult(self.params, a, b, self.n_tokens)
+        return EncryptedResult(self.params, a, _switch_rows(self.b, self.params), self.n_tokens)
 
 
 def concat_a(parts: list[np.ndarray | PackedRows]) -> np.ndarray | PackedRows:
@@ -159,7 +156,18 @@ def concat_a(parts: list[np.ndarray | PackedRows]) -> np.ndarray | PackedRows:
 
 def switch_a(a: np.ndarray, params: ParamSet) -> np.ndarray:
     """The public part of outputs mod q, (d, L, N) residues, switched to ``2^out_bits``: (d, N)."""
-    return switch_modulus(np.moveaxis(a, 1, 0), params)
+    return _switch_rows(a, params)
+
+
+def _switch_rows(x: np.ndarray, params: ParamSet, bits: int | None = None) -> np.ndarray:
+    """``switch_modulus`` of (d, L, N) residues, ranges of rows in parallel: (d, N) uint64."""
+    out = np.empty((x.shape[0], x.shape[2]), dtype=np.uint64)
+
+    def rows(lo: int, hi: int) -> None:
+        out[lo:hi] = switch_modulus(np.moveaxis(x[lo:hi], 1, 0), params, bits)
+
+    map_rows(rows, x.shape[0], minimum=64)
+    return out
 
 
 @dataclass(frozen=True)
@@ -195,33 +203,6 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
     return m.astype(np.int64)
 
 
-def _row_chunks(rows: int, minimum: int = 128) -> list[tuple[int, int]]:
-    """Contiguous ranges of rows, one per worker thread (numpy and the FFT release the GIL)."""
-    parts = max(1, min(_workers(), rows // minimum))
-    cuts = np.linspace(0, rows, parts + 1).astype(int)
-    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
-
-
-def _workers() -> int:
-    return max(1, int(os.environ.get("HELORA_THREADS", os.cpu_count() or 1)))
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _map_rows(fn: Callable[[int, int], None], rows: int) -> None:
-    """Run ``fn(lo, hi)`` over row ranges, in parallel when there are several."""
-    global _POOL
-    chunks = _row_chunks(rows)
-    if len(chunks) == 1:
-        fn(*chunks[0])
-        return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="hecommon")
-    for f in [_POOL.submit(fn, lo, hi) for lo, hi in chunks]:
-        f.result()
-
-
 def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray) -> EncryptedBatch:
     """Deterministic core of ``encrypt`` (known-answer tests): noise (d, N) or (d, L, N) given.
 
@@ -245,7 +226,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
             x += noise[lo:hi, min(i, noise.shape[1] - 1)]
             b[lo:hi, i] = reduce_float(x, float(p))
 
-    _map_rows(rows, d)
+    map_rows(rows, d)
     return EncryptedBatch(params, b, t)
 
 
@@ -301,7 +282,7 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
             x /= modulus
             out[:, lo:hi] = _decode(x, params, ct.n_tokens)
 
-        _map_rows(rows, ct.width)
+        map_rows(rows, ct.width)
         return out
     if isinstance(ct, EncryptedPartial):
         if isinstance(ct.a, PackedRows):

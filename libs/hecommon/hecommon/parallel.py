@@ -1,0 +1,51 @@
+"""Row ranges of numpy work on a small shared thread pool (numpy, the FFT and bit packing release
+the GIL, so ranges of independent rows run in parallel).
+
+``HELORA_THREADS`` sets the pool's size (default: the CPU count). Work asked for from inside a
+pool thread runs there, in one piece: a pool thread that waited for the pool could wait forever.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+_PREFIX = "hecommon"
+_POOL: ThreadPoolExecutor | None = None
+_LOCK = threading.Lock()
+T = TypeVar("T")
+
+
+def workers() -> int:
+    return max(1, int(os.environ.get("HELORA_THREADS", os.cpu_count() or 1)))
+
+
+def chunks(count: int, minimum: int, align: int = 1) -> list[tuple[int, int]]:
+    """Contiguous ranges covering ``0 … count``, one per worker, each at least ``minimum`` long and
+    starting at a multiple of ``align`` (a single range when the work is small or runs on a pool
+    thread already)."""
+    parts = max(1, min(workers(), count // max(minimum, 1)))
+    if parts == 1 or threading.current_thread().name.startswith(_PREFIX):
+        return [(0, count)] if count else []
+    step = -(-count // parts)
+    step = -(-step // align) * align
+    return [(lo, min(lo + step, count)) for lo in range(0, count, step)]
+
+
+def map_ranges(fn: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]:
+    """``[fn(lo, hi) for lo, hi in ranges]``, in parallel when there are several."""
+    global _POOL
+    if len(ranges) <= 1:
+        return [fn(lo, hi) for lo, hi in ranges]
+    with _LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix=_PREFIX)
+    return [f.result() for f in [_POOL.submit(fn, lo, hi) for lo, hi in ranges]]
+
+
+def map_rows(fn: Callable[[int, int], object], rows: int, minimum: int = 128) -> None:
+    """Run ``fn(lo, hi)`` over ranges of ``rows`` rows, in parallel when there are several."""
+    map_ranges(fn, chunks(rows, minimum))
