@@ -67,3 +67,48 @@ def test_cli_train_with_metrics_port_names_the_port(tmp_path, capsys):
 def test_bad_metrics_port_exits_2(capsys, port, message):
     assert main(["train", "--model", "tiny", "--metrics-port", port]) == 2
     assert message in capsys.readouterr().err
+
+
+class _Streaming:
+    """The embedded server's exchange, handing each reply to ``on_part`` in several parts, as the
+    broker client does (``BrokerTransport.stream``)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.parts = 0
+
+    def __call__(self, request):
+        return self.inner(request)
+
+    def stream(self, request, on_part) -> int:
+        from hecommon import wire
+
+        reply, moved = self.inner(request)
+        parts = wire.split(reply, reply._row_bytes() * 5 + wire.HEADER_ALLOWANCE)  # five outputs per part
+        for part in reversed(parts):  # in any order
+            on_part(part)
+        self.parts += len(parts)
+        return moved
+
+
+def test_round_trips_of_a_streaming_transport_are_metered_and_exact():
+    """The metered transport keeps streaming (the backend decrypts part by part: the same outputs)
+    and still records every round trip and its bytes."""
+    import numpy as np
+
+    model, _ = tiny_llama(seed=0)
+    client = build_client(model, "encrypted", LORA, seed=0)
+    backend = client.backend
+    group = next(iter(backend.layers.values()))
+    x = np.random.default_rng(0).standard_normal((6, group.d_in)).astype(np.float32)
+    expected = backend.forward(group.name, x)
+    streaming = backend.transport = _Streaming(backend.transport)
+    metrics, server = start_metrics(0, "127.0.0.1", client)
+    try:
+        np.testing.assert_array_equal(backend.forward(group.name, x), expected)
+        got, _ = _scrape(server.port)
+    finally:
+        server.close()
+    assert streaming.parts > 1
+    assert sum(v for (name, _), v in got.items() if name == "helora_orchestrator_request_seconds_count") == 1
+    assert got[("helora_orchestrator_bytes_total", (("direction", "out"),))] > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,12 +34,28 @@ class MeteredExchange:
     def __init__(self, inner: Exchange, metrics: OrchestratorMetrics) -> None:
         self.inner = inner
         self.metrics = metrics
+        if callable(getattr(inner, "stream", None)):  # the broker client: replies decrypted part by part
+            self.stream = self._stream
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
+        got: list[wire.EncryptedReply] = []
+
+        def send() -> int:
+            reply, moved = self.inner(request)
+            got.append(reply)
+            return moved
+
+        moved = self._metered(request, send)
+        return got[0], moved
+
+    def _stream(self, request: wire.EncryptedRequest, on_part: Callable[[wire.EncryptedReply], None]) -> int:
+        return self._metered(request, lambda: self.inner.stream(request, on_part))  # type: ignore[attr-defined]
+
+    def _metered(self, request: wire.EncryptedRequest, send: Callable[[], int]) -> int:
         counted = hasattr(self.inner, "bytes_sent") and hasattr(self.inner, "bytes_received")
         sent0, received0 = (self.inner.bytes_sent, self.inner.bytes_received) if counted else (0, 0)  # type: ignore[attr-defined]
         t0 = time.perf_counter()
-        reply, moved = self.inner(request)
+        moved = send()
         seconds = time.perf_counter() - t0
         if counted:
             sent = self.inner.bytes_sent - sent0  # type: ignore[attr-defined]
@@ -47,9 +64,11 @@ class MeteredExchange:
             sent = min(moved, wire.payload_bytes(request))
             received = moved - sent
         self.metrics.round_trip(request.layer, request.direction, seconds, sent, received)
-        return reply, moved
+        return moved
 
     def __getattr__(self, name: str) -> Any:
+        if name == "stream":  # only where __init__ set it: the backend falls back to whole replies
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
