@@ -112,6 +112,21 @@ def test_row_shards_sum_to_the_whole_product(ps, rng):
     np.testing.assert_array_equal(decrypt(s, top), integer_matmul(x, w[:4].T))
 
 
+@pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
+def test_a_batch_encrypted_in_parts_is_the_whole_batch(ps, rng):
+    """``encrypt(m[:, lo:hi], start=lo)`` makes ciphertexts ``lo…hi-1`` of the layer's input (rows
+    ``lo…`` of its public a): parts encrypted one by one, put side by side, multiply like one batch."""
+    d_in, d_out, cuts = 40, 7, (0, 13, 31, 40)
+    w = rng.integers(-127, 128, size=(d_out, d_in)).astype(np.int8)
+    x = rng.integers(0, 256, size=(30, d_in))
+    s, seed = secret(ps), os.urandom(16)
+    parts = [encrypt(s, x[:, lo:hi], seed, start=lo) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    whole = EncryptedBatch(ps, np.concatenate([p.b for p in parts]), 30)
+    np.testing.assert_array_equal(decrypt(s, MatrixProduct(w, ps, seed)(whole).switch()), integer_matmul(x, w.T))
+    wrong = EncryptedBatch(ps, np.concatenate([encrypt(s, x[:, lo:hi], seed).b for lo, hi in zip(cuts, cuts[1:], strict=False)]), 30)
+    assert not np.array_equal(decrypt(s, MatrixProduct(w, ps, seed)(wrong).switch()), integer_matmul(x, w.T))
+
+
 def test_fused_weights_are_one_product(rng):
     """q|k|v as one matrix: one product gives the three outputs side by side."""
     ps = P.DEFAULT

@@ -70,20 +70,24 @@ def test_bad_metrics_port_exits_2(capsys, port, message):
 
 
 class _Streaming:
-    """The embedded server's exchange, handing each reply to ``on_part`` in several parts, as the
-    broker client does (``BrokerTransport.stream``)."""
+    """The embedded server's exchange, taking each request in parts and handing each reply to
+    ``on_part`` in several parts, as the broker client does (``BrokerTransport.stream``)."""
+
+    limit = 20 * 1024  # requests of several parts
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.parts = 0
+        self.parts = self.request_parts = 0
 
     def __call__(self, request):
         return self.inner(request)
 
-    def stream(self, request, on_part) -> int:
+    def stream(self, parts, on_part) -> int:
         from hecommon import wire
 
-        reply, moved = self.inner(request)
+        parts = list(parts)
+        self.request_parts = max(self.request_parts, len(parts))
+        reply, moved = self.inner(wire.join(parts))
         parts = wire.split(reply, reply._row_bytes() * 5 + wire.HEADER_ALLOWANCE)  # five outputs per part
         for part in reversed(parts):  # in any order
             on_part(part)
@@ -109,6 +113,6 @@ def test_round_trips_of_a_streaming_transport_are_metered_and_exact():
         got, _ = _scrape(server.port)
     finally:
         server.close()
-    assert streaming.parts > 1
+    assert streaming.parts > 1 and streaming.request_parts > 1
     assert sum(v for (name, _), v in got.items() if name == "helora_orchestrator_request_seconds_count") == 1
     assert got[("helora_orchestrator_bytes_total", (("direction", "out"),))] > 0

@@ -72,3 +72,27 @@ def test_late_copies_for_an_answered_request_are_dropped():
     t._expect("cc")  # the next request: what is left of the last one goes
     t._on_reply(None, None, SimpleNamespace(correlation_id="aa"), b"late copy")
     assert t._inbox == {}
+
+
+def test_request_parts_are_drawn_once_and_sent_again_on_a_retry():
+    """A request given part by part (each encrypted when drawn): a retry after a reconnection sends
+    the parts already drawn again, without drawing (encrypting) them a second time."""
+    from helora_orchestrator.broker import _Parts
+
+    drawn = []
+
+    def source():
+        for i in range(3):
+            drawn.append(i)
+            yield i
+
+    parts = _Parts(source())
+    assert parts.first() == 0 and drawn == [0]
+    first_attempt = []
+    for p in parts:
+        first_attempt.append(p)
+        if p == 1:
+            break  # the connection dropped while part 1 was published
+    assert first_attempt == [0, 1] and drawn == [0, 1]
+    assert list(parts) == [0, 1, 2] and drawn == [0, 1, 2]  # the retry: 0 and 1 again, 2 drawn now
+    assert list(parts) == [0, 1, 2] and drawn == [0, 1, 2]

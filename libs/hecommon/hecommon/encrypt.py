@@ -203,7 +203,8 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
     return m.astype(np.int64)
 
 
-def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray) -> EncryptedBatch:
+def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray,
+                  start: int = 0) -> EncryptedBatch:
     """Deterministic core of ``encrypt`` (known-answer tests): noise (d, N) or (d, L, N) given.
 
     Arithmetic is on float64 integers below 2^39 (exact): ``|a·s| < 2^37``, ``Δ·m mod p < 2^27``.
@@ -218,7 +219,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     mul = secret.multiplier
 
     def rows(lo: int, hi: int) -> None:
-        a = expand_a(a_seed, params, hi - lo, start=lo)  # (rows, L, N)
+        a = expand_a(a_seed, params, hi - lo, start=start + lo)  # (rows, L, N)
         for i, p in enumerate(params.primes):
             x = mul.product(centered_float(a[:, i], p))  # (rows, N) exact a·s
             np.negative(x, out=x)
@@ -230,14 +231,16 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     return EncryptedBatch(params, b, t)
 
 
-def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes) -> EncryptedBatch:
+def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0) -> EncryptedBatch:
     """Encrypt ``m`` (T tokens × d features, integers) column by column under ``secret``.
 
-    The same noise sample is used for every limb: it is one integer error, in RNS form.
+    ``start``: ``m`` holds the layer's input features ``start … start+d-1`` (a request sent part
+    by part), so its ciphertexts use rows ``start …`` of the layer's public ``a``. The same noise
+    sample is used for every limb: it is one integer error, in RNS form.
     """
     params = secret.params
     d = np.asarray(m).shape[-1]
-    return _encrypt_with(secret, m, a_seed, sample_noise(params, (d, params.n)))
+    return _encrypt_with(secret, m, a_seed, sample_noise(params, (d, params.n)), start)
 
 
 def _decode(frac: np.ndarray, params: ParamSet, n_tokens: int) -> np.ndarray:

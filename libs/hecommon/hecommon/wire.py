@@ -804,6 +804,12 @@ def row_ranges(rows: int, row_bytes: int, max_bytes: int = MAX_MESSAGE_BYTES, wh
     return [(lo, min(lo + per_chunk, rows)) for lo in range(0, rows, per_chunk)]
 
 
+def request_ranges(width: int, params: ParamSet, max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[int, int]]:
+    """The ciphertext rows of each part ``split`` makes of a request of ``width`` ciphertexts: a
+    client that encrypts and sends a request part by part cuts it the same way."""
+    return row_ranges(width, _residue_row_bytes(params), max_bytes, EncryptedRequest.TYPE)
+
+
 def _route(msg: Chunked) -> tuple[Any, ...]:
     key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
     if isinstance(msg, PartialResult):

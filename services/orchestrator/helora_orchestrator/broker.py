@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pika
@@ -141,21 +141,22 @@ class BrokerTransport:
                 return None
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
-    def _round_trip(self, request: wire.EncryptedRequest, attempt: int,
-                    on_part: Callable[[wire.EncryptedReply], None]) -> None:
-        """Send ``request`` (under a fresh id after the first attempt) and hand each reply part to
-        ``on_part`` as it arrives, under the caller's request id; return once every part is in."""
-        rid = request.rid if attempt == 0 else os.urandom(wire.RID_BYTES)
-        sent = dataclasses.replace(request, rid=rid)
-        chunks = [wire.encode_request(c, self.limit) for c in wire.split(sent, self.limit)]
-        self.bytes_sent += sum(map(len, chunks))
+    def _round_trip(self, request: _Parts, attempt: int, on_part: Callable[[wire.EncryptedReply], None]) -> None:
+        """Publish the request's parts as they come (under a fresh id after the first attempt) and
+        hand each reply part to ``on_part`` as it arrives, under the caller's request id; return
+        once every part is in."""
+        first = request.first()
+        rid = first.rid if attempt == 0 else os.urandom(wire.RID_BYTES)
         cid = rid.hex()
         self._expect(cid)
-        try:
-            self._publish(self.topology.ingress, chunks, cid)
-        except pex.UnroutableError:
-            raise TransientError(f"{describe(request)}: no queue {self.topology.ingress!r}: "
-                                 "is the encoder running?") from None
+        for part in request:  # the parts sent before a reconnection, then the rest as they are encrypted
+            body = wire.encode_request(dataclasses.replace(part, rid=rid), self.limit)
+            self.bytes_sent += len(body)
+            try:
+                self._publish(self.topology.ingress, [body], cid)
+            except pex.UnroutableError:
+                raise TransientError(f"{describe(first)}: no queue {self.topology.ingress!r}: "
+                                     "is the encoder running?") from None
         parts = wire.PartTracker()
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -166,33 +167,36 @@ class BrokerTransport:
                     continue  # a copy of a part already used (a replaced aggregator answered it again)
                 msg = wire.decode(body, self.limit)
                 if isinstance(msg, wire.ErrorReply):
-                    raise ServerError(msg.reason, f"{describe(request)}: the server could not serve the request: "
+                    raise ServerError(msg.reason, f"{describe(first)}: the server could not serve the request: "
                                                   f"{msg.reason}: {msg.message}")
                 if not isinstance(msg, wire.EncryptedReply) or msg.rid != rid:
-                    raise HeloraError(f"{describe(request)}: a reply for another request arrived")
+                    raise HeloraError(f"{describe(first)}: a reply for another request arrived")
                 if parts.add(msg):
-                    on_part(dataclasses.replace(msg, rid=request.rid))  # the caller's id, whatever attempt
+                    on_part(dataclasses.replace(msg, rid=first.rid))  # the caller's id, whatever attempt
             if parts.complete:
                 self._expect(None)
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TransientError(self._silence(request))
+                raise TransientError(self._silence(first))
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
-    def stream(self, request: wire.EncryptedRequest, on_part: Callable[[wire.EncryptedReply], None]) -> int:
-        """Send ``request``; call ``on_part(reply part)`` for each part of the reply as it arrives
-        (each part once), so that the caller decrypts a part while the next is still computed.
-        Returns the bytes sent and received. After a reconnection the parts come again, from the
-        retry: equal to the first attempt's, since the same ciphertexts are computed again."""
+    def stream(self, parts: Iterable[wire.EncryptedRequest], on_part: Callable[[wire.EncryptedReply], None]) -> int:
+        """Send a request given as its parts (``wire.split``'s, or made one by one by a caller that
+        encrypts each just before it is needed: each is published as soon as it exists), and call
+        ``on_part(reply part)`` for each part of the reply as it arrives (each part once), so that
+        the caller decrypts a part while the server still computes the next. Returns the bytes sent
+        and received. After a reconnection the parts are sent again (the same ciphertexts, under a
+        fresh id) and the reply comes again, equal to the first attempt's."""
+        request = _Parts(parts)
         before = self.bytes_sent + self.bytes_received
-        self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part), describe(request))
+        self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part), describe(request.first()))
         return self.bytes_sent + self.bytes_received - before
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
         """The whole reply (its parts joined) and the bytes moved."""
         got: dict[int, wire.EncryptedReply] = {}
-        moved = self.stream(request, lambda part: got.__setitem__(part.part, part))
+        moved = self.stream(wire.split(request, self.limit), lambda part: got.__setitem__(part.part, part))
         return wire.join(list(got.values())), moved  # type: ignore[return-value]
 
     def _silence(self, request: wire.EncryptedRequest) -> str:
@@ -263,8 +267,12 @@ class TransportPool:
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
         return self._mine()(request)
 
-    def stream(self, request: wire.EncryptedRequest, on_part: Callable[[wire.EncryptedReply], None]) -> int:
-        return self._mine().stream(request, on_part)
+    def stream(self, parts: Iterable[wire.EncryptedRequest], on_part: Callable[[wire.EncryptedReply], None]) -> int:
+        return self._mine().stream(parts, on_part)
+
+    @property
+    def limit(self) -> int:
+        return self._all[0].limit
 
     @property
     def bytes_sent(self) -> int:
@@ -278,6 +286,26 @@ class TransportPool:
         """Close every thread's connection (call from one thread once the others are done)."""
         for t in self._all:
             t.close()
+
+
+class _Parts:
+    """A request's parts, drawn from ``source`` once and kept: iterating again (a retry after a
+    reconnection) gives the parts already drawn, then draws the rest."""
+
+    def __init__(self, source: Iterable[wire.EncryptedRequest]) -> None:
+        self._source = iter(source)
+        self._drawn: list[wire.EncryptedRequest] = []
+
+    def first(self) -> wire.EncryptedRequest:
+        if not self._drawn:
+            self._drawn.append(next(self._source))
+        return self._drawn[0]
+
+    def __iter__(self) -> Iterator[wire.EncryptedRequest]:
+        yield from self._drawn
+        for part in self._source:
+            self._drawn.append(part)
+            yield part
 
 
 def describe(request: wire.EncryptedRequest) -> str:

@@ -74,13 +74,13 @@ class EncryptedBackend:
     def _call(self, layer: str, direction: str, m: np.ndarray, a_seed: bytes) -> np.ndarray:
         """Encrypt ``m`` (T <= N, d) under a fresh secret, send, decrypt the integer result.
 
-        Over a transport that streams (``stream(request, on_part)``: the broker client), each reply
-        part is decrypted into its columns as soon as it arrives, while the server still computes
-        and sends the next; otherwise the whole reply is decrypted at once."""
+        Over a transport that streams (``stream(parts, on_part)``: the broker client), the request
+        is encrypted part by part (the message-size cuts of ``wire.split``) and each part is sent
+        as soon as it is encrypted, while the next is encrypted; each reply part is decrypted into
+        its columns as soon as it arrives, while the server still computes and sends the next.
+        Otherwise the whole request is encrypted and the whole reply decrypted at once."""
         secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
         rid = os.urandom(wire.RID_BYTES)
-        request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction,
-                                        batch=encrypt(secret, m, a_seed))
         entry = self.layers[layer]
         width = entry.d_out if direction == "fwd" else entry.d_in
         out = np.empty((m.shape[0], width), dtype=np.int64)
@@ -96,8 +96,13 @@ class EncryptedBackend:
 
         stream = getattr(self.transport, "stream", None)
         if stream is not None:
-            moved = stream(request, decrypt_part)
+            ranges = wire.request_ranges(m.shape[1], self.params, self.transport.limit)
+            parts = (wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, part=i, parts=len(ranges),
+                                           row_start=lo, batch=encrypt(secret, m[:, lo:hi], a_seed, start=lo))
+                     for i, (lo, hi) in enumerate(ranges))  # each encrypted when the transport asks for it
+            moved = stream(parts, decrypt_part)
         else:
+            request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, batch=encrypt(secret, m, a_seed))
             reply, moved = self.transport(request)
             decrypt_part(reply)
         if filled[0] != width:  # the parts are distinct and contiguous (the transport checks): all of them

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,13 +45,21 @@ class MeteredExchange:
             got.append(reply)
             return moved
 
-        moved = self._metered(request, send)
+        moved = self._metered(send, [request])
         return got[0], moved
 
-    def _stream(self, request: wire.EncryptedRequest, on_part: Callable[[wire.EncryptedReply], None]) -> int:
-        return self._metered(request, lambda: self.inner.stream(request, on_part))  # type: ignore[attr-defined]
+    def _stream(self, parts: Iterable[wire.EncryptedRequest], on_part: Callable[[wire.EncryptedReply], None]) -> int:
+        drawn: list[wire.EncryptedRequest] = []  # the parts as the transport draws them
 
-    def _metered(self, request: wire.EncryptedRequest, send: Callable[[], int]) -> int:
+        def tapped() -> Iterator[wire.EncryptedRequest]:
+            for part in parts:
+                drawn.append(part)
+                yield part
+
+        return self._metered(lambda: self.inner.stream(tapped(), on_part), drawn)  # type: ignore[attr-defined]
+
+    def _metered(self, send: Callable[[], int], parts: list[wire.EncryptedRequest]) -> int:
+        """``send()``, timed; ``parts``: the request's parts (filled in by the time it returns)."""
         counted = hasattr(self.inner, "bytes_sent") and hasattr(self.inner, "bytes_received")
         sent0, received0 = (self.inner.bytes_sent, self.inner.bytes_received) if counted else (0, 0)  # type: ignore[attr-defined]
         t0 = time.perf_counter()
@@ -61,9 +69,9 @@ class MeteredExchange:
             sent = self.inner.bytes_sent - sent0  # type: ignore[attr-defined]
             received = self.inner.bytes_received - received0  # type: ignore[attr-defined]
         else:
-            sent = min(moved, wire.payload_bytes(request))
+            sent = min(moved, sum(wire.payload_bytes(p) for p in parts))
             received = moved - sent
-        self.metrics.round_trip(request.layer, request.direction, seconds, sent, received)
+        self.metrics.round_trip(parts[0].layer, parts[0].direction, seconds, sent, received)
         return moved
 
     def __getattr__(self, name: str) -> Any:
