@@ -596,14 +596,8 @@ def _decode_map(m: dict[str, Any], max_bytes: int, expect: Any = None) -> Messag
 
 
 @dataclass(frozen=True)
-class RequestHead:
-    """A request message checked without unpacking its residues (the encoder's view).
-
-    Everything but the residues' ranges is validated as ``decode`` would (version, type, keys,
-    parameter set, route, part numbers, shape against the size limit, every limb's exact byte
-    length and zero padding); the evaluator, which unpacks the residues to compute, checks
-    that each is below its prime. ``width``: the input ciphertexts this message carries.
-    """
+class _Head:
+    """What a message's map says about it, checked without unpacking its arrays."""
 
     rid: bytes
     layer: str
@@ -613,8 +607,29 @@ class RequestHead:
     width: int
     part: int = 0
     parts: int = 1
-    row_start: int = 0
     lib: str = LIB_VERSION
+
+
+@dataclass(frozen=True)
+class RequestHead(_Head):
+    """A request message checked without unpacking its residues (the encoder's view).
+
+    Everything but the residues' ranges is validated as ``decode`` would (version, type, keys,
+    parameter set, route, part numbers, shape against the size limit, every limb's exact byte
+    length and zero padding); the evaluator, which unpacks the residues to compute, checks
+    that each is below its prime. ``width``: the input ciphertexts this message carries.
+    """
+
+    row_start: int = 0
+
+
+def _packed_blob(where: str, blob: Any, bits: int, count: int) -> None:
+    """``blob`` holds exactly ``count`` packed values of ``bits`` bits, its padding bits zero."""
+    size = packed_size(bits, count)
+    _blob(where, blob, size)
+    pad = size * 8 - count * bits
+    if pad and blob[-1] >> (8 - pad):
+        _fail(where, "packed data: non-zero padding bits")
 
 
 def decode_request_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> RequestHead:
@@ -630,20 +645,16 @@ def decode_request_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Requ
     if not isinstance(blobs, list) or len(blobs) != params.limbs:
         _fail("b", f"a list of {params.limbs} limbs is required")
     for i, (blob, p) in enumerate(zip(blobs, params.primes, strict=True)):
-        bits, count = p.bit_length(), rows * params.n
-        _blob(f"b[{i}]", blob, packed_size(bits, count))
-        pad = packed_size(bits, count) * 8 - count * bits
-        if pad and blob[-1] >> (8 - pad):
-            _fail(f"b[{i}]", "packed data: non-zero padding bits")
+        _packed_blob(f"b[{i}]", blob, p.bit_length(), rows * params.n)
     head = RequestHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
-                       m["part"], m["parts"], m["row_start"], m["lib"])
+                       part=m["part"], parts=m["parts"], lib=m["lib"], row_start=m["row_start"])
     _check_route(head)
     _check_chunk(head, "row_start")
     return head
 
 
 @dataclass(frozen=True)
-class ReplyHead:
+class ReplyHead(_Head):
     """A reply part checked without unpacking its arrays: the aggregator's view of a reply part
     that an evaluator holding a whole layer made itself, which the aggregator forwards as it came.
 
@@ -652,17 +663,8 @@ class ReplyHead:
     Every bit pattern of packed ``out_bits`` values is a valid value, so nothing else is left.
     """
 
-    rid: bytes
-    layer: str
-    direction: str
-    params: ParamSet
-    n_tokens: int
-    width: int
-    with_a: bool
-    part: int = 0
-    parts: int = 1
     out_start: int = 0
-    lib: str = LIB_VERSION
+    with_a: bool = True
 
 
 def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
@@ -676,13 +678,9 @@ def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
     _check_tokens("n_tokens", m["n_tokens"], params)
     if with_a:
         _blob("a", m["a"], rows * packed_size(k, n))
-    size = packed_size(k, rows * n)
-    _blob("b", m["b"], size)
-    pad = size * 8 - rows * n * k
-    if pad and m["b"][-1] >> (8 - pad):
-        _fail("b", "packed data: non-zero padding bits")
+    _packed_blob("b", m["b"], k, rows * n)
     head = ReplyHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
-                     with_a, m["part"], m["parts"], m["out_start"], m["lib"])
+                     part=m["part"], parts=m["parts"], lib=m["lib"], out_start=m["out_start"], with_a=with_a)
     _check_route(head)
     _check_chunk(head, "out_start")
     return head
