@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from hecommon import wire
 from hecommon.encrypt import EncryptedPartial
 from hecommon.errors import MalformedMessage
 from hecommon.wire import EncryptedReply, PartialResult
@@ -53,20 +52,6 @@ class AggregatorHandler:
         if len(self._done) > self.max_pending:
             self._done.pop(next(iter(self._done)))
         return self._combine(partial, [pending.parts[i] for i in range(pending.shards)])
-
-    @staticmethod
-    def streams(partial: PartialResult) -> bool:
-        """Whether each part of ``partial`` can be answered alone, as it arrives: one shard's whole
-        output, its a part already switched, in several messages."""
-        return partial.shards == 1 and partial.parts > 1 and partial.partial.a_switched
-
-    def reply_part(self, partial: PartialResult) -> EncryptedReply:
-        """The reply part for one part of a streamed partial (``streams``): the same rows and part
-        number, ``b`` switched, ``a`` as it came. The caller keeps duplicates out."""
-        t0 = time.perf_counter()
-        reply = wire.reply_part(partial, send_a=self.send_a)
-        self.switch_seconds = time.perf_counter() - t0
-        return reply
 
     def abandon(self, key: tuple[bytes, str, str]) -> tuple[int, list[int]]:
         """Give up on an incomplete request (its time is up): (its shard count, the shards that never

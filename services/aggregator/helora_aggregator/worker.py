@@ -9,19 +9,16 @@ already-answered request (a redelivery) is acked and ignored.
 
 Replies carry the ``a`` part (``send_a=True``): in broker mode the client holds no hints.
 
-Streaming. A request served by one evaluator that sends its ``a`` part switched (a whole output,
-``EncryptedPartial``) needs no gathering: each part of its partial becomes the same part of the
-reply (the same rows, switched: a reply row is smaller than a partial row, so it fits the same
-limit) and is published as soon as it arrives, while the evaluator is still publishing the next
-parts and the client already receives the first. Each part is acked once its reply part is
-confirmed; a copy of a part already answered is acked and dropped. If this process dies between
-publishing a reply part and acking its partial, a fresh aggregator answers that part again: the
-client keeps the first copy of every reply part (``helora_orchestrator.broker``).
-
 Forwarding. An evaluator that holds a whole layer (one shard) switches ``b`` itself and sends
-finished reply parts (``wire.EncryptedReply``). Their heads are checked (``wire.ReplyHead``: every
-field but the packed values, which any bit pattern makes valid) and their bodies go to the
-client as they came, with the same de-duplication, acks and timeouts as streamed parts.
+finished reply parts (``wire.EncryptedReply``), one message's output rows at a time. Nothing is
+gathered: each part's head is checked (``wire.ReplyHead``: every field but the packed values,
+which any bit pattern makes valid) and its body goes to the client as it came, at once, while
+the evaluator still computes the next. Each part is acked once it is published (with
+confirms); a copy of a part already forwarded is acked and dropped; parts that stop coming
+before the last are answered with a timeout error. If this process dies between publishing a
+part and acking it, a fresh aggregator forwards that part again: the client keeps the first
+copy of every reply part (``helora_orchestrator.broker``). Partials (shards) are gathered as
+above.
 """
 
 from __future__ import annotations
@@ -52,7 +49,7 @@ class AggregatorWorker(amqp.Service):
         self.handler = AggregatorHandler(cfg.max_pending, send_a=True)
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
         self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
-        # streamed requests: key -> (first part's arrival, parts answered, properties to reply to)
+        # forwarded requests: key -> (first part's arrival, parts forwarded, properties to reply to)
         self._streams: dict[tuple[bytes, str, str], tuple[float, set[int], object]] = {}
         self._done: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
 
@@ -101,9 +98,6 @@ class AggregatorWorker(amqp.Service):
             if isinstance(chunk, wire.ReplyHead):
                 self._forward(chunk, d)
                 return
-            if self.handler.streams(chunk):
-                self._stream(chunk, d)
-                return
             got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard), chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
@@ -132,52 +126,27 @@ class AggregatorWorker(amqp.Service):
         if reply is not None:
             self._reply(key, reply, d.properties)
 
-    def _stream(self, chunk: wire.PartialResult, d: amqp.Delivery) -> None:
-        """One part of a one-shard partial whose a part is switched: its reply part, at once."""
-        key = (chunk.rid, chunk.layer, chunk.direction)
-        if self._answered(key, chunk.part, d):
-            return
-        try:
-            reply = self.handler.reply_part(chunk)
-            self.metrics.observe_stage("switch", self.handler.switch_seconds)
-            body = wire.encode_reply(reply, self.limit)
-        except HeloraError as exc:
-            del self._streams[key]
-            self._remember(key)
-            self.fail([d], exc, rid=chunk.rid, pset=chunk.params.name)
-            return
-        self._send_part(key, chunk.part, chunk.parts, chunk.partial.n_tokens, body, d)
-
     def _forward(self, head: wire.ReplyHead, d: amqp.Delivery) -> None:
-        """A reply part an evaluator holding the whole layer made itself: to the client as it came."""
+        """A reply part an evaluator holding the whole layer made itself: to the client as it came,
+        each part once (a copy of a part already forwarded is acked and dropped)."""
         key = (head.rid, head.layer, head.direction)
-        if not self._answered(key, head.part, d):
-            self._send_part(key, head.part, head.parts, head.n_tokens, d.body, d)
-
-    def _answered(self, key: tuple[bytes, str, str], part: int, d: amqp.Delivery) -> bool:
-        """Start or continue a streamed request; True (and ``d`` acked) for a part already answered."""
         _, sent, _ = self._streams.setdefault(key, (time.monotonic(), set(), d.properties))
-        if part in sent:
-            self.ack([d])  # a copy of a part already answered
-            return True
-        return False
-
-    def _send_part(self, key: tuple[bytes, str, str], part: int, parts: int, n_tokens: int, body: bytes,
-                   d: amqp.Delivery) -> None:
+        if head.part in sent:
+            self.ack([d])
+            return
         props = d.properties
         try:
-            self.publish(props.reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id))
+            self.publish(props.reply_to, d.body, pika.BasicProperties(correlation_id=props.correlation_id))
         except (pex.UnroutableError, pex.NackError):
             log.warning("rid %s layer %s: the client's reply queue is gone; reply part dropped", key[0].hex(), key[1])
         self.ack([d])
-        sent = self._streams[key][1]
-        sent.add(part)
-        if len(sent) == parts:
+        sent.add(head.part)
+        if len(sent) == head.parts:
             del self._streams[key]
             self._remember(key)
             self.metrics.request(key[1], key[2])
-            self.metrics.add_tokens(n_tokens)
-            log.debug("rid %s layer %s %s: streamed %d reply parts", key[0].hex(), key[1], key[2], parts)
+            self.metrics.add_tokens(head.n_tokens)
+            log.debug("rid %s layer %s %s: forwarded %d reply parts", key[0].hex(), key[1], key[2], head.parts)
 
     def _reply(self, key: tuple[bytes, str, str], reply: wire.EncryptedReply, props) -> None:
         bodies = [wire.encode_reply(r, self.limit) for r in wire.split(reply, self.limit)]
