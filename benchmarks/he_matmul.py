@@ -56,7 +56,7 @@ def bench_shape(d_in: int, d_out: int, ps: P.ParamSet, reps: int, backend: str) 
         wire.EncryptedRequest(rid=b"r" * 16, layer="bench", direction="fwd", batch=ct)))
     down = sum(len(wire.encode_reply(c)) for c in wire.split(
         wire.EncryptedReply(rid=b"r" * 16, layer="bench", direction="fwd", result=result)))
-    b_only = partial.switch(send_a=False)  # the client holds the layer's hint: b alone comes back
+    b_only = partial.switch("hint")  # the client holds the layer's hint: b alone comes back
     assert np.array_equal(decrypt(s, b_only, hint=partial.a), decrypt(s, result))
     down_b = sum(len(wire.encode_reply(c)) for c in wire.split(
         wire.EncryptedReply(rid=b"r" * 16, layer="bench", direction="fwd", result=b_only)))

@@ -70,7 +70,7 @@ def test_product_equals_clear_integer_product(d_in, d_out, tokens, x_bits, backw
     elif switch == "a and b":
         got = decrypt(s, out.switch())
     else:  # the client holds the hint (out.a is the same for every request of this layer)
-        got = decrypt(s, out.switch(send_a=False), hint=out.a)
+        got = decrypt(s, out.switch("hint"), hint=out.a)
     np.testing.assert_array_equal(got, integer_matmul(x, matrix.T))
 
 
@@ -89,11 +89,24 @@ def test_extreme_values_at_d_in_8192(ps):
     assert expected.max() == 255 * 127 * d_in
     np.testing.assert_array_equal(decrypt(s, out), expected)
     np.testing.assert_array_equal(decrypt(s, out.switch()), expected)
-    b_only = out.switch(send_a=False)
+    b_only = out.switch("hint")
     assert b_only.a is None and int(b_only.b.max()) < 2**ps.hint_out_bits
     np.testing.assert_array_equal(decrypt(s, b_only, hint=out.a), expected)
     with pytest.raises(DecryptionError, match="hint"):
         decrypt(s, b_only)
+    # the client holds the switched a of an earlier reply: b alone, at out_bits
+    full = out.switch()
+    held = out.switch("held")
+    assert held.a is None and held.bits == ps.out_bits and np.array_equal(held.b, full.b)
+    with pytest.raises(DecryptionError, match="held"):
+        decrypt(s, held)
+    np.testing.assert_array_equal(decrypt(s, held.with_held_a(full.a)), expected)
+    with pytest.raises(DecryptionError, match="rows"):
+        held.with_held_a(full.a[:2])
+    with pytest.raises(DecryptionError, match="only a result sent without a"):
+        b_only.with_held_a(full.a)
+    with pytest.raises(ValueError, match="a_part"):
+        out.switch("keep")
 
 
 @pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)

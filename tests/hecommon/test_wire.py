@@ -147,7 +147,7 @@ def test_real_encryption_through_the_wire(d, tokens, seed):
 def test_positive_vector(entry):
     data = (VECTORS / entry["file"]).read_bytes()
     assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
-    assert wire.encode(gen.POSITIVE[entry["type"]]()) == data  # byte for byte
+    assert wire.encode(gen.POSITIVE[entry["name"]]()) == data  # byte for byte
     msg = wire.decode(data)
     assert json.loads(json.dumps(gen.describe(msg), ensure_ascii=False)) == entry["fields"]  # field by field
     assert msg.TYPE == entry["type"] and wire.encode(msg) == data
@@ -250,10 +250,10 @@ def test_reply_and_partial_shapes_checked():
 
 
 def test_partials_carry_raw_little_endian_residues():
-    """Wire version 2: a partial's a and b are the (rows, L, N) uint32 residues, little-endian."""
+    """Since wire version 2: a partial's a and b are the (rows, L, N) uint32 residues, little-endian."""
     msg = gen.partial()
     m = msgpack.unpackb(wire.encode(msg), raw=False)
-    assert m["v"] == 2
+    assert m["v"] == wire.WIRE_VERSION >= 2
     assert m["a"] == msg.partial.a.astype("<u4").tobytes() and m["b"] == msg.partial.b.astype("<u4").tobytes()
     back = wire.decode_partial(wire.encode(msg))
     assert np.array_equal(back.partial.a, msg.partial.a) and back.partial.b.dtype == np.uint32
@@ -489,7 +489,27 @@ def test_reply_head_refuses_bad_sizes_and_fields():
     reply = wire.EncryptedReply(RID, "0.o", "fwd", EncryptedResult(N2048, None, words(N2048, 1) >> 4, 3))
     m = msgpack.unpackb(wire.encode(reply), raw=False)
     size = packed_size(N2048.hint_out_bits, N2048.n)
-    for bad, field in (({"b": m["b"][:-1]}, "b"), ({"a": bytes(size)}, "a"), ({"shape": [2, N2048.n]}, "b"),
-                       ({"part": 1}, "part"), ({"direction": "up"}, "direction")):
+    for bad, field in (({"b": m["b"][:-1]}, "b"), ({"a": bytes(size)}, "bits"), ({"bits": 40}, "bits"),
+                       ({"bits": True}, "bits"), ({"shape": [2, N2048.n]}, "b"), ({"part": 1}, "part"),
+                       ({"direction": "up"}, "direction")):
         with pytest.raises(errors.MalformedMessage, match=f"^{field}: "):
             wire.decode_reply_head(msgpack.packb({**m, **bad}, use_bin_type=True))
+
+
+def test_send_a_travels_with_a_request_and_its_parts_must_agree():
+    """A client that holds a layer's switched a asks for b alone; every part of one request says so."""
+    req = dataclasses.replace(gen.request(), part=0, parts=1, row_start=0, send_a=False)
+    data = wire.encode(req)
+    assert wire.decode_request(data).send_a is False and wire.decode_request_head(data).send_a is False
+    two = dataclasses.replace(req, batch=EncryptedBatch(N2048, residues(N2048, 2, 5), 5))
+    parts = wire.split(two, len(data) + wire.HEADER_ALLOWANCE)
+    assert len(parts) == 2 and all(p.send_a is False for p in parts)
+    assert wire.join(parts).send_a is False
+    mixed = [parts[0], dataclasses.replace(parts[1], send_a=True)]
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join(mixed)
+    heads = [wire.decode_request_head(wire.encode(p)) for p in mixed]
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join_heads(heads)
+    with pytest.raises(errors.MalformedMessage, match="send_a"):
+        dataclasses.replace(req, send_a=None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hecommon import wire
+from hecommon.bits import packed_size
 from helora_encoder.model import tiny_llama
 from helora_orchestrator.client_model import build_client, causal_lm_loss
 from helora_orchestrator.lora import LoraSettings
@@ -78,6 +80,62 @@ def test_over_bytes_equals_in_process_and_counts_real_bytes():
         assert torch.equal(direct(ids), framed(ids))
     # payload bytes (in-process count) are the encoded bytes less a small msgpack framing
     assert 0 < framed.wire_bytes - direct.wire_bytes < 2000 * direct.backend.requests
+
+
+def _spy(client) -> list[tuple[bool, bool]]:
+    """Records (request said send_a, reply carried a) for every call through the client's bytes."""
+    transport = client.backend.transport
+    inner, seen = transport.send, []
+
+    def send(chunks):
+        replies = inner(chunks)
+        seen.append((wire.decode_request_head(chunks[0]).send_a, wire.decode_reply_head(replies[0]).with_a))
+        return replies
+
+    transport.send = send
+    return seen
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_part_held_from_the_first_reply_changes_nothing_and_halves_replies(shards):
+    """Without hints, the client keeps each layer's switched a from its first reply and asks for b
+    alone after that: the same results, bit for bit, as the quantized computation, step after step."""
+    lora = LoraSettings()
+    quantized = build_client(_model(), "quantized", lora, seed=0)
+    held = build_client(_model(), "encrypted", lora, seed=0, shards=shards, over_bytes=True, hints_on_client=False,
+                        hold_a_bytes=1 << 30)
+    _randomize_lora([quantized, held])
+    seen = _spy(held)
+    ids = torch.randint(0, quantized.hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    per_step = []
+    for _ in range(2):
+        before = (len(seen), held.wire_bytes)
+        lq, loss_q, gq = _step(quantized, ids)
+        lh, loss_h, gh = _step(held, ids)
+        assert torch.equal(lq, lh) and torch.equal(loss_q, loss_h)
+        assert gq.keys() == gh.keys() and all(torch.equal(gq[k], gh[k]) for k in gq)
+        per_step.append((seen[before[0]:], held.wire_bytes - before[1]))
+    (first, bytes_1), (second, bytes_2) = per_step
+    assert first and all(flags == (True, True) for flags in first)  # each layer's first call: a comes back
+    assert len(second) == len(first) and all(flags == (False, False) for flags in second)  # then b alone
+    backend = held.backend
+    row = packed_size(backend.params.out_bits, backend.params.n)
+    layers = {(e.name, d): e.d_out if d == "fwd" else e.d_in for e in backend.manifest.layers for d in ("fwd", "bwd")}
+    assert backend.held_bytes == sum(layers[k] * row for k in backend._held) > 0
+    assert bytes_2 < 0.8 * bytes_1  # the a part is about half of every reply
+
+
+def test_a_part_is_not_held_beyond_the_budget():
+    lora = LoraSettings()
+    client = build_client(_model(), "encrypted", lora, seed=0, over_bytes=True, hints_on_client=False,
+                          hold_a_bytes=0)
+    seen = _spy(client)
+    ids = torch.randint(0, client.hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        _step(client, ids)
+    assert seen and all(flags == (True, True) for flags in seen) and client.backend.held_bytes == 0
+    with pytest.raises(ValueError, match="hold_a_bytes"):
+        build_client(_model(), "encrypted", lora, hints_on_client=False, hold_a_bytes=-1)
 
 
 @pytest.mark.gpu

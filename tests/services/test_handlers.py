@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import numpy as np
@@ -204,7 +206,17 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
         routed = list(server.encoder.route(req))
         assert [handlers[i].answers(sub) for i, sub in routed] == [shards == 1] * len(routed)
         assert not plain.answers(routed[0][1])
-        if shards != 1:
+        held_routed = list(server.encoder.route(dataclasses.replace(req, send_a=False)))  # a held by the client
+        assert [sub.send_a for _, sub in held_routed] == [False] * len(routed)
+        if shards != 1:  # the aggregator gathers the shards and leaves a out
+            full, held = AggregatorHandler(send_a=True), AggregatorHandler(send_a=True)
+            replies = [full.add(handlers[i].handle(sub)) for i, sub in routed]
+            held_replies = [held.add(handlers[i].handle(sub)) for i, sub in held_routed]
+            whole, b_only = replies[-1], held_replies[-1]
+            assert b_only.result.a is None and b_only.result.bits == whole.result.bits
+            np.testing.assert_array_equal(b_only.result.b, whole.result.b)
+            np.testing.assert_array_equal(decrypt(secret, b_only.result.with_held_a(whole.result.a)),
+                                          decrypt(secret, whole.result))
             continue
         expected = AggregatorHandler(send_a=True).add(handlers[0].handle(routed[0][1]))
         bodies = [wire.encode_reply(wire.reply_part(p), limit) for p in handlers[0].handle_parts(routed[0][1], limit)]
@@ -218,3 +230,12 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
         np.testing.assert_array_equal(joined.result.a.unpack(), expected.result.a.unpack())
         np.testing.assert_array_equal(joined.result.b, expected.result.b)
         np.testing.assert_array_equal(decrypt(secret, joined.result), decrypt(secret, expected.result))
+        held_bodies = [wire.encode_reply(wire.reply_part(p), limit)
+                       for p in handlers[0].handle_parts(held_routed[0][1], limit)]
+        held_heads = [wire.decode_partial_or_reply_head(b, limit) for b in held_bodies]
+        assert all(isinstance(h, wire.ReplyHead) and not h.with_a and h.bits == h.params.out_bits for h in held_heads)
+        b_only = wire.join([wire.decode_reply(b, limit) for b in held_bodies])
+        assert b_only.result.a is None and sum(map(len, held_bodies)) < 0.6 * sum(map(len, bodies))
+        np.testing.assert_array_equal(b_only.result.b, expected.result.b)
+        np.testing.assert_array_equal(decrypt(secret, b_only.result.with_held_a(joined.result.a)),
+                                      decrypt(secret, expected.result))

@@ -65,6 +65,12 @@ def reply() -> wire.EncryptedReply:
     return wire.EncryptedReply(RID, "3.qkv", "fwd", res, part=2, parts=4, out_start=3, lib=LIB)
 
 
+def reply_held() -> wire.EncryptedReply:
+    """A reply to a client that holds the layer's switched a part: b alone, at out_bits."""
+    res = EncryptedResult(P, None, words(2, 6), 5, P.out_bits)
+    return wire.EncryptedReply(RID, "3.qkv", "fwd", res, part=0, parts=1, out_start=0, lib=LIB)
+
+
 def error() -> wire.ErrorReply:
     return wire.ErrorReply(RID, "parameter_mismatch", "unknown parameter set 'n1024-q27'", "n2048-q54", LIB)
 
@@ -81,7 +87,8 @@ def manifest() -> wire.Manifest:
     return wire.Manifest(RID, "smollm2-135m", P, (qkv, down), 8, 8, meta, LIB)
 
 
-POSITIVE = {"request": request, "partial": partial, "reply": reply, "error": error, "manifest": manifest}
+POSITIVE = {"request": request, "partial": partial, "reply": reply, "reply_held": reply_held, "error": error,
+            "manifest": manifest}
 
 
 def _edit(base: bytes, **changes: Any) -> bytes:
@@ -145,6 +152,11 @@ def negatives(pos: dict[str, bytes]) -> dict[str, tuple[bytes, str, str]]:
         "n_tokens_above_n": (_edit(rq, n_tokens=P.n + 1), "MalformedMessage", "n_tokens > N"),
         "bad_direction": (_edit(rq, direction="sideways"), "MalformedMessage", "direction"),
         "reply_short_a": (_edit(pos["reply"], a=b"\x00" * 8), "MalformedMessage", "a too short"),
+        "send_a_as_int": (_edit(rq, send_a=1), "MalformedMessage", "send_a is an int"),
+        "reply_bits_hint_with_a": (_edit(pos["reply"], bits=P.hint_out_bits), "MalformedMessage",
+                                   "b at hint_out_bits beside an a part"),
+        "reply_held_bad_bits": (_edit(pos["reply_held"], bits=P.out_bits - 1), "MalformedMessage",
+                                "b at neither out_bits nor hint_out_bits"),
         "partial_residue_ge_prime": (_partial_residue_ge_prime(pos["partial"]), "MalformedMessage",
                                      "raw partial residue = p_1"),
         "partial_short_b": (_edit(pos["partial"], b=msgpack.unpackb(pos["partial"], raw=False)["b"][:-4]),
@@ -207,7 +219,7 @@ def build() -> dict[str, bytes]:
     for name, data in pos.items():
         fname = f"wire_{name}_v{wire.WIRE_VERSION}.msgpack"
         files[fname] = data
-        index["positive"].append({"file": fname, "type": name, "size": len(data),
+        index["positive"].append({"file": fname, "name": name, "type": POSITIVE[name]().TYPE, "size": len(data),
                                   "sha256": hashlib.sha256(data).hexdigest(),
                                   "fields": describe(POSITIVE[name]())})
     for name, (data, error, why) in negatives(pos).items():

@@ -30,6 +30,9 @@ from .ring import centered, centered_float, crt_fraction, moduli_column, reduce_
 
 SEED_BYTES = 16
 
+#: What a client holds of a layer's public output part, so what a reply carries (``switch``).
+A_PARTS = ("send", "hint", "held")
+
 
 #: Words drawn per row of ``a``: N plus slack for rejections (a prime just below 2^27 rejects
 #: ~3e-4 of the words, so a row runs short with probability far below 2^-100).
@@ -130,15 +133,19 @@ class EncryptedPartial:
         a = concat_a([p.a for p in parts])
         return EncryptedPartial(first.params, a, np.concatenate([p.b for p in parts]), first.n_tokens)
 
-    def switch(self, send_a: bool = True) -> EncryptedResult:
+    def switch(self, a_part: str = "send") -> EncryptedResult:
         """Modulus-switch to the smallest power of two that keeps results exact.
 
-        ``send_a=False``: the client holds this layer's hint (the ``a`` part, which is the same
-        for every request), so only ``b`` is switched, to ``2^hint_out_bits``.
+        ``a_part`` says what the client has of the public part (the same for every request of a
+        layer): ``"send"``, nothing (``a`` and ``b`` at ``2^out_bits``); ``"hint"``, the layer's
+        hint mod q (``b`` alone, at ``2^hint_out_bits``); ``"held"``, the switched ``a`` of an
+        earlier reply (``b`` alone, at ``2^out_bits``).
         """
-        if not send_a:
-            return EncryptedResult(self.params, None, _switch_rows(self.b, self.params, self.params.hint_out_bits),
-                                   self.n_tokens)
+        if a_part not in A_PARTS:
+            raise ValueError(f"a_part: one of {A_PARTS} expected, got {a_part!r}")
+        if a_part != "send":
+            bits = self.params.hint_out_bits if a_part == "hint" else self.params.out_bits
+            return EncryptedResult(self.params, None, _switch_rows(self.b, self.params, bits), self.n_tokens, bits)
         if isinstance(self.a, PackedRows) and self.a.bits != self.params.out_bits:
             raise ParameterMismatch(f"the switched a part has {self.a.bits} bits, not {self.params.out_bits}")
         a = self.a if isinstance(self.a, PackedRows) else switch_a(self.a, self.params)
@@ -174,14 +181,24 @@ def _switch_rows(x: np.ndarray, params: ParamSet, bits: int | None = None) -> np
 class EncryptedResult:
     """Output ciphertexts mod ``2^bits`` (what the client receives).
 
-    ``a`` is None when the client holds the layer's hint: then ``b`` is at ``hint_out_bits``.
-    It may stay packed (``PackedRows``) as the evaluator sent it; ``decrypt`` unpacks it.
+    ``a`` is None when the client holds the layer's public part: its hint mod q (``b`` at
+    ``hint_out_bits``) or the switched ``a`` of an earlier reply (``b`` at ``out_bits``);
+    ``b_bits`` says which (0: follows from ``a``). ``a`` may stay packed (``PackedRows``) as the
+    evaluator sent it; ``decrypt`` unpacks it.
     """
 
     params: ParamSet
     a: np.ndarray | PackedRows | None  # (d_out, N) uint64 in [0, 2^out_bits), or None
     b: np.ndarray  # (d_out, N) uint64 in [0, 2^bits)
     n_tokens: int
+    b_bits: int = 0
+
+    def __post_init__(self) -> None:
+        allowed = (self.params.out_bits,) if self.a is not None else (self.params.out_bits, self.params.hint_out_bits)
+        if self.b_bits == 0:  # the default: follows from a
+            object.__setattr__(self, "b_bits", allowed[-1])
+        if self.b_bits not in allowed:
+            raise ParameterMismatch(f"EncryptedResult.b_bits: {self.b_bits} is not one of {allowed}")
 
     @property
     def width(self) -> int:
@@ -189,7 +206,17 @@ class EncryptedResult:
 
     @property
     def bits(self) -> int:
-        return self.params.out_bits if self.a is not None else self.params.hint_out_bits
+        return self.b_bits
+
+    def with_held_a(self, a: PackedRows | np.ndarray) -> EncryptedResult:
+        """This result (sent without ``a``, ``b`` at ``out_bits``) with the ``a`` rows the client
+        held from an earlier reply of the same layer."""
+        if self.a is not None or self.bits != self.params.out_bits:
+            raise DecryptionError("only a result sent without a, at out_bits, takes a held a part")
+        rows = a.rows if isinstance(a, PackedRows) else a.shape[0]
+        if rows != self.width:
+            raise DecryptionError(f"the held a part has {rows} rows, the result {self.width}")
+        return EncryptedResult(self.params, a, self.b, self.n_tokens)
 
 
 def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
@@ -263,6 +290,9 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
     mul = secret.multiplier
     if isinstance(ct, EncryptedResult):
         modulus = float(1 << ct.bits)
+        if ct.a is None and ct.bits != params.hint_out_bits:
+            raise DecryptionError("this result was sent without its a part: the a part held from an earlier "
+                                  "reply is needed (EncryptedResult.with_held_a)")
         if ct.a is None and (hint is None or hint.shape != (ct.width, params.limbs, params.n)):
             raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
         out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)

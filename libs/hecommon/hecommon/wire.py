@@ -45,7 +45,7 @@ from .errors import HeloraError, MalformedMessage, OversizedMessage, ParameterMi
 from .params import ParamSet
 from .params import get as get_params
 
-WIRE_VERSION = 2  # 2: partials carry raw uint32 residues (1: bit-packed)
+WIRE_VERSION = 3  # 3: send_a, and replies say their bits; 2: raw uint32 residues in partials (1: packed)
 try:  # from the installed metadata: hecommon/__init__ may be shadowed by tests/hecommon under pytest
     LIB_VERSION = _dist_version("hecommon")
 except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
@@ -92,6 +92,12 @@ def _check_residues(where: str, arr: Any, params: ParamSet) -> None:
     bad = (arr >= primes).any(axis=(0, 2))
     if bad.any():
         _fail(where, f"limb {int(np.argmax(bad))} has a residue not below its prime")
+
+
+def _check_bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(where, "true or false is required")
+    return value
 
 
 def _check_tokens(where: str, n_tokens: Any, params: ParamSet) -> None:
@@ -181,7 +187,10 @@ def partial_row_bytes(params: ParamSet, a_switched: bool) -> int:
 # -- messages ---------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class EncryptedRequest:
-    """Client → encoder: input ciphertexts ``row_start …`` of one layer call (part of ``parts``)."""
+    """Client → encoder: input ciphertexts ``row_start …`` of one layer call (part of ``parts``).
+
+    ``send_a=False``: the client holds the layer's switched public part from an earlier reply,
+    so the reply carries ``b`` alone (at ``out_bits``)."""
 
     TYPE: ClassVar[str] = "request"
     rid: bytes
@@ -191,11 +200,13 @@ class EncryptedRequest:
     part: int = 0
     parts: int = 1
     row_start: int = 0
+    send_a: bool = True
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
         _check_route(self)
         _check_chunk(self, "row_start")
+        _check_bool("send_a", self.send_a)
         if not isinstance(self.batch, EncryptedBatch):
             _fail("batch", "an EncryptedBatch is required")
         _check_residues("b", self.batch.b, self.batch.params)
@@ -212,15 +223,16 @@ class EncryptedRequest:
     def _body(self) -> dict[str, Any]:
         b = self.batch.b
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
-                "row_start": self.row_start, "n_tokens": self.batch.n_tokens, "shape": list(b.shape),
-                "b": _pack_residues(b, self.params)}
+                "row_start": self.row_start, "send_a": self.send_a, "n_tokens": self.batch.n_tokens,
+                "shape": list(b.shape), "b": _pack_residues(b, self.params)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedRequest:
         rows = _shape("shape", m["shape"], (params.limbs, params.n), _residue_row_bytes(params), max_bytes)
         _check_tokens("n_tokens", m["n_tokens"], params)
         batch = EncryptedBatch(params, _unpack_residues("b", m["b"], params, rows), m["n_tokens"])
-        return cls(m["rid"], m["layer"], m["direction"], batch, m["part"], m["parts"], m["row_start"], m["lib"])
+        return cls(m["rid"], m["layer"], m["direction"], batch, m["part"], m["parts"], m["row_start"],
+                   _check_bool("send_a", m["send_a"]), m["lib"])
 
     def _rows(self) -> int:
         return self.batch.width
@@ -240,7 +252,8 @@ class EncryptedRequest:
 @dataclass(frozen=True, eq=False)
 class PartialResult:
     """Evaluator → aggregator: the product of input rows ``row_start … row_end-1`` (one shard),
-    for output ciphertexts ``out_start …`` (part ``part`` of ``parts``), mod q."""
+    for output ciphertexts ``out_start …`` (part ``part`` of ``parts``), mod q. ``send_a``: the
+    request's (False: the reply goes without ``a``)."""
 
     TYPE: ClassVar[str] = "partial"
     rid: bytes
@@ -254,11 +267,13 @@ class PartialResult:
     part: int = 0
     parts: int = 1
     out_start: int = 0
+    send_a: bool = True
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
         _check_route(self)
         _check_chunk(self, "out_start")
+        _check_bool("send_a", self.send_a)
         _int("shards", self.shards, 1, MAX_PARTS)
         _int("shard", self.shard, 0, self.shards - 1)
         _int("row_start", self.row_start, 0, MAX_ROWS)
@@ -286,8 +301,8 @@ class PartialResult:
         pa = self.partial
         return {"layer": self.layer, "direction": self.direction, "shard": self.shard, "shards": self.shards,
                 "row_start": self.row_start, "row_end": self.row_end, "part": self.part, "parts": self.parts,
-                "out_start": self.out_start, "n_tokens": pa.n_tokens, "shape": list(pa.b.shape),
-                "a_bits": pa.a.bits if isinstance(pa.a, PackedRows) else 0,
+                "out_start": self.out_start, "send_a": self.send_a, "n_tokens": pa.n_tokens,
+                "shape": list(pa.b.shape), "a_bits": pa.a.bits if isinstance(pa.a, PackedRows) else 0,
                 "a": pa.a.data if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
 
     @classmethod
@@ -304,7 +319,8 @@ class PartialResult:
             a = _read_raw_residues("a", m["a"], params, rows)
         b = _read_raw_residues("b", m["b"], params, rows)
         return cls(m["rid"], m["layer"], m["direction"], m["shard"], m["shards"], m["row_start"], m["row_end"],
-                   EncryptedPartial(params, a, b, m["n_tokens"]), m["part"], m["parts"], m["out_start"], m["lib"])
+                   EncryptedPartial(params, a, b, m["n_tokens"]), m["part"], m["parts"], m["out_start"],
+                   _check_bool("send_a", m["send_a"]), m["lib"])
 
     def _rows(self) -> int:
         return int(self.partial.b.shape[0])
@@ -331,7 +347,7 @@ class EncryptedReply:
     rid: bytes
     layer: str
     direction: str
-    result: EncryptedResult  # a, b: (d_out, N) uint64 < 2^out_bits; or a None, b < 2^hint_out_bits
+    result: EncryptedResult  # a, b: (d_out, N) uint64 < 2^out_bits; or a None, b < 2^bits (held or hint)
     part: int = 0
     parts: int = 1
     out_start: int = 0
@@ -364,20 +380,20 @@ class EncryptedReply:
     def _body(self) -> dict[str, Any]:
         res, k = self.result, self.result.bits
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
-                "out_start": self.out_start, "n_tokens": res.n_tokens, "shape": list(res.b.shape),
+                "out_start": self.out_start, "n_tokens": res.n_tokens, "shape": list(res.b.shape), "bits": k,
                 "a": None if res.a is None else res.a.data if isinstance(res.a, PackedRows) else pack_bits(res.a, k),
                 "b": pack_bits(res.b, k)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedReply:
-        with_a = m["a"] is not None  # None: the client holds the hint, b is at hint_out_bits
-        k, n = (params.out_bits if with_a else params.hint_out_bits), params.n
+        with_a, k = _reply_bits(m, params)
+        n = params.n
         rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
         _check_tokens("n_tokens", m["n_tokens"], params)
         # a stays packed (any bytes are valid values): decrypt unpacks it, row range by row range
         a = PackedRows(k, n, _blob("a", m["a"], rows * packed_size(k, n))) if with_a else None
         b = _unpack_words("b", m["b"], k, (rows, n))
-        return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"]),
+        return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"], k),
                    m["part"], m["parts"], m["out_start"], m["lib"])
 
     def _rows(self) -> int:
@@ -389,15 +405,17 @@ class EncryptedReply:
 
     def _slice(self, lo: int, hi: int) -> EncryptedReply:
         res = self.result
-        sliced = EncryptedResult(self.params, None if res.a is None else res.a[lo:hi], res.b[lo:hi], res.n_tokens)
+        sliced = EncryptedResult(self.params, None if res.a is None else res.a[lo:hi], res.b[lo:hi], res.n_tokens,
+                                 res.b_bits)
         return dataclasses.replace(self, result=sliced, out_start=self.out_start + lo)
 
     def _with_rows(self, chunks: Sequence[EncryptedReply]) -> EncryptedReply:
-        if any((c.result.a is None) != (self.result.a is None) for c in chunks):
-            _fail("join", "parts with and without their a part")
+        if any((c.result.a is None, c.result.bits) != (self.result.a is None, self.result.bits) for c in chunks):
+            _fail("join", "parts with and without their a part, or at different bits")
         a = None if self.result.a is None else _join_a([c.result.a for c in chunks])
         b = np.concatenate([c.result.b for c in chunks])
-        return dataclasses.replace(self, result=EncryptedResult(self.params, a, b, self.result.n_tokens))
+        result = EncryptedResult(self.params, a, b, self.result.n_tokens, self.result.b_bits)
+        return dataclasses.replace(self, result=result)
 
 
 @dataclass(frozen=True)
@@ -546,10 +564,10 @@ class Manifest:
 
 
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
-    EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "n_tokens", "shape", "b"),
+    EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "send_a", "n_tokens", "shape", "b"),
     PartialResult: ("layer", "direction", "shard", "shards", "row_start", "row_end", "part", "parts",
-                    "out_start", "n_tokens", "shape", "a_bits", "a", "b"),
-    EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "n_tokens", "shape", "a", "b"),
+                    "out_start", "send_a", "n_tokens", "shape", "a_bits", "a", "b"),
+    EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "n_tokens", "shape", "bits", "a", "b"),
     ErrorReply: ("reason", "message"),
     Manifest: ("model", "x_bits", "w_bits", "metadata", "layers"),
 }
@@ -621,6 +639,7 @@ class RequestHead(_Head):
     """
 
     row_start: int = 0
+    send_a: bool = True
 
 
 def _packed_blob(where: str, blob: Any, bits: int, count: int) -> None:
@@ -647,7 +666,8 @@ def decode_request_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Requ
     for i, (blob, p) in enumerate(zip(blobs, params.primes, strict=True)):
         _packed_blob(f"b[{i}]", blob, p.bit_length(), rows * params.n)
     head = RequestHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
-                       part=m["part"], parts=m["parts"], lib=m["lib"], row_start=m["row_start"])
+                       part=m["part"], parts=m["parts"], lib=m["lib"], row_start=m["row_start"],
+                       send_a=_check_bool("send_a", m["send_a"]))
     _check_route(head)
     _check_chunk(head, "row_start")
     return head
@@ -665,6 +685,18 @@ class ReplyHead(_Head):
 
     out_start: int = 0
     with_a: bool = True
+    bits: int = 0
+
+
+def _reply_bits(m: dict[str, Any], params: ParamSet) -> tuple[bool, int]:
+    """(whether ``a`` is there, ``b``'s bits): with ``a``, ``out_bits``; without, ``out_bits`` (the
+    client holds a switched ``a``) or ``hint_out_bits`` (it holds the hint)."""
+    with_a = m["a"] is not None
+    allowed = (params.out_bits,) if with_a else (params.out_bits, params.hint_out_bits)
+    k = _int("bits", m["bits"], 1, 64)
+    if k not in allowed:
+        _fail("bits", f"one of {allowed} is required {'with' if with_a else 'without'} an a part")
+    return with_a, k
 
 
 def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
@@ -672,15 +704,15 @@ def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
         _fail("type", f"{EncryptedReply.TYPE!r} expected")
     _keys(EncryptedReply.TYPE, m, _HEADER + _BODY_KEYS[EncryptedReply])
     params = get_params(_text("pset", m["pset"], MAX_NAME_CHARS))
-    with_a = m["a"] is not None
-    k, n = (params.out_bits if with_a else params.hint_out_bits), params.n
+    with_a, k = _reply_bits(m, params)
+    n = params.n
     rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
     _check_tokens("n_tokens", m["n_tokens"], params)
     if with_a:
         _blob("a", m["a"], rows * packed_size(k, n))
     _packed_blob("b", m["b"], k, rows * n)
     head = ReplyHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
-                     part=m["part"], parts=m["parts"], lib=m["lib"], out_start=m["out_start"], with_a=with_a)
+                     part=m["part"], parts=m["parts"], lib=m["lib"], out_start=m["out_start"], with_a=with_a, bits=k)
     _check_route(head)
     _check_chunk(head, "out_start")
     return head
@@ -700,10 +732,11 @@ def decode_partial_or_reply_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES
     return _decode_map(m, max_bytes, PartialResult)  # type: ignore[return-value]
 
 
-def reply_part(partial: PartialResult, send_a: bool = True) -> EncryptedReply:
+def reply_part(partial: PartialResult) -> EncryptedReply:
     """The reply for one part of a one-shard partial whose ``a`` part is switched: ``b`` switched,
-    ``a`` as it came, the same rows and part number (each part is answered alone, as it comes)."""
-    result = partial.partial.switch(send_a=send_a)
+    ``a`` as it came (or left out, if the request said ``send_a=False``), the same rows and part
+    number (each part is answered alone, as it comes)."""
+    result = partial.partial.switch("send" if partial.send_a else "held")
     return EncryptedReply(rid=partial.rid, layer=partial.layer, direction=partial.direction, result=result,
                           part=partial.part, parts=partial.parts, out_start=partial.out_start)
 
@@ -713,8 +746,10 @@ def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
     if not heads:
         raise MalformedMessage("join: no parts")
     first = heads[0]
-    route = (first.rid, first.layer, first.direction, first.parts, first.lib, first.params.name, first.n_tokens)
-    if any((h.rid, h.layer, h.direction, h.parts, h.lib, h.params.name, h.n_tokens) != route for h in heads):
+    route = (first.rid, first.layer, first.direction, first.parts, first.lib, first.params.name, first.n_tokens,
+             first.send_a)
+    if any((h.rid, h.layer, h.direction, h.parts, h.lib, h.params.name, h.n_tokens, h.send_a) != route
+           for h in heads):
         _fail("join", "parts of different messages or shapes")
     ordered = sorted(heads, key=lambda h: h.part)
     if [h.part for h in ordered] != list(range(first.parts)):
@@ -810,6 +845,7 @@ def request_ranges(width: int, params: ParamSet, max_bytes: int = MAX_MESSAGE_BY
 
 def _route(msg: Chunked) -> tuple[Any, ...]:
     key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
+    key += (msg.send_a,) if not isinstance(msg, EncryptedReply) else (msg.result.a is None, msg.result.bits)
     if isinstance(msg, PartialResult):
         key += (msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
     else:

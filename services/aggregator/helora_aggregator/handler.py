@@ -25,7 +25,9 @@ class _Pending:
 
 
 class AggregatorHandler:
-    """``send_a=False``: the clients hold the layers' hints, so replies carry ``b`` alone."""
+    """``send_a=False``: the clients hold the layers' hints, so replies carry ``b`` alone. A request
+    sent with ``send_a=False`` (its client holds the switched ``a`` of an earlier reply) is answered
+    with ``b`` alone at ``out_bits`` either way."""
 
     def __init__(self, max_pending: int = 4096, send_a: bool = True) -> None:
         self.send_a = send_a
@@ -73,6 +75,7 @@ class AggregatorHandler:
             ordered = sorted(parts, key=lambda p: p.out_start)
             total = EncryptedPartial.join([p.partial for p in ordered])
         t0 = time.perf_counter()
-        result = total.switch(send_a=self.send_a)
+        a_part = ("send" if self.send_a else "hint") if first.send_a else "held"  # held: the client asked
+        result = total.switch(a_part)
         self.switch_seconds = time.perf_counter() - t0
         return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction, result=result)

@@ -7,7 +7,9 @@ of a request stays unacked until the request's reply has been published (with co
 them and a fresh aggregator completes the request (DESIGN §7.5). A partial of an
 already-answered request (a redelivery) is acked and ignored.
 
-Replies carry the ``a`` part (``send_a=True``): in broker mode the client holds no hints.
+Replies carry the ``a`` part (``send_a=True``): in broker mode the client holds no hints. A
+request sent with ``send_a=False`` (its client holds the switched ``a`` of an earlier reply of the
+layer) is answered with ``b`` alone.
 
 Forwarding. An evaluator that holds a whole layer (one shard) switches ``b`` itself and sends
 finished reply parts (``wire.EncryptedReply``), one message's output rows at a time. Nothing is

@@ -119,5 +119,5 @@ class EncoderHandler:
             return [(i, req) for i in range(len(ranges))]
         b = req.batch
         return [(i, EncryptedRequest(rid=req.rid, layer=req.layer, direction="fwd", row_start=lo,
-                                     batch=EncryptedBatch(b.params, b.b[lo:hi], b.n_tokens)))
+                                     batch=EncryptedBatch(b.params, b.b[lo:hi], b.n_tokens), send_a=req.send_a))
                 for i, (lo, hi) in enumerate(ranges)]

@@ -116,7 +116,8 @@ class EvaluatorHandler:
         partial = product(req.batch, a=a)
         out_start = 0 if req.direction == "fwd" else shard.lo
         return PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
-                             row_start=shard.lo, row_end=shard.hi, partial=partial, out_start=out_start)
+                             row_start=shard.lo, row_end=shard.hi, partial=partial, out_start=out_start,
+                             send_a=req.send_a)
 
     def handle_parts(self, req: EncryptedRequest, max_bytes: int) -> Iterator[PartialResult]:
         """``wire.split(handle(req), max_bytes)``, computed part by part: each part's output rows
@@ -131,4 +132,4 @@ class EvaluatorHandler:
             partial = EncryptedPartial(self.params, hint[lo:hi], b, req.batch.n_tokens)
             yield PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
                                 row_start=shard.lo, row_end=shard.hi, partial=partial, part=i, parts=len(blocks),
-                                out_start=out_start + lo)
+                                out_start=out_start + lo, send_a=req.send_a)

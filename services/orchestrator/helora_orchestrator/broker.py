@@ -36,7 +36,7 @@ from hecommon import amqp, wire
 from hecommon.errors import HeloraError, ParameterMismatch, TransientError
 from hecommon.keys import SecretKey
 
-from .encrypted import EncryptedBackend
+from .encrypted import HOLD_A_MIB, EncryptedBackend
 
 log = logging.getLogger("helora.broker")
 _CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.StreamLostError, pex.ConnectionClosed, pex.ChannelClosed)
@@ -316,8 +316,10 @@ def describe(request: wire.EncryptedRequest) -> str:
 
 def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = amqp.DEFAULT_NAMESPACE,
                         model=None, params: str | None = None, timeout_s: float = 120.0,
-                        max_message_bytes: int = wire.MAX_MESSAGE_BYTES, in_flight: int = 1) -> EncryptedBackend:
-    """The encrypted backend over RabbitMQ. ``hints=None``: the aggregator's replies carry ``a``.
+                        max_message_bytes: int = wire.MAX_MESSAGE_BYTES, in_flight: int = 1,
+                        hold_a_bytes: int = HOLD_A_MIB << 20) -> EncryptedBackend:
+    """The encrypted backend over RabbitMQ. ``hints=None``: the first reply of each layer carries
+    its ``a`` part, which the client keeps (up to ``hold_a_bytes`` in all) and asks no more for.
 
     With ``model``, the server's manifest must describe the same architecture (config
     fingerprint); with ``params``, the same parameter set. ``in_flight > 1``: a ``TransportPool``
@@ -334,4 +336,4 @@ def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str =
         transport.close()
         raise ParameterMismatch(f"--param-set {params}: the server uses {manifest.params.name}")
     pool = TransportPool(transport) if in_flight > 1 else transport  # one connection per training thread
-    return EncryptedBackend(manifest, pool, key, hints=None)  # backend.transport.close() when done
+    return EncryptedBackend(manifest, pool, key, hints=None, hold_a_bytes=hold_a_bytes)  # transport.close() when done

@@ -15,6 +15,7 @@ from pathlib import Path
 from hecommon.errors import ConfigError, HeloraError, ParameterMismatch
 
 from .backend import MODES
+from .encrypted import HOLD_A_MIB
 from .lora import BLOCK_LINEARS, LoraSettings
 from .status import add_parser as add_status_parser
 from .status import cmd_status
@@ -43,6 +44,10 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--broker", default=None, metavar="URL",
                    help="RabbitMQ URL of a running helora server (encrypted mode); default: in-process server")
     p.add_argument("--namespace", default="helora", help="the server's exchange and queue prefix (with --broker)")
+    p.add_argument("--hold-a-mib", type=int, default=HOLD_A_MIB, metavar="MIB",
+                   help="with --broker: keep each layer's public a part from its first reply, up to MIB in all, "
+                        f"and receive b alone after that (about half of every reply; SmolLM2-135M needs about 2.3 GiB; "
+                        f"0: never; default {HOLD_A_MIB})")
     p.add_argument("--key-file", default=None, metavar="PATH",
                    help="keep the secret key in this 0600 file (created if missing); default: memory only")
 
@@ -131,8 +136,11 @@ def _broker_client(args, model, lora: LoraSettings):
     from .broker import make_broker_backend
     from .client_model import ClientModel
 
+    if args.hold_a_mib < 0:
+        raise ConfigError(f"--hold-a-mib: {args.hold_a_mib} must be 0 or more")
     backend = make_broker_backend(args.broker, key=_secret_key(args.key_file), namespace=args.namespace,
-                                  model=model, params=args.param_set, in_flight=_in_flight(args))
+                                  model=model, params=args.param_set, in_flight=_in_flight(args),
+                                  hold_a_bytes=args.hold_a_mib << 20)
     if backend.bits != args.bits:
         raise ParameterMismatch(f"--bits {args.bits}: the server quantizes with {backend.bits} bits")
     return ClientModel(model, backend, discover_groups(model), lora, args.seed)

@@ -15,10 +15,15 @@ from collections.abc import Callable
 import numpy as np
 from hecommon import params as P
 from hecommon import wire
+from hecommon.bits import PackedRows, packed_size
 from hecommon.encrypt import decrypt, encrypt
 from hecommon.errors import HeloraError, ParameterMismatch
 from hecommon.keys import NONCE_BYTES, SecretKey
 from hecommon.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
+
+#: Default budget of switched ``a`` parts a broker client keeps (``EncryptedBackend(hold_a_bytes=)``),
+#: in MiB: SmolLM2-135M needs about 2.3 GiB for all of its layers.
+HOLD_A_MIB = 4096
 
 #: request -> (reply, bytes moved): the embedded server's ``exchange`` or a ``ByteTransport``
 Exchange = Callable[[wire.EncryptedRequest], tuple[wire.EncryptedReply, int]]
@@ -50,9 +55,14 @@ class EncryptedBackend:
     """Implements ``LinearBackend`` over a transport (embedded server or RabbitMQ)."""
 
     def __init__(self, manifest: wire.Manifest, transport: Exchange, key: SecretKey | None = None,
-                 hints: Callable[[str, str], np.ndarray] | None = None) -> None:
+                 hints: Callable[[str, str], np.ndarray] | None = None, hold_a_bytes: int = 0) -> None:
         """``hints(layer, direction)``: the public hint of a layer, fetched once, for servers
-        that reply without the ``a`` part (it is the same for every request)."""
+        that reply without the ``a`` part (it is the same for every request).
+
+        ``hold_a_bytes`` (without hints): keep the switched ``a`` part of the first reply of each
+        (layer, direction), packed as it came, up to this many bytes in all, and ask for ``b``
+        alone after that (``send_a=False``): the ``a`` part is the same for every request of a
+        layer, and it is half of every reply. Layers beyond the budget keep receiving it."""
         self.manifest = manifest
         self.params = manifest.params
         self.bits = manifest.x_bits
@@ -64,6 +74,11 @@ class EncryptedBackend:
         self._count_lock = threading.Lock()  # requests may come from several threads (--in-flight)
         self._fetch_hint = hints
         self._hints: dict[tuple[str, str], np.ndarray] = {}
+        if not isinstance(hold_a_bytes, int) or hold_a_bytes < 0:
+            raise ValueError(f"hold_a_bytes: a byte count >= 0 is required, got {hold_a_bytes!r}")
+        self.hold_a_bytes = 0 if hints is not None else hold_a_bytes
+        self._held: dict[tuple[str, str], PackedRows] = {}
+        self.held_bytes = 0
 
     def _entry(self, group: str) -> wire.LayerEntry:
         entry = self.layers.get(group)
@@ -85,24 +100,38 @@ class EncryptedBackend:
         width = entry.d_out if direction == "fwd" else entry.d_in
         out = np.empty((m.shape[0], width), dtype=np.int64)
         filled = [0]
+        held = self._held.get((layer, direction))
+        collect = self._wants_a(layer, direction, width)
+        got_a: dict[int, PackedRows] = {}  # out_start -> this reply's a rows, to hold
 
         def decrypt_part(part: wire.EncryptedReply) -> None:
             lo, hi = part.out_start, part.out_start + part.result.width
             if part.rid != rid or hi > width or part.result.n_tokens != m.shape[0]:
                 raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
-            hint = None if part.result.a is not None else self._hint(layer, direction)[lo:hi]
-            out[:, lo:hi] = decrypt(secret, part.result, hint=hint)
+            result, hint = part.result, None
+            if result.a is None and result.bits == self.params.out_bits:  # b alone: the a part held
+                if held is None:
+                    raise HeloraError(f"the reply to layer {layer} {direction} has no a part and none is held")
+                result = result.with_held_a(held[lo:hi])
+            elif result.a is None:
+                hint = self._hint(layer, direction)[lo:hi]
+            elif collect:
+                a = result.a
+                got_a[lo] = a if isinstance(a, PackedRows) else PackedRows.pack(a, self.params.out_bits)
+            out[:, lo:hi] = decrypt(secret, result, hint=hint)
             filled[0] += hi - lo
 
         stream = getattr(self.transport, "stream", None)
         if stream is not None:
             ranges = wire.request_ranges(m.shape[1], self.params, self.transport.limit)
             parts = (wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, part=i, parts=len(ranges),
-                                           row_start=lo, batch=encrypt(secret, m[:, lo:hi], a_seed, start=lo))
+                                           row_start=lo, batch=encrypt(secret, m[:, lo:hi], a_seed, start=lo),
+                                           send_a=held is None)
                      for i, (lo, hi) in enumerate(ranges))  # each encrypted when the transport asks for it
             moved = stream(parts, decrypt_part)
         else:
-            request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, batch=encrypt(secret, m, a_seed))
+            request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, batch=encrypt(secret, m, a_seed),
+                                            send_a=held is None)
             reply, moved = self.transport(request)
             decrypt_part(reply)
         if filled[0] != width:  # the parts are distinct and contiguous (the transport checks): all of them
@@ -110,7 +139,19 @@ class EncryptedBackend:
         with self._count_lock:
             self.wire_bytes += moved
             self.requests += 1
+            if collect and (layer, direction) not in self._held and sum(a.rows for a in got_a.values()) == width:
+                whole = PackedRows.concat([got_a[lo] for lo in sorted(got_a)])  # contiguous: the transport checks
+                if self.held_bytes + len(whole.data) <= self.hold_a_bytes:
+                    self._held[(layer, direction)] = whole
+                    self.held_bytes += len(whole.data)
         return out
+
+    def _wants_a(self, layer: str, direction: str, width: int) -> bool:
+        """Whether to keep this request's reply ``a`` part: none is held yet and it fits the budget."""
+        if (layer, direction) in self._held:
+            return False
+        row = packed_size(self.params.out_bits, self.params.n)
+        return self.held_bytes + width * row <= self.hold_a_bytes
 
     def _hint(self, layer: str, direction: str) -> np.ndarray:
         """The layer's public hint, for replies sent without their ``a`` part (fetched once)."""
@@ -145,14 +186,16 @@ class EncryptedBackend:
 def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | str = P.DEFAULT,
                            key: SecretKey | None = None, shards: int = 1, backend: str = "numpy",
                            model_id: str = "", over_bytes: bool = False, hints_on_client: bool = True,
-                           **_: object) -> EncryptedBackend:
+                           hold_a_bytes: int = 0, **_: object) -> EncryptedBackend:
     """The embedded default: an in-process server built from ``model``, and the client over it.
 
     ``over_bytes``: pass every message through the wire codec (as a broker would) instead of
     handing objects over in-process. ``hints_on_client``: the client keeps each layer's public
     hint (the ``a`` part of its outputs, identical for every request) and the server sends ``b``
     alone, at ``hint_out_bits``: less than half the download. In-process the client reads the
-    evaluator's own array; its one-time transfer is not counted in ``wire_bytes``.
+    evaluator's own array; its one-time transfer is not counted in ``wire_bytes``. Without
+    hints, ``hold_a_bytes``: as a broker client, keep each layer's switched ``a`` from its first
+    reply and ask for ``b`` alone after that (``EncryptedBackend``).
     """
     from .embedded import EmbeddedServer
 
@@ -161,4 +204,5 @@ def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | st
                             hints_on_client=hints_on_client)
     manifest = wire.decode_manifest(server.manifest_bytes())
     exchange: Exchange = ByteTransport(server.call) if over_bytes else server.exchange
-    return EncryptedBackend(manifest, exchange, key, hints=server.hint if hints_on_client else None)
+    return EncryptedBackend(manifest, exchange, key, hints=server.hint if hints_on_client else None,
+                            hold_a_bytes=hold_a_bytes)
