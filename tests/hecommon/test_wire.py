@@ -513,3 +513,13 @@ def test_send_a_travels_with_a_request_and_its_parts_must_agree():
         wire.join_heads(heads)
     with pytest.raises(errors.MalformedMessage, match="send_a"):
         dataclasses.replace(req, send_a=None)
+
+
+def test_reply_parts_with_and_without_a_do_not_join():
+    """join's route check refuses a reply whose parts disagree on carrying a (or on b's bits)."""
+    full = dataclasses.replace(gen.reply(), part=0, parts=2, out_start=0)
+    held = gen.reply_held().result
+    rest = dataclasses.replace(full, part=1, out_start=full.result.width,
+                               result=EncryptedResult(held.params, None, held.b, full.result.n_tokens, held.b_bits))
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join([full, rest])

@@ -410,8 +410,7 @@ class EncryptedReply:
         return dataclasses.replace(self, result=sliced, out_start=self.out_start + lo)
 
     def _with_rows(self, chunks: Sequence[EncryptedReply]) -> EncryptedReply:
-        if any((c.result.a is None, c.result.bits) != (self.result.a is None, self.result.bits) for c in chunks):
-            _fail("join", "parts with and without their a part, or at different bits")
+        # join's _route has checked that every part has (or lacks) its a part and has the same bits
         a = None if self.result.a is None else _join_a([c.result.a for c in chunks])
         b = np.concatenate([c.result.b for c in chunks])
         result = EncryptedResult(self.params, a, b, self.result.n_tokens, self.result.b_bits)
