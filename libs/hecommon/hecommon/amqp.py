@@ -62,6 +62,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
+from . import pikaframes
 from .errors import ConfigError, HeloraError, TransientError
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
@@ -255,6 +256,7 @@ def tune_pika_reads(recv_bytes: int = RECV_BYTES, consume_bytes: int = CONSUME_B
 def connect(url: str, name: str, deadline_s: float = 60.0, heartbeat: int = 30) -> pika.BlockingConnection:
     """A blocking connection, retried with exponential backoff until ``deadline_s``."""
     tune_pika_reads()
+    pikaframes.install()
     params = pika.URLParameters(url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 300
