@@ -9,10 +9,13 @@ One run, three configurations on the same batches, seed, LoRA and optimizer:
 - ``broker_2``: the same with two evaluators, each holding half of every layer.
 
 Each configuration runs ``--warmup`` steps (the first computes the server's hints), then
-``--steps`` timed steps. Reported: ``equals_embedded`` (the LoRA weights after every step equal
-the embedded run's bit for bit, for both fleets), ``overhead_vs_embedded`` (median step time over
-the broker with one evaluator / embedded), the same ratio with two evaluators, tokens/s of each,
-and ``broker_bytes_per_token``: the message bodies the client really sent and received (its
+``--steps`` timed steps. ``embedded`` and ``broker_1`` take turns, step by step (the fleet waits
+idle while an embedded step runs), so that this machine's drift over minutes weighs on both
+alike; ``broker_2`` runs after them, on a fleet of its own. Reported: ``equals_embedded`` (the
+LoRA weights after every step equal the embedded run's bit for bit, for both fleets),
+``overhead_vs_embedded`` (median step time over the broker with one evaluator / embedded;
+``overhead_vs_embedded_per_step``: the ratio of each pair of turns), the same ratio with two
+evaluators, tokens/s of each, and ``broker_bytes_per_token``: the message bodies the client really sent and received (its
 transport's byte counters, every attempt) per trained token. ``--quick``: the tiny random Llama,
 seconds. Default: the bundled SmolLM2-135M with one warm-up and one timed step of 8 × 256 tokens.
 """
@@ -54,26 +57,47 @@ def _batches(name: str, steps: int, batch_size: int, seq_len: int) -> list[torch
     return [train.batch(range(i * batch_size, (i + 1) * batch_size))[0] for i in range(steps)]
 
 
-def _run(client: ClientModel, batches: list[torch.Tensor], warmup: int, on_timed=None) -> dict:
-    """Steps over ``batches`` (one optimizer); per-step seconds of the steps after ``warmup``, LoRA
-    weights after each step. ``on_timed()`` runs once, before the first timed step."""
-    opt = torch.optim.AdamW(client.lora_parameters(), lr=1e-3)
-    seconds, states, tokens = [], [], 0
-    for i, ids in enumerate(batches):
-        if i == warmup and on_timed is not None:
-            on_timed()
+class _Steps:
+    """One configuration's run over ``batches``: its client, its optimizer, and per step the
+    seconds, the loss and the LoRA weights after it. ``step()`` runs the next batch, so that two
+    configurations can take turns (``_interleaved``)."""
+
+    def __init__(self, name: str, client: ClientModel, batches: list[torch.Tensor], warmup: int,
+                 transport=None) -> None:
+        self.name, self.client, self.batches, self.warmup, self.transport = name, client, batches, warmup, transport
+        self.opt = torch.optim.AdamW(client.lora_parameters(), lr=1e-3)
+        self.seconds: list[float] = []
+        self.states: list[dict] = []
+        self.tokens = 0
+        self._bytes0 = 0
+        self.client_bytes = 0
+
+    def _moved(self) -> int:
+        return self.transport.bytes_sent + self.transport.bytes_received if self.transport is not None else 0
+
+    def step(self) -> None:
+        i = len(self.states)
+        ids = self.batches[i]
+        if i == self.warmup:
+            self._bytes0 = self._moved()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, n = causal_lm_loss(client(ids), ids)
+        self.opt.zero_grad(set_to_none=True)
+        loss, n = causal_lm_loss(self.client(ids), ids)
         (loss / n).backward()
-        opt.step()
+        self.opt.step()
         dt = time.perf_counter() - t0
-        if i >= warmup:
-            seconds.append(dt)
-            tokens += ids.numel()
-        states.append({k: v.clone() for k, v in client.lora_state_dict().items()})
-        print(f"  step {i + 1}/{len(batches)}: {dt:.1f} s, loss {float(loss) / n:.4f}", flush=True)
-    return {"seconds": seconds, "states": states, "tokens": tokens}
+        if i >= self.warmup:
+            self.seconds.append(dt)
+            self.tokens += ids.numel()
+            self.client_bytes = self._moved() - self._bytes0
+        self.states.append({k: v.clone() for k, v in self.client.lora_state_dict().items()})
+        kind = "timed" if i >= self.warmup else "warm-up"
+        print(f"  {self.name} step {i + 1}/{len(self.batches)} ({kind}): {dt:.1f} s, loss {float(loss) / n:.4f}",
+              flush=True)
+
+    def run(self) -> None:
+        while len(self.states) < len(self.batches):
+            self.step()
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
@@ -81,30 +105,41 @@ def _same(a: list[dict], b: list[dict]) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
-def _broker(args, evaluators: int, batches: list[torch.Tensor], root: Path) -> dict:
-    ns = f"helora-bench-{secrets.token_hex(4)}"
-    fleet = LocalFleet(URL, ns, args.model, evaluators=evaluators, shard_dir=root / f"shards{evaluators}",
-                       backend="numpy", part_timeout_s=3600)
-    t0 = time.perf_counter()
-    try:
-        fleet.start(timeout_s=1800)
-        start_s = time.perf_counter() - t0
-        model = _model(args.model)
-        backend = make_broker_backend(URL, SecretKey.generate(), namespace=ns, model=model, timeout_s=3600)
-        client = ClientModel(model, backend, discover_groups(model), LORA, seed=0)
-        transport = backend.transport
-        start = {}
-        timed = _run(client, batches, args.warmup,
-                     on_timed=lambda: start.update(bytes=transport.bytes_sent + transport.bytes_received))
-        timed["client_bytes"] = transport.bytes_sent + transport.bytes_received - start["bytes"]
-        timed["start_s"] = start_s
-        transport.close()
-        return timed
-    finally:
-        codes = fleet.stop()
-        fleet.delete_topology()
+class _Fleet:
+    """A ``LocalFleet`` of ``evaluators`` on the local broker and a client over it; stopped and its
+    topology removed on exit."""
+
+    def __init__(self, args, evaluators: int, root: Path) -> None:
+        self.ns = f"helora-bench-{secrets.token_hex(4)}"
+        self.fleet = LocalFleet(URL, self.ns, args.model, evaluators=evaluators,
+                                shard_dir=root / f"shards{evaluators}", backend="numpy", part_timeout_s=3600)
+        self.backend = None
+        self.start_s = 0.0
+
+    def __enter__(self) -> _Fleet:
+        t0 = time.perf_counter()
+        try:
+            self.fleet.start(timeout_s=1800)
+            self.start_s = time.perf_counter() - t0
+            self.model = _model(self.fleet.model)
+            self.backend = make_broker_backend(URL, SecretKey.generate(), namespace=self.ns, model=self.model,
+                                               timeout_s=3600)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def steps(self, name: str, batches: list[torch.Tensor], warmup: int) -> _Steps:
+        client = ClientModel(self.model, self.backend, discover_groups(self.model), LORA, seed=0)
+        return _Steps(name, client, batches, warmup, self.backend.transport)
+
+    def __exit__(self, *exc) -> None:
+        if self.backend is not None:
+            self.backend.transport.close()
+        codes = self.fleet.stop()
+        self.fleet.delete_topology()
         if any(codes.values()):
-            print(f"  warning: unclean service exits {codes}\n{fleet.logs()}", file=sys.stderr)
+            print(f"  warning: unclean service exits {codes}\n{self.fleet.logs()}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,31 +161,46 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_step = batches[0].numel()
     load0 = os.getloadavg()
     print(f"model {args.model}: {args.warmup} warm-up + {args.steps} timed steps of {tokens_per_step} tokens")
-    results = {}
-    print("embedded (in-process server)", flush=True)
-    results["embedded"] = _run(build_client(_model(args.model), "encrypted", LORA, seed=0), batches, args.warmup)
+    results: dict[str, _Steps] = {}
+    start_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="helora-bench-") as tmp:
-        for n in (1, 2):
-            print(f"over RabbitMQ, {n} evaluator(s)", flush=True)
-            results[f"broker_{n}"] = _broker(args, n, batches, Path(tmp))
-    emb = statistics.median(results["embedded"]["seconds"])
+        # embedded and one evaluator take turns, step by step, so that the machine's drift over
+        # minutes weighs on both alike; that fleet waits idle while the embedded steps run
+        with _Fleet(args, 1, Path(tmp)) as one:
+            start_s["broker_1"] = one.start_s
+            print("embedded (in-process server) and over RabbitMQ with 1 evaluator, taking turns", flush=True)
+            results["embedded"] = _Steps("embedded", build_client(_model(args.model), "encrypted", LORA, seed=0),
+                                         batches, args.warmup)
+            results["broker_1"] = one.steps("broker_1", batches, args.warmup)
+            for _ in batches:
+                results["embedded"].step()
+                results["broker_1"].step()
+        with _Fleet(args, 2, Path(tmp)) as two:
+            start_s["broker_2"] = two.start_s
+            print("over RabbitMQ, 2 evaluators", flush=True)
+            results["broker_2"] = two.steps("broker_2", batches, args.warmup)
+            results["broker_2"].run()
+    emb = statistics.median(results["embedded"].seconds)
     rows, summary = [], {}
     for name, r in results.items():
-        step = statistics.median(r["seconds"])
+        step = statistics.median(r.seconds)
         rows.append({"config": name, "step_s": step, "tokens_per_s": tokens_per_step / step,
-                     "ratio": step / emb, "bytes_per_token": r.get("client_bytes", 0) / max(r["tokens"], 1) or None,
-                     "start_s": r.get("start_s")})
+                     "ratio": step / emb, "bytes_per_token": r.client_bytes / max(r.tokens, 1) or None,
+                     "start_s": start_s.get(name)})
         summary[name] = {k: v for k, v in rows[-1].items() if k != "config"}
     print_table(rows, [("config", "config", "s"), ("step_s", "s/step", ".2f"), ("tokens_per_s", "tokens/s", ".1f"),
                        ("ratio", "vs embedded", ".3f"), ("bytes_per_token", "bytes/token", ".0f"),
                        ("start_s", "fleet start s", ".1f")])
-    equal = all(_same(results["embedded"]["states"], results[f"broker_{n}"]["states"]) for n in (1, 2))
+    equal = all(_same(results["embedded"].states, results[f"broker_{n}"].states) for n in (1, 2))
+    paired = [b / e for b, e in zip(results["broker_1"].seconds, results["embedded"].seconds, strict=True)]
     payload = {
         "benchmark": "services", "model": args.model, "quick": args.quick, "machine": machine(),
         "cpu_shared_with_other_jobs": not args.idle, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "warmup_steps": args.warmup, "timed_steps": args.steps, "tokens_per_step": tokens_per_step,
         "equals_embedded": equal,
         "overhead_vs_embedded": summary["broker_1"]["ratio"],
+        "overhead_vs_embedded_per_step": paired,
+        "step_seconds": {name: r.seconds for name, r in results.items()},
         "overhead_vs_embedded_2_evaluators": summary["broker_2"]["ratio"],
         "tokens_per_s_embedded": summary["embedded"]["tokens_per_s"],
         "tokens_per_s_1_evaluator": summary["broker_1"]["tokens_per_s"],
