@@ -294,3 +294,32 @@ def test_fft_products_equal_the_schoolbook_product(n, rng):
     wide = rng.integers(-(2**37), 2**37, size=(2, n))
     got = mul.product_wide(wide.astype(np.float64)).astype(np.int64)
     np.testing.assert_array_equal(got, np.stack([negacyclic_reference(x, s) for x in wide]))
+
+
+def test_products_summed_part_by_part_equal_the_whole_product(rng, monkeypatch):
+    """``MatrixProduct.add_rows`` over parts that cover the inputs once, in any order and across
+    the GEMM's chunk boundaries (``MAX_GEMM_TERMS``, made small here), is the whole product."""
+    from hecommon import evaluate
+    from hecommon.encrypt import EncryptedBatch
+    from hecommon.errors import ConfigError, ParameterMismatch
+
+    monkeypatch.setattr(evaluate, "MAX_GEMM_TERMS", 16)
+    params = P.DEFAULT
+    m = rng.integers(-127, 128, size=(5, 50))
+    product = evaluate.MatrixProduct(m, params, os.urandom(16))
+    assert len(product._chunks) == 4 and product.sums_parts
+    b = rng.integers(0, min(params.primes), size=(50, params.limbs, params.n), dtype=np.uint32)
+    whole = product.product_on_device(b)
+    total = None
+    for lo, hi in ((30, 50), (0, 7), (7, 30)):
+        total = product.add_rows(total, EncryptedBatch(params, b[lo:hi], 9), lo)
+    np.testing.assert_array_equal(product.finish(total), whole)
+    with pytest.raises(ParameterMismatch, match="outside"):
+        product.add_rows(None, EncryptedBatch(params, b[:5], 9), 46)
+    other = P.N4096
+    with pytest.raises(ParameterMismatch, match="batch uses"):
+        product.add_rows(None, EncryptedBatch(other, np.zeros((2, other.limbs, other.n), dtype=np.uint32), 1), 0)
+    product._int8 = object()  # as on a GPU with the int8 digit product
+    assert not product.sums_parts
+    with pytest.raises(ConfigError, match="whole input"):
+        product.add_rows(None, EncryptedBatch(params, b[:5], 9), 0)

@@ -238,3 +238,54 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
         np.testing.assert_array_equal(b_only.result.b, expected.result.b)
         np.testing.assert_array_equal(decrypt(secret, b_only.result.with_held_a(joined.result.a)),
                                       decrypt(secret, expected.result))
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["a mod q", "a switched"])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_parts_multiplied_as_they_arrive_give_the_whole_requests_messages(tiny, shards, switch, rng):
+    """The worker's path for a multi-part sub-request: each part's product summed as it arrives
+    (``add_part``, in any order), then ``handle_parts`` of the joined head with that sum gives,
+    byte for byte, the messages of the joined request."""
+    from helora_evaluator.handler import EvaluatorHandler
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
+    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=switch)
+                for e in server.evaluators]
+    g = groups[2]
+    limit = 100 * 1024 + wire.HEADER_ALLOWANCE
+    cut = 20 * 1024 + wire.HEADER_ALLOWANCE  # request parts of a few ciphertexts each
+    for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
+        _, req = _request(server, g.name, direction, rng.integers(0, 256, size=(6, width)))
+        for index, sub in server.encoder.route(req):
+            h = handlers[index]
+            parts = wire.split(sub, cut)
+            assert len(parts) > 2 and all(h.sums_parts(p) for p in parts)
+            total = None
+            for p in reversed(parts):  # redelivery can reorder them
+                total = h.add_part(total, p)
+            head = wire.join_heads([wire.RequestHead.of(p) for p in parts])
+            got = [wire.encode_partial(x, limit) for x in h.handle_parts(head, limit, h.finish(head, total))]
+            expected = [wire.encode_partial(x, limit) for x in h.handle_parts(sub, limit)]
+            assert got == expected
+        assert not handlers[0].sums_parts(req)  # one part: nothing to sum
+
+
+def test_a_summed_product_is_checked_against_its_layer(tiny, rng):
+    from helora_evaluator.handler import EvaluatorHandler
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=1, hints_on_client=False)
+    e = server.evaluators[0]
+    h = EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index)
+    g = groups[2]
+    _, req = _request(server, g.name, "fwd", rng.integers(0, 256, size=(4, g.in_features)))
+    parts = wire.split(req, 20 * 1024 + wire.HEADER_ALLOWANCE)
+    shifted = dataclasses.replace(parts[0], row_start=g.in_features)  # runs past the layer's inputs
+    with pytest.raises(ParameterMismatch, match="outside this layer"):
+        h.add_part(None, shifted)
+    head = wire.join_heads([wire.RequestHead.of(p) for p in parts])
+    with pytest.raises(ParameterMismatch, match="summed product"):
+        list(h.handle_parts(head, 1 << 24, np.zeros((1, e.params.limbs, e.params.n), dtype=np.uint32)))
+    with pytest.raises(TypeError, match="needs its summed product"):
+        list(h.handle_parts(head, 1 << 24))

@@ -172,6 +172,49 @@ class MatrixProduct:
             out = self._product(b, flat, (lo, hi)).astype(xp.uint32)
             yield out if xp is np else xp.asnumpy(out)
 
+    @property
+    def sums_parts(self) -> bool:
+        """Whether ``add_rows`` can take a request part by part (the float64 GEMMs; the int8 digit
+        product takes a whole input at once)."""
+        return self._int8 is None
+
+    def add_rows(self, total: Any, part: EncryptedBatch, offset: int) -> Any:
+        """``total + M[:, offset:offset+k] · part`` mod p per limb, for a request part of ``k`` input
+        ciphertexts (inputs ``offset …`` of this product): float64 integers in [0, p), (d_out, L, N),
+        on the device; ``total`` None starts a sum. Summed over parts that cover every input once,
+        then ``finish``-ed, it is ``product_on_device`` of the whole input, bit for bit: every
+        partial GEMM is exact (at most 2^14 terms each) and the sums are mod p."""
+        if part.params != self.params:
+            raise ParameterMismatch(f"batch uses {part.params.name}, this layer {self.params.name}")
+        k = part.width
+        if offset < 0 or offset + k > self.d_in:
+            raise ParameterMismatch(f"ciphertexts {offset}…{offset + k} are outside this layer's {self.d_in} inputs")
+        if not self.sums_parts:
+            raise ConfigError("the int8 product takes a whole input; it does not sum parts")
+        xp = self.xp
+        p = self._moduli_f
+        c = xp.asarray(part.b).astype(xp.float64)
+        c -= (c > p // 2) * p
+        flat = c.reshape(k, -1)
+        for idx, chunk in enumerate(self._chunks):
+            lo, hi = max(offset, idx * MAX_GEMM_TERMS), min(offset + k, idx * MAX_GEMM_TERMS + chunk.shape[1])
+            if lo >= hi:
+                continue
+            base = idx * MAX_GEMM_TERMS
+            term = (chunk[:, lo - base : hi - base] @ flat[lo - offset : hi - offset]).reshape(self.d_out,
+                                                                                             self.params.limbs, -1)
+            term -= xp.floor(term / p) * p
+            if total is None:
+                total = term
+            else:
+                total += term
+                total -= (total >= p) * p
+        return total
+
+    def finish(self, total: Any) -> Any:
+        """A sum of ``add_rows`` as (d_out, L, N) uint32 residues on the device."""
+        return total.astype(self.xp.uint32)
+
     def product_on_device(self, b: Any) -> Any:
         """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""
         out = self._product(b)

@@ -640,6 +640,12 @@ class RequestHead(_Head):
     row_start: int = 0
     send_a: bool = True
 
+    @classmethod
+    def of(cls, req: EncryptedRequest) -> RequestHead:
+        """The head of a decoded request (its residues left out)."""
+        return cls(req.rid, req.layer, req.direction, req.params, req.batch.n_tokens, req.width, part=req.part,
+                   parts=req.parts, lib=req.lib, row_start=req.row_start, send_a=req.send_a)
+
 
 def _packed_blob(where: str, blob: Any, bits: int, count: int) -> None:
     """``blob`` holds exactly ``count`` packed values of ``bits`` bits, its padding bits zero."""

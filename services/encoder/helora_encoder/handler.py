@@ -10,10 +10,14 @@ manifest and splits it across the evaluators that hold the layer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from hecommon import params as P
+from hecommon.amqp import Delivery, PartCollector
 from hecommon.encrypt import EncryptedBatch
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.quantize import QuantizedWeight, quantize_weight
@@ -102,6 +106,21 @@ class EncoderHandler:
                                    f"request, got {req.width} (part {req.part}/{req.parts})")
         return entry
 
+    def validate_part(self, head: RequestHead) -> LayerEntry:
+        """One part of a multi-part request against the manifest, alone: parameter set, layer, and
+        its rows inside the layer's inputs (the evaluator, which joins the parts, checks that they
+        cover them exactly once)."""
+        if head.params != self.manifest.params:
+            raise ParameterMismatch(f"request uses {head.params.name}, the server {self.manifest.params.name}")
+        entry = self.layers.get(head.layer)
+        if entry is None:
+            raise ParameterMismatch(f"unknown layer {head.layer!r}")
+        width = entry.d_in if head.direction == "fwd" else entry.d_out
+        if head.parts < 2 or head.row_start + head.width > width:
+            raise MalformedMessage(f"layer {head.layer} {head.direction} takes {width} ciphertexts; part "
+                                   f"{head.part}/{head.parts} has rows {head.row_start}…{head.row_start + head.width}")
+        return entry
+
     def shard_count(self, req: EncryptedRequest | RequestHead) -> int:
         """How many evaluators serve the request's layer."""
         return len(self.shard_ranges.get(req.layer, [(0, self.layers[req.layer].d_in)]))
@@ -121,3 +140,111 @@ class EncoderHandler:
         return [(i, EncryptedRequest(rid=req.rid, layer=req.layer, direction="fwd", row_start=lo,
                                      batch=EncryptedBatch(b.params, b.b[lo:hi], b.n_tokens), send_a=req.send_a))
                 for i, (lo, hi) in enumerate(ranges)]
+
+
+def _route_of(head: RequestHead) -> tuple[Any, ...]:
+    """What every part of one request shares (``wire.join_heads`` checks the same)."""
+    return (head.rid, head.layer, head.direction, head.parts, head.lib, head.params.name, head.n_tokens, head.send_a)
+
+
+@dataclass
+class _Stream:
+    route: tuple[Any, ...]
+    sent: set[int] = field(default_factory=set)
+    seen: float = field(default_factory=lambda: time.monotonic())
+
+
+class StreamGate:
+    """Which parts of multi-part requests the encoder passes on at once (pure; the worker acts).
+
+    Passing every part on as it arrives would let the parts of concurrent requests interleave at an
+    evaluator, which holds a request's parts until it has them all, within a bounded prefetch
+    window: enough interleaved requests fill it with incomplete ones, and it stalls. So one request
+    at a time *streams*: each of its parts is passed on as it arrives, and the evaluator starts on
+    it while the client still encrypts the next. Parts of other requests wait here until they are
+    complete and then go out whole, one request after another, or until the stream ends, when the
+    oldest incomplete one streams next with the parts it has. An evaluator then sees at most one
+    request's parts interleaved with others, and each of those others whole.
+
+    ``offer(head, delivery)`` says what to do with an arriving part (``("forward", parts)``,
+    ``("whole", (heads, deliveries))``, ``("copy", [delivery])`` or ``("hold", None)``); after
+    forwarding a stream's parts the worker calls ``forwarded(heads)``, which returns the parts of
+    the next stream to forward, if any. A stream silent for ``timeout_s`` is dropped by
+    ``expired()`` (its evaluators time the request out); waiting requests older than that come
+    back from ``expired()`` to be dead-lettered.
+    """
+
+    #: rids of finished streams remembered, so that a redelivered copy of their parts is acked
+    RECENT = 256
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self.waiting = PartCollector(timeout_s)
+        self._stream: _Stream | None = None
+        self._done: deque[bytes] = deque(maxlen=self.RECENT)
+
+    @property
+    def streaming(self) -> bytes | None:
+        """The request id now streaming, if any."""
+        return self._stream.route[0] if self._stream is not None else None
+
+    def offer(self, head: RequestHead, d: Delivery) -> tuple[str, Any]:
+        route = _route_of(head)
+        s = self._stream
+        if s is not None and route[0] == s.route[0]:
+            if route != s.route:
+                raise MalformedMessage(f"join: part {head.part} does not match the parts before it")
+            if head.part in s.sent:
+                return "copy", [d]
+            s.seen = time.monotonic()
+            return "forward", [(head, d)]
+        if head.rid in self._done:
+            return "copy", [d]
+        if s is None and head.rid not in self.waiting:
+            self._stream = _Stream(route)
+            return "forward", [(head, d)]
+        got = self.waiting.add(head.rid, head, d)
+        copies = self.waiting.take_copies()
+        if got is not None:
+            return "whole", got
+        if copies:
+            return "copy", copies
+        return "hold", None
+
+    def forwarded(self, heads: list[RequestHead]) -> list[tuple[RequestHead, Delivery]]:
+        """Record the stream's parts as passed on; when that completes it, the next stream's parts."""
+        s = self._stream
+        if s is None:
+            return []
+        s.sent.update(h.part for h in heads)
+        if len(s.sent) < s.route[3]:
+            return []
+        return self._next()
+
+    def _next(self) -> list[tuple[RequestHead, Delivery]]:
+        if self._stream is not None:
+            self._done.append(self._stream.route[0])
+        self._stream = None
+        rid = self.waiting.oldest()
+        if rid is None:
+            return []
+        heads, ds = self.waiting.pop(rid)
+        self._stream = _Stream(_route_of(heads[0]))
+        return list(zip(heads, ds, strict=True))
+
+    def expired(self) -> tuple[list[tuple[Any, list[Delivery]]], list[tuple[RequestHead, Delivery]]]:
+        """(waiting requests that timed out, to dead-letter; the next stream's parts, to forward,
+        when the stream timed out)."""
+        late = self.waiting.expired()
+        s = self._stream
+        if s is not None and time.monotonic() - s.seen > self.timeout_s:
+            return late, self._next()
+        return late, []
+
+    def __len__(self) -> int:
+        """Requests streaming or waiting."""
+        return len(self.waiting) + (self._stream is not None)
+
+    def clear(self) -> None:
+        self.waiting.clear()
+        self._stream = None

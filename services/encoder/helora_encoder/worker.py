@@ -7,8 +7,12 @@ manifest already in ``shard_dir`` for the same model and quantization is reused,
 encoder keeps the public seeds the evaluators and clients already hold.
 
 Serves ``{ns}.manifest`` (RPC: the encoded manifest to ``reply_to``) and ``{ns}.ingress``
-(requests: parts joined by request id, validated, routed to ``{ns}.requests`` with key
-``{layer}.s{i}of{n}``, ``reply_to``/``correlation_id`` forwarded). A bad request is
+(requests: validated, routed to ``{ns}.requests`` with key ``{layer}.s{i}of{n}``,
+``reply_to``/``correlation_id`` forwarded). A forward request to a layer cut across evaluators
+is gathered by request id, unpacked and cut. Any other multi-part request streams: each part is
+checked on its own (its head, its rows against the layer) and passed on as it arrives, so that
+the evaluator receives the first part while the client still encrypts the last; one request
+streams at a time, and parts of others wait until they are whole (``handler.StreamGate``). A bad request is
 dead-lettered with its reason and the client gets an ``ErrorReply``. Logs name layers, request
 ids and sizes, never payload.
 """
@@ -19,6 +23,7 @@ import io
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.metrics import Metrics
 
 from .config import TINY, EncoderConfig
-from .handler import EncoderHandler, Shard, build_manifest, make_shards, quantize_groups
+from .handler import EncoderHandler, Shard, StreamGate, build_manifest, make_shards, quantize_groups
 from .model import discover_groups
 
 log = logging.getLogger("helora.encoder")
@@ -121,6 +126,8 @@ class EncoderWorker(amqp.Service):
         self.manifest_bytes = wire.encode_manifest(manifest, cfg.max_message_bytes)
         self.handler = EncoderHandler(manifest, {k: [(s.lo, s.hi) for s in v] for k, v in shards.items()})
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
+        self.gate = StreamGate(cfg.part_timeout_s)  # multi-part requests that are not cut
+        self._route_s: dict[bytes, float] = {}  # a streaming request's first part: its check's seconds
 
     def declare(self, ch) -> list[str]:
         t = self.topology
@@ -130,15 +137,21 @@ class EncoderWorker(amqp.Service):
 
     def reset(self) -> None:
         self.parts.clear()
+        self.gate.clear()
+        self._route_s.clear()
 
     def in_flight(self) -> int:
         """Deliveries queued or being handled, plus multi-part requests still arriving."""
-        return super().in_flight() + len(self.parts)
+        return super().in_flight() + len(self.parts) + len(self.gate)
 
     def tick(self) -> None:
-        for key, ds in self.parts.expired():
+        late, following = self.gate.expired()
+        for key, _ in late:
+            self._route_s.pop(key, None)
+        for key, ds in self.parts.expired() + late:
             self.fail(ds, MalformedMessage(f"request incomplete after {self.parts.timeout_s:.0f} s "
                                            f"({len(ds)} parts arrived)"), rid=key)
+        self._pass_on(following)
 
     def handle(self, d: amqp.Delivery) -> None:
         if d.queue == self.topology.manifest:
@@ -161,14 +174,63 @@ class EncoderWorker(amqp.Service):
         try:
             with self.metrics.stage("decode"):
                 chunk = wire.decode_request_head(d.body, self.limit)  # residues: sizes only, not unpacked
+            if chunk.parts > 1 and not self.handler.cuts(chunk):
+                self._stream(chunk, d)
+                return
             got = self.parts.add(chunk.rid, chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
             return
         self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
-        if got is None:
+        if got is not None:
+            self._route_whole(*got)
+
+    def _stream(self, head: wire.RequestHead, d: amqp.Delivery) -> None:
+        """A part of a multi-part request that every shard gets as it came (``StreamGate``)."""
+        try:
+            t0 = time.perf_counter()
+            self.handler.validate_part(head)
+            action, what = self.gate.offer(head, d)
+            if head.part == 0:  # the route stage counts requests: a streaming one when its first part goes on
+                self._route_s[head.rid] = time.perf_counter() - t0
+        except HeloraError as exc:
+            self.fail([d], exc, rid=head.rid, pset=head.params.name)
             return
-        heads, ds = got
+        self.ack(self.gate.waiting.take_copies())
+        if action == "copy":
+            self.ack(what)
+        elif action == "forward":
+            self._pass_on(what)
+        elif action == "whole":
+            self._route_whole(*what)
+
+    def _pass_on(self, parts: list[tuple[wire.RequestHead, amqp.Delivery]]) -> None:
+        """Forward a streaming request's parts to every shard of its layer, acking each once it is
+        out; then those of the request that streams next, if this one is complete."""
+        while parts:
+            for head, d in parts:
+                count = self.handler.shard_count(head)
+                props = amqp.forward_properties(d.properties)
+                try:
+                    for index in range(count):
+                        key = self.topology.routing_key(head.layer, index, count)
+                        self.publish(key, d.body, props, exchange=self.topology.requests)
+                except pex.UnroutableError:
+                    exc = amqp.Unroutable(f"no evaluator holds layer {head.layer} for {count} shard(s)")
+                    self.fail([d], exc, rid=head.rid, pset=head.params.name)
+                    continue
+                self.ack([d])
+                if head.part == 0:
+                    self.metrics.observe_stage("route", self._route_s.pop(head.rid, 0.0))
+                    self.metrics.request(head.layer, head.direction)
+            parts = self.gate.forwarded([h for h, _ in parts])
+            self.ack(self.gate.waiting.take_copies())
+
+    def _route_whole(self, heads: list[wire.RequestHead], ds: list[amqp.Delivery]) -> None:
+        """A whole request (all its parts in): validated, cut if its layer is sharded by rows, and
+        published to every shard, its parts one after the other."""
+        d = ds[-1]
+        self._route_s.pop(heads[0].rid, None)
         try:
             req = wire.join_heads(heads)
             with self.metrics.stage("route"):

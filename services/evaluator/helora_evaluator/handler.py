@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from hecommon import wire
@@ -30,7 +31,7 @@ from hecommon.encrypt import EncryptedPartial, switch_a
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.params import ParamSet
-from hecommon.wire import EncryptedRequest, PartialResult
+from hecommon.wire import EncryptedRequest, PartialResult, RequestHead
 from helora_encoder.handler import Shard
 
 
@@ -88,18 +89,20 @@ class EvaluatorHandler:
             raise ParameterMismatch(f"this evaluator does not hold layer {layer!r}")
         return self._product(layer, direction).hint
 
-    def _prepare(self, req: EncryptedRequest) -> tuple[Shard, MatrixProduct, int, int, PackedRows | None]:
-        """Check ``req`` against this evaluator: (shard, product, shard index, shard count, switched
-        hint or None)."""
+    def _prepare(self, req: EncryptedRequest | RequestHead) -> tuple[Shard, MatrixProduct, int, int, PackedRows | None]:
+        """Check ``req`` (a whole request, or the joined head of one whose parts were summed as they
+        came) against this evaluator: (shard, product, shard index, shard count, switched hint or None)."""
         shard = self.shards.get(req.layer)
         if shard is None:
             raise ParameterMismatch(f"this evaluator does not hold layer {req.layer!r}")
         if req.params != self.params:
             raise ParameterMismatch(f"request uses {req.params.name}, this evaluator {self.params.name}")
-        if req.direction == "fwd" and (req.row_start, req.row_start + req.batch.width) != (shard.lo, shard.hi):
-            raise MalformedMessage(f"rows {req.row_start}…{req.row_start + req.batch.width} do not match "
+        if req.direction == "fwd" and (req.row_start, req.row_start + req.width) != (shard.lo, shard.hi):
+            raise MalformedMessage(f"rows {req.row_start}…{req.row_start + req.width} do not match "
                                    f"this shard {shard.lo}…{shard.hi} of {req.layer}")
         product = self._product(req.layer, req.direction)
+        if req.width != product.d_in:
+            raise ParameterMismatch(f"batch has {req.width} ciphertexts, this layer takes {product.d_in}")
         index, count = self.shard_index.get(req.layer, (0, 1))
         whole = req.direction == "bwd" or count == 1  # this shard's outputs are not summed with others'
         a = self._switched_hint(req.layer, req.direction, product) if self.switch_a and whole else None
@@ -119,17 +122,51 @@ class EvaluatorHandler:
                              row_start=shard.lo, row_end=shard.hi, partial=partial, out_start=out_start,
                              send_a=req.send_a)
 
-    def handle_parts(self, req: EncryptedRequest, max_bytes: int) -> Iterator[PartialResult]:
+    def sums_parts(self, part: EncryptedRequest) -> bool:
+        """Whether the parts of ``part``'s request are multiplied as they arrive (``add_part``):
+        a request in several parts, to a layer this evaluator holds, on the float64 product."""
+        return (part.parts > 1 and part.layer in self.shards
+                and self._product(part.layer, part.direction).sums_parts)
+
+    def add_part(self, total: Any, part: EncryptedRequest) -> Any:
+        """``total`` plus the product of one request part (``MatrixProduct.add_rows``), checked
+        against this shard's inputs; ``total`` None starts the sum. Once every part is in, the
+        request's joined head and ``finish(total)`` go to ``handle_parts`` as its ``b``."""
+        shard = self.shards.get(part.layer)
+        if shard is None:
+            raise ParameterMismatch(f"this evaluator does not hold layer {part.layer!r}")
+        offset = part.row_start - shard.lo if part.direction == "fwd" else part.row_start
+        return self._product(part.layer, part.direction).add_rows(total, part.batch, offset)
+
+    def finish(self, part: EncryptedRequest | RequestHead, total: Any) -> np.ndarray:
+        """The summed parts of a request as (d_out, L, N) uint32 residues on the host."""
+        product = self._product(part.layer, part.direction)
+        b = product.finish(total)
+        return b if product.xp is np else product.xp.asnumpy(b)
+
+    def handle_parts(self, req: EncryptedRequest | RequestHead, max_bytes: int,
+                     b: np.ndarray | None = None) -> Iterator[PartialResult]:
         """``wire.split(handle(req), max_bytes)``, computed part by part: each part's output rows
         are multiplied only when it is asked for, so the caller sends one while the next is
-        computed (the RabbitMQ worker, which sends each part on at once)."""
+        computed (the RabbitMQ worker, which sends each part on at once). ``b``: the product,
+        already summed from the request's parts as they came (``add_part``); ``req`` is then
+        the request's joined head."""
         shard, product, index, count, a = self._prepare(req)
         row_bytes = wire.partial_row_bytes(self.params, a_switched=a is not None)
         blocks = wire.row_ranges(product.d_out, row_bytes, max_bytes, PartialResult.TYPE)
         out_start = 0 if req.direction == "fwd" else shard.lo
         hint = a if a is not None else product.hint
-        for i, ((lo, hi), b) in enumerate(zip(blocks, product.row_blocks(req.batch, blocks), strict=True)):
-            partial = EncryptedPartial(self.params, hint[lo:hi], b, req.batch.n_tokens)
+        if b is None:
+            if not isinstance(req, EncryptedRequest):
+                raise TypeError("handle_parts: a request head needs its summed product b")
+            rows = product.row_blocks(req.batch, blocks)
+        else:
+            if b.shape != (product.d_out, self.params.limbs, self.params.n):
+                raise ParameterMismatch(f"the summed product is {b.shape}, this layer gives {product.d_out} outputs")
+            rows = (b[lo:hi] for lo, hi in blocks)
+        n_tokens = req.n_tokens if isinstance(req, RequestHead) else req.batch.n_tokens
+        for i, ((lo, hi), rb) in enumerate(zip(blocks, rows, strict=True)):
+            partial = EncryptedPartial(self.params, hint[lo:hi], rb, n_tokens)
             yield PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
                                 row_start=shard.lo, row_end=shard.hi, partial=partial, part=i, parts=len(blocks),
                                 out_start=out_start + lo, send_a=req.send_a)

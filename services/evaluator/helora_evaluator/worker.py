@@ -11,12 +11,16 @@ each part is published as soon as it is computed; the sub-request is acked after
 An evaluator that holds a whole layer (one shard) switches each part's ``b`` too and publishes
 finished reply parts (``EvaluatorHandler.answers``), which the aggregator forwards unchanged.
 
-A sub-request larger than the message limit arrives in parts, held unacked until all have come,
-so the prefetch is ``max(--prefetch, 2 × the most parts any sub-request for these shards takes)``
-(room for the parts a sender that died mid-publish left behind),
+A sub-request larger than the message limit arrives in parts, held unacked until all have come;
+on the float64 product each part is multiplied as it arrives and its product added to the
+request's sum (``EvaluatorHandler.add_part``, exact mod p), so that the product overlaps the
+client's encryption of the next part and little is left to compute when the last one comes.
+The encoder streams one such request at a time (its parts pass on as they arrive) and sends
+others whole, so the prefetch is ``max(--prefetch, 3 × the most parts any sub-request for these
+shards takes)`` (room for the streaming request, one whole one, and the parts a sender that died
+mid-publish left behind; 2 when every sub-request fits one message),
 computed at start from the manifest and the message limit (RabbitMQ applies a new ``basic_qos``
-only to consumers created after it, so it cannot be raised on the fly). It stays 1 whenever
-every sub-request fits one message. Every service must use the same ``--max-message-bytes``.
+only to consumers created after it, so it cannot be raised on the fly). Every service must use the same ``--max-message-bytes``.
 Replicas sharing one queue could split the parts of one multi-part sub-request between them;
 until the product is computed per part (each part is a row slice whose product is a partial
 the aggregator can sum), run one consumer per evaluator queue when sub-requests are multi-part.
@@ -29,6 +33,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from hecommon import amqp, wire
@@ -110,9 +115,12 @@ class EvaluatorWorker(amqp.Service):
             self.metrics.track_device_memory("cpu", self.handler.held_bytes)
         self.shard_index = shard_index
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
-        # room for one complete sub-request next to the incomplete parts a sender that died
-        # mid-publish left behind (its replacement re-sends them all)
-        self.prefetch = max(cfg.prefetch, 2 * max_parts(manifest, shards, cfg.max_message_bytes))
+        self.sums: dict[tuple[bytes, str, str], Any] = {}  # the products of the parts in so far
+        self.part_seconds: dict[tuple[bytes, str, str], float] = {}
+        # room for the parts of the one request the encoder streams, one whole sub-request next to
+        # them, and the incomplete parts a sender that died mid-publish left behind
+        most = max_parts(manifest, shards, cfg.max_message_bytes)
+        self.prefetch = max(cfg.prefetch, 3 * most if most > 1 else 2)
 
     def declare(self, ch) -> list[str]:
         t, q = self.topology, self.cfg.queue_name
@@ -124,6 +132,8 @@ class EvaluatorWorker(amqp.Service):
 
     def reset(self) -> None:
         self.parts.clear()
+        self.sums.clear()
+        self.part_seconds.clear()
 
     def in_flight(self) -> int:
         """Deliveries queued or being handled, plus multi-part sub-requests still arriving."""
@@ -131,27 +141,43 @@ class EvaluatorWorker(amqp.Service):
 
     def tick(self) -> None:
         for key, ds in self.parts.expired():
+            self.sums.pop(key, None)
+            self.part_seconds.pop(key, None)
             self.fail(ds, MalformedMessage(f"sub-request incomplete after {self.parts.timeout_s:.0f} s"), rid=key[0])
 
     def handle(self, d: amqp.Delivery) -> None:
+        seconds = 0.0
         try:
             with self.metrics.stage("decode"):
                 chunk = wire.decode_request(d.body, self.limit)
-            got = self.parts.add((chunk.rid, chunk.layer, chunk.direction), chunk, d)
+            key = (chunk.rid, chunk.layer, chunk.direction)
+            if self.handler.sums_parts(chunk):  # multiplied now, while the next part is on its way
+                if not self.parts.holds(key, chunk.part):
+                    t0 = time.perf_counter()
+                    self.sums[key] = self.handler.add_part(self.sums.get(key), chunk)
+                    seconds += time.perf_counter() - t0
+                got = self.parts.add(key, wire.RequestHead.of(chunk), d)  # the residues are not kept
+            else:
+                got = self.parts.add(key, chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
             return
         self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
+        self.part_seconds[key] = self.part_seconds.get(key, 0.0) + seconds
         if got is None:
             return
         chunks, ds = got
         props = amqp.forward_properties(d.properties)
-        seconds, sent = 0.0, 0
+        seconds, sent = self.part_seconds.pop(key, 0.0), 0
         try:
-            req = wire.join(chunks)
+            if key in self.sums:  # the parts' products, summed as they came: their heads joined
+                req: wire.EncryptedRequest | wire.RequestHead = wire.join_heads(chunks)
+                b = self.handler.finish(req, self.sums.pop(key))
+            else:
+                req, b = wire.join(chunks), None
             answers = self.handler.answers(req)  # the whole layer: finished reply parts, b switched here
-            parts = self.handler.handle_parts(req, self.limit)  # the product, on this worker thread,
-            while True:                                          # part by part: each goes out at once
+            parts = self.handler.handle_parts(req, self.limit, b)  # the product, on this worker thread,
+            while True:                                             # part by part: each goes out at once
                 t0 = time.perf_counter()
                 part = next(parts, None)
                 seconds += time.perf_counter() - t0
@@ -166,12 +192,14 @@ class EvaluatorWorker(amqp.Service):
                 self.publish_all(self.topology.partials, [body], props)
                 sent += len(body)
         except HeloraError as exc:  # parts already sent are dropped by the aggregator once it times out
+            self.sums.pop(key, None)
             self.fail(ds, exc, rid=chunk.rid, pset=chunk.params.name)
             return
+        n_tokens = req.n_tokens if isinstance(req, wire.RequestHead) else req.batch.n_tokens
         self.metrics.he_product(req.layer, req.direction, seconds)
         self.ack(ds)
         self.metrics.request(req.layer, req.direction)
-        self.metrics.add_tokens(req.batch.n_tokens)
+        self.metrics.add_tokens(n_tokens)
         log.debug("rid %s layer %s %s shard %s: %.3f s, %d bytes out", req.rid.hex(), req.layer,
                   req.direction, self.shard_index.get(req.layer), seconds, sent)
 
