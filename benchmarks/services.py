@@ -10,7 +10,8 @@ One run, three configurations on the same batches, seed, LoRA and optimizer:
 
 Each configuration runs ``--warmup`` steps (the first computes the server's hints), then
 ``--steps`` timed steps. ``embedded`` and ``broker_1`` take turns, step by step (the fleet waits
-idle while an embedded step runs), so that this machine's drift over minutes weighs on both
+idle while an embedded step runs; the client's connection is closed after each of its turns and
+opened again in the next, inside the timed step), so that this machine's drift over minutes weighs on both
 alike; ``broker_2`` runs after them, on a fleet of its own. Reported: ``equals_embedded`` (the
 LoRA weights after every step equal the embedded run's bit for bit, for both fleets),
 ``overhead_vs_embedded`` (median step time over the broker with one evaluator / embedded;
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             for _ in batches:
                 results["embedded"].step()
                 results["broker_1"].step()
+                # an idle blocking connection misses its heartbeats during the next embedded
+                # turn and the broker drops it: close it, and let the next turn open a fresh one
+                one.backend.transport.close()
         with _Fleet(args, 2, Path(tmp)) as two:
             start_s["broker_2"] = two.start_s
             print("over RabbitMQ, 2 evaluators", flush=True)
