@@ -12,9 +12,9 @@ Serves ``{ns}.manifest`` (RPC: the encoded manifest to ``reply_to``) and ``{ns}.
 is gathered by request id, unpacked and cut. Any other multi-part request streams: each part is
 checked on its own (its head, its rows against the layer) and passed on as it arrives, so that
 the evaluator receives the first part while the client still encrypts the last; one request
-streams at a time, and parts of others wait until they are whole (``handler.StreamGate``). A bad request is
-dead-lettered with its reason and the client gets an ``ErrorReply``. Logs name layers, request
-ids and sizes, never payload.
+streams at a time, and parts of others wait until they are whole (``handler.StreamGate``).
+A bad request is dead-lettered with its reason and the client gets an ``ErrorReply``. Logs name
+layers, request ids and sizes, never payload.
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ class EncoderWorker(amqp.Service):
             t0 = time.perf_counter()
             self.handler.validate_part(head)
             action, what = self.gate.offer(head, d)
-            if head.part == 0:  # the route stage counts requests: a streaming one when its first part goes on
-                self._route_s[head.rid] = time.perf_counter() - t0
+            if head.part == 0 and action in ("forward", "hold"):  # the route stage counts requests:
+                self._route_s[head.rid] = time.perf_counter() - t0   # a streaming one when part 0 goes on
         except HeloraError as exc:
             self.fail([d], exc, rid=head.rid, pset=head.params.name)
             return

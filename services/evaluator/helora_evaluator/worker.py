@@ -20,10 +20,10 @@ others whole, so the prefetch is ``max(--prefetch, 3 × the most parts any sub-r
 shards takes)`` (room for the streaming request, one whole one, and the parts a sender that died
 mid-publish left behind; 2 when every sub-request fits one message),
 computed at start from the manifest and the message limit (RabbitMQ applies a new ``basic_qos``
-only to consumers created after it, so it cannot be raised on the fly). Every service must use the same ``--max-message-bytes``.
-Replicas sharing one queue could split the parts of one multi-part sub-request between them;
-until the product is computed per part (each part is a row slice whose product is a partial
-the aggregator can sum), run one consumer per evaluator queue when sub-requests are multi-part.
+only to consumers created after it, so it cannot be raised on the fly). Every service must use
+the same ``--max-message-bytes``. Replicas sharing one queue could split the parts of one
+multi-part sub-request between them (each would sum only the parts it got): run one consumer per
+evaluator queue when sub-requests are multi-part.
 """
 
 from __future__ import annotations
