@@ -168,7 +168,9 @@ def test_switched_and_mod_q_partials_do_not_mix(tiny, rng):
 @pytest.mark.parametrize("shards", [1, 2])
 def test_partials_computed_part_by_part_equal_the_split_whole(tiny, shards, switch, rng):
     """``handle_parts`` (the worker's: one message's output rows at a time) gives, byte for byte,
-    the messages of ``wire.split(handle(req))``."""
+    the messages of ``wire.split(handle(req))``; so does the worker's path for a sub-request in
+    several parts: each part's product summed as it arrives (``add_part``, in any order), then
+    ``handle_parts`` of the joined head with that sum."""
     from helora_evaluator.handler import EvaluatorHandler
 
     model, groups = tiny
@@ -183,6 +185,14 @@ def test_partials_computed_part_by_part_equal_the_split_whole(tiny, shards, swit
             expected = [wire.encode_partial(c, limit) for c in wire.split(handlers[index].handle(sub), limit)]
             got = [wire.encode_partial(p, limit) for p in handlers[index].handle_parts(sub, limit)]
             assert len(got) > 1 and got == expected
+            h, parts = handlers[index], wire.split(sub, 20 * 1024 + wire.HEADER_ALLOWANCE)  # a few rows each
+            assert len(parts) > 2 and all(h.sums_parts(x) for x in parts) and not h.sums_parts(sub)
+            total = None
+            for x in reversed(parts):  # redelivery can reorder them
+                total = h.add_part(total, x)
+            head = wire.join_heads([wire.RequestHead.of(x) for x in parts])
+            summed = [wire.encode_partial(x, limit) for x in h.handle_parts(head, limit, h.finish(head, total))]
+            assert summed == expected
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -238,37 +248,6 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
         np.testing.assert_array_equal(b_only.result.b, expected.result.b)
         np.testing.assert_array_equal(decrypt(secret, b_only.result.with_held_a(joined.result.a)),
                                       decrypt(secret, expected.result))
-
-
-@pytest.mark.parametrize("switch", [False, True], ids=["a mod q", "a switched"])
-@pytest.mark.parametrize("shards", [1, 2])
-def test_parts_multiplied_as_they_arrive_give_the_whole_requests_messages(tiny, shards, switch, rng):
-    """The worker's path for a multi-part sub-request: each part's product summed as it arrives
-    (``add_part``, in any order), then ``handle_parts`` of the joined head with that sum gives,
-    byte for byte, the messages of the joined request."""
-    from helora_evaluator.handler import EvaluatorHandler
-
-    model, groups = tiny
-    server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
-    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=switch)
-                for e in server.evaluators]
-    g = groups[2]
-    limit = 100 * 1024 + wire.HEADER_ALLOWANCE
-    cut = 20 * 1024 + wire.HEADER_ALLOWANCE  # request parts of a few ciphertexts each
-    for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
-        _, req = _request(server, g.name, direction, rng.integers(0, 256, size=(6, width)))
-        for index, sub in server.encoder.route(req):
-            h = handlers[index]
-            parts = wire.split(sub, cut)
-            assert len(parts) > 2 and all(h.sums_parts(p) for p in parts)
-            total = None
-            for p in reversed(parts):  # redelivery can reorder them
-                total = h.add_part(total, p)
-            head = wire.join_heads([wire.RequestHead.of(p) for p in parts])
-            got = [wire.encode_partial(x, limit) for x in h.handle_parts(head, limit, h.finish(head, total))]
-            expected = [wire.encode_partial(x, limit) for x in h.handle_parts(sub, limit)]
-            assert got == expected
-        assert not handlers[0].sums_parts(req)  # one part: nothing to sum
 
 
 def test_a_summed_product_is_checked_against_its_layer(tiny, rng):

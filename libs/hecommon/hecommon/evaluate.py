@@ -91,12 +91,37 @@ class MatrixProduct:
         self.hint_seconds = time.perf_counter() - t0
 
     def _centered(self, residues: Any) -> Any:
-        """(d_in, L·N) float64 centered residues, |c| < 2^26: the right-hand side of the GEMMs."""
+        """(k, L·N) float64 centered residues, |c| < 2^26, of k input ciphertexts (k, L, N): the
+        right-hand side of the GEMMs."""
         xp = self.xp
         p = self._moduli_f
         c = residues.astype(xp.float64)
         c -= (c > p // 2) * p
-        return c.reshape(self.d_in, -1)
+        return c.reshape(residues.shape[0], -1)
+
+    def _gemm(self, flat: Any, first: int, rows: tuple[int, int], total: Any = None) -> Any:
+        """``total + M[rows, first:first+k] · flat`` mod p per limb, as float64 integers in [0, p),
+        for ``flat`` the centered residues of the k inputs ``first …`` (``total`` None: none yet).
+        One exact GEMM per weight chunk the inputs meet (at most ``MAX_GEMM_TERMS`` terms each),
+        reduced mod p after each."""
+        xp = self.xp
+        p = self._moduli_f
+        lo_row, hi_row = rows
+        last = first + flat.shape[0]
+        for idx, chunk in enumerate(self._chunks):
+            base = idx * MAX_GEMM_TERMS
+            lo, hi = max(first, base), min(last, base + chunk.shape[1])
+            if lo >= hi:
+                continue
+            part = (chunk[lo_row:hi_row, lo - base : hi - base] @ flat[lo - first : hi - first]).reshape(
+                hi_row - lo_row, self.params.limbs, -1)
+            part -= xp.floor(part / p) * p
+            if total is None:
+                total = part
+            else:
+                total += part
+                total -= (total >= p) * p
+        return total
 
     def _product(self, residues: Any, flat: Any = None, rows: tuple[int, int] | None = None) -> Any:
         """``M · residues`` mod p per limb, as float64 integers in [0, p); residues (d_in, L, N).
@@ -105,21 +130,8 @@ class MatrixProduct:
         if self._int8 is not None:
             out = self._int8(residues)
             return out if rows is None else out[rows[0] : rows[1]]
-        xp = self.xp
-        p = self._moduli_f
         flat = self._centered(residues) if flat is None else flat
-        lo_row, hi_row = rows if rows is not None else (0, self.d_out)
-        acc = None
-        for idx, chunk in enumerate(self._chunks):
-            lo = idx * MAX_GEMM_TERMS
-            part = (chunk[lo_row:hi_row] @ flat[lo : lo + chunk.shape[1]]).reshape(hi_row - lo_row, self.params.limbs, -1)
-            part -= xp.floor(part / p) * p
-            if acc is None:
-                acc = part
-            else:
-                acc += part
-                acc -= (acc >= p) * p
-        return acc
+        return self._gemm(flat, 0, rows if rows is not None else (0, self.d_out))
 
     @property
     def held_bytes(self) -> int:
@@ -191,25 +203,7 @@ class MatrixProduct:
             raise ParameterMismatch(f"ciphertexts {offset}…{offset + k} are outside this layer's {self.d_in} inputs")
         if not self.sums_parts:
             raise ConfigError("the int8 product takes a whole input; it does not sum parts")
-        xp = self.xp
-        p = self._moduli_f
-        c = xp.asarray(part.b).astype(xp.float64)
-        c -= (c > p // 2) * p
-        flat = c.reshape(k, -1)
-        for idx, chunk in enumerate(self._chunks):
-            lo, hi = max(offset, idx * MAX_GEMM_TERMS), min(offset + k, idx * MAX_GEMM_TERMS + chunk.shape[1])
-            if lo >= hi:
-                continue
-            base = idx * MAX_GEMM_TERMS
-            term = (chunk[:, lo - base : hi - base] @ flat[lo - offset : hi - offset]).reshape(self.d_out,
-                                                                                             self.params.limbs, -1)
-            term -= xp.floor(term / p) * p
-            if total is None:
-                total = term
-            else:
-                total += term
-                total -= (total >= p) * p
-        return total
+        return self._gemm(self._centered(self.xp.asarray(part.b)), offset, (0, self.d_out), total)
 
     def finish(self, total: Any) -> Any:
         """A sum of ``add_rows`` as (d_out, L, N) uint32 residues on the device."""

@@ -92,15 +92,19 @@ class EncoderHandler:
         self.layers = {e.name: e for e in manifest.layers}
         self.shard_ranges = shard_ranges
 
-    def validate(self, req: EncryptedRequest | RequestHead) -> LayerEntry:
-        """The request's parameter set, layer and width against the manifest (a whole request, or
-        the joined head of one: the RabbitMQ encoder checks heads and forwards uncut bodies)."""
+    def _layer(self, req: EncryptedRequest | RequestHead) -> tuple[LayerEntry, int]:
+        """The request's layer (its parameter set checked) and how many ciphertexts it takes."""
         if req.params != self.manifest.params:
             raise ParameterMismatch(f"request uses {req.params.name}, the server {self.manifest.params.name}")
         entry = self.layers.get(req.layer)
         if entry is None:
             raise ParameterMismatch(f"unknown layer {req.layer!r}")
-        width = entry.d_in if req.direction == "fwd" else entry.d_out
+        return entry, entry.d_in if req.direction == "fwd" else entry.d_out
+
+    def validate(self, req: EncryptedRequest | RequestHead) -> LayerEntry:
+        """The request's parameter set, layer and width against the manifest (a whole request, or
+        the joined head of one: the RabbitMQ encoder checks heads and forwards uncut bodies)."""
+        entry, width = self._layer(req)
         if req.parts != 1 or req.row_start != 0 or req.width != width:
             raise MalformedMessage(f"layer {req.layer} {req.direction} takes {width} ciphertexts in one "
                                    f"request, got {req.width} (part {req.part}/{req.parts})")
@@ -110,12 +114,7 @@ class EncoderHandler:
         """One part of a multi-part request against the manifest, alone: parameter set, layer, and
         its rows inside the layer's inputs (the evaluator, which joins the parts, checks that they
         cover them exactly once)."""
-        if head.params != self.manifest.params:
-            raise ParameterMismatch(f"request uses {head.params.name}, the server {self.manifest.params.name}")
-        entry = self.layers.get(head.layer)
-        if entry is None:
-            raise ParameterMismatch(f"unknown layer {head.layer!r}")
-        width = entry.d_in if head.direction == "fwd" else entry.d_out
+        entry, width = self._layer(head)
         if head.parts < 2 or head.row_start + head.width > width:
             raise MalformedMessage(f"layer {head.layer} {head.direction} takes {width} ciphertexts; part "
                                    f"{head.part}/{head.parts} has rows {head.row_start}…{head.row_start + head.width}")
