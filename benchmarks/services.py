@@ -24,6 +24,7 @@ seconds. Default: the bundled SmolLM2-135M with one warm-up and one timed step o
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import secrets
 import statistics
@@ -100,6 +101,12 @@ class _Steps:
         while len(self.states) < len(self.batches):
             self.step()
 
+    def release(self) -> None:
+        """Drop the client and what it holds (an embedded server, the held ``a`` parts: GBs for
+        SmolLM2), keeping the timings and weights: the next configuration needs the memory."""
+        self.client = self.opt = self.transport = None
+        gc.collect()
+
 
 def _same(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -137,6 +144,7 @@ class _Fleet:
     def __exit__(self, *exc) -> None:
         if self.backend is not None:
             self.backend.transport.close()
+        self.backend = self.model = None
         codes = self.fleet.stop()
         self.fleet.delete_topology()
         if any(codes.values()):
@@ -179,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                 # an idle blocking connection misses its heartbeats during the next embedded
                 # turn and the broker drops it: close it, and let the next turn open a fresh one
                 one.backend.transport.close()
+            results["embedded"].release()
+            results["broker_1"].release()
         with _Fleet(args, 2, Path(tmp)) as two:
             start_s["broker_2"] = two.start_s
             print("over RabbitMQ, 2 evaluators", flush=True)
             results["broker_2"] = two.steps("broker_2", batches, args.warmup)
             results["broker_2"].run()
+            results["broker_2"].release()
     emb = statistics.median(results["embedded"].seconds)
     rows, summary = [], {}
     for name, r in results.items():
