@@ -163,7 +163,8 @@ class EvaluatorWorker(amqp.Service):
             self.fail([d], exc)
             return
         self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
-        self.part_seconds[key] = self.part_seconds.get(key, 0.0) + seconds
+        if seconds:  # a part multiplied on arrival: its product's time counts with the request's
+            self.part_seconds[key] = self.part_seconds.get(key, 0.0) + seconds
         if got is None:
             return
         chunks, ds = got
