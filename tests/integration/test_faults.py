@@ -104,22 +104,22 @@ def _train(client, steps: int, data_seed: int) -> dict[str, torch.Tensor]:
     return client.lora_state_dict()
 
 
-def _reference(data_seed: int) -> dict[str, torch.Tensor]:
-    return _train(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=data_seed)
+def _reference(data_seed: int, steps: int = 2) -> dict[str, torch.Tensor]:
+    return _train(build_client(_model(), "encrypted", LORA, seed=0), steps=steps, data_seed=data_seed)
 
 
 class _Run(threading.Thread):
-    """Two training steps over the broker in the background; ``result`` or ``error`` afterwards."""
+    """Training steps over the broker in the background; ``result`` or ``error`` afterwards."""
 
-    def __init__(self, client: ClientModel, data_seed: int) -> None:
+    def __init__(self, client: ClientModel, data_seed: int, steps: int = 2) -> None:
         super().__init__(daemon=True)
-        self.client, self.data_seed = client, data_seed
+        self.client, self.data_seed, self.steps = client, data_seed, steps
         self.result: dict[str, torch.Tensor] | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.result = _train(self.client, steps=2, data_seed=self.data_seed)
+            self.result = _train(self.client, steps=self.steps, data_seed=self.data_seed)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
         finally:
@@ -168,16 +168,19 @@ def _connections(namespace: str) -> dict[str, str]:
     return out
 
 
+def _service(connection_name: str) -> str:
+    """``helora-evaluator@ns`` -> ``evaluator``; ``helora-client-1a2b3c4d@ns`` -> ``client``."""
+    return connection_name.removeprefix("helora-").split("@")[0].split("-")[0]
+
+
 def _close_connections(namespace: str) -> set[str]:
-    """Close every connection of ``namespace`` from the broker side; the services they belonged to."""
-    closed = set()
-    for pid, name in _connections(namespace).items():
-        try:
-            _rabbitmqctl("close_connection", pid, "helora fault test")
-        except AssertionError:
-            continue  # it went away meanwhile
-        closed.add(name.removeprefix("helora-").split("@")[0].split("-")[0])
-    return closed
+    """Close every connection of ``namespace`` from the broker side, all at once (one rabbitmqctl
+    each, run side by side: one after the other they take seconds, long enough for a fast client
+    to run on and be caught reconnecting by the next drop); the services they belonged to."""
+    procs = {name: subprocess.Popen(["rabbitmqctl", "-q", "close_connection", pid, "helora fault test"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for pid, name in _connections(namespace).items()}
+    return {_service(name) for name, p in procs.items() if p.wait(60) == 0}  # else it went away meanwhile
 
 
 def _consumers(fleet: LocalFleet, queue: str) -> int:
@@ -236,13 +239,19 @@ def test_connections_closed_by_the_broker_mid_run_reconnect_and_complete(fleet):
     """Every connection of the namespace (encoder, both evaluators, aggregator, the client) is
     closed from the broker side twice during a run: all reconnect with backoff, the client resends
     under a fresh attempt id, and the weights equal the undisturbed run bit for bit."""
-    reference = _reference(data_seed=22)
-    run = _Run(_client(fleet), data_seed=22)
+    reference = _reference(data_seed=22, steps=3)
+    run = _Run(_client(fleet), data_seed=22, steps=3)  # 45 requests (15 a step on the tiny model)
     run.start()
-    for threshold in (3, 19):  # one drop per step (15 requests a step on the tiny model)
-        run.wait_requests(threshold)
+    everyone = {"encoder", "evaluator", "aggregator", "client"}
+    answered = 0
+    for drop in (1, 2):
+        run.wait_requests(answered + 3)  # the run goes on after the previous drop
+        _wait_for("every connection open again",
+                  lambda: everyone <= {_service(n) for n in _connections(fleet.namespace).values()}, 60)
         closed = _close_connections(fleet.namespace)
-        assert {"encoder", "evaluator", "aggregator", "client"} <= closed, closed
+        answered = run.client.backend.requests
+        assert everyone <= closed, closed
+        assert run.is_alive(), f"the run ended at drop {drop}: {run.error!r}"
     run.join(180)
     assert not run.is_alive(), f"the run did not finish\n{fleet.logs()}"
     assert run.error is None, f"{run.error!r}\n{fleet.logs()}"
