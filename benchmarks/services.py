@@ -96,7 +96,7 @@ class _Steps:
             self.client_bytes = self._moved() - self._bytes0
         self.states.append({k: v.clone() for k, v in self.client.lora_state_dict().items()})
         kind = "timed" if i >= self.warmup else "warm-up"
-        print(f"  {self.name} step {i + 1}/{len(self.batches)} ({kind}): {dt:.1f} s, loss {float(loss) / n:.4f}",
+        print(f"  {self.name} step {i + 1}/{len(self.batches)} ({kind}): {dt:.1f} s, loss {loss.item() / n:.4f}",
               flush=True)
 
     def run(self) -> None:
@@ -196,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                                          batches, args.warmup)
             results["broker_1"] = one.steps("broker_1", batches, args.warmup)
             for _ in batches:
+                # an idle blocking connection misses its heartbeats during an embedded turn and
+                # the broker drops it: close it (the manifest's, then each turn's), and let the
+                # broker turn open a fresh one
+                one.backend.transport.close()
                 results["embedded"].step()
                 results["broker_1"].step()
-                # an idle blocking connection misses its heartbeats during the next embedded
-                # turn and the broker drops it: close it, and let the next turn open a fresh one
-                one.backend.transport.close()
     results = {name: results[name] for name in ("embedded", "broker_1", "broker_2")}
     emb = statistics.median(results["embedded"].seconds)
     rows, summary = [], {}
