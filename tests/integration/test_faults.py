@@ -41,8 +41,11 @@ PART_TIMEOUT_S = 60.0
 LORA = LoraSettings(r=4, alpha=8)
 
 
+RABBITMQCTL = ("rabbitmqctl", "-q")
+
+
 def _rabbitmqctl(*args: str) -> str:
-    out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([*RABBITMQCTL, *args], capture_output=True, text=True, timeout=60)
     if out.returncode:
         raise AssertionError(f"rabbitmqctl {' '.join(args)}: {out.stderr.strip()}")
     return out.stdout
@@ -177,10 +180,10 @@ def _close_connections(namespace: str) -> set[str]:
     """Close every connection of ``namespace`` from the broker side, all at once (one rabbitmqctl
     each, run side by side: one after the other they take seconds, long enough for a fast client
     to run on and be caught reconnecting by the next drop); the services they belonged to."""
-    procs = {name: subprocess.Popen(["rabbitmqctl", "-q", "close_connection", pid, "helora fault test"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for pid, name in _connections(namespace).items()}
-    return {_service(name) for name, p in procs.items() if p.wait(60) == 0}  # else it went away meanwhile
+    connections = _connections(namespace)  # by pid: both evaluators' connections share one name
+    procs = {pid: subprocess.Popen([*RABBITMQCTL, "close_connection", pid, "helora fault test"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in connections}
+    return {_service(connections[pid]) for pid, p in procs.items() if p.wait(60) == 0}  # else it went away
 
 
 def _consumers(fleet: LocalFleet, queue: str) -> int:
