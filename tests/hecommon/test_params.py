@@ -59,3 +59,23 @@ def test_out_bits_is_the_smallest_exact_modulus():
     sigma = math.sqrt(ps.n / 18 + 1 / 12)
     assert P.TAIL_SIGMAS * sigma < 2 ** (k - ps.msg_bits) / 2
     assert not P.TAIL_SIGMAS * sigma < 2 ** (k - 1 - ps.msg_bits) / 2
+
+
+@pytest.mark.parametrize("eta", [4, 8, 12, 16, 20])
+def test_noise_narrower_than_the_table_is_refused(eta):
+    # HE standard: σ = 3.19 (≈ 8/√(2π)); a centered binomial of parameter η has σ = √(η/2),
+    # so every η below 24 that is a multiple of 4 (σ ≤ 3.16) is too narrow
+    primes = P.DEFAULT.primes
+    with pytest.raises(InsecureParameters, match="noise_eta"):
+        P.ParamSet("narrow", 2048, primes, noise_eta=eta)
+
+
+@pytest.mark.parametrize("eta", [25, 26, 30, 33])
+def test_noise_eta_not_a_multiple_of_four_is_refused_at_construction(eta):
+    with pytest.raises(ConfigError, match="noise_eta.*multiple of 4"):
+        P.ParamSet("odd-eta", 2048, P.DEFAULT.primes, noise_eta=eta)
+
+
+def test_noise_width_is_reported_and_the_default_meets_the_table():
+    assert P.DEFAULT.noise_sigma >= P.MIN_NOISE_SIGMA
+    assert P.ParamSet("eta28", 2048, P.DEFAULT.primes, noise_eta=28).noise_sigma > P.MIN_NOISE_SIGMA

@@ -5,7 +5,8 @@ Ring ``R_q = Z_q[X]/(X^N + 1)`` with ``q = p_1 ⋯ p_L`` a product of NTT-friend
 ``Δ·m`` with ``Δ = ⌊q / 2^msg_bits⌋``; decoding divides by ``Δ`` (not BFV's ``t·x/q``).
 
 Every set is checked at construction against the HomomorphicEncryption.org security standard
-(Albrecht et al., 2018, Table 1: ternary secret, classical, 128-bit), and refused if it is weaker.
+(Albrecht et al., 2018, Table 1: ternary secret, classical, 128-bit, error σ ≈ 3.19), and refused
+if it is weaker: log2 q above the table's bound for N, or a noise narrower than σ = 3.19.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 88
 MAX_PRIME_BITS = 27
 #: Longest inner dimension of one exact float64 GEMM; longer sums are chunked and reduced.
 MAX_GEMM_TERMS = 1 << 14
+#: HE standard (Albrecht et al., 2018), Table 1 assumes an error of standard deviation 8/√(2π) ≈ 3.19.
+MIN_NOISE_SIGMA = 3.19
 #: Tail bound, in standard deviations, under which every coefficient must decode exactly.
 #: A Gaussian tail at 10 sigma is ~1.5e-23 per coefficient.
 TAIL_SIGMAS = 10.0
@@ -86,8 +89,14 @@ class ParamSet:
                 raise ConfigError(f"ParamSet.primes: {p} is not 1 mod 2N = {2 * self.n}")
         if not 8 <= self.msg_bits <= self.log_q - 8:
             raise ConfigError(f"ParamSet.msg_bits: {self.msg_bits} leaves no room for noise")
-        if not 1 <= self.noise_eta <= 64:
-            raise ConfigError(f"ParamSet.noise_eta: {self.noise_eta} outside 1..64")
+        if not isinstance(self.noise_eta, int) or not 4 <= self.noise_eta <= 64 or self.noise_eta % 4:
+            raise ConfigError(f"ParamSet.noise_eta: {self.noise_eta!r} must be a multiple of 4 in 4..64 "
+                              "(the sampler takes whole nibbles)")
+        if self.noise_sigma < MIN_NOISE_SIGMA:
+            raise InsecureParameters(
+                f"ParamSet.noise_eta: {self.noise_eta} gives σ = {self.noise_sigma:.2f}, below the "
+                f"{MIN_NOISE_SIGMA} the 128-bit table assumes (HE standard, Table 1); use 24 or more"
+            )
         if self.log_q > MAX_LOG_Q_128[self.n]:
             raise InsecureParameters(
                 f"ParamSet.primes: log2(q) = {self.log_q:.2f} exceeds {MAX_LOG_Q_128[self.n]}, "
