@@ -466,3 +466,64 @@ def test_a_bad_reply_part_is_dead_lettered_by_the_aggregator(fleet1):
         np.testing.assert_array_equal(backend.forward(layer.name, x), quantized.forward(layer.name, x))
     finally:
         backend.transport.close()
+
+
+def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
+    """The client decrypts reply parts as they come. When its connection drops after some parts
+    arrived, it sends the request again under a fresh id and the whole reply comes again: the parts
+    it already handed over must not be handed over twice (the caller counts outputs: a part counted
+    twice failed a run with 'has 360 outputs, not 256'). The test plays the server on the real broker:
+    the first attempt gets parts 0 and 1, then the client's connection is closed from the broker."""
+    from hecommon.encrypt import EncryptedBatch, EncryptedResult
+    from hecommon.params import N2048
+    from helora_orchestrator.broker import BrokerTransport
+
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is needed to close the client's connection")
+    ns = f"helora-faults-{secrets.token_hex(4)}"
+    topo = amqp.Topology(ns)
+    limit = 64 * 1024
+    rng = np.random.default_rng(3)
+    top = 1 << N2048.hint_out_bits
+    result = EncryptedResult(N2048, None, rng.integers(0, top, size=(30, N2048.n), dtype=np.uint64), 4)
+    handed: list[int] = []
+    two_in = threading.Event()
+    attempts: list[bytes] = []
+    server = pika.BlockingConnection(pika.URLParameters(URL))
+    ch = server.channel()
+    ch.queue_declare(topo.ingress, auto_delete=True)
+
+    def answer(channel, method, props, body):
+        req = wire.decode_request(body, limit)
+        attempts.append(req.rid)
+        reply = wire.EncryptedReply(req.rid, req.layer, req.direction, result)
+        parts = wire.split(reply, limit)
+        assert len(parts) >= 3
+        for part in parts[:2] if len(attempts) == 1 else parts:
+            channel.basic_publish("", props.reply_to, wire.encode_reply(part, limit),
+                                  pika.BasicProperties(correlation_id=props.correlation_id))
+        if len(attempts) == 1:  # once the client has handed parts 0 and 1 over, drop its connection
+            threading.Thread(target=lambda: (two_in.wait(30), _close_connections(ns)), daemon=True).start()
+
+    ch.basic_consume(topo.ingress, answer, auto_ack=True)
+    serving = threading.Thread(target=ch.start_consuming, daemon=True)
+    client = BrokerTransport(URL, ns, timeout_s=30, max_message_bytes=limit)
+    try:
+        serving.start()
+        batch = EncryptedBatch(N2048, np.zeros((1, N2048.limbs, N2048.n), np.uint32), 4)
+        request = wire.EncryptedRequest(os.urandom(16), "0.down", "fwd", batch, owner=os.urandom(16))
+
+        def on_part(part: wire.EncryptedReply) -> None:
+            handed.append(part.part)
+            if len(handed) == 2:
+                two_in.set()
+
+        client.stream([request], on_part)
+    finally:
+        client.close()
+        server.add_callback_threadsafe(ch.stop_consuming)
+        serving.join(10)
+        server.close()
+    assert len(attempts) == 2 and attempts[0] != attempts[1]  # the retry went under a fresh id
+    assert sorted(handed) == list(range(len(wire.split(wire.EncryptedReply(attempts[0], "0.down", "fwd", result),
+                                                         limit))))

@@ -14,8 +14,9 @@ does not work: the aggregator remembers answered ids so that redelivered partial
 counted twice, and the first attempt's reply went to a reply queue that died with the old
 connection, so a same-id retry would be dropped as a duplicate and time out. A fresh id makes the
 retry a new request for every service; the services need no cache of (large) replies, and
-de-duplication stays what it is. The retry re-sends the same ciphertexts (no new secret): the
-server learns nothing it had not seen. The abandoned attempt may still be computed; its reply
+de-duplication stays what it is. The retry re-sends the same ciphertexts (no new secret), so
+the server learns no new ciphertext, only that a retry happened: it can link the two attempt ids by
+their identical bytes (docs/threat-model.md). The abandoned attempt may still be computed; its reply
 is unroutable (its queue is gone) and the aggregator drops it.
 """
 
@@ -141,10 +142,12 @@ class BrokerTransport:
                 return None
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
-    def _round_trip(self, request: _Parts, attempt: int, on_part: Callable[[wire.EncryptedReply], None]) -> None:
+    def _round_trip(self, request: _Parts, attempt: int, on_part: Callable[[wire.EncryptedReply], None],
+                    handed: set[int]) -> None:
         """Publish the request's parts as they come (under a fresh id after the first attempt) and
-        hand each reply part to ``on_part`` as it arrives, under the caller's request id; return
-        once every part is in."""
+        hand each reply part to ``on_part`` as it arrives, under the caller's request id, unless an
+        earlier attempt handed it over already (``handed``: the reply of a retry equals the first);
+        return once every part is in."""
         first = request.first()
         rid = first.rid if attempt == 0 else os.urandom(wire.RID_BYTES)
         cid = rid.hex()
@@ -171,8 +174,9 @@ class BrokerTransport:
                                                   f"{msg.reason}: {msg.message}")
                 if not isinstance(msg, wire.EncryptedReply) or msg.rid != rid:
                     raise HeloraError(f"{describe(first)}: a reply for another request arrived")
-                if parts.add(msg):
+                if parts.add(msg) and msg.part not in handed:
                     on_part(dataclasses.replace(msg, rid=first.rid))  # the caller's id, whatever attempt
+                    handed.add(msg.part)
             if parts.complete:
                 self._expect(None)
                 return
@@ -190,7 +194,9 @@ class BrokerTransport:
         fresh id) and the reply comes again, equal to the first attempt's."""
         request = _Parts(parts)
         before = self.bytes_sent + self.bytes_received
-        self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part), describe(request.first()))
+        handed: set[int] = set()  # reply parts given to on_part, over every attempt
+        self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part, handed),
+                             describe(request.first()))
         return self.bytes_sent + self.bytes_received - before
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
