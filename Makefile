@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services services-up lint clean chart-check docker-lint dashboard-check
+.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints services-up lint clean chart-check docker-lint dashboard-check
 
 setup: $(STAMP)
 
@@ -60,6 +60,14 @@ bench-federated: setup
 ## Embedded vs over RabbitMQ with 1 and 2 evaluators (SmolLM2-135M; BENCH_ARGS=--quick: tiny model).
 bench-services: setup
 	$(BIN)/python benchmarks/services.py $(BENCH_ARGS) --json out/services.json
+
+## Exact or refused at every width: SmolLM2 … Qwen2-7B shapes, extreme-value probes, bytes per token (minutes).
+bench-exactness: setup
+	$(BIN)/python benchmarks/exactness.py $(BENCH_ARGS) --json out/exactness.json
+
+## One data owner's hints: server seconds and memory at SmolLM2 and Llama-3.2-1B sizes.
+bench-owner-hints: setup
+	$(BIN)/python benchmarks/owner_hints.py $(BENCH_ARGS) --json out/owner_hints.json
 
 ## The whole server side on this machine against the local broker (Ctrl-C stops it).
 ## UP_ARGS="--model smollm2 --evaluators 2" for the real model.

@@ -53,7 +53,7 @@ def bench_shape(d_in: int, d_out: int, ps: P.ParamSet, reps: int, backend: str) 
     t_dec = median_time(lambda: decrypt(s, result), max(1, reps // 2))
     assert np.array_equal(decrypt(s, result), np.rint(x.astype(np.float64) @ w.T.astype(np.float64)))
     up = sum(len(wire.encode_request(c)) for c in wire.split(
-        wire.EncryptedRequest(rid=b"r" * 16, layer="bench", direction="fwd", batch=ct)))
+        wire.EncryptedRequest(rid=b"r" * 16, layer="bench", direction="fwd", batch=ct, owner=b"o" * 16)))
     down = sum(len(wire.encode_reply(c)) for c in wire.split(
         wire.EncryptedReply(rid=b"r" * 16, layer="bench", direction="fwd", result=result)))
     b_only = partial.switch("hint")  # the client holds the layer's hint: b alone comes back

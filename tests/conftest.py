@@ -36,7 +36,8 @@ _METRIC_NAMES = {
     "helora_bytes_total", "helora_tokens_total", "helora_in_flight", "helora_device_memory_bytes",
     "helora_dead_lettered_total", "helora_service_info", "helora_orchestrator_tokens_per_second",
     "helora_orchestrator_loss", "helora_orchestrator_step", "helora_orchestrator_tokens_total",
-    "helora_orchestrator_bytes_total", "helora_orchestrator_request_seconds",
+    "helora_orchestrator_bytes_total", "helora_orchestrator_request_seconds", "helora_owners_held",
+    "helora_hint_bytes", "helora_hint_builds_total", "helora_hint_seconds_total", "helora_owner_evictions_total",
 }
 _CLOSED_LABELS = {
     "service": {"encoder", "evaluator", "aggregator", "orchestrator"},

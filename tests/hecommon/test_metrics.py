@@ -94,6 +94,31 @@ def test_recorded_values_appear_in_the_scrape(served, contract_violations):
     assert contract_violations(_get(url + "/metrics")[2], {"blocks-0-14"}, {"n2048-q54"}) == []
 
 
+def test_owner_hint_metrics_follow_the_evaluators_hints(served, contract_violations):
+    """helora_owners_held and helora_hint_bytes are read from the handler at each scrape; builds,
+    their seconds and evictions are counted as they happen (labels: service and group only)."""
+    import os
+
+    import numpy as np
+    from helora_evaluator.handler import OwnerHints
+
+    m, url = served
+    hints = OwnerHints(max_owners=1)
+    m.track_owner_hints(lambda: hints.owners, hints.held_bytes)
+    hints.on_build, hints.on_evict = m.hint_built, m.owner_evicted
+    hints.put(os.urandom(16), ("0.qkv", "fwd"), np.zeros((3, 2, 8), np.uint32), 0.5)
+    hints.put(os.urandom(16), ("0.qkv", "fwd"), np.zeros((5, 2, 8), np.uint32), 0.25)
+    text = _get(url + "/metrics")[2]
+    got = _samples(text)
+    key = (("group", "blocks-0-14"), ("service", "evaluator"))
+    assert got[("helora_owners_held", key)] == 1
+    assert got[("helora_hint_bytes", key)] == 5 * 2 * 8 * 4
+    assert got[("helora_hint_builds_total", key)] == 2
+    assert got[("helora_hint_seconds_total", key)] == 0.75
+    assert got[("helora_owner_evictions_total", key)] == 1
+    assert contract_violations(text, {"blocks-0-14"}, {"n2048-q54"}) == []
+
+
 def test_label_values_come_from_closed_sets():
     assert M.kind_of("3.qkv") == "qkv" and M.kind_of("29.gate_up") == "gate_up"
     assert M.kind_of("3.lm_head") == "other" and M.kind_of("0123abcd") == "other"  # never the raw name

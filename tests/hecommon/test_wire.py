@@ -27,6 +27,7 @@ gen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen)
 INDEX = json.loads((VECTORS / gen.INDEX).read_text())
 RID = bytes(range(100, 116))
+OWNER = bytes(range(200, 216))
 
 
 def residues(params, rows: int, seed: int = 0) -> np.ndarray:
@@ -98,7 +99,8 @@ def test_pack_refuses_bad_input():
 # -- round trips ------------------------------------------------------------------------
 def _messages(params):
     n = 7
-    yield wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(params, residues(params, 3, 1), n), 1, 2, 40)
+    yield wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(params, residues(params, 3, 1), n), 1, 2, 40,
+                               owner=OWNER)
     pa = EncryptedPartial(params, residues(params, 2, 2), residues(params, 2, 3), n)
     yield wire.PartialResult(RID, "5.down", "bwd", 2, 3, 10, 20, pa, part=1, parts=2, out_start=2)
     yield wire.EncryptedReply(RID, "5.down", "bwd", EncryptedResult(params, words(params, 2, 4), words(params, 2, 5), n))
@@ -133,7 +135,7 @@ def test_real_encryption_through_the_wire(d, tokens, seed):
     w = rng.integers(-128, 128, size=(3, d))
     a_seed = bytes(range(16))
     batch = encrypt(secret, m, a_seed)
-    req = wire.decode_request(wire.encode(wire.EncryptedRequest(RID, "0.qkv", "fwd", batch)))
+    req = wire.decode_request(wire.encode(wire.EncryptedRequest(RID, "0.qkv", "fwd", batch, owner=OWNER)))
     assert np.array_equal(req.batch.b, batch.b) and req.batch.n_tokens == tokens
     partial = MatrixProduct(w, N2048, a_seed)(req.batch)
     pr = wire.decode_partial(wire.encode(wire.PartialResult(RID, "0.qkv", "fwd", 0, 1, 0, d, partial)))
@@ -263,7 +265,7 @@ def test_construction_validates():
     bad = residues(N2048, 1)
     bad[0, 1, 5] = N2048.primes[1]
     with pytest.raises(errors.MalformedMessage, match="limb 1"):
-        wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, 1))
+        wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, 1), owner=OWNER)
     big = words(N2048, 1)
     big[0, 3] = 1 << N2048.out_bits
     with pytest.raises(errors.MalformedMessage, match="does not fit in 38 bits"):
@@ -288,7 +290,8 @@ LIMIT = 100_000  # 13,824 bytes per request row: 6 rows per part
 
 
 def _chunked_messages():
-    yield wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 29, 7), 9), row_start=100)
+    yield wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 29, 7), 9), row_start=100,
+                                owner=OWNER)
     pa = EncryptedPartial(N2048, residues(N2048, 13, 8), residues(N2048, 13, 9), 9)
     yield wire.PartialResult(RID, "0.down", "fwd", 1, 2, 64, 128, pa)
     yield wire.EncryptedReply(RID, "0.down", "fwd", EncryptedResult(N2048, words(N2048, 17, 1), words(N2048, 17, 2), 9))
@@ -306,13 +309,13 @@ def test_split_join_round_trip(msg):
 
 
 def test_split_whole_message_under_the_real_limit():
-    msg = wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 1536), 3))
+    msg = wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 1536), 3), owner=OWNER)
     with pytest.raises(errors.OversizedMessage):
         wire.encode(msg)
     parts = wire.split(msg)
     assert len(parts) == 2 and all(len(wire.encode(p)) <= wire.MAX_MESSAGE_BYTES for p in parts)
     assert same(wire.join(parts), msg)
-    assert len(wire.split(gen.request().__class__(RID, "l", "fwd", gen.request().batch))) == 1
+    assert len(wire.split(gen.request().__class__(RID, "l", "fwd", gen.request().batch, owner=OWNER))) == 1
 
 
 def test_join_refuses_incomplete_or_inconsistent_sets():
@@ -417,7 +420,7 @@ def test_request_head_matches_the_full_decode_without_unpacking():
             head.row_start, head.lib) == (req.rid, req.layer, req.direction, req.params, req.batch.n_tokens,
                                           req.width, req.part, req.parts, req.row_start, req.lib)
     # parts of a split request join into the whole request's head, in any order
-    whole = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, gen.residues(5, 1), 9))
+    whole = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, gen.residues(5, 1), 9), owner=OWNER)
     limit = 2 * whole._row_bytes() + wire.HEADER_ALLOWANCE
     heads = [wire.decode_request_head(wire.encode(c, limit), limit) for c in wire.split(whole, limit)]
     assert len(heads) == 3

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hecommon import amqp, wire
 from hecommon import params as P
-from hecommon.encrypt import EncryptedBatch, encrypt
+from hecommon.encrypt import EncryptedBatch, encrypt, owner_a_seed
 from hecommon.keys import SecretKey
 from helora_encoder.model import discover_groups, tiny_llama
 from helora_orchestrator.backend import build_backend
@@ -72,8 +72,9 @@ def _valid_request(manifest: wire.Manifest, rows: int = 3) -> tuple[wire.Encrypt
     entry = manifest.layers[0]
     secret = SecretKey.generate().request_secret(manifest.params, os.urandom(16))
     m = np.random.default_rng(0).integers(0, 256, size=(rows, entry.d_in))
+    owner = os.urandom(16)
     req = wire.EncryptedRequest(rid=os.urandom(16), layer=entry.name, direction="fwd",
-                                batch=encrypt(secret, m, entry.a_seed_fwd))
+                                batch=encrypt(secret, m, owner_a_seed(entry.a_seed_fwd, owner)), owner=owner)
     return req, m
 
 
@@ -85,7 +86,8 @@ def _bad_messages(manifest: wire.Manifest, limit: int) -> dict[str, tuple[bytes,
     head = {"v": 99, "type": "request", "pset": manifest.params.name, "rid": os.urandom(16), "lib": "0"}
     other = P.N4096
     foreign = wire.EncryptedRequest(rid=os.urandom(16), layer=req.layer, direction="fwd",
-                                    batch=EncryptedBatch(other, np.zeros((1, other.limbs, other.n), np.uint32), 1))
+                                    batch=EncryptedBatch(other, np.zeros((1, other.limbs, other.n), np.uint32), 1),
+                                    owner=req.owner)
     return {uuid.uuid4().hex: body for body in (
         (os.urandom(300), "malformed"),
         (first[: len(first) // 2], "malformed"),  # truncated

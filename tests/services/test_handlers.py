@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hecommon import params as P
 from hecommon import wire
-from hecommon.encrypt import EncryptedBatch, decrypt, encrypt
+from hecommon.encrypt import EncryptedBatch, decrypt, encrypt, owner_a_seed
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.keys import SecretKey
 from hecommon.quantize import integer_matmul, quantize_weight
@@ -17,6 +17,8 @@ from helora_aggregator.handler import AggregatorHandler
 from helora_encoder.handler import even_split
 from helora_encoder.model import discover_groups, tiny_llama
 from helora_orchestrator.embedded import EmbeddedServer
+
+OWNER = os.urandom(16)  # this test client's owner seed
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,9 @@ def tiny():
 def _request(server: EmbeddedServer, layer: str, direction: str, m: np.ndarray):
     entry = next(e for e in server.manifest.layers if e.name == layer)
     secret = SecretKey.generate().request_secret(server.manifest.params, os.urandom(16))
-    seed = entry.a_seed_fwd if direction == "fwd" else entry.a_seed_bwd
-    req = wire.EncryptedRequest(rid=os.urandom(16), layer=layer, direction=direction, batch=encrypt(secret, m, seed))
+    seed = owner_a_seed(entry.a_seed_fwd if direction == "fwd" else entry.a_seed_bwd, OWNER)
+    req = wire.EncryptedRequest(rid=os.urandom(16), layer=layer, direction=direction, batch=encrypt(secret, m, seed),
+                                owner=OWNER)
     return secret, req
 
 
@@ -51,7 +54,7 @@ def test_sharded_layers_give_the_whole_product(tiny, shards, hints_on_client, rn
         chunks = [wire.encode_request(c) for c in wire.split(req)]
         reply = wire.join([wire.decode_reply(c) for c in server.call(chunks)])
         assert (reply.result.a is None) == hints_on_client
-        hint = server.hint(g.name, direction) if hints_on_client else None
+        hint = server.hint(g.name, direction, OWNER) if hints_on_client else None
         np.testing.assert_array_equal(decrypt(secret, reply.result, hint=hint), expected(m))
 
 
@@ -59,12 +62,12 @@ def test_errors_come_back_as_error_replies(tiny, rng):
     model, groups = tiny
     server = EmbeddedServer(model, groups)
     _, req = _request(server, groups[0].name, "fwd", rng.integers(0, 256, size=(4, groups[0].in_features)))
-    bad_layer = wire.EncryptedRequest(rid=req.rid, layer="99.qkv", direction="fwd", batch=req.batch)
+    bad_layer = wire.EncryptedRequest(rid=req.rid, layer="99.qkv", direction="fwd", batch=req.batch, owner=OWNER)
     err = wire.decode(server.call([wire.encode_request(bad_layer)])[0])
     assert isinstance(err, wire.ErrorReply) and err.reason == ParameterMismatch.reason and "99.qkv" in err.message
     narrow = EncryptedBatch(req.batch.params, req.batch.b[:-1], 4)
     err = wire.decode(server.call([wire.encode_request(wire.EncryptedRequest(
-        rid=req.rid, layer=req.layer, direction="fwd", batch=narrow))])[0])
+        rid=req.rid, layer=req.layer, direction="fwd", batch=narrow, owner=OWNER))])[0])
     assert isinstance(err, wire.ErrorReply) and err.reason == MalformedMessage.reason
     # the server keeps serving valid requests afterwards
     ok = wire.decode(server.call([wire.encode_request(c) for c in wire.split(req)])[0])

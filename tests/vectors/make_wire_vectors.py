@@ -1,4 +1,4 @@
-"""Regenerate the wire-format known-answer vectors (``wire_*.msgpack`` + ``wire_v2.json``).
+"""Regenerate the wire-format known-answer vectors (``wire_*.msgpack`` + ``wire_vN.json``).
 
     .venv/bin/python tests/vectors/make_wire_vectors.py          # write the files
     .venv/bin/python tests/vectors/make_wire_vectors.py --check  # exit 1 if they differ
@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 INDEX = f"wire_v{wire.WIRE_VERSION}.json"
 P = N2048
 RID = bytes(range(16))
+OWNER = bytes(range(100, 116))
 LIB = "0.1.0"  # pinned: vectors must not change when the library version does
 _MIX = 2654435761  # Knuth's multiplicative constant: spreads values over the whole range
 
@@ -52,7 +53,7 @@ def words(rows: int, salt: int) -> np.ndarray:
 
 def request() -> wire.EncryptedRequest:
     batch = EncryptedBatch(P, residues(1, 1), 5)
-    return wire.EncryptedRequest(RID, "3.qkv", "fwd", batch, part=1, parts=3, row_start=288, lib=LIB)
+    return wire.EncryptedRequest(RID, "3.qkv", "fwd", batch, part=1, parts=3, row_start=288, owner=OWNER, lib=LIB)
 
 
 def partial() -> wire.PartialResult:
@@ -79,16 +80,25 @@ def manifest() -> wire.Manifest:
     qkv = wire.LayerEntry(
         "0.qkv", 0, 4, 6, (("q_proj", 2), ("k_proj", 2), ("v_proj", 2)), bytes(range(16, 32)),
         bytes(range(32, 48)), np.array([0.5, 0.25, 1e-3, 3.0, 0.0, 2.0**-20]),
-        np.array([-3, 0, 127, -128 * 4, 5, 1 << 40], dtype=np.int64), np.array([1, -2, 3, -4], dtype=np.int64))
+        np.array([-3, 0, 127, -128 * 4, 5, 1 << 40], dtype=np.int64), np.array([1, -2, 3, -4], dtype=np.int64), 16_384)
     down = wire.LayerEntry(
         "0.down", 0, 3, 2, (("down_proj", 2),), bytes(16), bytes([255] * 16), np.array([1.5, 0.125]),
-        np.array([7, -7], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64))
+        np.array([7, -7], dtype=np.int64), np.array([0, 1, 2], dtype=np.int64), 2)  # 2 terms: sub-sums
     meta = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "note": "ünïcödé ok"}
     return wire.Manifest(RID, "smollm2-135m", P, (qkv, down), 8, 8, meta, LIB)
 
 
 POSITIVE = {"request": request, "partial": partial, "reply": reply, "reply_held": reply_held, "error": error,
             "manifest": manifest}
+
+
+def _inexact(base: bytes) -> bytes:
+    """The down layer with 9 inputs summed 1 term at a time: 9 sub-sums, more than MAX_SUB_SUMS."""
+    m = msgpack.unpackb(base, raw=False)
+    m["layers"][1]["exact_terms"] = 1
+    m["layers"][1]["d_in"] = 9
+    m["layers"][1]["col_sums"] = np.arange(9, dtype="<i8").tobytes()
+    return msgpack.packb(m, use_bin_type=True)
 
 
 def _edit(base: bytes, **changes: Any) -> bytes:
@@ -153,6 +163,9 @@ def negatives(pos: dict[str, bytes]) -> dict[str, tuple[bytes, str, str]]:
         "bad_direction": (_edit(rq, direction="sideways"), "MalformedMessage", "direction"),
         "reply_short_a": (_edit(pos["reply"], a=b"\x00" * 8), "MalformedMessage", "a too short"),
         "send_a_as_int": (_edit(rq, send_a=1), "MalformedMessage", "send_a is an int"),
+        "owner_short": (_edit(rq, owner=bytes(15)), "MalformedMessage", "owner seed of 15 bytes"),
+        "owner_missing": (_edit(rq, owner=None), "MalformedMessage", "no owner seed (a v3 request)"),
+        "manifest_inexact": (_inexact(mf), "InexactLayer", "a layer's sums need more sub-sums than allowed"),
         "reply_bits_hint_with_a": (_edit(pos["reply"], bits=P.hint_out_bits), "MalformedMessage",
                                    "b at hint_out_bits beside an a part"),
         "reply_held_bad_bits": (_edit(pos["reply_held"], bits=P.out_bits - 1), "MalformedMessage",

@@ -4,10 +4,13 @@ Layout: a batch ``M`` of T <= N tokens × d features becomes d ciphertexts; ciph
 column ``M[:, j]`` in its first T coefficients. Residues are stored per RNS limb:
 ``b`` has shape ``(d, L, N)``, ciphertext j, limb i, coefficient k.
 
-The public ``a`` of each (layer, direction) is fixed: ``expand_a(seed, …)`` regenerates it from
-the seed in the model manifest (AES-256-CTR). Encryption uses a fresh secret per request
-(``SecretKey.request_secret``), so only ``b`` travels, and the server can precompute
-``W·A`` once (the "hint", as in SimplePIR), halving its per-request work. Reusing ``a`` across
+The public ``a`` of each (layer, direction) is fixed for one data owner's session:
+``expand_a(owner_a_seed(layer_seed, owner), …)`` regenerates it (AES-256-CTR) from two public
+seeds, the layer's in the model manifest (the server's) and the owner's (drawn by its client from
+the OS CSPRNG when its session starts, sent with every request). Neither party alone fixes ``a``,
+and no two owners or sessions share one. Encryption uses a fresh secret per request
+(``SecretKey.request_secret``), so only ``b`` travels, and the server can precompute ``W·A`` once
+per owner (the "hint", as in SimplePIR), halving its per-request work. Reusing ``a`` across
 independent secrets is the standard multi-secret RLWE setting; each secret sees ``d`` samples.
 
 Encryption: ``b = -a·s + Δ·m + e (mod q)``. Decryption: ``x = b + a·s``, centered, then
@@ -43,6 +46,15 @@ def _aes_ctr_at(key: bytes, block: int, nbytes: int) -> np.ndarray:
     """AES-256-CTR keystream starting at counter ``block`` (seekable), as uint8."""
     enc = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
     return np.frombuffer(enc.update(bytes(nbytes)), dtype=np.uint8)
+
+
+def owner_a_seed(layer_seed: bytes, owner: bytes) -> bytes:
+    """The seed of the ``a`` one owner's requests of one layer and direction use: SHAKE-256 over the
+    layer's seed (the manifest's, the server's contribution) and the owner's seed, domain-separated.
+    Either party alone, choosing its seed after seeing the other's, still gets a fresh ``a``."""
+    if len(layer_seed) != SEED_BYTES or len(owner) != SEED_BYTES:
+        raise ValueError(f"owner_a_seed: two {SEED_BYTES}-byte seeds are required")
+    return derive_key(b"helora/owner-a", layer_seed, owner)[:SEED_BYTES]
 
 
 def expand_a(seed: bytes, params: ParamSet, rows: int, start: int = 0) -> np.ndarray:

@@ -67,3 +67,8 @@ class DecryptionError(HeloraError):
     """Decryption failed. Deliberately carries no detail about the key or the data."""
 
     reason = "decryption"
+
+
+class InexactLayer(ConfigError):
+    """A layer's sums cannot be made exact (DESIGN §3): refused before anything is encrypted.
+    The message names the layer, the width of its sum and the bound."""

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from .encrypt import EncryptedBatch, EncryptedPartial, expand_a
-from .errors import ConfigError, ParameterMismatch
+from .errors import ConfigError, InexactLayer, ParameterMismatch
+from .exact import exact_terms, spread
 from .gpu import DIGITS, Int8Product, int8_available, int8_shape_ok
 from .params import MAX_GEMM_TERMS, ParamSet
 
@@ -63,16 +64,31 @@ class MatrixProduct:
         self,
         matrix: np.ndarray,
         params: ParamSet,
-        a_seed: bytes,
+        a_seed: bytes | None = None,
         input_start: int = 0,
         backend: str = "numpy",
         gemm: str = "auto",
+        *,
+        terms: int | None = None,
+        sub_sums: int = 1,
     ) -> None:
+        """``terms``: the widest exact sum (``exact.exact_terms``; default: 8-bit inputs and weights);
+        a layer whose summed indices reach past it is split into ``sub_sums`` sums (``exact.spread``:
+        output ``o`` of sub-sum ``s`` is row ``o·sub_sums + s``), or refused. ``a_seed``: build the
+        hint of that public ``a`` now (``hint``); ``build_hint`` makes one for any other seed."""
         if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.integer):
             raise ConfigError("MatrixProduct: a 2-D integer matrix is required")
         if np.abs(matrix).max(initial=0) > 128:
             raise ConfigError("MatrixProduct: entries must fit in 8 bits")
+        terms = exact_terms(params) if terms is None else terms
+        reach = input_start + int(matrix.shape[1])
+        if -(-reach // terms) > sub_sums:
+            raise InexactLayer(f"MatrixProduct: a sum of {reach} terms exceeds the exact bound of {terms} terms "
+                               f"per sum with {sub_sums} sub-sum(s); split it (exact.sub_sums) or refuse the layer")
+        matrix = spread(matrix, input_start, terms, sub_sums)
         self.params = params
+        self.sub_sums = sub_sums
+        self.input_start = input_start
         self.d_out, self.d_in = (int(s) for s in matrix.shape)
         self.xp = array_module(backend)
         xp = self.xp
@@ -84,11 +100,20 @@ class MatrixProduct:
             for j in range(0, self.d_in, MAX_GEMM_TERMS)
         ]
         self._moduli_f = xp.asarray(np.asarray(params.primes, dtype=np.float64)[:, None])  # (L, 1)
-        t0 = time.perf_counter()
-        a = expand_a(a_seed, params, self.d_in, start=input_start)
-        hint = self._product(xp.asarray(a)).astype(xp.uint32)  # (d_out, L, N) residues
-        self._hint: np.ndarray | None = hint if xp is np else xp.asnumpy(hint)  # on the host: it goes on the wire
-        self.hint_seconds = time.perf_counter() - t0
+        self._hint: np.ndarray | None = None
+        self.hint_seconds = 0.0
+        if a_seed is not None:
+            t0 = time.perf_counter()
+            self._hint = self.build_hint(a_seed)
+            self.hint_seconds = time.perf_counter() - t0
+
+    def build_hint(self, a_seed: bytes) -> np.ndarray:
+        """``M·A`` mod q for the public ``a`` of ``a_seed`` (rows ``input_start …`` of it): (d_out, L, N)
+        uint32 residues on the host, since it goes into partials. Computed on this product's device."""
+        xp = self.xp
+        a = expand_a(a_seed, self.params, self.d_in, start=self.input_start)
+        hint = self._product(xp.asarray(a)).astype(xp.uint32)
+        return hint if xp is np else xp.asnumpy(hint)
 
     def _centered(self, residues: Any) -> Any:
         """(k, L·N) float64 centered residues, |c| < 2^26, of k input ciphertexts (k, L, N): the
@@ -141,9 +166,10 @@ class MatrixProduct:
 
     @property
     def hint(self) -> np.ndarray:
-        """``M·A`` mod q, (d_out, L, N) uint32 residues on the host: the ``a`` part of every output."""
+        """``M·A`` mod q for the seed given at construction, (d_out, L, N) uint32 residues on the host:
+        the ``a`` part of every output."""
         if self._hint is None:
-            raise ConfigError("this product's hint was released (its owner keeps it switched)")
+            raise ConfigError("this product holds no hint (none built at construction, or released)")
         return self._hint
 
     def release_hint(self) -> None:

@@ -184,6 +184,32 @@ class Metrics:
         """``helora_in_flight`` is read from ``fn`` at every scrape."""
         self.in_flight.labels(self.service).set_function(fn)
 
+    def track_owner_hints(self, owners: Callable[[], float], held_bytes: Callable[[], float]) -> None:
+        """The evaluator's per-owner hints (``helora_owners_held``, ``helora_hint_bytes``, read at each
+        scrape); builds and evictions are counted by ``hint_built`` and ``owner_evicted``."""
+        r = self.registry
+        self.owners_held = Gauge("helora_owners_held", "Data owners whose hints this evaluator keeps",
+                                 ("service", "group"), registry=r)
+        self.hint_bytes = Gauge("helora_hint_bytes", "Bytes of the data owners' hints held in host memory",
+                                ("service", "group"), registry=r)
+        self.hint_builds = Counter("helora_hint_builds", "Hints built: one per owner, layer and direction",
+                                   ("service", "group"), registry=r)
+        self.hint_seconds = Counter("helora_hint_seconds", "Seconds spent building owners' hints",
+                                    ("service", "group"), registry=r)
+        self.owner_evictions = Counter("helora_owner_evictions", "Owners whose hints were dropped to make room",
+                                       ("service", "group"), registry=r)
+        self.owners_held.labels(self.service, self.group).set_function(owners)
+        self.hint_bytes.labels(self.service, self.group).set_function(held_bytes)
+        for counter in (self.hint_builds, self.hint_seconds, self.owner_evictions):
+            counter.labels(self.service, self.group)
+
+    def hint_built(self, seconds: float) -> None:
+        self.hint_builds.labels(self.service, self.group).inc()
+        self.hint_seconds.labels(self.service, self.group).inc(seconds)
+
+    def owner_evicted(self) -> None:
+        self.owner_evictions.labels(self.service, self.group).inc()
+
     def track_device_memory(self, device: str, fn: Callable[[], float]) -> None:
         if device not in DEVICES:
             raise ValueError(f"device {device!r} is not one of {DEVICES}")

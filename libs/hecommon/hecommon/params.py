@@ -180,8 +180,8 @@ def _find_primes(n: int, count: int, bits: int = MAX_PRIME_BITS) -> tuple[int, .
 
 # Default: N = 2048, two 27-bit primes (log2 q = 53.998 <= 54). Results |Y| < 2^29 decode.
 N2048 = ParamSet("n2048-q54", 2048, _find_primes(2048, 2), msg_bits=30)
-# Wide sums (an outsourced lm_head backward sums over the vocabulary): N = 4096, four primes
-# (log2 q = 107.99 <= 109), results |Y| < 2^35 decode.
+# N = 4096, four primes (log2 q = 107.99 <= 109), results |Y| < 2^35 decode; its output moduli are
+# chosen, like the default's, for sums of at most MAX_GEMM_TERMS terms (hecommon.exact splits wider).
 N4096 = ParamSet("n4096-q108", 4096, _find_primes(4096, 4), msg_bits=36)
 
 REGISTRY: dict[str, ParamSet] = {p.name: p for p in (N2048, N4096)}

@@ -42,10 +42,12 @@ from .codec import fail as _fail
 from .codec import pack, unpack
 from .encrypt import SEED_BYTES, EncryptedBatch, EncryptedPartial, EncryptedResult, concat_a
 from .errors import HeloraError, MalformedMessage, OversizedMessage, ParameterMismatch
+from .exact import sub_sums
 from .params import ParamSet
 from .params import get as get_params
 
-WIRE_VERSION = 3  # 3: send_a, and replies say their bits; 2: raw uint32 residues in partials (1: packed)
+WIRE_VERSION = 4  # 4: owner seeds in requests, exact_terms per layer; 3: send_a, replies say their bits;
+#                  2: raw uint32 residues in partials (1: packed)
 try:  # from the installed metadata: hecommon/__init__ may be shadowed by tests/hecommon under pytest
     LIB_VERSION = _dist_version("hecommon")
 except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
@@ -53,6 +55,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a bare source tr
 #: RabbitMQ 4.x default ``max_message_size``; set the broker's limit explicitly to match.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 RID_BYTES = 16
+#: The data owner's public contribution to every ``a`` it uses (``encrypt.owner_a_seed``).
+OWNER_BYTES = 16
 DIRECTIONS = ("fwd", "bwd")
 MAX_NAME_CHARS = 128
 MAX_ERROR_CHARS = 1024
@@ -190,7 +194,9 @@ class EncryptedRequest:
     """Client → encoder: input ciphertexts ``row_start …`` of one layer call (part of ``parts``).
 
     ``send_a=False``: the client holds the layer's switched public part from an earlier reply,
-    so the reply carries ``b`` alone (at ``out_bits``)."""
+    so the reply carries ``b`` alone (at ``out_bits``). ``owner``: the data owner's public seed,
+    drawn once per session; with the manifest's seed of the layer it fixes the ``a`` the batch was
+    encrypted against (``encrypt.owner_a_seed``), and the evaluator keeps a hint per owner."""
 
     TYPE: ClassVar[str] = "request"
     rid: bytes
@@ -201,12 +207,14 @@ class EncryptedRequest:
     parts: int = 1
     row_start: int = 0
     send_a: bool = True
+    owner: bytes = b""
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
         _check_route(self)
         _check_chunk(self, "row_start")
         _check_bool("send_a", self.send_a)
+        _blob("owner", self.owner, OWNER_BYTES)
         if not isinstance(self.batch, EncryptedBatch):
             _fail("batch", "an EncryptedBatch is required")
         _check_residues("b", self.batch.b, self.batch.params)
@@ -223,8 +231,8 @@ class EncryptedRequest:
     def _body(self) -> dict[str, Any]:
         b = self.batch.b
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
-                "row_start": self.row_start, "send_a": self.send_a, "n_tokens": self.batch.n_tokens,
-                "shape": list(b.shape), "b": _pack_residues(b, self.params)}
+                "row_start": self.row_start, "send_a": self.send_a, "owner": self.owner,
+                "n_tokens": self.batch.n_tokens, "shape": list(b.shape), "b": _pack_residues(b, self.params)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedRequest:
@@ -232,7 +240,7 @@ class EncryptedRequest:
         _check_tokens("n_tokens", m["n_tokens"], params)
         batch = EncryptedBatch(params, _unpack_residues("b", m["b"], params, rows), m["n_tokens"])
         return cls(m["rid"], m["layer"], m["direction"], batch, m["part"], m["parts"], m["row_start"],
-                   _check_bool("send_a", m["send_a"]), m["lib"])
+                   _check_bool("send_a", m["send_a"]), m["owner"], m["lib"])
 
     def _rows(self) -> int:
         return self.batch.width
@@ -470,9 +478,12 @@ class LayerEntry:
     weight_scale: np.ndarray  # (d_out,) float64, per output channel
     row_sums: np.ndarray  # (d_out,) int64: Σ_j q_w[o, j], for the zero-point correction
     col_sums: np.ndarray  # (d_in,) int64: Σ_o q_w[o, j], for the backward correction
+    #: the widest exact sum (``exact.exact_terms`` of the manifest's bits and parameter set); wider
+    #: sums (``d_in`` forward, ``d_out`` backward) are split into sub-sums (``sums``)
+    exact_terms: int = 0
     KEYS: ClassVar[frozenset[str]] = frozenset(
         ("name", "block", "d_in", "d_out", "members", "a_seed_fwd", "a_seed_bwd", "weight_scale",
-         "row_sums", "col_sums"))
+         "row_sums", "col_sums", "exact_terms"))
 
     def __post_init__(self) -> None:
         _text("layer.name", self.name, MAX_NAME_CHARS)
@@ -495,12 +506,28 @@ class LayerEntry:
                 _fail(f"layer.{name}", f"a ({size},) {np.dtype(dtype).name} array is required")
         if not np.isfinite(self.weight_scale).all() or (self.weight_scale < 0).any():
             _fail("layer.weight_scale", "finite non-negative scales are required")
+        _int("layer.exact_terms", self.exact_terms, 1, MAX_ROWS)
+        for direction in DIRECTIONS:
+            self.sums(direction)  # InexactLayer, naming the layer, if it cannot be made exact
+
+    def summed_width(self, direction: str) -> int:
+        """Terms of each output's sum: the inputs forward, every fused output backward."""
+        return self.d_in if direction == "fwd" else self.d_out
+
+    def sums(self, direction: str) -> int:
+        """Sub-sums each output of ``direction`` is returned in (1: one exact sum)."""
+        return sub_sums(self.name, direction, self.summed_width(direction), self.exact_terms)
+
+    def out_rows(self, direction: str) -> int:
+        """Output ciphertexts of a request: each output once per sub-sum (``exact.spread``'s order)."""
+        return (self.d_out if direction == "fwd" else self.d_in) * self.sums(direction)
 
     def _map(self) -> dict[str, Any]:
         return {"name": self.name, "block": self.block, "d_in": self.d_in, "d_out": self.d_out,
                 "members": [[n, w] for n, w in self.members], "a_seed_fwd": self.a_seed_fwd,
                 "a_seed_bwd": self.a_seed_bwd, "weight_scale": _array_bytes(self.weight_scale, "<f8"),
-                "row_sums": _array_bytes(self.row_sums, "<i8"), "col_sums": _array_bytes(self.col_sums, "<i8")}
+                "row_sums": _array_bytes(self.row_sums, "<i8"), "col_sums": _array_bytes(self.col_sums, "<i8"),
+                "exact_terms": self.exact_terms}
 
     @classmethod
     def _from(cls, m: Any) -> LayerEntry:
@@ -513,7 +540,7 @@ class LayerEntry:
         return cls(m["name"], m["block"], d_in, d_out, tuple((n, w) for n, w in members), m["a_seed_fwd"],
                    m["a_seed_bwd"], _array("layer.weight_scale", m["weight_scale"], "<f8", d_out),
                    _array("layer.row_sums", m["row_sums"], "<i8", d_out),
-                   _array("layer.col_sums", m["col_sums"], "<i8", d_in))
+                   _array("layer.col_sums", m["col_sums"], "<i8", d_in), m["exact_terms"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -563,7 +590,8 @@ class Manifest:
 
 
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
-    EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "send_a", "n_tokens", "shape", "b"),
+    EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "send_a", "owner", "n_tokens", "shape",
+                       "b"),
     PartialResult: ("layer", "direction", "shard", "shards", "row_start", "row_end", "part", "parts",
                     "out_start", "send_a", "n_tokens", "shape", "a_bits", "a", "b"),
     EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "n_tokens", "shape", "bits", "a", "b"),
@@ -639,12 +667,13 @@ class RequestHead(_Head):
 
     row_start: int = 0
     send_a: bool = True
+    owner: bytes = b""
 
     @classmethod
     def of(cls, req: EncryptedRequest) -> RequestHead:
         """The head of a decoded request (its residues left out)."""
         return cls(req.rid, req.layer, req.direction, req.params, req.batch.n_tokens, req.width, part=req.part,
-                   parts=req.parts, lib=req.lib, row_start=req.row_start, send_a=req.send_a)
+                   parts=req.parts, lib=req.lib, row_start=req.row_start, send_a=req.send_a, owner=req.owner)
 
 
 def _packed_blob(where: str, blob: Any, bits: int, count: int) -> None:
@@ -672,7 +701,7 @@ def decode_request_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Requ
         _packed_blob(f"b[{i}]", blob, p.bit_length(), rows * params.n)
     head = RequestHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
                        part=m["part"], parts=m["parts"], lib=m["lib"], row_start=m["row_start"],
-                       send_a=_check_bool("send_a", m["send_a"]))
+                       send_a=_check_bool("send_a", m["send_a"]), owner=_blob("owner", m["owner"], OWNER_BYTES))
     _check_route(head)
     _check_chunk(head, "row_start")
     return head
@@ -752,8 +781,8 @@ def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
         raise MalformedMessage("join: no parts")
     first = heads[0]
     route = (first.rid, first.layer, first.direction, first.parts, first.lib, first.params.name, first.n_tokens,
-             first.send_a)
-    if any((h.rid, h.layer, h.direction, h.parts, h.lib, h.params.name, h.n_tokens, h.send_a) != route
+             first.send_a, first.owner)
+    if any((h.rid, h.layer, h.direction, h.parts, h.lib, h.params.name, h.n_tokens, h.send_a, h.owner) != route
            for h in heads):
         _fail("join", "parts of different messages or shapes")
     ordered = sorted(heads, key=lambda h: h.part)

@@ -20,6 +20,8 @@ from hecommon import params as P
 from hecommon.amqp import Delivery, PartCollector
 from hecommon.encrypt import EncryptedBatch
 from hecommon.errors import MalformedMessage, ParameterMismatch
+from hecommon.exact import exact_terms
+from hecommon.params import MAX_GEMM_TERMS
 from hecommon.quantize import QuantizedWeight, quantize_weight
 from hecommon.wire import EncryptedRequest, LayerEntry, Manifest, RequestHead
 
@@ -40,6 +42,14 @@ class Shard:
     values: np.ndarray  # (d_out, hi - lo) int8: W[:, lo:hi]
     a_seed_fwd: bytes
     a_seed_bwd: bytes
+    terms: int = MAX_GEMM_TERMS  # the layer's widest exact sum (LayerEntry.exact_terms)
+    sums_fwd: int = 1  # sub-sums of the layer's forward outputs (LayerEntry.sums)
+    sums_bwd: int = 1
+
+    @classmethod
+    def of(cls, e: LayerEntry, lo: int, hi: int, values: np.ndarray) -> Shard:
+        """Input columns ``[lo, hi)`` of the layer ``e`` of a manifest."""
+        return cls(e.name, lo, hi, values, e.a_seed_fwd, e.a_seed_bwd, e.exact_terms, e.sums("fwd"), e.sums("bwd"))
 
 
 def quantize_groups(model, groups: list[LinearGroup], bits: int = 8) -> dict[str, QuantizedWeight]:
@@ -51,19 +61,23 @@ def build_manifest(
     model, groups: list[LinearGroup], qweights: dict[str, QuantizedWeight],
     params: P.ParamSet = P.DEFAULT, x_bits: int = 8, model_id: str = "",
 ) -> Manifest:
-    """The public manifest. Seeds of ``a`` are fresh public randomness, one per layer and direction."""
+    """The public manifest. Seeds of ``a`` are fresh public randomness, one per layer and direction
+    (the server's half of each owner's ``a``: ``encrypt.owner_a_seed``). Every layer is exact, split
+    into sub-sums, or refused here (``InexactLayer``), before any client encrypts anything."""
     entries = []
+    w_bits = next(iter(qweights.values())).bits if qweights else 8
+    terms = exact_terms(params, x_bits, w_bits)
     for g in groups:
         w = qweights[g.name]
         entries.append(LayerEntry(
             name=g.name, block=g.block, d_in=g.in_features, d_out=g.total_out,
             members=tuple(zip(g.members, g.out_features, strict=True)),
             a_seed_fwd=os.urandom(16), a_seed_bwd=os.urandom(16),
-            weight_scale=w.scale.astype(np.float64), row_sums=w.row_sums, col_sums=w.col_sums,
+            weight_scale=w.scale.astype(np.float64), row_sums=w.row_sums, col_sums=w.col_sums, exact_terms=terms,
         ))
     meta = {"config_fingerprint": config_fingerprint(model)}
     return Manifest(rid=os.urandom(16), model=model_id or "custom", params=params, layers=tuple(entries),
-                    x_bits=x_bits, w_bits=next(iter(qweights.values())).bits if qweights else 8, metadata=meta)
+                    x_bits=x_bits, w_bits=w_bits, metadata=meta)
 
 
 def even_split(width: int, parts: int) -> list[tuple[int, int]]:
@@ -79,7 +93,7 @@ def make_shards(manifest: Manifest, qweights: dict[str, QuantizedWeight], plan: 
     out: dict[str, list[Shard]] = {}
     for e in manifest.layers:
         w = qweights[e.name].values
-        out[e.name] = [Shard(e.name, lo, hi, np.ascontiguousarray(w[:, lo:hi]), e.a_seed_fwd, e.a_seed_bwd)
+        out[e.name] = [Shard.of(e, lo, hi, np.ascontiguousarray(w[:, lo:hi]))
                        for lo, hi in even_split(e.d_in, plan.get(e.name, 1))]
     return out
 
@@ -137,13 +151,15 @@ class EncoderHandler:
             return [(i, req) for i in range(len(ranges))]
         b = req.batch
         return [(i, EncryptedRequest(rid=req.rid, layer=req.layer, direction="fwd", row_start=lo,
-                                     batch=EncryptedBatch(b.params, b.b[lo:hi], b.n_tokens), send_a=req.send_a))
+                                     batch=EncryptedBatch(b.params, b.b[lo:hi], b.n_tokens), send_a=req.send_a,
+                                     owner=req.owner))
                 for i, (lo, hi) in enumerate(ranges)]
 
 
 def _route_of(head: RequestHead) -> tuple[Any, ...]:
     """What every part of one request shares (``wire.join_heads`` checks the same)."""
-    return (head.rid, head.layer, head.direction, head.parts, head.lib, head.params.name, head.n_tokens, head.send_a)
+    return (head.rid, head.layer, head.direction, head.parts, head.lib, head.params.name, head.n_tokens, head.send_a,
+            head.owner)
 
 
 @dataclass

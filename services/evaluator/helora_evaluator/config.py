@@ -44,6 +44,8 @@ class EvaluatorConfig:
     wait_shards_s: float = 600.0
     #: an incomplete multi-part sub-request is dropped (dead-lettered) after this long
     part_timeout_s: float = 60.0
+    #: data owners whose hints are kept at once; the least recently served is dropped beyond that
+    max_owners: int = 4
 
     def __post_init__(self) -> None:
         amqp.check_broker_fields(self)
@@ -59,6 +61,8 @@ class EvaluatorConfig:
         metrics.config_label("group", self.metrics_group)
         if not self.shard_dir:
             raise ConfigError("shard_dir: a directory is required")
+        if not isinstance(self.max_owners, int) or not 1 <= self.max_owners <= 1024:
+            raise ConfigError(f"max_owners: {self.max_owners!r} is not a count in 1..1024")
         for name in ("wait_shards_s", "part_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
@@ -105,4 +109,7 @@ class EvaluatorConfig:
                             "(env HELORA_GPU_GEMM)")
         p.add_argument("--wait-shards-s", type=float, default=float(environ.get("HELORA_WAIT_SHARDS_S", 600)))
         p.add_argument("--part-timeout-s", type=float, default=float(environ.get("HELORA_PART_TIMEOUT_S", 60)))
+        p.add_argument("--max-owners", type=int, default=int(environ.get("HELORA_MAX_OWNERS", 4)),
+                       help="data owners whose hints (W·A of each owner's a) are kept at once; the least "
+                            "recently served is dropped beyond that (env HELORA_MAX_OWNERS)")
         return cls.from_mapping(vars(p.parse_args(argv)))

@@ -83,7 +83,7 @@ def load_shards(cfg: EvaluatorConfig) -> tuple[wire.Manifest, list[Shard], dict[
         if values.shape != (e.d_out, hi - lo) or values.dtype != np.int8:
             raise ConfigError(f"shard_dir: {e.name} shard {index}/{count} is {values.shape} {values.dtype}, "
                               f"expected ({e.d_out}, {hi - lo}) int8")
-        shards.append(Shard(e.name, lo, hi, values, e.a_seed_fwd, e.a_seed_bwd))
+        shards.append(Shard.of(e, lo, hi, values))
         shard_index[e.name] = (index, count)
     return manifest, shards, shard_index
 
@@ -107,7 +107,11 @@ class EvaluatorWorker(amqp.Service):
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
         if cfg.gemm == "int8" and backend != "cupy":
             raise ConfigError("gemm: 'int8' needs a CUDA device (cupy), and none answers here")
-        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm, switch_a=True)
+        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm, switch_a=True,
+                                        max_owners=cfg.max_owners)
+        self.metrics.track_owner_hints(lambda: self.handler.hints.owners, self.handler.hint_bytes)
+        self.handler.hints.on_build = self.metrics.hint_built
+        self.handler.hints.on_evict = self.metrics.owner_evicted
         self.metrics.set_info(manifest.params.name, backend)
         if backend == "cupy":
             self.metrics.track_device_memory("cuda", device_bytes)

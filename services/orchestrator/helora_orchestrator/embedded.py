@@ -14,7 +14,7 @@ from hecommon.errors import HeloraError
 from helora_aggregator.handler import AggregatorHandler
 from helora_encoder.handler import EncoderHandler, build_manifest, make_shards, quantize_groups
 from helora_encoder.model import LinearGroup
-from helora_evaluator.handler import EvaluatorHandler
+from helora_evaluator.handler import MAX_OWNERS, EvaluatorHandler
 
 
 class EmbeddedServer:
@@ -25,7 +25,8 @@ class EmbeddedServer:
 
     def __init__(self, model, groups: list[LinearGroup], params: P.ParamSet = P.DEFAULT, bits: int = 8,
                  shards: int = 1, backend: str = "numpy", model_id: str = "",
-                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES, hints_on_client: bool = True) -> None:
+                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES, hints_on_client: bool = True,
+                 max_owners: int = MAX_OWNERS) -> None:
         qweights = quantize_groups(model, groups, bits)
         self.manifest = build_manifest(model, groups, qweights, params, x_bits=bits, model_id=model_id)
         plan = {g.name: min(shards, g.in_features) for g in groups}
@@ -36,19 +37,20 @@ class EmbeddedServer:
         for i in range(count):
             mine = [v[i] for v in layer_shards.values() if i < len(v)]
             index = {v[i].layer: (i, len(v)) for v in layer_shards.values() if i < len(v)}
-            self.evaluators.append(EvaluatorHandler(params, mine, index, backend))
+            self.evaluators.append(EvaluatorHandler(params, mine, index, backend, max_owners=max_owners))
         self.aggregator = AggregatorHandler(send_a=not hints_on_client)
         self._ranges = {k: [(s.lo, s.hi) for s in v] for k, v in layer_shards.items()}
         self.max_message_bytes = max_message_bytes
 
-    def hint(self, layer: str, direction: str) -> np.ndarray:
-        """The layer's public hint (the ``a`` part of its outputs), mod q: (d_out, L, N) uint32.
+    def hint(self, layer: str, direction: str, owner: bytes) -> np.ndarray:
+        """The layer's public hint for ``owner``'s ``a`` (the ``a`` part of its outputs), mod q:
+        (outputs, L, N) uint32.
 
         Forward shards are row shards (their hints add up); backward shards are column shards
         (their hints are stacked). With one shard this is the evaluator's own array, not a copy.
         """
         count = len(self._ranges.get(layer, [])) or 1
-        parts = [self.evaluators[i].hint(layer, direction) for i in range(count)]
+        parts = [self.evaluators[i].hint(layer, direction, owner) for i in range(count)]
         if len(parts) == 1:
             return parts[0]
         if direction == "bwd":

@@ -3,7 +3,13 @@
 Per request: quantize rows (per token), encrypt under a fresh per-request secret, send, decrypt
 the switched reply, and apply the zero-point correction and scales from the public manifest.
 Rows are processed in requests of at most N tokens; quantization is per row, so cutting rows
-into requests changes nothing. The result is bit-for-bit that of ``QuantizedBackend``.
+into requests changes nothing. The result is bit-for-bit that of ``QuantizedBackend``: the
+manifest is checked first (every layer exact, its sums split where they are wider than the bound
+the client computes itself: ``hecommon.exact``), and sub-sums are added after decryption.
+
+Each backend draws an ``owner`` seed from the OS CSPRNG: with the manifest's seed of a layer it
+fixes the public ``a`` of this session's requests (``encrypt.owner_a_seed``), so the server alone
+does not choose it and no two owners or sessions share one.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import numpy as np
 from hecommon import params as P
 from hecommon import wire
 from hecommon.bits import PackedRows, packed_size
-from hecommon.encrypt import decrypt, encrypt
-from hecommon.errors import HeloraError, ParameterMismatch
+from hecommon.encrypt import decrypt, encrypt, owner_a_seed
+from hecommon.errors import HeloraError, InexactLayer, ParameterMismatch
+from hecommon.exact import exact_terms, fold
 from hecommon.keys import NONCE_BYTES, SecretKey
 from hecommon.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
 
@@ -55,16 +62,23 @@ class EncryptedBackend:
     """Implements ``LinearBackend`` over a transport (embedded server or RabbitMQ)."""
 
     def __init__(self, manifest: wire.Manifest, transport: Exchange, key: SecretKey | None = None,
-                 hints: Callable[[str, str], np.ndarray] | None = None, hold_a_bytes: int = 0) -> None:
-        """``hints(layer, direction)``: the public hint of a layer, fetched once, for servers
-        that reply without the ``a`` part (it is the same for every request).
+                 hints: Callable[[str, str, bytes], np.ndarray] | None = None, hold_a_bytes: int = 0,
+                 owner: bytes | None = None) -> None:
+        """``hints(layer, direction, owner)``: the public hint of a layer for this owner's ``a``,
+        fetched once, for servers that reply without the ``a`` part (the same for every request).
+        ``owner``: this session's public seed (default: 16 fresh bytes of ``os.urandom``).
 
         ``hold_a_bytes`` (without hints): keep the switched ``a`` part of the first reply of each
         (layer, direction), packed as it came, up to this many bytes in all, and ask for ``b``
-        alone after that (``send_a=False``): the ``a`` part is the same for every request of a
+        alone after that (``send_a=False``): the ``a`` part is the same for every request of this session's
         layer, and it is half of every reply. Layers beyond the budget keep receiving it."""
+        check_exact(manifest)
         self.manifest = manifest
         self.params = manifest.params
+        self.owner = os.urandom(wire.OWNER_BYTES) if owner is None else owner
+        if not isinstance(self.owner, bytes) or len(self.owner) != wire.OWNER_BYTES:
+            raise ValueError(f"owner: {wire.OWNER_BYTES} bytes are required")
+        self._a_seeds: dict[bytes, bytes] = {}  # layer seed -> this owner's a seed
         self.bits = manifest.x_bits
         self.layers = {e.name: e for e in manifest.layers}
         self.transport = transport
@@ -97,7 +111,10 @@ class EncryptedBackend:
         secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]
-        width = entry.d_out if direction == "fwd" else entry.d_in
+        width = entry.out_rows(direction)  # each output once per sub-sum
+        if a_seed not in self._a_seeds:
+            self._a_seeds[a_seed] = owner_a_seed(a_seed, self.owner)
+        a_seed = self._a_seeds[a_seed]
         out = np.empty((m.shape[0], width), dtype=np.int64)
         filled = [0]
         held = self._held.get((layer, direction))
@@ -126,12 +143,12 @@ class EncryptedBackend:
             ranges = wire.request_ranges(m.shape[1], self.params, self.transport.limit)
             parts = (wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, part=i, parts=len(ranges),
                                            row_start=lo, batch=encrypt(secret, m[:, lo:hi], a_seed, start=lo),
-                                           send_a=held is None)
+                                           send_a=held is None, owner=self.owner)
                      for i, (lo, hi) in enumerate(ranges))  # each encrypted when the transport asks for it
             moved = stream(parts, decrypt_part)
         else:
             request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, batch=encrypt(secret, m, a_seed),
-                                            send_a=held is None)
+                                            send_a=held is None, owner=self.owner)
             reply, moved = self.transport(request)
             decrypt_part(reply)
         if filled[0] != width:  # the parts are distinct and contiguous (the transport checks): all of them
@@ -144,7 +161,7 @@ class EncryptedBackend:
                 if self.held_bytes + len(whole.data) <= self.hold_a_bytes:
                     self._held[(layer, direction)] = whole
                     self.held_bytes += len(whole.data)
-        return out
+        return fold(out, entry.sums(direction))  # exact: integers below 2^63
 
     def _wants_a(self, layer: str, direction: str, width: int) -> bool:
         """Whether to keep this request's reply ``a`` part: none is held yet and it fits the budget."""
@@ -159,7 +176,7 @@ class EncryptedBackend:
             raise HeloraError(f"layer {layer}: the server sent no a part and this client has no hints")
         key = (layer, direction)
         if key not in self._hints:
-            self._hints[key] = self._fetch_hint(layer, direction)
+            self._hints[key] = self._fetch_hint(layer, direction, self.owner)
         return self._hints[key]
 
     def forward(self, group: str, x: np.ndarray) -> np.ndarray:
@@ -186,7 +203,7 @@ class EncryptedBackend:
 def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | str = P.DEFAULT,
                            key: SecretKey | None = None, shards: int = 1, backend: str = "numpy",
                            model_id: str = "", over_bytes: bool = False, hints_on_client: bool = True,
-                           hold_a_bytes: int = 0, **_: object) -> EncryptedBackend:
+                           hold_a_bytes: int = 0, server=None, **_: object) -> EncryptedBackend:
     """The embedded default: an in-process server built from ``model``, and the client over it.
 
     ``over_bytes``: pass every message through the wire codec (as a broker would) instead of
@@ -195,14 +212,28 @@ def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | st
     alone, at ``hint_out_bits``: less than half the download. In-process the client reads the
     evaluator's own array; its one-time transfer is not counted in ``wire_bytes``. Without
     hints, ``hold_a_bytes``: as a broker client, keep each layer's switched ``a`` from its first
-    reply and ask for ``b`` alone after that (``EncryptedBackend``).
+    reply and ask for ``b`` alone after that (``EncryptedBackend``). ``server``: an
+    ``EmbeddedServer`` to share (several owners' sessions on one server); by default a new one.
     """
     from .embedded import EmbeddedServer
 
     ps = P.get(params) if isinstance(params, str) else params
-    server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id,
-                            hints_on_client=hints_on_client)
+    if server is None:
+        server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id,
+                                hints_on_client=hints_on_client)
     manifest = wire.decode_manifest(server.manifest_bytes())
     exchange: Exchange = ByteTransport(server.call) if over_bytes else server.exchange
     return EncryptedBackend(manifest, exchange, key, hints=server.hint if hints_on_client else None,
                             hold_a_bytes=hold_a_bytes)
+
+
+def check_exact(manifest: wire.Manifest) -> None:
+    """Refuse a manifest that would decode wrongly, before anything is encrypted: every layer's
+    bound must be at most the one this client computes from the manifest's bits and parameter set
+    (each layer's sub-sums were checked against its bound when the manifest was decoded)."""
+    terms = exact_terms(manifest.params, manifest.x_bits, manifest.w_bits)
+    for e in manifest.layers:
+        if e.exact_terms > terms:
+            raise InexactLayer(f"layer {e.name}: the manifest sums up to {e.exact_terms} terms at once, but "
+                               f"{manifest.x_bits}-bit inputs and {manifest.w_bits}-bit weights on "
+                               f"{manifest.params.name} decode exactly only up to {terms}")
