@@ -33,6 +33,9 @@ Messages are transient (``TRAFFIC_DELIVERY``): a broker restart loses those in f
 client, whose connection dropped with it, sends its request again. Connections are named
 ``helora-{service}@{namespace}`` (``rabbitmqctl list_connections client_properties``).
 
+Signals (``serve``): SIGTERM or SIGINT stops a service at once while it starts (loading, waiting
+for shards or for the broker) and after its current message once it consumes; exit status 0.
+
 Threads (DESIGN §4 RabbitMQ practice): pika's ``BlockingConnection`` lives on the main thread,
 which only runs the I/O loop; deliveries go to one worker thread, which runs the service's
 logic. Every ack and publish is run on the I/O thread through ``add_callback_threadsafe``, so
@@ -46,6 +49,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import os
 import queue
 import re
 import secrets
@@ -226,6 +230,20 @@ def safe_url(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
+# -- signals ---------------------------------------------------------------------------------
+#: what stops a service: SIGTERM (``kubectl delete``, ``helora up`` on exit) and SIGINT (Ctrl-C)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _exit_at_once(signum: int, _frame: Any) -> None:
+    """A stop signal while a service starts (importing torch, quantizing, waiting for shards or for
+    the broker): it holds no delivery and no partial state yet, so the process ends here, with the
+    status of a graceful stop, 0. Not by raising an exception: one raised while torch runs Python code
+    from C++ (its import does) aborts the process (pybind11 calls std::terminate)."""
+    log.info("%s during start-up: stopped", signal.Signals(signum).name)
+    os._exit(0)
+
+
 # -- connections -----------------------------------------------------------------------------
 #: Bytes pika reads per ``recv`` and per I/O-loop pass (its defaults: 4 KiB and 100 KiB).
 RECV_BYTES = 1 << 20
@@ -253,24 +271,29 @@ def tune_pika_reads(recv_bytes: int = RECV_BYTES, consume_bytes: int = CONSUME_B
     transport._MAX_CONSUME_BYTES = consume_bytes
 
 
-def connect(url: str, name: str, deadline_s: float = 60.0, heartbeat: int = 30) -> pika.BlockingConnection:
-    """A blocking connection, retried with exponential backoff until ``deadline_s``."""
+def connect(url: str, name: str, deadline_s: float = 60.0, heartbeat: int = 30,
+            stop: threading.Event | None = None) -> pika.BlockingConnection:
+    """A blocking connection, retried with exponential backoff until ``deadline_s``, or until ``stop``
+    is set (``Service.stop()``): the retries wait on it, and then raise ``TransientError``."""
     tune_pika_reads()
     pikaframes.install()
     params = pika.URLParameters(url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 300
     params.client_properties = {"connection_name": name}
+    stop = stop if stop is not None else threading.Event()
     delay, end = 0.2, time.monotonic() + deadline_s
-    while True:
+    while not stop.is_set():
         try:
             return pika.BlockingConnection(params)
         except pex.AMQPConnectionError as exc:
             if time.monotonic() + delay > end:
                 raise TransientError(f"broker {safe_url(url)} did not answer within {deadline_s:.0f} s "
                                      f"({type(exc).__name__})") from None
-            time.sleep(delay * (1 + secrets.randbelow(250) / 1000))  # jitter up to +25%
+            if stop.wait(delay * (1 + secrets.randbelow(250) / 1000)):  # jitter up to +25%
+                break
             delay = min(delay * 2, 5.0)
+    raise TransientError(f"stopped while waiting for the broker {safe_url(url)}")
 
 
 def rid_of(properties: Any, fallback: bytes | None = None) -> bytes:
@@ -437,6 +460,7 @@ class Service:
         self._worker: threading.Thread | None = None
         self._io_waiting: set[_Work] = set()  # operations handed to the I/O thread, not finished
         self._busy = 0
+        self._consumed = False  # start-up lasts until the first basic_consume: a signal exits at once
         self.metrics = metrics if metrics is not None else Metrics(self.name, getattr(cfg, "metrics_group", "all"))
         self.ready = self.metrics.ready  # /readyz: set while consuming
         self.metrics.track_in_flight(lambda: self.in_flight())
@@ -620,13 +644,20 @@ class Service:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+        """SIGTERM, SIGINT (main thread): once consuming, ``stop()``: finish the current message, then
+        close; before the first ``basic_consume`` (the broker wait) nothing is held: exit at once."""
+        def on_signal(signum: int, frame: Any) -> None:
+            if not self._consumed:
+                _exit_at_once(signum, frame)
+            self.stop()
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, on_signal)
 
     def _session(self) -> None:
         cfg = self.cfg
         # the namespace in the connection name (`rabbitmqctl list_connections client_properties`)
-        self._conn = connect(cfg.broker_url, f"helora-{self.name}@{self.topology.namespace}")
+        self._conn = connect(cfg.broker_url, f"helora-{self.name}@{self.topology.namespace}", stop=self._stop)
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
         self.topology.declare_common(self._ch)
@@ -635,6 +666,7 @@ class Service:
         for q in queues:
             self._ch.basic_consume(q, self._on_message(q), auto_ack=False)
         log.info("%s consuming %s on %s", self.name, queues, safe_url(cfg.broker_url))
+        self._consumed = True
         self.ready.set()
         while not self._stop.is_set():
             try:
@@ -663,7 +695,7 @@ class Service:
                         backoff = 0.5
                     log.warning("broker connection lost (%s); reconnecting in %.1f s", type(exc).__name__, backoff)
                     self._drop_connection()
-                    time.sleep(backoff)
+                    self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
         finally:
             self._shutdown()
@@ -716,7 +748,21 @@ def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callab
     ``/readyz`` says 503 meanwhile), run it.
 
     Bad arguments and start-up failures exit with status 2 and one line, never a traceback.
+    SIGTERM and SIGINT are handled from the first step (a container's PID 1 ignores a signal it has
+    no handler for: a pod deleted while it starts would wait out its grace period): until the
+    service consumes they end the process at once (``_exit_at_once``); after, it finishes its current
+    message and closes (``Service.install_signal_handlers``). Either way the exit status is 0.
     """
+    previous = [(sig, signal.signal(sig, _exit_at_once)) for sig in STOP_SIGNALS]
+    try:
+        return _serve(prog, from_args, build, argv)
+    finally:  # a caller that goes on (a test) gets its own handlers back
+        for sig, handler in previous:
+            signal.signal(sig, handler)
+
+
+def _serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any, Metrics], Any],
+           argv: list[str] | None) -> int:
     try:
         cfg = from_args(argv)
     except HeloraError as exc:

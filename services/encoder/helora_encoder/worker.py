@@ -15,6 +15,9 @@ the evaluator receives the first part while the client still encrypts the last; 
 streams at a time, and parts of others wait until they are whole (``handler.StreamGate``).
 A bad request is dead-lettered with its reason and the client gets an ``ErrorReply``. Logs name
 layers, request ids and sizes, never payload.
+
+torch (``.handler``, ``.model``) is imported once ``amqp.serve`` handles SIGTERM, not with this
+module: it takes seconds, during which a container's PID 1 would ignore the signal.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pika
@@ -35,8 +39,9 @@ from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.metrics import Metrics
 
 from .config import TINY, EncoderConfig
-from .handler import EncoderHandler, Shard, StreamGate, build_manifest, make_shards, quantize_groups
-from .model import discover_groups
+
+if TYPE_CHECKING:
+    from .handler import Shard
 
 log = logging.getLogger("helora.encoder")
 MANIFEST_FILE = "manifest.bin"
@@ -89,6 +94,10 @@ def layer_plan(cfg: EncoderConfig, manifest: wire.Manifest) -> dict[str, int]:
 
 def prepare(cfg: EncoderConfig) -> tuple[wire.Manifest, dict[str, list[Shard]]]:
     """Quantize, write the shards and the manifest; return what the handler needs."""
+    from .handler import build_manifest, make_shards, quantize_groups  # noqa: PLC0415 - torch: module docstring
+    from .model import discover_groups  # noqa: PLC0415
+
+    log.info("loading and quantizing the model (%s)", cfg.model or "bundled")
     model, model_id = _load_model(cfg)
     groups = discover_groups(model)
     qweights = quantize_groups(model, groups, cfg.bits)
@@ -120,6 +129,8 @@ class EncoderWorker(amqp.Service):
 
     def __init__(self, cfg: EncoderConfig, manifest: wire.Manifest, shards: dict[str, list[Shard]],
                  metrics: Metrics | None = None) -> None:
+        from .handler import EncoderHandler, StreamGate  # noqa: PLC0415 - torch: module docstring
+
         super().__init__(cfg, metrics=metrics)
         self.metrics.set_info(manifest.params.name, "numpy")
         self.manifest = manifest

@@ -24,6 +24,10 @@ only to consumers created after it, so it cannot be raised on the fly). Every se
 the same ``--max-message-bytes``. Replicas sharing one queue could split the parts of one
 multi-part sub-request between them (each would sum only the parts it got): run one consumer per
 evaluator queue when sub-requests are multi-part.
+
+torch (through ``.handler`` and ``helora_encoder.handler``) is imported once ``amqp.serve`` handles
+SIGTERM, not with this module: it takes seconds, during which a container's PID 1 would ignore the
+signal. A signal during the shard wait or the loading ends the evaluator at once (``amqp.serve``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hecommon import amqp, wire
@@ -41,21 +45,26 @@ from hecommon.bits import packed_size
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.evaluate import default_backend
 from hecommon.metrics import Metrics
-from helora_encoder.handler import Shard, even_split
 from helora_encoder.worker import MANIFEST_FILE, shard_file
 
 from .config import EvaluatorConfig
-from .handler import EvaluatorHandler
+
+if TYPE_CHECKING:
+    from helora_encoder.handler import Shard
 
 log = logging.getLogger("helora.evaluator")
 
 
 def _wait_for(paths: list[Path], deadline_s: float) -> None:
-    end = time.monotonic() + deadline_s
+    """Poll until every path is a file (a SIGTERM ends the process at once: ``amqp.serve``)."""
+    end, logged = time.monotonic() + deadline_s, False
     while True:
         missing = [p for p in paths if not p.is_file()]
         if not missing:
             return
+        if not logged:
+            log.info("waiting for %s (and %d more) from the encoder", missing[0], len(missing) - 1)
+            logged = True
         if time.monotonic() > end:
             raise ConfigError(f"shard_dir: {missing[0]} (and {len(missing) - 1} more) did not appear within "
                               f"{deadline_s:.0f} s; is the encoder running with a --shards plan that gives "
@@ -65,6 +74,8 @@ def _wait_for(paths: list[Path], deadline_s: float) -> None:
 
 def load_shards(cfg: EvaluatorConfig) -> tuple[wire.Manifest, list[Shard], dict[str, tuple[int, int]]]:
     """This evaluator's shards, as the encoder wrote them, checked against the manifest."""
+    from helora_encoder.handler import Shard, even_split  # noqa: PLC0415 - torch: module docstring
+
     root = Path(cfg.shard_dir)
     _wait_for([root / MANIFEST_FILE], cfg.wait_shards_s)
     manifest = wire.decode_manifest((root / MANIFEST_FILE).read_bytes(), cfg.max_message_bytes)
@@ -103,6 +114,8 @@ class EvaluatorWorker(amqp.Service):
 
     def __init__(self, cfg: EvaluatorConfig, manifest: wire.Manifest, shards: list[Shard],
                  shard_index: dict[str, tuple[int, int]], metrics: Metrics | None = None) -> None:
+        from .handler import EvaluatorHandler  # noqa: PLC0415 - torch: module docstring
+
         super().__init__(cfg, metrics=metrics)
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
         if cfg.gemm == "int8" and backend != "cupy":
