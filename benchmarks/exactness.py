@@ -17,8 +17,9 @@ decoded to a wrong integer without an error: it must be 0.
 Bytes per token: one training token's requests through every block linear, forward and backward,
 as the broker client sends them (27-bit packed residues up; ``b`` alone at ``out_bits`` down, the
 client holding each layer's switched ``a``), with the sub-sums and, for comparison, as if every sum
-were one ciphertext (which it cannot be past the bound). The server's multiply-adds grow by the same
-factor on the split layers (each sub-sum is a product over the whole input with zeros elsewhere).
+were one ciphertext (which it cannot be past the bound). The server's float64 GEMMs cut their inputs
+at the sub-sums' boundaries (no more multiply-adds); the GPU's int8 product multiplies the spread
+matrix (k times the split layer's int8 weights and work).
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ def test_plain_layer_forward_at_and_past_the_bound_is_exact(width):
 @pytest.mark.parametrize("members", [(8_192, 8_192), (8_192, 8_193)])
 def test_fused_layer_backward_at_and_past_the_bound_is_exact(members):
     """Backward of a fused layer sums over every member's outputs: W = [Wg; Wu], dX = dY·W sums
-    over 8,192 + 8,192 = 16,384 (at the bound) or 8,192 + 8,193 (one past)."""
+    over 8,192 + 8,192 = 16,384 (at the bound) or 8,192 + 8,193 (one past). This is the server's
+    product in the backward orientation (Wᵀ); the whole fused path, evaluator and client, is
+    ``test_a_split_layer_trains_through_the_client_bit_for_bit``."""
     width = sum(members)
     fused = np.full((width, 2), W_MAX, dtype=np.int8)  # (d_out = both members, d_in = 2)
     fused[:, 1] = -W_MAX
@@ -159,7 +161,6 @@ def test_a_layer_that_cannot_be_made_exact_is_refused_before_anything_is_encrypt
 
     from helora_encoder.handler import build_manifest, quantize_groups
     from helora_encoder.model import discover_groups, tiny_llama
-    from helora_orchestrator.encrypted import check_exact
 
     model, _ = tiny_llama(0, hidden_size=16, intermediate_size=9_000, num_attention_heads=2,
                           num_key_value_heads=1, num_hidden_layers=1)
@@ -169,15 +170,42 @@ def test_a_layer_that_cannot_be_made_exact_is_refused_before_anything_is_encrypt
         build_manifest(model, groups, qweights, PS, x_bits=12)
     manifest = build_manifest(model, groups, qweights, PS, x_bits=8)
     assert {e.exact_terms for e in manifest.layers} == {16_384}
-    forged = dataclasses.replace(manifest, x_bits=12)  # bounds of 8-bit inputs, 12-bit inputs claimed
     with pytest.raises(InexactLayer, match="0.qkv: the manifest sums up to 16384 terms"):
-        check_exact(forged)
+        dataclasses.replace(manifest, x_bits=12)  # bounds of 8-bit inputs, 12-bit inputs claimed
+    from hecommon import wire
+
+    data = wire.encode_manifest(manifest)  # the same refusal when a client or an evaluator decodes one
+    assert wire.decode_manifest(data).layers[0].exact_terms == 16_384
+    assert data.count(b"\xa6x_bits\x08") == 1  # msgpack: the key "x_bits", then 8
+    with pytest.raises(InexactLayer, match="decode exactly only up to 1032"):
+        wire.decode_manifest(data.replace(b"\xa6x_bits\x08", b"\xa6x_bits\x0c"))
 
 
-def test_a_split_layer_trains_through_the_client_bit_for_bit(rng):
+def test_a_split_product_summed_part_by_part_equals_the_whole_and_holds_no_more_weights(rng):
+    """A request streamed in parts (the evaluator multiplies each as it comes: ``add_rows``) whose
+    parts straddle the sub-sums' boundary; the float64 weights are held once, not once per sub-sum."""
+    from hecommon.encrypt import EncryptedBatch
+
+    width, terms = 16_500, exact_terms(PS)
+    w = rng.integers(-W_MAX, W_MAX + 1, size=(3, width)).astype(np.int8)
+    split = MatrixProduct(w, PS, None, terms=terms, sub_sums=2)
+    assert split.d_out == 6 and split.held_bytes == w.size * 8  # float64 weights, once
+    b = rng.integers(0, min(PS.primes), size=(width, PS.limbs, PS.n), dtype=np.uint32)
+    whole = split.product_on_device(b)
+    total = None
+    for lo, hi in ((16_000, 16_500), (0, 7_000), (7_000, 16_000)):
+        total = split.add_rows(total, EncryptedBatch(PS, b[lo:hi], 9), lo)
+    np.testing.assert_array_equal(split.finish(total), whole)
+    blocks = list(split.row_blocks(EncryptedBatch(PS, b, 9), [(0, 1), (1, 4), (4, 6)]))
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_split_layer_trains_through_the_client_bit_for_bit(rng, shards):
     """End to end: a model whose gate_up backward sums 2 × 8,400 = 16,800 terms (past the message
     bound: one sum would wrap). The client decrypts both sub-sums and adds them; the result equals
-    the clear quantized product, at the extremes (every gradient at 255, every weight at ±127)."""
+    the clear quantized product, at the extremes (every gradient at 255, every weight at ±127); with
+    3 evaluators the backward outputs are column shards, each its outputs once per sub-sum."""
     import torch
     from helora_encoder.handler import quantize_groups
     from helora_encoder.model import discover_groups, tiny_llama
@@ -193,7 +221,7 @@ def test_a_split_layer_trains_through_the_client_bit_for_bit(rng):
         mlp.gate_proj.weight[:, 0] = -0.5
     groups = discover_groups(model)
     g = next(x for x in groups if x.name.endswith("gate_up"))
-    backend = make_encrypted_backend(model, groups)
+    backend = make_encrypted_backend(model, groups, shards=shards)
     entry = backend.layers[g.name]
     assert entry.sums("bwd") == 2 and entry.out_rows("bwd") == 2 * g.in_features
     clear = QuantizedBackend(quantize_groups(model, groups))

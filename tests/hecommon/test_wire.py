@@ -518,6 +518,24 @@ def test_send_a_travels_with_a_request_and_its_parts_must_agree():
         dataclasses.replace(req, send_a=None)
 
 
+def test_the_parts_of_one_request_must_name_one_owner():
+    """The owner seed fixes the a a request was encrypted against: parts of two owners never join,
+    by the whole-message path (``join``, ``PartTracker``) or by heads (``join_heads``)."""
+    req = dataclasses.replace(gen.request(), part=0, parts=1, row_start=0)
+    two = dataclasses.replace(req, batch=EncryptedBatch(N2048, residues(N2048, 2, 5), 5))
+    parts = wire.split(two, len(wire.encode(req)) + wire.HEADER_ALLOWANCE)
+    assert len(parts) == 2 and wire.join(parts).owner == req.owner
+    mixed = [parts[0], dataclasses.replace(parts[1], owner=bytes(16))]
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join(mixed)
+    tracker = wire.PartTracker()
+    tracker.add(mixed[0])
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        tracker.add(mixed[1])
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join_heads([wire.decode_request_head(wire.encode(p)) for p in mixed])
+
+
 def test_reply_parts_with_and_without_a_do_not_join():
     """join's route check refuses a reply whose parts disagree on carrying a (or on b's bits)."""
     full = dataclasses.replace(gen.reply(), part=0, parts=2, out_start=0)

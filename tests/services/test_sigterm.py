@@ -140,6 +140,10 @@ def _unshare_works() -> bool:
         return False
 
 
+#: the evaluator's one log line when it starts polling for the encoder's files
+SHARD_WAIT_LINE = r"waiting for .* from the encoder"
+
+
 def _evaluator(start, shard_dir: Path, **kw) -> Service:
     """An evaluator pointed at an empty shard directory: it waits for the encoder's files."""
     shard_dir.mkdir(exist_ok=True)
@@ -150,7 +154,7 @@ def _evaluator(start, shard_dir: Path, **kw) -> Service:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_evaluator_waiting_for_shards(service, tmp_path, sig):
     ev = _evaluator(service, tmp_path / "shards")
-    ev.wait_log(METRICS_LINE)
+    ev.wait_log(SHARD_WAIT_LINE)  # past the imports, polling for the manifest
     time.sleep(SETTLE_S)  # in the shard wait: the directory stays empty
     ev.stop(sig)
 
@@ -159,7 +163,7 @@ def test_evaluator_waiting_for_shards(service, tmp_path, sig):
 def test_evaluator_as_pid1(service, tmp_path):
     """The container case: PID 1 without a handler would never see the SIGTERM."""
     ev = _evaluator(service, tmp_path / "shards", pid1=True)
-    ev.wait_log(METRICS_LINE)
+    ev.wait_log(SHARD_WAIT_LINE)
     time.sleep(SETTLE_S)
     ev.stop(signal.SIGTERM)
 

@@ -101,6 +101,12 @@ def _inexact(base: bytes) -> bytes:
     return msgpack.packb(m, use_bin_type=True)
 
 
+def _bound(base: bytes) -> bytes:
+    m = msgpack.unpackb(base, raw=False)
+    m["layers"][0]["exact_terms"] = 20_000  # 8 x 8 bits decode exactly up to 16,384 terms
+    return msgpack.packb(m, use_bin_type=True)
+
+
 def _edit(base: bytes, **changes: Any) -> bytes:
     """Re-pack ``base`` with fields changed (``None`` deletes a field)."""
     m = msgpack.unpackb(base, raw=False)
@@ -166,6 +172,7 @@ def negatives(pos: dict[str, bytes]) -> dict[str, tuple[bytes, str, str]]:
         "owner_short": (_edit(rq, owner=bytes(15)), "MalformedMessage", "owner seed of 15 bytes"),
         "owner_missing": (_edit(rq, owner=None), "MalformedMessage", "no owner seed (a v3 request)"),
         "manifest_inexact": (_inexact(mf), "InexactLayer", "a layer's sums need more sub-sums than allowed"),
+        "manifest_bound_too_wide": (_bound(mf), "InexactLayer", "exact_terms above the bound of its bits"),
         "reply_bits_hint_with_a": (_edit(pos["reply"], bits=P.hint_out_bits), "MalformedMessage",
                                    "b at hint_out_bits beside an a part"),
         "reply_held_bad_bits": (_edit(pos["reply_held"], bits=P.out_bits - 1), "MalformedMessage",

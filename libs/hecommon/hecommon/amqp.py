@@ -240,8 +240,10 @@ def _exit_at_once(signum: int, _frame: Any) -> None:
     the broker): it holds no delivery and no partial state yet, so the process ends here, with the
     status of a graceful stop, 0. Not by raising an exception: one raised while torch runs Python code
     from C++ (its import does) aborts the process (pybind11 calls std::terminate)."""
-    log.info("%s during start-up: stopped", signal.Signals(signum).name)
-    os._exit(0)
+    try:  # the log write itself may be interrupted (reentrant stderr write): exit all the same
+        log.info("%s during start-up: stopped", signal.Signals(signum).name)
+    finally:
+        os._exit(0)
 
 
 # -- connections -----------------------------------------------------------------------------

@@ -73,9 +73,12 @@ class MatrixProduct:
         sub_sums: int = 1,
     ) -> None:
         """``terms``: the widest exact sum (``exact.exact_terms``; default: 8-bit inputs and weights);
-        a layer whose summed indices reach past it is split into ``sub_sums`` sums (``exact.spread``:
-        output ``o`` of sub-sum ``s`` is row ``o·sub_sums + s``), or refused. ``a_seed``: build the
-        hint of that public ``a`` now (``hint``); ``build_hint`` makes one for any other seed."""
+        a layer whose summed indices (``input_start …``, global) reach past it is split into
+        ``sub_sums`` sums, or refused: output ``o`` of sub-sum ``s`` is row ``o·sub_sums + s``. The
+        float64 GEMMs cut their inputs at the sub-sums' boundaries and keep one total per sub-sum
+        (no more weights or multiply-adds than one sum); the int8 digit product multiplies the
+        spread matrix (``exact.spread``: k times its int8 weights). ``a_seed``: build the hint of
+        that public ``a`` now (``hint``); ``build_hint`` makes one for any other seed."""
         if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.integer):
             raise ConfigError("MatrixProduct: a 2-D integer matrix is required")
         if np.abs(matrix).max(initial=0) > 128:
@@ -85,19 +88,29 @@ class MatrixProduct:
         if -(-reach // terms) > sub_sums:
             raise InexactLayer(f"MatrixProduct: a sum of {reach} terms exceeds the exact bound of {terms} terms "
                                f"per sum with {sub_sums} sub-sum(s); split it (exact.sub_sums) or refuse the layer")
-        matrix = spread(matrix, input_start, terms, sub_sums)
         self.params = params
         self.sub_sums = sub_sums
         self.input_start = input_start
-        self.d_out, self.d_in = (int(s) for s in matrix.shape)
+        self._rows, self.d_in = (int(s) for s in matrix.shape)  # weight rows, inputs
+        self.d_out = self._rows * sub_sums  # output ciphertexts
         self.xp = array_module(backend)
         xp = self.xp
         in_int8 = int(matrix.max(initial=0)) <= 127 and int(matrix.min(initial=0)) >= -128
         self.gemm = resolve_gemm(backend, gemm, self.d_out, self.d_in, DIGITS * params.limbs * params.n, in_int8)
-        self._int8 = Int8Product(matrix, params.primes) if self.gemm == "int8" else None
+        self._int8 = (Int8Product(spread(matrix, input_start, terms, sub_sums), params.primes)
+                      if self.gemm == "int8" else None)
         self._chunks = [] if self._int8 is not None else [
             xp.asarray(matrix[:, j : j + MAX_GEMM_TERMS].astype(np.float64))
             for j in range(0, self.d_in, MAX_GEMM_TERMS)
+        ]
+        # (lo, hi, chunk, sub-sum): the inputs lo…hi that one weight chunk and one sub-sum share
+        self._segments = [
+            (lo, hi, j // MAX_GEMM_TERMS, s)
+            for j in range(0, self.d_in, MAX_GEMM_TERMS)
+            for s in range(sub_sums)
+            for lo, hi in [(max(j, s * terms - input_start), min(j + MAX_GEMM_TERMS, self.d_in,
+                                                                   (s + 1) * terms - input_start))]
+            if lo < hi
         ]
         self._moduli_f = xp.asarray(np.asarray(params.primes, dtype=np.float64)[:, None])  # (L, 1)
         self._hint: np.ndarray | None = None
@@ -125,43 +138,59 @@ class MatrixProduct:
         return c.reshape(residues.shape[0], -1)
 
     def _gemm(self, flat: Any, first: int, rows: tuple[int, int], total: Any = None) -> Any:
-        """``total + M[rows, first:first+k] · flat`` mod p per limb, as float64 integers in [0, p),
-        for ``flat`` the centered residues of the k inputs ``first …`` (``total`` None: none yet).
-        One exact GEMM per weight chunk the inputs meet (at most ``MAX_GEMM_TERMS`` terms each),
-        reduced mod p after each."""
+        """``total`` plus, for each sub-sum ``s``, ``M[rows, cols_s] · flat[cols_s]`` mod p per limb, as
+        float64 integers in [0, p): a list of one (weight rows, L, N') array per sub-sum (None: no
+        input of it yet), for ``flat`` the centered residues of the k inputs ``first …`` and ``cols_s``
+        those of them in sub-sum ``s`` (``total`` None: nothing yet). One exact GEMM per weight chunk
+        and sub-sum the inputs meet (at most ``MAX_GEMM_TERMS`` terms each), reduced mod p after each."""
         xp = self.xp
         p = self._moduli_f
         lo_row, hi_row = rows
         last = first + flat.shape[0]
-        for idx, chunk in enumerate(self._chunks):
-            base = idx * MAX_GEMM_TERMS
-            lo, hi = max(first, base), min(last, base + chunk.shape[1])
+        total = [None] * self.sub_sums if total is None else total
+        for seg_lo, seg_hi, idx, s in self._segments:
+            lo, hi = max(first, seg_lo), min(last, seg_hi)
             if lo >= hi:
                 continue
-            part = (chunk[lo_row:hi_row, lo - base : hi - base] @ flat[lo - first : hi - first]).reshape(
+            base = idx * MAX_GEMM_TERMS
+            part = (self._chunks[idx][lo_row:hi_row, lo - base : hi - base] @ flat[lo - first : hi - first]).reshape(
                 hi_row - lo_row, self.params.limbs, -1)
             part -= xp.floor(part / p) * p
-            if total is None:
-                total = part
+            if total[s] is None:
+                total[s] = part
             else:
-                total += part
-                total -= (total >= p) * p
+                total[s] += part
+                total[s] -= (total[s] >= p) * p
         return total
 
-    def _product(self, residues: Any, flat: Any = None, rows: tuple[int, int] | None = None) -> Any:
-        """``M · residues`` mod p per limb, as float64 integers in [0, p); residues (d_in, L, N).
+    def _outputs(self, total: list[Any]) -> Any:
+        """A ``_gemm`` total as output rows ``o·sub_sums + s`` (rows, L, N'): one sum is its array; a
+        sub-sum this shard's inputs never met is zero (the other shards' partials hold it)."""
+        if self.sub_sums == 1:
+            return total[0]
+        like = next(t for t in total if t is not None)
+        stacked = self.xp.stack([t if t is not None else self.xp.zeros_like(like) for t in total], axis=1)
+        return stacked.reshape(-1, *like.shape[1:])
 
-        ``rows``: only output rows ``lo…hi`` of M (from ``flat``, ``_centered(residues)``, when given)."""
+    def _product(self, residues: Any, flat: Any = None, rows: tuple[int, int] | None = None) -> Any:
+        """``M · residues`` mod p per limb and sub-sum, as float64 integers in [0, p) (uint32 on the int8
+        path); residues (d_in, L, N); outputs in ``o·sub_sums + s`` order.
+
+        ``rows``: only output rows ``lo…hi`` (from ``flat``, ``_centered(residues)``, when given)."""
         if self._int8 is not None:
             out = self._int8(residues)
             return out if rows is None else out[rows[0] : rows[1]]
         flat = self._centered(residues) if flat is None else flat
-        return self._gemm(flat, 0, rows if rows is not None else (0, self.d_out))
+        lo, hi = rows if rows is not None else (0, self.d_out)
+        first, last = lo // self.sub_sums, -(-hi // self.sub_sums)  # the weight rows they need
+        out = self._outputs(self._gemm(flat, 0, (first, last)))
+        skip = lo - first * self.sub_sums
+        return out if (skip, hi - lo) == (0, out.shape[0]) else out[skip : skip + hi - lo]
 
     @property
     def held_bytes(self) -> int:
         """Bytes of the weight chunks and the hint (while it is kept) on this product's device."""
-        weights = self.d_out * self.d_in if self._int8 is not None else sum(c.nbytes for c in self._chunks)
+        weights = self.d_out * self.d_in if self._int8 is not None else sum(c.nbytes for c in self._chunks)  # int8: spread
         return int(weights + (self._hint.nbytes if self._hint is not None else 0))
 
     @property
@@ -219,7 +248,7 @@ class MatrixProduct:
     def add_rows(self, total: Any, part: EncryptedBatch, offset: int) -> Any:
         """``total + M[:, offset:offset+k] · part`` mod p per limb, for a request part of ``k`` input
         ciphertexts (inputs ``offset …`` of this product): float64 integers in [0, p), (d_out, L, N),
-        on the device; ``total`` None starts a sum. Summed over parts that cover every input once,
+        on the device, one array per sub-sum; ``total`` None starts a sum. Summed over parts that cover every input once,
         then ``finish``-ed, it is ``product_on_device`` of the whole input, bit for bit: every
         partial GEMM is exact (at most 2^14 terms each) and the sums are mod p."""
         if part.params != self.params:
@@ -229,11 +258,11 @@ class MatrixProduct:
             raise ParameterMismatch(f"ciphertexts {offset}…{offset + k} are outside this layer's {self.d_in} inputs")
         if not self.sums_parts:
             raise ConfigError("the int8 product takes a whole input; it does not sum parts")
-        return self._gemm(self._centered(self.xp.asarray(part.b)), offset, (0, self.d_out), total)
+        return self._gemm(self._centered(self.xp.asarray(part.b)), offset, (0, self._rows), total)
 
     def finish(self, total: Any) -> Any:
         """A sum of ``add_rows`` as (d_out, L, N) uint32 residues on the device."""
-        return total.astype(self.xp.uint32)
+        return self._outputs(total).astype(self.xp.uint32)
 
     def product_on_device(self, b: Any) -> Any:
         """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""

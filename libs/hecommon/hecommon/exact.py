@@ -16,8 +16,9 @@ split into *sub-sums* of at most that many terms, in order of the summed index: 
 covers indices ``s·terms …``. The server returns each sub-sum as its own ciphertext (output ``o``
 of sub-sum ``s`` is row ``o·k + s``, so a shard of outputs stays one contiguous range of rows),
 and the client adds the ``k`` decrypted integers, which is exact. The cost is ``k`` times the
-reply's rows for that layer and direction (``benchmarks/exactness.py``). More than
-``MAX_SUB_SUMS`` sub-sums, or bits so wide that a single term cannot decode, are refused.
+reply's rows for that layer and direction (``benchmarks/exactness.py``); the float64 product cuts
+its GEMMs at the sub-sums' boundaries, the int8 GPU product multiplies the ``spread`` matrix. More
+than ``MAX_SUB_SUMS`` sub-sums, or bits outside 1..16 (inputs) and 1..8 (weights), are refused.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ MAX_SUB_SUMS = 8
 
 
 def exact_terms(params: ParamSet, x_bits: int = 8, w_bits: int = 8) -> int:
-    """The widest sum that decodes exactly: terms of ``x_bits`` unsigned × ``w_bits`` signed values."""
+    """The widest sum that decodes exactly: terms of ``x_bits`` unsigned × ``w_bits`` signed values
+    (at most 8: the noise budget and the server's product assume |w| <= 127)."""
+    if not 1 <= w_bits <= 8 or not 1 <= x_bits <= 16:
+        raise InexactLayer(f"exact_terms: {x_bits}-bit inputs and {w_bits}-bit weights are not supported "
+                           "(inputs 1..16 bits, weights 1..8)")
     x_max = (1 << x_bits) - 1
     w_max = (1 << (w_bits - 1)) - 1
     return min(params.max_message // (x_max * max(w_max, 1)), MAX_GEMM_TERMS)

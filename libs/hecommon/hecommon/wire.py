@@ -41,8 +41,8 @@ from .codec import expect as _expect
 from .codec import fail as _fail
 from .codec import pack, unpack
 from .encrypt import SEED_BYTES, EncryptedBatch, EncryptedPartial, EncryptedResult, concat_a
-from .errors import HeloraError, MalformedMessage, OversizedMessage, ParameterMismatch
-from .exact import sub_sums
+from .errors import HeloraError, InexactLayer, MalformedMessage, OversizedMessage, ParameterMismatch
+from .exact import exact_terms, sub_sums
 from .params import ParamSet
 from .params import get as get_params
 
@@ -480,7 +480,7 @@ class LayerEntry:
     col_sums: np.ndarray  # (d_in,) int64: Σ_o q_w[o, j], for the backward correction
     #: the widest exact sum (``exact.exact_terms`` of the manifest's bits and parameter set); wider
     #: sums (``d_in`` forward, ``d_out`` backward) are split into sub-sums (``sums``)
-    exact_terms: int = 0
+    exact_terms: int
     KEYS: ClassVar[frozenset[str]] = frozenset(
         ("name", "block", "d_in", "d_out", "members", "a_seed_fwd", "a_seed_bwd", "weight_scale",
          "row_sums", "col_sums", "exact_terms"))
@@ -570,6 +570,12 @@ class Manifest:
             _fail("layers", "layer names must be unique")
         _int("x_bits", self.x_bits, 1, 16)
         _int("w_bits", self.w_bits, 1, 16)
+        terms = exact_terms(self.params, self.x_bits, self.w_bits)
+        for e in self.layers:  # every receiver refuses, before anything is encrypted, a manifest that
+            if e.exact_terms > terms:  # would decode wrongly (each layer's sub-sums: LayerEntry)
+                raise InexactLayer(f"layer {e.name}: the manifest sums up to {e.exact_terms} terms at once, but "
+                                   f"{self.x_bits}-bit inputs and {self.w_bits}-bit weights on {self.params.name} "
+                                   f"decode exactly only up to {terms}")
         if not isinstance(self.metadata, dict) or len(self.metadata) > MAX_META_ENTRIES:
             _fail("metadata", f"a map of at most {MAX_META_ENTRIES} entries is required")
         for key, value in self.metadata.items():
@@ -880,6 +886,8 @@ def request_ranges(width: int, params: ParamSet, max_bytes: int = MAX_MESSAGE_BY
 def _route(msg: Chunked) -> tuple[Any, ...]:
     key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
     key += (msg.send_a,) if not isinstance(msg, EncryptedReply) else (msg.result.a is None, msg.result.bits)
+    if isinstance(msg, EncryptedRequest):
+        key += (msg.owner,)  # the owner's a: parts under two owners' a never make one request
     if isinstance(msg, PartialResult):
         key += (msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
     else:

@@ -21,7 +21,6 @@ from hecommon.amqp import Delivery, PartCollector
 from hecommon.encrypt import EncryptedBatch
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.exact import exact_terms
-from hecommon.params import MAX_GEMM_TERMS
 from hecommon.quantize import QuantizedWeight, quantize_weight
 from hecommon.wire import EncryptedRequest, LayerEntry, Manifest, RequestHead
 
@@ -42,9 +41,9 @@ class Shard:
     values: np.ndarray  # (d_out, hi - lo) int8: W[:, lo:hi]
     a_seed_fwd: bytes
     a_seed_bwd: bytes
-    terms: int = MAX_GEMM_TERMS  # the layer's widest exact sum (LayerEntry.exact_terms)
-    sums_fwd: int = 1  # sub-sums of the layer's forward outputs (LayerEntry.sums)
-    sums_bwd: int = 1
+    terms: int  # the layer's widest exact sum (LayerEntry.exact_terms)
+    sums_fwd: int  # sub-sums of the layer's forward outputs (LayerEntry.sums)
+    sums_bwd: int
 
     @classmethod
     def of(cls, e: LayerEntry, lo: int, hi: int, values: np.ndarray) -> Shard:

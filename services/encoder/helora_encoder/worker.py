@@ -71,8 +71,8 @@ def _reusable(old: wire.Manifest, new: wire.Manifest) -> bool:
     if (old.model, old.params, old.x_bits, old.w_bits, old.metadata) != (
             new.model, new.params, new.x_bits, new.w_bits, new.metadata):
         return False
-    if [(e.name, e.d_in, e.d_out, e.members) for e in old.layers] != [
-            (e.name, e.d_in, e.d_out, e.members) for e in new.layers]:
+    if [(e.name, e.d_in, e.d_out, e.members, e.exact_terms) for e in old.layers] != [
+            (e.name, e.d_in, e.d_out, e.members, e.exact_terms) for e in new.layers]:
         return False
     return all(np.array_equal(a.row_sums, b.row_sums) and np.array_equal(a.col_sums, b.col_sums)
                and np.array_equal(a.weight_scale, b.weight_scale) for a, b in zip(old.layers, new.layers, strict=True))

@@ -53,7 +53,8 @@ class OwnerHints:
     and dropped with all of that owner's hints once more than ``max_owners`` owners have been
     served since. An owner that comes back after that has its hints built again (same values: the
     seeds fix them). Each entry is the hint mod q, or switched and packed where the evaluator holds
-    the whole output (``switch_a``), never both."""
+    the whole output (``switch_a``), never both. Thread-safe, with a lock of its own: a metrics
+    scrape reads ``owners`` and ``held_bytes`` without waiting for a product being built."""
 
     def __init__(self, max_owners: int = MAX_OWNERS) -> None:
         if not isinstance(max_owners, int) or max_owners < 1:
@@ -62,29 +63,43 @@ class OwnerHints:
         self.on_build: Callable[[float], None] | None = None  # the worker's metrics
         self.on_evict: Callable[[], None] | None = None
         self._owners: OrderedDict[bytes, dict[tuple[str, str], np.ndarray | PackedRows]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._bytes = 0  # of every hint held
         self.built = 0  # hints built, all owners (a metric)
         self.build_seconds = 0.0
         self.evicted = 0  # owners dropped to make room
 
+    @staticmethod
+    def _size(hint: np.ndarray | PackedRows) -> int:
+        return hint.nbytes if isinstance(hint, np.ndarray) else len(hint.data)
+
     def get(self, owner: bytes, key: tuple[str, str]) -> np.ndarray | PackedRows | None:
-        held = self._owners.get(owner)
-        if held is None:
-            return None
-        self._owners.move_to_end(owner)
-        return held.get(key)
+        with self._lock:
+            held = self._owners.get(owner)
+            if held is None:
+                return None
+            self._owners.move_to_end(owner)
+            return held.get(key)
 
     def put(self, owner: bytes, key: tuple[str, str], hint: np.ndarray | PackedRows, seconds: float) -> None:
-        if owner not in self._owners:
-            self._owners[owner] = {}
-            while len(self._owners) > self.max_owners:
-                self._owners.popitem(last=False)
-                self.evicted += 1
-                if self.on_evict is not None:
-                    self.on_evict()
-        self._owners.move_to_end(owner)
-        self._owners[owner][key] = hint
-        self.built += 1
-        self.build_seconds += seconds
+        evicted = 0
+        with self._lock:
+            if owner not in self._owners:
+                self._owners[owner] = {}
+                while len(self._owners) > self.max_owners:
+                    _, dropped = self._owners.popitem(last=False)
+                    self._bytes -= sum(self._size(h) for h in dropped.values())
+                    evicted += 1
+            self._owners.move_to_end(owner)
+            old = self._owners[owner].get(key)
+            self._bytes += self._size(hint) - (self._size(old) if old is not None else 0)
+            self._owners[owner][key] = hint
+            self.evicted += evicted
+            self.built += 1
+            self.build_seconds += seconds
+        for _ in range(evicted):
+            if self.on_evict is not None:
+                self.on_evict()
         if self.on_build is not None:
             self.on_build(seconds)
 
@@ -93,8 +108,7 @@ class OwnerHints:
         return len(self._owners)
 
     def held_bytes(self) -> int:
-        return sum(h.nbytes if isinstance(h, np.ndarray) else len(h.data)
-                   for held in list(self._owners.values()) for h in list(held.values()))
+        return self._bytes
 
 
 class EvaluatorHandler:
@@ -127,8 +141,7 @@ class EvaluatorHandler:
 
     def hint_bytes(self) -> int:
         """Bytes of every owner's hints this evaluator keeps (host memory)."""
-        with self._lock:
-            return self.hints.held_bytes()
+        return self.hints.held_bytes()
 
     def _product(self, layer: str, direction: str) -> MatrixProduct:
         """The weights of (layer, direction) on this evaluator's device, built on first use."""
@@ -148,16 +161,14 @@ class EvaluatorHandler:
         """The public part of this shard's outputs for ``owner``'s ``a``: the hint mod q, or (``switched``)
         switched to ``2^out_bits`` and packed. Built once per owner, layer and direction."""
         key = (layer, direction)
-        with self._lock:
-            held = self.hints.get(owner, key)
+        held = self.hints.get(owner, key)
         if held is not None:
             return held
         shard, product = self.shards[layer], self._product(layer, direction)
         t0 = time.perf_counter()
         hint = product.build_hint(owner_a_seed(shard.a_seed_fwd if direction == "fwd" else shard.a_seed_bwd, owner))
         part = PackedRows.pack(switch_a(hint, self.params), self.params.out_bits) if switched else hint
-        with self._lock:
-            self.hints.put(owner, key, part, time.perf_counter() - t0)
+        self.hints.put(owner, key, part, time.perf_counter() - t0)
         return part
 
     def hint(self, layer: str, direction: str, owner: bytes) -> np.ndarray:

@@ -4,8 +4,9 @@ Per request: quantize rows (per token), encrypt under a fresh per-request secret
 the switched reply, and apply the zero-point correction and scales from the public manifest.
 Rows are processed in requests of at most N tokens; quantization is per row, so cutting rows
 into requests changes nothing. The result is bit-for-bit that of ``QuantizedBackend``: the
-manifest is checked first (every layer exact, its sums split where they are wider than the bound
-the client computes itself: ``hecommon.exact``), and sub-sums are added after decryption.
+manifest was checked when it was decoded (every layer exact, its sums split where they are wider
+than the bound the client computes itself: ``hecommon.exact``, ``wire.Manifest``), and sub-sums
+are added after decryption.
 
 Each backend draws an ``owner`` seed from the OS CSPRNG: with the manifest's seed of a layer it
 fixes the public ``a`` of this session's requests (``encrypt.owner_a_seed``), so the server alone
@@ -23,8 +24,8 @@ from hecommon import params as P
 from hecommon import wire
 from hecommon.bits import PackedRows, packed_size
 from hecommon.encrypt import decrypt, encrypt, owner_a_seed
-from hecommon.errors import HeloraError, InexactLayer, ParameterMismatch
-from hecommon.exact import exact_terms, fold
+from hecommon.errors import HeloraError, ParameterMismatch
+from hecommon.exact import fold
 from hecommon.keys import NONCE_BYTES, SecretKey
 from hecommon.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
 
@@ -72,8 +73,7 @@ class EncryptedBackend:
         (layer, direction), packed as it came, up to this many bytes in all, and ask for ``b``
         alone after that (``send_a=False``): the ``a`` part is the same for every request of this session's
         layer, and it is half of every reply. Layers beyond the budget keep receiving it."""
-        check_exact(manifest)
-        self.manifest = manifest
+        self.manifest = manifest  # exact or refused: checked when it was made or decoded (wire.Manifest)
         self.params = manifest.params
         self.owner = os.urandom(wire.OWNER_BYTES) if owner is None else owner
         if not isinstance(self.owner, bytes) or len(self.owner) != wire.OWNER_BYTES:
@@ -226,14 +226,3 @@ def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | st
     return EncryptedBackend(manifest, exchange, key, hints=server.hint if hints_on_client else None,
                             hold_a_bytes=hold_a_bytes)
 
-
-def check_exact(manifest: wire.Manifest) -> None:
-    """Refuse a manifest that would decode wrongly, before anything is encrypted: every layer's
-    bound must be at most the one this client computes from the manifest's bits and parameter set
-    (each layer's sub-sums were checked against its bound when the manifest was decoded)."""
-    terms = exact_terms(manifest.params, manifest.x_bits, manifest.w_bits)
-    for e in manifest.layers:
-        if e.exact_terms > terms:
-            raise InexactLayer(f"layer {e.name}: the manifest sums up to {e.exact_terms} terms at once, but "
-                               f"{manifest.x_bits}-bit inputs and {manifest.w_bits}-bit weights on "
-                               f"{manifest.params.name} decode exactly only up to {terms}")
