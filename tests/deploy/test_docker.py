@@ -41,7 +41,7 @@ TARGETS = {
     "evaluator": ("evaluator", "helora_evaluator.worker"),
     "evaluator-cpu": ("evaluator", "helora_evaluator.worker"),
 }
-#: imported only when a model is loaded (helora_encoder.model.load_model), so the import probe
+#: imported only when a model is loaded (hecommon.model.load_model), so the import probe
 #: below cannot see them; transformers refuses a GGUF file without accelerate
 LAZY_IMPORTS = {"encoder": ("transformers", "gguf", "safetensors", "accelerate")}
 #: the GPU image's extra (hecommon[gpu]); cupy is imported lazily, and not installed here

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 from hecommon.errors import ConfigError
-from helora_encoder.model import tiny_llama
+from hecommon.model import tiny_llama
 from helora_orchestrator.client_model import build_client
 from helora_orchestrator.data import ByteTokenizer, Example, pack
 from helora_orchestrator.federated.dager import (

@@ -159,8 +159,8 @@ def test_a_layer_that_cannot_be_made_exact_is_refused_before_anything_is_encrypt
     than its own."""
     import dataclasses
 
+    from hecommon.model import discover_groups, tiny_llama
     from helora_encoder.handler import build_manifest, quantize_groups
-    from helora_encoder.model import discover_groups, tiny_llama
 
     model, _ = tiny_llama(0, hidden_size=16, intermediate_size=9_000, num_attention_heads=2,
                           num_key_value_heads=1, num_hidden_layers=1)
@@ -207,8 +207,8 @@ def test_a_split_layer_trains_through_the_client_bit_for_bit(rng, shards):
     the clear quantized product, at the extremes (every gradient at 255, every weight at ±127); with
     3 evaluators the backward outputs are column shards, each its outputs once per sub-sum."""
     import torch
+    from hecommon.model import discover_groups, tiny_llama
     from helora_encoder.handler import quantize_groups
-    from helora_encoder.model import discover_groups, tiny_llama
     from helora_orchestrator.backend import QuantizedBackend
     from helora_orchestrator.encrypted import make_encrypted_backend
 

@@ -16,7 +16,7 @@ from hecommon import amqp, wire
 from hecommon import params as P
 from hecommon.encrypt import EncryptedBatch, encrypt, owner_a_seed
 from hecommon.keys import SecretKey
-from helora_encoder.model import discover_groups, tiny_llama
+from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.backend import build_backend
 from helora_orchestrator.broker import make_broker_backend
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss

@@ -26,7 +26,7 @@ import pytest
 import torch
 from hecommon import amqp, wire
 from hecommon.keys import SecretKey
-from helora_encoder.model import discover_groups, tiny_llama
+from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.backend import build_backend
 from helora_orchestrator.broker import ServerError, make_broker_backend
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss

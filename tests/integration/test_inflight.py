@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hecommon.keys import SecretKey
-from helora_encoder.model import config_fingerprint, discover_groups, tiny_llama
+from hecommon.model import config_fingerprint, discover_groups, tiny_llama
 from helora_orchestrator.broker import TransportPool, make_broker_backend
 from helora_orchestrator.checkpoint import CheckpointMeta
 from helora_orchestrator.client_model import ClientModel, build_client

@@ -12,7 +12,7 @@ import pika
 import pytest
 import torch
 from hecommon import amqp
-from helora_encoder.model import discover_groups, tiny_llama
+from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.broker import make_broker_backend
 from helora_orchestrator.client_model import ClientModel, causal_lm_loss
 from helora_orchestrator.lora import LoraSettings

@@ -47,8 +47,8 @@ import pytest
 import torch
 from hecommon import amqp
 from hecommon.keys import SecretKey
+from hecommon.model import discover_groups, tiny_llama
 from hecommon.quantize import fold_output_scale, quantize_rows
-from helora_encoder.model import discover_groups, tiny_llama
 from helora_orchestrator.broker import make_broker_backend
 from helora_orchestrator.client_model import ClientModel, causal_lm_loss
 from helora_orchestrator.data import ByteTokenizer

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hecommon import wire
 from hecommon.bits import packed_size
-from helora_encoder.model import tiny_llama
+from hecommon.model import tiny_llama
 from helora_orchestrator.client_model import build_client, causal_lm_loss
 from helora_orchestrator.lora import LoraSettings
 

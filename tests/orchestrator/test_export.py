@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from hecommon.errors import ConfigError
-from helora_encoder.model import config_fingerprint, tiny_llama
+from hecommon.model import config_fingerprint, tiny_llama
 from helora_orchestrator.checkpoint import CheckpointMeta
 from helora_orchestrator.client_model import build_client
 from helora_orchestrator.export import export_peft, load_peft_adapter

@@ -6,7 +6,7 @@ import re
 import urllib.request
 
 import pytest
-from helora_encoder.model import config_fingerprint, tiny_llama
+from hecommon.model import config_fingerprint, tiny_llama
 from helora_orchestrator.checkpoint import CheckpointMeta
 from helora_orchestrator.cli import main
 from helora_orchestrator.client_model import build_client

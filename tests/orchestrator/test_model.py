@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hecommon.errors import ConfigError
-from helora_encoder.model import (
+from hecommon.model import (
     config_fingerprint,
     discover_groups,
     group_bias,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helora_encoder.model import config_fingerprint, discover_groups, load_model, load_tokenizer
+from hecommon.model import config_fingerprint, discover_groups, load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

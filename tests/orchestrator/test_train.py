@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hecommon.errors import ConfigError, ParameterMismatch
-from helora_encoder.model import config_fingerprint, tiny_llama
+from hecommon.model import config_fingerprint, tiny_llama
 from helora_orchestrator.checkpoint import CheckpointMeta, checkpoint_dir
 from helora_orchestrator.client_model import build_client
 from helora_orchestrator.lora import LoraSettings

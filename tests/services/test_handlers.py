@@ -12,10 +12,10 @@ from hecommon import wire
 from hecommon.encrypt import EncryptedBatch, decrypt, encrypt, owner_a_seed
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.keys import SecretKey
+from hecommon.model import discover_groups, tiny_llama
 from hecommon.quantize import integer_matmul, quantize_weight
+from hecommon.shards import even_split
 from helora_aggregator.handler import AggregatorHandler
-from helora_encoder.handler import even_split
-from helora_encoder.model import discover_groups, tiny_llama
 from helora_orchestrator.embedded import EmbeddedServer
 
 OWNER = os.urandom(16)  # this test client's owner seed
@@ -40,7 +40,7 @@ def _request(server: EmbeddedServer, layer: str, direction: str, m: np.ndarray):
 @pytest.mark.parametrize("hints_on_client", [True, False], ids=["b-only replies", "a and b replies"])
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_sharded_layers_give_the_whole_product(tiny, shards, hints_on_client, rng):
-    from helora_encoder.model import group_weight
+    from hecommon.model import group_weight
 
     model, groups = tiny
     server = EmbeddedServer(model, groups, shards=shards, hints_on_client=hints_on_client)
@@ -75,7 +75,7 @@ def test_errors_come_back_as_error_replies(tiny, rng):
 
 
 def test_aggregator_ignores_redelivered_partials(tiny, rng):
-    from helora_encoder.model import group_weight
+    from hecommon.model import group_weight
 
     model, groups = tiny
     server = EmbeddedServer(model, groups, shards=2)

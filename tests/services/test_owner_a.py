@@ -11,8 +11,8 @@ from hecommon import wire
 from hecommon.encrypt import decrypt, encrypt, expand_a, owner_a_seed
 from hecommon.errors import MalformedMessage
 from hecommon.keys import SecretKey, derive_key
+from hecommon.model import discover_groups, group_weight, tiny_llama
 from hecommon.quantize import integer_matmul, quantize_weight
-from helora_encoder.model import discover_groups, group_weight, tiny_llama
 from helora_evaluator.handler import OwnerHints
 from helora_orchestrator.embedded import EmbeddedServer
 from helora_orchestrator.encrypted import make_encrypted_backend

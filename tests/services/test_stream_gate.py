@@ -1,4 +1,4 @@
-"""``helora_encoder.handler.StreamGate``: which parts of multi-part requests the encoder passes on
+"""``helora_encoder.gate.StreamGate``: which parts of multi-part requests the encoder passes on
 at once, so that an evaluator never holds more than one request's parts interleaved with others."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hecommon import params as P
 from hecommon.amqp import Delivery
 from hecommon.errors import MalformedMessage
 from hecommon.wire import RequestHead
-from helora_encoder.handler import StreamGate
+from helora_encoder.gate import StreamGate
 
 _tags = iter(range(1, 1 << 30))
 
@@ -85,10 +85,10 @@ def test_a_part_unlike_the_streams_first_is_refused():
 
 
 def test_a_silent_stream_gives_way_and_old_waiting_requests_expire(monkeypatch):
-    import helora_encoder.handler as handler
+    import helora_encoder.gate as gate_module
 
     now = [1000.0]
-    monkeypatch.setattr(handler.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(gate_module.time, "monotonic", lambda: now[0])
     import hecommon.amqp as amqp
 
     monkeypatch.setattr(amqp.time, "monotonic", lambda: now[0])

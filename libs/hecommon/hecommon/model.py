@@ -14,10 +14,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from hecommon.errors import ConfigError
 from torch import nn
+
+from .errors import ConfigError
 
 # Nothing in helora may reach the network: the base model is a local file.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,7 +117,7 @@ def tiny_llama(seed: int = 0, **overrides):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fields = dict(
+    fields: dict[str, Any] = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=0, pad_token_id=0,
@@ -123,7 +125,7 @@ def tiny_llama(seed: int = 0, **overrides):
     fields.update(overrides)
     config = LlamaConfig(**fields)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).float()
     model.eval()
     return model, config.vocab_size
 
@@ -170,8 +172,9 @@ def discover_groups(model) -> list[LinearGroup]:
 
 def _members(model, group: LinearGroup) -> list[nn.Linear]:
     block = decoder_blocks(model)[group.block]
-    linears = [_linear(block, m) for m in group.members]
-    if any(lin is None for lin in linears):
+    found = [_linear(block, m) for m in group.members]
+    linears = [lin for lin in found if lin is not None]
+    if len(linears) != len(found):
         raise ConfigError(f"model: group {group.name} members {group.members} not all present")
     return linears
 

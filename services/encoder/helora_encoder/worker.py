@@ -12,7 +12,7 @@ Serves ``{ns}.manifest`` (RPC: the encoded manifest to ``reply_to``) and ``{ns}.
 is gathered by request id, unpacked and cut. Any other multi-part request streams: each part is
 checked on its own (its head, its rows against the layer) and passed on as it arrives, so that
 the evaluator receives the first part while the client still encrypts the last; one request
-streams at a time, and parts of others wait until they are whole (``handler.StreamGate``).
+streams at a time, and parts of others wait until they are whole (``gate.StreamGate``).
 A bad request is dead-lettered with its reason and the client gets an ``ErrorReply``. Logs name
 layers, request ids and sizes, never payload.
 
@@ -37,20 +37,15 @@ from hecommon import amqp, wire
 from hecommon import params as P
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.metrics import Metrics
+from hecommon.shards import MANIFEST_FILE, make_shards, shard_file
 
 from .config import TINY, EncoderConfig
+from .gate import StreamGate
 
 if TYPE_CHECKING:
     from .handler import Shard
 
 log = logging.getLogger("helora.encoder")
-MANIFEST_FILE = "manifest.bin"
-
-
-def shard_file(shard_dir: str | Path, layer: str, index: int, count: int) -> Path:
-    return Path(shard_dir) / f"{layer}.{index}of{count}.npy"
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -59,7 +54,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _load_model(cfg: EncoderConfig):
     """(model, model id) as the client names it (``helora --model tiny`` uses the same id)."""
-    from .model import BUNDLED_MODEL_ID, load_model, tiny_llama
+    from hecommon.model import BUNDLED_MODEL_ID, load_model, tiny_llama
 
     if cfg.model == TINY:
         return tiny_llama(cfg.seed)[0], cfg.model_id or f"tiny-llama(seed={cfg.seed})"
@@ -94,8 +89,9 @@ def layer_plan(cfg: EncoderConfig, manifest: wire.Manifest) -> dict[str, int]:
 
 def prepare(cfg: EncoderConfig) -> tuple[wire.Manifest, dict[str, list[Shard]]]:
     """Quantize, write the shards and the manifest; return what the handler needs."""
-    from .handler import build_manifest, make_shards, quantize_groups  # noqa: PLC0415 - torch: module docstring
-    from .model import discover_groups  # noqa: PLC0415
+    from hecommon.model import discover_groups  # noqa: PLC0415
+
+    from .handler import build_manifest, quantize_groups  # noqa: PLC0415 - torch: module docstring
 
     log.info("loading and quantizing the model (%s)", cfg.model or "bundled")
     model, model_id = _load_model(cfg)
@@ -129,7 +125,7 @@ class EncoderWorker(amqp.Service):
 
     def __init__(self, cfg: EncoderConfig, manifest: wire.Manifest, shards: dict[str, list[Shard]],
                  metrics: Metrics | None = None) -> None:
-        from .handler import EncoderHandler, StreamGate  # noqa: PLC0415 - torch: module docstring
+        from .handler import EncoderHandler  # noqa: PLC0415 - torch: module docstring
 
         super().__init__(cfg, metrics=metrics)
         self.metrics.set_info(manifest.params.name, "numpy")

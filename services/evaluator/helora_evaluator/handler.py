@@ -38,8 +38,8 @@ from hecommon.encrypt import EncryptedPartial, owner_a_seed, switch_a
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.params import ParamSet
+from hecommon.shards import Shard
 from hecommon.wire import EncryptedRequest, PartialResult, RequestHead
-from helora_encoder.handler import Shard
 
 #: Owners whose hints an evaluator keeps at once, by default (``--max-owners``).
 MAX_OWNERS = 4

@@ -25,7 +25,7 @@ the same ``--max-message-bytes``. Replicas sharing one queue could split the par
 multi-part sub-request between them (each would sum only the parts it got): run one consumer per
 evaluator queue when sub-requests are multi-part.
 
-torch (through ``.handler`` and ``helora_encoder.handler``) is imported once ``amqp.serve`` handles
+torch (through ``.handler``) is imported once ``amqp.serve`` handles
 SIGTERM, not with this module: it takes seconds, during which a container's PID 1 would ignore the
 signal. A signal during the shard wait or the loading ends the evaluator at once (``amqp.serve``).
 """
@@ -37,7 +37,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from hecommon import amqp, wire
@@ -45,12 +45,9 @@ from hecommon.bits import packed_size
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.evaluate import default_backend
 from hecommon.metrics import Metrics
-from helora_encoder.worker import MANIFEST_FILE, shard_file
+from hecommon.shards import MANIFEST_FILE, Shard, even_split, shard_file
 
 from .config import EvaluatorConfig
-
-if TYPE_CHECKING:
-    from helora_encoder.handler import Shard
 
 log = logging.getLogger("helora.evaluator")
 
@@ -74,8 +71,6 @@ def _wait_for(paths: list[Path], deadline_s: float) -> None:
 
 def load_shards(cfg: EvaluatorConfig) -> tuple[wire.Manifest, list[Shard], dict[str, tuple[int, int]]]:
     """This evaluator's shards, as the encoder wrote them, checked against the manifest."""
-    from helora_encoder.handler import Shard, even_split  # noqa: PLC0415 - torch: module docstring
-
     root = Path(cfg.shard_dir)
     _wait_for([root / MANIFEST_FILE], cfg.wait_shards_s)
     manifest = wire.decode_manifest((root / MANIFEST_FILE).read_bytes(), cfg.max_message_bytes)

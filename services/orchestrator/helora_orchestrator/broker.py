@@ -331,7 +331,7 @@ def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str =
     fingerprint); with ``params``, the same parameter set. ``in_flight > 1``: a ``TransportPool``
     (one connection per calling thread) for concurrent micro-batches.
     """
-    from helora_encoder.model import config_fingerprint
+    from hecommon.model import config_fingerprint
 
     transport = BrokerTransport(url, namespace, timeout_s, max_message_bytes)
     manifest = transport.fetch_manifest()

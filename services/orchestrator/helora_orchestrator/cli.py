@@ -104,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_base(model_arg: str | None, seed: int):
     """(model, tokenizer, model id) without touching the network."""
     if model_arg == TINY:
-        from helora_encoder.model import tiny_llama
+        from hecommon.model import tiny_llama
 
         from .data import ByteTokenizer
 
         return tiny_llama(seed)[0], ByteTokenizer(), f"tiny-llama(seed={seed})"
-    from helora_encoder.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
+    from hecommon.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
 
     return load_model(model_arg), load_tokenizer(model_arg), (model_arg or BUNDLED_MODEL_ID)
 
@@ -131,7 +131,7 @@ def _client(args, model, model_id: str, lora: LoraSettings):
 def _broker_client(args, model, lora: LoraSettings):
     """The client over a RabbitMQ server: the model stays local for embeddings, norms and lm_head;
     its block weights are dropped by ``ClientModel`` (the server holds them)."""
-    from helora_encoder.model import discover_groups
+    from hecommon.model import discover_groups
 
     from .broker import make_broker_backend
     from .client_model import ClientModel
@@ -177,7 +177,7 @@ def _secret_key(path: str | None):
 
 def _meta(args, model, model_id: str, lora: LoraSettings, client=None):
     """Checkpoint metadata; the parameter-set name comes from the backend actually in use."""
-    from helora_encoder.model import config_fingerprint
+    from hecommon.model import config_fingerprint
 
     from .checkpoint import CheckpointMeta
 

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 import torch
 import torch.nn.functional as F
-from helora_encoder.model import LinearGroup, decoder_blocks, discover_groups, group_bias
+from hecommon.model import LinearGroup, decoder_blocks, discover_groups, group_bias
 from torch import nn
 
 from .backend import LinearBackend

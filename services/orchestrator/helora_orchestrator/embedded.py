@@ -11,9 +11,10 @@ import numpy as np
 from hecommon import params as P
 from hecommon import wire
 from hecommon.errors import HeloraError
+from hecommon.model import LinearGroup
+from hecommon.shards import make_shards
 from helora_aggregator.handler import AggregatorHandler
-from helora_encoder.handler import EncoderHandler, build_manifest, make_shards, quantize_groups
-from helora_encoder.model import LinearGroup
+from helora_encoder.handler import EncoderHandler, build_manifest, quantize_groups
 from helora_evaluator.handler import MAX_OWNERS, EvaluatorHandler
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from hecommon import amqp, wire
 from hecommon.errors import ConfigError, HeloraError
+from hecommon.shards import MANIFEST_FILE
 
 TINY = "tiny"
 SMOLLM2 = "smollm2"  # the bundled SmolLM2-135M-Instruct
 #: the encoder is told to shard blocks 0..MAX_BLOCK (the model decides how many exist)
 MAX_BLOCK = 1023
-MANIFEST_FILE = "manifest.bin"  # helora_encoder.worker.MANIFEST_FILE, without importing torch here
 
 
 def stop_processes(procs: dict[str, subprocess.Popen], timeout_s: float) -> dict[str, int]:

@@ -84,7 +84,7 @@ class Owner:
 
     def __init__(self, cfg: OwnerConfig, model, train_data: PackedData, eval_data: PackedData, keys: CkksKeys,
                  model_id: str = "", **backend_kwargs):
-        from helora_encoder.model import config_fingerprint
+        from hecommon.model import config_fingerprint
 
         self.cfg, self.keys = cfg, keys
         self.samples = len(train_data)

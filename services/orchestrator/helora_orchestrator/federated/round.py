@@ -95,10 +95,10 @@ def _load_base(model: str, seed: int):
     from ..data import ByteTokenizer
 
     if model == "tiny":
-        from helora_encoder.model import tiny_llama
+        from hecommon.model import tiny_llama
 
         return tiny_llama(seed)[0], ByteTokenizer(), f"tiny-llama(seed={seed})"
-    from helora_encoder.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
+    from hecommon.model import BUNDLED_MODEL_ID, load_model, load_tokenizer
 
     path = None if model in ("smollm2", "") else model
     return load_model(path), load_tokenizer(path), path or BUNDLED_MODEL_ID
