@@ -150,7 +150,7 @@ def layer_section(keys: CkksKeys) -> tuple[list[dict], dict]:
 def attack_section(model_name: str, keys: CkksKeys) -> tuple[list[dict], dict]:
     """One owner after a merged round (B ≠ 0), one SGD step on SECRET_TEXT, every budget."""
     if model_name == "tiny":
-        from helora_encoder.model import tiny_llama
+        from hecommon.model import tiny_llama
         from helora_orchestrator.data import ByteTokenizer
 
         model, tok, rank = tiny_llama(seed=0)[0], ByteTokenizer(), 16
@@ -158,7 +158,7 @@ def attack_section(model_name: str, keys: CkksKeys) -> tuple[list[dict], dict]:
                 for i in range(40)]  # the same owner data and batch as tests/federated/test_dager.py
         secret = "hello world, hello"
     else:
-        from helora_encoder.model import load_model, load_tokenizer
+        from hecommon.model import load_model, load_tokenizer
 
         model, tok, rank = load_model(), load_tokenizer(), 16
         rows, secret = read_examples(None)[:40], SECRET_TEXT

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, time_transport, write_json  # noqa: E402
-from helora_encoder.model import discover_groups, load_model, load_tokenizer  # noqa: E402
+from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
 from helora_orchestrator.client_model import build_client, causal_lm_loss  # noqa: E402
 from helora_orchestrator.data import DataOrder, load_splits  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, print_table, time_transport, write_json  # noqa: E402
-from helora_encoder.model import tiny_llama  # noqa: E402
+from hecommon.model import tiny_llama  # noqa: E402
 from helora_orchestrator.client_model import build_client, causal_lm_loss  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402
 
