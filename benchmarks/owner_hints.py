@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_json  # noqa: E402
+from common import machine, median_time, print_table, write_json  # noqa: E402
 from exactness import CONFIGS, groups  # noqa: E402
 from hecommon import params as P  # noqa: E402
 from hecommon.bits import packed_size  # noqa: E402
@@ -35,15 +33,6 @@ from hecommon.encrypt import EncryptedBatch  # noqa: E402
 from hecommon.evaluate import MatrixProduct  # noqa: E402
 
 NAMES = {"smollm2": "SmolLM2-135M", "llama1b": "Llama-3.2-1B"}
-
-
-def _median_s(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def one_block(name: str, backend: str, reps: int) -> list[dict]:
@@ -58,10 +47,10 @@ def one_block(name: str, backend: str, reps: int) -> list[dict]:
         for direction, matrix in (("fwd", w), ("bwd", np.ascontiguousarray(w.T))):
             product = MatrixProduct(matrix, ps, None, backend=backend)
             hint = product.build_hint(os.urandom(16))
-            hint_s = _median_s(lambda product=product: product.build_hint(os.urandom(16)), reps)  # a new owner each
+            hint_s = median_time(lambda product=product: product.build_hint(os.urandom(16)), reps, warmup=0)
             batch = EncryptedBatch(ps, rng.integers(0, min(ps.primes), size=(product.d_in, ps.limbs, ps.n),
                                                     dtype=np.uint32), ps.n)
-            request_s = _median_s(lambda product=product, batch=batch, hint=hint: product(batch, a=hint), reps)
+            request_s = median_time(lambda product=product, batch=batch, hint=hint: product(batch, a=hint), reps)
             rows.append({"group": group, "direction": direction, "d_in": product.d_in, "d_out": product.d_out,
                          "hint_s": hint_s, "request_s": request_s, "hint_bytes": hint.nbytes,
                          "switched_bytes": product.d_out * packed_size(ps.out_bits, ps.n)})

@@ -4,12 +4,23 @@ use the deterministic ``_encrypt_with`` entry point."""
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def local_broker() -> None:
+    """Skips the test when no RabbitMQ answers on 127.0.0.1:5672 (integration tests need a real one)."""
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+            return
+    except OSError:
+        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
 
 
 @pytest.fixture

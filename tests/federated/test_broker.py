@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -26,21 +25,12 @@ URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:567
 LIMIT = 256 * 1024
 
 
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
 
 @pytest.fixture
-def fedworker(request, tmp_path, fed_keys):
+def fedworker(request, tmp_path, fed_keys, local_broker):
     """The worker for 3 owners; ``@pytest.mark.parametrize("fedworker", [timeout_s], indirect=True)``
     sets its round timeout (120 s by default)."""
     timeout_s = getattr(request, "param", 120)
-    if not _broker_up():
-        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
     from helora_aggregator.fedworker import federated_queue
 
     ns = f"helora-fedtest-{secrets.token_hex(4)}"

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,6 @@ SHARDS = 2
 #: the line each service logs once its metrics endpoints listen (``hecommon.metrics.serve``)
 METRICS_LINE = re.compile(rb"metrics on http://[^:/\s]+:(\d+)/metrics")
 
-
-def _broker_up(host: str = "127.0.0.1", port: int = 5672) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -112,9 +104,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="session")
-def fleet(tmp_path_factory):
-    if not _broker_up():
-        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
+def fleet(tmp_path_factory, local_broker):
     root = tmp_path_factory.mktemp("fleet")
     f = Fleet(f"helora-test-{secrets.token_hex(4)}", root / "shards", root)
     try:

@@ -6,7 +6,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,13 +19,6 @@ pytestmark = pytest.mark.integration
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
 
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -36,9 +28,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_helora_up_serves_a_training_step_and_stops_everything_on_ctrl_c(tmp_path):
-    if not _broker_up():
-        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672")
+def test_helora_up_serves_a_training_step_and_stops_everything_on_ctrl_c(tmp_path, local_broker):
     helora = str(Path(sys.executable).with_name("helora"))
     ns = f"helora-up-{secrets.token_hex(4)}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",

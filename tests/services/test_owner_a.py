@@ -11,18 +11,11 @@ from hecommon import wire
 from hecommon.encrypt import decrypt, encrypt, expand_a, owner_a_seed
 from hecommon.errors import MalformedMessage
 from hecommon.keys import SecretKey, derive_key
-from hecommon.model import discover_groups, group_weight, tiny_llama
+from hecommon.model import group_weight
 from hecommon.quantize import integer_matmul, quantize_weight
 from helora_evaluator.handler import OwnerHints
 from helora_orchestrator.embedded import EmbeddedServer
 from helora_orchestrator.encrypted import make_encrypted_backend
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model = tiny_llama(0)
-    model = model[0] if isinstance(model, tuple) else model
-    return model, discover_groups(model)
 
 
 def _owner_request(server: EmbeddedServer, layer: str, owner: bytes, m: np.ndarray):

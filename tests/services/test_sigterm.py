@@ -21,7 +21,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -245,19 +244,10 @@ def test_stop_from_another_thread_ends_the_broker_wait():
     assert time.monotonic() - t0 < EXIT_S
 
 
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
 
 @pytest.mark.integration
-def test_signal_after_start_up_still_finishes_then_closes(service):
+def test_signal_after_start_up_still_finishes_then_closes(service, local_broker):
     """Once consuming, the service's own handler takes over: it stops consuming, closes, exits 0."""
-    if not _broker_up():
-        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
     import pika
     from hecommon.amqp import Topology
 

@@ -104,14 +104,13 @@ class MatrixProduct:
             for j in range(0, self.d_in, MAX_GEMM_TERMS)
         ]
         # (lo, hi, chunk, sub-sum): the inputs lo…hi that one weight chunk and one sub-sum share
-        self._segments = [
-            (lo, hi, j // MAX_GEMM_TERMS, s)
-            for j in range(0, self.d_in, MAX_GEMM_TERMS)
-            for s in range(sub_sums)
-            for lo, hi in [(max(j, s * terms - input_start), min(j + MAX_GEMM_TERMS, self.d_in,
-                                                                   (s + 1) * terms - input_start))]
-            if lo < hi
-        ]
+        self._segments = []
+        for j in range(0, self.d_in, MAX_GEMM_TERMS):
+            for s in range(sub_sums):  # sub-sum s: the layer's summed indices s·terms …, local here
+                lo = max(j, s * terms - input_start)
+                hi = min(j + MAX_GEMM_TERMS, self.d_in, (s + 1) * terms - input_start)
+                if lo < hi:
+                    self._segments.append((lo, hi, j // MAX_GEMM_TERMS, s))
         self._moduli_f = xp.asarray(np.asarray(params.primes, dtype=np.float64)[:, None])  # (L, 1)
         self._hint: np.ndarray | None = None
         self.hint_seconds = 0.0
@@ -198,12 +197,8 @@ class MatrixProduct:
         """``M·A`` mod q for the seed given at construction, (d_out, L, N) uint32 residues on the host:
         the ``a`` part of every output."""
         if self._hint is None:
-            raise ConfigError("this product holds no hint (none built at construction, or released)")
+            raise ConfigError("this product holds no hint (none was built at construction: build_hint)")
         return self._hint
-
-    def release_hint(self) -> None:
-        """Drop the mod-q hint: its owner keeps only its switched form and passes it as ``a``."""
-        self._hint = None
 
     def _check(self, batch: EncryptedBatch) -> None:
         if batch.params != self.params:

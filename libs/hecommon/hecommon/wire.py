@@ -681,6 +681,13 @@ class RequestHead(_Head):
         return cls(req.rid, req.layer, req.direction, req.params, req.batch.n_tokens, req.width, part=req.part,
                    parts=req.parts, lib=req.lib, row_start=req.row_start, send_a=req.send_a, owner=req.owner)
 
+    @property
+    def route(self) -> tuple[Any, ...]:
+        """What every part of one request shares (``join``, ``join_heads``, the encoder's gate); the
+        owner too: parts under two owners' ``a`` never make one request."""
+        return (self.rid, self.layer, self.direction, self.parts, self.lib, self.params.name, self.n_tokens,
+                self.send_a, self.owner)
+
 
 def _packed_blob(where: str, blob: Any, bits: int, count: int) -> None:
     """``blob`` holds exactly ``count`` packed values of ``bits`` bits, its padding bits zero."""
@@ -786,10 +793,7 @@ def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
     if not heads:
         raise MalformedMessage("join: no parts")
     first = heads[0]
-    route = (first.rid, first.layer, first.direction, first.parts, first.lib, first.params.name, first.n_tokens,
-             first.send_a, first.owner)
-    if any((h.rid, h.layer, h.direction, h.parts, h.lib, h.params.name, h.n_tokens, h.send_a, h.owner) != route
-           for h in heads):
+    if any(h.route != first.route for h in heads):
         _fail("join", "parts of different messages or shapes")
     ordered = sorted(heads, key=lambda h: h.part)
     if [h.part for h in ordered] != list(range(first.parts)):
@@ -884,15 +888,13 @@ def request_ranges(width: int, params: ParamSet, max_bytes: int = MAX_MESSAGE_BY
 
 
 def _route(msg: Chunked) -> tuple[Any, ...]:
-    key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
-    key += (msg.send_a,) if not isinstance(msg, EncryptedReply) else (msg.result.a is None, msg.result.bits)
+    """What every part of one message shares; ``parts`` is item 4 (``PartTracker.complete``)."""
     if isinstance(msg, EncryptedRequest):
-        key += (msg.owner,)  # the owner's a: parts under two owners' a never make one request
+        return (type(msg), *RequestHead.of(msg).route)
+    key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
     if isinstance(msg, PartialResult):
-        key += (msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
-    else:
-        key += (msg.batch.n_tokens if isinstance(msg, EncryptedRequest) else msg.result.n_tokens,)
-    return key
+        return (*key, msg.send_a, msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
+    return (*key, msg.result.a is None, msg.result.bits, msg.result.n_tokens)
 
 
 def join(chunks: Sequence[Chunked]) -> Chunked:

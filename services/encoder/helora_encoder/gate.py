@@ -16,12 +16,6 @@ from hecommon.errors import MalformedMessage
 from hecommon.wire import RequestHead
 
 
-def _route_of(head: RequestHead) -> tuple[Any, ...]:
-    """What every part of one request shares (``wire.join_heads`` checks the same)."""
-    return (head.rid, head.layer, head.direction, head.parts, head.lib, head.params.name, head.n_tokens, head.send_a,
-            head.owner)
-
-
 @dataclass
 class _Stream:
     route: tuple[Any, ...]
@@ -64,7 +58,7 @@ class StreamGate:
         return self._stream.route[0] if self._stream is not None else None
 
     def offer(self, head: RequestHead, d: Delivery) -> tuple[str, Any]:
-        route = _route_of(head)
+        route = head.route
         s = self._stream
         if s is not None and route[0] == s.route[0]:
             if route != s.route:
@@ -104,7 +98,7 @@ class StreamGate:
         if rid is None:
             return []
         heads, ds = self.waiting.pop(rid)
-        self._stream = _Stream(_route_of(heads[0]))
+        self._stream = _Stream(heads[0].route)
         return list(zip(heads, ds, strict=True))
 
     def expired(self) -> tuple[list[tuple[Any, list[Delivery]]], list[tuple[RequestHead, Delivery]]]:

@@ -65,8 +65,7 @@ class OwnerHints:
         self._owners: OrderedDict[bytes, dict[tuple[str, str], np.ndarray | PackedRows]] = OrderedDict()
         self._lock = threading.Lock()
         self._bytes = 0  # of every hint held
-        self.built = 0  # hints built, all owners (a metric)
-        self.build_seconds = 0.0
+        self.built = 0  # hints built, all owners
         self.evicted = 0  # owners dropped to make room
 
     @staticmethod
@@ -96,7 +95,6 @@ class OwnerHints:
             self._owners[owner][key] = hint
             self.evicted += evicted
             self.built += 1
-            self.build_seconds += seconds
         for _ in range(evicted):
             if self.on_evict is not None:
                 self.on_evict()

@@ -78,7 +78,6 @@ class EncryptedBackend:
         self.owner = os.urandom(wire.OWNER_BYTES) if owner is None else owner
         if not isinstance(self.owner, bytes) or len(self.owner) != wire.OWNER_BYTES:
             raise ValueError(f"owner: {wire.OWNER_BYTES} bytes are required")
-        self._a_seeds: dict[bytes, bytes] = {}  # layer seed -> this owner's a seed
         self.bits = manifest.x_bits
         self.layers = {e.name: e for e in manifest.layers}
         self.transport = transport
@@ -112,9 +111,7 @@ class EncryptedBackend:
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]
         width = entry.out_rows(direction)  # each output once per sub-sum
-        if a_seed not in self._a_seeds:
-            self._a_seeds[a_seed] = owner_a_seed(a_seed, self.owner)
-        a_seed = self._a_seeds[a_seed]
+        a_seed = owner_a_seed(a_seed, self.owner)  # this session's a of the layer (one SHAKE-256)
         out = np.empty((m.shape[0], width), dtype=np.int64)
         filled = [0]
         held = self._held.get((layer, direction))
