@@ -119,6 +119,28 @@ class _Run(threading.Thread):
         self.client, self.data_seed, self.steps = client, data_seed, steps
         self.result: dict[str, torch.Tensor] | None = None
         self.error: BaseException | None = None
+        # a hold point: once ``hold_at`` requests are answered, the next request's first part is
+        # published and the client then waits for ``go_on`` (with that request in flight), so a
+        # test can act on the fleet at a moment it knows, however fast the run is
+        self.hold_at: int | None = None
+        self.holding, self.go_on = threading.Event(), threading.Event()
+        transport = client.backend.transport
+        publish = transport._publish
+
+        def publish_then_hold(queue: str, bodies: list[bytes], cid: str) -> None:
+            publish(queue, bodies, cid)
+            if self.hold_at is not None and client.backend.requests >= self.hold_at:
+                self.hold_at = None
+                self.holding.set()
+                self.go_on.wait(120)
+
+        transport._publish = publish_then_hold
+
+    def hold(self, at: int) -> None:
+        """Hold the run inside its first request after ``at`` answered ones (see ``holding``)."""
+        self.holding.clear()
+        self.go_on.clear()
+        self.hold_at = at
 
     def run(self) -> None:
         try:
@@ -248,11 +270,15 @@ def test_connections_closed_by_the_broker_mid_run_reconnect_and_complete(fleet):
     everyone = {"encoder", "evaluator", "aggregator", "client"}
     answered = 0
     for drop in (1, 2):
-        run.wait_requests(answered + 3)  # the run goes on after the previous drop
+        # held with a request in flight, 3 requests after the previous drop: the run cannot end
+        # before the drop (a fast run once did, between two drops), and the drop is mid-request
+        run.hold(answered + 3)
+        assert run.holding.wait(120), f"drop {drop}: the run did not reach its hold point: {run.error!r}"
         _wait_for("every connection open again",
                   lambda: everyone <= {_service(n) for n in _connections(fleet.namespace).values()}, 60)
         closed = _close_connections(fleet.namespace)
         answered = run.client.backend.requests
+        run.go_on.set()
         assert everyone <= closed, closed
         assert run.is_alive(), f"the run ended at drop {drop}: {run.error!r}"
     run.join(180)
