@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from . import kernels
 from .bits import PackedRows
 from .errors import DecryptionError, ParameterMismatch
 from .keys import RequestSecret, derive_key, sample_noise
@@ -66,12 +67,9 @@ def expand_a(seed: bytes, params: ParamSet, rows: int, start: int = 0) -> np.nda
     bit length and rejected above it: exactly uniform mod p.
     """
     n = params.n
-    width = n + _ROW_SLACK
     out = np.empty((rows, params.limbs, n), dtype=np.uint32)
     for i, p in enumerate(params.primes):
-        key = derive_key(b"helora/a", seed, i.to_bytes(2, "little"))
-        words = _aes_ctr_at(key, start * width // 4, rows * width * 4).view("<u4").reshape(rows, width)
-        words = words & np.uint32((1 << p.bit_length()) - 1)
+        words = a_words(seed, params, i, rows, start) & np.uint32(a_mask(p))
         out[:, i] = words[:, :n]
         short = np.flatnonzero((words[:, :n] >= p).any(axis=1))  # rows with a rejection
         if short.size:
@@ -81,6 +79,19 @@ def expand_a(seed: bytes, params: ParamSet, rows: int, start: int = 0) -> np.nda
                 raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
             out[short, i] = words[short][keep].reshape(short.size, n)
     return out
+
+
+def a_mask(p: int) -> int:
+    """The mask applied to each keystream word of ``a`` mod ``p`` before rejection."""
+    return (1 << p.bit_length()) - 1
+
+
+def a_words(seed: bytes, params: ParamSet, limb: int, rows: int, start: int = 0) -> np.ndarray:
+    """The raw keystream words behind rows ``start … start+rows-1`` of ``a``'s limb ``limb``:
+    (rows, N + _ROW_SLACK) uint32, before masking and rejection (``expand_a``)."""
+    width = params.n + _ROW_SLACK
+    key = derive_key(b"helora/a", seed, limb.to_bytes(2, "little"))
+    return _aes_ctr_at(key, start * width // 4, rows * width * 4).view("<u4").reshape(rows, width)
 
 
 @dataclass(frozen=True)
@@ -242,9 +253,10 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
     return m.astype(np.int64)
 
 
-def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray,
+def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray | None,
                   start: int = 0) -> EncryptedBatch:
-    """Deterministic core of ``encrypt`` (known-answer tests): noise (d, N) or (d, L, N) given.
+    """Deterministic core of ``encrypt`` (known-answer tests): noise (d, N) or (d, L, N) given,
+    or None: fresh noise, drawn block by block in the threads that encrypt (kernels only).
 
     Arithmetic is on float64 integers below 2^39 (exact): ``|a·s| < 2^37``, ``Δ·m mod p < 2^27``.
     Ciphertexts are independent, so ranges of them are encrypted in parallel threads.
@@ -252,10 +264,34 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     params = secret.params
     m = _check_message(m, params)
     t, d = m.shape
-    noise = noise.reshape(d, -1, params.n)
+    if noise is None and not kernels.enabled():
+        noise = sample_noise(params, (d, params.n))
+    noise = noise.reshape(d, -1, params.n) if noise is not None else None
     mt = m.T  # (d, T) int64
     b = np.empty((d, params.limbs, params.n), dtype=np.uint32)
     mul = secret.multiplier
+    if kernels.enabled():
+        mt = np.ascontiguousarray(mt)
+        fused = kernels.loops()
+
+        def blocks(lo: int, hi: int) -> None:  # the same integers, one fused loop each side of the FFTs
+            spec = np.empty((kernels.BLOCK_ROWS, params.n // 2), dtype=np.complex128)
+            for b0 in range(lo, hi, kernels.BLOCK_ROWS):
+                b1 = min(b0 + kernels.BLOCK_ROWS, hi)
+                buf = spec[: b1 - b0]
+                e = noise[b0:b1] if noise is not None else sample_noise(params, (b1 - b0, 1, params.n))
+                for i, p in enumerate(params.primes):
+                    words = a_words(a_seed, params, i, b1 - b0, start + b0)
+                    if not fused.fold_words(words, a_mask(p), p, params.n, mul.twist, buf):  # pragma: no cover
+                        raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
+                    mul.spectrum_product(buf)
+                    fused.finish_encrypt(buf, mul.untwist, mt[b0:b1], params.delta % p,
+                                           e[:, min(i, e.shape[1] - 1)], p, b[b0:b1, i])
+
+        map_rows(blocks, d, minimum=kernels.BLOCK_ROWS)
+        return EncryptedBatch(params, b, t)
+
+    assert noise is not None
 
     def rows(lo: int, hi: int) -> None:
         a = expand_a(a_seed, params, hi - lo, start=start + lo)  # (rows, L, N)
@@ -277,9 +313,7 @@ def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0)
     by part), so its ciphertexts use rows ``start …`` of the layer's public ``a``. The same noise
     sample is used for every limb: it is one integer error, in RNS form.
     """
-    params = secret.params
-    d = np.asarray(m).shape[-1]
-    return _encrypt_with(secret, m, a_seed, sample_noise(params, (d, params.n)), start)
+    return _encrypt_with(secret, m, a_seed, None, start)
 
 
 def _decode(frac: np.ndarray, params: ParamSet, n_tokens: int) -> np.ndarray:
@@ -309,6 +343,9 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
             raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
         out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
         held = hint
+        if kernels.enabled() and (ct.a is not None or params.limbs == 2):
+            map_rows(lambda lo, hi: _decrypt_blocks(mul, ct, held, out, lo, hi), ct.width, minimum=kernels.BLOCK_ROWS)
+            return out
 
         def rows(lo: int, hi: int) -> None:
             if held is not None and ct.a is None:  # a·s mod q from the hint, exactly, then rounded
@@ -336,3 +373,36 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
         x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)
         return _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params, ct.n_tokens)
     raise DecryptionError("unsupported ciphertext type")
+
+
+#: Bits of the low half when a switched ``a`` (< 2^38) is split for two exact products.
+_WIDE_SPLIT = 20
+
+
+def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.ndarray, lo: int, hi: int) -> None:
+    """``decrypt``'s rows ``lo … hi`` of a switched result through the fused kernels (the numpy
+    path's integers, so its messages bit for bit)."""
+    params = ct.params
+    half = params.n // 2
+    qd = params.q / params.delta
+    spec = np.empty((2, kernels.BLOCK_ROWS, half), dtype=np.complex128)
+    fused = kernels.loops()
+    for b0 in range(lo, hi, kernels.BLOCK_ROWS):
+        b1 = min(b0 + kernels.BLOCK_ROWS, hi)
+        one, two = spec[0, : b1 - b0], spec[1, : b1 - b0]
+        if ct.a is not None:  # a sent (or held from an earlier reply) at 2^out_bits: split, two products
+            rows_a = ct.a[b0:b1]
+            a = rows_a.unpack() if isinstance(rows_a, PackedRows) else np.asarray(rows_a, dtype=np.uint64)
+            fused.fold_wide(a, params.out_bits, _WIDE_SPLIT, mul.twist, one, two)
+            mul.spectrum_product(spec[:, : b1 - b0])
+            fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, ct.b[b0:b1], ct.bits, qd,
+                                        ct.n_tokens, out, b0)
+        else:  # the hint's two limbs mod q: a·s mod q by CRT, switched as the server would
+            assert hint is not None
+            p0, p1 = params.primes
+            for i, (p, buf) in enumerate(((p0, one), (p1, two))):
+                if not fused.fold_words(hint[b0:b1, i], 0xFFFFFFFF, p, params.n, mul.twist, buf):
+                    raise DecryptionError("the layer's hint holds residues outside their modulus")
+            mul.spectrum_product(spec[:, : b1 - b0])
+            fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, pow(p0, -1, p1), ct.b[b0:b1], ct.bits,
+                                        float(1 << ct.bits) / params.q, qd, ct.n_tokens, out, b0)

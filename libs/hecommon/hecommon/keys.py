@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from . import kernels
 from .errors import ConfigError
 from .params import ParamSet
 from .ring import SmallSecretMultiplier
@@ -68,6 +69,8 @@ def centered_binomial(stream: np.ndarray, count: int, eta: int) -> np.ndarray:
         raise ValueError("centered_binomial: eta must be a multiple of 4")
     nbytes = eta // 4  # eta bits = eta/8 bytes per half; two halves
     raw = stream[: count * nbytes].reshape(count, nbytes)
+    if kernels.enabled():
+        return kernels.centered_binomial(raw, eta)
     bits = np.bitwise_count(raw)  # uint8 per byte; column adds below beat a reduce over axis 1
     half = nbytes // 2
     if nbytes % 2:  # the middle byte is split into its two nibbles

@@ -50,6 +50,9 @@ class SmallSecretMultiplier:
         self._twist = np.exp(1j * np.pi * k / n)  # ψ^k, ψ = exp(iπ/N)
         self._untwist = np.conj(self._twist) / half
         self._s_hat = self._forward(s.astype(np.float64))
+        #: for the fused kernels (``hecommon.kernels``): input twist, and the untwist after ``ifft``
+        self.twist = self._twist
+        self.untwist = np.conj(self._twist)
 
     def _forward(self, a: np.ndarray) -> np.ndarray:
         half = self.n // 2
@@ -62,6 +65,13 @@ class SmallSecretMultiplier:
         out[..., : self.n // 2] = folded.real
         out[..., self.n // 2 :] = folded.imag
         return out
+
+    def spectrum_product(self, folded: np.ndarray) -> None:
+        """In place: folded, twisted inputs (..., N/2) complex become the inverse transform of
+        their products with ``s`` (still to be untwisted by ``untwist``; ``hecommon.kernels``)."""
+        np.fft.fft(folded, axis=-1, out=folded)
+        folded *= self._s_hat
+        np.fft.ifft(folded, axis=-1, out=folded)
 
     def product(self, a: np.ndarray) -> np.ndarray:
         """Exact ``a · s`` as float64 holding integers; ``a``: float64 integers, ``|a| < 2^26``."""

@@ -1,0 +1,175 @@
+"""The compiled loops behind ``hecommon.kernels`` (numba; imported on first use only).
+
+Reductions mod p use a float64 quotient estimate and an exact int64 correction: every operand is
+an integer well below 2^63 and the quotient below 2^34, so the estimate is off by a few units at
+most and the correction makes the result exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_jit = njit(nogil=True, cache=True, boundscheck=False)
+
+
+@_jit
+def _mod(y, p, inv_p):  # pragma: no cover - compiled
+    """``y mod p`` in [0, p) for an int64 ``|y| < 2^60`` (a float64 quotient estimate, off by a
+    few units at most since ``|y/p| < 2^34``, and an exact correction)."""
+    q = np.int64(np.floor(np.float64(y) * inv_p))
+    r = y - q * p
+    while r < 0:
+        r += p
+    while r >= p:
+        r -= p
+    return r
+
+
+@_jit
+def fold_words(words, mask, p, n, twist, out):  # pragma: no cover - compiled
+    """Rows of uniform residues mod ``p`` from keystream words (masked, rejected at or above
+    ``p``: ``encrypt.expand_a``'s rule), centered, folded and twisted into ``out`` (rows, N/2)
+    complex. Residues already below ``p`` pass with ``mask`` all ones. False if a row ran out."""
+    half = n // 2
+    half_p = p // 2
+    rows, width = words.shape
+    for r in range(rows):
+        j = 0
+        for k in range(width):
+            w = np.int64(words[r, k] & mask)
+            if w >= p:
+                continue
+            if w > half_p:
+                w -= p
+            if j < half:
+                out[r, j] = complex(np.float64(w), 0.0)
+            else:
+                z = out[r, j - half]
+                out[r, j - half] = complex(z.real, np.float64(w))
+            j += 1
+            if j == n:
+                break
+        if j < n:
+            return False
+        for k in range(half):
+            out[r, k] = out[r, k] * twist[k]
+    return True
+
+
+@_jit
+def finish_encrypt(spec, untwist, m, dm, noise, p, out):  # pragma: no cover - compiled
+    """``b = Δ·m + e - a·s mod p`` from the inverse transform of ``a·s`` (``spec``, rows × N/2,
+    not yet untwisted): ``m`` (rows, T) int64 messages, ``dm = Δ mod p``, ``noise`` (rows, N)."""
+    rows, half = spec.shape
+    t = m.shape[1]
+    inv_p = 1.0 / p
+    for r in range(rows):
+        for k in range(half):
+            z = spec[r, k] * untwist[k]
+            for c, x in ((k, z.real), (k + half, z.imag)):
+                y = noise[r, c] - np.int64(np.rint(x))  # |y| < 2^38
+                if c < t:
+                    y += m[r, c] * dm  # |m·dm| < 2^56: exact in int64, and its quotient estimate is off by one at most
+                out[r, c] = np.uint32(_mod(y, p, inv_p))
+
+
+@_jit
+def fold_wide(a, bits, split, twist, hi, lo):  # pragma: no cover - compiled
+    """Rows of ``a`` mod ``2^bits`` (uint64), centered, split into ``hi·2^split + lo`` and each
+    half folded and twisted (``ring.SmallSecretMultiplier.product_wide``'s split)."""
+    rows, n = a.shape
+    half = n // 2
+    modulus = np.float64(2.0**bits)
+    scale = np.float64(2.0**split)
+    for r in range(rows):
+        for k in range(half):
+            v0 = np.float64(a[r, k])
+            v1 = np.float64(a[r, k + half])
+            if v0 >= modulus / 2:
+                v0 -= modulus
+            if v1 >= modulus / 2:
+                v1 -= modulus
+            h0 = np.rint(v0 / scale)
+            h1 = np.rint(v1 / scale)
+            hi[r, k] = complex(h0, h1) * twist[k]
+            lo[r, k] = complex(v0 - h0 * scale, v1 - h1 * scale) * twist[k]
+
+
+@_jit
+def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, t, out, col):  # pragma: no cover - compiled
+    """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, N) mod
+    ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits``, centered, times ``qd = q/Δ``, rounded;
+    row r's first ``t`` coefficients go to ``out[:, col + r]``."""
+    rows, half = hi.shape
+    modulus = np.float64(2.0**bits)
+    scale = np.float64(2.0**split)
+    for r in range(rows):
+        for k in range(half):
+            zh = hi[r, k] * untwist[k]
+            zl = lo[r, k] * untwist[k]
+            for c, xh, xl in ((k, zh.real, zl.real), (k + half, zh.imag, zl.imag)):
+                if c >= t:
+                    continue
+                x = np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c])
+                x -= np.floor(x / modulus) * modulus
+                frac = x / modulus
+                if frac >= 0.5:
+                    frac -= 1.0
+                out[c, col + r] = np.int64(np.rint(frac * qd))
+
+
+@_jit
+def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, t, out, col):  # pragma: no cover
+    """Messages from the inverse transforms of ``a0·s`` and ``a1·s`` (the hint's two limbs, mod
+    p0 and p1), and ``b`` mod ``2^bits``: ``a·s mod q`` rebuilt by CRT, switched to ``2^bits``
+    (``scale = 2^bits/q``), added to ``b`` and decoded (``ring.switch_modulus``, ``_decode``)."""
+    rows, half = s0.shape
+    modulus = np.float64(2.0**bits)
+    mask = np.int64((1 << bits) - 1)
+    inv0 = 1.0 / p0
+    inv1 = 1.0 / p1
+    for r in range(rows):
+        for k in range(half):
+            z0 = s0[r, k] * untwist[k]
+            z1 = s1[r, k] * untwist[k]
+            for c, x0, x1 in ((k, z0.real, z1.real), (k + half, z0.imag, z1.imag)):
+                if c >= t:
+                    continue
+                r0 = _mod(np.int64(np.rint(x0)), p0, inv0)
+                r1 = _mod(np.int64(np.rint(x1)), p1, inv1)
+                d = _mod(_mod(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)
+                whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
+                a_s = np.int64(np.rint(whole * scale)) & mask
+                x = np.float64(a_s) + np.float64(b[r, c])
+                x -= np.floor(x / modulus) * modulus
+                frac = x / modulus
+                if frac >= 0.5:
+                    frac -= 1.0
+                out[c, col + r] = np.int64(np.rint(frac * qd))
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+@_jit
+def _centered_binomial(raw, eta, table, out):  # pragma: no cover - compiled
+    count, nbytes = raw.shape
+    half = nbytes // 2
+    odd = nbytes % 2
+    for i in range(count):
+        pos = 0
+        neg = 0
+        for j in range(half):
+            pos += table[raw[i, j]]
+            neg += table[raw[i, half + odd + j]]
+        if odd:
+            mid = raw[i, half]
+            pos += table[mid & 0x0F]
+            neg += table[mid >> 4]
+        out[i] = pos - neg
+
+
+def centered_binomial(raw, eta, out):
+    """``keys.centered_binomial``'s samples, from (count, eta/4) bytes into ``out`` (int64)."""
+    _centered_binomial(raw, eta, _POPCOUNT, out)

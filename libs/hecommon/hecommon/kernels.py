@@ -1,0 +1,61 @@
+"""The client's fused encryption and decryption loops (issue 17): whether they are used, and where.
+
+The client's cost per value is a few FFTs (``ring.SmallSecretMultiplier``) and the element-wise
+work around them: expanding ``a`` from its keystream, centering and folding it into the
+transform's input, then rounding the product, adding message and noise and reducing mod p (up);
+unpacking, splitting and rounding, adding ``b``, reducing mod ``2^k`` and decoding (down). In
+numpy each of those steps is a pass over memory; ``hecommon._fused`` (compiled with numba) does
+each side in one loop before the forward FFT and one after the inverse FFT, over blocks of rows
+small enough to stay in cache.
+
+The loops compute the numpy path's exact integers (``encrypt._encrypt_with``, ``decrypt``), so
+both give the same ciphertexts and messages bit for bit (``tests/hecommon/test_kernels.py``).
+``HELORA_KERNELS=numpy`` selects the numpy path; without numba (the servers' images) it is the
+only one. numba is imported on first use only: the services, which never encrypt, do not load it.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+
+#: Rows handled per block: a block's buffers (a few complex (rows, N/2) arrays) stay in L2.
+BLOCK_ROWS = 32
+_LOOPS: ModuleType | None = None
+_TRIED = False
+
+
+def loops() -> ModuleType:
+    """The compiled loops (``hecommon._fused``); only where ``enabled()``."""
+    global _LOOPS, _TRIED
+    if not _TRIED:
+        _TRIED = True
+        try:
+            from . import _fused
+
+            _LOOPS = _fused
+        except ImportError:  # pragma: no cover - where numba is absent
+            _LOOPS = None
+    if _LOOPS is None:
+        raise RuntimeError("hecommon.kernels: numba is not installed (pip install 'hecommon[kernels]')")
+    return _LOOPS
+
+
+def enabled() -> bool:
+    """Whether the compiled loops are used: numba importable, not turned off by ``HELORA_KERNELS``."""
+    if os.environ.get("HELORA_KERNELS", "numba") == "numpy":
+        return False
+    try:
+        loops()
+    except RuntimeError:
+        return False
+    return True
+
+
+def centered_binomial(raw: np.ndarray, eta: int) -> np.ndarray:
+    """``keys.centered_binomial``'s samples from the same bytes (``raw``: (count, eta/4) uint8)."""
+    out = np.empty(raw.shape[0], dtype=np.int64)
+    loops().centered_binomial(raw, eta, out)
+    return out

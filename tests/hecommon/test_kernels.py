@@ -1,0 +1,173 @@
+"""The client's fused kernels (``hecommon.kernels``, issue 17) against the numpy path they replace:
+the same ciphertexts, messages and noise bit for bit, at the extremes of every input range, with
+any thread count."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hecommon import kernels
+from hecommon import params as P
+from hecommon.bits import PackedRows
+from hecommon.encrypt import EncryptedPartial, EncryptedResult, _encrypt_with, decrypt, expand_a
+from hecommon.errors import DecryptionError
+from hecommon.keys import SecretKey, centered_binomial, noise_stream, sample_noise
+from hecommon.ring import centered, negacyclic_reference
+
+pytest.importorskip("numba")
+PSETS = list(P.REGISTRY.values())
+
+
+def _paths(monkeypatch, fn):
+    """``fn()`` through the numpy path, then through the kernels."""
+    monkeypatch.setenv("HELORA_KERNELS", "numpy")
+    assert not kernels.enabled()
+    reference = fn()
+    monkeypatch.setenv("HELORA_KERNELS", "numba")
+    assert kernels.enabled()
+    return reference, fn()
+
+
+def _extreme_messages(ps: P.ParamSet, t: int, d: int, rng) -> np.ndarray:
+    m = rng.integers(-ps.max_message, ps.max_message + 1, size=(t, d))
+    m[0, :] = ps.max_message
+    m[-1, :] = -ps.max_message
+    return m
+
+
+@pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("shape", [("N", 70), (5, 33), (1, 1)])
+def test_kernel_encryption_equals_the_numpy_path(ps, shape, rng, monkeypatch):
+    """Same secret, seed, messages and noise: the same ``b``, whatever the block cut (70 and 33
+    rows are not multiples of the block) and with a ``start`` inside the layer."""
+    t = ps.n if shape[0] == "N" else shape[0]
+    d = shape[1]
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    m = _extreme_messages(ps, t, d, rng)
+    noise = sample_noise(ps, (d, ps.n))
+    noise[0, :] = ps.noise_eta  # the sampler's extremes
+    noise[-1, :] = -ps.noise_eta
+    seed = os.urandom(16)
+    for start in (0, 41):
+        reference, fast = _paths(monkeypatch, lambda start=start: _encrypt_with(s, m, seed, noise, start=start).b)
+        np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
+def test_fresh_noise_drawn_per_block_decrypts_exactly(ps, rng, monkeypatch):
+    """``encrypt``'s kernel path draws its noise block by block: the round trip stays exact."""
+    monkeypatch.setenv("HELORA_KERNELS", "numba")
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    m = _extreme_messages(ps, 300, 67, rng)
+    seed = os.urandom(16)
+    ct = _encrypt_with(s, m, seed, None)
+    np.testing.assert_array_equal(decrypt(s, EncryptedPartial(ps, expand_a(seed, ps, 67), ct.b, 300)), m)
+
+
+@pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("tokens", [1, 300, "N"])
+def test_kernel_decryption_equals_the_numpy_path(ps, tokens, rng, monkeypatch):
+    """Results with ``a`` (packed or not, at the extremes of its range) and, with two limbs, results
+    decrypted from the layer's hint (residues at 0 and p-1): the same messages."""
+    t = ps.n if tokens == "N" else tokens
+    d = 45
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    top = 1 << ps.out_bits
+    a = rng.integers(0, top, size=(d, ps.n), dtype=np.uint64)
+    a[0, :3] = (0, top // 2 - 1, top // 2)  # the centered range's edges
+    a[1, :] = top - 1
+    b = rng.integers(0, top, size=(d, ps.n), dtype=np.uint64)
+    for a_part in (a, PackedRows.pack(a, ps.out_bits)):
+        result = EncryptedResult(ps, a_part, b, t)
+        reference, fast = _paths(monkeypatch, lambda r=result: decrypt(s, r))
+        np.testing.assert_array_equal(fast, reference)
+    if ps.limbs == 2:
+        hint = np.stack([rng.integers(0, p, size=(d, ps.n)) for p in ps.primes], axis=1).astype(np.uint32)
+        hint[0, :, 0], hint[1, :, 0] = 0, np.array(ps.primes) - 1
+        bh = rng.integers(0, 1 << ps.hint_out_bits, size=(d, ps.n), dtype=np.uint64)
+        result = EncryptedResult(ps, None, bh, t)
+        reference, fast = _paths(monkeypatch, lambda: decrypt(s, result, hint=hint))
+        np.testing.assert_array_equal(fast, reference)
+
+
+def test_a_hint_with_residues_outside_their_modulus_is_refused(rng, monkeypatch):
+    monkeypatch.setenv("HELORA_KERNELS", "numba")
+    ps = P.DEFAULT
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    hint = np.zeros((3, ps.limbs, ps.n), dtype=np.uint32)
+    hint[1, 0, 5] = ps.primes[0]
+    result = EncryptedResult(ps, None, np.zeros((3, ps.n), dtype=np.uint64), 4)
+    with pytest.raises(DecryptionError, match="outside their modulus"):
+        decrypt(s, result, hint=hint)
+
+
+@pytest.mark.parametrize("n", [2048, 4096])
+def test_folded_products_equal_the_schoolbook_product(n, rng):
+    """The kernels' fold, the transform and the untwist give ``a·s`` exactly for residues anywhere
+    in [0, p), the centered extremes included (``ring``'s exactness bound, through the new path)."""
+    from hecommon.ring import SmallSecretMultiplier
+
+    p = P.get("n2048-q54" if n == 2048 else "n4096-q108").primes[0]
+    s = rng.integers(-1, 2, n)
+    mul = SmallSecretMultiplier(s)
+    res = rng.integers(0, p, size=(4, n)).astype(np.uint32)
+    res[0], res[1], res[2, ::2], res[2, 1::2] = p - 1, (p - 1) // 2, (p - 1) // 2 + 1, 0
+    buf = np.empty((4, n // 2), dtype=np.complex128)
+    assert kernels.loops().fold_words(res, 0xFFFFFFFF, p, n, mul.twist, buf)
+    mul.spectrum_product(buf)
+    z = buf * mul.untwist
+    got = np.rint(np.concatenate([z.real, z.imag], axis=1)).astype(np.int64)
+    want = np.stack([negacyclic_reference(x, s) for x in centered(res, p)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_rejected_words_are_skipped_as_expand_a_skips_them(monkeypatch):
+    """Keystream words at or above p (after the mask) are rejected in order, as ``expand_a`` does:
+    a row of words crafted with rejections folds to the residues ``expand_a``'s rule keeps."""
+    from hecommon.ring import SmallSecretMultiplier
+
+    ps = P.DEFAULT
+    p, n = ps.primes[0], ps.n
+    mul = SmallSecretMultiplier(np.zeros(n, dtype=np.int64) + np.eye(1, n, 0, dtype=np.int64)[0])  # s = 1
+    words = np.arange(n + 64, dtype=np.uint32)
+    words[[3, 100, 2000]] = p + np.array([0, 5, 9], dtype=np.uint32)  # three rejections
+    kept = words[words < p][:n]
+    buf = np.empty((1, n // 2), dtype=np.complex128)
+    assert kernels.loops().fold_words(words[None], 0xFFFFFFFF, p, n, mul.twist, buf)
+    mul.spectrum_product(buf)
+    z = buf * mul.untwist
+    got = np.rint(np.concatenate([z.real, z.imag], axis=1)).astype(np.int64)[0]
+    np.testing.assert_array_equal(got, centered(kept.astype(np.int64), p))  # a·1 = a
+    short = np.full((1, n + 64), p, dtype=np.uint32)  # every word rejected: the row runs out
+    assert not kernels.loops().fold_words(short, 0xFFFFFFFF, p, n, mul.twist, buf)
+
+
+@pytest.mark.parametrize("eta", [4, 8, 12, 24, 64])
+def test_kernel_noise_equals_the_numpy_sampler(eta, monkeypatch):
+    stream = noise_stream(4000 * eta // 4).copy()
+    stream[: eta // 4] = 0xFF  # every bit of the first sample set, and the second's low nibbles
+    stream[eta // 4 : eta // 2] = 0x0F
+    reference, fast = _paths(monkeypatch, lambda: centered_binomial(stream, 4000, eta))
+    np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_thread_count_changes_nothing(threads, rng, monkeypatch):
+    """Encryption (given the same randomness) and decryption are the same with any thread count."""
+    ps = P.DEFAULT
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    m = rng.integers(-127, 128, size=(ps.n, 150))
+    noise = sample_noise(ps, (150, ps.n))
+    seed = os.urandom(16)
+    monkeypatch.setenv("HELORA_THREADS", "1")
+    one = _encrypt_with(s, m, seed, noise).b
+    monkeypatch.setenv("HELORA_THREADS", threads)
+    np.testing.assert_array_equal(_encrypt_with(s, m, seed, noise).b, one)
+    a = rng.integers(0, 1 << ps.out_bits, size=(150, ps.n), dtype=np.uint64)
+    result = EncryptedResult(ps, a, a[::-1].copy(), ps.n)
+    monkeypatch.setenv("HELORA_THREADS", "1")
+    first = decrypt(s, result)
+    monkeypatch.setenv("HELORA_THREADS", threads)
+    np.testing.assert_array_equal(decrypt(s, result), first)
