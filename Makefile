@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints services-up lint clean chart-check docker-lint dashboard-check
+.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput services-up lint clean chart-check docker-lint dashboard-check
 
 setup: $(STAMP)
 
@@ -68,6 +68,11 @@ bench-exactness: setup
 ## One data owner's hints: server seconds and memory at SmolLM2 and Llama-3.2-1B sizes.
 bench-owner-hints: setup
 	$(BIN)/python benchmarks/owner_hints.py $(BENCH_ARGS) --json out/owner_hints.json
+
+## Throughput (issue 17): the client's ns per value vs an FFT, SmolLM2 encrypted vs plain PEFT,
+## broker bytes per client byte over RabbitMQ (BENCH_ARGS=--quick: minutes).
+bench-throughput: setup
+	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS) --json out/throughput.json
 
 ## The whole server side on this machine against the local broker (Ctrl-C stops it).
 ## UP_ARGS="--model smollm2 --evaluators 2" for the real model.

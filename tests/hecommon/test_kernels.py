@@ -171,3 +171,64 @@ def test_thread_count_changes_nothing(threads, rng, monkeypatch):
     first = decrypt(s, result)
     monkeypatch.setenv("HELORA_THREADS", threads)
     np.testing.assert_array_equal(decrypt(s, result), first)
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 27, 34, 38, 56])
+def test_kernel_bit_packing_equals_the_numpy_paths(bits, rng, monkeypatch):
+    """The compiled packer gives the numpy paths' bytes for every length (pieces in parallel
+    included) and dtype, unpacks them back, and refuses a value that does not fit."""
+    from hecommon.bits import pack_bits, unpack_bits
+
+    monkeypatch.setenv("HELORA_THREADS", "2")
+    for count in (0, 1, 63, 64, 65, 1000, 70_001, 1 << 17):
+        v = rng.integers(0, 1 << bits, size=count, dtype=np.uint64)
+        if count:
+            v[0] = (1 << bits) - 1
+        reference, fast = _paths(monkeypatch, lambda v=v: pack_bits(v, bits))
+        assert fast == reference
+        if bits <= 32:
+            assert pack_bits(v.astype(np.uint32), bits) == reference
+        np.testing.assert_array_equal(unpack_bits(fast, bits, count), v)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_bits(np.array([1 << bits] * 70_001, dtype=np.uint64), bits)
+
+
+def test_the_most_negative_int64_message_is_refused():
+    """``np.abs`` of int64's minimum is itself (negative): a bound checked on ``|m|`` let it pass."""
+    ps = P.DEFAULT
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    m = np.zeros((2, 3), dtype=np.int64)
+    m[1, 2] = np.iinfo(np.int64).min
+    with pytest.raises(ValueError, match="exceed"):
+        _encrypt_with(s, m, os.urandom(16), None)
+
+
+@pytest.mark.parametrize("bits", [27, 38])
+def test_strided_rows_pack_and_unpack_in_place(bits, rng, monkeypatch):
+    """One limb of a (rows, L, N) array (strided rows) packs to the bytes of its contiguous copy,
+    and ``unpack_bits_into`` fills such a view back, on both paths; a dtype too narrow is refused."""
+    from hecommon.bits import pack_bits, unpack_bits_into
+
+    monkeypatch.setenv("HELORA_THREADS", "2")
+    dtype = np.uint32 if bits <= 32 else np.uint64
+    arr = rng.integers(0, 1 << bits, size=(40, 2, 2048)).astype(dtype)
+    for mode in ("numpy", "numba"):
+        monkeypatch.setenv("HELORA_KERNELS", mode)
+        data = pack_bits(arr[:, 1, :], bits)
+        assert data == pack_bits(np.ascontiguousarray(arr[:, 1, :]), bits)
+        back = np.zeros_like(arr)
+        unpack_bits_into(data, bits, back[:, 1, :])
+        np.testing.assert_array_equal(back[:, 1, :], arr[:, 1, :])
+        assert not back[:, 0, :].any()
+    with pytest.raises(ValueError, match="at least"):
+        unpack_bits_into(data, bits, np.zeros((40, 2048), dtype=np.uint16))
+
+
+def test_quantizing_leaves_its_input_as_it_was(rng):
+    """Rows are quantized in place on a copy, never on the caller's array."""
+    from hecommon.quantize import quantize_rows
+
+    x = rng.standard_normal((300, 70))
+    before = x.copy()
+    quantize_rows(x)
+    np.testing.assert_array_equal(x, before)

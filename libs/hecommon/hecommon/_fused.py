@@ -173,3 +173,64 @@ def _centered_binomial(raw, eta, table, out):  # pragma: no cover - compiled
 def centered_binomial(raw, eta, out):
     """``keys.centered_binomial``'s samples, from (count, eta/4) bytes into ``out`` (int64)."""
     _centered_binomial(raw, eta, _POPCOUNT, out)
+
+
+@_jit
+def pack_rows(values, bits, out):  # pragma: no cover - compiled
+    """``bits.pack_bits``'s layout (value i at stream bits [i·bits, (i+1)·bits), little-endian)
+    for ``bits`` <= 56: each row of ``values`` (rows, n) into the same row of ``out`` (rows,
+    packed size of n values, zeroed; any strides). False if a value does not fit. Fewer than 8
+    bits are held between values, so a value and those bits fit in 64."""
+    limit = np.uint64(1) << np.uint64(bits)
+    for r in range(values.shape[0]):
+        acc = np.uint64(0)
+        held = 0
+        pos = 0
+        for i in range(values.shape[1]):
+            v = np.uint64(values[r, i])
+            if v >= limit:
+                return False
+            acc |= v << np.uint64(held)
+            held += bits
+            if held >= 32:
+                out[r, pos] = np.uint8(acc & np.uint64(0xFF))
+                out[r, pos + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
+                out[r, pos + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
+                out[r, pos + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
+                acc >>= np.uint64(32)
+                held -= 32
+                pos += 4
+            while held >= 8:
+                out[r, pos] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                held -= 8
+                pos += 1
+        if held:
+            out[r, pos] = np.uint8(acc & np.uint64(0xFF))
+    return True
+
+
+@_jit
+def unpack_rows(raw, bits, out):  # pragma: no cover - compiled
+    """Inverse of ``pack_rows``: each row of ``raw`` (rows, packed size) into the same row of
+    ``out`` (rows, n; any unsigned dtype wide enough, any strides)."""
+    mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    size = raw.shape[1]
+    for r in range(out.shape[0]):
+        acc = np.uint64(0)
+        held = 0
+        pos = 0
+        for i in range(out.shape[1]):
+            if held < bits and pos + 4 <= size:
+                word = (np.uint64(raw[r, pos]) | (np.uint64(raw[r, pos + 1]) << np.uint64(8))
+                        | (np.uint64(raw[r, pos + 2]) << np.uint64(16)) | (np.uint64(raw[r, pos + 3]) << np.uint64(24)))
+                acc |= word << np.uint64(held)
+                held += 32
+                pos += 4
+            while held < bits:
+                acc |= np.uint64(raw[r, pos]) << np.uint64(held)
+                held += 8
+                pos += 1
+            out[r, i] = acc & mask
+            acc >>= np.uint64(bits)
+            held -= bits

@@ -13,7 +13,8 @@ fast as the next path; the helora widths are 27, 34 and 38 bits). Other long arr
 of 64 values: 64 values of ``bits`` bits fill exactly ``bits`` 64-bit words, so the work is a
 fixed 64-step loop of whole-array shifts and ORs. Short arrays, where those steps' call overhead
 dominates, go through a bit matrix (``np.unpackbits``/``np.packbits``), which costs 8x the
-memory traffic but only a handful of calls.
+memory traffic but only a handful of calls. Where numba is installed (the client), widths up to
+56 bits go through one compiled loop instead (``hecommon.kernels``), several times faster again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import parallel
+from . import kernels, parallel
 from .errors import MalformedMessage
 
 _GROUP = 64  # values per group; a group packs into exactly `bits` uint64 words
@@ -33,6 +34,10 @@ _WINDOW_BITS = (8, 56)
 _SMALL = 1 << 14
 #: Arrays of at least twice this many values are packed and unpacked in pieces, in parallel.
 _PARALLEL = 1 << 19
+#: The compiled loops (``hecommon.kernels``) take widths up to 56 bits (a value and the < 8 bits
+#: held before it fit in 64), in pieces of at least this many values.
+_KERNEL_BITS = 56
+_KERNEL_PIECE = 1 << 15
 
 
 def packed_size(bits: int, count: int) -> int:
@@ -63,11 +68,53 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     values = np.asarray(values)
     if values.dtype.kind != "u":
         raise TypeError(f"pack_bits: unsigned integers required, got {values.dtype}")
+    if bits <= _KERNEL_BITS and kernels.enabled():
+        return _pack_kernel(values, bits)
     flat = values.reshape(-1)
     ranges = parallel.chunks(flat.size, _PARALLEL, align=_GROUP)
     if bits < 64 and flat.size and max(parallel.map_ranges(lambda lo, hi: int(flat[lo:hi].max()), ranges)) >> bits:
         raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
     return b"".join(parallel.map_ranges(lambda lo, hi: _pack_flat(flat[lo:hi], bits), ranges))
+
+
+def _row_view(n: int, bits: int, rows: int) -> bool:
+    """Whether rows of ``n`` values fill whole bytes, so each packs on its own (in parallel)."""
+    return rows > 1 and (n * bits) % 8 == 0
+
+
+def _pack_kernel(values: np.ndarray, bits: int) -> bytes:
+    """``pack_bits`` through the compiled loop (``hecommon.kernels``): rows of whole bytes, or
+    pieces of whole bytes of a flat array, in parallel, into one buffer (no copy of a strided
+    input): the same bytes as the numpy paths."""
+    loop = kernels.loops().pack_rows
+    if values.ndim == 2 and _row_view(values.shape[1], bits, values.shape[0]):
+        rows, n = values.shape
+        out = np.zeros((rows, n * bits // 8), dtype=np.uint8)
+        ok = parallel.map_ranges(lambda lo, hi: bool(loop(values[lo:hi], bits, out[lo:hi])),
+                                 parallel.chunks(rows, max(1, _KERNEL_PIECE // max(n, 1))))
+    else:
+        flat = values.reshape(-1)
+        out = np.zeros(packed_size(bits, flat.size), dtype=np.uint8)
+        ok = parallel.map_ranges(
+            lambda lo, hi: bool(loop(flat[None, lo:hi], bits, out[None, lo * bits // 8 : packed_size(bits, hi)])),
+            parallel.chunks(flat.size, _KERNEL_PIECE, align=_GROUP))
+    if not all(ok):
+        raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
+    return out.tobytes()
+
+
+def _unpack_kernel(raw: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """``out`` (rows, n) from ``raw`` through the compiled loop, in parallel (see ``_pack_kernel``)."""
+    loop = kernels.loops().unpack_rows
+    rows, n = out.shape
+    if _row_view(n, bits, rows):
+        packed = raw.reshape(rows, n * bits // 8)
+        parallel.map_ranges(lambda lo, hi: loop(packed[lo:hi], bits, out[lo:hi]),
+                            parallel.chunks(rows, max(1, _KERNEL_PIECE // max(n, 1))))
+        return
+    flat = out.reshape(-1)  # one row, or rows that share bytes: a contiguous out
+    parallel.map_ranges(lambda lo, hi: loop(raw[None, lo * bits // 8 : packed_size(bits, hi)], bits, flat[None, lo:hi]),
+                        parallel.chunks(flat.size, _KERNEL_PIECE, align=_GROUP))
 
 
 def _pack_flat(flat: np.ndarray, bits: int) -> bytes:
@@ -97,16 +144,11 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     Raises ``MalformedMessage`` if ``data`` is not exactly ``packed_size(bits, count)`` bytes or
     its padding bits are not zero.
     """
-    _check_bits(bits)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count: {count!r} is not a non-negative integer")
-    expected = packed_size(bits, count)
-    if len(data) != expected:
-        raise MalformedMessage(f"packed data: {len(data)} bytes, expected {expected}")
-    pad = expected * 8 - count * bits
-    if pad and data[-1] >> (8 - pad):
-        raise MalformedMessage("packed data: non-zero padding bits")
-    raw = np.frombuffer(data, dtype=np.uint8)
+    raw = _checked(data, bits, count)
+    if bits <= _KERNEL_BITS and kernels.enabled():
+        out = np.empty(count, dtype=np.uint64)
+        _unpack_kernel(raw, bits, out[None, :])
+        return out
     ranges = parallel.chunks(count, _PARALLEL, align=_GROUP)  # pieces of whole bytes, as pack_bits cuts
     if len(ranges) == 1:
         return _unpack_flat(raw, bits, count)
@@ -117,6 +159,33 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
 
     parallel.map_ranges(piece, ranges)
     return out
+
+
+def unpack_bits_into(data: bytes, bits: int, out: np.ndarray) -> None:
+    """``unpack_bits`` into ``out``, a (rows, n) unsigned array (any strides, e.g. one limb of a
+    (rows, L, N) array) whose dtype holds ``bits`` bits, without an intermediate array where the
+    compiled loops run."""
+    if out.ndim != 2 or out.dtype.kind != "u" or out.dtype.itemsize * 8 < bits:
+        raise ValueError(f"unpack_bits_into: a (rows, n) unsigned array of at least {bits} bits is required")
+    raw = _checked(data, bits, out.size)
+    if bits <= _KERNEL_BITS and kernels.enabled():
+        _unpack_kernel(raw, bits, out)
+    else:
+        out[...] = unpack_bits(data, bits, out.size).reshape(out.shape)
+
+
+def _checked(data: bytes, bits: int, count: int) -> np.ndarray:
+    """``data`` as uint8, after checking its length and its zero padding."""
+    _check_bits(bits)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count: {count!r} is not a non-negative integer")
+    expected = packed_size(bits, count)
+    if len(data) != expected:
+        raise MalformedMessage(f"packed data: {len(data)} bytes, expected {expected}")
+    pad = expected * 8 - count * bits
+    if pad and data[-1] >> (8 - pad):
+        raise MalformedMessage("packed data: non-zero padding bits")
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def _unpack_flat(raw: np.ndarray, bits: int, count: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from . import kernels
+from . import kernels, parallel
 from .bits import PackedRows
 from .errors import DecryptionError, ParameterMismatch
 from .keys import RequestSecret, derive_key, sample_noise
@@ -248,9 +248,12 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
         raise ValueError(f"message must be (T <= {params.n}, d >= 1) integers, got {m.shape}")
     if not np.issubdtype(m.dtype, np.integer):
         raise TypeError("message must be an integer array")
-    if np.abs(m).max(initial=0) > params.max_message:
+    # bounds on min and max, not on |m|: np.abs(int64 min) is negative (and costs a pass)
+    lo, hi = parallel.reduce_rows(lambda r0, r1: (int(m[r0:r1].min()), int(m[r0:r1].max())), m.shape[0],
+                                  lambda x, y: (min(x[0], y[0]), max(x[1], y[1])))
+    if hi > params.max_message or lo < -params.max_message:
         raise ValueError(f"message values exceed ±{params.max_message}")
-    return m.astype(np.int64)
+    return np.asarray(m, dtype=np.int64)  # no copy when it is int64 already
 
 
 def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray | None,
@@ -271,7 +274,6 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     b = np.empty((d, params.limbs, params.n), dtype=np.uint32)
     mul = secret.multiplier
     if kernels.enabled():
-        mt = np.ascontiguousarray(mt)
         fused = kernels.loops()
 
         def blocks(lo: int, hi: int) -> None:  # the same integers, one fused loop each side of the FFTs
@@ -280,12 +282,13 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
                 b1 = min(b0 + kernels.BLOCK_ROWS, hi)
                 buf = spec[: b1 - b0]
                 e = noise[b0:b1] if noise is not None else sample_noise(params, (b1 - b0, 1, params.n))
+                m_rows = np.ascontiguousarray(mt[b0:b1])  # this block's features, token by token
                 for i, p in enumerate(params.primes):
                     words = a_words(a_seed, params, i, b1 - b0, start + b0)
                     if not fused.fold_words(words, a_mask(p), p, params.n, mul.twist, buf):  # pragma: no cover
                         raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
                     mul.spectrum_product(buf)
-                    fused.finish_encrypt(buf, mul.untwist, mt[b0:b1], params.delta % p,
+                    fused.finish_encrypt(buf, mul.untwist, m_rows, params.delta % p,
                                            e[:, min(i, e.shape[1] - 1)], p, b[b0:b1, i])
 
         map_rows(blocks, d, minimum=kernels.BLOCK_ROWS)

@@ -7,6 +7,7 @@ pool thread runs there, in one piece: a pool thread that waited for the pool cou
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -49,3 +50,9 @@ def map_ranges(fn: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> li
 def map_rows(fn: Callable[[int, int], object], rows: int, minimum: int = 128) -> None:
     """Run ``fn(lo, hi)`` over ranges of ``rows`` rows, in parallel when there are several."""
     map_ranges(fn, chunks(rows, minimum))
+
+
+def reduce_rows(fn: Callable[[int, int], T], rows: int, combine: Callable[[T, T], T], minimum: int = 64) -> T:
+    """``combine`` over ``fn(lo, hi)`` for ranges covering ``rows`` (>= 1) rows, computed in parallel
+    (a bound checked over a large array: each range's max, then the max of those)."""
+    return functools.reduce(combine, map_ranges(fn, chunks(rows, minimum)))

@@ -17,6 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
+from . import parallel
 from .errors import ConfigError
 
 
@@ -68,18 +69,33 @@ class QuantizedWeight:
 def quantize_rows(x: np.ndarray, bits: int = 8) -> QuantizedTensor:
     """Asymmetric unsigned quantization of each row of ``x`` (rows, cols)."""
     _check_bits(bits)
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"quantize_rows expects a 2-D array, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("quantize_rows: input holds NaN or infinity")
     levels = (1 << bits) - 1
-    lo = np.minimum(x.min(axis=1, initial=0.0), 0.0)
-    hi = np.maximum(x.max(axis=1, initial=0.0), 0.0)
-    scale = (hi - lo) / levels
-    scale = np.where(scale > 0, scale, 1.0)
-    zero = np.clip(np.rint(-lo / scale), 0, levels).astype(np.int64)
-    values = np.clip(np.rint(x / scale[:, None]) + zero[:, None], 0, levels).astype(np.int64)
+    values = np.empty(x.shape, dtype=np.int64)
+    scale = np.empty(x.shape[0], dtype=np.float64)
+    zero = np.empty(x.shape[0], dtype=np.int64)
+
+    def rows(r0: int, r1: int) -> bool:  # rows are independent: ranges of them in parallel
+        xr = np.array(x[r0:r1], dtype=np.float64)  # a copy: worked on in place below
+        if not np.isfinite(xr).all():
+            return False
+        lo = np.minimum(xr.min(axis=1, initial=0.0), 0.0)
+        hi = np.maximum(xr.max(axis=1, initial=0.0), 0.0)
+        s = (hi - lo) / levels
+        s = np.where(s > 0, s, 1.0)
+        z = np.clip(np.rint(-lo / s), 0, levels).astype(np.int64)
+        xr /= s[:, None]
+        np.rint(xr, out=xr)
+        xr += z[:, None]
+        np.clip(xr, 0, levels, out=xr)
+        values[r0:r1] = xr
+        scale[r0:r1], zero[r0:r1] = s, z
+        return True
+
+    if not all(parallel.map_ranges(rows, parallel.chunks(x.shape[0], 64))):
+        raise ValueError("quantize_rows: input holds NaN or infinity")
     return QuantizedTensor(values=values, scale=scale, zero=zero, bits=bits)
 
 
@@ -111,19 +127,41 @@ def dequantize_forward(y_int: np.ndarray, x: QuantizedTensor, w_scale: np.ndarra
 
     Only public values of the weight are needed (its scales and row sums, from the manifest).
     """
-    corrected = y_int - np.outer(x.zero, row_sums)
-    return corrected * x.scale[:, None] * w_scale[None, :]
+    out = np.empty(y_int.shape, dtype=np.float64)
+
+    def rows(r0: int, r1: int) -> None:  # y_int - z ⊗ row_sums, times the scales, by ranges of rows
+        o = out[r0:r1]
+        np.subtract(y_int[r0:r1], np.outer(x.zero[r0:r1], row_sums), out=o)
+        o *= x.scale[r0:r1, None]
+        o *= w_scale[None, :]
+
+    parallel.map_rows(rows, y_int.shape[0], minimum=64)
+    return out
 
 
 def fold_output_scale(dy: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
     """Backward: fold ``s_o`` into the gradient, so the server multiplies by integers only."""
-    return np.asarray(dy, dtype=np.float64) * w_scale[None, :]
+    dy = np.asarray(dy)
+    out = np.empty(dy.shape, dtype=np.float64)
+
+    def rows(r0: int, r1: int) -> None:
+        np.multiply(dy[r0:r1], w_scale[None, :], out=out[r0:r1], dtype=np.float64)
+
+    parallel.map_rows(rows, dy.shape[0], minimum=64)
+    return out
 
 
 def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, col_sums: np.ndarray) -> np.ndarray:
     """``dX = s_t · (Z_int - z_t · Σ_o q_w[o, j])`` for ``Z_int = q_g · q_w``."""
-    corrected = z_int - np.outer(g.zero, col_sums)
-    return corrected * g.scale[:, None]
+    out = np.empty(z_int.shape, dtype=np.float64)
+
+    def rows(r0: int, r1: int) -> None:
+        o = out[r0:r1]
+        np.subtract(z_int[r0:r1], np.outer(g.zero[r0:r1], col_sums), out=o)
+        o *= g.scale[r0:r1, None]
+
+    parallel.map_rows(rows, z_int.shape[0], minimum=64)
+    return out
 
 
 def _exact_product(a: np.ndarray, b_f64: np.ndarray, bits: int) -> np.ndarray:

@@ -32,7 +32,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .bits import PackedRows, pack_bits, packed_size, unpack_bits
+from . import parallel
+from .bits import PackedRows, pack_bits, packed_size, unpack_bits, unpack_bits_into
 from .codec import check_blob as _blob
 from .codec import check_int as _int
 from .codec import check_keys as _keys
@@ -86,14 +87,19 @@ def _check_chunk(msg: Any, offset: str) -> None:
     _int(offset, getattr(msg, offset), 0, MAX_ROWS)
 
 
+def _max_value(arr: np.ndarray) -> int:
+    """The largest value of a (rows, N) array, ranges of rows in parallel."""
+    return parallel.reduce_rows(lambda lo, hi: int(arr[lo:hi].max()), arr.shape[0], max)
+
+
 def _check_residues(where: str, arr: Any, params: ParamSet) -> None:
     """``arr``: (rows >= 1, L, N) uint32, every residue of limb i below p_i."""
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint32 or arr.ndim != 3:
         _fail(where, "a (rows, L, N) uint32 array is required")
     if arr.shape[0] < 1 or arr.shape[1:] != (params.limbs, params.n):
         _fail(where, f"shape {arr.shape} is not (rows >= 1, {params.limbs}, {params.n})")
-    primes = np.asarray(params.primes, dtype=np.uint32)[:, None]
-    bad = (arr >= primes).any(axis=(0, 2))
+    top = parallel.reduce_rows(lambda lo, hi: arr[lo:hi].max(axis=(0, 2)), arr.shape[0], np.maximum)  # per limb
+    bad = top >= np.asarray(params.primes, dtype=np.uint32)
     if bad.any():
         _fail(where, f"limb {int(np.argmax(bad))} has a residue not below its prime")
 
@@ -126,7 +132,7 @@ def _unpack_residues(where: str, blobs: Any, params: ParamSet, rows: int) -> np.
         bits, count = p.bit_length(), rows * params.n
         _blob(f"{where}[{i}]", blob, packed_size(bits, count))
         try:
-            out[:, i, :] = unpack_bits(blob, bits, count).reshape(rows, params.n)
+            unpack_bits_into(blob, bits, out[:, i, :])
         except MalformedMessage as exc:
             _fail(f"{where}[{i}]", str(exc))
     return out
@@ -375,7 +381,7 @@ class EncryptedReply:
                 _fail(name, "a (rows, N) uint64 array is required")
             if arr.shape[0] < 1 or arr.shape != (res.b.shape[0], n):
                 _fail(name, f"shape {arr.shape} is not (rows >= 1, {n}) or differs from b")
-            if arr.size and int(arr.max()) >> k:
+            if arr.size and _max_value(arr) >> k:
                 _fail(name, f"a value does not fit in {k} bits")
         if isinstance(res.a, PackedRows) and (res.a.bits, res.a.n, res.a.rows) != (k, n, res.b.shape[0]):
             _fail("a", f"packed a must be {res.b.shape[0]} rows of {n} values of {k} bits")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from hecommon import params as P
@@ -57,6 +57,27 @@ class ByteTransport:
                 raise HeloraError(f"server error on layer {request.layer} {request.direction}: {d.reason}: {d.message}")
         reply = wire.join(decoded)
         return reply, sum(map(len, chunks)) + sum(map(len, replies))
+
+    def stream(self, parts: Iterable[wire.EncryptedRequest], on_part: Callable[[wire.EncryptedReply], None]) -> int:
+        """The broker client's interface (``BrokerTransport.stream``): the request given as its
+        parts, ``on_part`` called on each reply part (once, checked as ``join`` checks them), so
+        the client decrypts part by part here too. Returns the bytes sent and received."""
+        parts = list(parts)
+        chunks = [wire.encode_request(p, self.limit) for p in parts]
+        replies = self.send(chunks)
+        tracker = wire.PartTracker()
+        for body in replies:
+            msg = wire.decode(body, self.limit)
+            if isinstance(msg, wire.ErrorReply):
+                raise HeloraError(f"server error on layer {parts[0].layer} {parts[0].direction}: "
+                                  f"{msg.reason}: {msg.message}")
+            if not isinstance(msg, wire.EncryptedReply):
+                raise HeloraError(f"layer {parts[0].layer}: the server answered with a {type(msg).__name__}")
+            if tracker.add(msg):
+                on_part(msg)
+        if not tracker.complete:
+            raise HeloraError(f"layer {parts[0].layer} {parts[0].direction}: the reply's parts are incomplete")
+        return sum(map(len, chunks)) + sum(map(len, replies))
 
 
 class EncryptedBackend:

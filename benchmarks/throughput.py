@@ -1,0 +1,291 @@
+"""Throughput of the whole system on this machine (issue 17): the client's cost per value, the
+encrypted step against plain PEFT, and the bytes a broker run moves.
+
+    python benchmarks/throughput.py [--quick] [--json PATH] [--skip-broker]
+
+In one run, every key at the top level of the JSON:
+
+- ``client_ns_per_value_1_thread``, ``client_ns_per_value_all_threads``: the client's whole cost
+  of one value crossing the wire: quantize, encrypt, cut and encode (up); decode, join, decrypt,
+  fold and dequantize (down), through the real client (``EncryptedBackend`` over the wire codec,
+  as a broker client: the layer's switched ``a`` held, replies ``b`` alone), at full packing
+  (N = 2048 tokens a request), over the block linears of SmolLM2-135M and Llama-3.2-1B (one block
+  of random weights each: only the shapes matter), forward and backward. A value is one
+  coefficient of one ciphertext, up or down. The server's seconds are not in it: two real passes
+  compute each layer's replies (the first gives the client its ``a``), later passes replay the
+  second pass's reply under the request's id (the same bytes the server would send; the result
+  decrypts to noise, which costs the same).
+- ``fft_ns_per_value``: one batched complex128 FFT of size N over as many rows as those requests
+  carry (up and down), numpy, one thread: the floor; ``client_over_fft`` = 1-thread client / FFT.
+- ``client_parallel_speedup_2_threads``: 1-thread over 2-thread client time.
+- ``slowdown_vs_plain_peft``: SmolLM2-135M encrypted (embedded, ``helora train``'s default) vs
+  plain PEFT (transformers + PEFT, fp32) on this CPU, same batches (8 × 256 tokens), each after
+  one warm-up step.
+- ``broker_hops_per_byte``: the bytes through the broker (every body published into it and
+  delivered out of it: each party's own counters, the services' ``helora_bytes_total`` and the
+  client's transport) over the client's own wire bytes, in a SmolLM2 step over RabbitMQ with one
+  evaluator; 2.0 is one hop each way. ``equals_embedded``: that run's LoRA weights equal the
+  embedded run's bit for bit after every step.
+- ``transport_ratio``: not measured yet (null): it needs the identity-product fleet of issue 17.
+
+``--quick``: two timed client passes, SmolLM2 shapes only for the client keys, one timed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import re
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, print_table, write_json  # noqa: E402
+from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
+from hecommon import kernels, wire  # noqa: E402
+from hecommon.keys import SecretKey  # noqa: E402
+from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
+from helora_orchestrator.broker import make_broker_backend  # noqa: E402
+from helora_orchestrator.client_model import ClientModel  # noqa: E402
+from helora_orchestrator.data import DataOrder, load_splits  # noqa: E402
+from helora_orchestrator.embedded import EmbeddedServer  # noqa: E402
+from helora_orchestrator.encrypted import make_encrypted_backend  # noqa: E402
+from helora_orchestrator.lora import LoraSettings  # noqa: E402
+from helora_orchestrator.train import TrainConfig  # noqa: E402
+from helora_orchestrator.up import SMOLLM2, LocalFleet  # noqa: E402
+
+URL = os.environ.get("HELORA_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+#: one block of each model, random weights (only the linear shapes matter for the client's cost)
+SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+class _Replay:
+    """The embedded server's ``call``, timed; after ``record()`` each (layer, direction) gets the
+    reply recorded from its last real call again, under the new request's id."""
+
+    def __init__(self, server: EmbeddedServer) -> None:
+        self.call, self.seconds, self.replaying = server.call, 0.0, False
+        self.recorded: dict[tuple[str, str], list[wire.EncryptedReply]] = {}
+
+    def __call__(self, chunks: list[bytes]) -> list[bytes]:
+        t0 = time.perf_counter()
+        head = wire.decode_request_head(chunks[0])
+        key = (head.layer, head.direction)
+        if self.replaying:
+            out = [wire.encode_reply(dataclasses.replace(r, rid=head.rid)) for r in self.recorded[key]]
+        else:
+            out = self.call(chunks)
+            self.recorded[key] = [wire.decode_reply(c) for c in out]
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def client_costs(name: str, passes: int) -> dict:
+    """The client's ns per value at 1 thread and at all threads, and the FFT floor, for one block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, vocab_size=256, **SHAPES[name]))
+    groups = discover_groups(model)
+    server = EmbeddedServer(model, groups, hints_on_client=False)
+    replay = _Replay(server)
+    server.call = replay  # type: ignore[method-assign] - the backend's ByteTransport sends here
+    backend = make_encrypted_backend(model, groups, over_bytes=True, hints_on_client=False,
+                                     hold_a_bytes=1 << 40, server=server)
+    n = backend.params.n
+    gen = np.random.default_rng(0)
+    inputs = [(g.name, "fwd", gen.standard_normal((n, g.in_features)).astype(np.float32)) for g in groups]
+    inputs += [(g.name, "bwd", gen.standard_normal((n, g.total_out)).astype(np.float32)) for g in groups]
+
+    def one_pass() -> float:
+        """Client seconds of one request per (layer, direction)."""
+        server_before, t0 = replay.seconds, time.perf_counter()
+        for layer, direction, x in inputs:
+            (backend.forward if direction == "fwd" else backend.backward)(layer, x)
+        return time.perf_counter() - t0 - (replay.seconds - server_before)
+
+    one_pass()  # real: the replies carry a, which the client holds from now on
+    one_pass()  # real: the replies carry b alone: recorded
+    replay.replaying = True
+    values = sum((backend.layers[layer].d_in if d == "fwd" else backend.layers[layer].d_out)
+                 + backend.layers[layer].out_rows(d) for layer, d, _ in inputs) * n
+    seconds = {}
+    for threads in sorted({1, 2, os.cpu_count() or 1}):
+        os.environ["HELORA_THREADS"] = str(threads)
+        one_pass()  # warm at this thread count
+        seconds[threads] = statistics.median(one_pass() for _ in range(passes))
+    os.environ.pop("HELORA_THREADS", None)
+    fft = 0.0
+    for layer, d, _ in inputs:
+        rows = (backend.layers[layer].d_in if d == "fwd" else backend.layers[layer].d_out) + backend.layers[layer].out_rows(d)
+        x = gen.standard_normal((rows, n)) + 1j * gen.standard_normal((rows, n))
+        out = np.empty_like(x)
+        np.fft.fft(x, axis=-1, out=out)
+        times = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            np.fft.fft(x, axis=-1, out=out)
+            times.append(time.perf_counter() - t0)
+        fft += statistics.median(times)
+    return {"values": values, "seconds": seconds, "fft_seconds": fft}
+
+
+def _batches(steps: int, batch_size: int, seq_len: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    train, _ = load_splits(None, load_tokenizer(None), seq_len)
+    order = DataOrder(len(train), batch_size, seed)
+    return [train.batch(order.next_batch()) for _ in range(steps)]
+
+
+def _timed(run: Run, batches, warmup: int) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """Step through ``batches``; seconds of the steps after ``warmup``, and LoRA after every step."""
+    seconds, states = [], []
+    for i, (ids, labels) in enumerate(batches):
+        before = run.seconds
+        run.step(ids, labels)
+        if i >= warmup:
+            seconds.append(run.seconds - before)
+        states.append(lora_snapshot(run))
+        print(f"  {run.name}: step {i + 1}/{len(batches)} {run.seconds - before:.1f} s", flush=True)
+    return seconds, states
+
+
+def _service_bytes(fleet: LocalFleet) -> float:
+    """Message bytes in and out of every service of ``fleet`` (their ``helora_bytes_total``)."""
+    total = 0.0
+    for log in fleet.log_dir.glob("*.log"):
+        ports = re.findall(rb"metrics on http://[^:/\s]+:(\d+)/metrics", log.read_bytes())
+        if not ports:
+            continue
+        with urllib.request.urlopen(f"http://127.0.0.1:{int(ports[-1])}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total += sum(float(v) for v in re.findall(r"^helora_bytes_total\{[^}]*\} (\S+)$", text, re.M))
+    return total
+
+
+def broker_run(cfg: TrainConfig, lora: LoraSettings, batches, warmup: int) -> dict:
+    """SmolLM2 over RabbitMQ with one evaluator: step seconds, LoRA states, bytes per hop."""
+    ns = f"helora-throughput-{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory(prefix="helora-throughput-") as tmp:
+        fleet = LocalFleet(URL, ns, SMOLLM2, evaluators=1, shard_dir=Path(tmp) / "shards", backend="numpy",
+                           part_timeout_s=3600)
+        try:
+            fleet.start(timeout_s=1800)
+            model = load_model(None)
+            backend = make_broker_backend(URL, SecretKey.generate(), namespace=ns, model=model, timeout_s=3600)
+            torch.manual_seed(cfg.seed)
+            client = ClientModel(model, backend, discover_groups(model), lora, seed=cfg.seed)
+            run = Run("broker_1", client, client.lora_parameters(), cfg, client)
+            seconds, states = _timed(run, batches[:warmup], warmup)
+            transport = backend.transport
+            client0 = transport.bytes_sent + transport.bytes_received
+            services0 = _service_bytes(fleet)
+            seconds, more = _timed(run, batches[warmup:], 0)
+            client_bytes = transport.bytes_sent + transport.bytes_received - client0
+            services = _service_bytes(fleet) - services0
+            transport.close()
+        finally:
+            fleet.stop()
+            fleet.delete_topology()
+    return {"seconds": seconds, "states": states + more, "client_bytes": client_bytes,
+            "hops": (services + client_bytes) / client_bytes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, SmolLM2 shapes only, one timed step")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--skip-broker", action="store_true", help="no RabbitMQ run (its keys are null)")
+    ap.add_argument("--idle", action="store_true", help="record that nothing else ran on the machine")
+    args = ap.parse_args(argv)
+    passes = 2 if args.quick else 5
+    timed_steps = 1 if args.quick else 2
+    load0 = os.getloadavg()
+    print(f"client kernels: {'numba' if kernels.enabled() else 'numpy'}; {os.cpu_count()} CPUs", flush=True)
+
+    # 1. the client's cost per value
+    rows, values, seconds, fft = [], 0, {}, 0.0
+    for name in (("smollm2",) if args.quick else tuple(SHAPES)):
+        c = client_costs(name, passes)
+        values += c["values"]
+        fft += c["fft_seconds"]
+        for t, s in c["seconds"].items():
+            seconds[t] = seconds.get(t, 0.0) + s
+        rows.append({"shapes": name, "values_M": c["values"] / 1e6, **{f"ns_{t}": s / c["values"] * 1e9
+                                                                        for t, s in c["seconds"].items()},
+                     "fft_ns": c["fft_seconds"] / c["values"] * 1e9})
+        gc.collect()
+    all_threads = max(seconds)
+    print_table(rows, [("shapes", "shapes", "s"), ("values_M", "Mvalues", ".1f"),
+                       *[(f"ns_{t}", f"ns/v {t} thr", ".1f") for t in sorted(seconds)], ("fft_ns", "FFT ns/v", ".2f")])
+    one_ns = seconds[1] / values * 1e9
+    fft_ns = fft / values * 1e9
+
+    # 2. SmolLM2 encrypted (embedded) vs plain PEFT, same batches, after one warm-up step each
+    lora = LoraSettings()
+    cfg = TrainConfig(steps=1 + timed_steps, lr=2e-4, warmup_steps=1, batch_size=8, seq_len=256, eval_batches=1,
+                      progress=False)
+    batches = _batches(1 + timed_steps, cfg.batch_size, cfg.seq_len, cfg.seed)
+    tokens = batches[0][0].numel()
+    torch.manual_seed(cfg.seed)
+    peft_seconds, _ = _timed(peft_run(cfg, lora), batches, 1)
+    gc.collect()
+    torch.manual_seed(cfg.seed)
+    enc_seconds, enc_states = _timed(helora_run("encrypted", cfg, lora), batches, 1)
+    gc.collect()
+    peft_s, enc_s = statistics.median(peft_seconds), statistics.median(enc_seconds)
+
+    # 3. the same steps over RabbitMQ, one evaluator
+    broker = None if args.skip_broker else broker_run(cfg, lora, batches, 1)
+    equal = None
+    if broker is not None:
+        equal = len(broker["states"]) == len(enc_states) and all(
+            all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) for a, b in zip(broker["states"], enc_states,
+                                                                                      strict=True))
+
+    payload = {
+        "benchmark": "throughput", "quick": args.quick, "machine": machine(), "kernels": kernels.enabled(),
+        "cpu_shared_with_other_jobs": not args.idle, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        "client_ns_per_value_1_thread": one_ns,
+        "client_ns_per_value_all_threads": seconds[all_threads] / values * 1e9,
+        "client_threads_all": all_threads,
+        "fft_ns_per_value": fft_ns,
+        "client_over_fft": one_ns / fft_ns,
+        "client_parallel_speedup_2_threads": seconds[1] / seconds[2] if 2 in seconds else None,
+        "client_shapes": rows,
+        "slowdown_vs_plain_peft": enc_s / peft_s,
+        "tokens_per_step": tokens,
+        "tokens_per_s_plain_peft": tokens / peft_s,
+        "tokens_per_s_encrypted_embedded": tokens / enc_s,
+        "step_seconds": {"plain_peft": peft_seconds, "encrypted_embedded": enc_seconds,
+                         "broker_1": broker["seconds"] if broker else None},
+        "broker_hops_per_byte": broker["hops"] if broker else None,
+        "broker_client_bytes_per_token": broker["client_bytes"] / (tokens * timed_steps) if broker else None,
+        "tokens_per_s_broker_1": tokens / statistics.median(broker["seconds"]) if broker else None,
+        "equals_embedded": equal,
+        "transport_ratio": None,
+        "transport_ratio_note": "not measured: needs the fleet with an identity product (issue 17, not built yet)",
+    }
+    for key in ("client_ns_per_value_1_thread", "client_ns_per_value_all_threads", "fft_ns_per_value",
+                "client_over_fft", "client_parallel_speedup_2_threads", "slowdown_vs_plain_peft",
+                "broker_hops_per_byte", "equals_embedded"):
+        value = payload[key]
+        print(f"{key:36s} {value:.3f}" if isinstance(value, float) else f"{key:36s} {value}")
+    write_json(args.json, payload)
+    return 0 if equal in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
