@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, print_table, write_json  # noqa: E402
+from common import machine, median_time, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
 from hecommon import kernels, wire  # noqa: E402
 from hecommon.keys import SecretKey  # noqa: E402
@@ -133,13 +133,7 @@ def client_costs(name: str, passes: int) -> dict:
         rows = (backend.layers[layer].d_in if d == "fwd" else backend.layers[layer].d_out) + backend.layers[layer].out_rows(d)
         x = gen.standard_normal((rows, n)) + 1j * gen.standard_normal((rows, n))
         out = np.empty_like(x)
-        np.fft.fft(x, axis=-1, out=out)
-        times = []
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            np.fft.fft(x, axis=-1, out=out)
-            times.append(time.perf_counter() - t0)
-        fft += statistics.median(times)
+        fft += median_time(lambda x=x, out=out: np.fft.fft(x, axis=-1, out=out), passes)
     return {"values": values, "seconds": seconds, "fft_seconds": fft}
 
 
@@ -188,7 +182,7 @@ def broker_run(cfg: TrainConfig, lora: LoraSettings, batches, warmup: int) -> di
             torch.manual_seed(cfg.seed)
             client = ClientModel(model, backend, discover_groups(model), lora, seed=cfg.seed)
             run = Run("broker_1", client, client.lora_parameters(), cfg, client)
-            seconds, states = _timed(run, batches[:warmup], warmup)
+            _, states = _timed(run, batches[:warmup], warmup)
             transport = backend.transport
             client0 = transport.bytes_sent + transport.bytes_received
             services0 = _service_bytes(fleet)

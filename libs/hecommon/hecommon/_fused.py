@@ -27,6 +27,17 @@ def _mod(y, p, inv_p):  # pragma: no cover - compiled
 
 
 @_jit
+def _decode(x, modulus, qd):  # pragma: no cover - compiled
+    """The message of ``x = b + a·s`` (a float64 integer below 2^53) mod ``modulus``: reduced,
+    centered in [-1/2, 1/2) of the modulus, times ``qd = q/Δ``, rounded (``encrypt._decode``)."""
+    x -= np.floor(x / modulus) * modulus
+    frac = x / modulus
+    if frac >= 0.5:
+        frac -= 1.0
+    return np.int64(np.rint(frac * qd))
+
+
+@_jit
 def fold_words(words, mask, p, n, twist, out):  # pragma: no cover - compiled
     """Rows of uniform residues mod ``p`` from keystream words (masked, rejected at or above
     ``p``: ``encrypt.expand_a``'s rule), centered, folded and twisted into ``out`` (rows, N/2)
@@ -111,12 +122,7 @@ def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, t, out, col):  # pr
             for c, xh, xl in ((k, zh.real, zl.real), (k + half, zh.imag, zl.imag)):
                 if c >= t:
                     continue
-                x = np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c])
-                x -= np.floor(x / modulus) * modulus
-                frac = x / modulus
-                if frac >= 0.5:
-                    frac -= 1.0
-                out[c, col + r] = np.int64(np.rint(frac * qd))
+                out[c, col + r] = _decode(np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c]), modulus, qd)
 
 
 @_jit
@@ -141,12 +147,7 @@ def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, 
                 d = _mod(_mod(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)
                 whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
                 a_s = np.int64(np.rint(whole * scale)) & mask
-                x = np.float64(a_s) + np.float64(b[r, c])
-                x -= np.floor(x / modulus) * modulus
-                frac = x / modulus
-                if frac >= 0.5:
-                    frac -= 1.0
-                out[c, col + r] = np.int64(np.rint(frac * qd))
+                out[c, col + r] = _decode(np.float64(a_s) + np.float64(b[r, c]), modulus, qd)
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)

@@ -390,6 +390,8 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
     qd = params.q / params.delta
     spec = np.empty((2, kernels.BLOCK_ROWS, half), dtype=np.complex128)
     fused = kernels.loops()
+    p0, p1 = params.primes[0], params.primes[-1]  # the hint path has two limbs (``decrypt`` checks)
+    inv_p0, scale = pow(p0, -1, p1), float(1 << ct.bits) / params.q
     for b0 in range(lo, hi, kernels.BLOCK_ROWS):
         b1 = min(b0 + kernels.BLOCK_ROWS, hi)
         one, two = spec[0, : b1 - b0], spec[1, : b1 - b0]
@@ -402,10 +404,9 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
                                         ct.n_tokens, out, b0)
         else:  # the hint's two limbs mod q: a·s mod q by CRT, switched as the server would
             assert hint is not None
-            p0, p1 = params.primes
             for i, (p, buf) in enumerate(((p0, one), (p1, two))):
                 if not fused.fold_words(hint[b0:b1, i], 0xFFFFFFFF, p, params.n, mul.twist, buf):
                     raise DecryptionError("the layer's hint holds residues outside their modulus")
             mul.spectrum_product(spec[:, : b1 - b0])
-            fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, pow(p0, -1, p1), ct.b[b0:b1], ct.bits,
-                                        float(1 << ct.bits) / params.q, qd, ct.n_tokens, out, b0)
+            fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, ct.b[b0:b1], ct.bits, scale, qd,
+                                        ct.n_tokens, out, b0)

@@ -127,16 +127,7 @@ def dequantize_forward(y_int: np.ndarray, x: QuantizedTensor, w_scale: np.ndarra
 
     Only public values of the weight are needed (its scales and row sums, from the manifest).
     """
-    out = np.empty(y_int.shape, dtype=np.float64)
-
-    def rows(r0: int, r1: int) -> None:  # y_int - z ⊗ row_sums, times the scales, by ranges of rows
-        o = out[r0:r1]
-        np.subtract(y_int[r0:r1], np.outer(x.zero[r0:r1], row_sums), out=o)
-        o *= x.scale[r0:r1, None]
-        o *= w_scale[None, :]
-
-    parallel.map_rows(rows, y_int.shape[0], minimum=64)
-    return out
+    return _dequantize(y_int, x, row_sums, w_scale)
 
 
 def fold_output_scale(dy: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
@@ -153,14 +144,21 @@ def fold_output_scale(dy: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
 
 def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, col_sums: np.ndarray) -> np.ndarray:
     """``dX = s_t · (Z_int - z_t · Σ_o q_w[o, j])`` for ``Z_int = q_g · q_w``."""
-    out = np.empty(z_int.shape, dtype=np.float64)
+    return _dequantize(z_int, g, col_sums)
+
+
+def _dequantize(y: np.ndarray, q: QuantizedTensor, sums: np.ndarray, w_scale: np.ndarray | None = None) -> np.ndarray:
+    """``(y - z ⊗ sums) · s_t`` (times ``w_scale`` per column if given), by ranges of rows in parallel."""
+    out = np.empty(y.shape, dtype=np.float64)
 
     def rows(r0: int, r1: int) -> None:
         o = out[r0:r1]
-        np.subtract(z_int[r0:r1], np.outer(g.zero[r0:r1], col_sums), out=o)
-        o *= g.scale[r0:r1, None]
+        np.subtract(y[r0:r1], np.outer(q.zero[r0:r1], sums), out=o)
+        o *= q.scale[r0:r1, None]
+        if w_scale is not None:
+            o *= w_scale[None, :]
 
-    parallel.map_rows(rows, z_int.shape[0], minimum=64)
+    parallel.map_rows(rows, y.shape[0], minimum=64)
     return out
 
 

@@ -47,20 +47,19 @@ class SmallSecretMultiplier:
         self.n = n
         half = n // 2
         k = np.arange(half)
-        self._twist = np.exp(1j * np.pi * k / n)  # ψ^k, ψ = exp(iπ/N)
-        self._untwist = np.conj(self._twist) / half
+        #: ψ^k (ψ = exp(iπ/N)), applied to the folded input; ``untwist`` after the inverse ``ifft``
+        #: (which divides by N/2 itself). The fused kernels (``hecommon.kernels``) use both.
+        self.twist = np.exp(1j * np.pi * k / n)
+        self.untwist = np.conj(self.twist)
         self._s_hat = self._forward(s.astype(np.float64))
-        #: for the fused kernels (``hecommon.kernels``): input twist, and the untwist after ``ifft``
-        self.twist = self._twist
-        self.untwist = np.conj(self._twist)
 
     def _forward(self, a: np.ndarray) -> np.ndarray:
         half = self.n // 2
-        folded = (a[..., :half] + 1j * a[..., half:]) * self._twist
+        folded = (a[..., :half] + 1j * a[..., half:]) * self.twist
         return np.fft.fft(folded, axis=-1)
 
     def _inverse(self, spectrum: np.ndarray) -> np.ndarray:
-        folded = np.fft.ifft(spectrum, axis=-1) * (self._untwist * (self.n // 2))
+        folded = np.fft.ifft(spectrum, axis=-1) * self.untwist
         out = np.empty(spectrum.shape[:-1] + (self.n,), dtype=np.float64)
         out[..., : self.n // 2] = folded.real
         out[..., self.n // 2 :] = folded.imag

@@ -49,14 +49,9 @@ class ByteTransport:
         self.limit = max_message_bytes
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
-        chunks = [wire.encode_request(c, self.limit) for c in wire.split(request, self.limit)]
-        replies = self.send(chunks)
-        decoded = [wire.decode(r, self.limit) for r in replies]
-        for d in decoded:
-            if isinstance(d, wire.ErrorReply):
-                raise HeloraError(f"server error on layer {request.layer} {request.direction}: {d.reason}: {d.message}")
-        reply = wire.join(decoded)
-        return reply, sum(map(len, chunks)) + sum(map(len, replies))
+        parts: list[wire.EncryptedReply] = []
+        moved = self.stream(wire.split(request, self.limit), parts.append)
+        return wire.join(parts), moved
 
     def stream(self, parts: Iterable[wire.EncryptedRequest], on_part: Callable[[wire.EncryptedReply], None]) -> int:
         """The broker client's interface (``BrokerTransport.stream``): the request given as its
