@@ -26,9 +26,15 @@ In one run, every key at the top level of the JSON:
   client's transport) over the client's own wire bytes, in a SmolLM2 step over RabbitMQ with one
   evaluator; 2.0 is one hop each way. ``equals_embedded``: that run's LoRA weights equal the
   embedded run's bit for bit after every step.
-- ``transport_ratio``: not measured yet (null): it needs the identity-product fleet of issue 17.
+- ``transport_ratio``: MB/s that the fleet moves with its GEMM replaced by an identity product
+  (``benchmarks/identity_evaluator.py``, a benchmark-only patch: an encoder and one such evaluator
+  holding SmolLM2's blocks, the real broker client streaming one request per layer and direction
+  at N = 2048 tokens, ``b``-only replies) over the MB/s of plain pika through the same broker, same
+  run: the same request bodies published with confirms to an echo process that answers each with
+  bodies of the sizes the fleet's replies had, consumed by the same kind of client.
 
-``--quick``: two timed client passes, SmolLM2 shapes only for the client keys, one timed step.
+``--quick``: two timed client passes, SmolLM2 shapes only for the client keys, one timed step,
+one timed transport pass.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import multiprocessing
 import os
 import re
 import secrets
@@ -47,15 +54,17 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pika
+import pika.exceptions
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
-from hecommon import kernels, wire  # noqa: E402
+from hecommon import amqp, kernels, route, wire  # noqa: E402
 from hecommon.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
-from helora_orchestrator.broker import make_broker_backend  # noqa: E402
+from helora_orchestrator.broker import BrokerTransport, make_broker_backend  # noqa: E402
 from helora_orchestrator.client_model import ClientModel  # noqa: E402
 from helora_orchestrator.data import DataOrder, load_splits  # noqa: E402
 from helora_orchestrator.embedded import EmbeddedServer  # noqa: E402
@@ -197,11 +206,148 @@ def broker_run(cfg: TrainConfig, lora: LoraSettings, batches, warmup: int) -> di
             "hops": (services + client_bytes) / client_bytes}
 
 
+class _IdentityFleet(LocalFleet):
+    """A ``LocalFleet`` whose evaluators run ``benchmarks/identity_evaluator.py`` (benchmark only)."""
+
+    def _env(self, port: int) -> dict[str, str]:
+        env = super()._env(port)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                                                          env.get("PYTHONPATH")]))
+        return env
+
+    def start_evaluator(self, index: int, name: str | None = None):
+        return self.start_service(name or f"evaluator{index}", "identity_evaluator",
+                                  "--blocks", amqp.blocks_label(self.blocks), "--shard", f"{index}/{self.evaluators}",
+                                  "--shard-dir", str(self.shard_dir), "--backend", "numpy", port_offset=1 + index)
+
+
+def _echo(url: str, queue: str) -> None:
+    """The plain-pika stand-in for the evaluator: each message consumed is answered, to its
+    ``reply_to``, with bodies of the sizes its ``x-reply-sizes`` header lists (confirms on, as the
+    services publish)."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.queue_declare(queue, auto_delete=True)
+    ch.basic_qos(prefetch_count=2)
+    blobs: dict[int, bytes] = {}
+
+    def answer(channel, method, props, body) -> None:
+        for size in props.headers["x-reply-sizes"]:
+            blob = blobs.setdefault(size, os.urandom(size))
+            channel.basic_publish("", props.reply_to, blob, pika.BasicProperties(correlation_id=props.correlation_id))
+        channel.basic_ack(method.delivery_tag)
+
+    ch.basic_consume(queue, answer)
+    ch.start_consuming()  # until the benchmark terminates this process
+
+
+def transport_run(passes: int, blocks: int = 4) -> dict:
+    """``transport_ratio``: the identity-product fleet's MB/s over plain pika's, same bodies, same broker."""
+    from hecommon.encrypt import EncryptedBatch
+    from hecommon.params import DEFAULT
+
+    ns = f"helora-transport-{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory(prefix="helora-transport-") as tmp:
+        fleet = _IdentityFleet(URL, ns, SMOLLM2, evaluators=1, shard_dir=Path(tmp) / "shards", backend="numpy",
+                               part_timeout_s=600)
+        try:
+            fleet.start(timeout_s=1800)
+            transport = BrokerTransport(URL, ns, timeout_s=600)
+            manifest = transport.fetch_manifest()
+            gen = np.random.default_rng(0)
+            p = np.asarray(DEFAULT.primes, dtype=np.uint64)[None, :, None]
+            owner = os.urandom(wire.OWNER_BYTES)
+            requests = []  # (layer, direction, its parts) for the first ``blocks`` blocks
+            for e in manifest.layers:
+                if e.block >= blocks:
+                    continue
+                for d in ("fwd", "bwd"):
+                    plan = route.pieces(e, d, DEFAULT, transport.limit)
+                    b = (gen.integers(0, 1 << 32, size=(route.width(e, d), DEFAULT.limbs, DEFAULT.n), dtype=np.uint64)
+                         % p).astype(np.uint32)
+                    parts = [wire.EncryptedRequest(os.urandom(16), e.name, d, EncryptedBatch(DEFAULT, b[x.lo:x.hi],
+                                                                                             DEFAULT.n),
+                                                   part=x.part, parts=x.parts, row_start=x.lo, send_a=False,
+                                                   owner=owner) for x in plan]
+                    requests.append(parts)
+            sizes: dict[tuple[str, str, int], list[int]] = {}  # each request part's reply bodies
+
+            def fleet_pass(record: bool) -> tuple[float, int]:
+                moved0, t0 = transport.bytes_sent + transport.bytes_received, time.perf_counter()
+                for parts in requests:
+                    def on_part(reply: wire.EncryptedReply, parts=parts) -> None:
+                        if record:
+                            sizes.setdefault((reply.layer, reply.direction, reply.piece), []).append(
+                                len(wire.encode_reply(reply, transport.limit)))
+                    transport.stream([dataclasses.replace(x, rid=os.urandom(16)) for x in parts], on_part)
+                return time.perf_counter() - t0, transport.bytes_sent + transport.bytes_received - moved0
+
+            fleet_pass(record=True)  # warm: the evaluator builds its (zero) hints
+            fleet_runs = [fleet_pass(record=False) for _ in range(passes)]
+            transport.close()
+        finally:
+            fleet.stop()
+            fleet.delete_topology()
+
+    # plain pika: the same request bodies to an echo consumer, replies of the same sizes back
+    bodies = [[(wire.encode_request(x, wire.MAX_MESSAGE_BYTES), sizes[(x.layer, x.direction, x.part)]) for x in parts]
+              for parts in requests]
+    queue = f"helora-transport-echo-{secrets.token_hex(4)}"
+    echo = multiprocessing.get_context("spawn").Process(target=_echo, args=(URL, queue))
+    echo.start()
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        reply_q = ch.queue_declare("", exclusive=True).method.queue
+        inbox: list[int] = []
+        ch.basic_consume(reply_q, lambda c, m, pr, body: inbox.append(len(body)), auto_ack=True)
+        end = time.monotonic() + 60
+        while True:  # the echo process declares its queue
+            try:
+                ch.queue_declare(queue, passive=True)
+                break
+            except pika.exceptions.ChannelClosedByBroker:
+                if time.monotonic() > end:
+                    raise
+                ch = conn.channel()
+                ch.confirm_delivery()
+                ch.basic_consume(reply_q, lambda c, m, pr, body: inbox.append(len(body)), auto_ack=True)
+                time.sleep(0.2)
+
+        def pika_pass() -> tuple[float, int]:
+            moved, t0 = 0, time.perf_counter()
+            for parts in bodies:
+                inbox.clear()
+                want = sum(len(s) for _, s in parts)
+                for body, reply_sizes in parts:
+                    ch.basic_publish("", queue, body, pika.BasicProperties(
+                        reply_to=reply_q, correlation_id="echo", headers={"x-reply-sizes": reply_sizes}),
+                        mandatory=True)
+                    moved += len(body)
+                while len(inbox) < want:
+                    conn.process_data_events(time_limit=0.5)
+                moved += sum(inbox)
+            return time.perf_counter() - t0, moved
+
+        pika_pass()
+        pika_runs = [pika_pass() for _ in range(passes)]
+    finally:
+        conn.close()
+        echo.terminate()
+        echo.join(10)
+    fleet_mb_s = statistics.median(m / s for s, m in fleet_runs) / 1e6
+    pika_mb_s = statistics.median(m / s for s, m in pika_runs) / 1e6
+    return {"fleet_mb_s": fleet_mb_s, "pika_mb_s": pika_mb_s, "ratio": fleet_mb_s / pika_mb_s,
+            "mb_per_pass": statistics.median(m for _, m in fleet_runs) / 1e6, "requests": len(requests)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, SmolLM2 shapes only, one timed step")
     ap.add_argument("--json", metavar="PATH")
-    ap.add_argument("--skip-broker", action="store_true", help="no RabbitMQ run (its keys are null)")
+    ap.add_argument("--skip-broker", action="store_true", help="no RabbitMQ runs (their keys are null)")
     ap.add_argument("--idle", action="store_true", help="record that nothing else ran on the machine")
     args = ap.parse_args(argv)
     passes = 2 if args.quick else 5
@@ -243,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. the same steps over RabbitMQ, one evaluator
     broker = None if args.skip_broker else broker_run(cfg, lora, batches, 1)
+    # 4. the data path alone: the identity-product fleet vs plain pika, same bodies
+    transport = None if args.skip_broker else transport_run(2 if args.quick else 3)
+    if transport is not None:
+        print(f"transport: fleet {transport['fleet_mb_s']:.1f} MB/s, plain pika {transport['pika_mb_s']:.1f} MB/s "
+              f"({transport['mb_per_pass']:.0f} MB a pass, {transport['requests']} requests)", flush=True)
     equal = None
     if broker is not None:
         equal = len(broker["states"]) == len(enc_states) and all(
@@ -269,12 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         "broker_client_bytes_per_token": broker["client_bytes"] / (tokens * timed_steps) if broker else None,
         "tokens_per_s_broker_1": tokens / statistics.median(broker["seconds"]) if broker else None,
         "equals_embedded": equal,
-        "transport_ratio": None,
-        "transport_ratio_note": "not measured: needs the fleet with an identity product (issue 17, not built yet)",
+        "transport_ratio": transport["ratio"] if transport else None,
+        "transport_fleet_mb_s": transport["fleet_mb_s"] if transport else None,
+        "transport_plain_pika_mb_s": transport["pika_mb_s"] if transport else None,
     }
     for key in ("client_ns_per_value_1_thread", "client_ns_per_value_all_threads", "fft_ns_per_value",
                 "client_over_fft", "client_parallel_speedup_2_threads", "slowdown_vs_plain_peft",
-                "broker_hops_per_byte", "equals_embedded"):
+                "broker_hops_per_byte", "transport_ratio", "equals_embedded"):
         value = payload[key]
         print(f"{key:36s} {value:.3f}" if isinstance(value, float) else f"{key:36s} {value}")
     write_json(args.json, payload)

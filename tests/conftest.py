@@ -53,10 +53,10 @@ _METRIC_NAMES = {
 _CLOSED_LABELS = {
     "service": {"encoder", "evaluator", "aggregator", "orchestrator"},
     "kind": {"qkv", "o", "gate_up", "down", "other"},
-    "stage": {"decode", "route", "he_product", "aggregate", "switch", "publish", "total"},
+    "stage": {"decode", "he_product", "aggregate", "switch", "publish", "total"},
     "reason": {"error", "config", "insecure_parameters", "transient", "timeout", "malformed", "version", "oversized",
                "parameter_mismatch", "decryption", "unroutable", "internal", "other"},
-    "queue": {"ingress", "manifest", "evaluator", "partials", "other"},
+    "queue": {"manifest", "evaluator", "partials", "other"},
     "device": {"cpu", "cuda"},
     "backend": {"numpy", "cupy"},
 }

@@ -3,8 +3,8 @@ real Prometheus that scraped helora during a short training run on this machine.
 
 The run: encoder (tiny model), two evaluator layer groups (blocks 0 and 1), aggregator, as
 subprocesses on the real RabbitMQ under a namespace unique to this run, and ``helora train
---model tiny --broker … --metrics-port P`` through them; one malformed message to the ingress
-queue afterwards gives the failure and dead-letter panels something to count. Prometheus is the
+--model tiny --broker … --metrics-port P`` through them; one malformed request to block 0's
+evaluator afterwards gives the failure and dead-letter panels something to count. Prometheus is the
 Debian package ``prometheus`` (.ci/run installs it), scraping every second:
 
 - the services as the chart's ServiceMonitor does (its path and ``honorLabels``, read from the
@@ -320,7 +320,8 @@ def scrape_config(run: Run, stand_in_port: int) -> dict:
 
 
 def _publish_malformed(namespace: str) -> None:
-    """One malformed request on the ingress queue: the encoder dead-letters it (reason malformed)."""
+    """One malformed request to block 0's evaluator, the requests' entry point: it dead-letters it
+    (reason malformed)."""
     import pika
     from hecommon.amqp import Topology
 
@@ -328,7 +329,8 @@ def _publish_malformed(namespace: str) -> None:
     try:
         ch = conn.channel()
         ch.confirm_delivery()
-        ch.basic_publish("", Topology(namespace).ingress, b"\xc1 not msgpack",
+        t = Topology(namespace)
+        ch.basic_publish(t.requests, t.routing_key("0.qkv", 0, 1), b"\xc1 not msgpack",
                          pika.BasicProperties(correlation_id="dashboard-test"), mandatory=True)
     finally:
         conn.close()

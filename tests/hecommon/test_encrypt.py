@@ -296,30 +296,32 @@ def test_fft_products_equal_the_schoolbook_product(n, rng):
     np.testing.assert_array_equal(got, np.stack([negacyclic_reference(x, s) for x in wide]))
 
 
-def test_products_summed_part_by_part_equal_the_whole_product(rng, monkeypatch):
-    """``MatrixProduct.add_rows`` over parts that cover the inputs once, in any order and across
-    the GEMM's chunk boundaries (``MAX_GEMM_TERMS``, made small here), is the whole product."""
+def test_pieces_of_a_product_add_up_to_the_whole_product(rng, monkeypatch):
+    """``MatrixProduct.piece`` of parts that cover the inputs once, in any order and across the
+    GEMM's chunk boundaries (``MAX_GEMM_TERMS``, made small here), adds up mod q to the whole
+    product: each part of a request is computed alone (the direct path), and the pieces are added
+    by the aggregator or, decrypted, by the client. The same for the hint of each part's rows."""
     from hecommon import evaluate
     from hecommon.encrypt import EncryptedBatch
-    from hecommon.errors import ConfigError, ParameterMismatch
+    from hecommon.errors import ParameterMismatch
 
     monkeypatch.setattr(evaluate, "MAX_GEMM_TERMS", 16)
     params = P.DEFAULT
+    primes = np.asarray(params.primes, dtype=np.uint64)[:, None]
     m = rng.integers(-127, 128, size=(5, 50))
-    product = evaluate.MatrixProduct(m, params, os.urandom(16))
-    assert len(product._chunks) == 4 and product.sums_parts
+    seed = os.urandom(16)
+    product = evaluate.MatrixProduct(m, params, seed)
+    assert len(product._chunks) == 4
     b = rng.integers(0, min(params.primes), size=(50, params.limbs, params.n), dtype=np.uint32)
     whole = product.product_on_device(b)
-    total = None
+    total, hint = np.zeros(whole.shape, np.uint64), np.zeros(whole.shape, np.uint64)
     for lo, hi in ((30, 50), (0, 7), (7, 30)):
-        total = product.add_rows(total, EncryptedBatch(params, b[lo:hi], 9), lo)
-    np.testing.assert_array_equal(product.finish(total), whole)
+        total = (total + product.piece(b[lo:hi], lo)) % primes
+        hint = (hint + product.build_hint(seed, (lo, hi))) % primes
+    np.testing.assert_array_equal(total, whole)
+    np.testing.assert_array_equal(hint, product.hint)
+    np.testing.assert_array_equal(product.piece(b, 0), whole)  # one piece: the whole product
     with pytest.raises(ParameterMismatch, match="outside"):
-        product.add_rows(None, EncryptedBatch(params, b[:5], 9), 46)
-    other = P.N4096
-    with pytest.raises(ParameterMismatch, match="batch uses"):
-        product.add_rows(None, EncryptedBatch(other, np.zeros((2, other.limbs, other.n), dtype=np.uint32), 1), 0)
-    product._int8 = object()  # as on a GPU with the int8 digit product
-    assert not product.sums_parts
-    with pytest.raises(ConfigError, match="whole input"):
-        product.add_rows(None, EncryptedBatch(params, b[:5], 9), 0)
+        product.piece(b[:5], 46)
+    with pytest.raises(ParameterMismatch, match="batch has"):  # the whole-input path checks its width
+        list(product.row_blocks(EncryptedBatch(params, b[:5], 9), [(0, 5)]))

@@ -181,9 +181,9 @@ def test_a_layer_that_cannot_be_made_exact_is_refused_before_anything_is_encrypt
         wire.decode_manifest(data.replace(b"\xa6x_bits\x08", b"\xa6x_bits\x0c"))
 
 
-def test_a_split_product_summed_part_by_part_equals_the_whole_and_holds_no_more_weights(rng):
-    """A request streamed in parts (the evaluator multiplies each as it comes: ``add_rows``) whose
-    parts straddle the sub-sums' boundary; the float64 weights are held once, not once per sub-sum."""
+def test_a_split_product_in_pieces_adds_up_to_the_whole_and_holds_no_more_weights(rng):
+    """A request in parts (the evaluator multiplies each alone: ``piece``) whose parts straddle
+    the sub-sums' boundary; the float64 weights are held once, not once per sub-sum."""
     from hecommon.encrypt import EncryptedBatch
 
     width, terms = 16_500, exact_terms(PS)
@@ -192,10 +192,11 @@ def test_a_split_product_summed_part_by_part_equals_the_whole_and_holds_no_more_
     assert split.d_out == 6 and split.held_bytes == w.size * 8  # float64 weights, once
     b = rng.integers(0, min(PS.primes), size=(width, PS.limbs, PS.n), dtype=np.uint32)
     whole = split.product_on_device(b)
-    total = None
+    primes = np.asarray(PS.primes, dtype=np.uint64)[:, None]
+    total = np.zeros(whole.shape, np.uint64)
     for lo, hi in ((16_000, 16_500), (0, 7_000), (7_000, 16_000)):
-        total = split.add_rows(total, EncryptedBatch(PS, b[lo:hi], 9), lo)
-    np.testing.assert_array_equal(split.finish(total), whole)
+        total = (total + split.piece(b[lo:hi], lo)) % primes
+    np.testing.assert_array_equal(total, whole)
     blocks = list(split.row_blocks(EncryptedBatch(PS, b, 9), [(0, 1), (1, 4), (4, 6)]))
     np.testing.assert_array_equal(np.concatenate(blocks), whole)
 

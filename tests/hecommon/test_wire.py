@@ -353,12 +353,14 @@ def test_reply_without_a_round_trips_at_hint_bits():
         wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b | np.uint64(1 << k), 11))
 
 
-def test_peek_part_reads_the_part_count_without_the_arrays():
+def test_peek_part_reads_the_piece_and_part_without_the_arrays():
     res = EncryptedResult(N2048, np.vstack([gen.words(1, 4)] * 3), np.vstack([gen.words(1, 5)] * 3), 5)
     reply = wire.EncryptedReply(RID, "3.qkv", "fwd", res)
     chunks = wire.split(reply, reply._row_bytes() + wire.HEADER_ALLOWANCE)  # one row per chunk
     assert len(chunks) > 1
-    assert [wire.peek_part(wire.encode(c)) for c in chunks] == [(i, len(chunks)) for i in range(len(chunks))]
+    assert [wire.peek_part(wire.encode(c)) for c in chunks] == [(0, i) for i in range(len(chunks))]
+    piece = dataclasses.replace(chunks[1], piece=2, pieces=3)
+    assert wire.peek_part(wire.encode(piece)) == (2, 1) == wire.PartTracker.key(piece)
     assert wire.peek_part(wire.encode(gen.error())) is None
     m = msgpack.unpackb(wire.encode(chunks[0]), raw=False)
     m["parts"] = "2"
@@ -453,7 +455,7 @@ def test_request_head_refuses_what_decode_refuses(entry):
 
 
 def test_reply_head_matches_the_full_decode_without_unpacking():
-    """The aggregator's view of a reply part an evaluator made: every field, no arrays unpacked."""
+    """A reply part's head: every field, no arrays unpacked."""
     for reply in (gen.reply(), wire.EncryptedReply(RID, "3.down", "bwd",
                                                    EncryptedResult(N2048, None, words(N2048, 2) >> 4, 5),
                                                    part=1, parts=3, out_start=7)):
@@ -464,17 +466,14 @@ def test_reply_head_matches_the_full_decode_without_unpacking():
                 head.part, head.parts, head.out_start, head.lib) == (
             reply.rid, reply.layer, reply.direction, reply.params, res.n_tokens, res.width, res.a is not None,
             reply.part, reply.parts, reply.out_start, reply.lib)
-        assert wire.decode_partial_or_reply_head(data) == head
-    partial = gen.partial()
-    assert same(wire.decode_partial_or_reply_head(wire.encode(partial)), partial)  # a partial: decoded whole
     with pytest.raises(errors.MalformedMessage, match="type"):
-        wire.decode_partial_or_reply_head(wire.encode(gen.request()))
+        wire.decode_reply_head(wire.encode(gen.request()))
 
 
 @pytest.mark.parametrize("entry", INDEX["negative"], ids=lambda e: e["file"])
 def test_reply_head_refuses_what_decode_refuses(entry):
     """Every bad vector is refused by the reply head decoder (a reply's packed values have no range
-    to check: any bits are a value), and by the aggregator's decoder, with decode's error class."""
+    to check: any bits are a value), with decode's error class."""
     data = (VECTORS / entry["file"]).read_bytes()
     expected = getattr(errors, entry["error"])
     try:
@@ -484,8 +483,6 @@ def test_reply_head_refuses_what_decode_refuses(entry):
     with pytest.raises(expected if kind == "reply" else (expected, errors.MalformedMessage)) as info:
         wire.decode_reply_head(data)
     assert len(str(info.value)) < 200
-    with pytest.raises(expected if kind in ("reply", "partial") else (expected, errors.MalformedMessage)):
-        wire.decode_partial_or_reply_head(data)
 
 
 def test_reply_head_refuses_bad_sizes_and_fields():

@@ -1,5 +1,7 @@
-"""A real helora fleet on the real broker: encoder, two evaluators (every layer cut in two shards)
-and the aggregator, as subprocesses, under a namespace unique to this session."""
+"""A real helora fleet on the real broker, as subprocesses, under a namespace unique to this
+session: the encoder; block 0 cut in two shards (two evaluators, whose partials the aggregator
+combines); block 1 whole on one evaluator queue consumed by two replicas (each answering the
+client directly, with the parts of one request shared between them); the aggregator."""
 
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from helora_orchestrator.up import stop_processes, tail_logs
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 #: small on purpose: requests, partials and replies of the tiny model all travel in several parts
 LIMIT = 256 * 1024
-SHARDS = 2
+SHARDS = 2  # block 0's shards
+#: (process name, --blocks, --shard): two shards of block 0, two replicas of block 1's one queue
+EVALUATORS = (("evaluator0", "0", f"0/{SHARDS}"), ("evaluator1", "0", f"1/{SHARDS}"),
+              ("evaluator2", "1", "0/1"), ("evaluator3", "1", "0/1"))
 #: the line each service logs once its metrics endpoints listen (``hecommon.metrics.serve``)
 METRICS_LINE = re.compile(rb"metrics on http://[^:/\s]+:(\d+)/metrics")
 
@@ -38,7 +43,8 @@ class Fleet:
     def evaluator_queues(self) -> list[str]:
         from hecommon.amqp import Topology
 
-        return [Topology(self.namespace).evaluator_queue("0-1", i, SHARDS) for i in range(SHARDS)]
+        t = Topology(self.namespace)
+        return [*(t.evaluator_queue("0", i, SHARDS) for i in range(SHARDS)), t.evaluator_queue("1", 0, 1)]
 
     def start(self, name: str, module: str, *args: str) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -71,7 +77,10 @@ class Fleet:
         from hecommon.amqp import Topology
 
         logging.getLogger("pika").setLevel(logging.ERROR)  # passive declares of absent queues are expected
-        queues = [*self.evaluator_queues, Topology(self.namespace).partials, Topology(self.namespace).ingress]
+        queues = [*self.evaluator_queues, Topology(self.namespace).partials, Topology(self.namespace).manifest]
+        consumers = {q: sum(1 for _, blocks, shard in EVALUATORS
+                            if Topology(self.namespace).evaluator_queue(blocks, *map(int, shard.split("/"))) == q)
+                     for q in queues}  # two replicas on block 1's queue
         end = time.monotonic() + timeout_s
         conn = pika.BlockingConnection(pika.URLParameters(URL))
         try:
@@ -79,7 +88,8 @@ class Fleet:
             while True:
                 self.check_alive()
                 try:
-                    if all(ch.queue_declare(q, passive=True).method.consumer_count > 0 for q in queues):
+                    if all(ch.queue_declare(q, passive=True).method.consumer_count >= max(1, consumers[q])
+                           for q in queues):
                         return
                 except pex.ChannelClosedByBroker:  # not declared yet
                     ch = conn.channel()
@@ -108,10 +118,10 @@ def fleet(tmp_path_factory, local_broker):
     root = tmp_path_factory.mktemp("fleet")
     f = Fleet(f"helora-test-{secrets.token_hex(4)}", root / "shards", root)
     try:
-        f.start("encoder", "helora_encoder.worker", "--model", "tiny", "--seed", "0", "--shards", f"0-1:{SHARDS}",
+        f.start("encoder", "helora_encoder.worker", "--model", "tiny", "--seed", "0", "--shards", f"0:{SHARDS}",
                 "--shard-dir", str(f.shard_dir))
-        for i in range(SHARDS):
-            f.start(f"evaluator{i}", "helora_evaluator.worker", "--blocks", "0-1", "--shard", f"{i}/{SHARDS}",
+        for name, blocks, shard in EVALUATORS:
+            f.start(name, "helora_evaluator.worker", "--blocks", blocks, "--shard", shard,
                     "--shard-dir", str(f.shard_dir), "--backend", "numpy", "--wait-shards-s", "60")
         f.start("aggregator", "helora_aggregator.worker")
         f.wait_ready()

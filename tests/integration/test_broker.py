@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import threading
 import time
 import uuid
@@ -12,11 +14,12 @@ import numpy as np
 import pika
 import pytest
 import torch
-from hecommon import amqp, wire
+from hecommon import amqp, route, wire
 from hecommon import params as P
 from hecommon.encrypt import EncryptedBatch, encrypt, owner_a_seed
 from hecommon.keys import SecretKey
 from hecommon.model import discover_groups, tiny_llama
+from hecommon.shards import even_split
 from helora_orchestrator.backend import build_backend
 from helora_orchestrator.broker import make_broker_backend
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
@@ -56,8 +59,22 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.equal(a[name], b[name]), name
 
 
+def _products(fleet, name: str) -> float:
+    """``helora_he_product_seconds_count`` of one evaluator process: the request parts it computed."""
+    import urllib.request
+
+    with urllib.request.urlopen(fleet.metrics_url(name) + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(r"^helora_he_product_seconds_count\{[^}]*\} (\S+)$", text, re.M))
+
+
 def test_training_over_the_broker_equals_the_embedded_mode(fleet):
+    """The direct path, both ways of serving a layer: block 0 cut in two shards (the aggregator
+    combines their partials), block 1 whole on one queue with two replicas, each answering the
+    client with the parts of a request it happened to receive (pieces the client adds). The
+    LoRA weights equal the embedded run's bit for bit."""
     reference = _train(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=7)
+    before = {name: _products(fleet, name) for name in ("evaluator2", "evaluator3")}
     client = _broker_client(fleet)
     try:
         got = _train(client, steps=2, data_seed=7)
@@ -66,6 +83,13 @@ def test_training_over_the_broker_equals_the_embedded_mode(fleet):
     _assert_same(reference, got)
     assert any(torch.count_nonzero(v) for k, v in got.items() if "lora_B" in k)  # it did train
     assert client.backend.requests > 0 and client.backend.wire_bytes > 0
+    layers = {e.block: e for e in client.backend.manifest.layers}
+    assert layers[0].shards == 2 and layers[1].shards == 1
+    params, limit = client.backend.params, fleet.limit
+    assert all(route.reply_pieces(e, d, params, limit) > 1 for e in client.backend.manifest.layers if e.block == 1
+               for d in ("fwd", "bwd"))  # block 1's requests come in several parts, answered piece by piece
+    for name, count in before.items():  # both replicas computed parts of block 1's requests
+        assert _products(fleet, name) > count, (name, fleet.logs())
 
 
 def _valid_request(manifest: wire.Manifest, rows: int = 3) -> tuple[wire.EncryptedRequest, np.ndarray]:
@@ -79,10 +103,14 @@ def _valid_request(manifest: wire.Manifest, rows: int = 3) -> tuple[wire.Encrypt
 
 
 def _bad_messages(manifest: wire.Manifest, limit: int) -> dict[str, tuple[bytes, str]]:
-    """correlation id -> (body, expected x-helora-reason)."""
+    """correlation id -> (body, expected x-helora-reason), each for shard 0 of block 0's first layer."""
     req, _ = _valid_request(manifest, rows=1)
     whole = wire.encode_request(req, 1 << 24)  # one message above the services' limit
     first = wire.encode_request(wire.split(req, limit)[0], limit)
+    entry = manifest.layers[0]
+    lo, hi = even_split(entry.d_in, entry.shards)[1]  # shard 1's rows, sent to shard 0
+    theirs = dataclasses.replace(req, batch=EncryptedBatch(req.params, req.batch.b[lo:lo + 1], 1), row_start=lo)
+    unknown = dataclasses.replace(theirs, layer="99.qkv", row_start=0)
     head = {"v": 99, "type": "request", "pset": manifest.params.name, "rid": os.urandom(16), "lib": "0"}
     other = P.N4096
     foreign = wire.EncryptedRequest(rid=os.urandom(16), layer=req.layer, direction="fwd",
@@ -94,20 +122,27 @@ def _bad_messages(manifest: wire.Manifest, limit: int) -> dict[str, tuple[bytes,
         (whole, "oversized"),
         (msgpack.packb(head, use_bin_type=True), "version"),
         (wire.encode_request(foreign, limit), "parameter_mismatch"),
+        (wire.encode_request(theirs, limit), "malformed"),  # rows this evaluator does not hold
+        (wire.encode_request(unknown, limit), "parameter_mismatch"),  # a layer it does not hold
     )}
 
 
 def test_bad_requests_are_dead_lettered_with_their_reason_and_service_goes_on(fleet):
+    """The evaluators are the entry point of requests (the direct path): what they receive is
+    checked in full there, dead-lettered with its reason, and the client told at once."""
     backend = make_broker_backend(fleet.url, namespace=fleet.namespace, timeout_s=60, max_message_bytes=fleet.limit)
     topo = amqp.Topology(fleet.namespace)
     bad = _bad_messages(backend.manifest, fleet.limit)
+    entry = backend.manifest.layers[0]
+    assert entry.shards == 2
+    key = topo.routing_key(entry.name, 0, entry.shards)
     conn = pika.BlockingConnection(pika.URLParameters(fleet.url))
     try:
         ch = conn.channel()
         ch.confirm_delivery()
         reply_q = ch.queue_declare("", exclusive=True).method.queue
         for cid, (body, _) in bad.items():
-            ch.basic_publish("", topo.ingress, body, pika.BasicProperties(reply_to=reply_q, correlation_id=cid),
+            ch.basic_publish(topo.requests, key, body, pika.BasicProperties(reply_to=reply_q, correlation_id=cid),
                              mandatory=True)
         dead, errors = {}, {}
         end = time.monotonic() + 30
@@ -124,7 +159,7 @@ def test_bad_requests_are_dead_lettered_with_their_reason_and_service_goes_on(fl
         conn.close()
     for cid, (_, reason) in bad.items():
         assert dead.get(cid, {}).get(amqp.REASON_HEADER) == reason, (cid, reason, dead.get(cid), fleet.logs())
-        assert dead[cid][amqp.QUEUE_HEADER] == topo.ingress
+        assert dead[cid][amqp.QUEUE_HEADER] == fleet.evaluator_queues[0]
         assert (amqp.DROPPED_HEADER in dead[cid]) == (reason == "oversized")
         assert errors[cid].reason == reason  # the client is told too, and fails fast
     # the fleet still serves: encrypted over the broker == the clear quantized product

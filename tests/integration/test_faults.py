@@ -127,8 +127,8 @@ class _Run(threading.Thread):
         transport = client.backend.transport
         publish = transport._publish
 
-        def publish_then_hold(queue: str, bodies: list[bytes], cid: str) -> None:
-            publish(queue, bodies, cid)
+        def publish_then_hold(key: str, bodies: list[bytes], cid: str, exchange: str = "") -> None:
+            publish(key, bodies, cid, exchange)
             if self.hold_at is not None and client.backend.requests >= self.hold_at:
                 self.hold_at = None
                 self.holding.set()
@@ -175,10 +175,10 @@ def _queue_counts(fleet: LocalFleet) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _wait_for(what: str, predicate, timeout_s: float = 30.0) -> None:
+def _wait_for(what: str, predicate, timeout_s: float = 30.0, explain=lambda: "") -> None:
     end = time.monotonic() + timeout_s
     while not predicate():
-        assert time.monotonic() < end, f"{what}: not within {timeout_s} s"
+        assert time.monotonic() < end, f"{what}: not within {timeout_s} s {explain()}"
         time.sleep(0.2)
 
 
@@ -290,6 +290,11 @@ def test_connections_closed_by_the_broker_mid_run_reconnect_and_complete(fleet):
     logs = {p.stem: p.read_text(errors="replace") for p in fleet.log_dir.glob("*.log")}
     assert all("reconnecting" in logs[s] for s in services), fleet.logs()
     fleet.check_alive()
+    # each drop left an attempt whose later parts were never sent (the client held mid-request):
+    # the aggregator holds the partials of its first parts until their time is up, then lets them go
+    partials = amqp.Topology(fleet.namespace).partials
+    _wait_for("the abandoned attempts' partials time out", lambda: _queue_counts(fleet)[partials] == (0, 0),
+              PART_TIMEOUT_S + 30, lambda: str(_queue_counts(fleet)))
 
 
 def _restart(fleet: LocalFleet, name: str, part_timeout_s: float | None = None) -> None:
@@ -316,18 +321,20 @@ def _exact_forward(backend, rows: int = 5, seed: int = 3) -> None:
     np.testing.assert_array_equal(backend.forward(layer, x), quantized.forward(layer, x))
 
 
-@pytest.mark.parametrize("which", ["fleet", "fleet1"], ids=["two evaluators, gathered", "one evaluator, forwarded"])
-def test_duplicated_partials_are_counted_once(which, request):
-    """Every partial message of a request reaches the aggregator twice (as after a redelivery of a
-    worker that published and died before its ack): the reply is still exact, nothing is left.
-    With one evaluator the messages are finished reply parts, which the aggregator forwards one by
-    one: a copy of a part already forwarded is dropped, so the client gets each reply part once."""
+@pytest.mark.parametrize("which", ["fleet", "fleet1"], ids=["two evaluators, gathered", "one evaluator, direct"])
+def test_duplicated_messages_are_counted_once(which, request):
+    """Every message of a request reaches its consumer twice (as after a redelivery of a sender
+    that published and died before its ack): the reply is still exact, nothing is left. With two
+    evaluators the copies are partials, which the aggregator counts once; with one evaluator,
+    which answers the client directly, the copies are request parts: the evaluator computes each
+    copy, and the client keeps the first copy of every reply part."""
     fleet = request.getfixturevalue(which)
     topo = amqp.Topology(fleet.namespace)
     dead_before = _dead_letters(fleet)
-    agg = fleet.procs["aggregator"]
-    agg.send_signal(signal.SIGTERM)
-    assert agg.wait(30) == 0
+    name, queue = ("aggregator", topo.partials) if which == "fleet" else ("evaluator0", fleet.evaluator_queue(0))
+    consumer = fleet.procs[name]
+    consumer.send_signal(signal.SIGTERM)
+    assert consumer.wait(30) == 0
     backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=90,
                                   max_message_bytes=fleet.max_message_bytes)
     box: dict[str, BaseException | None] = {}
@@ -344,8 +351,8 @@ def test_duplicated_partials_are_counted_once(which, request):
     conn = pika.BlockingConnection(pika.URLParameters(fleet.broker_url))
     try:
         ch = conn.channel()
-        count = lambda: ch.queue_declare(topo.partials, passive=True).method.message_count  # noqa: E731
-        _wait_for("both shards' partials wait in the queue", lambda: count() >= 2, 60)
+        count = lambda: ch.queue_declare(queue, passive=True).method.message_count  # noqa: E731
+        _wait_for("the request's messages wait in the queue", lambda: count() >= 2, 60)
         seen, stable_since = count(), time.monotonic()
         while time.monotonic() - stable_since < 1.5:  # every part of both partials has landed
             conn.sleep(0.3)
@@ -353,21 +360,25 @@ def test_duplicated_partials_are_counted_once(which, request):
                 seen, stable_since = count(), time.monotonic()
         ch.confirm_delivery()
         held = []  # take every message first (unacked, so basic_get does not return it again) ...
-        while (got := ch.basic_get(topo.partials, auto_ack=False))[0] is not None:
+        while (got := ch.basic_get(queue, auto_ack=False))[0] is not None:
             held.append(got)
-        assert 2 <= len(held) <= 64, len(held)
+        assert 2 <= len(held) <= 256, len(held)
         for _method, props, body in held:  # ... then put back each one and its copy, back to back
             for _ in range(2):
-                ch.basic_publish("", topo.partials, body, props, mandatory=True)
+                ch.basic_publish("", queue, body, props, mandatory=True)
         for method, _, _ in held:
             ch.basic_ack(method.delivery_tag)
     finally:
         conn.close()
-    fleet.start_aggregator()
+    if which == "fleet":
+        fleet.start_aggregator()
+    else:
+        fleet.start_evaluator(0)
     t.join(90)
     backend.transport.close()
     assert not t.is_alive() and box.get("error", "unset") is None, f"{box}\n{fleet.logs()}"
-    _wait_for("the partials queue drains", lambda: _queue_counts(fleet)[topo.partials] == (0, 0))
+    _wait_for("the queue drains", lambda: _queue_counts(fleet)[queue] == (0, 0), 30,
+              lambda: f"{_queue_counts(fleet)}\n{fleet.logs()}")
     assert _dead_letters(fleet) == dead_before
 
 
@@ -423,9 +434,9 @@ def test_requests_nobody_answers_fail_with_the_layer_and_the_silent_service(flee
 
 def test_one_evaluator_streams_exact_replies_part_by_part(fleet1):
     """With one evaluator, which holds every layer whole, the evaluator switches each part itself
-    and sends finished reply parts; the aggregator forwards each as it arrives (it switches
-    nothing: its metrics show no switch stage, the evaluator's do), the client decrypts each as it
-    comes, and the products stay exact."""
+    and sends finished reply parts straight to the client (the aggregator sees nothing: its
+    metrics show no switch stage, the evaluator's do), the client decrypts each as it comes, and
+    the products stay exact."""
     switches = {name: _stage_count(fleet1, name, "switch") for name in ("aggregator", "evaluator0")}
     model = _model()
     quantized = build_backend("quantized", model, discover_groups(model))
@@ -449,33 +460,34 @@ def test_one_evaluator_streams_exact_replies_part_by_part(fleet1):
     assert _stage_count(fleet1, "evaluator0", "switch") > switches["evaluator0"] + 8  # 8 requests, several parts
 
 
-def test_a_bad_reply_part_is_dead_lettered_by_the_aggregator(fleet1):
-    """A reply part on the partials queue whose b is a byte short: the aggregator's head check
-    refuses it (dead letter with its reason, an error reply to the client) and goes on serving."""
-    from hecommon.encrypt import EncryptedResult
+def test_a_bad_partial_is_dead_lettered_by_the_aggregator(fleet):
+    """A partial on the partials queue whose b is a byte short: the aggregator refuses it (dead
+    letter with its reason, an error reply to the client) and goes on serving."""
+    from hecommon.encrypt import EncryptedPartial
 
-    backend = make_broker_backend(fleet1.broker_url, namespace=fleet1.namespace, timeout_s=90,
-                                  max_message_bytes=fleet1.max_message_bytes)
+    backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=90,
+                                  max_message_bytes=fleet.max_message_bytes)
     params, layer = backend.manifest.params, backend.manifest.layers[0]
-    values = np.arange(2 * params.n, dtype=np.uint64).reshape(2, params.n)
-    reply = wire.EncryptedReply(os.urandom(16), layer.name, "fwd", EncryptedResult(params, values, values, 3))
-    m = msgpack.unpackb(wire.encode_reply(reply, LIMIT), raw=False)
+    values = np.zeros((2, params.limbs, params.n), dtype=np.uint32)
+    partial = wire.PartialResult(os.urandom(16), layer.name, "fwd", 0, 2, 0, 1,
+                                 EncryptedPartial(params, values, values.copy(), 3))
+    m = msgpack.unpackb(wire.encode_partial(partial, LIMIT), raw=False)
     bad = msgpack.packb({**m, "b": m["b"][:-1]}, use_bin_type=True)
-    topo = amqp.Topology(fleet1.namespace)
-    dead_before = _dead_letters(fleet1)
-    conn = pika.BlockingConnection(pika.URLParameters(fleet1.broker_url))
+    topo = amqp.Topology(fleet.namespace)
+    dead_before = _dead_letters(fleet)
+    conn = pika.BlockingConnection(pika.URLParameters(fleet.broker_url))
     try:
         ch = conn.channel()
         ch.confirm_delivery()
         reply_q = ch.queue_declare("", exclusive=True).method.queue
-        ch.basic_publish("", topo.partials, bad, pika.BasicProperties(reply_to=reply_q, correlation_id="bad-reply"),
+        ch.basic_publish("", topo.partials, bad, pika.BasicProperties(reply_to=reply_q, correlation_id="bad-partial"),
                          mandatory=True)
-        _wait_for("the bad reply part is dead-lettered", lambda: _dead_letters(fleet1) == dead_before + 1)
+        _wait_for("the bad partial is dead-lettered", lambda: _dead_letters(fleet) == dead_before + 1)
         dead, error = None, None
         end = time.monotonic() + 30
         while (dead is None or error is None) and time.monotonic() < end:
             method, props, _ = ch.basic_get(topo.dead, auto_ack=True)
-            if method is not None and props.correlation_id == "bad-reply":
+            if method is not None and props.correlation_id == "bad-partial":
                 dead = props.headers
             method, props, body = ch.basic_get(reply_q, auto_ack=True)
             if method is not None:
@@ -517,7 +529,9 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
     attempts: list[bytes] = []
     server = pika.BlockingConnection(pika.URLParameters(URL))
     ch = server.channel()
-    ch.queue_declare(topo.ingress, auto_delete=True)
+    topo.declare_common(ch)
+    queue = ch.queue_declare("", exclusive=True).method.queue  # the evaluator of layer 0.down
+    ch.queue_bind(queue, topo.requests, routing_key=topo.routing_key("0.down", 0, 1))
 
     def answer(channel, method, props, body):
         req = wire.decode_request(body, limit)
@@ -531,9 +545,12 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
         if len(attempts) == 1:  # once the client has handed parts 0 and 1 over, drop its connection
             threading.Thread(target=lambda: (two_in.wait(30), _close_connections(ns)), daemon=True).start()
 
-    ch.basic_consume(topo.ingress, answer, auto_ack=True)
+    ch.basic_consume(queue, answer, auto_ack=True)
     serving = threading.Thread(target=ch.start_consuming, daemon=True)
     client = BrokerTransport(URL, ns, timeout_s=30, max_message_bytes=limit)
+    z = np.zeros
+    client.layers = {"0.down": wire.LayerEntry("0.down", 0, 1, 30, (("mlp.down_proj", 30),), bytes(16), bytes(16),
+                                               z(30), z(30, np.int64), z(1, np.int64), 16_000)}  # the manifest's
     try:
         serving.start()
         batch = EncryptedBatch(N2048, np.zeros((1, N2048.limbs, N2048.n), np.uint32), 4)
@@ -549,7 +566,10 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
         client.close()
         server.add_callback_threadsafe(ch.stop_consuming)
         serving.join(10)
-        server.close()
+        try:
+            topo.delete(server.channel())
+        finally:
+            server.close()
     assert len(attempts) == 2 and attempts[0] != attempts[1]  # the retry went under a fresh id
     assert sorted(handed) == list(range(len(wire.split(wire.EncryptedReply(attempts[0], "0.down", "fwd", result),
                                                          limit))))

@@ -82,6 +82,11 @@ class _Streaming:
     def __call__(self, request):
         return self.inner(request)
 
+    def plan(self, entry, direction, params):
+        from helora_orchestrator.encrypted import ByteTransport
+
+        return ByteTransport.plan(self, entry, direction, params)  # whole requests, cut below the limit
+
     def stream(self, parts, on_part) -> int:
         from hecommon import wire
 

@@ -29,9 +29,25 @@ def test_every_part_once_completes_whatever_the_order():
     assert parts.add(p2) and not parts.complete
     assert parts.add(p0) and not parts.complete
     assert not parts.add(p0) and not parts.complete  # a copy of part 0 is not part 1
-    assert 0 in parts and 1 not in parts
+    assert (0, 0) in parts and (0, 1) not in parts
     assert parts.add(p1) and parts.complete
     assert parts.rows == 3
+
+
+def test_a_reply_in_pieces_completes_once_every_part_of_every_piece_is_in():
+    """An evaluator holding a whole layer answers each request part alone: the reply comes in
+    pieces, each with the same output rows, and the tracker waits for all of them."""
+    pieces = [[dataclasses.replace(p, piece=i, pieces=2) for p in _reply_parts()] for i in range(2)]
+    parts = wire.PartTracker()
+    for p in pieces[0]:
+        assert parts.add(p)
+    assert not parts.complete and parts.pieces == 2  # piece 1 still to come
+    assert parts.add(pieces[1][2]) and not parts.add(pieces[1][2]) and (1, 2) in parts
+    for p in pieces[1][:2]:
+        parts.add(p)
+    assert parts.complete and parts.rows == 6
+    with pytest.raises(MalformedMessage, match="different messages"):  # another piece count: another reply
+        parts.add(dataclasses.replace(pieces[0][0], pieces=3))
 
 
 def test_parts_of_another_message_are_refused():

@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 from hecommon import params as P
-from hecommon import wire
+from hecommon import route, wire
 from hecommon.encrypt import EncryptedBatch, decrypt, encrypt, owner_a_seed
 from hecommon.errors import MalformedMessage, ParameterMismatch
+from hecommon.exact import fold
 from hecommon.keys import SecretKey
 from hecommon.quantize import integer_matmul, quantize_weight
 from hecommon.shards import even_split
@@ -19,6 +20,11 @@ from helora_orchestrator.embedded import EmbeddedServer
 
 OWNER = os.urandom(16)  # this test client's owner seed
 
+
+
+def _cut(server: EmbeddedServer, req: wire.EncryptedRequest):
+    """(shard, sub-request) pairs of a whole request, as the embedded server routes it."""
+    return route.cut(server.layers[req.layer], req)
 
 
 def _request(server: EmbeddedServer, layer: str, direction: str, m: np.ndarray):
@@ -75,7 +81,7 @@ def test_aggregator_ignores_redelivered_partials(tiny, rng):
     g = groups[0]
     m = rng.integers(0, 256, size=(5, g.in_features))
     secret, req = _request(server, g.name, "fwd", m)
-    parts = [server.evaluators[i].handle(sub) for i, sub in server.encoder.route(req)]
+    parts = [server.evaluators[i].handle(sub) for i, sub in _cut(server, req)]
     agg = AggregatorHandler()
     assert agg.add(parts[0]) is None
     assert agg.add(parts[0]) is None  # duplicate of shard 0 before completion: not counted twice
@@ -125,7 +131,7 @@ def test_evaluators_that_switch_a_give_the_same_replies(tiny, shards, rng):
             secret, req = _request(server, g.name, direction, m)
             expected, _ = server.exchange(req)
             reply = None
-            for index, sub in server.encoder.route(req):
+            for index, sub in _cut(server, req):
                 partial = switching[index].handle(sub)
                 assert partial.partial.a_switched == (direction == "bwd" or shards == 1)
                 chunks = [wire.decode_partial(wire.encode_partial(c, limit), limit) for c in wire.split(partial, limit)]
@@ -164,9 +170,7 @@ def test_switched_and_mod_q_partials_do_not_mix(tiny, rng):
 @pytest.mark.parametrize("shards", [1, 2])
 def test_partials_computed_part_by_part_equal_the_split_whole(tiny, shards, switch, rng):
     """``handle_parts`` (the worker's: one message's output rows at a time) gives, byte for byte,
-    the messages of ``wire.split(handle(req))``; so does the worker's path for a sub-request in
-    several parts: each part's product summed as it arrives (``add_part``, in any order), then
-    ``handle_parts`` of the joined head with that sum."""
+    the messages of ``wire.split(handle(req))``."""
     from helora_evaluator.handler import EvaluatorHandler
 
     model, groups = tiny
@@ -177,25 +181,80 @@ def test_partials_computed_part_by_part_equal_the_split_whole(tiny, shards, swit
     limit = 100 * 1024 + wire.HEADER_ALLOWANCE
     for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
         _, req = _request(server, g.name, direction, rng.integers(0, 256, size=(6, width)))
-        for index, sub in server.encoder.route(req):
+        for index, sub in _cut(server, req):
             expected = [wire.encode_partial(c, limit) for c in wire.split(handlers[index].handle(sub), limit)]
             got = [wire.encode_partial(p, limit) for p in handlers[index].handle_parts(sub, limit)]
             assert len(got) > 1 and got == expected
-            h, parts = handlers[index], wire.split(sub, 20 * 1024 + wire.HEADER_ALLOWANCE)  # a few rows each
-            assert len(parts) > 2 and all(h.sums_parts(x) for x in parts) and not h.sums_parts(sub)
-            total = None
-            for x in reversed(parts):  # redelivery can reorder them
-                total = h.add_part(total, x)
-            head = wire.join_heads([wire.RequestHead.of(x) for x in parts])
-            summed = [wire.encode_partial(x, limit) for x in h.handle_parts(head, limit, h.finish(head, total))]
-            assert summed == expected
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_request_parts_computed_by_different_replicas_give_the_whole_product(tiny, shards, rng):
+    """The direct path: the client cuts a request into parts (``route.pieces``) and each part may
+    reach any replica of its evaluator queue, in any order. Every replica computes its part alone
+    (a piece of the sum); with one shard each piece is a reply the client decrypts and adds, with
+    two the aggregator adds the pieces: either way the outputs equal the whole request's, exactly,
+    with the a part held by the client too."""
+    from hecommon.model import group_weight
+    from helora_evaluator.handler import EvaluatorHandler
+
+    model, groups = tiny
+    server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
+    g = groups[2]
+    entry = server.layers[g.name]
+    wq = quantize_weight(group_weight(model, g).double().numpy()).values
+    limit = 40 * 1024 + wire.HEADER_ALLOWANCE  # a few rows per request part, two per partial message
+
+    def replica(index):  # a fresh evaluator process for every part: nothing shared between parts
+        e = server.evaluators[index]
+        return EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+
+    for direction, width, expected in (("fwd", g.in_features, lambda m: integer_matmul(m, wq.T)),
+                                       ("bwd", g.total_out, lambda m: integer_matmul(m, wq))):
+        m = rng.integers(0, 256, size=(7, width))
+        held = None
+        for send_a in (True, False):
+            secret, whole = _request(server, g.name, direction, m)
+            plan = route.pieces(entry, direction, server.manifest.params, limit)
+            assert len(plan) > 2 and route.reply_pieces(entry, direction, server.manifest.params, limit) == (
+                len(plan) if shards == 1 else 1)
+            parts = [dataclasses.replace(whole, batch=EncryptedBatch(whole.params, whole.batch.b[p.lo:p.hi], 7),
+                                         row_start=p.lo, part=p.part, parts=p.parts, send_a=send_a) for p in plan]
+            aggregator, out, replies = AggregatorHandler(send_a=True), np.zeros((7, entry.out_rows(direction)), np.int64), 0
+            for part in reversed(parts):  # in any order
+                for index in route.targets(entry, part):
+                    h = replica(index)
+                    chunks = list(h.handle_parts(part, limit))
+                    if not h.answers(part):  # the worker sends them on; the aggregator joins a piece's chunks
+                        chunks = [wire.join([wire.decode_partial(wire.encode_partial(c, limit), limit) for c in chunks])]
+                    for partial in chunks:
+                        if h.answers(part):  # one shard: a reply piece, straight to the client
+                            reply = wire.decode_reply(wire.encode_reply(wire.reply_part(partial), limit), limit)
+                            assert (reply.piece, reply.pieces) == (part.part, len(plan))
+                            res = reply.result if send_a else reply.result.with_held_a(held[reply.piece][
+                                reply.out_start:reply.out_start + reply.result.width])
+                            if send_a:
+                                held = held or {}
+                                held.setdefault(reply.piece, np.zeros((entry.out_rows(direction), h.params.n), np.uint64))[
+                                    reply.out_start:reply.out_start + res.width] = res.a.unpack()
+                            out[:, reply.out_start:reply.out_start + res.width] += decrypt(secret, res)
+                            replies += 1
+                        else:
+                            done = aggregator.add(partial)
+                            if done is not None:
+                                res = done.result if send_a else done.result.with_held_a(held[0])
+                                if send_a:
+                                    held = {0: done.result.a.unpack() if hasattr(done.result.a, "unpack") else done.result.a}
+                                out += decrypt(secret, res)
+                                replies += 1
+            assert replies >= 1
+            np.testing.assert_array_equal(fold(out, entry.sums(direction)), expected(m))
 
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, shards, rng):
     """An evaluator that holds the whole layer (one shard, a switched) answers: its parts, switched
     there (``wire.reply_part``), decode as reply parts that join into the aggregator's reply, bit for
-    bit; the aggregator's head check reads each one. With two shards nobody answers alone."""
+    bit; the client's head check reads each one. With two shards nobody answers alone."""
     from helora_evaluator.handler import EvaluatorHandler
 
     model, groups = tiny
@@ -208,10 +267,10 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
     limit = 100 * 1024 + wire.HEADER_ALLOWANCE
     for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
         secret, req = _request(server, g.name, direction, rng.integers(0, 256, size=(6, width)))
-        routed = list(server.encoder.route(req))
+        routed = list(_cut(server, req))
         assert [handlers[i].answers(sub) for i, sub in routed] == [shards == 1] * len(routed)
         assert not plain.answers(routed[0][1])
-        held_routed = list(server.encoder.route(dataclasses.replace(req, send_a=False)))  # a held by the client
+        held_routed = list(_cut(server, dataclasses.replace(req, send_a=False)))  # a held by the client
         assert [sub.send_a for _, sub in held_routed] == [False] * len(routed)
         if shards != 1:  # the aggregator gathers the shards and leaves a out
             full, held = AggregatorHandler(send_a=True), AggregatorHandler(send_a=True)
@@ -226,7 +285,7 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
         expected = AggregatorHandler(send_a=True).add(handlers[0].handle(routed[0][1]))
         bodies = [wire.encode_reply(wire.reply_part(p), limit) for p in handlers[0].handle_parts(routed[0][1], limit)]
         assert len(bodies) > 1
-        heads = [wire.decode_partial_or_reply_head(b, limit) for b in bodies]
+        heads = [wire.decode_reply_head(b, limit) for b in bodies]
         assert all(isinstance(h, wire.ReplyHead) and h.with_a for h in heads)
         assert [(h.part, h.parts) for h in heads] == [(i, len(bodies)) for i in range(len(bodies))]
         assert [h.out_start for h in heads] == list(np.cumsum([0] + [h.width for h in heads[:-1]]))
@@ -237,7 +296,7 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
         np.testing.assert_array_equal(decrypt(secret, joined.result), decrypt(secret, expected.result))
         held_bodies = [wire.encode_reply(wire.reply_part(p), limit)
                        for p in handlers[0].handle_parts(held_routed[0][1], limit)]
-        held_heads = [wire.decode_partial_or_reply_head(b, limit) for b in held_bodies]
+        held_heads = [wire.decode_reply_head(b, limit) for b in held_bodies]
         assert all(isinstance(h, wire.ReplyHead) and not h.with_a and h.bits == h.params.out_bits for h in held_heads)
         b_only = wire.join([wire.decode_reply(b, limit) for b in held_bodies])
         assert b_only.result.a is None and sum(map(len, held_bodies)) < 0.6 * sum(map(len, bodies))
@@ -246,21 +305,26 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
                                       decrypt(secret, expected.result))
 
 
-def test_a_summed_product_is_checked_against_its_layer(tiny, rng):
+def test_a_request_part_is_checked_against_the_rows_this_evaluator_multiplies(tiny, rng):
+    """The evaluator is the entry point: a part whose rows leave this shard's, another layer, or
+    another parameter set is refused with a reason, before anything is multiplied."""
     from helora_evaluator.handler import EvaluatorHandler
 
     model, groups = tiny
-    server = EmbeddedServer(model, groups, shards=1, hints_on_client=False)
-    e = server.evaluators[0]
-    h = EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index)
+    server = EmbeddedServer(model, groups, shards=2, hints_on_client=False)
     g = groups[2]
+    e = server.evaluators[1]
+    h = EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+    lo, hi = even_split(g.in_features, 2)[1]
     _, req = _request(server, g.name, "fwd", rng.integers(0, 256, size=(4, g.in_features)))
-    parts = wire.split(req, 20 * 1024 + wire.HEADER_ALLOWANCE)
-    shifted = dataclasses.replace(parts[0], row_start=g.in_features)  # runs past the layer's inputs
-    with pytest.raises(ParameterMismatch, match="outside this layer"):
-        h.add_part(None, shifted)
-    head = wire.join_heads([wire.RequestHead.of(p) for p in parts])
-    with pytest.raises(ParameterMismatch, match="summed product"):
-        list(h.handle_parts(head, 1 << 24, np.zeros((1, e.params.limbs, e.params.n), dtype=np.uint32)))
-    with pytest.raises(TypeError, match="needs its summed product"):
-        list(h.handle_parts(head, 1 << 24))
+    mine = dataclasses.replace(req, batch=EncryptedBatch(req.params, req.batch.b[lo:hi], 4), row_start=lo)
+    assert len(list(h.handle_parts(mine, 1 << 24))) == 1
+    for bad, match in ((dataclasses.replace(mine, row_start=0), "outside the rows"),
+                       (dataclasses.replace(mine, row_start=lo + 1), "outside the rows"),
+                       (dataclasses.replace(mine, layer="99.qkv"), "does not hold layer")):
+        with pytest.raises((MalformedMessage, ParameterMismatch), match=match):
+            list(h.handle_parts(bad, 1 << 24))
+    bwd = dataclasses.replace(req, direction="bwd", batch=EncryptedBatch(req.params, req.batch.b[:3], 4),
+                              row_start=g.total_out - 2)  # runs past the layer's outputs
+    with pytest.raises(MalformedMessage, match="outside the rows"):
+        list(h.handle_parts(bwd, 1 << 24))

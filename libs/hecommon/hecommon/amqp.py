@@ -2,15 +2,15 @@
 
 Topology (``ns`` = the namespace, ``helora`` by default; tests use a unique one per session):
 
-- ``{ns}.ingress`` (queue): client requests, consumed by the encoder(s).
 - ``{ns}.manifest`` (queue): manifest RPC, answered by the encoder(s).
-- ``{ns}.requests`` (direct exchange): encoder → evaluators. Routing key
-  ``{layer}.s{i}of{n}`` (``3.qkv.s0of2``): shard ``i`` of ``n`` of one layer group, both
-  directions. Each evaluator binds its queue ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to the keys
-  of the layers it holds; replicas of one evaluator share that queue (competing consumers).
-  Encoder and evaluators must agree on ``n`` per layer: a mismatch is unroutable, and the
-  ``mandatory`` flag turns it into a clear error instead of a silent drop.
-- ``{ns}.partials`` (queue): evaluators → aggregator.
+- ``{ns}.requests`` (direct exchange): clients → evaluators, directly (``hecommon.route``).
+  Routing key ``{layer}.s{i}of{n}`` (``3.qkv.s0of2``): shard ``i`` of ``n`` of one layer group,
+  both directions, ``n`` from the manifest. Each evaluator binds its queue
+  ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to the keys of the layers it holds; replicas of one
+  evaluator share that queue (competing consumers: every message is a whole unit of work).
+  The manifest and the evaluators must agree on ``n`` per layer: a mismatch is unroutable, and
+  the ``mandatory`` flag turns it into a clear error instead of a silent drop.
+- ``{ns}.partials`` (queue): evaluators of sharded layers → aggregator.
 - Replies go to the client's exclusive ``reply_to`` queue through the default exchange, with
   ``correlation_id`` = the request id in hex, forwarded unchanged by every hop.
 - ``{ns}.dlx`` (fanout exchange) → ``{ns}.dead`` (queue). Service queues are declared with
@@ -111,10 +111,6 @@ class Topology:
         return f"{self.namespace}.dead"
 
     @property
-    def ingress(self) -> str:
-        return f"{self.namespace}.ingress"
-
-    @property
     def manifest(self) -> str:
         return f"{self.namespace}.manifest"
 
@@ -142,7 +138,7 @@ class Topology:
 
     def delete(self, ch, queues: Iterable[str] = ()) -> None:
         """Remove this namespace's exchanges and the named queues (tests' teardown)."""
-        for q in (self.ingress, self.manifest, self.partials, self.dead, *queues):
+        for q in (self.manifest, self.partials, self.dead, *queues):
             ch.queue_delete(q)
         for ex in (self.requests, self.dlx):
             ch.exchange_delete(ex)

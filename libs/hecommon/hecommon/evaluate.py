@@ -119,13 +119,36 @@ class MatrixProduct:
             self._hint = self.build_hint(a_seed)
             self.hint_seconds = time.perf_counter() - t0
 
-    def build_hint(self, a_seed: bytes) -> np.ndarray:
+    def build_hint(self, a_seed: bytes, rows: tuple[int, int] | None = None) -> np.ndarray:
         """``M·A`` mod q for the public ``a`` of ``a_seed`` (rows ``input_start …`` of it): (d_out, L, N)
-        uint32 residues on the host, since it goes into partials. Computed on this product's device."""
+        uint32 residues on the host, since it goes into partials. Computed on this product's device.
+        ``rows``: the hint of a request part, ``M[:, lo:hi]·A[lo:hi]`` (``piece``)."""
+        if rows is not None and rows != (0, self.d_in):
+            lo, hi = rows
+            a = expand_a(a_seed, self.params, hi - lo, start=self.input_start + lo)
+            return self.piece(a, lo)
         xp = self.xp
         a = expand_a(a_seed, self.params, self.d_in, start=self.input_start)
         hint = self._product(xp.asarray(a)).astype(xp.uint32)
         return hint if xp is np else xp.asnumpy(hint)
+
+    def piece(self, residues: np.ndarray, offset: int) -> np.ndarray:
+        """``M[:, offset:offset+k] · residues`` mod q for the ``k`` input ciphertexts of one request
+        part (inputs ``offset …`` of this product): (d_out, L, N) uint32 on the host, in
+        ``o·sub_sums + s`` order. The float64 GEMMs multiply those inputs alone (pieces over parts
+        that cover every input once add up to the whole product mod q, bit for bit); the int8
+        digit product, which takes a whole input, multiplies it with zeros elsewhere."""
+        xp = self.xp
+        k = int(residues.shape[0])
+        if offset < 0 or k < 1 or offset + k > self.d_in:
+            raise ParameterMismatch(f"ciphertexts {offset}…{offset + k} are outside this layer's {self.d_in} inputs")
+        if self._int8 is not None:
+            whole = xp.zeros((self.d_in, *residues.shape[1:]), dtype=xp.uint32)
+            whole[offset : offset + k] = xp.asarray(residues)
+            out = self.product_on_device(whole)
+        else:
+            out = self.finish(self._gemm(self._centered(xp.asarray(residues)), offset, (0, self._rows)))
+        return out if xp is np else xp.asnumpy(out)
 
     def _centered(self, residues: Any) -> Any:
         """(k, L·N) float64 centered residues, |c| < 2^26, of k input ciphertexts (k, L, N): the
@@ -234,29 +257,8 @@ class MatrixProduct:
             out = self._product(b, flat, (lo, hi)).astype(xp.uint32)
             yield out if xp is np else xp.asnumpy(out)
 
-    @property
-    def sums_parts(self) -> bool:
-        """Whether ``add_rows`` can take a request part by part (the float64 GEMMs; the int8 digit
-        product takes a whole input at once)."""
-        return self._int8 is None
-
-    def add_rows(self, total: Any, part: EncryptedBatch, offset: int) -> Any:
-        """``total + M[:, offset:offset+k] · part`` mod p per limb, for a request part of ``k`` input
-        ciphertexts (inputs ``offset …`` of this product): float64 integers in [0, p), (d_out, L, N),
-        on the device, one array per sub-sum; ``total`` None starts a sum. Summed over parts that cover every input once,
-        then ``finish``-ed, it is ``product_on_device`` of the whole input, bit for bit: every
-        partial GEMM is exact (at most 2^14 terms each) and the sums are mod p."""
-        if part.params != self.params:
-            raise ParameterMismatch(f"batch uses {part.params.name}, this layer {self.params.name}")
-        k = part.width
-        if offset < 0 or offset + k > self.d_in:
-            raise ParameterMismatch(f"ciphertexts {offset}…{offset + k} are outside this layer's {self.d_in} inputs")
-        if not self.sums_parts:
-            raise ConfigError("the int8 product takes a whole input; it does not sum parts")
-        return self._gemm(self._centered(self.xp.asarray(part.b)), offset, (0, self._rows), total)
-
     def finish(self, total: Any) -> Any:
-        """A sum of ``add_rows`` as (d_out, L, N) uint32 residues on the device."""
+        """A ``_gemm`` total as (d_out, L, N) uint32 residues on the device."""
         return self._outputs(total).astype(self.xp.uint32)
 
     def product_on_device(self, b: Any) -> Any:

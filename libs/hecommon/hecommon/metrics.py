@@ -48,12 +48,12 @@ KINDS = ("qkv", "o", "gate_up", "down", "other")
 #: wire direction → label
 DIRECTIONS = {"fwd": "forward", "bwd": "backward"}
 BYTE_DIRECTIONS = ("in", "out")
-STAGES = ("decode", "route", "he_product", "aggregate", "switch", "publish", "total")
+STAGES = ("decode", "he_product", "aggregate", "switch", "publish", "total")
 #: every ``HeloraError.reason`` (errors.py, amqp.Unroutable), ``internal`` for any other exception
 REASONS = ("error", "config", "insecure_parameters", "transient", "timeout", "malformed", "version", "oversized",
            "parameter_mismatch", "decryption", "unroutable", "internal", "other")
 #: queue roles (the queue's name without the namespace; every evaluator queue is ``evaluator``)
-QUEUES = ("ingress", "manifest", "evaluator", "partials", "other")
+QUEUES = ("manifest", "evaluator", "partials", "other")
 DEVICES = ("cpu", "cuda")
 #: ``group`` of the services that serve every layer group (encoder, aggregator)
 ALL_GROUPS = "all"
@@ -95,7 +95,7 @@ def queue_role(queue: str, namespace: str) -> str:
 
 
 #: the queues (roles) each service consumes from, hence can dead-letter from
-CONSUMED = {"encoder": ("ingress", "manifest"), "evaluator": ("evaluator",), "aggregator": ("partials",)}
+CONSUMED = {"encoder": ("manifest",), "evaluator": ("evaluator",), "aggregator": ("partials",)}
 
 
 class Metrics:

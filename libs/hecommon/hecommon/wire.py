@@ -47,7 +47,8 @@ from .exact import exact_terms, sub_sums
 from .params import ParamSet
 from .params import get as get_params
 
-WIRE_VERSION = 4  # 4: owner seeds in requests, exact_terms per layer; 3: send_a, replies say their bits;
+WIRE_VERSION = 5  # 5: shard counts in the manifest, pieces in partials and replies (the direct path);
+#                  4: owner seeds in requests, exact_terms per layer; 3: send_a, replies say their bits;
 #                  2: raw uint32 residues in partials (1: packed)
 try:  # from the installed metadata: hecommon/__init__ may be shadowed by tests/hecommon under pytest
     LIB_VERSION = _dist_version("hecommon")
@@ -85,6 +86,12 @@ def _check_chunk(msg: Any, offset: str) -> None:
     _int("parts", msg.parts, 1, MAX_PARTS)
     _int("part", msg.part, 0, msg.parts - 1)
     _int(offset, getattr(msg, offset), 0, MAX_ROWS)
+
+
+def _check_piece(msg: Any) -> None:
+    """``piece`` of ``pieces``: which request part a partial or a reply sums over."""
+    _int("pieces", msg.pieces, 1, MAX_PARTS)
+    _int("piece", msg.piece, 0, msg.pieces - 1)
 
 
 def _max_value(arr: np.ndarray) -> int:
@@ -265,9 +272,11 @@ class EncryptedRequest:
 
 @dataclass(frozen=True, eq=False)
 class PartialResult:
-    """Evaluator → aggregator: the product of input rows ``row_start … row_end-1`` (one shard),
-    for output ciphertexts ``out_start …`` (part ``part`` of ``parts``), mod q. ``send_a``: the
-    request's (False: the reply goes without ``a``)."""
+    """Evaluator → aggregator: the product of input rows ``row_start … row_end-1`` (request part
+    ``piece`` of ``pieces`` that shard ``shard`` received), for output ciphertexts ``out_start …``
+    (part ``part`` of ``parts``), mod q. The aggregator adds the pieces of each shard, then sums
+    (forward) or joins (backward) the shards. ``send_a``: the request's (False: the reply goes
+    without ``a``)."""
 
     TYPE: ClassVar[str] = "partial"
     rid: bytes
@@ -282,12 +291,15 @@ class PartialResult:
     parts: int = 1
     out_start: int = 0
     send_a: bool = True
+    piece: int = 0
+    pieces: int = 1
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
         _check_route(self)
         _check_chunk(self, "out_start")
         _check_bool("send_a", self.send_a)
+        _check_piece(self)
         _int("shards", self.shards, 1, MAX_PARTS)
         _int("shard", self.shard, 0, self.shards - 1)
         _int("row_start", self.row_start, 0, MAX_ROWS)
@@ -315,7 +327,8 @@ class PartialResult:
         pa = self.partial
         return {"layer": self.layer, "direction": self.direction, "shard": self.shard, "shards": self.shards,
                 "row_start": self.row_start, "row_end": self.row_end, "part": self.part, "parts": self.parts,
-                "out_start": self.out_start, "send_a": self.send_a, "n_tokens": pa.n_tokens,
+                "out_start": self.out_start, "send_a": self.send_a, "piece": self.piece, "pieces": self.pieces,
+                "n_tokens": pa.n_tokens,
                 "shape": list(pa.b.shape), "a_bits": pa.a.bits if isinstance(pa.a, PackedRows) else 0,
                 "a": pa.a.data if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
 
@@ -334,7 +347,7 @@ class PartialResult:
         b = _read_raw_residues("b", m["b"], params, rows)
         return cls(m["rid"], m["layer"], m["direction"], m["shard"], m["shards"], m["row_start"], m["row_end"],
                    EncryptedPartial(params, a, b, m["n_tokens"]), m["part"], m["parts"], m["out_start"],
-                   _check_bool("send_a", m["send_a"]), m["lib"])
+                   _check_bool("send_a", m["send_a"]), m["piece"], m["pieces"], m["lib"])
 
     def _rows(self) -> int:
         return int(self.partial.b.shape[0])
@@ -355,7 +368,11 @@ class PartialResult:
 
 @dataclass(frozen=True, eq=False)
 class EncryptedReply:
-    """Aggregator → client: switched outputs ``out_start …`` (part ``part`` of ``parts``)."""
+    """Evaluator or aggregator → client: switched outputs ``out_start …`` (part ``part`` of
+    ``parts``) of the sum over request part ``piece`` of ``pieces``. An evaluator that holds a
+    whole layer answers each request part alone (``pieces`` = the request's parts), and the client
+    adds the decrypted pieces, exact integers like sub-sums (``hecommon.exact``); the aggregator
+    answers with the whole sum (``pieces`` = 1)."""
 
     TYPE: ClassVar[str] = "reply"
     rid: bytes
@@ -365,11 +382,14 @@ class EncryptedReply:
     part: int = 0
     parts: int = 1
     out_start: int = 0
+    piece: int = 0
+    pieces: int = 1
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:
         _check_route(self)
         _check_chunk(self, "out_start")
+        _check_piece(self)
         res = self.result
         if not isinstance(res, EncryptedResult):
             _fail("result", "an EncryptedResult is required")
@@ -394,7 +414,8 @@ class EncryptedReply:
     def _body(self) -> dict[str, Any]:
         res, k = self.result, self.result.bits
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
-                "out_start": self.out_start, "n_tokens": res.n_tokens, "shape": list(res.b.shape), "bits": k,
+                "out_start": self.out_start, "piece": self.piece, "pieces": self.pieces, "n_tokens": res.n_tokens,
+                "shape": list(res.b.shape), "bits": k,
                 "a": None if res.a is None else res.a.data if isinstance(res.a, PackedRows) else pack_bits(res.a, k),
                 "b": pack_bits(res.b, k)}
 
@@ -408,7 +429,7 @@ class EncryptedReply:
         a = PackedRows(k, n, _blob("a", m["a"], rows * packed_size(k, n))) if with_a else None
         b = _unpack_words("b", m["b"], k, (rows, n))
         return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"], k),
-                   m["part"], m["parts"], m["out_start"], m["lib"])
+                   m["part"], m["parts"], m["out_start"], m["piece"], m["pieces"], m["lib"])
 
     def _rows(self) -> int:
         return self.result.width
@@ -487,9 +508,12 @@ class LayerEntry:
     #: the widest exact sum (``exact.exact_terms`` of the manifest's bits and parameter set); wider
     #: sums (``d_in`` forward, ``d_out`` backward) are split into sub-sums (``sums``)
     exact_terms: int
+    #: evaluators that share the layer's inputs (``shards.even_split`` of ``d_in``): the client sends
+    #: each shard its requests directly (``hecommon.route``), the aggregator combines more than one
+    shards: int = 1
     KEYS: ClassVar[frozenset[str]] = frozenset(
         ("name", "block", "d_in", "d_out", "members", "a_seed_fwd", "a_seed_bwd", "weight_scale",
-         "row_sums", "col_sums", "exact_terms"))
+         "row_sums", "col_sums", "exact_terms", "shards"))
 
     def __post_init__(self) -> None:
         _text("layer.name", self.name, MAX_NAME_CHARS)
@@ -513,6 +537,7 @@ class LayerEntry:
         if not np.isfinite(self.weight_scale).all() or (self.weight_scale < 0).any():
             _fail("layer.weight_scale", "finite non-negative scales are required")
         _int("layer.exact_terms", self.exact_terms, 1, MAX_ROWS)
+        _int("layer.shards", self.shards, 1, min(self.d_in, MAX_PARTS))
         for direction in DIRECTIONS:
             self.sums(direction)  # InexactLayer, naming the layer, if it cannot be made exact
 
@@ -533,7 +558,7 @@ class LayerEntry:
                 "members": [[n, w] for n, w in self.members], "a_seed_fwd": self.a_seed_fwd,
                 "a_seed_bwd": self.a_seed_bwd, "weight_scale": _array_bytes(self.weight_scale, "<f8"),
                 "row_sums": _array_bytes(self.row_sums, "<i8"), "col_sums": _array_bytes(self.col_sums, "<i8"),
-                "exact_terms": self.exact_terms}
+                "exact_terms": self.exact_terms, "shards": self.shards}
 
     @classmethod
     def _from(cls, m: Any) -> LayerEntry:
@@ -546,7 +571,7 @@ class LayerEntry:
         return cls(m["name"], m["block"], d_in, d_out, tuple((n, w) for n, w in members), m["a_seed_fwd"],
                    m["a_seed_bwd"], _array("layer.weight_scale", m["weight_scale"], "<f8", d_out),
                    _array("layer.row_sums", m["row_sums"], "<i8", d_out),
-                   _array("layer.col_sums", m["col_sums"], "<i8", d_in), m["exact_terms"])
+                   _array("layer.col_sums", m["col_sums"], "<i8", d_in), m["exact_terms"], m["shards"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -605,8 +630,9 @@ _BODY_KEYS: dict[Any, tuple[str, ...]] = {
     EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "send_a", "owner", "n_tokens", "shape",
                        "b"),
     PartialResult: ("layer", "direction", "shard", "shards", "row_start", "row_end", "part", "parts",
-                    "out_start", "send_a", "n_tokens", "shape", "a_bits", "a", "b"),
-    EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "n_tokens", "shape", "bits", "a", "b"),
+                    "out_start", "send_a", "piece", "pieces", "n_tokens", "shape", "a_bits", "a", "b"),
+    EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "piece", "pieces", "n_tokens", "shape",
+                     "bits", "a", "b"),
     ErrorReply: ("reason", "message"),
     Manifest: ("model", "x_bits", "w_bits", "metadata", "layers"),
 }
@@ -739,6 +765,8 @@ class ReplyHead(_Head):
     out_start: int = 0
     with_a: bool = True
     bits: int = 0
+    piece: int = 0
+    pieces: int = 1
 
 
 def _reply_bits(m: dict[str, Any], params: ParamSet) -> tuple[bool, int]:
@@ -765,9 +793,11 @@ def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
         _blob("a", m["a"], rows * packed_size(k, n))
     _packed_blob("b", m["b"], k, rows * n)
     head = ReplyHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
-                     part=m["part"], parts=m["parts"], lib=m["lib"], out_start=m["out_start"], with_a=with_a, bits=k)
+                     part=m["part"], parts=m["parts"], lib=m["lib"], out_start=m["out_start"], with_a=with_a, bits=k,
+                     piece=m["piece"], pieces=m["pieces"])
     _check_route(head)
     _check_chunk(head, "out_start")
+    _check_piece(head)
     return head
 
 
@@ -776,22 +806,14 @@ def decode_reply_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ReplyH
     return _reply_head(_parse(data, max_bytes), max_bytes)
 
 
-def decode_partial_or_reply_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> PartialResult | ReplyHead:
-    """What reaches the aggregator, parsed once: a partial (decoded), or the head of a reply part an
-    evaluator made itself (``ReplyHead``; the body goes on to the client as it came)."""
-    m = _parse(data, max_bytes)
-    if m.get("type") == EncryptedReply.TYPE:
-        return _reply_head(m, max_bytes)
-    return _decode_map(m, max_bytes, PartialResult)  # type: ignore[return-value]
-
-
 def reply_part(partial: PartialResult) -> EncryptedReply:
     """The reply for one part of a one-shard partial whose ``a`` part is switched: ``b`` switched,
-    ``a`` as it came (or left out, if the request said ``send_a=False``), the same rows and part
-    number (each part is answered alone, as it comes)."""
+    ``a`` as it came (or left out, if the request said ``send_a=False``), the same rows, part and
+    piece numbers (each part is answered alone, as it comes)."""
     result = partial.partial.switch("send" if partial.send_a else "held")
     return EncryptedReply(rid=partial.rid, layer=partial.layer, direction=partial.direction, result=result,
-                          part=partial.part, parts=partial.parts, out_start=partial.out_start)
+                          part=partial.part, parts=partial.parts, out_start=partial.out_start,
+                          piece=partial.piece, pieces=partial.pieces)
 
 
 def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
@@ -811,16 +833,21 @@ def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
 
 
 def peek_part(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[int, int] | None:
-    """``(part, parts)`` of the message ``data``, from its map alone, without decoding its arrays
-    (a client waiting for reply parts asks this of every arrival); None for messages that are
-    not chunked (an error reply). Raises like ``decode`` on what is not a message."""
+    """``(piece, part)`` of the message ``data`` (``PartTracker``'s key; a request is its own piece
+    0), from its map alone, without decoding its arrays (a client waiting for reply parts asks
+    this of every arrival); None for messages that are not chunked (an error reply). Raises like
+    ``decode`` on what is not a message."""
     m = _parse(data, max_bytes)
     kind = m.get("type")
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls not in (EncryptedRequest, PartialResult, EncryptedReply):
         return None
     parts = _int("parts", m.get("parts"), 1, MAX_PARTS)
-    return _int("part", m.get("part"), 0, parts - 1), parts
+    part = _int("part", m.get("part"), 0, parts - 1)
+    if cls is EncryptedRequest:
+        return 0, part
+    pieces = _int("pieces", m.get("pieces"), 1, MAX_PARTS)
+    return _int("piece", m.get("piece"), 0, pieces - 1), part
 
 
 def encode_request(msg: EncryptedRequest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
@@ -897,7 +924,8 @@ def _route(msg: Chunked) -> tuple[Any, ...]:
     """What every part of one message shares; ``parts`` is item 4 (``PartTracker.complete``)."""
     if isinstance(msg, EncryptedRequest):
         return (type(msg), *RequestHead.of(msg).route)
-    key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name)
+    key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name,
+                            msg.piece, msg.pieces)
     if isinstance(msg, PartialResult):
         return (*key, msg.send_a, msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
     return (*key, msg.result.a is None, msg.result.bits, msg.result.n_tokens)
@@ -931,47 +959,68 @@ class PartTracker:
     """The parts of one chunked message as they arrive, for a receiver that uses each part at once
     instead of joining them (the client decrypts reply parts as they come in).
 
-    ``add`` checks every part against the first as ``join`` does and says whether the part is new
-    (a copy of a part already seen is dropped: the first copy counts); ``complete`` is true once
-    parts ``0 … parts-1`` are in, and refuses parts whose offsets do not follow each other.
-    Only offsets are kept, never arrays.
+    A reply may come in ``pieces`` (an evaluator answers each part of a request alone, and the
+    client adds them): each piece is a chunked message of its own, with the same outputs.
+    ``add`` checks every part against the first as ``join`` does (the piece number aside) and
+    says whether the part is new (a copy of a part already seen is dropped: the first copy
+    counts); ``complete`` is true once parts ``0 … parts-1`` of every piece ``0 … pieces-1`` are
+    in, and refuses parts whose offsets do not follow each other. Only offsets are kept, never
+    arrays.
     """
 
     def __init__(self) -> None:
         self._route: tuple[Any, ...] | None = None
-        self._spans: dict[int, tuple[int, int]] = {}  # part -> (offset, rows)
+        self._pieces = 1
+        self._spans: dict[tuple[int, int], tuple[int, int]] = {}  # (piece, part) -> (offset, rows)
+
+    @staticmethod
+    def key(chunk: Chunked) -> tuple[int, int]:
+        """``(piece, part)``: what ``peek_part`` reads from an encoded message."""
+        return (0 if isinstance(chunk, EncryptedRequest) else chunk.piece), chunk.part
 
     def add(self, chunk: Chunked) -> bool:
         if type(chunk) not in (EncryptedRequest, PartialResult, EncryptedReply):
             raise TypeError(f"{type(chunk).__name__} is not a part of a chunked message")
         route = _route(chunk)
+        if not isinstance(chunk, EncryptedRequest):
+            route = route[:7] + route[8:]  # every piece: _route()[7] is the piece number
         if self._route is None:
             self._route = route
+            self._pieces = 1 if isinstance(chunk, EncryptedRequest) else chunk.pieces
         elif route != self._route:
             _fail("join", "parts of different messages or shapes")
-        if chunk.part in self._spans:
+        key = self.key(chunk)
+        if key in self._spans:
             return False
         offset = chunk.row_start if isinstance(chunk, EncryptedRequest) else chunk.out_start
-        self._spans[chunk.part] = (offset, chunk._rows())
+        self._spans[key] = (offset, chunk._rows())
         return True
 
-    def __contains__(self, part: object) -> bool:
-        """Whether part number ``part`` is in already."""
-        return part in self._spans
+    def __contains__(self, key: object) -> bool:
+        """Whether ``(piece, part)`` is in already."""
+        return key in self._spans
+
+    @property
+    def pieces(self) -> int:
+        return self._pieces
 
     @property
     def complete(self) -> bool:
-        if self._route is None or len(self._spans) < self._route[4]:  # _route()[4]: parts
+        if self._route is None:
             return False
-        ordered = [self._spans[i] for i in range(len(self._spans))]
-        for i, (prev, cur) in enumerate(zip(ordered, ordered[1:], strict=False), start=1):
-            if cur[0] != prev[0] + prev[1]:
-                _fail("join", f"part {i}: its offset is not contiguous with part {i - 1}")
+        parts = self._route[4]  # _route()[4]: parts
+        if len(self._spans) < parts * self._pieces:
+            return False
+        for piece in range(self._pieces):
+            ordered = [self._spans[(piece, i)] for i in range(parts)]
+            for i, (prev, cur) in enumerate(zip(ordered, ordered[1:], strict=False), start=1):
+                if cur[0] != prev[0] + prev[1]:
+                    _fail("join", f"part {i}: its offset is not contiguous with part {i - 1}")
         return True
 
     @property
     def rows(self) -> int:
-        """Rows (ciphertexts) in the parts seen so far."""
+        """Rows (ciphertexts) in the parts seen so far, every piece counted."""
         return sum(rows for _, rows in self._spans.values())
 
 

@@ -1,7 +1,7 @@
 """The aggregator's RabbitMQ shell (DESIGN §4): gather partials, switch, reply to the client.
 
-Consumes ``{ns}.partials``. The parts of one partial (a shard's output split below the message
-limit) are joined first; ``AggregatorHandler.add`` then sums or joins the shards. Every partial
+Consumes ``{ns}.partials``. The parts of one partial (a shard's piece, its outputs split below
+the message limit) are joined first; ``AggregatorHandler.add`` then sums or joins the shards. Every partial
 of a request stays unacked until the request's reply has been published (with confirms) to its
 ``reply_to``, with its ``correlation_id``: if this process dies first, the broker redelivers
 them and a fresh aggregator completes the request (DESIGN §7.5). A partial of an
@@ -11,16 +11,9 @@ Replies carry the ``a`` part (``send_a=True``): in broker mode the client holds 
 request sent with ``send_a=False`` (its client holds the switched ``a`` of an earlier reply of the
 layer) is answered with ``b`` alone.
 
-Forwarding. An evaluator that holds a whole layer (one shard) switches ``b`` itself and sends
-finished reply parts (``wire.EncryptedReply``), one message's output rows at a time. Nothing is
-gathered: each part's head is checked (``wire.ReplyHead``: every field but the packed values,
-which any bit pattern makes valid) and its body goes to the client as it came, at once, while
-the evaluator still computes the next. Each part is acked once it is published (with
-confirms); a copy of a part already forwarded is acked and dropped; parts that stop coming
-before the last are answered with a timeout error. If this process dies between publishing a
-part and acking it, a fresh aggregator forwards that part again: the client keeps the first
-copy of every reply part (``helora_orchestrator.broker``). Partials (shards) are gathered as
-above.
+Only sharded layers come here (the direct path, ``hecommon.route``): an evaluator that holds a
+whole layer answers the client itself. Each evaluator sends one partial per request part it
+received (a piece), and the request is answered once every piece of every shard is in.
 """
 
 from __future__ import annotations
@@ -51,8 +44,6 @@ class AggregatorWorker(amqp.Service):
         self.handler = AggregatorHandler(cfg.max_pending, send_a=True)
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
         self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
-        # forwarded requests: key -> (first part's arrival, parts forwarded, properties to reply to)
-        self._streams: dict[tuple[bytes, str, str], tuple[float, set[int], object]] = {}
         self._done: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
 
     def declare(self, ch) -> list[str]:
@@ -66,19 +57,13 @@ class AggregatorWorker(amqp.Service):
 
     def in_flight(self) -> int:
         """Deliveries queued or being handled, plus requests whose partials are still arriving."""
-        return super().in_flight() + len(self._held) + len(self._streams)
+        return super().in_flight() + len(self._held)
 
     def tick(self) -> None:
         for key, ds in self.parts.expired():
-            self.fail(ds, ServiceTimeout(f"layer {key[1]} {key[2]}: the partial of shard {key[3]} stayed incomplete "
-                                         f"for {self.parts.timeout_s:.0f} s"), rid=key[0])
+            self.fail(ds, ServiceTimeout(f"layer {key[1]} {key[2]}: the partial of shard {key[3]} piece {key[4]} "
+                                         f"stayed incomplete for {self.parts.timeout_s:.0f} s"), rid=key[0])
         now = time.monotonic()
-        for key in [k for k, (t0, _, _) in self._streams.items() if now - t0 > self.parts.timeout_s]:
-            _, sent, props = self._streams.pop(key)
-            self._remember(key)  # its late parts are acked and dropped
-            self.reply_error(props, ServiceTimeout(f"layer {key[1]} {key[2]}: {len(sent)} parts of the evaluator's "
-                                                   f"partial came within {self.parts.timeout_s:.0f} s, not all"),
-                             rid=key[0])
         for key in [k for k, (t0, _) in self._held.items() if now - t0 > self.parts.timeout_s]:
             _, ds = self._held.pop(key)
             shards, missing = self.handler.abandon(key)
@@ -90,17 +75,13 @@ class AggregatorWorker(amqp.Service):
     def handle(self, d: amqp.Delivery) -> None:
         try:
             with self.metrics.stage("decode"):
-                chunk = wire.decode_partial_or_reply_head(d.body, self.limit)
+                chunk = wire.decode_partial(d.body, self.limit)
             if not d.properties.reply_to:
-                raise MalformedMessage(f"{'reply part' if isinstance(chunk, wire.ReplyHead) else 'partial'} "
-                                       "without reply_to: nowhere to send the result")
+                raise MalformedMessage("partial without reply_to: nowhere to send the result")
             if (chunk.rid, chunk.layer, chunk.direction) in self._done:
                 self.ack([d])  # a copy of a part of an answered request (a redelivery)
                 return
-            if isinstance(chunk, wire.ReplyHead):
-                self._forward(chunk, d)
-                return
-            got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard), chunk, d)
+            got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard, chunk.piece), chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
             return
@@ -127,28 +108,6 @@ class AggregatorWorker(amqp.Service):
             return
         if reply is not None:
             self._reply(key, reply, d.properties)
-
-    def _forward(self, head: wire.ReplyHead, d: amqp.Delivery) -> None:
-        """A reply part an evaluator holding the whole layer made itself: to the client as it came,
-        each part once (a copy of a part already forwarded is acked and dropped)."""
-        key = (head.rid, head.layer, head.direction)
-        _, sent, _ = self._streams.setdefault(key, (time.monotonic(), set(), d.properties))
-        if head.part in sent:
-            self.ack([d])
-            return
-        props = d.properties
-        try:
-            self.publish(props.reply_to, d.body, pika.BasicProperties(correlation_id=props.correlation_id))
-        except (pex.UnroutableError, pex.NackError):
-            log.warning("rid %s layer %s: the client's reply queue is gone; reply part dropped", key[0].hex(), key[1])
-        self.ack([d])
-        sent.add(head.part)
-        if len(sent) == head.parts:
-            del self._streams[key]
-            self._remember(key)
-            self.metrics.request(key[1], key[2])
-            self.metrics.add_tokens(head.n_tokens)
-            log.debug("rid %s layer %s %s: forwarded %d reply parts", key[0].hex(), key[1], key[2], head.parts)
 
     def _reply(self, key: tuple[bytes, str, str], reply: wire.EncryptedReply, props) -> None:
         bodies = [wire.encode_reply(r, self.limit) for r in wire.split(reply, self.limit)]

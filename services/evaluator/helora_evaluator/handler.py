@@ -10,26 +10,27 @@ Hints are per data owner: request ``owner`` seeds and the manifest's layer seeds
 its own ``a`` (``encrypt.owner_a_seed``), and ``OwnerHints`` keeps ``W·A`` for the owners served
 most recently, built on each owner's first request of a layer.
 
-``switch_a`` (the RabbitMQ worker): where this evaluator holds the whole output of a product (a
-forward layer with one shard, or a backward shard, whose outputs the aggregator joins rather
-than sums), its partials carry the owner's hint already switched to ``2^out_bits`` and packed,
-computed once per owner and product; the mod-q hint is not kept. The aggregator passes that part into the reply
-as it came, instead of unpacking, switching and packing the same constant for every request.
-The result is bit-identical: the switch is the same function on the same values.
+Every request part is computed alone: no state is kept between the parts of a request, so any
+replica of an evaluator queue computes any part it receives. A part covering some of this shard's
+inputs gives that *piece* of the sum (``MatrixProduct.piece``); its ``a`` part is the hint over
+the same rows, built once per owner and rows.
 
-Where such an evaluator holds the whole layer (one shard: nothing to sum or join), it switches
-``b`` as well (``answers``) and sends finished reply parts, which the aggregator forwards without
-unpacking them: one hop's unpacking, switching and packing less per request, and a message of
-4.75 bytes per output coefficient instead of 12.75 from evaluator to aggregator.
+``switch_a`` (the RabbitMQ worker): where nothing is added to this evaluator's outputs after it
+(the whole layer on one shard, or the only piece of a backward column shard, which the aggregator
+joins), the ``a`` part goes out already switched to ``2^out_bits`` and packed, computed once per
+owner, product and rows; the mod-q hint is not kept. Where this evaluator holds the whole layer it
+switches ``b`` as well (``answers``) and sends finished reply parts straight to the client (the
+direct path, ``hecommon.route``): 4.75 bytes per output coefficient, one hop. The result is
+bit-identical: the switch is the same function on the same values.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 from hecommon import wire
@@ -39,7 +40,7 @@ from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.evaluate import MatrixProduct
 from hecommon.params import ParamSet
 from hecommon.shards import Shard
-from hecommon.wire import EncryptedRequest, PartialResult, RequestHead
+from hecommon.wire import EncryptedRequest, PartialResult
 
 #: Owners whose hints an evaluator keeps at once, by default (``--max-owners``).
 MAX_OWNERS = 4
@@ -155,16 +156,21 @@ class EvaluatorHandler:
                                                     terms=s.terms, sub_sums=k)
             return self._products[key]
 
-    def _a_part(self, layer: str, direction: str, owner: bytes, switched: bool) -> np.ndarray | PackedRows:
-        """The public part of this shard's outputs for ``owner``'s ``a``: the hint mod q, or (``switched``)
-        switched to ``2^out_bits`` and packed. Built once per owner, layer and direction."""
-        key = (layer, direction)
+    def _a_part(self, layer: str, direction: str, owner: bytes, switched: bool,
+                rows: tuple[int, int] | None = None) -> np.ndarray | PackedRows:
+        """The public part of this shard's outputs for ``owner``'s ``a`` over its input rows ``rows``
+        (default: all of them): the hint mod q, or (``switched``) switched to ``2^out_bits`` and
+        packed. Built once per owner, layer, direction and rows."""
+        product = self._product(layer, direction)
+        rows = rows or (0, product.d_in)
+        key = (layer, direction, *rows, switched)
         held = self.hints.get(owner, key)
         if held is not None:
             return held
-        shard, product = self.shards[layer], self._product(layer, direction)
+        shard = self.shards[layer]
         t0 = time.perf_counter()
-        hint = product.build_hint(owner_a_seed(shard.a_seed_fwd if direction == "fwd" else shard.a_seed_bwd, owner))
+        hint = product.build_hint(owner_a_seed(shard.a_seed_fwd if direction == "fwd" else shard.a_seed_bwd, owner),
+                                  rows)
         part = PackedRows.pack(switch_a(hint, self.params), self.params.out_bits) if switched else hint
         self.hints.put(owner, key, part, time.perf_counter() - t0)
         return part
@@ -175,30 +181,36 @@ class EvaluatorHandler:
         if layer not in self.shards:
             raise ParameterMismatch(f"this evaluator does not hold layer {layer!r}")
         part = self._a_part(layer, direction, owner, switched=False)
-        if isinstance(part, PackedRows):
-            raise ParameterMismatch("this evaluator keeps switched hints only")
+        assert isinstance(part, np.ndarray)  # switched=False: the hint mod q
         return part
 
-    def _prepare(self, req: EncryptedRequest | RequestHead) -> tuple[Shard, MatrixProduct, int, int,
-                                                                     np.ndarray | PackedRows]:
-        """Check ``req`` (a whole request, or the joined head of one whose parts were summed as they
-        came) against this evaluator: (shard, product, shard index, shard count, the owner's ``a``
-        part: the hint mod q, or switched and packed where this shard's outputs are not summed)."""
+    def _prepare(self, req: EncryptedRequest) -> tuple[Shard, MatrixProduct, int, int, int,
+                                                       np.ndarray | PackedRows]:
+        """Check one request part against what this evaluator holds, as strictly as a server that
+        trusts nothing (the client addresses evaluators directly): the layer, the parameter set and
+        the part's input rows inside this shard's. Returns (shard, product, its input offset in the
+        product, shard index, shard count, the owner's ``a`` part over those rows: switched and
+        packed where nothing is summed after this evaluator, mod q otherwise)."""
         shard = self.shards.get(req.layer)
         if shard is None:
             raise ParameterMismatch(f"this evaluator does not hold layer {req.layer!r}")
         if req.params != self.params:
             raise ParameterMismatch(f"request uses {req.params.name}, this evaluator {self.params.name}")
-        if req.direction == "fwd" and (req.row_start, req.row_start + req.width) != (shard.lo, shard.hi):
-            raise MalformedMessage(f"rows {req.row_start}…{req.row_start + req.width} do not match "
-                                   f"this shard {shard.lo}…{shard.hi} of {req.layer}")
         product = self._product(req.layer, req.direction)
-        if req.width != product.d_in:
-            raise ParameterMismatch(f"batch has {req.width} ciphertexts, this layer takes {product.d_in}")
+        first = shard.lo if req.direction == "fwd" else 0  # the product's input 0, in the layer's rows
+        offset = req.row_start - first
+        if offset < 0 or offset + req.width > product.d_in:
+            held = (first, first + product.d_in)
+            raise MalformedMessage(f"layer {req.layer} {req.direction}: rows {req.row_start}…{req.row_start + req.width} "
+                                   f"are outside the rows {held[0]}…{held[1]} this evaluator multiplies")
+        if req.parts > product.d_in:
+            raise MalformedMessage(f"layer {req.layer} {req.direction}: {req.parts} parts for {product.d_in} inputs")
         index, count = self.shard_index.get(req.layer, (0, 1))
-        whole = req.direction == "bwd" or count == 1  # this shard's outputs are not summed with others'
-        a = self._a_part(req.layer, req.direction, req.owner, switched=self.switch_a and whole)
-        return shard, product, index, count, a
+        # the a part goes out switched where nothing is added to it after this evaluator: the whole
+        # layer (each piece is answered alone), or a column shard's only piece (the aggregator joins)
+        switched = self.switch_a and (count == 1 or (req.direction == "bwd" and req.parts == 1))
+        a = self._a_part(req.layer, req.direction, req.owner, switched, (offset, offset + req.width))
+        return shard, product, offset, index, count, a
 
     @staticmethod
     def _out_start(shard: Shard, direction: str) -> int:
@@ -207,63 +219,34 @@ class EvaluatorHandler:
         return 0 if direction == "fwd" else shard.lo * shard.sums_bwd
 
     def answers(self, req: EncryptedRequest) -> bool:
-        """Whether this evaluator finishes ``req``'s reply itself: it holds the whole layer (one
-        shard) and sends the public part switched, so it switches ``b`` too (``wire.reply_part``)
-        and each part it computes is a reply part, which the aggregator forwards as it came."""
+        """Whether this evaluator answers the client itself: it holds the whole layer (one shard)
+        and sends the public part switched, so it switches ``b`` too (``wire.reply_part``) and
+        each part it computes is a reply part, straight to the client's ``reply_to``."""
         return self.switch_a and self.shard_index.get(req.layer, (0, 1))[1] == 1
 
     def handle(self, req: EncryptedRequest) -> PartialResult:
-        shard, product, index, count, a = self._prepare(req)
-        partial = product(req.batch, a=a)
-        out_start = self._out_start(shard, req.direction)
-        return PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
-                             row_start=shard.lo, row_end=shard.hi, partial=partial, out_start=out_start,
-                             send_a=req.send_a)
+        """The whole partial of one request part (the embedded server's path)."""
+        (partial,) = self.handle_parts(req, sys.maxsize)  # in-process: no message limit, one block
+        return partial
 
-    def sums_parts(self, part: EncryptedRequest) -> bool:
-        """Whether the parts of ``part``'s request are multiplied as they arrive (``add_part``):
-        a request in several parts, to a layer this evaluator holds, on the float64 product."""
-        return (part.parts > 1 and part.layer in self.shards
-                and self._product(part.layer, part.direction).sums_parts)
-
-    def add_part(self, total: Any, part: EncryptedRequest) -> Any:
-        """``total`` plus the product of one request part (``MatrixProduct.add_rows``), checked
-        against this shard's inputs; ``total`` None starts the sum. Once every part is in, the
-        request's joined head and ``finish(total)`` go to ``handle_parts`` as its ``b``."""
-        shard = self.shards.get(part.layer)
-        if shard is None:
-            raise ParameterMismatch(f"this evaluator does not hold layer {part.layer!r}")
-        offset = part.row_start - shard.lo if part.direction == "fwd" else part.row_start
-        return self._product(part.layer, part.direction).add_rows(total, part.batch, offset)
-
-    def finish(self, part: EncryptedRequest | RequestHead, total: Any) -> np.ndarray:
-        """The summed parts of a request as (d_out, L, N) uint32 residues on the host."""
-        product = self._product(part.layer, part.direction)
-        b = product.finish(total)
-        return b if product.xp is np else product.xp.asnumpy(b)
-
-    def handle_parts(self, req: EncryptedRequest | RequestHead, max_bytes: int,
-                     b: np.ndarray | None = None) -> Iterator[PartialResult]:
-        """``wire.split(handle(req), max_bytes)``, computed part by part: each part's output rows
-        are multiplied only when it is asked for, so the caller sends one while the next is
-        computed (the RabbitMQ worker, which sends each part on at once). ``b``: the product,
-        already summed from the request's parts as they came (``add_part``); ``req`` is then
-        the request's joined head."""
-        shard, product, index, count, a = self._prepare(req)
+    def handle_parts(self, req: EncryptedRequest, max_bytes: int) -> Iterator[PartialResult]:
+        """The product of one request part (any part: no state is kept between them, so replicas
+        of one queue may share a request's parts), cut into output rows below ``max_bytes`` and
+        computed block by block where the part holds every input, so the caller sends one block
+        while the next is computed (the RabbitMQ worker sends each at once). Each is the
+        ``piece`` ``req.part`` of ``req.parts``."""
+        shard, product, offset, index, count, a = self._prepare(req)
         row_bytes = wire.partial_row_bytes(self.params, a_switched=isinstance(a, PackedRows))
         blocks = wire.row_ranges(product.d_out, row_bytes, max_bytes, PartialResult.TYPE)
         out_start = self._out_start(shard, req.direction)
-        if b is None:
-            if not isinstance(req, EncryptedRequest):
-                raise TypeError("handle_parts: a request head needs its summed product b")
+        if offset == 0 and req.width == product.d_in:
             rows = product.row_blocks(req.batch, blocks)
-        else:
-            if b.shape != (product.d_out, self.params.limbs, self.params.n):
-                raise ParameterMismatch(f"the summed product is {b.shape}, this layer gives {product.d_out} outputs")
+        else:  # a part of the inputs: its piece of the sum, then cut
+            b = product.piece(req.batch.b, offset)
             rows = (b[lo:hi] for lo, hi in blocks)
-        n_tokens = req.n_tokens if isinstance(req, RequestHead) else req.batch.n_tokens
         for i, ((lo, hi), rb) in enumerate(zip(blocks, rows, strict=True)):
-            partial = EncryptedPartial(self.params, a[lo:hi], rb, n_tokens)
+            partial = EncryptedPartial(self.params, a[lo:hi], rb, req.batch.n_tokens)
             yield PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
-                                row_start=shard.lo, row_end=shard.hi, partial=partial, part=i, parts=len(blocks),
-                                out_start=out_start + lo, send_a=req.send_a)
+                                row_start=req.row_start, row_end=req.row_start + req.width, partial=partial,
+                                part=i, parts=len(blocks), out_start=out_start + lo, send_a=req.send_a,
+                                piece=req.part, pieces=req.parts)

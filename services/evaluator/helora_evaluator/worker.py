@@ -3,27 +3,19 @@
 At start it waits for the encoder's ``manifest.bin`` and its own shard files
 (``{layer}.{i}of{n}.npy`` for every layer of ``--blocks``) in ``--shard-dir``, then binds its
 queue ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to ``{ns}.requests`` with the routing keys
-``{layer}.s{i}of{n}``. Manual acks with prefetch 1; the product runs on the worker thread, never
-on pika's I/O thread, and acks and publishes go through ``add_callback_threadsafe``
-(``hecommon.amqp.Service``), so heartbeats flow during long products. The partial is computed
-part by part (``EvaluatorHandler.handle_parts``: the output rows of one message at a time) and
-each part is published as soon as it is computed; the sub-request is acked after the last.
-An evaluator that holds a whole layer (one shard) switches each part's ``b`` too and publishes
-finished reply parts (``EvaluatorHandler.answers``), which the aggregator forwards unchanged.
+``{layer}.s{i}of{n}``, on which clients publish their requests directly (``hecommon.route``).
+Manual acks with prefetch ``max(--prefetch, 2)``; the product runs on the worker thread, never on pika's
+I/O thread, and acks and publishes go through ``add_callback_threadsafe``
+(``hecommon.amqp.Service``), so heartbeats flow during long products.
 
-A sub-request larger than the message limit arrives in parts, held unacked until all have come;
-on the float64 product each part is multiplied as it arrives and its product added to the
-request's sum (``EvaluatorHandler.add_part``, exact mod p), so that the product overlaps the
-client's encryption of the next part and little is left to compute when the last one comes.
-The encoder streams one such request at a time (its parts pass on as they arrive) and sends
-others whole, so the prefetch is ``max(--prefetch, 3 × the most parts any sub-request for these
-shards takes)`` (room for the streaming request, one whole one, and the parts a sender that died
-mid-publish left behind; 2 when every sub-request fits one message),
-computed at start from the manifest and the message limit (RabbitMQ applies a new ``basic_qos``
-only to consumers created after it, so it cannot be raised on the fly). Every service must use
-the same ``--max-message-bytes``. Replicas sharing one queue could split the parts of one
-multi-part sub-request between them (each would sum only the parts it got): run one consumer per
-evaluator queue when sub-requests are multi-part.
+Every message is a whole unit of work: a request part is decoded and checked in full (this is
+the entry point: nothing validated it before), multiplied alone, and its output rows published
+block by block as they are computed (``EvaluatorHandler.handle_parts``), then acked. An
+evaluator that holds a whole layer switches each block and sends it to the client's
+``reply_to``; a shard sends partials to ``{ns}.partials`` for the aggregator. No state is kept
+between messages, so replicas sharing one queue (KEDA) may take the parts of one request
+between them. A bad message is dead-lettered with its reason and the client gets an
+``ErrorReply``.
 
 torch (through ``.handler``) is imported once ``amqp.serve`` handles
 SIGTERM, not with this module: it takes seconds, during which a container's PID 1 would ignore the
@@ -33,15 +25,14 @@ signal. A signal during the shard wait or the loading ends the evaluator at once
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pika
+import pika.exceptions as pex
 from hecommon import amqp, wire
-from hecommon.bits import packed_size
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.evaluate import default_backend
 from hecommon.metrics import Metrics
@@ -94,16 +85,6 @@ def load_shards(cfg: EvaluatorConfig) -> tuple[wire.Manifest, list[Shard], dict[
     return manifest, shards, shard_index
 
 
-def max_parts(manifest: wire.Manifest, shards: list[Shard], limit: int) -> int:
-    """Most messages one sub-request for these shards takes (``wire.split``'s arithmetic)."""
-    params = manifest.params
-    row_bytes = sum(packed_size(p.bit_length(), params.n) for p in params.primes)
-    per_message = max(1, (limit - wire.HEADER_ALLOWANCE) // row_bytes)
-    widths = {e.name: e.d_out for e in manifest.layers}
-    rows = max((max(s.hi - s.lo, widths[s.layer]) for s in shards), default=1)  # fwd: its inputs; bwd: d_out
-    return math.ceil(rows / per_message)
-
-
 class EvaluatorWorker(amqp.Service):
     name = "evaluator"
 
@@ -126,13 +107,9 @@ class EvaluatorWorker(amqp.Service):
         else:
             self.metrics.track_device_memory("cpu", self.handler.held_bytes)
         self.shard_index = shard_index
-        self.parts = amqp.PartCollector(cfg.part_timeout_s)
-        self.sums: dict[tuple[bytes, str, str], Any] = {}  # the products of the parts in so far
-        self.part_seconds: dict[tuple[bytes, str, str], float] = {}
-        # room for the parts of the one request the encoder streams, one whole sub-request next to
-        # them, and the incomplete parts a sender that died mid-publish left behind
-        most = max_parts(manifest, shards, cfg.max_message_bytes)
-        self.prefetch = max(cfg.prefetch, 3 * most if most > 1 else 2)
+        # the next message arrives while this one is multiplied (prefetch 1 would leave a gap
+        # of one message's transfer between products)
+        self.prefetch = max(cfg.prefetch, 2)
 
     def declare(self, ch) -> list[str]:
         t, q = self.topology, self.cfg.queue_name
@@ -142,55 +119,21 @@ class EvaluatorWorker(amqp.Service):
             ch.queue_bind(q, t.requests, routing_key=t.routing_key(layer, i, n))
         return [q]
 
-    def reset(self) -> None:
-        self.parts.clear()
-        self.sums.clear()
-        self.part_seconds.clear()
-
-    def in_flight(self) -> int:
-        """Deliveries queued or being handled, plus multi-part sub-requests still arriving."""
-        return super().in_flight() + len(self.parts)
-
-    def tick(self) -> None:
-        for key, ds in self.parts.expired():
-            self.sums.pop(key, None)
-            self.part_seconds.pop(key, None)
-            self.fail(ds, MalformedMessage(f"sub-request incomplete after {self.parts.timeout_s:.0f} s"), rid=key[0])
-
     def handle(self, d: amqp.Delivery) -> None:
-        seconds = 0.0
+        """One request part, straight from a client: decoded and checked in full (residues below
+        their primes, the layer, the rows against this shard), multiplied, and its output rows
+        published block by block as they are computed: reply parts to the client's ``reply_to``
+        where this evaluator holds the whole layer, partials to the aggregator otherwise."""
+        props, seconds, sent = d.properties, 0.0, 0
+        req = None
         try:
             with self.metrics.stage("decode"):
-                chunk = wire.decode_request(d.body, self.limit)
-            key = (chunk.rid, chunk.layer, chunk.direction)
-            if self.handler.sums_parts(chunk):  # multiplied now, while the next part is on its way
-                if not self.parts.holds(key, chunk.part):
-                    t0 = time.perf_counter()
-                    self.sums[key] = self.handler.add_part(self.sums.get(key), chunk)
-                    seconds += time.perf_counter() - t0
-                got = self.parts.add(key, wire.RequestHead.of(chunk), d)  # the residues are not kept
-            else:
-                got = self.parts.add(key, chunk, d)
-        except HeloraError as exc:
-            self.fail([d], exc)
-            return
-        self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
-        if seconds:  # a part multiplied on arrival: its product's time counts with the request's
-            self.part_seconds[key] = self.part_seconds.get(key, 0.0) + seconds
-        if got is None:
-            return
-        chunks, ds = got
-        props = amqp.forward_properties(d.properties)
-        seconds, sent = self.part_seconds.pop(key, 0.0), 0
-        try:
-            if key in self.sums:  # the parts' products, summed as they came: their heads joined
-                req: wire.EncryptedRequest | wire.RequestHead = wire.join_heads(chunks)
-                b = self.handler.finish(req, self.sums.pop(key))
-            else:
-                req, b = wire.join(chunks), None
-            answers = self.handler.answers(req)  # the whole layer: finished reply parts, b switched here
-            parts = self.handler.handle_parts(req, self.limit, b)  # the product, on this worker thread,
-            while True:                                             # part by part: each goes out at once
+                req = wire.decode_request(d.body, self.limit)
+            if not props.reply_to:
+                raise MalformedMessage("request without reply_to: nowhere to send the result")
+            answers = self.handler.answers(req)
+            parts = self.handler.handle_parts(req, self.limit)  # the product, on this worker thread,
+            while True:                                          # block by block: each goes out at once
                 t0 = time.perf_counter()
                 part = next(parts, None)
                 seconds += time.perf_counter() - t0
@@ -198,23 +141,33 @@ class EvaluatorWorker(amqp.Service):
                     break
                 if answers:
                     with self.metrics.stage("switch"):
-                        reply = wire.reply_part(part)
-                    body = wire.encode_reply(reply, self.limit)
+                        body = wire.encode_reply(wire.reply_part(part), self.limit)
+                    if not self._to_client(props, body, req):
+                        break
                 else:
                     body = wire.encode_partial(part, self.limit)
-                self.publish_all(self.topology.partials, [body], props)
+                    self.publish_all(self.topology.partials, [body], amqp.forward_properties(props))
                 sent += len(body)
-        except HeloraError as exc:  # parts already sent are dropped by the aggregator once it times out
-            self.sums.pop(key, None)
-            self.fail(ds, exc, rid=chunk.rid, pset=chunk.params.name)
+        except HeloraError as exc:  # parts already sent: the client drops them once the error comes
+            self.fail([d], exc, rid=req.rid if req else None, pset=req.params.name if req else "")
             return
-        n_tokens = req.n_tokens if isinstance(req, wire.RequestHead) else req.batch.n_tokens
         self.metrics.he_product(req.layer, req.direction, seconds)
-        self.ack(ds)
+        self.ack([d])
         self.metrics.request(req.layer, req.direction)
-        self.metrics.add_tokens(n_tokens)
-        log.debug("rid %s layer %s %s shard %s: %.3f s, %d bytes out", req.rid.hex(), req.layer,
-                  req.direction, self.shard_index.get(req.layer), seconds, sent)
+        if req.part == 0:  # a layer call's tokens once, whatever its parts
+            self.metrics.add_tokens(req.batch.n_tokens)
+        log.debug("rid %s layer %s %s part %d/%d shard %s: %.3f s, %d bytes out", req.rid.hex(), req.layer,
+                  req.direction, req.part, req.parts, self.shard_index.get(req.layer), seconds, sent)
+
+    def _to_client(self, props, body: bytes, req: wire.EncryptedRequest) -> bool:
+        """Publish a reply part to the client; False if its reply queue is gone (it gave up or
+        reconnected under a fresh id: the rest of this part's reply is not computed)."""
+        try:
+            self.publish(props.reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id))
+            return True
+        except (pex.UnroutableError, pex.NackError):
+            log.warning("rid %s layer %s: the client's reply queue is gone; reply dropped", req.rid.hex(), req.layer)
+            return False
 
 
 def device_bytes() -> int:

@@ -1,8 +1,11 @@
 """The client's transport over RabbitMQ (DESIGN §4: ``helora train --broker amqp://…``).
 
-``BrokerTransport`` is an ``Exchange`` (``helora_orchestrator.encrypted``): it publishes a
-request's chunks to ``{ns}.ingress`` with ``reply_to`` = its own exclusive, auto-delete queue and
-``correlation_id`` = the request id in hex, and waits for every reply chunk. An ``ErrorReply``
+``BrokerTransport`` is an ``Exchange`` (``helora_orchestrator.encrypted``): it publishes each
+part of a request straight to the evaluator(s) that hold its layer (``{ns}.requests``, routing
+key ``{layer}.s{i}of{n}``, from the manifest's shard counts: ``hecommon.route``) with
+``reply_to`` = its own exclusive, auto-delete queue and ``correlation_id`` = the request id in
+hex, and waits for every reply part: from the evaluator itself where it holds the whole layer
+(one piece per request part), from the aggregator where shards are combined. An ``ErrorReply``
 raises at once, naming the layer and the server's reason; silence past ``timeout_s`` raises an
 error naming the layer and the service that looks down. One transport per thread: pika's
 ``BlockingConnection`` is not thread-safe.
@@ -17,7 +20,7 @@ retry a new request for every service; the services need no cache of (large) rep
 de-duplication stays what it is. The retry re-sends the same ciphertexts (no new secret), so
 the server learns no new ciphertext, only that a retry happened: it can link the two attempt ids by
 their identical bytes (docs/threat-model.md). The abandoned attempt may still be computed; its reply
-is unroutable (its queue is gone) and the aggregator drops it.
+is unroutable (its queue is gone) and the evaluator or the aggregator drops it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
-from hecommon import amqp, wire
+from hecommon import amqp, route, wire
 from hecommon.errors import HeloraError, ParameterMismatch, TransientError
 from hecommon.keys import SecretKey
 
@@ -66,6 +69,7 @@ class BrokerTransport:
         self._conn: pika.BlockingConnection | None = None
         self._ch: Any = None
         self._reply_queue = ""
+        self.layers: dict[str, wire.LayerEntry] = {}  # the manifest's (fetch_manifest): shard counts
         self._inbox: dict[str, list[bytes]] = {}
         self._awaiting: str | None = None  # the correlation id whose replies are wanted now
         #: message bodies really sent and received (every attempt), for benchmarks and metrics
@@ -126,11 +130,16 @@ class BrokerTransport:
         raise AssertionError("unreachable")
 
     # -- requests -------------------------------------------------------------------------------
-    def _publish(self, queue: str, bodies: list[bytes], cid: str) -> None:
+    def _publish(self, key: str, bodies: list[bytes], cid: str, exchange: str = "") -> None:
         props = pika.BasicProperties(reply_to=self._reply_queue, correlation_id=cid,
                                      delivery_mode=amqp.TRAFFIC_DELIVERY)  # resent after a broker loss
         for body in bodies:
-            self._ch.basic_publish("", queue, body, props, mandatory=True)
+            self._ch.basic_publish(exchange, key, body, props, mandatory=True)
+
+    def plan(self, entry: wire.LayerEntry, direction: str, params) -> tuple[list[route.Piece], int]:
+        """(the request's parts, the reply's pieces) for the evaluators' layout (``hecommon.route``)."""
+        return (route.pieces(entry, direction, params, self.limit),
+                route.reply_pieces(entry, direction, params, self.limit))
 
     def _wait(self, cid: str, done, deadline: float) -> list[bytes] | None:
         while True:
@@ -143,7 +152,7 @@ class BrokerTransport:
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
     def _round_trip(self, request: _Parts, attempt: int, on_part: Callable[[wire.EncryptedReply], None],
-                    handed: set[int]) -> None:
+                    handed: set[tuple[int, int]]) -> None:
         """Publish the request's parts as they come (under a fresh id after the first attempt) and
         hand each reply part to ``on_part`` as it arrives, under the caller's request id, unless an
         earlier attempt handed it over already (``handed``: the reply of a retry equals the first);
@@ -152,31 +161,38 @@ class BrokerTransport:
         rid = first.rid if attempt == 0 else os.urandom(wire.RID_BYTES)
         cid = rid.hex()
         self._expect(cid)
+        entry = self.layers.get(first.layer)
+        if entry is None:
+            raise ParameterMismatch(f"{describe(first)}: the server's manifest has no such layer")
         for part in request:  # the parts sent before a reconnection, then the rest as they are encrypted
             body = wire.encode_request(dataclasses.replace(part, rid=rid), self.limit)
-            self.bytes_sent += len(body)
-            try:
-                self._publish(self.topology.ingress, [body], cid)
-            except pex.UnroutableError:
-                raise TransientError(f"{describe(first)}: no queue {self.topology.ingress!r}: "
-                                     "is the encoder running?") from None
+            for shard in route.targets(entry, part):
+                key = self.topology.routing_key(part.layer, shard, entry.shards)
+                self.bytes_sent += len(body)
+                try:
+                    self._publish(key, [body], cid, exchange=self.topology.requests)
+                except pex.UnroutableError:
+                    raise TransientError(f"{describe(first)}: no evaluator holds shard {shard} of {entry.shards} "
+                                         f"(routing key {key!r} on {self.topology.requests!r}): is an evaluator "
+                                         f"for block {entry.block} running?") from None
         parts = wire.PartTracker()
         deadline = time.monotonic() + self.timeout_s
         while True:
             for body in self._inbox.pop(cid, []):
                 self.bytes_received += len(body)
                 head = wire.peek_part(body, self.limit)
-                if head is not None and head[0] in parts:
-                    continue  # a copy of a part already used (a replaced aggregator answered it again)
+                if head is not None and head in parts:
+                    continue  # a copy of a part already used (a replaced evaluator or aggregator sent it again)
                 msg = wire.decode(body, self.limit)
                 if isinstance(msg, wire.ErrorReply):
                     raise ServerError(msg.reason, f"{describe(first)}: the server could not serve the request: "
                                                   f"{msg.reason}: {msg.message}")
                 if not isinstance(msg, wire.EncryptedReply) or msg.rid != rid:
                     raise HeloraError(f"{describe(first)}: a reply for another request arrived")
-                if parts.add(msg) and msg.part not in handed:
+                key = parts.key(msg)
+                if parts.add(msg) and key not in handed:
                     on_part(dataclasses.replace(msg, rid=first.rid))  # the caller's id, whatever attempt
-                    handed.add(msg.part)
+                    handed.add(key)
             if parts.complete:
                 self._expect(None)
                 return
@@ -194,7 +210,7 @@ class BrokerTransport:
         fresh id) and the reply comes again, equal to the first attempt's."""
         request = _Parts(parts)
         before = self.bytes_sent + self.bytes_received
-        handed: set[int] = set()  # reply parts given to on_part, over every attempt
+        handed: set[tuple[int, int]] = set()  # reply (piece, part)s given to on_part, over every attempt
         self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part, handed),
                              describe(request.first()))
         return self.bytes_sent + self.bytes_received - before
@@ -209,7 +225,8 @@ class BrokerTransport:
         """Which service looks down, from the consumer counts of the queues the client knows."""
         t = self.topology
         waiting = []
-        for queue, service in ((t.ingress, "encoder"), (t.partials, "aggregator")):
+        entry = self.layers.get(request.layer)
+        for queue, service in ((t.partials, "aggregator"),) if entry is not None and entry.shards > 1 else ():
             try:
                 ok = self._ch.queue_declare(queue, passive=True).method
                 if ok.consumer_count == 0:
@@ -218,7 +235,7 @@ class BrokerTransport:
                 self._ch = self._conn.channel()
                 self._ch.confirm_delivery()
                 waiting.append(f"the {service} (queue {queue} does not exist)")
-        who = ", ".join(waiting) or "the evaluator(s) holding this layer (encoder and aggregator are consuming)"
+        who = ", ".join(waiting) or "the evaluator(s) holding this layer"
         return f"{describe(request)}: no reply within {self.timeout_s:.0f} s; not answering: {who}"
 
     def fetch_manifest(self) -> wire.Manifest:
@@ -247,6 +264,7 @@ class BrokerTransport:
             raise ServerError(msg.reason, f"manifest: the server refused: {msg.reason}: {msg.message}")
         if not isinstance(msg, wire.Manifest):
             raise HeloraError(f"manifest: the encoder answered with a {msg.TYPE!r} message")
+        self.layers = {e.name: e for e in msg.layers}
         return msg
 
 
@@ -259,6 +277,7 @@ class TransportPool:
                       first.retries)
         self._local = threading.local()
         self._local.transport = first  # the creating thread keeps the one that fetched the manifest
+        self._layers = first.layers
         self._all = [first]
         self._lock = threading.Lock()
 
@@ -266,6 +285,7 @@ class TransportPool:
         t = getattr(self._local, "transport", None)
         if t is None:
             t = self._local.transport = BrokerTransport(*self._args)
+            t.layers = self._layers
             with self._lock:
                 self._all.append(t)
         return t
@@ -279,6 +299,9 @@ class TransportPool:
     @property
     def limit(self) -> int:
         return self._all[0].limit
+
+    def plan(self, entry: wire.LayerEntry, direction: str, params) -> tuple[list[route.Piece], int]:
+        return self._all[0].plan(entry, direction, params)
 
     @property
     def bytes_sent(self) -> int:

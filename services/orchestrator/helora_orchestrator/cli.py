@@ -46,7 +46,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--namespace", default="helora", help="the server's exchange and queue prefix (with --broker)")
     p.add_argument("--hold-a-mib", type=int, default=HOLD_A_MIB, metavar="MIB",
                    help="with --broker: keep each layer's public a part from its first reply, up to MIB in all, "
-                        f"and receive b alone after that (about half of every reply; SmolLM2-135M needs about 2.3 GiB; "
+                        f"and receive b alone after that (about half of every reply; SmolLM2-135M needs about 2.8 GiB; "
                         f"0: never; default {HOLD_A_MIB})")
     p.add_argument("--key-file", default=None, metavar="PATH",
                    help="keep the secret key in this 0600 file (created if missing); default: memory only")

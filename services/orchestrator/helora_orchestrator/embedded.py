@@ -7,14 +7,16 @@ the wire; ``call`` takes and returns encoded chunks, exactly as a broker deliver
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hecommon import params as P
-from hecommon import wire
-from hecommon.errors import HeloraError
+from hecommon import route, wire
+from hecommon.errors import HeloraError, ParameterMismatch
 from hecommon.model import LinearGroup
 from hecommon.shards import make_shards
 from helora_aggregator.handler import AggregatorHandler
-from helora_encoder.handler import EncoderHandler, build_manifest, quantize_groups
+from helora_encoder.handler import build_manifest, quantize_groups
 from helora_evaluator.handler import MAX_OWNERS, EvaluatorHandler
 
 
@@ -29,10 +31,12 @@ class EmbeddedServer:
                  max_message_bytes: int = wire.MAX_MESSAGE_BYTES, hints_on_client: bool = True,
                  max_owners: int = MAX_OWNERS) -> None:
         qweights = quantize_groups(model, groups, bits)
-        self.manifest = build_manifest(model, groups, qweights, params, x_bits=bits, model_id=model_id)
+        manifest = build_manifest(model, groups, qweights, params, x_bits=bits, model_id=model_id)
         plan = {g.name: min(shards, g.in_features) for g in groups}
+        self.manifest = dataclasses.replace(manifest, layers=tuple(dataclasses.replace(e, shards=plan[e.name])
+                                                                   for e in manifest.layers))
+        self.layers = {e.name: e for e in self.manifest.layers}
         layer_shards = make_shards(self.manifest, qweights, plan)
-        self.encoder = EncoderHandler(self.manifest, {k: [(s.lo, s.hi) for s in v] for k, v in layer_shards.items()})
         count = max(len(v) for v in layer_shards.values())
         self.evaluators = []
         for i in range(count):
@@ -66,12 +70,16 @@ class EmbeddedServer:
         return wire.encode_manifest(self.manifest, self.max_message_bytes)
 
     def exchange(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
-        """One request through encoder, evaluators and aggregator, as objects (the embedded path).
+        """One whole request through the evaluators that hold its layer (``route.cut``) and the
+        aggregator, as objects (the embedded path).
 
         Returns the reply and the bytes that would cross the network (packed payloads).
         """
+        entry = self.layers.get(request.layer)
+        if entry is None:
+            raise ParameterMismatch(f"unknown layer {request.layer!r}")
         reply = None
-        for index, sub in self.encoder.route(request):
+        for index, sub in route.cut(entry, request):
             reply = self.aggregator.add(self.evaluators[index].handle(sub))
         if reply is None:
             raise HeloraError("aggregator did not complete the request")

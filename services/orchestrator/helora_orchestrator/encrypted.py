@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from hecommon import params as P
-from hecommon import wire
+from hecommon import route, wire
 from hecommon.bits import PackedRows, packed_size
 from hecommon.encrypt import decrypt, encrypt, owner_a_seed
 from hecommon.errors import HeloraError, ParameterMismatch
@@ -30,7 +30,7 @@ from hecommon.keys import NONCE_BYTES, SecretKey
 from hecommon.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
 
 #: Default budget of switched ``a`` parts a broker client keeps (``EncryptedBackend(hold_a_bytes=)``),
-#: in MiB: SmolLM2-135M needs about 2.3 GiB for all of its layers.
+#: in MiB: SmolLM2-135M needs about 2.8 GiB for all of its layers (one a part per reply piece).
 HOLD_A_MIB = 4096
 
 #: request -> (reply, bytes moved): the embedded server's ``exchange`` or a ``ByteTransport``
@@ -47,6 +47,12 @@ class ByteTransport:
     def __init__(self, send: Callable[[list[bytes]], list[bytes]], max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
         self.send = send
         self.limit = max_message_bytes
+
+    def plan(self, entry: wire.LayerEntry, direction: str, params: P.ParamSet) -> tuple[list[route.Piece], int]:
+        """(the request's parts, the reply's pieces): ``wire.split``'s cuts of one whole request,
+        which the server routes itself and answers in one piece."""
+        ranges = wire.request_ranges(route.width(entry, direction), params, self.limit)
+        return [route.Piece(lo, hi, i, len(ranges), (0,)) for i, (lo, hi) in enumerate(ranges)], 1
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
         parts: list[wire.EncryptedReply] = []
@@ -106,7 +112,7 @@ class EncryptedBackend:
         if not isinstance(hold_a_bytes, int) or hold_a_bytes < 0:
             raise ValueError(f"hold_a_bytes: a byte count >= 0 is required, got {hold_a_bytes!r}")
         self.hold_a_bytes = 0 if hints is not None else hold_a_bytes
-        self._held: dict[tuple[str, str], PackedRows] = {}
+        self._held: dict[tuple[str, str], tuple[PackedRows, ...]] = {}  # one a part per reply piece
         self.held_bytes = 0
 
     def _entry(self, group: str) -> wire.LayerEntry:
@@ -119,61 +125,72 @@ class EncryptedBackend:
         """Encrypt ``m`` (T <= N, d) under a fresh secret, send, decrypt the integer result.
 
         Over a transport that streams (``stream(parts, on_part)``: the broker client), the request
-        is encrypted part by part (the message-size cuts of ``wire.split``) and each part is sent
+        is encrypted part by part (the transport's ``plan``: below the message limit, and cut at
+        the shards' edges where the client addresses the evaluators itself) and each part is sent
         as soon as it is encrypted, while the next is encrypted; each reply part is decrypted into
         its columns as soon as it arrives, while the server still computes and sends the next.
-        Otherwise the whole request is encrypted and the whole reply decrypted at once."""
+        A reply in several pieces (an evaluator answers each request part alone) is added up
+        piece by piece: exact integers, like sub-sums. Otherwise the whole request is encrypted
+        and the whole reply decrypted at once."""
         secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]
         width = entry.out_rows(direction)  # each output once per sub-sum
         a_seed = owner_a_seed(a_seed, self.owner)  # this session's a of the layer (one SHAKE-256)
-        out = np.empty((m.shape[0], width), dtype=np.int64)
+        stream = getattr(self.transport, "stream", None)
+        plan, pieces = self.transport.plan(entry, direction, self.params) if stream is not None else ([], 1)
+        out = np.zeros((m.shape[0], width), dtype=np.int64) if pieces > 1 else np.empty((m.shape[0], width), np.int64)
         filled = [0]
         held = self._held.get((layer, direction))
-        collect = self._wants_a(layer, direction, width)
-        got_a: dict[int, PackedRows] = {}  # out_start -> this reply's a rows, to hold
+        if held is not None and len(held) != pieces:
+            held = None  # held for another cut of the layer (another message limit): ask for a again
+        collect = held is None and self._wants_a(layer, direction, width * pieces)
+        got_a: dict[tuple[int, int], PackedRows] = {}  # (piece, out_start) -> this reply's a rows, to hold
 
         def decrypt_part(part: wire.EncryptedReply) -> None:
             lo, hi = part.out_start, part.out_start + part.result.width
-            if part.rid != rid or hi > width or part.result.n_tokens != m.shape[0]:
+            if (part.rid != rid or hi > width or part.result.n_tokens != m.shape[0]
+                    or part.pieces != pieces):
                 raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
             result, hint = part.result, None
             if result.a is None and result.bits == self.params.out_bits:  # b alone: the a part held
                 if held is None:
                     raise HeloraError(f"the reply to layer {layer} {direction} has no a part and none is held")
-                result = result.with_held_a(held[lo:hi])
+                result = result.with_held_a(held[part.piece][lo:hi])
             elif result.a is None:
                 hint = self._hint(layer, direction)[lo:hi]
             elif collect:
                 a = result.a
-                got_a[lo] = a if isinstance(a, PackedRows) else PackedRows.pack(a, self.params.out_bits)
-            out[:, lo:hi] = decrypt(secret, result, hint=hint)
+                got_a[(part.piece, lo)] = a if isinstance(a, PackedRows) else PackedRows.pack(a, self.params.out_bits)
+            if pieces == 1:
+                out[:, lo:hi] = decrypt(secret, result, hint=hint)
+            else:  # exact: each piece decrypts to its integer sum
+                out[:, lo:hi] += decrypt(secret, result, hint=hint)
             filled[0] += hi - lo
 
-        stream = getattr(self.transport, "stream", None)
         if stream is not None:
-            ranges = wire.request_ranges(m.shape[1], self.params, self.transport.limit)
-            parts = (wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, part=i, parts=len(ranges),
-                                           row_start=lo, batch=encrypt(secret, m[:, lo:hi], a_seed, start=lo),
+            parts = (wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, part=p.part, parts=p.parts,
+                                           row_start=p.lo, batch=encrypt(secret, m[:, p.lo:p.hi], a_seed, start=p.lo),
                                            send_a=held is None, owner=self.owner)
-                     for i, (lo, hi) in enumerate(ranges))  # each encrypted when the transport asks for it
+                     for p in plan)  # each encrypted when the transport asks for it
             moved = stream(parts, decrypt_part)
         else:
             request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, batch=encrypt(secret, m, a_seed),
                                             send_a=held is None, owner=self.owner)
             reply, moved = self.transport(request)
             decrypt_part(reply)
-        if filled[0] != width:  # the parts are distinct and contiguous (the transport checks): all of them
-            raise HeloraError(f"the reply to layer {layer} {direction} has {filled[0]} outputs, not {width}")
+        if filled[0] != width * pieces:  # the parts are distinct and contiguous (the transport checks): all of them
+            raise HeloraError(f"the reply to layer {layer} {direction} has {filled[0]} outputs, not {width * pieces}")
         with self._count_lock:
             self.wire_bytes += moved
             self.requests += 1
-            if collect and (layer, direction) not in self._held and sum(a.rows for a in got_a.values()) == width:
-                whole = PackedRows.concat([got_a[lo] for lo in sorted(got_a)])  # contiguous: the transport checks
-                if self.held_bytes + len(whole.data) <= self.hold_a_bytes:
+            if collect and (layer, direction) not in self._held and sum(a.rows for a in got_a.values()) == width * pieces:
+                whole = tuple(PackedRows.concat([got_a[k] for k in sorted(got_a) if k[0] == piece])
+                              for piece in range(pieces))  # contiguous: the transport checks
+                size = sum(len(w.data) for w in whole)
+                if self.held_bytes + size <= self.hold_a_bytes:
                     self._held[(layer, direction)] = whole
-                    self.held_bytes += len(whole.data)
+                    self.held_bytes += size
         return fold(out, entry.sums(direction))  # exact: integers below 2^63
 
     def _wants_a(self, layer: str, direction: str, width: int) -> bool:

@@ -149,7 +149,7 @@ class LocalFleet:
     def queues(self) -> dict[str, str]:
         """Queue → the service that consumes it."""
         t = amqp.Topology(self.namespace)
-        out = {t.ingress: "encoder", t.partials: "aggregator"}
+        out = {t.manifest: "encoder", t.partials: "aggregator"}
         out.update({self.evaluator_queue(i): f"evaluator {i}/{self.evaluators}" for i in range(self.evaluators)})
         return out
 
