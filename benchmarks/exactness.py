@@ -5,7 +5,7 @@ bound, an extreme-value probe through the encrypted product, and what the exactn
 
 For each configuration (shapes from the models' published configs; weights are not needed) and
 each fused group of a Llama block (``qkv``, ``o``, ``gate_up``, ``down``) and direction, the summed
-width (``d_in`` forward, the fused ``d_out`` backward) against the bound of ``hecommon.exact``
+width (``d_in`` forward, the fused ``d_out`` backward) against the bound of ``hecommon.he.exact``
 (8-bit activations and weights on the default parameter set), and how many sub-sums it takes.
 The probe encrypts activations at 255 for that width, multiplies by weight rows at +127 and −127
 (the largest sums the quantization can produce) with the server's product as the layer would
@@ -35,12 +35,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, write_json  # noqa: E402
 from hecommon import params as P  # noqa: E402
-from hecommon.bits import packed_size  # noqa: E402
-from hecommon.encrypt import decrypt, encrypt  # noqa: E402
 from hecommon.errors import InexactLayer  # noqa: E402
-from hecommon.evaluate import MatrixProduct  # noqa: E402
-from hecommon.exact import exact_terms, fold, sub_sums  # noqa: E402
-from hecommon.keys import SecretKey  # noqa: E402
+from hecommon.he.bits import packed_size  # noqa: E402
+from hecommon.he.encrypt import decrypt, encrypt  # noqa: E402
+from hecommon.he.evaluate import MatrixProduct  # noqa: E402
+from hecommon.he.exact import exact_terms, fold, sub_sums  # noqa: E402
+from hecommon.he.keys import SecretKey  # noqa: E402
 
 #: hidden, intermediate, attention heads, KV heads, head dim, blocks (the models' config.json)
 CONFIGS = {

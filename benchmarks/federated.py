@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, print_table, write_json  # noqa: E402
-from hecommon.fedwire import Contribution, LayerContribution, encode_contribution  # noqa: E402
+from hecommon.wire.federated import Contribution, LayerContribution, encode_contribution  # noqa: E402
 from helora_aggregator.federated import FederatedAggregator  # noqa: E402
 from helora_orchestrator.client_model import build_client  # noqa: E402
 from helora_orchestrator.data import Example, pack, read_examples  # noqa: E402

@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from hecommon import params as P  # noqa: E402
 from hecommon import wire  # noqa: E402
-from hecommon.encrypt import decrypt, encrypt  # noqa: E402
-from hecommon.evaluate import MatrixProduct  # noqa: E402
-from hecommon.keys import SecretKey  # noqa: E402
+from hecommon.he.encrypt import decrypt, encrypt  # noqa: E402
+from hecommon.he.evaluate import MatrixProduct  # noqa: E402
+from hecommon.he.keys import SecretKey  # noqa: E402
 
 SMOLLM2 = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 LLAMA_1B = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from hecommon import evaluate
+from hecommon.he import evaluate
 
 
 def _copy_rows(product: evaluate.MatrixProduct, residues: np.ndarray, lo: int, hi: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     python benchmarks/owner_hints.py [--config smollm2|llama1b|all] [--blocks K] [--json PATH]
 
-Each owner has its own public ``a`` (``encrypt.owner_a_seed``), so an evaluator builds ``W·A`` for
+Each owner has its own public ``a`` (``sampling.owner_a_seed``), so an evaluator builds ``W·A`` for
 every (layer, direction) an owner uses, on that owner's first request of it, and keeps it for the
 owner's session (``helora_evaluator.handler.OwnerHints``). This script builds one block's
 products with random 8-bit weights at the configuration's shapes (the weights do not change the
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from exactness import CONFIGS, groups  # noqa: E402
 from hecommon import params as P  # noqa: E402
-from hecommon.bits import packed_size  # noqa: E402
-from hecommon.encrypt import EncryptedBatch  # noqa: E402
-from hecommon.evaluate import MatrixProduct  # noqa: E402
+from hecommon.he.bits import packed_size  # noqa: E402
+from hecommon.he.encrypt import EncryptedBatch  # noqa: E402
+from hecommon.he.evaluate import MatrixProduct  # noqa: E402
 
 NAMES = {"smollm2": "SmolLM2-135M", "llama1b": "Llama-3.2-1B"}
 

@@ -1,4 +1,4 @@
-"""pika's own body frames vs ``hecommon.pikaframes``: CPU per MB published and consumed.
+"""pika's own body frames vs ``hecommon.broker.pikaframes``: CPU per MB published and consumed.
 
     python benchmarks/pika_frames.py [--mib 8] [--messages 30] [--json PATH]
 
@@ -27,7 +27,7 @@ URL = os.environ.get("HELORA_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:56
 def measure(fast: bool, mib: int, messages: int) -> dict:
     """One mode, in this process: CPU and wall milliseconds per MB published and consumed."""
     import pika
-    from hecommon import amqp, pikaframes
+    from hecommon.broker import amqp, pikaframes
 
     amqp.tune_pika_reads()
     if fast:

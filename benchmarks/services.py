@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, print_table, write_json  # noqa: E402
-from hecommon.keys import SecretKey  # noqa: E402
+from hecommon.he.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer, tiny_llama  # noqa: E402
 from helora_orchestrator.broker import make_broker_backend  # noqa: E402
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss  # noqa: E402

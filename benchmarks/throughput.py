@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
 from hecommon import amqp, kernels, route, wire  # noqa: E402
-from hecommon.keys import SecretKey  # noqa: E402
+from hecommon.he.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
 from helora_orchestrator.broker import BrokerTransport, make_broker_backend  # noqa: E402
 from helora_orchestrator.client_model import ClientModel  # noqa: E402
@@ -244,8 +244,8 @@ def _echo(url: str, queue: str) -> None:
 
 def transport_run(passes: int, blocks: int = 4) -> dict:
     """``transport_ratio``: the identity-product fleet's MB/s over plain pika's, same bodies, same broker."""
-    from hecommon.encrypt import EncryptedBatch
-    from hecommon.params import DEFAULT
+    from hecommon.he.encrypt import EncryptedBatch
+    from hecommon.he.params import DEFAULT
 
     ns = f"helora-transport-{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="helora-transport-") as tmp:

@@ -31,7 +31,7 @@ def rng() -> np.random.Generator:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests when no CUDA device answers."""
-    from hecommon.evaluate import default_backend
+    from hecommon.he.evaluate import default_backend
 
     if default_backend() == "cupy":
         return
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-# -- the metrics contract (docs/metrics.md), written out here independently of hecommon.metrics ----
+# -- the metrics contract (docs/metrics.md), written out here independently of hecommon.broker.metrics ----
 _METRIC_NAMES = {
     "helora_requests_total", "helora_failures_total", "helora_stage_seconds", "helora_he_product_seconds",
     "helora_bytes_total", "helora_tokens_total", "helora_in_flight", "helora_device_memory_bytes",

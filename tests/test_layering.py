@@ -4,6 +4,8 @@
 - hecommon imports no service;
 - the encoder, the evaluator and the aggregator import hecommon and themselves only;
 - no ``handler.py`` reaches pika, directly or through the hecommon modules it imports;
+- nothing under ``hecommon.he`` (the scheme) reaches ``hecommon.wire`` or ``hecommon.broker``, or
+  pika, directly or transitively;
 - the orchestrator's remaining imports of server services are exactly the ones listed in
   ``ORCHESTRATOR_KNOWN`` (the in-process server of the embedded mode and the owner side of the
   federated mode): a new one fails this test until issue 16 settles where they belong.
@@ -86,8 +88,8 @@ def test_the_graph_is_read_from_the_code():
     """The reader sees what it must: a known lazy import, a relative one, pika in the broker runtime."""
     assert "torch" in _imports("hecommon.model")
     assert "hecommon.shards" in _imports("helora_evaluator.handler")
-    assert "hecommon.errors" in _imports("hecommon.exact")  # from .errors import …
-    assert "pika" in _closure("hecommon.amqp")
+    assert "hecommon.errors" in _imports("hecommon.he.exact")  # from .errors import …
+    assert "pika" in _closure("hecommon.broker.amqp")
     assert "helora_aggregator.federated" in _imports("helora_orchestrator.federated.negotiate")
 
 
@@ -117,3 +119,13 @@ def test_no_handler_reaches_pika():
     assert len(handlers) == 3
     reach = {m: sorted(n for n in _closure(m) if _top(n) == "pika") for m in handlers}
     assert reach == {m: [] for m in handlers}
+
+
+def test_the_scheme_reaches_neither_the_wire_nor_the_broker():
+    scheme = [m for m in MODULES if m.startswith("hecommon.he.") or m == "hecommon.he"]
+    assert len(scheme) >= 12
+    below = ("hecommon.wire", "hecommon.broker", "pika")
+    reach = {m: sorted(n for n in _closure(m) if any(n == b or n.startswith(b + ".") for b in below))
+             for m in scheme}
+    assert reach == {m: [] for m in scheme}
+    assert any(n.startswith("hecommon.he.") for n in _closure("hecommon.wire.messages"))  # the wire uses it

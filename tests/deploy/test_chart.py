@@ -20,8 +20,9 @@ import crd_validate
 import helmchart
 import pytest
 import yaml
-from hecommon import amqp, wire
-from hecommon import metrics as hm
+from hecommon import wire
+from hecommon.broker import amqp
+from hecommon.broker import metrics as hm
 from helora_aggregator.config import AggregatorConfig
 from helora_encoder.config import EncoderConfig
 from helora_evaluator.config import EvaluatorConfig
@@ -394,7 +395,7 @@ def test_notes_tell_how_to_connect_the_orchestrator() -> None:
 
 # -- the dashboard -----------------------------------------------------------------------------
 def exported_sample_names() -> set[str]:
-    """Every sample name the services and the orchestrator really export (hecommon.metrics)."""
+    """Every sample name the services and the orchestrator really export (hecommon.broker.metrics)."""
     names: set[str] = set()
     registries = []
     for service in ("encoder", "evaluator", "aggregator"):

@@ -347,8 +347,8 @@ def test_healthcheck_script_against_a_server():
 
 
 def test_healthcheck_script_against_a_helora_metrics_server():
-    """The real endpoints of the services (hecommon.metrics): healthy at once, ready when set."""
-    metrics = pytest.importorskip("hecommon.metrics")
+    """The real endpoints of the services (hecommon.broker.metrics): healthy at once, ready when set."""
+    metrics = pytest.importorskip("hecommon.broker.metrics")
     m = metrics.Metrics("aggregator")
     server = metrics.MetricsServer(m.registry, m.ready, "127.0.0.1", 0)
     try:
@@ -431,7 +431,7 @@ def test_each_images_package_set_runs_its_service(stages, tmp_path):
     import secrets
 
     import pika
-    from hecommon.amqp import Topology
+    from hecommon.broker.amqp import Topology
 
     url = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     try:

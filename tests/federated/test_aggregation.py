@@ -89,13 +89,13 @@ def test_all_encrypted_equals_full_he_baseline(make_owners, fed_keys):
         np.testing.assert_allclose(dw, baseline[name], rtol=0, atol=CKKS_ATOL)
     # with every column encrypted, the server computes nothing of the update in the clear
     for data in report.received:
-        from hecommon.fedwire import decode_contribution
+        from hecommon.wire.federated import decode_contribution
 
         assert all(not u.any() for u in clear_update(decode_contribution(data, 1 << 30), report.plan).values())
 
 
 def test_clear_update_is_the_owners_update_with_encrypted_columns_zeroed(make_owners, fed_keys):
-    from hecommon.fedwire import decode_contribution
+    from hecommon.wire.federated import decode_contribution
 
     owners = make_owners((4, 8, 16), (0.02, 0.05, 0.2))
     for o in owners:
@@ -131,7 +131,7 @@ def test_merged_adapter_exports_in_peft_format(make_owners, fed_keys, tmp_path):
 def test_smollm2_dimensions_aggregate_within_tolerance(fed_keys, d_out, d_in):
     """SmolLM2-135M's layer shapes (hidden 576, MLP 1536, k/v 192), synthetic adapters, no model:
     the flat packing spans ciphertexts (d_out·k values over 2048-slot vectors) and still lines up."""
-    from hecommon import fedwire
+    from hecommon.wire import federated as fedwire
     from helora_orchestrator.federated.negotiate import budget_columns, top_k
     from helora_orchestrator.federated.reparam import reconstruct
     from helora_orchestrator.federated.selective import select_and_encrypt

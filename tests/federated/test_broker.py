@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pika
 import pytest
-from hecommon import amqp, wire
+from hecommon import wire
+from hecommon.broker import amqp
 
 from .conftest import CKKS_ATOL
 from .test_aggregation import torch_flexlora
@@ -126,7 +127,7 @@ def test_rounds_over_the_broker_match_clear_flexlora(fedworker, make_owners):
 def test_a_bad_contribution_is_refused_over_the_broker_and_the_round_goes_on(fedworker, make_owners):
     import dataclasses
 
-    from hecommon import fedwire
+    from hecommon.wire import federated as fedwire
     from helora_orchestrator.federated.broker import (
         AggregatorError,
         FederatedBrokerClient,
@@ -172,7 +173,7 @@ def test_a_bad_contribution_is_refused_over_the_broker_and_the_round_goes_on(fed
 
 
 def test_handshake_and_a_secret_key_context_is_refused_without_being_stored(fedworker, fed_keys):
-    from hecommon import fedwire
+    from hecommon.wire import federated as fedwire
     from helora_orchestrator.federated.broker import AggregatorError, FederatedBrokerClient
     from helora_orchestrator.federated.selective import CkksKeys
 
@@ -229,7 +230,7 @@ def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker
     """Two chunks whose lengths do not add up to the announced total (the first is plausible, the
     last one 100 bytes too long): both are dead-lettered (the first one used to stay unacked
     forever) and the sender gets one error reply."""
-    from hecommon import fedwire
+    from hecommon.wire import federated as fedwire
     from helora_aggregator.fedworker import federated_queue
 
     ns, log_path = fedworker

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hecommon.errors import ConfigError
-from hecommon.fedwire import swap_layout
+from hecommon.wire.federated import swap_layout
 from helora_aggregator.federated import global_order, unswap
 from helora_orchestrator.federated.negotiate import budget_columns, top_k
 from helora_orchestrator.federated.reparam import svd_to_rank
@@ -109,8 +109,8 @@ def test_owner_refuses_a_plan_or_aggregate_that_does_not_match_its_layers(make_o
     ParameterMismatch naming the layer (it used to be a KeyError or a numpy/torch error)."""
     import dataclasses
 
-    from hecommon import fedwire
     from hecommon.errors import ParameterMismatch
+    from hecommon.wire import federated as fedwire
     from helora_aggregator.federated import FederatedAggregator
 
     owner = make_owners((4,), (0.05,))[0]

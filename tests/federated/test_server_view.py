@@ -9,8 +9,8 @@ import msgpack
 import numpy as np
 import pytest
 import tenseal as ts
-from hecommon import fedwire
 from hecommon.errors import MalformedMessage, ParameterMismatch
+from hecommon.wire import federated as fedwire
 from helora_aggregator.federated import FederatedAggregator, check_public_context
 from helora_orchestrator.federated.round import run_round
 from helora_orchestrator.federated.selective import CkksKeys

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hecommon import params as P
-from hecommon.encrypt import EncryptedBatch, EncryptedPartial, _encrypt_with, decrypt, encrypt, expand_a
 from hecommon.errors import ConfigError, DecryptionError, ParameterMismatch
-from hecommon.evaluate import MatrixProduct
-from hecommon.keys import RequestSecret, SecretKey, centered_binomial, noise_stream, sample_noise
-from hecommon.quantize import integer_matmul
+from hecommon.he import params as P
+from hecommon.he.encrypt import EncryptedBatch, EncryptedPartial, _encrypt_with, decrypt, encrypt
+from hecommon.he.evaluate import MatrixProduct
+from hecommon.he.keys import RequestSecret, SecretKey
+from hecommon.he.quantize import integer_matmul
+from hecommon.he.sampling import centered_binomial, expand_a, noise_stream, sample_noise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -284,7 +285,7 @@ def test_secret_key_file_and_serialization(tmp_path):
 @pytest.mark.parametrize("n", [2048, 4096])
 def test_fft_products_equal_the_schoolbook_product(n, rng):
     """The client's float64 FFT products are exact at the extremes of their input ranges."""
-    from hecommon.ring import SmallSecretMultiplier, negacyclic_reference
+    from hecommon.he.ring import SmallSecretMultiplier, negacyclic_reference
 
     s = rng.integers(-1, 2, n)
     mul = SmallSecretMultiplier(s)
@@ -301,9 +302,9 @@ def test_pieces_of_a_product_add_up_to_the_whole_product(rng, monkeypatch):
     GEMM's chunk boundaries (``MAX_GEMM_TERMS``, made small here), adds up mod q to the whole
     product: each part of a request is computed alone (the direct path), and the pieces are added
     by the aggregator or, decrypted, by the client. The same for the hint of each part's rows."""
-    from hecommon import evaluate
-    from hecommon.encrypt import EncryptedBatch
     from hecommon.errors import ParameterMismatch
+    from hecommon.he import evaluate
+    from hecommon.he.encrypt import EncryptedBatch
 
     monkeypatch.setattr(evaluate, "MAX_GEMM_TERMS", 16)
     params = P.DEFAULT

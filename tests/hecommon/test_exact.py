@@ -7,12 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from hecommon import params as P
-from hecommon.encrypt import decrypt, encrypt
 from hecommon.errors import InexactLayer
-from hecommon.evaluate import MatrixProduct
-from hecommon.exact import MAX_SUB_SUMS, exact_terms, fold, sub_sums
-from hecommon.keys import SecretKey
+from hecommon.he import params as P
+from hecommon.he.encrypt import decrypt, encrypt
+from hecommon.he.evaluate import MatrixProduct
+from hecommon.he.exact import MAX_SUB_SUMS, exact_terms, fold, sub_sums
+from hecommon.he.keys import SecretKey
 
 PS = P.DEFAULT
 X_MAX, W_MAX = 255, 127
@@ -100,7 +100,7 @@ def test_row_shards_of_a_split_layer_sum_to_the_sub_sums():
     s, seed = _secret(), os.urandom(16)
     terms = exact_terms(PS)
     ct = encrypt(s, x, seed)
-    from hecommon.encrypt import EncryptedBatch
+    from hecommon.he.encrypt import EncryptedBatch
 
     left = MatrixProduct(w[:, :cut], PS, seed, 0, terms=terms, sub_sums=2)(EncryptedBatch(PS, ct.b[:cut], 4))
     right = MatrixProduct(w[:, cut:], PS, seed, cut, terms=terms, sub_sums=2)(EncryptedBatch(PS, ct.b[cut:], 4))
@@ -184,7 +184,7 @@ def test_a_layer_that_cannot_be_made_exact_is_refused_before_anything_is_encrypt
 def test_a_split_product_in_pieces_adds_up_to_the_whole_and_holds_no_more_weights(rng):
     """A request in parts (the evaluator multiplies each alone: ``piece``) whose parts straddle
     the sub-sums' boundary; the float64 weights are held once, not once per sub-sum."""
-    from hecommon.encrypt import EncryptedBatch
+    from hecommon.he.encrypt import EncryptedBatch
 
     width, terms = 16_500, exact_terms(PS)
     w = rng.integers(-W_MAX, W_MAX + 1, size=(3, width)).astype(np.int8)

@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from hecommon import params as P
-from hecommon.encrypt import decrypt, encrypt, expand_a
 from hecommon.errors import ConfigError
-from hecommon.evaluate import MatrixProduct, resolve_gemm
-from hecommon.gpu import (
+from hecommon.he import params as P
+from hecommon.he.encrypt import decrypt, encrypt
+from hecommon.he.evaluate import MatrixProduct, resolve_gemm
+from hecommon.he.gpu import (
     DIGITS,
     MAX_INT8_TERMS,
     combine_digits,
@@ -18,7 +18,8 @@ from hecommon.gpu import (
     int8_shape_ok,
     split_digits,
 )
-from hecommon.keys import SecretKey
+from hecommon.he.keys import SecretKey
+from hecommon.he.sampling import expand_a
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -1,4 +1,4 @@
-"""The client's fused kernels (``hecommon.kernels``, issue 17) against the numpy path they replace:
+"""The client's fused kernels (``hecommon.he.kernels``, issue 17) against the numpy path they replace:
 the same ciphertexts, messages and noise bit for bit, at the extremes of every input range, with
 any thread count."""
 
@@ -8,13 +8,14 @@ import os
 
 import numpy as np
 import pytest
-from hecommon import kernels
-from hecommon import params as P
-from hecommon.bits import PackedRows
-from hecommon.encrypt import EncryptedPartial, EncryptedResult, _encrypt_with, decrypt, expand_a
 from hecommon.errors import DecryptionError
-from hecommon.keys import SecretKey, centered_binomial, noise_stream, sample_noise
-from hecommon.ring import centered, negacyclic_reference
+from hecommon.he import kernels
+from hecommon.he import params as P
+from hecommon.he.bits import PackedRows
+from hecommon.he.encrypt import EncryptedPartial, EncryptedResult, _encrypt_with, decrypt
+from hecommon.he.keys import SecretKey
+from hecommon.he.ring import centered, negacyclic_reference
+from hecommon.he.sampling import centered_binomial, expand_a, noise_stream, sample_noise
 
 pytest.importorskip("numba")
 PSETS = list(P.REGISTRY.values())
@@ -107,7 +108,7 @@ def test_a_hint_with_residues_outside_their_modulus_is_refused(rng, monkeypatch)
 def test_folded_products_equal_the_schoolbook_product(n, rng):
     """The kernels' fold, the transform and the untwist give ``a·s`` exactly for residues anywhere
     in [0, p), the centered extremes included (``ring``'s exactness bound, through the new path)."""
-    from hecommon.ring import SmallSecretMultiplier
+    from hecommon.he.ring import SmallSecretMultiplier
 
     p = P.get("n2048-q54" if n == 2048 else "n4096-q108").primes[0]
     s = rng.integers(-1, 2, n)
@@ -126,7 +127,7 @@ def test_folded_products_equal_the_schoolbook_product(n, rng):
 def test_rejected_words_are_skipped_as_expand_a_skips_them(monkeypatch):
     """Keystream words at or above p (after the mask) are rejected in order, as ``expand_a`` does:
     a row of words crafted with rejections folds to the residues ``expand_a``'s rule keeps."""
-    from hecommon.ring import SmallSecretMultiplier
+    from hecommon.he.ring import SmallSecretMultiplier
 
     ps = P.DEFAULT
     p, n = ps.primes[0], ps.n
@@ -177,7 +178,7 @@ def test_thread_count_changes_nothing(threads, rng, monkeypatch):
 def test_kernel_bit_packing_equals_the_numpy_paths(bits, rng, monkeypatch):
     """The compiled packer gives the numpy paths' bytes for every length (pieces in parallel
     included) and dtype, unpacks them back, and refuses a value that does not fit."""
-    from hecommon.bits import pack_bits, unpack_bits
+    from hecommon.he.bits import pack_bits, unpack_bits
 
     monkeypatch.setenv("HELORA_THREADS", "2")
     for count in (0, 1, 63, 64, 65, 1000, 70_001, 1 << 17):
@@ -207,7 +208,7 @@ def test_the_most_negative_int64_message_is_refused():
 def test_strided_rows_pack_and_unpack_in_place(bits, rng, monkeypatch):
     """One limb of a (rows, L, N) array (strided rows) packs to the bytes of its contiguous copy,
     and ``unpack_bits_into`` fills such a view back, on both paths; a dtype too narrow is refused."""
-    from hecommon.bits import pack_bits, unpack_bits_into
+    from hecommon.he.bits import pack_bits, unpack_bits_into
 
     monkeypatch.setenv("HELORA_THREADS", "2")
     dtype = np.uint32 if bits <= 32 else np.uint64
@@ -226,7 +227,7 @@ def test_strided_rows_pack_and_unpack_in_place(bits, rng, monkeypatch):
 
 def test_quantizing_leaves_its_input_as_it_was(rng):
     """Rows are quantized in place on a copy, never on the caller's array."""
-    from hecommon.quantize import quantize_rows
+    from hecommon.he.quantize import quantize_rows
 
     x = rng.standard_normal((300, 70))
     before = x.copy()

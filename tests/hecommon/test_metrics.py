@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from hecommon import metrics as M
+from hecommon.broker import metrics as M
 from hecommon.errors import ConfigError, MalformedMessage, OversizedMessage, TransientError
 from prometheus_client.parser import text_string_to_metric_families
 

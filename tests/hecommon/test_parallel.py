@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from hecommon import bits, parallel
+from hecommon.he import bits, parallel
 
 
 @pytest.mark.parametrize("count,minimum,align", [(10, 3, 1), (1000, 100, 64), (1 << 20, 1 << 19, 64), (5, 10, 1)])

@@ -1,8 +1,8 @@
 import math
 
 import pytest
-from hecommon import params as P
 from hecommon.errors import ConfigError, InsecureParameters, ParameterMismatch
+from hecommon.he import params as P
 
 
 @pytest.mark.parametrize("ps", list(P.REGISTRY.values()), ids=lambda p: p.name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hecommon.amqp import Delivery, PartCollector
+from hecommon.broker.amqp import Delivery, PartCollector
 
 
 @dataclass

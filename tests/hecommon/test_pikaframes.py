@@ -1,4 +1,4 @@
-"""``hecommon.pikaframes``: pika's body frames without its copies, byte for byte pika's own."""
+"""``hecommon.broker.pikaframes``: pika's body frames without its copies, byte for byte pika's own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import secrets
 
 import pika
 import pytest
-from hecommon import amqp, pikaframes
+from hecommon.broker import amqp, pikaframes
 from pika import exceptions as pex
 from pika import frame, spec
 

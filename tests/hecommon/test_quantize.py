@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hecommon.errors import ConfigError
-from hecommon.quantize import (
+from hecommon.he.quantize import (
     dequantize_backward,
     dequantize_forward,
     fold_output_scale,

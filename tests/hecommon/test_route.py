@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 from hecommon import route, wire
-from hecommon.encrypt import EncryptedBatch
 from hecommon.errors import MalformedMessage
-from hecommon.params import N2048
+from hecommon.he.encrypt import EncryptedBatch
+from hecommon.he.params import N2048
 from hecommon.shards import even_split
 
 ROW = 13824  # one request row of N2048, packed

@@ -12,12 +12,13 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from hecommon import bits, errors, wire
-from hecommon.bits import pack_bits, packed_size, unpack_bits
-from hecommon.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult, decrypt, encrypt
-from hecommon.evaluate import MatrixProduct
-from hecommon.keys import SecretKey
-from hecommon.params import N2048, N4096
+from hecommon import errors, wire
+from hecommon.he import bits
+from hecommon.he.bits import pack_bits, packed_size, unpack_bits
+from hecommon.he.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult, decrypt, encrypt
+from hecommon.he.evaluate import MatrixProduct
+from hecommon.he.keys import SecretKey
+from hecommon.he.params import N2048, N4096
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -371,7 +372,7 @@ def test_peek_part_reads_the_piece_and_part_without_the_arrays():
 
 
 def test_packed_rows_slice_and_join_as_bytes():
-    from hecommon.bits import PackedRows
+    from hecommon.he.bits import PackedRows
 
     values = np.random.default_rng(3).integers(0, 1 << 38, size=(5, 2048), dtype=np.uint64)
     packed = PackedRows.pack(values, 38)
@@ -390,7 +391,7 @@ def test_packed_rows_slice_and_join_as_bytes():
 
 
 def test_partial_with_a_switched_part_round_trips_and_is_checked():
-    from hecommon.bits import PackedRows
+    from hecommon.he.bits import PackedRows
 
     rows, params = 3, N2048
     a = PackedRows.pack(words(params, rows, 7), params.out_bits)

@@ -25,7 +25,7 @@ SHARDS = 2  # block 0's shards
 #: (process name, --blocks, --shard): two shards of block 0, two replicas of block 1's one queue
 EVALUATORS = (("evaluator0", "0", f"0/{SHARDS}"), ("evaluator1", "0", f"1/{SHARDS}"),
               ("evaluator2", "1", "0/1"), ("evaluator3", "1", "0/1"))
-#: the line each service logs once its metrics endpoints listen (``hecommon.metrics.serve``)
+#: the line each service logs once its metrics endpoints listen (``hecommon.broker.metrics.serve``)
 METRICS_LINE = re.compile(rb"metrics on http://[^:/\s]+:(\d+)/metrics")
 
 
@@ -41,7 +41,7 @@ class Fleet:
 
     @property
     def evaluator_queues(self) -> list[str]:
-        from hecommon.amqp import Topology
+        from hecommon.broker.amqp import Topology
 
         t = Topology(self.namespace)
         return [*(t.evaluator_queue("0", i, SHARDS) for i in range(SHARDS)), t.evaluator_queue("1", 0, 1)]
@@ -74,7 +74,7 @@ class Fleet:
         """Every service consuming: the encoder answers, evaluators and aggregator have consumers."""
         import pika
         import pika.exceptions as pex
-        from hecommon.amqp import Topology
+        from hecommon.broker.amqp import Topology
 
         logging.getLogger("pika").setLevel(logging.ERROR)  # passive declares of absent queues are expected
         queues = [*self.evaluator_queues, Topology(self.namespace).partials, Topology(self.namespace).manifest]
@@ -104,7 +104,7 @@ class Fleet:
 
     def delete_topology(self) -> None:
         import pika
-        from hecommon.amqp import Topology
+        from hecommon.broker.amqp import Topology
 
         conn = pika.BlockingConnection(pika.URLParameters(URL))
         try:

@@ -14,10 +14,12 @@ import numpy as np
 import pika
 import pytest
 import torch
-from hecommon import amqp, route, wire
-from hecommon import params as P
-from hecommon.encrypt import EncryptedBatch, encrypt, owner_a_seed
-from hecommon.keys import SecretKey
+from hecommon import route, wire
+from hecommon.broker import amqp
+from hecommon.he import params as P
+from hecommon.he.encrypt import EncryptedBatch, encrypt
+from hecommon.he.keys import SecretKey
+from hecommon.he.sampling import owner_a_seed
 from hecommon.model import discover_groups, tiny_llama
 from hecommon.shards import even_split
 from helora_orchestrator.backend import build_backend

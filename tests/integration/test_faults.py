@@ -24,8 +24,9 @@ import numpy as np
 import pika
 import pytest
 import torch
-from hecommon import amqp, wire
-from hecommon.keys import SecretKey
+from hecommon import wire
+from hecommon.broker import amqp
+from hecommon.he.keys import SecretKey
 from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.backend import build_backend
 from helora_orchestrator.broker import ServerError, make_broker_backend
@@ -463,7 +464,7 @@ def test_one_evaluator_streams_exact_replies_part_by_part(fleet1):
 def test_a_bad_partial_is_dead_lettered_by_the_aggregator(fleet):
     """A partial on the partials queue whose b is a byte short: the aggregator refuses it (dead
     letter with its reason, an error reply to the client) and goes on serving."""
-    from hecommon.encrypt import EncryptedPartial
+    from hecommon.he.encrypt import EncryptedPartial
 
     backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=90,
                                   max_message_bytes=fleet.max_message_bytes)
@@ -512,8 +513,8 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
     it already handed over must not be handed over twice (the caller counts outputs: a part counted
     twice failed a run with 'has 360 outputs, not 256'). The test plays the server on the real broker:
     the first attempt gets parts 0 and 1, then the client's connection is closed from the broker."""
-    from hecommon.encrypt import EncryptedBatch, EncryptedResult
-    from hecommon.params import N2048
+    from hecommon.he.encrypt import EncryptedBatch, EncryptedResult
+    from hecommon.he.params import N2048
     from helora_orchestrator.broker import BrokerTransport
 
     if shutil.which("rabbitmqctl") is None:

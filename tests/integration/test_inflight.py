@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hecommon.keys import SecretKey
+from hecommon.he.keys import SecretKey
 from hecommon.model import config_fingerprint, discover_groups, tiny_llama
 from helora_orchestrator.broker import TransportPool, make_broker_backend
 from helora_orchestrator.checkpoint import CheckpointMeta

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pika
 import pytest
 import torch
-from hecommon import amqp, route
+from hecommon import route
+from hecommon.broker import amqp
 from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.broker import make_broker_backend
 from helora_orchestrator.client_model import ClientModel, causal_lm_loss
@@ -182,7 +183,7 @@ def test_no_label_carries_data(fleet, contract_violations):
     """Every label of every service's scrape is from its closed set or the configuration: no
     request id, token, size or key material, no hex and no numbers outside ``le``, ``version``,
     ``group`` and ``param_set``."""
-    from hecommon import params as P
+    from hecommon.he import params as P
 
     for name in SERVICES:
         text = _scrape(fleet, name).text

@@ -45,10 +45,10 @@ import numpy as np
 import pika
 import pytest
 import torch
-from hecommon import amqp
-from hecommon.keys import SecretKey
+from hecommon.broker import amqp
+from hecommon.he.keys import SecretKey
+from hecommon.he.quantize import fold_output_scale, quantize_rows
 from hecommon.model import discover_groups, tiny_llama
-from hecommon.quantize import fold_output_scale, quantize_rows
 from helora_orchestrator.broker import make_broker_backend
 from helora_orchestrator.client_model import ClientModel, causal_lm_loss
 from helora_orchestrator.data import ByteTokenizer
@@ -65,7 +65,7 @@ MIN_DISTINCT = 8  # a needle window must not be (nearly) constant: zeros occur e
 #: a float window as decimal text: its first values (numpy prints a large array's rows as their first
 #: three), each printed with at least this many significant digits (fewer match by chance)
 FLOAT_RUN, FLOAT_DIGITS = 3, 3
-#: the line each service logs once its metrics endpoints listen (``hecommon.metrics.serve``)
+#: the line each service logs once its metrics endpoints listen (``hecommon.broker.metrics.serve``)
 METRICS_LINE = re.compile(rb"metrics on http://[^:/\s]+:(\d+)/metrics")
 
 

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 from hecommon.errors import ConfigError
+from hecommon.he.quantize import quantize_weight, quantized_matmul, quantized_matmul_backward
 from hecommon.model import discover_groups, tiny_llama
-from hecommon.quantize import quantize_weight, quantized_matmul, quantized_matmul_backward
 from helora_orchestrator.backend import ClearBackend, LinearBackend, QuantizedBackend, build_backend
 
 

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hecommon.he.quantize import quantize_weight, quantized_matmul
 from hecommon.model import discover_groups, group_weight, tiny_llama
-from hecommon.quantize import quantize_weight, quantized_matmul
 from helora_orchestrator.backend import build_backend
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
 from helora_orchestrator.lora import LoraSettings

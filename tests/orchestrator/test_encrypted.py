@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hecommon import wire
-from hecommon.bits import packed_size
+from hecommon.he.bits import packed_size
 from hecommon.model import tiny_llama
 from helora_orchestrator.client_model import build_client, causal_lm_loss
 from helora_orchestrator.lora import LoraSettings

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from hecommon import wire
-from hecommon.encrypt import EncryptedResult
 from hecommon.errors import MalformedMessage
-from hecommon.params import N2048
+from hecommon.he.encrypt import EncryptedResult
+from hecommon.he.params import N2048
 from helora_orchestrator.broker import BrokerTransport
 
 

@@ -7,13 +7,14 @@ import os
 
 import numpy as np
 import pytest
-from hecommon import params as P
 from hecommon import route, wire
-from hecommon.encrypt import EncryptedBatch, decrypt, encrypt, owner_a_seed
 from hecommon.errors import MalformedMessage, ParameterMismatch
-from hecommon.exact import fold
-from hecommon.keys import SecretKey
-from hecommon.quantize import integer_matmul, quantize_weight
+from hecommon.he import params as P
+from hecommon.he.encrypt import EncryptedBatch, decrypt, encrypt
+from hecommon.he.exact import fold
+from hecommon.he.keys import SecretKey
+from hecommon.he.quantize import integer_matmul, quantize_weight
+from hecommon.he.sampling import owner_a_seed
 from hecommon.shards import even_split
 from helora_aggregator.handler import AggregatorHandler
 from helora_orchestrator.embedded import EmbeddedServer
@@ -149,8 +150,8 @@ def test_evaluators_that_switch_a_give_the_same_replies(tiny, shards, rng):
 
 def test_switched_and_mod_q_partials_do_not_mix(tiny, rng):
     """Row shards must come mod q (they are summed); a switched part there is refused."""
-    from hecommon.bits import PackedRows
-    from hecommon.encrypt import EncryptedPartial
+    from hecommon.he.bits import PackedRows
+    from hecommon.he.encrypt import EncryptedPartial
 
     params = P.DEFAULT
     b = np.zeros((2, params.limbs, params.n), dtype=np.uint32)

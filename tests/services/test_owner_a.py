@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pytest
 from hecommon import wire
-from hecommon.encrypt import decrypt, encrypt, expand_a, owner_a_seed
 from hecommon.errors import MalformedMessage
-from hecommon.keys import SecretKey, derive_key
+from hecommon.he.encrypt import decrypt, encrypt
+from hecommon.he.keys import SecretKey
+from hecommon.he.quantize import integer_matmul, quantize_weight
+from hecommon.he.sampling import derive_key, expand_a, owner_a_seed
 from hecommon.model import group_weight
-from hecommon.quantize import integer_matmul, quantize_weight
 from helora_evaluator.handler import OwnerHints
 from helora_orchestrator.embedded import EmbeddedServer
 from helora_orchestrator.encrypted import make_encrypted_backend

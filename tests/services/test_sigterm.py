@@ -39,7 +39,7 @@ EXIT_S = 2.0
 START_S = 60.0
 #: how long after a stage's log line the signal is sent: the service is then inside that stage's wait
 SETTLE_S = 0.3
-#: ``hecommon.metrics.serve`` logs this line once the endpoints listen, just before the service's
+#: ``hecommon.broker.metrics.serve`` logs this line once the endpoints listen, just before the service's
 #: start-up work (``amqp.serve``: metrics, then build, then run)
 METRICS_LINE = re.compile(r"metrics on http://[^:/\s]+:(\d+)/metrics")
 
@@ -249,7 +249,7 @@ def test_stop_from_another_thread_ends_the_broker_wait():
 def test_signal_after_start_up_still_finishes_then_closes(service, local_broker):
     """Once consuming, the service's own handler takes over: it stops consuming, closes, exits 0."""
     import pika
-    from hecommon.amqp import Topology
+    from hecommon.broker.amqp import Topology
 
     ns = f"helora-sigterm-{secrets.token_hex(4)}"
     agg = service("helora_aggregator.worker", "--namespace", ns, broker=BROKER)

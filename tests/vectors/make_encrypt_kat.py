@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from hecommon import params as P
-from hecommon.encrypt import _encrypt_with
-from hecommon.keys import RequestSecret
+from hecommon.he import params as P
+from hecommon.he.encrypt import _encrypt_with
+from hecommon.he.keys import RequestSecret
 
 
 def _bytes(label: str, n: int) -> np.ndarray:

@@ -20,9 +20,9 @@ from typing import Any
 import msgpack
 import numpy as np
 from hecommon import wire
-from hecommon.bits import PackedRows, pack_bits, unpack_bits
-from hecommon.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult
-from hecommon.params import N2048
+from hecommon.he.bits import PackedRows, pack_bits, unpack_bits
+from hecommon.he.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult
+from hecommon.he.params import N2048
 
 HERE = Path(__file__).resolve().parent
 INDEX = f"wire_v{wire.WIRE_VERSION}.json"

@@ -9,7 +9,7 @@ shards must be combined:
 - one shard (the whole layer on one evaluator): the evaluator answers each request part alone,
   with switched reply parts to the client's ``reply_to``. A request of several parts (wider
   than one message) comes back as that many *pieces*, each the sum over its part's input rows;
-  the client adds the decrypted pieces, exact integers, as it adds sub-sums (``hecommon.exact``).
+  the client adds the decrypted pieces, exact integers, as it adds sub-sums (``hecommon.he.exact``).
   Two hops in all, and no evaluator state: any replica of the queue computes any part.
 - several shards: forward, shard ``i`` receives the input rows ``lo…hi`` it holds (a row
   shard, cut into parts below the message limit); backward, every shard receives every part
@@ -24,9 +24,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .encrypt import EncryptedBatch
 from .errors import MalformedMessage
-from .params import ParamSet
+from .he.encrypt import EncryptedBatch
+from .he.params import ParamSet
 from .shards import even_split
 from .wire import MAX_MESSAGE_BYTES, EncryptedRequest, LayerEntry, request_ranges
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .quantize import QuantizedWeight
+from .he.quantize import QuantizedWeight
 from .wire import LayerEntry, Manifest
 
 #: The manifest's file in a shard directory.

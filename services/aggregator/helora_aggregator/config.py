@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon import amqp, metrics
+from hecommon.broker import amqp, metrics
 from hecommon.errors import ConfigError
 
 

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tenseal as ts
 from hecommon.errors import HeloraError, MalformedMessage, ParameterMismatch
-from hecommon.fedwire import (
+from hecommon.wire.federated import (
     CKKS_COEFF_BITS,
     CKKS_POLY_DEGREE,
     CKKS_SCALE_BITS,

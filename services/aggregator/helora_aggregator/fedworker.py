@@ -42,9 +42,10 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
-from hecommon import amqp, fedwire, metrics
+from hecommon.broker import amqp, metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage, ParameterMismatch
-from hecommon.fedwire import Contribution, Proposal
+from hecommon.wire import federated as fedwire
+from hecommon.wire.federated import Contribution, Proposal
 
 from .federated import FederatedAggregator, check_public_context
 

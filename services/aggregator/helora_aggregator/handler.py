@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from hecommon.encrypt import EncryptedPartial
 from hecommon.errors import MalformedMessage
+from hecommon.he.encrypt import EncryptedPartial
 from hecommon.wire import EncryptedReply, PartialResult
 
 

@@ -25,9 +25,10 @@ from collections import OrderedDict
 
 import pika
 import pika.exceptions as pex
-from hecommon import amqp, wire
+from hecommon import wire
+from hecommon.broker import amqp
+from hecommon.broker.metrics import Metrics
 from hecommon.errors import HeloraError, MalformedMessage, ServiceTimeout
-from hecommon.metrics import Metrics
 
 from .config import AggregatorConfig
 from .handler import AggregatorHandler

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon import amqp, metrics
-from hecommon import params as P
+from hecommon.broker import amqp, metrics
 from hecommon.errors import ConfigError
+from hecommon.he import params as P
 
 TINY = "tiny"
 

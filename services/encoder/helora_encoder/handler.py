@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from hecommon import params as P
-from hecommon.exact import exact_terms
+from hecommon.he import params as P
+from hecommon.he.exact import exact_terms
+from hecommon.he.quantize import QuantizedWeight, quantize_weight
 from hecommon.model import LinearGroup, config_fingerprint, group_weight
-from hecommon.quantize import QuantizedWeight, quantize_weight
 from hecommon.wire import LayerEntry, Manifest
 
 
@@ -30,7 +30,7 @@ def build_manifest(
     params: P.ParamSet = P.DEFAULT, x_bits: int = 8, model_id: str = "",
 ) -> Manifest:
     """The public manifest. Seeds of ``a`` are fresh public randomness, one per layer and direction
-    (the server's half of each owner's ``a``: ``encrypt.owner_a_seed``). Every layer is exact, split
+    (the server's half of each owner's ``a``: ``sampling.owner_a_seed``). Every layer is exact, split
     into sub-sums, or refused here (``InexactLayer``), before any client encrypts anything."""
     entries = []
     w_bits = next(iter(qweights.values())).bits if qweights else 8

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import pika
 import pika.exceptions as pex
-from hecommon import amqp, wire
-from hecommon import params as P
+from hecommon import wire
+from hecommon.broker import amqp
+from hecommon.broker.metrics import Metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
-from hecommon.metrics import Metrics
+from hecommon.he import params as P
 from hecommon.shards import MANIFEST_FILE, make_shards, shard_file
 
 from .config import TINY, EncoderConfig

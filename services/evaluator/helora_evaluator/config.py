@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon import amqp, metrics
+from hecommon.broker import amqp, metrics
 from hecommon.errors import ConfigError
 
 BACKENDS = ("auto", "numpy", "cupy")
@@ -36,7 +36,7 @@ class EvaluatorConfig:
     shard: str = "0/1"  # this evaluator's shard of every layer of its blocks
     shard_dir: str = "helora-shards"
     backend: str = "auto"
-    #: the GPU product's GEMM (hecommon.evaluate.resolve_gemm): auto = int8 tensor cores when possible
+    #: the GPU product's GEMM (hecommon.he.evaluate.resolve_gemm): auto = int8 tensor cores when possible
     gemm: str = "auto"
     #: this evaluator's layer-group name, the ``group`` metric label; "" = ``blocks-{blocks}``
     group: str = ""

@@ -4,10 +4,10 @@ Pure logic (no broker). Forward ``Enc(X[:, lo:hi]) -> Enc(X[:, lo:hi]·W[:, lo:h
 shard; the aggregator sums); backward ``Enc(dY) -> Enc(dY·W[:, lo:hi])`` (a column shard; the
 aggregator joins). Each (layer, direction) product is built lazily, on the first request, so
 that start-up stays short and memory follows the layers really used. A layer whose sums are
-wider than the exact bound returns each output once per sub-sum (``hecommon.exact``).
+wider than the exact bound returns each output once per sub-sum (``hecommon.he.exact``).
 
 Hints are per data owner: request ``owner`` seeds and the manifest's layer seeds give each owner
-its own ``a`` (``encrypt.owner_a_seed``), and ``OwnerHints`` keeps ``W·A`` for the owners served
+its own ``a`` (``sampling.owner_a_seed``), and ``OwnerHints`` keeps ``W·A`` for the owners served
 most recently, built on each owner's first request of a layer.
 
 Every request part is computed alone: no state is kept between the parts of a request, so any
@@ -34,11 +34,12 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 from hecommon import wire
-from hecommon.bits import PackedRows
-from hecommon.encrypt import EncryptedPartial, owner_a_seed, switch_a
 from hecommon.errors import MalformedMessage, ParameterMismatch
-from hecommon.evaluate import MatrixProduct
-from hecommon.params import ParamSet
+from hecommon.he.bits import PackedRows
+from hecommon.he.encrypt import EncryptedPartial, switch_a
+from hecommon.he.evaluate import MatrixProduct
+from hecommon.he.params import ParamSet
+from hecommon.he.sampling import owner_a_seed
 from hecommon.shards import Shard
 from hecommon.wire import EncryptedRequest, PartialResult
 

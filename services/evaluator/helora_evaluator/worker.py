@@ -6,7 +6,7 @@ queue ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to ``{ns}.requests`` with the routi
 ``{layer}.s{i}of{n}``, on which clients publish their requests directly (``hecommon.route``).
 Manual acks with prefetch ``max(--prefetch, 2)``; the product runs on the worker thread, never on pika's
 I/O thread, and acks and publishes go through ``add_callback_threadsafe``
-(``hecommon.amqp.Service``), so heartbeats flow during long products.
+(``hecommon.broker.amqp.Service``), so heartbeats flow during long products.
 
 Every message is a whole unit of work: a request part is decoded and checked in full (this is
 the entry point: nothing validated it before), multiplied alone, and its output rows published
@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import pika
 import pika.exceptions as pex
-from hecommon import amqp, wire
+from hecommon import wire
+from hecommon.broker import amqp
+from hecommon.broker.metrics import Metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
-from hecommon.evaluate import default_backend
-from hecommon.metrics import Metrics
+from hecommon.he.evaluate import default_backend
 from hecommon.shards import MANIFEST_FILE, Shard, even_split, shard_file
 
 from .config import EvaluatorConfig

@@ -13,13 +13,13 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 from hecommon.errors import ConfigError
-from hecommon.model import LinearGroup, group_weight
-from hecommon.quantize import (
+from hecommon.he.quantize import (
     QuantizedWeight,
     quantize_weight,
     quantized_matmul,
     quantized_matmul_backward,
 )
+from hecommon.model import LinearGroup, group_weight
 
 MODES = ("clear", "quantized", "encrypted")
 

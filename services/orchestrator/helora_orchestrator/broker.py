@@ -36,9 +36,10 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
-from hecommon import amqp, route, wire
+from hecommon import route, wire
+from hecommon.broker import amqp
 from hecommon.errors import HeloraError, ParameterMismatch, TransientError
-from hecommon.keys import SecretKey
+from hecommon.he.keys import SecretKey
 
 from .encrypted import HOLD_A_MIB, EncryptedBackend
 

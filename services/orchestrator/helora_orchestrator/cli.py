@@ -163,7 +163,7 @@ def _in_flight(args) -> int:
 
 def _secret_key(path: str | None):
     """The owner's key: from ``path`` (created 0600 if missing), or fresh in memory only."""
-    from hecommon.keys import SecretKey
+    from hecommon.he.keys import SecretKey
 
     if path is None:
         return SecretKey.generate()

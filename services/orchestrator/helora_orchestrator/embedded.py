@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from hecommon import params as P
 from hecommon import route, wire
 from hecommon.errors import HeloraError, ParameterMismatch
+from hecommon.he import params as P
 from hecommon.model import LinearGroup
 from hecommon.shards import make_shards
 from helora_aggregator.handler import AggregatorHandler

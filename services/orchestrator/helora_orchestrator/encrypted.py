@@ -5,11 +5,11 @@ the switched reply, and apply the zero-point correction and scales from the publ
 Rows are processed in requests of at most N tokens; quantization is per row, so cutting rows
 into requests changes nothing. The result is bit-for-bit that of ``QuantizedBackend``: the
 manifest was checked when it was decoded (every layer exact, its sums split where they are wider
-than the bound the client computes itself: ``hecommon.exact``, ``wire.Manifest``), and sub-sums
+than the bound the client computes itself: ``hecommon.he.exact``, ``wire.Manifest``), and sub-sums
 are added after decryption.
 
 Each backend draws an ``owner`` seed from the OS CSPRNG: with the manifest's seed of a layer it
-fixes the public ``a`` of this session's requests (``encrypt.owner_a_seed``), so the server alone
+fixes the public ``a`` of this session's requests (``sampling.owner_a_seed``), so the server alone
 does not choose it and no two owners or sessions share one.
 """
 
@@ -20,14 +20,15 @@ import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from hecommon import params as P
 from hecommon import route, wire
-from hecommon.bits import PackedRows, packed_size
-from hecommon.encrypt import decrypt, encrypt, owner_a_seed
 from hecommon.errors import HeloraError, ParameterMismatch
-from hecommon.exact import fold
-from hecommon.keys import NONCE_BYTES, SecretKey
-from hecommon.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
+from hecommon.he import params as P
+from hecommon.he.bits import PackedRows, packed_size
+from hecommon.he.encrypt import decrypt, encrypt
+from hecommon.he.exact import fold
+from hecommon.he.keys import NONCE_BYTES, SecretKey
+from hecommon.he.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
+from hecommon.he.sampling import owner_a_seed
 
 #: Default budget of switched ``a`` parts a broker client keeps (``EncryptedBackend(hold_a_bytes=)``),
 #: in MiB: SmolLM2-135M needs about 2.8 GiB for all of its layers (one a part per reply piece).

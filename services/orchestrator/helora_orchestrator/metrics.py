@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from hecommon import wire
-from hecommon.metrics import MetricsServer, OrchestratorMetrics, check_metrics_fields, serve
+from hecommon.broker.metrics import MetricsServer, OrchestratorMetrics, check_metrics_fields, serve
 
 from .encrypted import Exchange
 

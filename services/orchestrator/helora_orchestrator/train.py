@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hecommon.broker.metrics import OrchestratorMetrics
 from hecommon.errors import ConfigError
-from hecommon.metrics import OrchestratorMetrics
 from tqdm.auto import tqdm
 
 from .backend import MODES
@@ -130,7 +130,7 @@ def evaluate(client: ClientModel, data: PackedData, batches: int, batch_size: in
 class Trainer:
     """One run: call :meth:`run`; ``resume=True`` continues from ``<output_dir>/checkpoint``.
 
-    ``metrics`` (``hecommon.metrics.OrchestratorMetrics``): step, loss, tokens and tokens/s after
+    ``metrics`` (``hecommon.broker.metrics.OrchestratorMetrics``): step, loss, tokens and tokens/s after
     every optimizer step (``helora train --metrics-port``).
     """
 

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hecommon import amqp, wire
+from hecommon import wire
+from hecommon.broker import amqp
 from hecommon.errors import ConfigError, HeloraError
 from hecommon.shards import MANIFEST_FILE
 

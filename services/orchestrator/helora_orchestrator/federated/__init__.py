@@ -66,7 +66,7 @@ Server side (``helora_aggregator.federated``, pure, no broker)::
         # s_i·B_i·A_i with the encrypted columns zero, in the original column order
         # (the DAGER attack's input). ``fedwire.decode_contribution(bytes)`` gives ``c``.
 
-Wire (``hecommon.fedwire``): ``Contribution`` / ``encode_contribution`` / ``decode_contribution(b, max_bytes)``,
+Wire (``hecommon.wire.federated``): ``Contribution`` / ``encode_contribution`` / ``decode_contribution(b, max_bytes)``,
 ``Proposal``, ``RoundPlan``, ``Aggregate`` (same discipline as ``wire.py``). Per owner the server
 receives: owner name, sample count, context digest, and per layer ``B_eff = s_i·B_i``
 (float32), ``A`` with the chosen columns swapped to the end and zeroed (float32), ``k_i``, and

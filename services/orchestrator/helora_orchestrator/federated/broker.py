@@ -16,8 +16,10 @@ import secrets
 import time
 
 import pika
-from hecommon import amqp, fedwire, wire
+from hecommon import wire
+from hecommon.broker import amqp
 from hecommon.errors import HeloraError, MalformedMessage, TransientError
+from hecommon.wire import federated as fedwire
 
 from .client import Owner
 from .round import RoundReport

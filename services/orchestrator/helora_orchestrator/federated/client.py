@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from hecommon.errors import ConfigError, ParameterMismatch
-from hecommon.fedwire import Aggregate, Contribution, LayerContribution, Proposal, RoundPlan
+from hecommon.wire.federated import Aggregate, Contribution, LayerContribution, Proposal, RoundPlan
 
 from ..backend import MODES
 from ..checkpoint import CheckpointMeta

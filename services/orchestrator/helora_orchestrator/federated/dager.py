@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from hecommon.errors import ConfigError
-from hecommon.fedwire import (
+from hecommon.wire.federated import (
     Contribution,
     LayerContribution,
     RoundPlan,

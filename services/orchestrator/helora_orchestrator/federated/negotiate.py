@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 from hecommon.errors import ConfigError
-from hecommon.fedwire import Proposal, ProposalLayer
+from hecommon.wire.federated import Proposal, ProposalLayer
 from helora_aggregator.federated import global_order
 
 __all__ = ["budget_columns", "global_order", "make_proposal", "top_k"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from hecommon.errors import DecryptionError
-from hecommon.fedwire import LayerAggregate
+from hecommon.wire.federated import LayerAggregate
 
 from .selective import CkksKeys
 

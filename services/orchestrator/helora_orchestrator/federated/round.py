@@ -1,7 +1,7 @@
 """Federated rounds, embedded (SHE-LoRA; DESIGN §5): N owners and an in-process aggregator.
 
 Every message between an owner and the aggregator goes through the federated wire codec
-(``hecommon.fedwire``), so the bytes counted here, and the bytes the aggregator decodes, are
+(``hecommon.wire.federated``), so the bytes counted here, and the bytes the aggregator decodes, are
 exactly what would cross the broker. ``run_federation`` builds the owners on the tiny model (or
 a real one) with a fresh shared CKKS key; ``run_round`` runs one round on existing objects.
 """
@@ -12,8 +12,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from hecommon import fedwire
-from hecommon.fedwire import Aggregate, RoundPlan
+from hecommon.wire import federated as fedwire
+from hecommon.wire.federated import Aggregate, RoundPlan
 from helora_aggregator.federated import FederatedAggregator
 
 from .client import Owner, OwnerConfig

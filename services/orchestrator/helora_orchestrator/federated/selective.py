@@ -6,7 +6,7 @@ context WITH its secret key and never serializes it by default: ``public_bytes()
 context without the secret key (``serialize(save_secret_key=False)``), the only thing the
 server gets. ``save`` writes the full context to a 0600 file for the owners.
 
-CKKS parameters (``hecommon.fedwire``): N = 4096 (2048 slots), coefficient moduli 60 + 49 bits
+CKKS parameters (``hecommon.wire.federated``): N = 4096 (2048 slots), coefficient moduli 60 + 49 bits
 (109 bits, the HomomorphicEncryption.org 128-bit bound for N = 4096), scale 2^40. The server only
 ADDS ciphertexts (each owner multiplies its vectors by its own weight before encrypting), so one
 data prime suffices: no rescaling, no relinearisation or Galois keys. Values keep 60 − 40 = 20
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 from hecommon.errors import ConfigError, DecryptionError
-from hecommon.fedwire import (
+from hecommon.wire.federated import (
     CKKS_COEFF_BITS,
     CKKS_POLY_DEGREE,
     CKKS_SCALE_BITS,

@@ -32,8 +32,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import parallel
-from .bits import PackedRows, pack_bits, packed_size, unpack_bits, unpack_bits_into
+from ..errors import HeloraError, InexactLayer, MalformedMessage, OversizedMessage, ParameterMismatch
+from ..he import parallel
+from ..he.bits import PackedRows, pack_bits, packed_size, unpack_bits, unpack_bits_into
+from ..he.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult, concat_a
+from ..he.exact import exact_terms, sub_sums
+from ..he.params import ParamSet
+from ..he.params import get as get_params
+from ..he.sampling import SEED_BYTES
 from .codec import check_blob as _blob
 from .codec import check_int as _int
 from .codec import check_keys as _keys
@@ -41,11 +47,6 @@ from .codec import check_text as _text
 from .codec import expect as _expect
 from .codec import fail as _fail
 from .codec import pack, unpack
-from .encrypt import SEED_BYTES, EncryptedBatch, EncryptedPartial, EncryptedResult, concat_a
-from .errors import HeloraError, InexactLayer, MalformedMessage, OversizedMessage, ParameterMismatch
-from .exact import exact_terms, sub_sums
-from .params import ParamSet
-from .params import get as get_params
 
 WIRE_VERSION = 5  # 5: shard counts in the manifest, pieces in partials and replies (the direct path);
 #                  4: owner seeds in requests, exact_terms per layer; 3: send_a, replies say their bits;
@@ -57,7 +58,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a bare source tr
 #: RabbitMQ 4.x default ``max_message_size``; set the broker's limit explicitly to match.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 RID_BYTES = 16
-#: The data owner's public contribution to every ``a`` it uses (``encrypt.owner_a_seed``).
+#: The data owner's public contribution to every ``a`` it uses (``sampling.owner_a_seed``).
 OWNER_BYTES = 16
 DIRECTIONS = ("fwd", "bwd")
 MAX_NAME_CHARS = 128
@@ -73,7 +74,7 @@ HEADER_ALLOWANCE = 4096
 _HEADER = ("v", "type", "pset", "rid", "lib")
 
 
-# -- field checks (the generic ones: hecommon.codec, shared with fedwire) ------------------
+# -- field checks (the generic ones: hecommon.wire.codec, shared with fedwire) ------------------
 def _check_route(msg: Any) -> None:
     _blob("rid", msg.rid, RID_BYTES)
     _text("layer", msg.layer, MAX_NAME_CHARS)
@@ -209,7 +210,7 @@ class EncryptedRequest:
     ``send_a=False``: the client holds the layer's switched public part from an earlier reply,
     so the reply carries ``b`` alone (at ``out_bits``). ``owner``: the data owner's public seed,
     drawn once per session; with the manifest's seed of the layer it fixes the ``a`` the batch was
-    encrypted against (``encrypt.owner_a_seed``), and the evaluator keeps a hint per owner."""
+    encrypted against (``sampling.owner_a_seed``), and the evaluator keeps a hint per owner."""
 
     TYPE: ClassVar[str] = "request"
     rid: bytes
@@ -371,7 +372,7 @@ class EncryptedReply:
     """Evaluator or aggregator → client: switched outputs ``out_start …`` (part ``part`` of
     ``parts``) of the sum over request part ``piece`` of ``pieces``. An evaluator that holds a
     whole layer answers each request part alone (``pieces`` = the request's parts), and the client
-    adds the decrypted pieces, exact integers like sub-sums (``hecommon.exact``); the aggregator
+    adds the decrypted pieces, exact integers like sub-sums (``hecommon.he.exact``); the aggregator
     answers with the whole sum (``pieces`` = 1)."""
 
     TYPE: ClassVar[str] = "reply"

@@ -10,7 +10,7 @@ Forward uses ``M = W`` (d_out × d_in); backward uses ``M = Wᵀ``. A row shard 
 inputs) returns a partial that the aggregator adds to the others.
 
 Backends: numpy (CPU) and cupy (GPU, imported lazily) run the same float64 code through ``xp``.
-On a GPU the default GEMM is the int8 tensor-core digit method of :mod:`hecommon.gpu` (bit-identical
+On a GPU the default GEMM is the int8 tensor-core digit method of :mod:`hecommon.he.gpu` (bit-identical
 results); ``gemm="float64"`` or ``HELORA_GPU_GEMM=float64`` keeps the float64 GEMMs.
 """
 
@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .encrypt import EncryptedBatch, EncryptedPartial, expand_a
-from .errors import ConfigError, InexactLayer, ParameterMismatch
+from ..errors import ConfigError, InexactLayer, ParameterMismatch
+from .encrypt import EncryptedBatch, EncryptedPartial
 from .exact import exact_terms, spread
 from .gpu import DIGITS, Int8Product, int8_available, int8_shape_ok
 from .params import MAX_GEMM_TERMS, ParamSet
+from .sampling import expand_a
 
 
 def array_module(backend: str) -> ModuleType:

@@ -48,7 +48,7 @@ class SmallSecretMultiplier:
         half = n // 2
         k = np.arange(half)
         #: ψ^k (ψ = exp(iπ/N)), applied to the folded input; ``untwist`` after the inverse ``ifft``
-        #: (which divides by N/2 itself). The fused kernels (``hecommon.kernels``) use both.
+        #: (which divides by N/2 itself). The fused kernels (``hecommon.he.kernels``) use both.
         self.twist = np.exp(1j * np.pi * k / n)
         self.untwist = np.conj(self.twist)
         self._s_hat = self._forward(s.astype(np.float64))
@@ -67,7 +67,7 @@ class SmallSecretMultiplier:
 
     def spectrum_product(self, folded: np.ndarray) -> None:
         """In place: folded, twisted inputs (..., N/2) complex become the inverse transform of
-        their products with ``s`` (still to be untwisted by ``untwist``; ``hecommon.kernels``)."""
+        their products with ``s`` (still to be untwisted by ``untwist``; ``hecommon.he.kernels``)."""
         np.fft.fft(folded, axis=-1, out=folded)
         folded *= self._s_hat
         np.fft.ifft(folded, axis=-1, out=folded)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InexactLayer
+from ..errors import InexactLayer
 from .params import MAX_GEMM_TERMS, ParamSet
 
 #: The most sub-sums one layer and direction may be split into (the reply grows k-fold).

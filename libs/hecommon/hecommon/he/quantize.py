@@ -17,8 +17,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..errors import ConfigError
 from . import parallel
-from .errors import ConfigError
 
 
 def _check_bits(bits: int, lo: int = 2, hi: int = 16) -> None:

@@ -66,11 +66,11 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
+from ..errors import ConfigError, HeloraError, TransientError
+from ..wire import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, RID_BYTES, ErrorReply, encode_error
 from . import pikaframes
-from .errors import ConfigError, HeloraError, TransientError
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
-from .wire import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, RID_BYTES, ErrorReply, encode_error
 
 log = logging.getLogger("helora.amqp")
 
@@ -264,7 +264,7 @@ def tune_pika_reads(recv_bytes: int = RECV_BYTES, consume_bytes: int = CONSUME_B
     transport = getattr(io, "_AsyncTransportBase", None)
     if transport is None or not hasattr(transport, "_MAX_RECV_BYTES") or not hasattr(transport, "_MAX_CONSUME_BYTES"):
         raise ConfigError(f"pika {pika.__version__}: its transport no longer has _MAX_RECV_BYTES; "
-                          "update hecommon.amqp.tune_pika_reads")
+                          "update hecommon.broker.amqp.tune_pika_reads")
     transport._MAX_RECV_BYTES = recv_bytes
     transport._MAX_CONSUME_BYTES = consume_bytes
 
@@ -437,7 +437,7 @@ class Service:
     thread) and ``reset()`` (drop in-flight state after a reconnect: the broker redelivers every
     unacknowledged message). From the worker thread they use ``publish``, ``ack``, ``fail``.
 
-    Metrics (``hecommon.metrics``): the shell counts body bytes in and out, failures by reason and
+    Metrics (``hecommon.broker.metrics``): the shell counts body bytes in and out, failures by reason and
     dead-lettered messages, times ``publish`` and ``total`` (one delivery's handling), reports
     ``in_flight()`` at each scrape and sets ``metrics.ready`` (``/readyz``) while consuming.
     """

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import HeloraError, MalformedMessage, OversizedMessage
 from .codec import check_blob_range as _blob
 from .codec import check_int_like as _int
 from .codec import check_keys as _keys
@@ -38,8 +39,7 @@ from .codec import check_text as _text
 from .codec import expect as _expect
 from .codec import fail as _fail
 from .codec import pack, unpack
-from .errors import HeloraError, MalformedMessage, OversizedMessage
-from .wire import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
+from .messages import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
 
 FEDWIRE_VERSION = 1
 #: CKKS parameters of the shared context (see docs/federated.md): N = 4096, one 60-bit data
@@ -85,7 +85,7 @@ def swap_layout(d_in: int, order: Sequence[int], k: int) -> np.ndarray:
     return np.array([j for j in range(d_in) if j not in chosen_set] + chosen[::-1], dtype=np.int64)
 
 
-# -- field checks (the generic ones: hecommon.codec, shared with wire) --------------------
+# -- field checks (the generic ones: hecommon.wire.codec, shared with wire) --------------------
 def _ints(where: str, value: Any, hi: int, max_len: int) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or len(value) > max_len:
         _fail(where, f"a list of at most {max_len} integers is required")

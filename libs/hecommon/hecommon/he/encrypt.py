@@ -22,76 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..errors import DecryptionError, ParameterMismatch
 from . import kernels, parallel
 from .bits import PackedRows
-from .errors import DecryptionError, ParameterMismatch
-from .keys import RequestSecret, derive_key, sample_noise
+from .keys import RequestSecret
 from .parallel import map_rows
 from .params import ParamSet
 from .ring import centered, centered_float, crt_fraction, moduli_column, reduce_float, switch_modulus
-
-SEED_BYTES = 16
+from .sampling import a_mask, a_words, expand_a, sample_noise
 
 #: What a client holds of a layer's public output part, so what a reply carries (``switch``).
 A_PARTS = ("send", "hint", "held")
-
-
-#: Words drawn per row of ``a``: N plus slack for rejections (a prime just below 2^27 rejects
-#: ~3e-4 of the words, so a row runs short with probability far below 2^-100).
-_ROW_SLACK = 64
-
-
-def _aes_ctr_at(key: bytes, block: int, nbytes: int) -> np.ndarray:
-    """AES-256-CTR keystream starting at counter ``block`` (seekable), as uint8."""
-    enc = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
-    return np.frombuffer(enc.update(bytes(nbytes)), dtype=np.uint8)
-
-
-def owner_a_seed(layer_seed: bytes, owner: bytes) -> bytes:
-    """The seed of the ``a`` one owner's requests of one layer and direction use: SHAKE-256 over the
-    layer's seed (the manifest's, the server's contribution) and the owner's seed, domain-separated.
-    Either party alone, choosing its seed after seeing the other's, still gets a fresh ``a``."""
-    if len(layer_seed) != SEED_BYTES or len(owner) != SEED_BYTES:
-        raise ValueError(f"owner_a_seed: two {SEED_BYTES}-byte seeds are required")
-    return derive_key(b"helora/owner-a", layer_seed, owner)[:SEED_BYTES]
-
-
-def expand_a(seed: bytes, params: ParamSet, rows: int, start: int = 0) -> np.ndarray:
-    """Public uniform residues ``a`` for ciphertexts ``start … start+rows-1``: (rows, L, N) uint32.
-
-    One AES-256-CTR stream per limb; row r owns the fixed keystream segment of
-    ``N + _ROW_SLACK`` words at counter ``r·(N + _ROW_SLACK)/4``, so any range of rows is made
-    alone (a shard regenerates only its rows) in one cipher call. Words are masked to the prime's
-    bit length and rejected above it: exactly uniform mod p.
-    """
-    n = params.n
-    out = np.empty((rows, params.limbs, n), dtype=np.uint32)
-    for i, p in enumerate(params.primes):
-        words = a_words(seed, params, i, rows, start) & np.uint32(a_mask(p))
-        out[:, i] = words[:, :n]
-        short = np.flatnonzero((words[:, :n] >= p).any(axis=1))  # rows with a rejection
-        if short.size:
-            valid = words[short] < p
-            keep = valid & (np.cumsum(valid, axis=1) <= n)
-            if not (keep.sum(axis=1) == n).all():  # pragma: no cover - probability < 2^-100
-                raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
-            out[short, i] = words[short][keep].reshape(short.size, n)
-    return out
-
-
-def a_mask(p: int) -> int:
-    """The mask applied to each keystream word of ``a`` mod ``p`` before rejection."""
-    return (1 << p.bit_length()) - 1
-
-
-def a_words(seed: bytes, params: ParamSet, limb: int, rows: int, start: int = 0) -> np.ndarray:
-    """The raw keystream words behind rows ``start … start+rows-1`` of ``a``'s limb ``limb``:
-    (rows, N + _ROW_SLACK) uint32, before masking and rejection (``expand_a``)."""
-    width = params.n + _ROW_SLACK
-    key = derive_key(b"helora/a", seed, limb.to_bytes(2, "little"))
-    return _aes_ctr_at(key, start * width // 4, rows * width * 4).view("<u4").reshape(rows, width)
 
 
 @dataclass(frozen=True)

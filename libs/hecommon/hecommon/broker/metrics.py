@@ -35,8 +35,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import __version__
-from .errors import ConfigError, HeloraError
+from .. import __version__
+from ..errors import ConfigError, HeloraError
 
 log = logging.getLogger("helora.metrics")
 # no ``*_created`` series: a timestamp per label set doubles the scrape for nothing the dashboards use

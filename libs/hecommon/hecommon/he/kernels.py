@@ -4,7 +4,7 @@ The client's cost per value is a few FFTs (``ring.SmallSecretMultiplier``) and t
 work around them: expanding ``a`` from its keystream, centering and folding it into the
 transform's input, then rounding the product, adding message and noise and reducing mod p (up);
 unpacking, splitting and rounding, adding ``b``, reducing mod ``2^k`` and decoding (down). In
-numpy each of those steps is a pass over memory; ``hecommon._fused`` (compiled with numba) does
+numpy each of those steps is a pass over memory; ``hecommon.he._fused`` (compiled with numba) does
 each side in one loop before the forward FFT and one after the inverse FFT, over blocks of rows
 small enough to stay in cache.
 
@@ -28,7 +28,7 @@ _TRIED = False
 
 
 def loops() -> ModuleType:
-    """The compiled loops (``hecommon._fused``); only where ``enabled()``."""
+    """The compiled loops (``hecommon.he._fused``); only where ``enabled()``."""
     global _LOOPS, _TRIED
     if not _TRIED:
         _TRIED = True
@@ -39,7 +39,7 @@ def loops() -> ModuleType:
         except ImportError:  # pragma: no cover - where numba is absent
             _LOOPS = None
     if _LOOPS is None:
-        raise RuntimeError("hecommon.kernels: numba is not installed (pip install 'hecommon[kernels]')")
+        raise RuntimeError("hecommon.he.kernels: numba is not installed (pip install 'hecommon[kernels]')")
     return _LOOPS
 
 
@@ -55,7 +55,7 @@ def enabled() -> bool:
 
 
 def centered_binomial(raw: np.ndarray, eta: int) -> np.ndarray:
-    """``keys.centered_binomial``'s samples from the same bytes (``raw``: (count, eta/4) uint8)."""
+    """``sampling.centered_binomial``'s samples from the same bytes (``raw``: (count, eta/4) uint8)."""
     out = np.empty(raw.shape[0], dtype=np.int64)
     loops().centered_binomial(raw, eta, out)
     return out

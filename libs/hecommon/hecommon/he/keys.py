@@ -5,7 +5,7 @@
   random per-request nonce (SHAKE-256 → AES-256-CTR stream). The public ``a`` of a layer is
   fixed (see ``encrypt.py``), so a secret must never encrypt two batches against the same ``a``;
   a fresh ``s_r`` per request guarantees that.
-- Noise comes from ``noise_stream``: AES-256-CTR keyed with 32 fresh bytes of ``os.urandom`` per
+- Noise comes from ``sampling.noise_stream``: AES-256-CTR keyed with 32 fresh bytes of ``os.urandom`` per
   batch (a CTR-DRBG seeded by the OS, ~10x faster here than reading ``os.urandom`` directly).
 
 A ``SecretKey`` has no wire encoder and refuses pickling; it reaches a file only through
@@ -14,90 +14,21 @@ A ``SecretKey`` has no wire encoder and refuses pickling; it reaches a file only
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import stat
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from . import kernels
-from .errors import ConfigError
+from ..errors import ConfigError
 from .params import ParamSet
 from .ring import SmallSecretMultiplier
+from .sampling import derive_key, ternary_from_stream
 
 KEY_BYTES = 32
 NONCE_BYTES = 16
 _KEY_FILE_MAGIC = b"helora-secret-key-v1\n"
-
-
-def aes_ctr_stream(key: bytes, nbytes: int) -> np.ndarray:
-    """``nbytes`` of the AES-256-CTR keystream for ``key`` (counter from 0), as uint8."""
-    if len(key) != 32:
-        raise ValueError("aes_ctr_stream: a 32-byte key is required")
-    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(enc.update(bytes(nbytes)), dtype=np.uint8)
-
-
-def derive_key(*parts: bytes) -> bytes:
-    """Domain-separated 32-byte key from its parts (SHAKE-256 over length-prefixed parts)."""
-    h = hashlib.shake_256()
-    for p in parts:
-        h.update(len(p).to_bytes(4, "little") + p)
-    return h.digest(32)
-
-
-def ternary_from_stream(key: bytes, n: int) -> np.ndarray:
-    """Uniform ternary polynomial of length n from the keystream of ``key`` (rejection of 255)."""
-    need = n + n // 8 + 64
-    while True:
-        raw = aes_ctr_stream(key, need)
-        ok = raw[raw < 255]
-        if ok.size >= n:
-            return (ok[:n] % 3).astype(np.int8) - 1
-        need *= 2
-
-
-def centered_binomial(stream: np.ndarray, count: int, eta: int) -> np.ndarray:
-    """``count`` samples of the centered binomial of parameter eta (variance eta/2) as int64.
-
-    Each sample takes ``2·eta`` bits; eta must be a multiple of 4 (whole nibbles).
-    """
-    if eta % 4:
-        raise ValueError("centered_binomial: eta must be a multiple of 4")
-    nbytes = eta // 4  # eta bits = eta/8 bytes per half; two halves
-    raw = stream[: count * nbytes].reshape(count, nbytes)
-    if kernels.enabled():
-        return kernels.centered_binomial(raw, eta)
-    bits = np.bitwise_count(raw)  # uint8 per byte; column adds below beat a reduce over axis 1
-    half = nbytes // 2
-    if nbytes % 2:  # the middle byte is split into its two nibbles
-        mid = raw[:, half]
-        pos = np.bitwise_count(mid & 0x0F).astype(np.int16)
-        neg = np.bitwise_count(mid >> 4).astype(np.int16)
-        skip = 1
-    else:
-        pos = np.zeros(count, dtype=np.int16)
-        neg = np.zeros(count, dtype=np.int16)
-        skip = 0
-    for j in range(half):
-        pos += bits[:, j]
-        neg += bits[:, half + skip + j]
-    return (pos - neg).astype(np.int64)
-
-
-def noise_stream(nbytes: int) -> np.ndarray:
-    """Fresh secret randomness: AES-256-CTR keyed by 32 bytes of ``os.urandom``."""
-    return aes_ctr_stream(os.urandom(32), nbytes)
-
-
-def sample_noise(params: ParamSet, shape: tuple[int, ...]) -> np.ndarray:
-    """Centered-binomial noise of ``params.noise_eta``, shape ``shape``, int64."""
-    count = int(np.prod(shape))
-    nbytes = count * params.noise_eta // 4
-    return centered_binomial(noise_stream(nbytes), count, params.noise_eta).reshape(shape)
 
 
 class RequestSecret:

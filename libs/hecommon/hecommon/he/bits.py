@@ -14,7 +14,7 @@ of 64 values: 64 values of ``bits`` bits fill exactly ``bits`` 64-bit words, so 
 fixed 64-step loop of whole-array shifts and ORs. Short arrays, where those steps' call overhead
 dominates, go through a bit matrix (``np.unpackbits``/``np.packbits``), which costs 8x the
 memory traffic but only a handful of calls. Where numba is installed (the client), widths up to
-56 bits go through one compiled loop instead (``hecommon.kernels``), several times faster again.
+56 bits go through one compiled loop instead (``hecommon.he.kernels``), several times faster again.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import MalformedMessage
 from . import kernels, parallel
-from .errors import MalformedMessage
 
 _GROUP = 64  # values per group; a group packs into exactly `bits` uint64 words
 #: The byte-window path needs a value plus its shift (< 8) to fit in 64 bits, and windows of
@@ -34,7 +34,7 @@ _WINDOW_BITS = (8, 56)
 _SMALL = 1 << 14
 #: Arrays of at least twice this many values are packed and unpacked in pieces, in parallel.
 _PARALLEL = 1 << 19
-#: The compiled loops (``hecommon.kernels``) take widths up to 56 bits (a value and the < 8 bits
+#: The compiled loops (``hecommon.he.kernels``) take widths up to 56 bits (a value and the < 8 bits
 #: held before it fit in 64), in pieces of at least this many values.
 _KERNEL_BITS = 56
 _KERNEL_PIECE = 1 << 15
@@ -61,7 +61,7 @@ def _steps(bits: int):
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack unsigned integers (any shape, C order) at ``bits`` bits each; values must be < 2^bits.
 
-    Long arrays are packed in pieces on the shared thread pool (``hecommon.parallel``): a piece
+    Long arrays are packed in pieces on the shared thread pool (``hecommon.he.parallel``): a piece
     of a multiple of 64 values fills whole bytes, so the pieces' bytes, one after the other, are
     the whole array's."""
     _check_bits(bits)
@@ -83,7 +83,7 @@ def _row_view(n: int, bits: int, rows: int) -> bool:
 
 
 def _pack_kernel(values: np.ndarray, bits: int) -> bytes:
-    """``pack_bits`` through the compiled loop (``hecommon.kernels``): rows of whole bytes, or
+    """``pack_bits`` through the compiled loop (``hecommon.he.kernels``): rows of whole bytes, or
     pieces of whole bytes of a flat array, in parallel, into one buffer (no copy of a strided
     input): the same bytes as the numpy paths."""
     loop = kernels.loops().pack_rows

@@ -30,7 +30,7 @@ from pika import exceptions as _exceptions
 from pika import frame as _frame
 from pika import spec as _spec
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _HEAD = struct.Struct(">BHL")  # frame type, channel, payload size
 _HEAD_SIZE = _HEAD.size
@@ -118,7 +118,7 @@ def install() -> None:
     for name in ("_on_data_available", "_send_message", "_process_frame", "_adapter_emit_data",
                  "_trim_frame_buffer"):
         if not callable(getattr(conn, name, None)):
-            raise ConfigError(f"pika {pika.__version__}: Connection.{name} is gone; update hecommon.pikaframes")
+            raise ConfigError(f"pika {pika.__version__}: Connection.{name} is gone; update hecommon.broker.pikaframes")
     conn._on_data_available = _on_data_available
     conn._send_message = _send_message
     _installed = True

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import msgpack
 import numpy as np
 
-from .errors import HeloraError, MalformedMessage, OversizedMessage, UnsupportedVersion
+from ..errors import HeloraError, MalformedMessage, OversizedMessage, UnsupportedVersion
 
 
 # -- field checks (shared by construction and decoding) -------------------------------------

@@ -1,4 +1,4 @@
-"""The compiled loops behind ``hecommon.kernels`` (numba; imported on first use only).
+"""The compiled loops behind ``hecommon.he.kernels`` (numba; imported on first use only).
 
 Reductions mod p use a float64 quotient estimate and an exact int64 correction: every operand is
 an integer well below 2^63 and the quotient below 2^34, so the estimate is off by a few units at
@@ -40,7 +40,7 @@ def _decode(x, modulus, qd):  # pragma: no cover - compiled
 @_jit
 def fold_words(words, mask, p, n, twist, out):  # pragma: no cover - compiled
     """Rows of uniform residues mod ``p`` from keystream words (masked, rejected at or above
-    ``p``: ``encrypt.expand_a``'s rule), centered, folded and twisted into ``out`` (rows, N/2)
+    ``p``: ``sampling.expand_a``'s rule), centered, folded and twisted into ``out`` (rows, N/2)
     complex. Residues already below ``p`` pass with ``mask`` all ones. False if a row ran out."""
     half = n // 2
     half_p = p // 2
@@ -172,7 +172,7 @@ def _centered_binomial(raw, eta, table, out):  # pragma: no cover - compiled
 
 
 def centered_binomial(raw, eta, out):
-    """``keys.centered_binomial``'s samples, from (count, eta/4) bytes into ``out`` (int64)."""
+    """``sampling.centered_binomial``'s samples, from (count, eta/4) bytes into ``out`` (int64)."""
     _centered_binomial(raw, eta, _POPCOUNT, out)
 
 

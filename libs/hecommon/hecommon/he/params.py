@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, InsecureParameters
+from ..errors import ConfigError, InsecureParameters
 
 #: HE standard Table 1, 128-bit classical security, uniform ternary secret: N -> max log2(q).
 MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -181,7 +181,7 @@ def _find_primes(n: int, count: int, bits: int = MAX_PRIME_BITS) -> tuple[int, .
 # Default: N = 2048, two 27-bit primes (log2 q = 53.998 <= 54). Results |Y| < 2^29 decode.
 N2048 = ParamSet("n2048-q54", 2048, _find_primes(2048, 2), msg_bits=30)
 # N = 4096, four primes (log2 q = 107.99 <= 109), results |Y| < 2^35 decode; its output moduli are
-# chosen, like the default's, for sums of at most MAX_GEMM_TERMS terms (hecommon.exact splits wider).
+# chosen, like the default's, for sums of at most MAX_GEMM_TERMS terms (hecommon.he.exact splits wider).
 N4096 = ParamSet("n4096-q108", 4096, _find_primes(4096, 4), msg_bits=36)
 
 REGISTRY: dict[str, ParamSet] = {p.name: p for p in (N2048, N4096)}
@@ -193,7 +193,7 @@ def get(name: str) -> ParamSet:
     try:
         return REGISTRY[name]
     except KeyError:
-        from .errors import ParameterMismatch
+        from ..errors import ParameterMismatch
 
         raise ParameterMismatch(
             f"unknown parameter set {name!r}; known: {sorted(REGISTRY)}"
