@@ -229,7 +229,7 @@ def test_request_parts_computed_by_different_replicas_give_the_whole_product(tin
                         chunks = [wire.join([wire.decode_partial(wire.encode_partial(c, limit), limit) for c in chunks])]
                     for partial in chunks:
                         if h.answers(part):  # one shard: a reply piece, straight to the client
-                            reply = wire.decode_reply(wire.encode_reply(wire.reply_part(partial), limit), limit)
+                            reply = wire.decode_reply(wire.encode_reply(EvaluatorHandler.reply_part(partial), limit), limit)
                             assert (reply.piece, reply.pieces) == (part.part, len(plan))
                             res = reply.result if send_a else reply.result.with_held_a(held[reply.piece][
                                 reply.out_start:reply.out_start + reply.result.width])
@@ -254,7 +254,7 @@ def test_request_parts_computed_by_different_replicas_give_the_whole_product(tin
 @pytest.mark.parametrize("shards", [1, 2])
 def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, shards, rng):
     """An evaluator that holds the whole layer (one shard, a switched) answers: its parts, switched
-    there (``wire.reply_part``), decode as reply parts that join into the aggregator's reply, bit for
+    there (``reply_part``), decode as reply parts that join into the aggregator's reply, bit for
     bit; the client's head check reads each one. With two shards nobody answers alone."""
     from helora_evaluator.handler import EvaluatorHandler
 
@@ -284,7 +284,7 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
                                           decrypt(secret, whole.result))
             continue
         expected = AggregatorHandler(send_a=True).add(handlers[0].handle(routed[0][1]))
-        bodies = [wire.encode_reply(wire.reply_part(p), limit) for p in handlers[0].handle_parts(routed[0][1], limit)]
+        bodies = [wire.encode_reply(EvaluatorHandler.reply_part(p), limit) for p in handlers[0].handle_parts(routed[0][1], limit)]
         assert len(bodies) > 1
         heads = [wire.decode_reply_head(b, limit) for b in bodies]
         assert all(isinstance(h, wire.ReplyHead) and h.with_a for h in heads)
@@ -295,7 +295,7 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
         np.testing.assert_array_equal(joined.result.a.unpack(), expected.result.a.unpack())
         np.testing.assert_array_equal(joined.result.b, expected.result.b)
         np.testing.assert_array_equal(decrypt(secret, joined.result), decrypt(secret, expected.result))
-        held_bodies = [wire.encode_reply(wire.reply_part(p), limit)
+        held_bodies = [wire.encode_reply(EvaluatorHandler.reply_part(p), limit)
                        for p in handlers[0].handle_parts(held_routed[0][1], limit)]
         held_heads = [wire.decode_reply_head(b, limit) for b in held_bodies]
         assert all(isinstance(h, wire.ReplyHead) and not h.with_a and h.bits == h.params.out_bits for h in held_heads)

@@ -41,7 +41,7 @@ from hecommon.he.evaluate import MatrixProduct
 from hecommon.he.params import ParamSet
 from hecommon.he.sampling import owner_a_seed
 from hecommon.shards import Shard
-from hecommon.wire import EncryptedRequest, PartialResult
+from hecommon.wire import EncryptedReply, EncryptedRequest, PartialResult
 
 #: Owners whose hints an evaluator keeps at once, by default (``--max-owners``).
 MAX_OWNERS = 4
@@ -221,9 +221,19 @@ class EvaluatorHandler:
 
     def answers(self, req: EncryptedRequest) -> bool:
         """Whether this evaluator answers the client itself: it holds the whole layer (one shard)
-        and sends the public part switched, so it switches ``b`` too (``wire.reply_part``) and
+        and sends the public part switched, so it switches ``b`` too (``reply_part``) and
         each part it computes is a reply part, straight to the client's ``reply_to``."""
         return self.switch_a and self.shard_index.get(req.layer, (0, 1))[1] == 1
+
+    @staticmethod
+    def reply_part(partial: PartialResult) -> EncryptedReply:
+        """The reply for one part of a one-shard partial whose ``a`` part is switched: ``b`` switched,
+        ``a`` as it came (or left out, if the request said ``send_a=False``), the same rows, part and
+        piece numbers (each part is answered alone, as it comes)."""
+        result = partial.partial.switch("send" if partial.send_a else "held")
+        return EncryptedReply(rid=partial.rid, layer=partial.layer, direction=partial.direction, result=result,
+                              part=partial.part, parts=partial.parts, out_start=partial.out_start,
+                              piece=partial.piece, pieces=partial.pieces)
 
     def handle(self, req: EncryptedRequest) -> PartialResult:
         """The whole partial of one request part (the embedded server's path)."""

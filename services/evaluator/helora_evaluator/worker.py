@@ -142,7 +142,7 @@ class EvaluatorWorker(amqp.Service):
                     break
                 if answers:
                     with self.metrics.stage("switch"):
-                        body = wire.encode_reply(wire.reply_part(part), self.limit)
+                        body = wire.encode_reply(self.handler.reply_part(part), self.limit)
                     if not self._to_client(props, body, req):
                         break
                 else:

@@ -39,7 +39,7 @@ from .codec import check_text as _text
 from .codec import expect as _expect
 from .codec import fail as _fail
 from .codec import pack, unpack
-from .messages import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
+from .fields import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
 
 FEDWIRE_VERSION = 1
 #: CKKS parameters of the shared context (see docs/federated.md): N = 4096, one 60-bit data
