@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, write_json  # noqa: E402
-from hecommon import params as P  # noqa: E402
 from hecommon.errors import InexactLayer  # noqa: E402
+from hecommon.he import params as P  # noqa: E402
 from hecommon.he.bits import packed_size  # noqa: E402
 from hecommon.he.encrypt import decrypt, encrypt  # noqa: E402
 from hecommon.he.evaluate import MatrixProduct  # noqa: E402

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
-from hecommon import params as P  # noqa: E402
 from hecommon import wire  # noqa: E402
+from hecommon.he import params as P  # noqa: E402
 from hecommon.he.encrypt import decrypt, encrypt  # noqa: E402
 from hecommon.he.evaluate import MatrixProduct  # noqa: E402
 from hecommon.he.keys import SecretKey  # noqa: E402

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from exactness import CONFIGS, groups  # noqa: E402
-from hecommon import params as P  # noqa: E402
+from hecommon.he import params as P  # noqa: E402
 from hecommon.he.bits import packed_size  # noqa: E402
 from hecommon.he.encrypt import EncryptedBatch  # noqa: E402
 from hecommon.he.evaluate import MatrixProduct  # noqa: E402

@@ -61,7 +61,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
-from hecommon import amqp, kernels, route, wire  # noqa: E402
+from hecommon import route, wire  # noqa: E402
+from hecommon.broker import amqp  # noqa: E402
+from hecommon.he import kernels  # noqa: E402
 from hecommon.he.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
 from helora_orchestrator.broker import BrokerTransport, make_broker_backend  # noqa: E402
