@@ -62,7 +62,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
 from hecommon import route, wire  # noqa: E402
-from hecommon.broker import amqp  # noqa: E402
+from hecommon.broker import (
+    topology,
+)
 from hecommon.he import kernels  # noqa: E402
 from hecommon.he.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
@@ -219,7 +221,7 @@ class _IdentityFleet(LocalFleet):
 
     def start_evaluator(self, index: int, name: str | None = None):
         return self.start_service(name or f"evaluator{index}", "identity_evaluator",
-                                  "--blocks", amqp.blocks_label(self.blocks), "--shard", f"{index}/{self.evaluators}",
+                                  "--blocks", topology.blocks_label(self.blocks), "--shard", f"{index}/{self.evaluators}",
                                   "--shard-dir", str(self.shard_dir), "--backend", "numpy", port_offset=1 + index)
 
 

@@ -21,8 +21,8 @@ import helmchart
 import pytest
 import yaml
 from hecommon import wire
-from hecommon.broker import amqp
 from hecommon.broker import metrics as hm
+from hecommon.broker import topology
 from helora_aggregator.config import AggregatorConfig
 from helora_encoder.config import EncoderConfig
 from helora_evaluator.config import EvaluatorConfig
@@ -172,7 +172,7 @@ def test_evaluator_groups_cover_every_block_once(rendered, case: str) -> None:
             continue
         env = {e["name"]: e.get("value") for e in c["env"]}
         group = d["metadata"]["labels"]["helora.dev/group"]
-        for b in amqp.parse_blocks(env["HELORA_BLOCKS"]):
+        for b in topology.parse_blocks(env["HELORA_BLOCKS"]):
             assert owner.setdefault(b, group) == group, f"block {b} in {owner[b]} and {group}"
     assert sorted(owner) == list(range(SMOLLM2_BLOCKS))
 

@@ -265,7 +265,7 @@ class Run:
 
     def delete_topology(self) -> None:
         import pika
-        from hecommon.broker.amqp import Topology
+        from hecommon.broker.topology import Topology
 
         topo = Topology(self.namespace)
         conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
@@ -323,7 +323,7 @@ def _publish_malformed(namespace: str) -> None:
     """One malformed request to block 0's evaluator, the requests' entry point: it dead-letters it
     (reason malformed)."""
     import pika
-    from hecommon.broker.amqp import Topology
+    from hecommon.broker.topology import Topology
 
     conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
     try:

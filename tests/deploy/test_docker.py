@@ -431,7 +431,7 @@ def test_each_images_package_set_runs_its_service(stages, tmp_path):
     import secrets
 
     import pika
-    from hecommon.broker.amqp import Topology
+    from hecommon.broker.topology import Topology
 
     url = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import pika
 import pytest
 from hecommon import wire
-from hecommon.broker import amqp
+from hecommon.broker import topology
 
 from .conftest import CKKS_ATOL
 from .test_aggregation import torch_flexlora
@@ -64,7 +64,7 @@ def fedworker(request, tmp_path, fed_keys, local_broker):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        amqp.Topology(ns).delete(conn.channel(), [federated_queue(ns)])
+        topology.Topology(ns).delete(conn.channel(), [federated_queue(ns)])
         conn.close()
 
 
@@ -187,7 +187,7 @@ def test_handshake_and_a_secret_key_context_is_refused_without_being_stored(fedw
             c.call(fedwire.PublicContext(bytes(16), private), fedwire.PublicContext)
         assert info.value.reason == "parameter_mismatch"
         # refused handshakes are acked and dropped, never dead-lettered: the secret key is stored nowhere
-        assert c.ch.queue_declare(amqp.Topology(ns).dead, passive=True).method.message_count == 0
+        assert c.ch.queue_declare(topology.Topology(ns).dead, passive=True).method.message_count == 0
         assert c.ch.queue_declare(f"{ns}.federated", passive=True).method.message_count == 0
 
 
@@ -247,7 +247,7 @@ def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker
         ch.cancel()
         err = wire.decode_error(body)
         assert err.reason == "malformed" and "bytes" in err.message
-        dead = amqp.Topology(ns).dead
+        dead = topology.Topology(ns).dead
         end = time.monotonic() + 30
         while ch.queue_declare(dead, passive=True).method.message_count < 2 and time.monotonic() < end:
             time.sleep(0.2)

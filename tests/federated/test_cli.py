@@ -43,7 +43,7 @@ def test_demo_bad_input_is_one_line(capsys):
 def test_round_bad_flags_are_one_line(tmp_path, capsys):
     """Checked before the key is read or the broker dialled: a too-small message limit (it used to
     die in ``split_bytes`` with ZeroDivisionError), a non-positive timeout, no rounds, no owners."""
-    from hecommon.broker.amqp import MIN_MESSAGE_BYTES
+    from hecommon.broker.topology import MIN_MESSAGE_BYTES
 
     base = ["federate", "round", "--key", str(tmp_path / "absent.key"), "--owner", "a", "--owners", "2", "--index", "0"]
     for flags, word in ((["--max-message-bytes", "1024"], "--max-message-bytes"),

@@ -41,7 +41,7 @@ class Fleet:
 
     @property
     def evaluator_queues(self) -> list[str]:
-        from hecommon.broker.amqp import Topology
+        from hecommon.broker.topology import Topology
 
         t = Topology(self.namespace)
         return [*(t.evaluator_queue("0", i, SHARDS) for i in range(SHARDS)), t.evaluator_queue("1", 0, 1)]
@@ -74,7 +74,7 @@ class Fleet:
         """Every service consuming: the encoder answers, evaluators and aggregator have consumers."""
         import pika
         import pika.exceptions as pex
-        from hecommon.broker.amqp import Topology
+        from hecommon.broker.topology import Topology
 
         logging.getLogger("pika").setLevel(logging.ERROR)  # passive declares of absent queues are expected
         queues = [*self.evaluator_queues, Topology(self.namespace).partials, Topology(self.namespace).manifest]
@@ -104,7 +104,7 @@ class Fleet:
 
     def delete_topology(self) -> None:
         import pika
-        from hecommon.broker.amqp import Topology
+        from hecommon.broker.topology import Topology
 
         conn = pika.BlockingConnection(pika.URLParameters(URL))
         try:
@@ -123,7 +123,9 @@ def fleet(tmp_path_factory, local_broker):
         for name, blocks, shard in EVALUATORS:
             f.start(name, "helora_evaluator.worker", "--blocks", blocks, "--shard", shard,
                     "--shard-dir", str(f.shard_dir), "--backend", "numpy", "--wait-shards-s", "60")
-        f.start("aggregator", "helora_aggregator.worker")
+        # every partial message stays unacked until its request is answered: at this tiny message
+        # limit a sharded request is up to 150 of them, and --in-flight runs three at once
+        f.start("aggregator", "helora_aggregator.worker", "--prefetch", "1024")
         f.wait_ready()
         yield f
         f.check_alive()  # nothing crashed during the tests

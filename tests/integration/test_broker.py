@@ -15,7 +15,7 @@ import pika
 import pytest
 import torch
 from hecommon import route, wire
-from hecommon.broker import amqp
+from hecommon.broker import topology
 from hecommon.he import params as P
 from hecommon.he.encrypt import EncryptedBatch, encrypt
 from hecommon.he.keys import SecretKey
@@ -133,7 +133,7 @@ def test_bad_requests_are_dead_lettered_with_their_reason_and_service_goes_on(fl
     """The evaluators are the entry point of requests (the direct path): what they receive is
     checked in full there, dead-lettered with its reason, and the client told at once."""
     backend = make_broker_backend(fleet.url, namespace=fleet.namespace, timeout_s=60, max_message_bytes=fleet.limit)
-    topo = amqp.Topology(fleet.namespace)
+    topo = topology.Topology(fleet.namespace)
     bad = _bad_messages(backend.manifest, fleet.limit)
     entry = backend.manifest.layers[0]
     assert entry.shards == 2
@@ -160,9 +160,9 @@ def test_bad_requests_are_dead_lettered_with_their_reason_and_service_goes_on(fl
     finally:
         conn.close()
     for cid, (_, reason) in bad.items():
-        assert dead.get(cid, {}).get(amqp.REASON_HEADER) == reason, (cid, reason, dead.get(cid), fleet.logs())
-        assert dead[cid][amqp.QUEUE_HEADER] == fleet.evaluator_queues[0]
-        assert (amqp.DROPPED_HEADER in dead[cid]) == (reason == "oversized")
+        assert dead.get(cid, {}).get(topology.REASON_HEADER) == reason, (cid, reason, dead.get(cid), fleet.logs())
+        assert dead[cid][topology.QUEUE_HEADER] == fleet.evaluator_queues[0]
+        assert (topology.DROPPED_HEADER in dead[cid]) == (reason == "oversized")
         assert errors[cid].reason == reason  # the client is told too, and fails fast
     # the fleet still serves: encrypted over the broker == the clear quantized product
     x = np.random.default_rng(1).standard_normal((5, backend.manifest.layers[0].d_in)).astype(np.float32)

@@ -25,7 +25,7 @@ import pika
 import pytest
 import torch
 from hecommon import wire
-from hecommon.broker import amqp
+from hecommon.broker import topology
 from hecommon.he.keys import SecretKey
 from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.backend import build_backend
@@ -229,7 +229,7 @@ def _stage_count(fleet: LocalFleet, service: str, stage: str) -> float:
 
 
 def _dead_letters(fleet: LocalFleet) -> int:
-    return sum(_queue_counts(fleet).get(amqp.Topology(fleet.namespace).dead, (0, 0)))
+    return sum(_queue_counts(fleet).get(topology.Topology(fleet.namespace).dead, (0, 0)))
 
 
 # -- tests --------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_connections_closed_by_the_broker_mid_run_reconnect_and_complete(fleet):
     fleet.check_alive()
     # each drop left an attempt whose later parts were never sent (the client held mid-request):
     # the aggregator holds the partials of its first parts until their time is up, then lets them go
-    partials = amqp.Topology(fleet.namespace).partials
+    partials = topology.Topology(fleet.namespace).partials
     _wait_for("the abandoned attempts' partials time out", lambda: _queue_counts(fleet)[partials] == (0, 0),
               PART_TIMEOUT_S + 30, lambda: str(_queue_counts(fleet)))
 
@@ -330,7 +330,7 @@ def test_duplicated_messages_are_counted_once(which, request):
     which answers the client directly, the copies are request parts: the evaluator computes each
     copy, and the client keeps the first copy of every reply part."""
     fleet = request.getfixturevalue(which)
-    topo = amqp.Topology(fleet.namespace)
+    topo = topology.Topology(fleet.namespace)
     dead_before = _dead_letters(fleet)
     name, queue = ("aggregator", topo.partials) if which == "fleet" else ("evaluator0", fleet.evaluator_queue(0))
     consumer = fleet.procs[name]
@@ -384,7 +384,7 @@ def test_duplicated_messages_are_counted_once(which, request):
 
 
 def test_requests_nobody_answers_fail_with_the_layer_and_the_silent_service(fleet):
-    topo = amqp.Topology(fleet.namespace)
+    topo = topology.Topology(fleet.namespace)
     # 1. no aggregator: the client's own timeout names it
     agg = fleet.procs["aggregator"]
     agg.send_signal(signal.SIGTERM)
@@ -474,7 +474,7 @@ def test_a_bad_partial_is_dead_lettered_by_the_aggregator(fleet):
                                  EncryptedPartial(params, values, values.copy(), 3))
     m = msgpack.unpackb(wire.encode_partial(partial, LIMIT), raw=False)
     bad = msgpack.packb({**m, "b": m["b"][:-1]}, use_bin_type=True)
-    topo = amqp.Topology(fleet.namespace)
+    topo = topology.Topology(fleet.namespace)
     dead_before = _dead_letters(fleet)
     conn = pika.BlockingConnection(pika.URLParameters(fleet.broker_url))
     try:
@@ -496,7 +496,7 @@ def test_a_bad_partial_is_dead_lettered_by_the_aggregator(fleet):
             conn.sleep(0.1)
     finally:
         conn.close()
-    assert dead is not None and dead[amqp.REASON_HEADER] == "malformed" and dead[amqp.QUEUE_HEADER] == topo.partials
+    assert dead is not None and dead[topology.REASON_HEADER] == "malformed" and dead[topology.QUEUE_HEADER] == topo.partials
     assert error is not None and error.reason == "malformed" and "b:" in error.message
     model = _model()  # the aggregator goes on serving
     quantized = build_backend("quantized", model, discover_groups(model))
@@ -520,7 +520,7 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is needed to close the client's connection")
     ns = f"helora-faults-{secrets.token_hex(4)}"
-    topo = amqp.Topology(ns)
+    topo = topology.Topology(ns)
     limit = 64 * 1024
     rng = np.random.default_rng(3)
     top = 1 << N2048.hint_out_bits

@@ -12,7 +12,7 @@ import pika
 import pytest
 import torch
 from hecommon import route
-from hecommon.broker import amqp
+from hecommon.broker import topology
 from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.broker import make_broker_backend
 from helora_orchestrator.client_model import ClientModel, causal_lm_loss
@@ -145,7 +145,7 @@ def test_a_training_step_moves_the_counters_of_every_service(fleet):
 
 
 def test_bad_messages_count_as_failures_on_the_service_that_got_them(fleet):
-    topo = amqp.Topology(fleet.namespace)
+    topo = topology.Topology(fleet.namespace)
     sent = {  # service -> (queue it consumes, [(body, expected reason)])
         "encoder": (topo.manifest, [(b"", "malformed")]),  # a manifest request without reply_to
         "evaluator0": (fleet.evaluator_queues[0], [(os.urandom(200), "malformed"),

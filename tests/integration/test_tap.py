@@ -45,7 +45,7 @@ import numpy as np
 import pika
 import pytest
 import torch
-from hecommon.broker import amqp
+from hecommon.broker import topology
 from hecommon.he.keys import SecretKey
 from hecommon.he.quantize import fold_output_scale, quantize_rows
 from hecommon.model import discover_groups, tiny_llama
@@ -391,7 +391,7 @@ def test_no_secret_plaintext_or_lora_weight_crosses_the_broker(traced_url, tmp_p
     assert all(c == 0 for c in codes.values()), f"{codes}\n{fleet.logs()}"
 
     # the tap saw everything: every request byte the client sent, and its replies
-    topo = amqp.Topology(ns)
+    topo = topology.Topology(ns)
     sent = sum(len(b) for trace, key, _, b in tap.records if trace == f"publish.{topo.requests}")  # client → evaluators
     replies = sum(len(b) for trace, key, _, b in tap.records if trace == "publish." and key.startswith("amq.gen-"))
     assert sent == transport.bytes_sent > 0

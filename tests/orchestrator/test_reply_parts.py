@@ -93,7 +93,7 @@ def test_late_copies_for_an_answered_request_are_dropped():
 def test_request_parts_are_drawn_once_and_sent_again_on_a_retry():
     """A request given part by part (each encrypted when drawn): a retry after a reconnection sends
     the parts already drawn again, without drawing (encrypting) them a second time."""
-    from helora_orchestrator.broker import _Parts
+    from helora_orchestrator.broker import _DrawnParts
 
     drawn = []
 
@@ -102,7 +102,7 @@ def test_request_parts_are_drawn_once_and_sent_again_on_a_retry():
             drawn.append(i)
             yield i
 
-    parts = _Parts(source())
+    parts = _DrawnParts(source())
     assert parts.first() == 0 and drawn == [0]
     first_attempt = []
     for p in parts:

@@ -121,9 +121,9 @@ def test_evaluators_that_switch_a_give_the_same_replies(tiny, shards, rng):
 
     model, groups = tiny
     server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
-    switching = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+    switching = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, send_switched=True)
                  for e in server.evaluators]
-    aggregator = AggregatorHandler(send_a=True)
+    aggregator = AggregatorHandler(include_a=True)
     g = groups[2]
     limit = 64 * 1024  # partials of several messages: packed a rows are cut and joined as bytes
     for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
@@ -176,7 +176,7 @@ def test_partials_computed_part_by_part_equal_the_split_whole(tiny, shards, swit
 
     model, groups = tiny
     server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
-    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=switch)
+    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, send_switched=switch)
                 for e in server.evaluators]
     g = groups[2]
     limit = 100 * 1024 + wire.HEADER_ALLOWANCE
@@ -207,7 +207,7 @@ def test_request_parts_computed_by_different_replicas_give_the_whole_product(tin
 
     def replica(index):  # a fresh evaluator process for every part: nothing shared between parts
         e = server.evaluators[index]
-        return EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+        return EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, send_switched=True)
 
     for direction, width, expected in (("fwd", g.in_features, lambda m: integer_matmul(m, wq.T)),
                                        ("bwd", g.total_out, lambda m: integer_matmul(m, wq))):
@@ -220,15 +220,15 @@ def test_request_parts_computed_by_different_replicas_give_the_whole_product(tin
                 len(plan) if shards == 1 else 1)
             parts = [dataclasses.replace(whole, batch=EncryptedBatch(whole.params, whole.batch.b[p.lo:p.hi], 7),
                                          row_start=p.lo, part=p.part, parts=p.parts, send_a=send_a) for p in plan]
-            aggregator, out, replies = AggregatorHandler(send_a=True), np.zeros((7, entry.out_rows(direction)), np.int64), 0
+            aggregator, out, replies = AggregatorHandler(include_a=True), np.zeros((7, entry.out_rows(direction)), np.int64), 0
             for part in reversed(parts):  # in any order
                 for index in route.targets(entry, part):
                     h = replica(index)
                     chunks = list(h.handle_parts(part, limit))
-                    if not h.answers(part):  # the worker sends them on; the aggregator joins a piece's chunks
+                    if not h.answers_client(part):  # the worker sends them on; the aggregator joins a piece's chunks
                         chunks = [wire.join([wire.decode_partial(wire.encode_partial(c, limit), limit) for c in chunks])]
                     for partial in chunks:
-                        if h.answers(part):  # one shard: a reply piece, straight to the client
+                        if h.answers_client(part):  # one shard: a reply piece, straight to the client
                             reply = wire.decode_reply(wire.encode_reply(EvaluatorHandler.reply_part(partial), limit), limit)
                             assert (reply.piece, reply.pieces) == (part.part, len(plan))
                             res = reply.result if send_a else reply.result.with_held_a(held[reply.piece][
@@ -260,7 +260,7 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
 
     model, groups = tiny
     server = EmbeddedServer(model, groups, shards=shards, hints_on_client=False)
-    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+    handlers = [EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, send_switched=True)
                 for e in server.evaluators]
     plain = EvaluatorHandler(server.evaluators[0].params, list(server.evaluators[0].shards.values()),
                              server.evaluators[0].shard_index)  # switch_a off: the embedded server's
@@ -269,12 +269,12 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
     for direction, width in (("fwd", g.in_features), ("bwd", g.total_out)):
         secret, req = _request(server, g.name, direction, rng.integers(0, 256, size=(6, width)))
         routed = list(_cut(server, req))
-        assert [handlers[i].answers(sub) for i, sub in routed] == [shards == 1] * len(routed)
-        assert not plain.answers(routed[0][1])
+        assert [handlers[i].answers_client(sub) for i, sub in routed] == [shards == 1] * len(routed)
+        assert not plain.answers_client(routed[0][1])
         held_routed = list(_cut(server, dataclasses.replace(req, send_a=False)))  # a held by the client
         assert [sub.send_a for _, sub in held_routed] == [False] * len(routed)
         if shards != 1:  # the aggregator gathers the shards and leaves a out
-            full, held = AggregatorHandler(send_a=True), AggregatorHandler(send_a=True)
+            full, held = AggregatorHandler(include_a=True), AggregatorHandler(include_a=True)
             replies = [full.add(handlers[i].handle(sub)) for i, sub in routed]
             held_replies = [held.add(handlers[i].handle(sub)) for i, sub in held_routed]
             whole, b_only = replies[-1], held_replies[-1]
@@ -283,7 +283,7 @@ def test_evaluators_holding_a_whole_layer_make_the_reply_parts_themselves(tiny, 
             np.testing.assert_array_equal(decrypt(secret, b_only.result.with_held_a(whole.result.a)),
                                           decrypt(secret, whole.result))
             continue
-        expected = AggregatorHandler(send_a=True).add(handlers[0].handle(routed[0][1]))
+        expected = AggregatorHandler(include_a=True).add(handlers[0].handle(routed[0][1]))
         bodies = [wire.encode_reply(EvaluatorHandler.reply_part(p), limit) for p in handlers[0].handle_parts(routed[0][1], limit)]
         assert len(bodies) > 1
         heads = [wire.decode_reply_head(b, limit) for b in bodies]
@@ -315,7 +315,7 @@ def test_a_request_part_is_checked_against_the_rows_this_evaluator_multiplies(ti
     server = EmbeddedServer(model, groups, shards=2, hints_on_client=False)
     g = groups[2]
     e = server.evaluators[1]
-    h = EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, switch_a=True)
+    h = EvaluatorHandler(e.params, list(e.shards.values()), e.shard_index, send_switched=True)
     lo, hi = even_split(g.in_features, 2)[1]
     _, req = _request(server, g.name, "fwd", rng.integers(0, 256, size=(4, g.in_features)))
     mine = dataclasses.replace(req, batch=EncryptedBatch(req.params, req.batch.b[lo:hi], 4), row_start=lo)

@@ -249,7 +249,7 @@ def test_stop_from_another_thread_ends_the_broker_wait():
 def test_signal_after_start_up_still_finishes_then_closes(service, local_broker):
     """Once consuming, the service's own handler takes over: it stops consuming, closes, exits 0."""
     import pika
-    from hecommon.broker.amqp import Topology
+    from hecommon.broker.topology import Topology
 
     ns = f"helora-sigterm-{secrets.token_hex(4)}"
     agg = service("helora_aggregator.worker", "--namespace", ns, broker=BROKER)

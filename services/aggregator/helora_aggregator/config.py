@@ -8,15 +8,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon.broker import amqp, metrics
+from hecommon import wire
+from hecommon.broker import config as broker_config
+from hecommon.broker import metrics, topology
 from hecommon.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    broker_url: str = amqp.DEFAULT_URL
-    namespace: str = amqp.DEFAULT_NAMESPACE
-    max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
+    broker_url: str = topology.DEFAULT_URL
+    namespace: str = topology.DEFAULT_NAMESPACE
+    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     #: partials are held unacked until their request's reply is out: room for many requests
     prefetch: int = 256
     log_level: str = "INFO"
@@ -27,7 +29,7 @@ class AggregatorConfig:
     part_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        amqp.check_broker_fields(self)
+        broker_config.check_broker_fields(self)
         metrics.check_metrics_fields(self)
         if not isinstance(self.max_pending, int) or self.max_pending < 1:
             raise ConfigError(f"max_pending: {self.max_pending} must be a positive integer")
@@ -36,13 +38,13 @@ class AggregatorConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> AggregatorConfig:
-        return amqp.config_from_mapping(cls, values)
+        return broker_config.config_from_mapping(cls, values)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,
                   environ: Mapping[str, str] = os.environ) -> AggregatorConfig:
         p = argparse.ArgumentParser(prog="helora-aggregator", description="helora aggregator service (DESIGN §4)")
-        amqp.add_broker_flags(p, environ, prefetch=256)
+        broker_config.add_broker_flags(p, environ, prefetch=256)
         metrics.add_metrics_flags(p, environ)
         p.add_argument("--max-pending", type=int, default=int(environ.get("HELORA_MAX_PENDING", 4096)))
         p.add_argument("--part-timeout-s", type=float, default=float(environ.get("HELORA_PART_TIMEOUT_S", 60)))

@@ -42,7 +42,9 @@ from typing import Any
 
 import pika
 import pika.exceptions as pex
-from hecommon.broker import amqp, metrics
+from hecommon import wire
+from hecommon.broker import amqp, metrics, topology
+from hecommon.broker import config as broker_config
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage, ParameterMismatch
 from hecommon.wire import federated as fedwire
 from hecommon.wire.federated import Contribution, Proposal
@@ -53,16 +55,16 @@ log = logging.getLogger("helora.aggregator.federated")
 
 
 def federated_queue(namespace: str) -> str:
-    return f"{amqp.Topology(namespace).namespace}.federated"
+    return f"{topology.Topology(namespace).namespace}.federated"
 
 
 @dataclass(frozen=True)
 class FederatedConfig:
     context: str = ""
     owners: int = 0
-    broker_url: str = amqp.DEFAULT_URL
-    namespace: str = amqp.DEFAULT_NAMESPACE
-    max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
+    broker_url: str = topology.DEFAULT_URL
+    namespace: str = topology.DEFAULT_NAMESPACE
+    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     prefetch: int = 64  # every message of a round is held until the round's answer is out
     log_level: str = "INFO"
     metrics_port: int = metrics.DEFAULT_PORT
@@ -75,7 +77,7 @@ class FederatedConfig:
     max_contribution_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        amqp.check_broker_fields(self)
+        broker_config.check_broker_fields(self)
         metrics.check_metrics_fields(self)
         if not isinstance(self.owners, int) or not 1 <= self.owners <= fedwire.MAX_OWNERS:
             raise ConfigError(f"owners: {self.owners!r} must be in 1..{fedwire.MAX_OWNERS}")
@@ -99,12 +101,12 @@ class FederatedConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> FederatedConfig:
-        return amqp.config_from_mapping(cls, values)
+        return broker_config.config_from_mapping(cls, values)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> FederatedConfig:
         p = argparse.ArgumentParser(prog="helora-federated", description="helora federated aggregator (DESIGN §5)")
-        amqp.add_broker_flags(p, environ, prefetch=64)
+        broker_config.add_broker_flags(p, environ, prefetch=64)
         metrics.add_metrics_flags(p, environ)
         p.add_argument("--context", required=True, metavar="KEY.pub", help="the federation's public CKKS context")
         p.add_argument("--owners", type=int, required=True, help="owners expected per round")

@@ -33,12 +33,12 @@ class _Pending:
 
 
 class AggregatorHandler:
-    """``send_a=False``: the clients hold the layers' hints, so replies carry ``b`` alone. A request
+    """``include_a=False``: the clients hold the layers' hints, so replies carry ``b`` alone. A request
     sent with ``send_a=False`` (its client holds the switched ``a`` of an earlier reply) is answered
     with ``b`` alone at ``out_bits`` either way."""
 
-    def __init__(self, max_pending: int = 4096, send_a: bool = True) -> None:
-        self.send_a = send_a
+    def __init__(self, max_pending: int = 4096, include_a: bool = True) -> None:
+        self.include_a = include_a
         self._pending: dict[tuple[bytes, str, str], _Pending] = {}
         self._done: dict[tuple[bytes, str, str], None] = {}  # recently completed, for duplicates
         self.max_pending = max_pending
@@ -95,7 +95,7 @@ class AggregatorHandler:
         else:  # column shards: joined in output order
             total = EncryptedPartial.join([p for _, p in sorted(shards, key=lambda sp: sp[0])])
         t0 = time.perf_counter()
-        a_part = ("send" if self.send_a else "hint") if first.send_a else "held"  # held: the client asked
+        a_part = ("send" if self.include_a else "hint") if first.send_a else "held"  # held: the client asked
         result = total.switch(a_part)
         self.switch_seconds = time.perf_counter() - t0
         return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction, result=result)

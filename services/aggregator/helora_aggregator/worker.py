@@ -7,7 +7,7 @@ of a request stays unacked until the request's reply has been published (with co
 them and a fresh aggregator completes the request (DESIGN §7.5). A partial of an
 already-answered request (a redelivery) is acked and ignored.
 
-Replies carry the ``a`` part (``send_a=True``): in broker mode the client holds no hints. A
+Replies carry the ``a`` part (``include_a=True``): in broker mode the client holds no hints. A
 request sent with ``send_a=False`` (its client holds the switched ``a`` of an earlier reply of the
 layer) is answered with ``b`` alone.
 
@@ -42,10 +42,11 @@ class AggregatorWorker(amqp.Service):
     def __init__(self, cfg: AggregatorConfig, metrics: Metrics | None = None) -> None:
         super().__init__(cfg, metrics=metrics)
         self.metrics.set_info("any", "numpy")  # it takes whatever parameter set the partials carry
-        self.handler = AggregatorHandler(cfg.max_pending, send_a=True)
+        self.handler = AggregatorHandler(cfg.max_pending, include_a=True)
         self.parts = amqp.PartCollector(cfg.part_timeout_s)
         self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
         self._done: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
+        self._warned = 0.0  # when the prefetch window was last reported full
 
     def declare(self, ch) -> list[str]:
         self.topology.declare_queue(ch, self.topology.partials)
@@ -54,7 +55,7 @@ class AggregatorWorker(amqp.Service):
     def reset(self) -> None:
         self.parts.clear()
         self._held.clear()
-        self.handler = AggregatorHandler(self.cfg.max_pending, send_a=True)
+        self.handler = AggregatorHandler(self.cfg.max_pending, include_a=True)
 
     def in_flight(self) -> int:
         """Deliveries queued or being handled, plus requests whose partials are still arriving."""
@@ -88,6 +89,7 @@ class AggregatorWorker(amqp.Service):
             return
         self.ack(self.parts.take_copies())  # redundant copies (their originals are held): ack now
         if got is None:
+            self._check_window()
             return
         chunks, ds = got
         key = (chunk.rid, chunk.layer, chunk.direction)
@@ -123,6 +125,17 @@ class AggregatorWorker(amqp.Service):
         self.metrics.add_tokens(reply.result.n_tokens)
         self._remember(key)
         log.debug("rid %s layer %s %s: replied, %d bytes", key[0].hex(), key[1], key[2], sum(map(len, bodies)))
+
+    def _check_window(self) -> None:
+        """Every partial message stays unacked until its request is answered, so the prefetch must
+        hold all the partial messages of the sharded requests in flight at once; a window full of
+        incomplete requests waits until their time is up. Say so, naming the fix."""
+        held = self.parts.held() + sum(len(ds) for _, ds in self._held.values())
+        if held >= self.prefetch and time.monotonic() - self._warned > 60:
+            self._warned = time.monotonic()
+            log.warning("holding %d partial messages of %d incomplete request(s), the whole --prefetch (%d): a request "
+                        "needs shards x parts x output messages of them at once; raise --prefetch", held,
+                        len(self._held) + len(self.parts), self.prefetch)
 
     def _remember(self, key: tuple[bytes, str, str]) -> None:
         """An answered (or abandoned) request: its redelivered partials are acked and ignored."""

@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon.broker import amqp, metrics
+from hecommon import wire
+from hecommon.broker import config as broker_config
+from hecommon.broker import metrics, topology
 from hecommon.errors import ConfigError
 from hecommon.he import params as P
 
@@ -23,15 +25,15 @@ def parse_plan(spec: str) -> tuple[tuple[tuple[int, ...], int], ...]:
         blocks, sep, count = item.rpartition(":")
         if not sep or not count.isdigit() or int(count) < 1:
             raise ConfigError(f"shards: {item!r} is not BLOCKS:COUNT, e.g. '0-14:2'")
-        plan.append((amqp.parse_blocks(blocks), int(count)))
+        plan.append((topology.parse_blocks(blocks), int(count)))
     return tuple(plan)
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    broker_url: str = amqp.DEFAULT_URL
-    namespace: str = amqp.DEFAULT_NAMESPACE
-    max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
+    broker_url: str = topology.DEFAULT_URL
+    namespace: str = topology.DEFAULT_NAMESPACE
+    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     prefetch: int = 64
     log_level: str = "INFO"
     metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
@@ -48,7 +50,7 @@ class EncoderConfig:
     part_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        amqp.check_broker_fields(self)
+        broker_config.check_broker_fields(self)
         metrics.check_metrics_fields(self)
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits: {self.bits} outside 2..8")
@@ -65,12 +67,12 @@ class EncoderConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EncoderConfig:
-        return amqp.config_from_mapping(cls, values)
+        return broker_config.config_from_mapping(cls, values)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> EncoderConfig:
         p = argparse.ArgumentParser(prog="helora-encoder", description="helora encoder service (DESIGN §4)")
-        amqp.add_broker_flags(p, environ, prefetch=64)
+        broker_config.add_broker_flags(p, environ, prefetch=64)
         metrics.add_metrics_flags(p, environ)
         p.add_argument("--model", default=environ.get("HELORA_MODEL"),
                        help="base model (.gguf or HF dir; 'tiny' for tests; default: bundled SmolLM2)")

@@ -8,7 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hecommon.broker import amqp, metrics
+from hecommon import wire
+from hecommon.broker import config as broker_config
+from hecommon.broker import metrics, topology
 from hecommon.errors import ConfigError
 
 BACKENDS = ("auto", "numpy", "cupy")
@@ -25,9 +27,9 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    broker_url: str = amqp.DEFAULT_URL
-    namespace: str = amqp.DEFAULT_NAMESPACE
-    max_message_bytes: int = amqp.MAX_MESSAGE_BYTES
+    broker_url: str = topology.DEFAULT_URL
+    namespace: str = topology.DEFAULT_NAMESPACE
+    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     prefetch: int = 1  # DESIGN §4: prefetch 1 on GPU consumers
     log_level: str = "INFO"
     metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
@@ -48,9 +50,9 @@ class EvaluatorConfig:
     max_owners: int = 4
 
     def __post_init__(self) -> None:
-        amqp.check_broker_fields(self)
+        broker_config.check_broker_fields(self)
         metrics.check_metrics_fields(self)
-        amqp.parse_blocks(self.blocks)
+        topology.parse_blocks(self.blocks)
         parse_shard(self.shard)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: {self.backend!r} is not one of {BACKENDS}")
@@ -69,12 +71,12 @@ class EvaluatorConfig:
 
     @property
     def block_list(self) -> tuple[int, ...]:
-        return amqp.parse_blocks(self.blocks)
+        return topology.parse_blocks(self.blocks)
 
     @property
     def metrics_group(self) -> str:
         """The ``group`` label: ``--group``, else derived from the block spec (``blocks-0-14``)."""
-        return self.group or f"blocks-{amqp.blocks_label(self.block_list)}"
+        return self.group or f"blocks-{topology.blocks_label(self.block_list)}"
 
     @property
     def shard_pair(self) -> tuple[int, int]:
@@ -83,17 +85,17 @@ class EvaluatorConfig:
     @property
     def queue_name(self) -> str:
         i, n = self.shard_pair
-        return amqp.Topology(self.namespace).evaluator_queue(amqp.blocks_label(self.block_list), i, n)
+        return topology.Topology(self.namespace).evaluator_queue(topology.blocks_label(self.block_list), i, n)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EvaluatorConfig:
-        return amqp.config_from_mapping(cls, values)
+        return broker_config.config_from_mapping(cls, values)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,
                   environ: Mapping[str, str] = os.environ) -> EvaluatorConfig:
         p = argparse.ArgumentParser(prog="helora-evaluator", description="helora evaluator service (DESIGN §4)")
-        amqp.add_broker_flags(p, environ, prefetch=1)
+        broker_config.add_broker_flags(p, environ, prefetch=1)
         metrics.add_metrics_flags(p, environ)
         p.add_argument("--blocks", default=environ.get("HELORA_BLOCKS", "0"),
                        help="decoder blocks whose layers this evaluator holds, e.g. 0-14 (env HELORA_BLOCKS)")

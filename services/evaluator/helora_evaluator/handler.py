@@ -15,11 +15,11 @@ replica of an evaluator queue computes any part it receives. A part covering som
 inputs gives that *piece* of the sum (``MatrixProduct.piece``); its ``a`` part is the hint over
 the same rows, built once per owner and rows.
 
-``switch_a`` (the RabbitMQ worker): where nothing is added to this evaluator's outputs after it
+``send_switched`` (the RabbitMQ worker): where nothing is added to this evaluator's outputs after it
 (the whole layer on one shard, or the only piece of a backward column shard, which the aggregator
 joins), the ``a`` part goes out already switched to ``2^out_bits`` and packed, computed once per
 owner, product and rows; the mod-q hint is not kept. Where this evaluator holds the whole layer it
-switches ``b`` as well (``answers``) and sends finished reply parts straight to the client (the
+switches ``b`` as well (``answers_client``) and sends finished reply parts straight to the client (the
 direct path, ``hecommon.route``): 4.75 bytes per output coefficient, one hop. The result is
 bit-identical: the switch is the same function on the same values.
 """
@@ -55,7 +55,7 @@ class OwnerHints:
     and dropped with all of that owner's hints once more than ``max_owners`` owners have been
     served since. An owner that comes back after that has its hints built again (same values: the
     seeds fix them). Each entry is the hint mod q, or switched and packed where the evaluator holds
-    the whole output (``switch_a``), never both. Thread-safe, with a lock of its own: a metrics
+    the whole output (``send_switched``), never both. Thread-safe, with a lock of its own: a metrics
     scrape reads ``owners`` and ``held_bytes`` without waiting for a product being built."""
 
     def __init__(self, max_owners: int = MAX_OWNERS) -> None:
@@ -113,11 +113,11 @@ class OwnerHints:
 
 class EvaluatorHandler:
     def __init__(self, params: ParamSet, shards: list[Shard], shard_index: dict[str, tuple[int, int]],
-                 backend: str = "numpy", gemm: str = "auto", switch_a: bool = False,
+                 backend: str = "numpy", gemm: str = "auto", send_switched: bool = False,
                  max_owners: int = MAX_OWNERS) -> None:
         """``shard_index[layer] = (index, count)`` of this evaluator's shard of that layer."""
         self.params = params
-        self.switch_a = switch_a
+        self.send_switched = send_switched
         self.hints = OwnerHints(max_owners)
         self.backend = backend
         self.gemm = gemm
@@ -209,7 +209,7 @@ class EvaluatorHandler:
         index, count = self.shard_index.get(req.layer, (0, 1))
         # the a part goes out switched where nothing is added to it after this evaluator: the whole
         # layer (each piece is answered alone), or a column shard's only piece (the aggregator joins)
-        switched = self.switch_a and (count == 1 or (req.direction == "bwd" and req.parts == 1))
+        switched = self.send_switched and (count == 1 or (req.direction == "bwd" and req.parts == 1))
         a = self._a_part(req.layer, req.direction, req.owner, switched, (offset, offset + req.width))
         return shard, product, offset, index, count, a
 
@@ -219,11 +219,11 @@ class EvaluatorHandler:
         ``lo…hi``, each once per sub-sum (``exact.spread``'s order keeps them contiguous)."""
         return 0 if direction == "fwd" else shard.lo * shard.sums_bwd
 
-    def answers(self, req: EncryptedRequest) -> bool:
+    def answers_client(self, req: EncryptedRequest) -> bool:
         """Whether this evaluator answers the client itself: it holds the whole layer (one shard)
         and sends the public part switched, so it switches ``b`` too (``reply_part``) and
         each part it computes is a reply part, straight to the client's ``reply_to``."""
-        return self.switch_a and self.shard_index.get(req.layer, (0, 1))[1] == 1
+        return self.send_switched and self.shard_index.get(req.layer, (0, 1))[1] == 1
 
     @staticmethod
     def reply_part(partial: PartialResult) -> EncryptedReply:

@@ -97,7 +97,7 @@ class EvaluatorWorker(amqp.Service):
         backend = default_backend() if cfg.backend == "auto" else cfg.backend
         if cfg.gemm == "int8" and backend != "cupy":
             raise ConfigError("gemm: 'int8' needs a CUDA device (cupy), and none answers here")
-        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm, switch_a=True,
+        self.handler = EvaluatorHandler(manifest.params, shards, shard_index, backend, cfg.gemm, send_switched=True,
                                         max_owners=cfg.max_owners)
         self.metrics.track_owner_hints(lambda: self.handler.hints.owners, self.handler.hint_bytes)
         self.handler.hints.on_build = self.metrics.hint_built
@@ -132,7 +132,7 @@ class EvaluatorWorker(amqp.Service):
                 req = wire.decode_request(d.body, self.limit)
             if not props.reply_to:
                 raise MalformedMessage("request without reply_to: nowhere to send the result")
-            answers = self.handler.answers(req)
+            answers = self.handler.answers_client(req)
             parts = self.handler.handle_parts(req, self.limit)  # the product, on this worker thread,
             while True:                                          # block by block: each goes out at once
                 t0 = time.perf_counter()

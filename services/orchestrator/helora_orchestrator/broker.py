@@ -37,7 +37,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 from hecommon import route, wire
-from hecommon.broker import amqp
+from hecommon.broker import amqp, topology
 from hecommon.errors import HeloraError, ParameterMismatch, TransientError
 from hecommon.he.keys import SecretKey
 
@@ -58,11 +58,11 @@ class ServerError(HeloraError):
 class BrokerTransport:
     """request → (reply, bytes moved) over RabbitMQ; reconnects with backoff on connection loss."""
 
-    def __init__(self, url: str, namespace: str = amqp.DEFAULT_NAMESPACE, timeout_s: float = 120.0,
+    def __init__(self, url: str, namespace: str = topology.DEFAULT_NAMESPACE, timeout_s: float = 120.0,
                  max_message_bytes: int = wire.MAX_MESSAGE_BYTES, connect_s: float = 30.0,
                  retries: int = 3) -> None:
         self.url = url
-        self.topology = amqp.Topology(namespace)
+        self.topology = topology.Topology(namespace)
         self.timeout_s = timeout_s
         self.limit = max_message_bytes
         self.connect_s = connect_s
@@ -152,7 +152,7 @@ class BrokerTransport:
                 return None
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
-    def _round_trip(self, request: _Parts, attempt: int, on_part: Callable[[wire.EncryptedReply], None],
+    def _round_trip(self, request: _DrawnParts, attempt: int, on_part: Callable[[wire.EncryptedReply], None],
                     handed: set[tuple[int, int]]) -> None:
         """Publish the request's parts as they come (under a fresh id after the first attempt) and
         hand each reply part to ``on_part`` as it arrives, under the caller's request id, unless an
@@ -209,7 +209,7 @@ class BrokerTransport:
         the caller decrypts a part while the server still computes the next. Returns the bytes sent
         and received. After a reconnection the parts are sent again (the same ciphertexts, under a
         fresh id) and the reply comes again, equal to the first attempt's."""
-        request = _Parts(parts)
+        request = _DrawnParts(parts)
         before = self.bytes_sent + self.bytes_received
         handed: set[tuple[int, int]] = set()  # reply (piece, part)s given to on_part, over every attempt
         self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part, handed),
@@ -318,7 +318,7 @@ class TransportPool:
             t.close()
 
 
-class _Parts:
+class _DrawnParts:
     """A request's parts, drawn from ``source`` once and kept: iterating again (a retry after a
     reconnection) gives the parts already drawn, then draws the rest."""
 
@@ -344,7 +344,7 @@ def describe(request: wire.EncryptedRequest) -> str:
     return f"layer {request.layer} (block {block}, {kind or '?'}) {request.direction}"
 
 
-def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = amqp.DEFAULT_NAMESPACE,
+def make_broker_backend(url: str, key: SecretKey | None = None, namespace: str = topology.DEFAULT_NAMESPACE,
                         model=None, params: str | None = None, timeout_s: float = 120.0,
                         max_message_bytes: int = wire.MAX_MESSAGE_BYTES, in_flight: int = 1,
                         hold_a_bytes: int = HOLD_A_MIB << 20) -> EncryptedBackend:

@@ -43,7 +43,7 @@ class EmbeddedServer:
             mine = [v[i] for v in layer_shards.values() if i < len(v)]
             index = {v[i].layer: (i, len(v)) for v in layer_shards.values() if i < len(v)}
             self.evaluators.append(EvaluatorHandler(params, mine, index, backend, max_owners=max_owners))
-        self.aggregator = AggregatorHandler(send_a=not hints_on_client)
+        self.aggregator = AggregatorHandler(include_a=not hints_on_client)
         self._ranges = {k: [(s.lo, s.hi) for s in v] for k, v in layer_shards.items()}
         self.max_message_bytes = max_message_bytes
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from hecommon.broker.amqp import parse_blocks
+from hecommon.broker.topology import parse_blocks
 from hecommon.errors import ConfigError
 
 INSTANCE = "app.kubernetes.io/instance"

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hecommon import wire
-from hecommon.broker import amqp
+from hecommon.broker import amqp, topology
+from hecommon.broker import config as broker_config
 from hecommon.errors import ConfigError, HeloraError
 from hecommon.shards import MANIFEST_FILE
 
@@ -60,8 +61,8 @@ def tail_logs(log_dir: Path, tail: int = 3000) -> str:
 class LocalFleet:
     """Encoder, ``evaluators`` evaluators and the aggregator as child processes (see module doc)."""
 
-    broker_url: str = amqp.DEFAULT_URL
-    namespace: str = amqp.DEFAULT_NAMESPACE
+    broker_url: str = topology.DEFAULT_URL
+    namespace: str = topology.DEFAULT_NAMESPACE
     model: str = TINY  # 'tiny', 'smollm2' or a .gguf file / HF directory
     seed: int = 0  # the tiny model's seed
     evaluators: int = 1
@@ -77,7 +78,7 @@ class LocalFleet:
     cancel: threading.Event = field(default_factory=threading.Event)  # set: waits give up (Ctrl-C)
 
     def __post_init__(self) -> None:
-        amqp.Topology(self.namespace)  # validates the name
+        topology.Topology(self.namespace)  # validates the name
         if not isinstance(self.evaluators, int) or not 1 <= self.evaluators <= 64:
             raise ConfigError(f"evaluators: {self.evaluators!r} outside 1..64")
         if not self.broker_url.startswith(("amqp://", "amqps://")):
@@ -117,7 +118,7 @@ class LocalFleet:
     def start_evaluator(self, index: int, name: str | None = None) -> subprocess.Popen:
         """Evaluator ``index`` of ``evaluators`` (a replacement may take another ``name``)."""
         return self.start_service(name or f"evaluator{index}", "helora_evaluator.worker",
-                                  "--blocks", amqp.blocks_label(self.blocks), "--shard", f"{index}/{self.evaluators}",
+                                  "--blocks", topology.blocks_label(self.blocks), "--shard", f"{index}/{self.evaluators}",
                                   "--shard-dir", str(self.shard_dir), "--backend", self.backend,
                                   port_offset=1 + index)
 
@@ -145,11 +146,11 @@ class LocalFleet:
         return self
 
     def evaluator_queue(self, index: int) -> str:
-        return amqp.Topology(self.namespace).evaluator_queue(amqp.blocks_label(self.blocks), index, self.evaluators)
+        return topology.Topology(self.namespace).evaluator_queue(topology.blocks_label(self.blocks), index, self.evaluators)
 
     def queues(self) -> dict[str, str]:
         """Queue → the service that consumes it."""
-        t = amqp.Topology(self.namespace)
+        t = topology.Topology(self.namespace)
         out = {t.manifest: "encoder", t.partials: "aggregator"}
         out.update({self.evaluator_queue(i): f"evaluator {i}/{self.evaluators}" for i in range(self.evaluators)})
         return out
@@ -200,7 +201,7 @@ class LocalFleet:
         """Remove this namespace's exchanges and queues (tests and benchmarks clean up with it)."""
         conn = amqp.connect(self.broker_url, f"helora-up@{self.namespace}", deadline_s=10)
         try:
-            amqp.Topology(self.namespace).delete(conn.channel(), [self.evaluator_queue(i)
+            topology.Topology(self.namespace).delete(conn.channel(), [self.evaluator_queue(i)
                                                                 for i in range(self.evaluators)])
         finally:
             conn.close()
@@ -208,9 +209,9 @@ class LocalFleet:
 
 # -- the command ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", dest="broker_url", default=os.environ.get("HELORA_BROKER_URL", amqp.DEFAULT_URL),
+    p.add_argument("--broker", dest="broker_url", default=os.environ.get("HELORA_BROKER_URL", topology.DEFAULT_URL),
                    metavar="URL", help="RabbitMQ URL (env HELORA_BROKER_URL; default: the local broker)")
-    p.add_argument("--namespace", default=amqp.DEFAULT_NAMESPACE, help="prefix of every exchange and queue")
+    p.add_argument("--namespace", default=topology.DEFAULT_NAMESPACE, help="prefix of every exchange and queue")
     p.add_argument("--model", default=TINY, metavar="MODEL",
                    help="'tiny' (a tiny random Llama, default), 'smollm2' (the bundled SmolLM2-135M) or a path")
     p.add_argument("--seed", type=int, default=0, help="the tiny model's seed")
@@ -229,7 +230,7 @@ def _train_hint(f: LocalFleet) -> str:
     if f.model == TINY and f.seed:
         model += f" --seed {f.seed}"
     shape = "--batch-size 2 --seq-len 64" if f.model == TINY else "--batch-size 8 --seq-len 256"
-    url = f.broker_url if f.broker_url == amqp.DEFAULT_URL else amqp.safe_url(f.broker_url)  # no password shown
+    url = f.broker_url if f.broker_url == topology.DEFAULT_URL else broker_config.safe_url(f.broker_url)  # no password shown
     return (f"helora train --broker '{url}' --namespace {f.namespace}{model} "
             f"--steps 2 {shape} --out runs/up")
 

@@ -1,20 +1,7 @@
-"""helora over RabbitMQ: the topology every service declares, and the shell they share (DESIGN §4).
+"""helora over RabbitMQ: the service shell every service runs in (DESIGN §4).
 
-Topology (``ns`` = the namespace, ``helora`` by default; tests use a unique one per session):
-
-- ``{ns}.manifest`` (queue): manifest RPC, answered by the encoder(s).
-- ``{ns}.requests`` (direct exchange): clients → evaluators, directly (``hecommon.route``).
-  Routing key ``{layer}.s{i}of{n}`` (``3.qkv.s0of2``): shard ``i`` of ``n`` of one layer group,
-  both directions, ``n`` from the manifest. Each evaluator binds its queue
-  ``{ns}.evaluator.b{blocks}.s{i}of{n}`` to the keys of the layers it holds; replicas of one
-  evaluator share that queue (competing consumers: every message is a whole unit of work).
-  The manifest and the evaluators must agree on ``n`` per layer: a mismatch is unroutable, and
-  the ``mandatory`` flag turns it into a clear error instead of a silent drop.
-- ``{ns}.partials`` (queue): evaluators of sharded layers → aggregator.
-- Replies go to the client's exclusive ``reply_to`` queue through the default exchange, with
-  ``correlation_id`` = the request id in hex, forwarded unchanged by every hop.
-- ``{ns}.dlx`` (fanout exchange) → ``{ns}.dead`` (queue). Service queues are declared with
-  ``x-dead-letter-exchange`` = ``{ns}.dlx`` as a fallback.
+The names it declares are ``hecommon.broker.topology``'s; the flags every service shares,
+``hecommon.broker.config``'s.
 
 Dead-lettering: RabbitMQ's own dead-lettering (reject with ``requeue=False``) cannot add headers,
 so a service publishes the rejected body to ``{ns}.dlx`` itself, with ``x-helora-reason`` (the
@@ -42,22 +29,18 @@ logic. Every ack and publish is run on the I/O thread through ``add_callback_thr
 heartbeats keep flowing during a long product. Every publish uses publisher confirms and
 ``mandatory``; every payload is split below ``max_message_bytes``.
 """
-
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import logging
 import os
 import queue
-import re
 import secrets
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -67,163 +50,18 @@ import pika
 import pika.exceptions as pex
 
 from ..errors import ConfigError, HeloraError, TransientError
-from ..wire import MAX_ERROR_CHARS, MAX_MESSAGE_BYTES, RID_BYTES, ErrorReply, encode_error
+from ..wire import MAX_ERROR_CHARS, RID_BYTES, ErrorReply, encode_error
 from . import pikaframes
+from .config import safe_url
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
+from .topology import DROPPED_HEADER, MESSAGE_HEADER, QUEUE_HEADER, REASON_HEADER, Topology
 
 log = logging.getLogger("helora.amqp")
-
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-DEFAULT_NAMESPACE = "helora"
-REASON_HEADER = "x-helora-reason"
-MESSAGE_HEADER = "x-helora-message"
-QUEUE_HEADER = "x-helora-queue"
-DROPPED_HEADER = "x-helora-dropped-bytes"
-_NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-#: broker-side floor: a message must at least hold one ciphertext row and the headers
-MIN_MESSAGE_BYTES = 64 * 1024
-#: RabbitMQ's hard maximum for ``max_message_size`` (512 MiB)
-MAX_BROKER_MESSAGE_BYTES = 512 * 1024 * 1024
-
-
-# -- topology ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Topology:
-    """Names of every exchange and queue of one helora deployment (see the module docstring)."""
-
-    namespace: str = DEFAULT_NAMESPACE
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.namespace, str) or not _NAMESPACE_RE.match(self.namespace):
-            raise ConfigError(f"namespace: {self.namespace!r} must match {_NAMESPACE_RE.pattern}")
-
-    @property
-    def requests(self) -> str:
-        return f"{self.namespace}.requests"
-
-    @property
-    def dlx(self) -> str:
-        return f"{self.namespace}.dlx"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.namespace}.dead"
-
-    @property
-    def manifest(self) -> str:
-        return f"{self.namespace}.manifest"
-
-    @property
-    def partials(self) -> str:
-        return f"{self.namespace}.partials"
-
-    def evaluator_queue(self, blocks: str, shard: int, shards: int) -> str:
-        return f"{self.namespace}.evaluator.b{blocks}.s{shard}of{shards}"
-
-    @staticmethod
-    def routing_key(layer: str, shard: int, shards: int) -> str:
-        return f"{layer}.s{shard}of{shards}"
-
-    def declare_common(self, ch) -> None:
-        """Exchanges and the dead-letter queue; idempotent (same arguments every time)."""
-        ch.exchange_declare(self.requests, exchange_type="direct", durable=True)
-        ch.exchange_declare(self.dlx, exchange_type="fanout", durable=True)
-        ch.queue_declare(self.dead, durable=True)
-        ch.queue_bind(self.dead, self.dlx)
-
-    def declare_queue(self, ch, name: str) -> None:
-        """A durable service queue whose rejected messages go to the dead-letter exchange."""
-        ch.queue_declare(name, durable=True, arguments={"x-dead-letter-exchange": self.dlx})
-
-    def delete(self, ch, queues: Iterable[str] = ()) -> None:
-        """Remove this namespace's exchanges and the named queues (tests' teardown)."""
-        for q in (self.manifest, self.partials, self.dead, *queues):
-            ch.queue_delete(q)
-        for ex in (self.requests, self.dlx):
-            ch.exchange_delete(ex)
-
-
-def parse_blocks(spec: str) -> tuple[int, ...]:
-    """``"0-14"``, ``"3"``, ``"0-3,7"`` → sorted block indices."""
-    out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            a, b = int(lo), int(hi or lo)
-            if a < 0 or b < a:
-                raise ValueError
-            out.update(range(a, b + 1))
-    except ValueError:
-        raise ConfigError(f"blocks: {spec!r} is not a list of ranges such as '0-14' or '0-3,7'") from None
-    return tuple(sorted(out))
-
-
-def blocks_label(blocks: Iterable[int]) -> str:
-    """Compact text of a block set for queue names: ``(0,1,2,5)`` → ``0-2_5``."""
-    runs: list[str] = []
-    items = sorted(blocks)
-    start = prev = items[0]
-    for b in items[1:] + [None]:  # type: ignore[list-item]
-        if b is not None and b == prev + 1:
-            prev = b
-            continue
-        runs.append(str(start) if start == prev else f"{start}-{prev}")
-        if b is not None:
-            start = prev = b
-    return "_".join(runs)
-
-
-# -- shared config checks -------------------------------------------------------------------
-def env_default(environ: Mapping[str, str], name: str, default: Any) -> Any:
-    return environ.get(name, default)
-
-
-def add_broker_flags(p: argparse.ArgumentParser, environ: Mapping[str, str], prefetch: int) -> None:
-    p.add_argument("--broker", dest="broker_url", default=env_default(environ, "HELORA_BROKER_URL", DEFAULT_URL),
-                   metavar="URL", help="RabbitMQ URL (env HELORA_BROKER_URL)")
-    p.add_argument("--namespace", default=env_default(environ, "HELORA_NAMESPACE", DEFAULT_NAMESPACE),
-                   help="prefix of every exchange and queue (env HELORA_NAMESPACE)")
-    p.add_argument("--max-message-bytes", type=int,
-                   default=int(env_default(environ, "HELORA_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES)),
-                   help="the broker's max_message_size; payloads are split below it (env HELORA_MAX_MESSAGE_BYTES)")
-    p.add_argument("--prefetch", type=int, default=int(env_default(environ, "HELORA_PREFETCH", prefetch)),
-                   help="unacknowledged deliveries held at once (env HELORA_PREFETCH)")
-    p.add_argument("--log-level", default=env_default(environ, "HELORA_LOG_LEVEL", "INFO"))
-
-
-def check_broker_fields(cfg: Any) -> None:
-    """Validate the fields ``add_broker_flags`` fills; raise ``ConfigError`` naming the field."""
-    if not isinstance(cfg.broker_url, str) or not cfg.broker_url.startswith(("amqp://", "amqps://")):
-        raise ConfigError("broker_url: an amqp:// or amqps:// URL is required")
-    Topology(cfg.namespace)
-    if not isinstance(cfg.max_message_bytes, int) or not (
-            MIN_MESSAGE_BYTES <= cfg.max_message_bytes <= MAX_BROKER_MESSAGE_BYTES):
-        raise ConfigError(f"max_message_bytes: {cfg.max_message_bytes} outside "
-                          f"{MIN_MESSAGE_BYTES}..{MAX_BROKER_MESSAGE_BYTES}")
-    if not isinstance(cfg.prefetch, int) or not 1 <= cfg.prefetch <= 65535:
-        raise ConfigError(f"prefetch: {cfg.prefetch} outside 1..65535")
-    if str(cfg.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"log_level: {cfg.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
-
 
 def _reject(channel: Any, tag: int) -> None:
     """Reject without requeue: the queue's own dead-letter exchange takes the message."""
     channel.basic_reject(tag, requeue=False)
-
-
-def config_from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
-    """Build a config dataclass from a mapping; unknown keys are refused by name."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    extra = sorted(set(values) - known)
-    if extra:
-        raise ConfigError(f"unknown config key(s) {extra}; known: {sorted(known)}")
-    return cls(**values)
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 # -- signals ---------------------------------------------------------------------------------
@@ -368,6 +206,10 @@ class PartCollector:
         """Messages whose parts are still arriving."""
         return len(self._pending)
 
+    def held(self) -> int:
+        """Deliveries held for those messages (their parts and redundant copies)."""
+        return sum(len(parts) + len(copies) for _, parts, copies in self._pending.values())
+
     def __contains__(self, key: Any) -> bool:
         return key in self._pending
 
@@ -425,7 +267,7 @@ class Delivery:
 
 
 @dataclass(eq=False)  # hashed by identity (Service._io_waiting)
-class _Work:
+class _IoCall:
     fn: Callable[[Any], Any]
     future: Future = field(default_factory=Future)
 
@@ -456,7 +298,7 @@ class Service:
         self._conn: pika.BlockingConnection | None = None
         self._ch: Any = None
         self._worker: threading.Thread | None = None
-        self._io_waiting: set[_Work] = set()  # operations handed to the I/O thread, not finished
+        self._io_waiting: set[_IoCall] = set()  # operations handed to the I/O thread, not finished
         self._busy = 0
         self._consumed = False  # start-up lasts until the first basic_consume: a signal exits at once
         self.metrics = metrics if metrics is not None else Metrics(self.name, getattr(cfg, "metrics_group", "all"))
@@ -484,7 +326,7 @@ class Service:
     # -- worker-thread helpers -----------------------------------------------------------------
     def io(self, fn: Callable[[Any], Any], gen: int | None = None) -> Any:
         """Run ``fn(channel)`` on the I/O thread and wait for it (from the worker thread)."""
-        work = _Work(fn)
+        work = _IoCall(fn)
         conn = self._conn
         if conn is None or (gen is not None and gen != self._gen):
             raise TransientError("the connection these deliveries came on is gone")
@@ -501,7 +343,7 @@ class Service:
         finally:
             self._io_waiting.discard(work)
 
-    def _run(self, work: _Work) -> None:
+    def _run(self, work: _IoCall) -> None:
         if work.future.done():  # failed by _drop_connection already
             return
         try:

@@ -17,7 +17,7 @@ import time
 
 import pika
 from hecommon import wire
-from hecommon.broker import amqp
+from hecommon.broker import amqp, topology
 from hecommon.errors import HeloraError, MalformedMessage, TransientError
 from hecommon.wire import federated as fedwire
 
@@ -36,7 +36,7 @@ class AggregatorError(HeloraError):
 class FederatedBrokerClient:
     """A blocking request/reply client of the federated aggregator."""
 
-    def __init__(self, url: str, namespace: str = amqp.DEFAULT_NAMESPACE, timeout_s: float = 600.0,
+    def __init__(self, url: str, namespace: str = topology.DEFAULT_NAMESPACE, timeout_s: float = 600.0,
                  max_bytes: int = wire.MAX_MESSAGE_BYTES, max_joined: int = 1 << 30):
         from helora_aggregator.fedworker import federated_queue
 
@@ -47,10 +47,10 @@ class FederatedBrokerClient:
         self.conn = amqp.connect(url, f"helora-federated-owner@{namespace}", heartbeat=0)
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()
-        topology = amqp.Topology(namespace)
-        topology.declare_common(self.ch)
+        names = topology.Topology(namespace)
+        names.declare_common(self.ch)
         self.queue = federated_queue(namespace)
-        topology.declare_queue(self.ch, self.queue)  # messages wait there until the aggregator runs
+        names.declare_queue(self.ch, self.queue)  # messages wait there until the aggregator runs
         # exclusive, not auto-delete: the queue must outlive each call's consumer (deleted with the connection)
         self.reply_to = self.ch.queue_declare("", exclusive=True).method.queue
         self.bytes_up = self.bytes_down = 0

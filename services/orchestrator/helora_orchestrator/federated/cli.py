@@ -138,7 +138,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_round(args) -> int:
-    from hecommon.broker.amqp import MAX_BROKER_MESSAGE_BYTES, MIN_MESSAGE_BYTES
+    from hecommon.broker.topology import MAX_BROKER_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 
     from .broker import FederatedBrokerClient, owner_round
     from .round import build_owner_shard
