@@ -40,6 +40,7 @@ one timed transport pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import multiprocessing
@@ -51,11 +52,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pika
-import pika.exceptions
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -182,30 +183,35 @@ def _service_bytes(fleet: LocalFleet) -> float:
     return total
 
 
-def broker_run(cfg: TrainConfig, lora: LoraSettings, batches, warmup: int) -> dict:
-    """SmolLM2 over RabbitMQ with one evaluator: step seconds, LoRA states, bytes per hop."""
-    ns = f"helora-throughput-{secrets.token_hex(4)}"
-    with tempfile.TemporaryDirectory(prefix="helora-throughput-") as tmp:
-        fleet = LocalFleet(URL, ns, SMOLLM2, evaluators=1, shard_dir=Path(tmp) / "shards", backend="numpy",
-                           part_timeout_s=3600)
+@contextlib.contextmanager
+def _smollm2_fleet(kind: type[LocalFleet], prefix: str, part_timeout_s: float) -> Iterator[LocalFleet]:
+    """Encoder, one evaluator holding all of SmolLM2, aggregator, under a fresh namespace; gone after."""
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}-") as tmp:
+        fleet = kind(URL, f"{prefix}-{secrets.token_hex(4)}", SMOLLM2, evaluators=1, shard_dir=Path(tmp) / "shards",
+                     backend="numpy", part_timeout_s=part_timeout_s)
         try:
-            fleet.start(timeout_s=1800)
-            model = load_model(None)
-            backend = make_broker_backend(URL, SecretKey.generate(), namespace=ns, model=model, timeout_s=3600)
-            torch.manual_seed(cfg.seed)
-            client = ClientModel(model, backend, discover_groups(model), lora, seed=cfg.seed)
-            run = Run("broker_1", client, client.lora_parameters(), cfg, client)
-            _, states = _timed(run, batches[:warmup], warmup)
-            transport = backend.transport
-            client0 = transport.bytes_sent + transport.bytes_received
-            services0 = _service_bytes(fleet)
-            seconds, more = _timed(run, batches[warmup:], 0)
-            client_bytes = transport.bytes_sent + transport.bytes_received - client0
-            services = _service_bytes(fleet) - services0
-            transport.close()
+            yield fleet.start(timeout_s=1800)
         finally:
             fleet.stop()
             fleet.delete_topology()
+
+
+def broker_run(cfg: TrainConfig, lora: LoraSettings, batches, warmup: int) -> dict:
+    """SmolLM2 over RabbitMQ with one evaluator: step seconds, LoRA states, bytes per hop."""
+    with _smollm2_fleet(LocalFleet, "helora-throughput", 3600) as fleet:
+        model = load_model(None)
+        backend = make_broker_backend(URL, SecretKey.generate(), namespace=fleet.namespace, model=model, timeout_s=3600)
+        torch.manual_seed(cfg.seed)
+        client = ClientModel(model, backend, discover_groups(model), lora, seed=cfg.seed)
+        run = Run("broker_1", client, client.lora_parameters(), cfg, client)
+        _, states = _timed(run, batches[:warmup], warmup)
+        transport = backend.transport
+        client0 = transport.bytes_sent + transport.bytes_received
+        services0 = _service_bytes(fleet)
+        seconds, more = _timed(run, batches[warmup:], 0)
+        client_bytes = transport.bytes_sent + transport.bytes_received - client0
+        services = _service_bytes(fleet) - services0
+        transport.close()
     return {"seconds": seconds, "states": states + more, "client_bytes": client_bytes,
             "hops": (services + client_bytes) / client_bytes}
 
@@ -251,48 +257,39 @@ def transport_run(passes: int, blocks: int = 4) -> dict:
     from hecommon.he.encrypt import EncryptedBatch
     from hecommon.he.params import DEFAULT
 
-    ns = f"helora-transport-{secrets.token_hex(4)}"
-    with tempfile.TemporaryDirectory(prefix="helora-transport-") as tmp:
-        fleet = _IdentityFleet(URL, ns, SMOLLM2, evaluators=1, shard_dir=Path(tmp) / "shards", backend="numpy",
-                               part_timeout_s=600)
-        try:
-            fleet.start(timeout_s=1800)
-            transport = BrokerTransport(URL, ns, timeout_s=600)
-            manifest = transport.fetch_manifest()
-            gen = np.random.default_rng(0)
-            p = np.asarray(DEFAULT.primes, dtype=np.uint64)[None, :, None]
-            owner = os.urandom(wire.OWNER_BYTES)
-            requests = []  # (layer, direction, its parts) for the first ``blocks`` blocks
-            for e in manifest.layers:
-                if e.block >= blocks:
-                    continue
-                for d in ("fwd", "bwd"):
-                    plan = route.pieces(e, d, DEFAULT, transport.limit)
-                    b = (gen.integers(0, 1 << 32, size=(route.width(e, d), DEFAULT.limbs, DEFAULT.n), dtype=np.uint64)
-                         % p).astype(np.uint32)
-                    parts = [wire.EncryptedRequest(os.urandom(16), e.name, d, EncryptedBatch(DEFAULT, b[x.lo:x.hi],
-                                                                                             DEFAULT.n),
-                                                   part=x.part, parts=x.parts, row_start=x.lo, send_a=False,
-                                                   owner=owner) for x in plan]
-                    requests.append(parts)
-            sizes: dict[tuple[str, str, int], list[int]] = {}  # each request part's reply bodies
+    with _smollm2_fleet(_IdentityFleet, "helora-transport", 600) as fleet:
+        transport = BrokerTransport(URL, fleet.namespace, timeout_s=600)
+        manifest = transport.fetch_manifest()
+        gen = np.random.default_rng(0)
+        p = np.asarray(DEFAULT.primes, dtype=np.uint64)[None, :, None]
+        owner = os.urandom(wire.OWNER_BYTES)
+        requests = []  # the parts of one request per layer and direction of the first ``blocks`` blocks
+        for e in manifest.layers:
+            if e.block >= blocks:
+                continue
+            for d in ("fwd", "bwd"):
+                b = (gen.integers(0, 1 << 32, size=(route.width(e, d), DEFAULT.limbs, DEFAULT.n), dtype=np.uint64)
+                     % p).astype(np.uint32)
+                requests.append([wire.EncryptedRequest(os.urandom(16), e.name, d, EncryptedBatch(DEFAULT, b[x.lo:x.hi],
+                                                                                                  DEFAULT.n),
+                                                       part=x.part, parts=x.parts, row_start=x.lo, send_a=False,
+                                                       owner=owner)
+                                 for x in route.pieces(e, d, DEFAULT, transport.limit)])
+        sizes: dict[tuple[str, str, int], list[int]] = {}  # each request part's reply bodies
 
-            def fleet_pass(record: bool) -> tuple[float, int]:
-                moved0, t0 = transport.bytes_sent + transport.bytes_received, time.perf_counter()
-                for parts in requests:
-                    def on_part(reply: wire.EncryptedReply, parts=parts) -> None:
-                        if record:
-                            sizes.setdefault((reply.layer, reply.direction, reply.piece), []).append(
-                                len(wire.encode_reply(reply, transport.limit)))
-                    transport.stream([dataclasses.replace(x, rid=os.urandom(16)) for x in parts], on_part)
-                return time.perf_counter() - t0, transport.bytes_sent + transport.bytes_received - moved0
+        def record(reply: wire.EncryptedReply) -> None:
+            sizes.setdefault((reply.layer, reply.direction, reply.piece), []).append(
+                len(wire.encode_reply(reply, transport.limit)))
 
-            fleet_pass(record=True)  # warm: the evaluator builds its (zero) hints
-            fleet_runs = [fleet_pass(record=False) for _ in range(passes)]
-            transport.close()
-        finally:
-            fleet.stop()
-            fleet.delete_topology()
+        def fleet_pass(on_part: Callable[[wire.EncryptedReply], None]) -> tuple[float, int]:
+            moved0, t0 = transport.bytes_sent + transport.bytes_received, time.perf_counter()
+            for parts in requests:
+                transport.stream([dataclasses.replace(x, rid=os.urandom(16)) for x in parts], on_part)
+            return time.perf_counter() - t0, transport.bytes_sent + transport.bytes_received - moved0
+
+        fleet_pass(record)  # warm: the evaluator builds its (zero) hints
+        fleet_runs = [fleet_pass(lambda reply: None) for _ in range(passes)]
+        transport.close()
 
     # plain pika: the same request bodies to an echo consumer, replies of the same sizes back
     bodies = [[(wire.encode_request(x, wire.MAX_MESSAGE_BYTES), sizes[(x.layer, x.direction, x.part)]) for x in parts]
@@ -304,21 +301,10 @@ def transport_run(passes: int, blocks: int = 4) -> dict:
     try:
         ch = conn.channel()
         ch.confirm_delivery()
+        ch.queue_declare(queue, auto_delete=True)  # as the echo process declares it: requests wait for it there
         reply_q = ch.queue_declare("", exclusive=True).method.queue
         inbox: list[int] = []
         ch.basic_consume(reply_q, lambda c, m, pr, body: inbox.append(len(body)), auto_ack=True)
-        end = time.monotonic() + 60
-        while True:  # the echo process declares its queue
-            try:
-                ch.queue_declare(queue, passive=True)
-                break
-            except pika.exceptions.ChannelClosedByBroker:
-                if time.monotonic() > end:
-                    raise
-                ch = conn.channel()
-                ch.confirm_delivery()
-                ch.basic_consume(reply_q, lambda c, m, pr, body: inbox.append(len(body)), auto_ack=True)
-                time.sleep(0.2)
 
         def pika_pass() -> tuple[float, int]:
             moved, t0 = 0, time.perf_counter()

@@ -415,26 +415,19 @@ def test_partial_with_a_switched_part_round_trips_and_is_checked():
 
 
 def test_request_head_matches_the_full_decode_without_unpacking():
-    """The encoder's view of a request: every field but the residues' ranges, as ``decode``."""
+    """A request's head: every field but the residues' ranges, as ``decode``."""
     req = gen.request()
     data = wire.encode(req)
     head = wire.decode_request_head(data)
     assert (head.rid, head.layer, head.direction, head.params, head.n_tokens, head.width, head.part, head.parts,
             head.row_start, head.lib) == (req.rid, req.layer, req.direction, req.params, req.batch.n_tokens,
                                           req.width, req.part, req.parts, req.row_start, req.lib)
-    # parts of a split request join into the whole request's head, in any order
+    # the parts of a split request: each head says where its rows are
     whole = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, gen.residues(5, 1), 9), owner=OWNER)
     limit = 2 * whole._row_bytes() + wire.HEADER_ALLOWANCE
     heads = [wire.decode_request_head(wire.encode(c, limit), limit) for c in wire.split(whole, limit)]
     assert len(heads) == 3
-    joined = wire.join_heads(heads[::-1])
-    assert (joined.width, joined.part, joined.parts, joined.row_start) == (5, 0, 1, 0)
-    with pytest.raises(errors.MalformedMessage, match="join"):
-        wire.join_heads(heads[:2])
-    with pytest.raises(errors.MalformedMessage, match="join"):
-        wire.join_heads([heads[0], heads[0], heads[2]])
-    with pytest.raises(errors.MalformedMessage, match="join"):
-        wire.join_heads([heads[0], dataclasses.replace(heads[1], row_start=3), heads[2]])
+    assert [(h.part, h.parts, h.row_start, h.width) for h in heads] == [(0, 3, 0, 2), (1, 3, 2, 2), (2, 3, 4, 1)]
 
 
 @pytest.mark.parametrize("entry", INDEX["negative"], ids=lambda e: e["file"])
@@ -510,15 +503,14 @@ def test_send_a_travels_with_a_request_and_its_parts_must_agree():
     with pytest.raises(errors.MalformedMessage, match="join"):
         wire.join(mixed)
     heads = [wire.decode_request_head(wire.encode(p)) for p in mixed]
-    with pytest.raises(errors.MalformedMessage, match="join"):
-        wire.join_heads(heads)
+    assert heads[0].route != heads[1].route  # the heads say so too
     with pytest.raises(errors.MalformedMessage, match="send_a"):
         dataclasses.replace(req, send_a=None)
 
 
 def test_the_parts_of_one_request_must_name_one_owner():
     """The owner seed fixes the a a request was encrypted against: parts of two owners never join,
-    by the whole-message path (``join``, ``PartTracker``) or by heads (``join_heads``)."""
+    by the whole-message path (``join``, ``PartTracker``), and their heads' routes differ."""
     req = dataclasses.replace(gen.request(), part=0, parts=1, row_start=0)
     two = dataclasses.replace(req, batch=EncryptedBatch(N2048, residues(N2048, 2, 5), 5))
     parts = wire.split(two, len(wire.encode(req)) + wire.HEADER_ALLOWANCE)
@@ -530,8 +522,7 @@ def test_the_parts_of_one_request_must_name_one_owner():
     tracker.add(mixed[0])
     with pytest.raises(errors.MalformedMessage, match="join"):
         tracker.add(mixed[1])
-    with pytest.raises(errors.MalformedMessage, match="join"):
-        wire.join_heads([wire.decode_request_head(wire.encode(p)) for p in mixed])
+    assert len({wire.decode_request_head(wire.encode(p)).route for p in mixed}) == 2
 
 
 def test_reply_parts_with_and_without_a_do_not_join():

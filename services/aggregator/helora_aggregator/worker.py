@@ -133,9 +133,10 @@ class AggregatorWorker(amqp.Service):
         held = self.parts.held() + sum(len(ds) for _, ds in self._held.values())
         if held >= self.prefetch and time.monotonic() - self._warned > 60:
             self._warned = time.monotonic()
+            requests = set(self._held) | {key[:3] for key in self.parts.keys()}  # key: (rid, layer, dir, …)
             log.warning("holding %d partial messages of %d incomplete request(s), the whole --prefetch (%d): a request "
                         "needs shards x parts x output messages of them at once; raise --prefetch", held,
-                        len(self._held) + len(self.parts), self.prefetch)
+                        len(requests), self.prefetch)
 
     def _remember(self, key: tuple[bytes, str, str]) -> None:
         """An answered (or abandoned) request: its redelivered partials are acked and ignored."""

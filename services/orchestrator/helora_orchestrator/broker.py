@@ -223,20 +223,20 @@ class BrokerTransport:
         return wire.join(list(got.values())), moved  # type: ignore[return-value]
 
     def _silence(self, request: wire.EncryptedRequest) -> str:
-        """Which service looks down, from the consumer counts of the queues the client knows."""
-        t = self.topology
-        waiting = []
+        """Which service looks down: the aggregator, if the layer is sharded and its queue has no
+        consumer; otherwise the evaluator(s) holding the layer (their queues are not the client's)."""
+        who = "the evaluator(s) holding this layer"
         entry = self.layers.get(request.layer)
-        for queue, service in ((t.partials, "aggregator"),) if entry is not None and entry.shards > 1 else ():
+        if entry is not None and entry.shards > 1:
+            queue = self.topology.partials
             try:
                 ok = self._ch.queue_declare(queue, passive=True).method
                 if ok.consumer_count == 0:
-                    waiting.append(f"the {service} (no consumer on {queue}, {ok.message_count} waiting)")
+                    who = f"the aggregator (no consumer on {queue}, {ok.message_count} waiting)"
             except pex.ChannelClosedByBroker:
                 self._ch = self._conn.channel()
                 self._ch.confirm_delivery()
-                waiting.append(f"the {service} (queue {queue} does not exist)")
-        who = ", ".join(waiting) or "the evaluator(s) holding this layer"
+                who = f"the aggregator (queue {queue} does not exist)"
         return f"{describe(request)}: no reply within {self.timeout_s:.0f} s; not answering: {who}"
 
     def fetch_manifest(self) -> wire.Manifest:

@@ -210,26 +210,12 @@ class PartCollector:
         """Deliveries held for those messages (their parts and redundant copies)."""
         return sum(len(parts) + len(copies) for _, parts, copies in self._pending.values())
 
+    def keys(self) -> list[Any]:
+        """The keys of the messages whose parts are still arriving."""
+        return list(self._pending)
+
     def __contains__(self, key: Any) -> bool:
         return key in self._pending
-
-    def holds(self, key: Any, part: int) -> bool:
-        """Whether part number ``part`` of the message ``key`` is held already (a new arrival of it
-        is a copy)."""
-        pending = self._pending.get(key)
-        return pending is not None and part in pending[1]
-
-    def oldest(self) -> Any:
-        """The key of the message whose first part came first (None when none is pending)."""
-        return min(self._pending, key=lambda k: self._pending[k][0], default=None)
-
-    def pop(self, key: Any) -> tuple[list[Any], list[Delivery]]:
-        """An incomplete message's parts so far, in part order, and their deliveries (its copies'
-        deliveries go to ``take_copies``); it is no longer pending."""
-        _, parts, copies = self._pending.pop(key)
-        self._copies.extend(copies)
-        ordered = [parts[i] for i in sorted(parts)]
-        return [m for m, _ in ordered], [d for _, d in ordered]
 
     def expired(self) -> list[tuple[Any, list[Delivery]]]:
         now = time.monotonic()

@@ -45,12 +45,13 @@ def request_ranges(width: int, params: ParamSet, max_bytes: int = MAX_MESSAGE_BY
     return row_ranges(width, _residue_row_bytes(params), max_bytes, EncryptedRequest.TYPE)
 
 
-def _route(msg: Chunked) -> tuple[Any, ...]:
-    """What every part of one message shares; ``parts`` is item 4 (``PartTracker.complete``)."""
+def _route(msg: Chunked, piece: bool = True) -> tuple[Any, ...]:
+    """What every part of one message shares; ``parts`` is item 4 (``PartTracker.complete``).
+    ``piece=False``: what every piece of a reply shares too (``PartTracker``)."""
     if isinstance(msg, EncryptedRequest):
         return (type(msg), *RequestHead.of(msg).route)
     key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name,
-                            msg.piece, msg.pieces)
+                            *((msg.piece,) if piece else ()), msg.pieces)
     if isinstance(msg, PartialResult):
         return (*key, msg.send_a, msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
     return (*key, msg.result.a is None, msg.result.bits, msg.result.n_tokens)
@@ -106,9 +107,7 @@ class PartTracker:
     def add(self, chunk: Chunked) -> bool:
         if type(chunk) not in (EncryptedRequest, PartialResult, EncryptedReply):
             raise TypeError(f"{type(chunk).__name__} is not a part of a chunked message")
-        route = _route(chunk)
-        if not isinstance(chunk, EncryptedRequest):
-            route = route[:7] + route[8:]  # every piece: _route()[7] is the piece number
+        route = _route(chunk, piece=False)  # every piece of the reply: the same route
         if self._route is None:
             self._route = route
             self._pieces = 1 if isinstance(chunk, EncryptedRequest) else chunk.pieces

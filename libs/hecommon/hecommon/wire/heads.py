@@ -1,15 +1,11 @@
 """Messages read without their arrays: a request's or a reply's head (every field checked as
-``decode`` checks it, the packed arrays for size and padding only), the head of a request joined
-from its parts' heads, and the ``(piece, part)`` a receiver asks of every arrival (``peek_part``)."""
+``decode`` checks it, the packed arrays for size and padding only), and the ``(piece, part)`` a receiver asks of every arrival (``peek_part``)."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MalformedMessage
 from ..he.bits import packed_size
 from ..he.params import ParamSet
 from ..he.params import get as get_params
@@ -62,7 +58,7 @@ class _Head:
 
 @dataclass(frozen=True)
 class RequestHead(_Head):
-    """A request message checked without unpacking its residues (the encoder's view).
+    """A request message checked without unpacking its residues (a cheap look at a request).
 
     Everything but the residues' ranges is validated as ``decode`` would (version, type, keys,
     parameter set, route, part numbers, shape against the size limit, every limb's exact byte
@@ -82,8 +78,8 @@ class RequestHead(_Head):
 
     @property
     def route(self) -> tuple[Any, ...]:
-        """What every part of one request shares (``join``, ``join_heads``, the encoder's gate); the
-        owner too: parts under two owners' ``a`` never make one request."""
+        """What every part of one request shares (``join``, ``PartTracker``); the owner too: parts
+        under two owners' ``a`` never make one request."""
         return (self.rid, self.layer, self.direction, self.parts, self.lib, self.params.name, self.n_tokens,
                 self.send_a, self.owner)
 
@@ -160,22 +156,6 @@ def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
 def decode_reply_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> ReplyHead:
     """The head of a reply message, its arrays checked for size and padding only."""
     return _reply_head(_parse(data, max_bytes), max_bytes)
-
-
-def join_heads(heads: Sequence[RequestHead]) -> RequestHead:
-    """The head of the whole request from its parts' heads, with ``join``'s checks."""
-    if not heads:
-        raise MalformedMessage("join: no parts")
-    first = heads[0]
-    if any(h.route != first.route for h in heads):
-        _fail("join", "parts of different messages or shapes")
-    ordered = sorted(heads, key=lambda h: h.part)
-    if [h.part for h in ordered] != list(range(first.parts)):
-        _fail("join", f"parts {[h.part for h in ordered]} are not 0..{first.parts - 1} once each")
-    for prev, cur in zip(ordered, ordered[1:], strict=False):
-        if cur.row_start != prev.row_start + prev.width:
-            _fail("join", f"part {cur.part}: row_start is not contiguous with part {prev.part}")
-    return dataclasses.replace(ordered[0], part=0, parts=1, width=sum(h.width for h in ordered))
 
 
 def peek_part(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[int, int] | None:
