@@ -234,6 +234,29 @@ def test_noise_distribution_matches_its_specification():
         centered_binomial(noise_stream(8), 1, 6)
 
 
+def test_aes_ctr_is_the_standard_keystream_on_both_paths(monkeypatch):
+    """OpenSSL through ctypes (the default) and ``cryptography`` (the fallback) give the same
+    AES-256-CTR keystream at any offset: lengths around the block and the 1 MiB piece, a counter
+    that carries across 64 bits and one that wraps at 2^128; and the first block is NIST SP
+    800-38A's F.5.5 (CTR-AES256)."""
+    import hecommon.he.sampling as sampling
+
+    assert sampling._libcrypto() is not None  # the machines we run on have libcrypto
+    key = os.urandom(32)
+    for nbytes, block in [(0, 0), (1, 0), (17, 5), (16, (1 << 64) - 1), (100, (1 << 128) - 2), ((1 << 20) + 33, 9)]:
+        fast = sampling.aes_ctr(key, nbytes, block)
+        monkeypatch.setenv("HELORA_AES", "cryptography")
+        slow = sampling.aes_ctr(key, nbytes, block)
+        monkeypatch.delenv("HELORA_AES")
+        assert fast.dtype == slow.dtype == np.uint8 and fast.tobytes() == slow.tobytes()
+    nist_key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+    plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172a")
+    stream = sampling.aes_ctr(nist_key, 16, int("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff", 16))
+    assert bytes(a ^ b for a, b in zip(stream.tobytes(), plain, strict=True)).hex() == "601ec313775789a5b7a7f504bbf3d228"
+    with pytest.raises(ValueError, match="128-bit"):
+        sampling.aes_ctr(key, 16, 1 << 128)
+
+
 def test_known_answer_vector():
     """Fixed secret, message, seed and noise: the ciphertext bytes never change (tests/vectors)."""
     vec = json.loads((VECTORS / "encrypt_kat_v1.json").read_text())

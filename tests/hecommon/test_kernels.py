@@ -56,6 +56,24 @@ def test_kernel_encryption_equals_the_numpy_path(ps, shape, rng, monkeypatch):
         np.testing.assert_array_equal(fast, reference)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.uint64])
+def test_messages_of_any_integer_dtype_encrypt_as_int64(dtype, rng, monkeypatch):
+    """Quantized values come as uint8 (or uint16); both paths encrypt any integer dtype to the
+    ciphertexts of the same values as int64 (uint64 included: numpy would take its products with
+    int64 to float64, inexact at ``Δ·m``'s size)."""
+    ps = P.DEFAULT
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    info = np.iinfo(dtype)
+    top = min(info.max, ps.max_message)
+    m = rng.integers(max(info.min, -ps.max_message), top + 1, size=(ps.n, 40), dtype=np.int64).astype(dtype)
+    m[0] = top  # Δ·m mod p near 2^56: inexact through float64
+    noise, seed = sample_noise(ps, (40, ps.n)), os.urandom(16)
+    for mode in ("numpy", "numba"):
+        monkeypatch.setenv("HELORA_KERNELS", mode)
+        wide = _encrypt_with(s, m.astype(np.int64), seed, noise).b
+        np.testing.assert_array_equal(_encrypt_with(s, m, seed, noise).b, wide)
+
+
 @pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
 def test_fresh_noise_drawn_per_block_decrypts_exactly(ps, rng, monkeypatch):
     """``encrypt``'s kernel path draws its noise block by block: the round trip stays exact."""
@@ -91,6 +109,33 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, rng, monkeypatch):
         result = EncryptedResult(ps, None, bh, t)
         reference, fast = _paths(monkeypatch, lambda: decrypt(s, result, hint=hint))
         np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize("mode", ["numpy", "numba"])
+def test_decryption_into_a_view_writes_or_adds_its_columns(mode, rng, monkeypatch):
+    """``decrypt(out=)`` writes the messages into a strided view of the caller's array (columns of
+    a wider one) and leaves the rest alone; with ``add`` it adds them (pieces of one sum); an
+    array of the wrong shape or dtype is refused. Results with ``a`` and from the hint."""
+    monkeypatch.setenv("HELORA_KERNELS", mode)
+    ps = P.DEFAULT
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    d, t = 45, 300
+    a = rng.integers(0, 1 << ps.out_bits, size=(d, ps.n), dtype=np.uint64)
+    hint = np.stack([rng.integers(0, p, size=(d, ps.n)) for p in ps.primes], axis=1).astype(np.uint32)
+    results = [(EncryptedResult(ps, a, rng.integers(0, 1 << ps.out_bits, size=(d, ps.n), dtype=np.uint64), t), None),
+               (EncryptedResult(ps, None, rng.integers(0, 1 << ps.hint_out_bits, size=(d, ps.n), dtype=np.uint64), t),
+                hint)]
+    for result, h in results:
+        alone = decrypt(s, result, hint=h)
+        wide = np.full((t, d + 10), 7, dtype=np.int64)
+        assert decrypt(s, result, hint=h, out=wide[:, 5 : 5 + d]) is not None
+        np.testing.assert_array_equal(wide[:, 5 : 5 + d], alone)
+        assert (wide[:, :5] == 7).all() and (wide[:, 5 + d :] == 7).all()
+        decrypt(s, result, hint=h, out=wide[:, 5 : 5 + d], add=True)
+        np.testing.assert_array_equal(wide[:, 5 : 5 + d], 2 * alone)
+        for bad in (np.zeros((t, d + 1), dtype=np.int64), np.zeros((t, d), dtype=np.int32)):
+            with pytest.raises(ValueError, match="out must be"):
+                decrypt(s, result, hint=h, out=bad)
 
 
 def test_a_hint_with_residues_outside_their_modulus_is_refused(rng, monkeypatch):
@@ -205,14 +250,16 @@ def test_the_most_negative_int64_message_is_refused():
 
 
 @pytest.mark.parametrize("bits", [27, 38])
-def test_strided_rows_pack_and_unpack_in_place(bits, rng, monkeypatch):
+@pytest.mark.parametrize("n", [2048, 40])
+def test_strided_rows_pack_and_unpack_in_place(bits, n, rng, monkeypatch):
     """One limb of a (rows, L, N) array (strided rows) packs to the bytes of its contiguous copy,
-    and ``unpack_bits_into`` fills such a view back, on both paths; a dtype too narrow is refused."""
+    and ``unpack_bits_into`` fills such a view back, on both paths, with rows of whole 64-bit
+    words (N = 2048) and rows that share words (40 values); a dtype too narrow is refused."""
     from hecommon.he.bits import pack_bits, unpack_bits_into
 
     monkeypatch.setenv("HELORA_THREADS", "2")
     dtype = np.uint32 if bits <= 32 else np.uint64
-    arr = rng.integers(0, 1 << bits, size=(40, 2, 2048)).astype(dtype)
+    arr = rng.integers(0, 1 << bits, size=(40, 2, n)).astype(dtype)
     for mode in ("numpy", "numba"):
         monkeypatch.setenv("HELORA_KERNELS", mode)
         data = pack_bits(arr[:, 1, :], bits)
@@ -222,7 +269,7 @@ def test_strided_rows_pack_and_unpack_in_place(bits, rng, monkeypatch):
         np.testing.assert_array_equal(back[:, 1, :], arr[:, 1, :])
         assert not back[:, 0, :].any()
     with pytest.raises(ValueError, match="at least"):
-        unpack_bits_into(data, bits, np.zeros((40, 2048), dtype=np.uint16))
+        unpack_bits_into(data, bits, np.zeros((40, n), dtype=np.uint16))
 
 
 def test_quantizing_leaves_its_input_as_it_was(rng):
@@ -233,3 +280,51 @@ def test_quantizing_leaves_its_input_as_it_was(rng):
     before = x.copy()
     quantize_rows(x)
     np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("bits", [2, 8, 12])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_quantization_equals_the_numpy_path(bits, dtype, rng, monkeypatch):
+    """Rows of every kind (zeros, constant, all negative, all positive, huge and tiny ranges,
+    values on the rounding ties) and a per-column scale: the same values, scales and zero points,
+    and the same dequantized products, with rows cut across threads (130 rows, 70 columns: not
+    multiples of the tiles)."""
+    from hecommon.he.quantize import dequantize_backward, dequantize_forward, quantize_rows
+
+    monkeypatch.setenv("HELORA_THREADS", "2")
+    x = rng.standard_normal((130, 70)) * np.exp(rng.uniform(-20, 20, size=(130, 1)))
+    x[0] = 0.0
+    x[1] = 3.5
+    x[2] = -np.abs(x[2])
+    x[3] = np.abs(x[3])
+    x[4] = np.arange(70) - 34.5  # ties at every half level
+    x = x.astype(dtype)
+    col_scale = rng.uniform(1e-3, 2.0, size=70)
+    y = rng.integers(-(1 << 40), 1 << 40, size=(130, 90))
+    sums = rng.integers(-(1 << 14), 1 << 14, size=90)
+    w_scale = rng.uniform(1e-4, 1.0, size=90)
+    for cs in (None, col_scale):
+        reference, fast = _paths(monkeypatch, lambda cs=cs: quantize_rows(x, bits, col_scale=cs))
+        np.testing.assert_array_equal(fast.values, reference.values)
+        assert fast.values.dtype == reference.values.dtype == (np.uint8 if bits <= 8 else np.uint16)
+        np.testing.assert_array_equal(fast.scale, reference.scale)
+        np.testing.assert_array_equal(fast.zero, reference.zero)
+        for fn in (lambda q, out=None: dequantize_forward(y, q, w_scale, sums, out=out),
+                   lambda q, out=None: dequantize_backward(y, q, sums, out=out)):
+            whole = fn(reference)
+            np.testing.assert_array_equal(fn(fast), whole)
+            for mode in ("numpy", "numba"):  # into float32 rows of a wider array: the float64 results rounded
+                monkeypatch.setenv("HELORA_KERNELS", mode)
+                wide = np.zeros((140, 90), dtype=np.float32)
+                assert fn(fast, wide[5:135]) is not None
+                np.testing.assert_array_equal(wide[5:135], whole.astype(np.float32))
+                assert not wide[:5].any() and not wide[135:].any()
+                with pytest.raises(ValueError, match="out must be"):
+                    fn(fast, np.zeros((130, 90), dtype=np.int64))
+    x[77, 5] = np.nan
+    for mode in ("numpy", "numba"):
+        monkeypatch.setenv("HELORA_KERNELS", mode)
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            quantize_rows(x, bits)
+    with pytest.raises(ValueError, match="col_scale"):
+        quantize_rows(x, bits, col_scale=np.ones(3))

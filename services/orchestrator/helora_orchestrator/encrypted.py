@@ -27,7 +27,7 @@ from hecommon.he.bits import PackedRows, packed_size
 from hecommon.he.encrypt import decrypt, encrypt
 from hecommon.he.exact import fold
 from hecommon.he.keys import NONCE_BYTES, SecretKey
-from hecommon.he.quantize import dequantize_backward, dequantize_forward, fold_output_scale, quantize_rows
+from hecommon.he.quantize import dequantize_backward, dequantize_forward, quantize_rows
 from hecommon.he.sampling import owner_a_seed
 
 #: Default budget of switched ``a`` parts a broker client keeps (``EncryptedBackend(hold_a_bytes=)``),
@@ -108,6 +108,7 @@ class EncryptedBackend:
         self.wire_bytes = 0
         self.requests = 0
         self._count_lock = threading.Lock()  # requests may come from several threads (--in-flight)
+        self._buffers = threading.local()  # per thread: decrypted integers (``_scratch``)
         self._fetch_hint = hints
         self._hints: dict[tuple[str, str], np.ndarray] = {}
         if not isinstance(hold_a_bytes, int) or hold_a_bytes < 0:
@@ -123,7 +124,8 @@ class EncryptedBackend:
         return entry
 
     def _call(self, layer: str, direction: str, m: np.ndarray, a_seed: bytes) -> np.ndarray:
-        """Encrypt ``m`` (T <= N, d) under a fresh secret, send, decrypt the integer result.
+        """Encrypt ``m`` (T <= N, d) under a fresh secret, send, decrypt the integer result (in this
+        thread's scratch buffer: valid until its next call).
 
         Over a transport that streams (``stream(parts, on_part)``: the broker client), the request
         is encrypted part by part (the transport's ``plan``: below the message limit, and cut at
@@ -140,7 +142,9 @@ class EncryptedBackend:
         a_seed = owner_a_seed(a_seed, self.owner)  # this session's a of the layer (one SHAKE-256)
         stream = getattr(self.transport, "stream", None)
         plan, pieces = self.transport.plan(entry, direction, self.params) if stream is not None else ([], 1)
-        out = np.zeros((m.shape[0], width), dtype=np.int64) if pieces > 1 else np.empty((m.shape[0], width), np.int64)
+        out = self._scratch(m.shape[0] * width).reshape(m.shape[0], width)
+        if pieces > 1:
+            out.fill(0)
         filled = [0]
         held = self._held.get((layer, direction))
         if held is not None and len(held) != pieces:
@@ -163,10 +167,8 @@ class EncryptedBackend:
             elif collect:
                 a = result.a
                 got_a[(part.piece, lo)] = a if isinstance(a, PackedRows) else PackedRows.pack(a, self.params.out_bits)
-            if pieces == 1:
-                out[:, lo:hi] = decrypt(secret, result, hint=hint)
-            else:  # exact: each piece decrypts to its integer sum
-                out[:, lo:hi] += decrypt(secret, result, hint=hint)
+            # in place; pieces of one sum are added (exact: each decrypts to its integer sum)
+            decrypt(secret, result, hint=hint, out=out[:, lo:hi], add=pieces > 1)
             filled[0] += hi - lo
 
         if stream is not None:
@@ -194,6 +196,15 @@ class EncryptedBackend:
                     self.held_bytes += size
         return fold(out, entry.sums(direction))  # exact: integers below 2^63
 
+    def _scratch(self, size: int) -> np.ndarray:
+        """``size`` int64 of this thread's buffer for decrypted integers, reused by every request it
+        makes (a new array per request is hundreds of MB of fresh pages to fault in): valid until
+        the thread's next ``_call``, which ``forward`` and ``backward`` wait for."""
+        buf = getattr(self._buffers, "ints", None)
+        if buf is None or buf.size < size:
+            buf = self._buffers.ints = np.empty(size, dtype=np.int64)
+        return buf[:size]
+
     def _wants_a(self, layer: str, direction: str, width: int) -> bool:
         """Whether to keep this request's reply ``a`` part: none is held yet and it fits the budget."""
         if (layer, direction) in self._held:
@@ -217,7 +228,7 @@ class EncryptedBackend:
         for lo in range(0, x.shape[0], self.params.n):
             xq = quantize_rows(x[lo : lo + self.params.n], self.bits)
             y = self._call(group, "fwd", xq.values, e.a_seed_fwd)
-            out[lo : lo + self.params.n] = dequantize_forward(y, xq, e.weight_scale, e.row_sums)
+            dequantize_forward(y, xq, e.weight_scale, e.row_sums, out=out[lo : lo + self.params.n])
         return out
 
     def backward(self, group: str, dy: np.ndarray) -> np.ndarray:
@@ -225,9 +236,9 @@ class EncryptedBackend:
         dy = np.asarray(dy, dtype=np.float32).reshape(-1, e.d_out)
         out = np.empty((dy.shape[0], e.d_in), dtype=np.float32)
         for lo in range(0, dy.shape[0], self.params.n):
-            gq = quantize_rows(fold_output_scale(dy[lo : lo + self.params.n], e.weight_scale), self.bits)
+            gq = quantize_rows(dy[lo : lo + self.params.n], self.bits, col_scale=e.weight_scale)
             z = self._call(group, "bwd", gq.values, e.a_seed_bwd)
-            out[lo : lo + self.params.n] = dequantize_backward(z, gq, e.col_sums)
+            dequantize_backward(z, gq, e.col_sums, out=out[lo : lo + self.params.n])
         return out
 
 

@@ -108,35 +108,37 @@ def fold_wide(a, bits, split, twist, hi, lo):  # pragma: no cover - compiled
 
 
 @_jit
-def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, t, out, col):  # pragma: no cover - compiled
+def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, t, out, col, add):  # pragma: no cover - compiled
     """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, N) mod
     ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits``, centered, times ``qd = q/Δ``, rounded;
-    row r's first ``t`` coefficients go to ``out[:, col + r]``."""
+    row r's first ``t`` coefficients go to ``out[:, col + r]`` (added to it with ``add``)."""
     rows, half = hi.shape
     modulus = np.float64(2.0**bits)
     scale = np.float64(2.0**split)
-    for r in range(rows):
-        for k in range(half):
+    for k in range(min(half, t)):  # token by token, the block's rows side by side in out's row
+        for r in range(rows):
             zh = hi[r, k] * untwist[k]
             zl = lo[r, k] * untwist[k]
             for c, xh, xl in ((k, zh.real, zl.real), (k + half, zh.imag, zl.imag)):
                 if c >= t:
                     continue
-                out[c, col + r] = _decode(np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c]), modulus, qd)
+                m = _decode(np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c]), modulus, qd)
+                out[c, col + r] = out[c, col + r] + m if add else m
 
 
 @_jit
-def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, t, out, col):  # pragma: no cover
+def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, t, out, col, add):  # pragma: no cover
     """Messages from the inverse transforms of ``a0·s`` and ``a1·s`` (the hint's two limbs, mod
     p0 and p1), and ``b`` mod ``2^bits``: ``a·s mod q`` rebuilt by CRT, switched to ``2^bits``
-    (``scale = 2^bits/q``), added to ``b`` and decoded (``ring.switch_modulus``, ``_decode``)."""
+    (``scale = 2^bits/q``), added to ``b`` and decoded (``ring.switch_modulus``, ``_decode``);
+    into ``out`` as ``finish_decrypt_wide``."""
     rows, half = s0.shape
     modulus = np.float64(2.0**bits)
     mask = np.int64((1 << bits) - 1)
     inv0 = 1.0 / p0
     inv1 = 1.0 / p1
-    for r in range(rows):
-        for k in range(half):
+    for k in range(min(half, t)):  # as finish_decrypt_wide
+        for r in range(rows):
             z0 = s0[r, k] * untwist[k]
             z1 = s1[r, k] * untwist[k]
             for c, x0, x1 in ((k, z0.real, z1.real), (k + half, z0.imag, z1.imag)):
@@ -147,7 +149,8 @@ def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, 
                 d = _mod(_mod(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)
                 whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
                 a_s = np.int64(np.rint(whole * scale)) & mask
-                out[c, col + r] = _decode(np.float64(a_s) + np.float64(b[r, c]), modulus, qd)
+                m = _decode(np.float64(a_s) + np.float64(b[r, c]), modulus, qd)
+                out[c, col + r] = out[c, col + r] + m if add else m
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -179,13 +182,13 @@ def centered_binomial(raw, eta, out):
 @_jit
 def pack_rows(values, bits, out):  # pragma: no cover - compiled
     """``bits.pack_bits``'s layout (value i at stream bits [i·bits, (i+1)·bits), little-endian)
-    for ``bits`` <= 56: each row of ``values`` (rows, n) into the same row of ``out`` (rows,
-    packed size of n values, zeroed; any strides). False if a value does not fit. Fewer than 8
-    bits are held between values, so a value and those bits fit in 64."""
+    for ``bits`` <= 56: each row of ``values`` (rows, n; any strides) into the same row of
+    ``out`` (rows, ceil(n·bits/64)) uint64 words, whose bytes on a little-endian machine are the
+    stream's; a last partial word is padded with zero bits. False if a value does not fit."""
     limit = np.uint64(1) << np.uint64(bits)
     for r in range(values.shape[0]):
         acc = np.uint64(0)
-        held = 0
+        held = 0  # bits of acc in use, always < 64
         pos = 0
         for i in range(values.shape[1]):
             v = np.uint64(values[r, i])
@@ -193,45 +196,84 @@ def pack_rows(values, bits, out):  # pragma: no cover - compiled
                 return False
             acc |= v << np.uint64(held)
             held += bits
-            if held >= 32:
-                out[r, pos] = np.uint8(acc & np.uint64(0xFF))
-                out[r, pos + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
-                out[r, pos + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
-                out[r, pos + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
-                acc >>= np.uint64(32)
-                held -= 32
-                pos += 4
-            while held >= 8:
-                out[r, pos] = np.uint8(acc & np.uint64(0xFF))
-                acc >>= np.uint64(8)
-                held -= 8
+            if held >= 64:
+                out[r, pos] = acc
                 pos += 1
+                held -= 64
+                acc = v >> np.uint64(bits - held) if held else np.uint64(0)
         if held:
-            out[r, pos] = np.uint8(acc & np.uint64(0xFF))
+            out[r, pos] = acc
     return True
 
 
 @_jit
-def unpack_rows(raw, bits, out):  # pragma: no cover - compiled
-    """Inverse of ``pack_rows``: each row of ``raw`` (rows, packed size) into the same row of
-    ``out`` (rows, n; any unsigned dtype wide enough, any strides)."""
+def unpack_rows(words, bits, out):  # pragma: no cover - compiled
+    """Inverse of ``pack_rows``: each row of ``words`` (rows, ceil(n·bits/64) uint64) into the
+    same row of ``out`` (rows, n; any unsigned dtype wide enough, any strides)."""
     mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
-    size = raw.shape[1]
     for r in range(out.shape[0]):
         acc = np.uint64(0)
-        held = 0
+        held = 0  # bits of acc not yet read, always < 64
         pos = 0
         for i in range(out.shape[1]):
-            if held < bits and pos + 4 <= size:
-                word = (np.uint64(raw[r, pos]) | (np.uint64(raw[r, pos + 1]) << np.uint64(8))
-                        | (np.uint64(raw[r, pos + 2]) << np.uint64(16)) | (np.uint64(raw[r, pos + 3]) << np.uint64(24)))
-                acc |= word << np.uint64(held)
-                held += 32
-                pos += 4
-            while held < bits:
-                acc |= np.uint64(raw[r, pos]) << np.uint64(held)
-                held += 8
+            if held >= bits:
+                out[r, i] = acc & mask
+                acc >>= np.uint64(bits)
+                held -= bits
+            else:  # the value's low `held` bits in acc, the rest at the bottom of the next word
+                w = words[r, pos]
                 pos += 1
-            out[r, i] = acc & mask
-            acc >>= np.uint64(bits)
-            held -= bits
+                out[r, i] = (acc | (w << np.uint64(held))) & mask
+                used = bits - held
+                acc = w >> np.uint64(used)
+                held = 64 - used
+
+
+#: Side of the square tiles in which ``quantize_rows`` writes its transposed values.
+_TILE = 64
+
+
+@_jit
+def quantize_rows(x, col_scale, levels, r0, r1, values_t, scale, zero):  # pragma: no cover - compiled
+    """``quantize.quantize_rows`` of rows ``r0 … r1`` of ``x * col_scale`` (x (rows, cols), any float
+    dtype, taken to float64 first): each row's scale and zero point, and its values written
+    transposed into ``values_t`` (cols, rows), tile by tile (reads and writes stay in cache).
+    The numpy path's float64 operations in its order, so its values bit for bit. False if a
+    value is not finite."""
+    cols = x.shape[1]
+    for r in range(r0, r1):
+        lo = 0.0
+        hi = 0.0
+        for c in range(cols):
+            v = np.float64(x[r, c]) * col_scale[c]
+            if not np.isfinite(v):
+                return False
+            lo = min(lo, v)
+            hi = max(hi, v)
+        s = (hi - lo) / levels
+        if not s > 0:
+            s = 1.0
+        scale[r] = s
+        zero[r] = np.int64(min(max(np.rint(-lo / s), 0.0), np.float64(levels)))
+    for c0 in range(0, cols, _TILE):
+        c1 = min(c0 + _TILE, cols)
+        for t0 in range(r0, r1, _TILE):
+            for r in range(t0, min(t0 + _TILE, r1)):
+                s = scale[r]
+                z = np.float64(zero[r])
+                for c in range(c0, c1):
+                    v = np.rint(np.float64(x[r, c]) * col_scale[c] / s) + z
+                    values_t[c, r] = min(max(v, 0.0), np.float64(levels))
+    return True
+
+
+@_jit
+def dequantize(y, zero, sums, scale, col_scale, r0, r1, out):  # pragma: no cover - compiled
+    """``quantize._dequantize`` of rows ``r0 … r1``: ``(y - zero ⊗ sums) · scale`` (int64
+    difference, then float64 products in the numpy path's order), times ``col_scale`` per column
+    (ones where there is none: an exact identity)."""
+    for r in range(r0, r1):
+        z = zero[r]
+        s = scale[r]
+        for c in range(y.shape[1]):
+            out[r, c] = np.float64(y[r, c] - z * sums[c]) * s * col_scale[c]

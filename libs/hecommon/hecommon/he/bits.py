@@ -77,44 +77,49 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     return b"".join(parallel.map_ranges(lambda lo, hi: _pack_flat(flat[lo:hi], bits), ranges))
 
 
-def _row_view(n: int, bits: int, rows: int) -> bool:
-    """Whether rows of ``n`` values fill whole bytes, so each packs on its own (in parallel)."""
-    return rows > 1 and (n * bits) % 8 == 0
+def _row_words(n: int, bits: int, rows: int) -> bool:
+    """Whether rows of ``n`` values fill whole 64-bit words, so each packs on its own (in
+    parallel) through the compiled loops, which move words."""
+    return rows > 1 and (n * bits) % 64 == 0
 
 
 def _pack_kernel(values: np.ndarray, bits: int) -> bytes:
-    """``pack_bits`` through the compiled loop (``hecommon.he.kernels``): rows of whole bytes, or
-    pieces of whole bytes of a flat array, in parallel, into one buffer (no copy of a strided
-    input): the same bytes as the numpy paths."""
+    """``pack_bits`` through the compiled loop (``hecommon.he.kernels``), which writes 64-bit
+    words: rows of whole words (no copy of a strided input), or pieces of 64 values (whole
+    words) of the flat array, in parallel, into one buffer: the same bytes as the numpy paths."""
     loop = kernels.loops().pack_rows
-    if values.ndim == 2 and _row_view(values.shape[1], bits, values.shape[0]):
+    if values.ndim == 2 and _row_words(values.shape[1], bits, values.shape[0]):
         rows, n = values.shape
-        out = np.zeros((rows, n * bits // 8), dtype=np.uint8)
+        out = np.empty((rows, n * bits // 64), dtype="<u8")
         ok = parallel.map_ranges(lambda lo, hi: bool(loop(values[lo:hi], bits, out[lo:hi])),
                                  parallel.chunks(rows, max(1, _KERNEL_PIECE // max(n, 1))))
     else:
         flat = values.reshape(-1)
-        out = np.zeros(packed_size(bits, flat.size), dtype=np.uint8)
-        ok = parallel.map_ranges(
-            lambda lo, hi: bool(loop(flat[None, lo:hi], bits, out[None, lo * bits // 8 : packed_size(bits, hi)])),
-            parallel.chunks(flat.size, _KERNEL_PIECE, align=_GROUP))
+        out = np.empty((1, -(-flat.size * bits // 64)), dtype="<u8")
+        ok = parallel.map_ranges(lambda lo, hi: bool(loop(flat[None, lo:hi], bits, out[:, lo * bits // 64 :])),
+                                 parallel.chunks(flat.size, _KERNEL_PIECE, align=_GROUP))
     if not all(ok):
         raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
-    return out.tobytes()
+    return out.view(np.uint8).reshape(-1)[: packed_size(bits, values.size)].tobytes()
 
 
 def _unpack_kernel(raw: np.ndarray, bits: int, out: np.ndarray) -> None:
     """``out`` (rows, n) from ``raw`` through the compiled loop, in parallel (see ``_pack_kernel``)."""
     loop = kernels.loops().unpack_rows
     rows, n = out.shape
-    if _row_view(n, bits, rows):
-        packed = raw.reshape(rows, n * bits // 8)
-        parallel.map_ranges(lambda lo, hi: loop(packed[lo:hi], bits, out[lo:hi]),
+    if _row_words(n, bits, rows):
+        words = raw.view("<u8").reshape(rows, n * bits // 64)
+        parallel.map_ranges(lambda lo, hi: loop(words[lo:hi], bits, out[lo:hi]),
                             parallel.chunks(rows, max(1, _KERNEL_PIECE // max(n, 1))))
         return
-    flat = out.reshape(-1)  # one row, or rows that share bytes: a contiguous out
-    parallel.map_ranges(lambda lo, hi: loop(raw[None, lo * bits // 8 : packed_size(bits, hi)], bits, flat[None, lo:hi]),
+    if raw.size % 8:  # a last partial word: the loop reads whole words
+        raw = np.concatenate([raw, np.zeros(8 - raw.size % 8, dtype=np.uint8)])
+    words = raw.view("<u8")[None, :]
+    flat = out.reshape(-1) if out.flags.c_contiguous else np.empty(out.size, dtype=out.dtype)
+    parallel.map_ranges(lambda lo, hi: loop(words[:, lo * bits // 64 :], bits, flat[None, lo:hi]),
                         parallel.chunks(flat.size, _KERNEL_PIECE, align=_GROUP))
+    if not out.flags.c_contiguous:  # rows that share words, in a strided out
+        out[...] = flat.reshape(out.shape)
 
 
 def _pack_flat(flat: np.ndarray, bits: int) -> bytes:

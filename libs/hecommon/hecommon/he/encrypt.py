@@ -190,12 +190,14 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
         raise ValueError(f"message must be (T <= {params.n}, d >= 1) integers, got {m.shape}")
     if not np.issubdtype(m.dtype, np.integer):
         raise TypeError("message must be an integer array")
-    # bounds on min and max, not on |m|: np.abs(int64 min) is negative (and costs a pass)
-    lo, hi = parallel.reduce_rows(lambda r0, r1: (int(m[r0:r1].min()), int(m[r0:r1].max())), m.shape[0],
-                                  lambda x, y: (min(x[0], y[0]), max(x[1], y[1])))
-    if hi > params.max_message or lo < -params.max_message:
-        raise ValueError(f"message values exceed ±{params.max_message}")
-    return np.asarray(m, dtype=np.int64)  # no copy when it is int64 already
+    kind = np.iinfo(m.dtype)
+    if kind.max > params.max_message or kind.min < -params.max_message:  # the dtype alone does not bound it
+        # bounds on min and max, not on |m|: np.abs(int64 min) is negative (and costs a pass)
+        lo, hi = parallel.reduce_rows(lambda r0, r1: (int(m[r0:r1].min()), int(m[r0:r1].max())), m.shape[0],
+                                      lambda x, y: (min(x[0], y[0]), max(x[1], y[1])))
+        if hi > params.max_message or lo < -params.max_message:
+            raise ValueError(f"message values exceed ±{params.max_message}")
+    return m  # its own dtype: the compiled loops take any, the numpy path widens it to int64
 
 
 def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray | None,
@@ -212,7 +214,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     if noise is None and not kernels.enabled():
         noise = sample_noise(params, (d, params.n))
     noise = noise.reshape(d, -1, params.n) if noise is not None else None
-    mt = m.T  # (d, T) int64
+    mt = m.T  # (d, T) integers
     b = np.empty((d, params.limbs, params.n), dtype=np.uint32)
     mul = secret.multiplier
     if kernels.enabled():
@@ -237,6 +239,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
         return EncryptedBatch(params, b, t)
 
     assert noise is not None
+    mt = mt.astype(np.int64, copy=False)  # Δ·m mod p below in int64
 
     def rows(lo: int, hi: int) -> None:
         a = expand_a(a_seed, params, hi - lo, start=start + lo)  # (rows, L, N)
@@ -268,65 +271,87 @@ def _decode(frac: np.ndarray, params: ParamSet, n_tokens: int) -> np.ndarray:
     return np.rint(frac * (params.q / params.delta)).astype(np.int64).T  # (T, d)
 
 
-def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint: np.ndarray | None = None) -> np.ndarray:
+def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint: np.ndarray | None = None,
+            out: np.ndarray | None = None, add: bool = False) -> np.ndarray:
     """Decrypt to the integer messages, shape (T, d_out).
 
     ``hint``: the layer's ``a`` mod q, (d_out, L, N) residues, for results sent without ``a``.
+    ``out``: a (T, d_out) int64 array (a view of the caller's, any strides) to write the messages
+    into (or, with ``add``, to add them to: pieces of one sum) instead of a new one; returned.
     """
     if not isinstance(secret, RequestSecret):
         raise TypeError("decrypt needs the RequestSecret of the batch")
     params = secret.params
     if ct.params != params:
         raise ParameterMismatch("ciphertext and secret use different parameter sets")
+    width = int(ct.b.shape[0])
+    if out is not None and (out.shape != (ct.n_tokens, width) or out.dtype != np.int64):
+        raise ValueError(f"decrypt: out must be a ({ct.n_tokens}, {width}) int64 array")
     mul = secret.multiplier
     if isinstance(ct, EncryptedResult):
-        modulus = float(1 << ct.bits)
         if ct.a is None and ct.bits != params.hint_out_bits:
             raise DecryptionError("this result was sent without its a part: the a part held from an earlier "
                                   "reply is needed (EncryptedResult.with_held_a)")
         if ct.a is None and (hint is None or hint.shape != (ct.width, params.limbs, params.n)):
             raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
-        out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
-        held = hint
-        if kernels.enabled() and (ct.a is not None or params.limbs == 2):
-            map_rows(lambda lo, hi: _decrypt_blocks(mul, ct, held, out, lo, hi), ct.width, minimum=kernels.BLOCK_ROWS)
-            return out
-
-        def rows(lo: int, hi: int) -> None:
-            if held is not None and ct.a is None:  # a·s mod q from the hint, exactly, then rounded
-                a_s = np.empty((params.limbs, hi - lo, params.n), dtype=np.int64)
-                for i, p in enumerate(params.primes):
-                    a_s[i] = reduce_float(mul.product(centered_float(held[lo:hi, i], p)), float(p))
-                x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
-            else:
-                assert ct.a is not None
-                rows_a = ct.a[lo:hi]
-                a = (rows_a.unpack() if isinstance(rows_a, PackedRows) else rows_a).astype(np.float64)  # < 2^38
-                np.subtract(a, modulus, out=a, where=a >= modulus / 2)
-                x = mul.product_wide(a)  # exact, |.| < 2^49
-            x += ct.b[lo:hi]
-            x = reduce_float(x, modulus)
-            x /= modulus
-            out[:, lo:hi] = _decode(x, params, ct.n_tokens)
-
-        map_rows(rows, ct.width)
-        return out
-    if isinstance(ct, EncryptedPartial):
+        if kernels.enabled() and (ct.a is not None or params.limbs == 2):  # written (or added) in place
+            into = np.empty((ct.n_tokens, ct.width), dtype=np.int64) if out is None else out
+            map_rows(lambda lo, hi: _decrypt_blocks(mul, ct, hint, into, lo, hi, add and out is not None), ct.width,
+                     minimum=kernels.BLOCK_ROWS)
+            return into
+        messages = _decrypt_result(mul, ct, hint)
+    elif isinstance(ct, EncryptedPartial):
         if isinstance(ct.a, PackedRows):
-            return decrypt(secret, ct.switch(), hint)
+            return decrypt(secret, ct.switch(), hint, out, add)
         p = moduli_column(params)
         x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)
-        return _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params, ct.n_tokens)
-    raise DecryptionError("unsupported ciphertext type")
+        messages = _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params, ct.n_tokens)
+    else:
+        raise DecryptionError("unsupported ciphertext type")
+    if out is None:
+        return messages
+    if add:
+        out += messages
+    else:
+        out[...] = messages
+    return out
+
+
+def _decrypt_result(mul, ct: EncryptedResult, held: np.ndarray | None) -> np.ndarray:
+    """``decrypt`` of a switched result through numpy, by ranges of rows in parallel."""
+    params = ct.params
+    modulus = float(1 << ct.bits)
+    out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
+
+    def rows(lo: int, hi: int) -> None:
+        if held is not None and ct.a is None:  # a·s mod q from the hint, exactly, then rounded
+            a_s = np.empty((params.limbs, hi - lo, params.n), dtype=np.int64)
+            for i, p in enumerate(params.primes):
+                a_s[i] = reduce_float(mul.product(centered_float(held[lo:hi, i], p)), float(p))
+            x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
+        else:
+            assert ct.a is not None
+            rows_a = ct.a[lo:hi]
+            a = (rows_a.unpack() if isinstance(rows_a, PackedRows) else rows_a).astype(np.float64)  # < 2^38
+            np.subtract(a, modulus, out=a, where=a >= modulus / 2)
+            x = mul.product_wide(a)  # exact, |.| < 2^49
+        x += ct.b[lo:hi]
+        x = reduce_float(x, modulus)
+        x /= modulus
+        out[:, lo:hi] = _decode(x, params, ct.n_tokens)
+
+    map_rows(rows, ct.width)
+    return out
 
 
 #: Bits of the low half when a switched ``a`` (< 2^38) is split for two exact products.
 _WIDE_SPLIT = 20
 
 
-def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.ndarray, lo: int, hi: int) -> None:
+def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.ndarray, lo: int, hi: int,
+                    add: bool) -> None:
     """``decrypt``'s rows ``lo … hi`` of a switched result through the fused kernels (the numpy
-    path's integers, so its messages bit for bit)."""
+    path's integers, so its messages bit for bit), written into ``out`` or, with ``add``, added."""
     params = ct.params
     half = params.n // 2
     qd = params.q / params.delta
@@ -343,7 +368,7 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
             fused.fold_wide(a, params.out_bits, _WIDE_SPLIT, mul.twist, one, two)
             mul.spectrum_product(spec[:, : b1 - b0])
             fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, ct.b[b0:b1], ct.bits, qd,
-                                        ct.n_tokens, out, b0)
+                                        ct.n_tokens, out, b0, add)
         else:  # the hint's two limbs mod q: a·s mod q by CRT, switched as the server would
             assert hint is not None
             for i, (p, buf) in enumerate(((p0, one), (p1, two))):
@@ -351,4 +376,4 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
                     raise DecryptionError("the layer's hint holds residues outside their modulus")
             mul.spectrum_product(spec[:, : b1 - b0])
             fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, ct.b[b0:b1], ct.bits, scale, qd,
-                                        ct.n_tokens, out, b0)
+                                        ct.n_tokens, out, b0, add)

@@ -8,8 +8,14 @@ numpy each of those steps is a pass over memory; ``hecommon.he._fused`` (compile
 each side in one loop before the forward FFT and one after the inverse FFT, over blocks of rows
 small enough to stay in cache.
 
-The loops compute the numpy path's exact integers (``encrypt._encrypt_with``, ``decrypt``), so
-both give the same ciphertexts and messages bit for bit (``tests/hecommon/test_kernels.py``).
+The same module holds the loops around them: bit packing that moves 64-bit words
+(``bits.pack_bits``), quantization that reads each row twice and writes its values transposed,
+one feature per row, as ``encrypt`` reads them (``quantize.quantize_rows``), and dequantization
+in one pass into the caller's float32 rows (``quantize.dequantize_forward``).
+
+The loops compute the numpy path's exact integers and floats (``encrypt._encrypt_with``,
+``decrypt``, ``quantize``), so both give the same ciphertexts, messages and values bit for bit
+(``tests/hecommon/test_kernels.py``).
 ``HELORA_KERNELS=numpy`` selects the numpy path; without numba (the servers' images) it is the
 only one. numba is imported on first use only: the services, which never encrypt, do not load it.
 """

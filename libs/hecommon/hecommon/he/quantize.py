@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import ConfigError
-from . import parallel
+from . import kernels, parallel
 
 
 def _check_bits(bits: int, lo: int = 2, hi: int = 16) -> None:
@@ -30,7 +30,7 @@ def _check_bits(bits: int, lo: int = 2, hi: int = 16) -> None:
 class QuantizedTensor:
     """Rows quantized independently: ``x[t] ≈ scale[t] · (values[t] - zero[t])``."""
 
-    values: np.ndarray  # (rows, cols) int64 in [0, 2^bits - 1]
+    values: np.ndarray  # (rows, cols) in [0, 2^bits - 1]: uint8 (bits <= 8) or uint16
     scale: np.ndarray  # (rows,) float64, > 0
     zero: np.ndarray  # (rows,) int64 in [0, 2^bits - 1]
     bits: int
@@ -66,16 +66,35 @@ class QuantizedWeight:
         return self.values.astype(np.float64)
 
 
-def quantize_rows(x: np.ndarray, bits: int = 8) -> QuantizedTensor:
-    """Asymmetric unsigned quantization of each row of ``x`` (rows, cols)."""
+def quantize_rows(x: np.ndarray, bits: int = 8, col_scale: np.ndarray | None = None) -> QuantizedTensor:
+    """Asymmetric unsigned quantization of each row of ``x`` (rows, cols), or of
+    ``fold_output_scale(x, col_scale)`` (the backward's gradient, scaled per column first).
+
+    With the compiled loops (``hecommon.he.kernels``, the client) one loop reads ``x`` once for
+    the rows' ranges and once for the values, which it writes transposed: ``values`` is then the
+    (rows, cols) view of a (cols, rows) array, whose rows (one column of ``x`` each) are what
+    ``encrypt`` reads. The values are the numpy path's bit for bit."""
     _check_bits(bits)
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"quantize_rows expects a 2-D array, got shape {x.shape}")
+    if col_scale is not None and np.shape(col_scale) != (x.shape[1],):
+        raise ValueError(f"quantize_rows: col_scale must have one entry per column ({x.shape[1]})")
     levels = (1 << bits) - 1
-    values = np.empty(x.shape, dtype=np.int64)
+    dtype = np.uint8 if bits <= 8 else np.uint16  # the narrowest: a pass over it is cheaper
     scale = np.empty(x.shape[0], dtype=np.float64)
     zero = np.empty(x.shape[0], dtype=np.int64)
+    if kernels.enabled():
+        loop = kernels.loops().quantize_rows
+        cs = np.ones(x.shape[1]) if col_scale is None else np.asarray(col_scale, dtype=np.float64)
+        values_t = np.empty(x.shape[::-1], dtype=dtype)
+        ranges = parallel.chunks(x.shape[0], 64)
+        if not all(parallel.map_ranges(lambda r0, r1: loop(x, cs, levels, r0, r1, values_t, scale, zero), ranges)):
+            raise ValueError("quantize_rows: input holds NaN or infinity")
+        return QuantizedTensor(values=values_t.T, scale=scale, zero=zero, bits=bits)
+    if col_scale is not None:
+        x = fold_output_scale(x, col_scale)
+    values = np.empty(x.shape, dtype=dtype)
 
     def rows(r0: int, r1: int) -> bool:  # rows are independent: ranges of them in parallel
         xr = np.array(x[r0:r1], dtype=np.float64)  # a copy: worked on in place below
@@ -122,12 +141,14 @@ def integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.rint(a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
 
 
-def dequantize_forward(y_int: np.ndarray, x: QuantizedTensor, w_scale: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
+def dequantize_forward(y_int: np.ndarray, x: QuantizedTensor, w_scale: np.ndarray, row_sums: np.ndarray,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """``Y = s_t · s_o · (Y_int - z_t · Σ_j q_w[o, j])`` for ``Y_int = q_x · q_wᵀ``.
 
     Only public values of the weight are needed (its scales and row sums, from the manifest).
+    ``out``: an array of Y's shape (float32: the float64 results rounded) to write into.
     """
-    return _dequantize(y_int, x, row_sums, w_scale)
+    return _dequantize(y_int, x, row_sums, w_scale, out)
 
 
 def fold_output_scale(dy: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
@@ -142,14 +163,29 @@ def fold_output_scale(dy: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
     return out
 
 
-def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, col_sums: np.ndarray) -> np.ndarray:
-    """``dX = s_t · (Z_int - z_t · Σ_o q_w[o, j])`` for ``Z_int = q_g · q_w``."""
-    return _dequantize(z_int, g, col_sums)
+def dequantize_backward(z_int: np.ndarray, g: QuantizedTensor, col_sums: np.ndarray,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """``dX = s_t · (Z_int - z_t · Σ_o q_w[o, j])`` for ``Z_int = q_g · q_w`` (``out``: as forward)."""
+    return _dequantize(z_int, g, col_sums, None, out)
 
 
-def _dequantize(y: np.ndarray, q: QuantizedTensor, sums: np.ndarray, w_scale: np.ndarray | None = None) -> np.ndarray:
-    """``(y - z ⊗ sums) · s_t`` (times ``w_scale`` per column if given), by ranges of rows in parallel."""
-    out = np.empty(y.shape, dtype=np.float64)
+def _dequantize(y: np.ndarray, q: QuantizedTensor, sums: np.ndarray, w_scale: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """``(y - z ⊗ sums) · s_t`` (times ``w_scale`` per column if given), by ranges of rows in
+    parallel (in one compiled loop where ``hecommon.he.kernels`` runs: the same float64 products),
+    into ``out`` if given (float64 or float32, y's shape)."""
+    if out is not None and (out.shape != y.shape or out.dtype not in (np.float32, np.float64)):
+        raise ValueError(f"dequantize: out must be a {y.shape} float32 or float64 array")
+    if out is not None and out.dtype != np.float64 and not kernels.enabled():  # rounded once, from float64
+        out[...] = _dequantize(y, q, sums, w_scale)
+        return out
+    out = np.empty(y.shape, dtype=np.float64) if out is None else out
+    if kernels.enabled():
+        loop = kernels.loops().dequantize
+        cs = np.ones(y.shape[1]) if w_scale is None else np.asarray(w_scale, dtype=np.float64)
+        sums = np.asarray(sums, dtype=np.int64)
+        parallel.map_rows(lambda r0, r1: loop(y, q.zero, sums, q.scale, cs, r0, r1, out), y.shape[0], minimum=64)
+        return out
 
     def rows(r0: int, r1: int) -> None:
         o = out[r0:r1]
@@ -176,5 +212,5 @@ def quantized_matmul(x: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.nda
 
 def quantized_matmul_backward(dy: np.ndarray, w: QuantizedWeight, bits: int = 8) -> np.ndarray:
     """Clear reference of the backward product ``dy · w`` in the quantized domain."""
-    gq = quantize_rows(fold_output_scale(dy, w.scale), bits)
+    gq = quantize_rows(dy, bits, col_scale=w.scale)
     return dequantize_backward(_exact_product(gq.values, w.as_float64, bits), gq, w.col_sums)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 
@@ -26,11 +28,74 @@ SEED_BYTES = 16
 
 def aes_ctr(key: bytes, nbytes: int, block: int = 0) -> np.ndarray:
     """``nbytes`` of the AES-256-CTR keystream of ``key`` from counter block ``block`` (seekable:
-    any segment is made alone), as uint8. The one stream every sampler here draws from."""
+    any segment is made alone; the 128-bit counter is big-endian), as uint8. The one stream every
+    sampler here draws from.
+
+    Through the system's OpenSSL (``libcrypto``) called by ``ctypes``, which lets go of the GIL:
+    the client's threads draw their keystreams at once (``cryptography`` holds the GIL during a
+    cipher update, so its calls run one at a time); ``cryptography``, which runs the same OpenSSL
+    cipher, where no ``libcrypto`` is found. Both give the same bytes (``tests/hecommon``)."""
     if len(key) != 32:
         raise ValueError("aes_ctr: a 32-byte key is required")
+    if not 0 <= block < 1 << 128:
+        raise ValueError("aes_ctr: the counter block is a 128-bit unsigned integer")
+    lib = _libcrypto()
+    if lib is None:
+        return _aes_ctr_cryptography(key, nbytes, block)
+    return _aes_ctr_openssl(lib, key, nbytes, block)
+
+
+def _aes_ctr_cryptography(key: bytes, nbytes: int, block: int) -> np.ndarray:
     enc = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
     return np.frombuffer(enc.update(bytes(nbytes)), dtype=np.uint8)
+
+
+#: Bytes of zeros that OpenSSL encrypts into the keystream, a piece at a time (read only).
+_ZEROS = np.zeros(1 << 20, dtype=np.uint8)
+_LIB: list[ctypes.CDLL | None] = []
+
+
+def _libcrypto() -> ctypes.CDLL | None:
+    """The system's libcrypto with the EVP calls typed, once; None where there is none (or
+    ``HELORA_AES=cryptography`` asks for the fallback)."""
+    if os.environ.get("HELORA_AES") == "cryptography":
+        return None
+    if not _LIB:
+        lib = None
+        name = ctypes.util.find_library("crypto")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+            if lib is not None:
+                lib.EVP_CIPHER_CTX_new.restype = ctypes.c_void_p
+                lib.EVP_CIPHER_CTX_free.argtypes = [ctypes.c_void_p]
+                lib.EVP_aes_256_ctr.restype = ctypes.c_void_p
+                lib.EVP_EncryptInit_ex.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                   ctypes.c_char_p, ctypes.c_char_p]
+                lib.EVP_EncryptUpdate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+                                                  ctypes.c_void_p, ctypes.c_int]
+        except (OSError, AttributeError):  # pragma: no cover - depends on the machine's OpenSSL
+            lib = None
+        _LIB.append(lib)
+    return _LIB[0]
+
+
+def _aes_ctr_openssl(lib: ctypes.CDLL, key: bytes, nbytes: int, block: int) -> np.ndarray:
+    out = np.empty(nbytes, dtype=np.uint8)
+    ctx = lib.EVP_CIPHER_CTX_new()
+    if not ctx:  # pragma: no cover - out of memory
+        raise MemoryError("aes_ctr: OpenSSL could not make a cipher context")
+    try:
+        if lib.EVP_EncryptInit_ex(ctx, lib.EVP_aes_256_ctr(), None, key, block.to_bytes(16, "big")) != 1:
+            raise RuntimeError("aes_ctr: OpenSSL refused the AES-256-CTR key")  # pragma: no cover
+        written = ctypes.c_int()
+        for lo in range(0, nbytes, _ZEROS.size):
+            size = min(_ZEROS.size, nbytes - lo)
+            ok = lib.EVP_EncryptUpdate(ctx, out.ctypes.data + lo, ctypes.byref(written), _ZEROS.ctypes.data, size)
+            if ok != 1 or written.value != size:  # pragma: no cover - a stream cipher writes what it reads
+                raise RuntimeError("aes_ctr: OpenSSL's AES-256-CTR failed")
+    finally:
+        lib.EVP_CIPHER_CTX_free(ctx)
+    return out
 
 
 def derive_key(*parts: bytes) -> bytes:
