@@ -89,7 +89,7 @@ def test_fresh_noise_drawn_per_block_decrypts_exactly(ps, rng, monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 300, "N"])
 def test_kernel_decryption_equals_the_numpy_path(ps, tokens, rng, monkeypatch):
     """Results with ``a`` (packed or not, at the extremes of its range) and, with two limbs, results
-    decrypted from the layer's hint (residues at 0 and p-1): the same messages."""
+    decrypted from the layer's hint (residues at 0 and p-1), ``b`` packed or not: the same messages."""
     t = ps.n if tokens == "N" else tokens
     d = 45
     s = SecretKey.generate().request_secret(ps, os.urandom(16))
@@ -98,17 +98,22 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, rng, monkeypatch):
     a[0, :3] = (0, top // 2 - 1, top // 2)  # the centered range's edges
     a[1, :] = top - 1
     b = rng.integers(0, top, size=(d, ps.n), dtype=np.uint64)
+    first = None
     for a_part in (a, PackedRows.pack(a, ps.out_bits)):
-        result = EncryptedResult(ps, a_part, b, t)
-        reference, fast = _paths(monkeypatch, lambda r=result: decrypt(s, r))
-        np.testing.assert_array_equal(fast, reference)
+        for b_part in (b, PackedRows.pack(b, ps.out_bits)):  # b packed as it comes over the wire
+            result = EncryptedResult(ps, a_part, b_part, t)
+            reference, fast = _paths(monkeypatch, lambda r=result: decrypt(s, r))
+            np.testing.assert_array_equal(fast, reference)
+            first = reference if first is None else first
+            np.testing.assert_array_equal(reference, first)
     if ps.limbs == 2:
         hint = np.stack([rng.integers(0, p, size=(d, ps.n)) for p in ps.primes], axis=1).astype(np.uint32)
         hint[0, :, 0], hint[1, :, 0] = 0, np.array(ps.primes) - 1
         bh = rng.integers(0, 1 << ps.hint_out_bits, size=(d, ps.n), dtype=np.uint64)
-        result = EncryptedResult(ps, None, bh, t)
-        reference, fast = _paths(monkeypatch, lambda: decrypt(s, result, hint=hint))
-        np.testing.assert_array_equal(fast, reference)
+        for b_part in (bh, PackedRows.pack(bh, ps.hint_out_bits)):
+            result = EncryptedResult(ps, None, b_part, t)
+            reference, fast = _paths(monkeypatch, lambda r=result: decrypt(s, r, hint=hint))
+            np.testing.assert_array_equal(fast, reference)
 
 
 @pytest.mark.parametrize("mode", ["numpy", "numba"])

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from hecommon import errors, wire
 from hecommon.he import bits
 from hecommon.he.bits import pack_bits, packed_size, unpack_bits
-from hecommon.he.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult, decrypt, encrypt
+from hecommon.he.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult, decrypt, encrypt, unpacked
 from hecommon.he.evaluate import MatrixProduct
 from hecommon.he.keys import SecretKey
 from hecommon.he.params import N2048, N4096
@@ -346,10 +347,14 @@ def test_reply_without_a_round_trips_at_hint_bits():
     msg = wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b, 11))
     data = wire.encode_reply(msg)
     back = wire.decode_reply(data)
-    assert back.result.a is None and np.array_equal(back.result.b, b) and back.result.bits == k
+    assert back.result.a is None and np.array_equal(unpacked(back.result.b), b) and back.result.bits == k
+    assert isinstance(back.result.b, bits.PackedRows) and wire.encode_reply(back) == data  # kept as it came
+    wrong = bits.PackedRows(k, N2048.n, bits.pack_bits(b[:2], k))  # two rows packed, three declared by a
+    with pytest.raises(errors.MalformedMessage, match="packed b must be"):
+        wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, bits.PackedRows.pack(b, k), wrong, 11))
     assert wire.payload_bytes(msg) == packed_size(k, 3 * N2048.n) < len(data)
     parts = wire.split(msg, max_bytes=30_000)
-    assert len(parts) > 1 and np.array_equal(wire.join(parts).result.b, b)
+    assert len(parts) > 1 and np.array_equal(unpacked(wire.join(parts).result.b), b)
     with pytest.raises(errors.MalformedMessage, match="does not fit"):
         wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b | np.uint64(1 << k), 11))
 
@@ -533,3 +538,20 @@ def test_reply_parts_with_and_without_a_do_not_join():
                                result=EncryptedResult(held.params, None, held.b, full.result.n_tokens, held.b_bits))
     with pytest.raises(errors.MalformedMessage, match="join"):
         wire.join([full, rest])
+
+
+def test_pack_gives_msgpacks_bytes_with_arrays_joined_in():
+    """``codec.pack`` writes the large byte fields' headers itself: its bytes are ``msgpack.packb``'s
+    for every bin size class (8, 16, 32 bits of length, either side of the joining threshold),
+    alone or in a list (an array's limbs), maps of up to 16 keys and more, and nested values;
+    the size limit counts the whole."""
+    from hecommon.wire import codec
+
+    for size in (0, 1, 255, 256, 4095, 4096, 65535, 65536, (1 << 20) + 3):
+        m = {"v": 5, "big": os.urandom(size), "nested": [{"x": b"ab", "y": None}], "t": "text", "f": True,
+             "limbs": [os.urandom(size), b"", os.urandom(size // 3), 7]}
+        m.update({f"k{i}": i for i in range(size % 17)})
+        data = codec.pack(m, 1 << 22, "test")
+        assert data == msgpack.packb(m, use_bin_type=True, strict_types=True)
+        with pytest.raises(errors.OversizedMessage, match="exceed the limit"):
+            codec.pack(m, len(data) - 1, "test")

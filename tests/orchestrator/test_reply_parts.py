@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hecommon import wire
 from hecommon.errors import MalformedMessage
-from hecommon.he.encrypt import EncryptedResult
+from hecommon.he.encrypt import EncryptedResult, unpacked
 from hecommon.he.params import N2048
 from helora_orchestrator.broker import BrokerTransport
 
@@ -71,12 +71,12 @@ def test_parts_whose_offsets_do_not_follow_are_refused():
 
 def test_the_parts_used_one_by_one_equal_the_joined_reply():
     whole = wire.join(_reply_parts())
-    out = np.zeros_like(whole.result.b)
+    out = np.zeros_like(unpacked(whole.result.b))
     parts = wire.PartTracker()
     for p in reversed(_reply_parts()):
         if parts.add(p):
-            out[p.out_start:p.out_start + p.result.width] = p.result.b
-    assert parts.complete and np.array_equal(out, whole.result.b)
+            out[p.out_start:p.out_start + p.result.width] = unpacked(p.result.b)
+    assert parts.complete and np.array_equal(out, unpacked(whole.result.b))
 
 
 def test_late_copies_for_an_answered_request_are_dropped():

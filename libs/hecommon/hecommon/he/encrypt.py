@@ -95,7 +95,7 @@ class EncryptedPartial:
         first = parts[0]
         if any(p.params != first.params or p.n_tokens != first.n_tokens for p in parts):
             raise ParameterMismatch("cannot join partials of different parameter sets or token counts")
-        a = concat_a([p.a for p in parts])
+        a = concat_rows([p.a for p in parts])
         return EncryptedPartial(first.params, a, np.concatenate([p.b for p in parts]), first.n_tokens)
 
     def switch(self, a_part: str = "send") -> EncryptedResult:
@@ -117,13 +117,18 @@ class EncryptedPartial:
         return EncryptedResult(self.params, a, _switch_rows(self.b, self.params), self.n_tokens)
 
 
-def concat_a(parts: list[np.ndarray | PackedRows]) -> np.ndarray | PackedRows:
-    """Row ranges of ``a`` parts one after the other: all packed (switched) or all arrays."""
+def concat_rows(parts: list[np.ndarray | PackedRows]) -> np.ndarray | PackedRows:
+    """Row ranges of ``a`` (or ``b``) parts one after the other: all packed or all arrays."""
     packed = [p for p in parts if isinstance(p, PackedRows)]
     arrays = [p for p in parts if not isinstance(p, PackedRows)]
     if packed and arrays:
-        raise ParameterMismatch("cannot join partials with a switched and a mod-q a part")
+        raise ParameterMismatch("cannot join parts with a switched and a mod-q part (packed rows and arrays)")
     return PackedRows.concat(packed) if packed else np.concatenate(arrays)
+
+
+def unpacked(rows: np.ndarray | PackedRows) -> np.ndarray:
+    """Switched values as an array: ``rows`` itself, or its values if it is still packed."""
+    return rows.unpack() if isinstance(rows, PackedRows) else rows
 
 
 def switch_a(a: np.ndarray, params: ParamSet) -> np.ndarray:
@@ -148,13 +153,13 @@ class EncryptedResult:
 
     ``a`` is None when the client holds the layer's public part: its hint mod q (``b`` at
     ``hint_out_bits``) or the switched ``a`` of an earlier reply (``b`` at ``out_bits``);
-    ``b_bits`` says which (0: follows from ``a``). ``a`` may stay packed (``PackedRows``) as the
-    evaluator sent it; ``decrypt`` unpacks it.
+    ``b_bits`` says which (0: follows from ``a``). ``a`` and ``b`` may stay packed
+    (``PackedRows``) as they came over the wire; ``decrypt`` unpacks them block by block.
     """
 
     params: ParamSet
     a: np.ndarray | PackedRows | None  # (d_out, N) uint64 in [0, 2^out_bits), or None
-    b: np.ndarray  # (d_out, N) uint64 in [0, 2^bits)
+    b: np.ndarray | PackedRows  # (d_out, N) uint64 in [0, 2^bits)
     n_tokens: int
     b_bits: int = 0
 
@@ -331,11 +336,10 @@ def _decrypt_result(mul, ct: EncryptedResult, held: np.ndarray | None) -> np.nda
             x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
         else:
             assert ct.a is not None
-            rows_a = ct.a[lo:hi]
-            a = (rows_a.unpack() if isinstance(rows_a, PackedRows) else rows_a).astype(np.float64)  # < 2^38
+            a = unpacked(ct.a[lo:hi]).astype(np.float64)  # < 2^38
             np.subtract(a, modulus, out=a, where=a >= modulus / 2)
             x = mul.product_wide(a)  # exact, |.| < 2^49
-        x += ct.b[lo:hi]
+        x += unpacked(ct.b[lo:hi])
         x = reduce_float(x, modulus)
         x /= modulus
         out[:, lo:hi] = _decode(x, params, ct.n_tokens)
@@ -363,11 +367,10 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
         b1 = min(b0 + kernels.BLOCK_ROWS, hi)
         one, two = spec[0, : b1 - b0], spec[1, : b1 - b0]
         if ct.a is not None:  # a sent (or held from an earlier reply) at 2^out_bits: split, two products
-            rows_a = ct.a[b0:b1]
-            a = rows_a.unpack() if isinstance(rows_a, PackedRows) else np.asarray(rows_a, dtype=np.uint64)
+            a = np.asarray(unpacked(ct.a[b0:b1]), dtype=np.uint64)
             fused.fold_wide(a, params.out_bits, _WIDE_SPLIT, mul.twist, one, two)
             mul.spectrum_product(spec[:, : b1 - b0])
-            fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, ct.b[b0:b1], ct.bits, qd,
+            fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, unpacked(ct.b[b0:b1]), ct.bits, qd,
                                         ct.n_tokens, out, b0, add)
         else:  # the hint's two limbs mod q: a·s mod q by CRT, switched as the server would
             assert hint is not None
@@ -375,5 +378,5 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
                 if not fused.fold_words(hint[b0:b1, i], 0xFFFFFFFF, p, params.n, mul.twist, buf):
                     raise DecryptionError("the layer's hint holds residues outside their modulus")
             mul.spectrum_product(spec[:, : b1 - b0])
-            fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, ct.b[b0:b1], ct.bits, scale, qd,
+            fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, unpacked(ct.b[b0:b1]), ct.bits, scale, qd,
                                         ct.n_tokens, out, b0, add)

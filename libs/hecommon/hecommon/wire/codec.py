@@ -105,12 +105,45 @@ def no_ext(code: int, data: bytes) -> NoReturn:
     fail("msgpack", f"ext type {code} is not allowed")
 
 
+#: Byte fields at least this long are not copied into msgpack's buffer: ``pack`` writes their
+#: header itself and joins them to the rest (one copy of each array instead of three).
+_LARGE_BIN = 1 << 12
+
+
+def _bin_header(size: int) -> bytes:
+    """msgpack's header of a bin of ``size`` bytes (bin 8, 16 or 32, as msgpack packs it)."""
+    if size < 1 << 8:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+def _pack_value(packer: msgpack.Packer, value: Any, pieces: list[bytes]) -> None:
+    """``value``'s msgpack onto ``pieces``: a large bin as its header and itself, a list of
+    values (the limbs of an array) element by element, anything else through ``packer``."""
+    if type(value) is bytes and len(value) >= _LARGE_BIN:
+        pieces += (_bin_header(len(value)), value)
+    elif type(value) is list and any(type(v) is bytes and len(v) >= _LARGE_BIN for v in value):
+        pieces.append(packer.pack_array_header(len(value)))
+        for v in value:
+            _pack_value(packer, v, pieces)
+    else:
+        pieces.append(packer.pack(value))
+
+
 def pack(m: dict[str, Any], max_bytes: int, what: str, hint: str = "") -> bytes:
-    """msgpack of ``m`` (strict types: only what the caller built), at most ``max_bytes``."""
-    data = msgpack.packb(m, use_bin_type=True, strict_types=True)
-    if len(data) > max_bytes:
-        raise OversizedMessage(f"{what}: {len(data)} bytes exceed the limit {max_bytes}{hint}")
-    return data
+    """msgpack of ``m`` (strict types: only what the caller built), at most ``max_bytes``: the
+    bytes of ``msgpack.packb``, with the large byte fields (the arrays) joined in once."""
+    packer = msgpack.Packer(use_bin_type=True, strict_types=True)
+    pieces = [packer.pack_map_header(len(m))]
+    for key, value in m.items():
+        pieces.append(packer.pack(key))
+        _pack_value(packer, value, pieces)
+    size = sum(map(len, pieces))
+    if size > max_bytes:
+        raise OversizedMessage(f"{what}: {size} bytes exceed the limit {max_bytes}{hint}")
+    return b"".join(pieces)
 
 
 def unpack(data: Any, max_bytes: int, *, version: int, protocol: str, max_array_len: int,

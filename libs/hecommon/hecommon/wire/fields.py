@@ -11,8 +11,8 @@ import numpy as np
 
 from ..errors import MalformedMessage, OversizedMessage, ParameterMismatch
 from ..he import parallel
-from ..he.bits import pack_bits, packed_size, unpack_bits, unpack_bits_into
-from ..he.encrypt import concat_a
+from ..he.bits import pack_bits, packed_size, unpack_bits_into
+from ..he.encrypt import concat_rows
 from ..he.params import ParamSet
 from .codec import check_blob as _blob
 from .codec import check_int as _int
@@ -129,14 +129,6 @@ def _read_raw_residues(where: str, blob: Any, params: ParamSet, rows: int) -> np
     return arr if arr.dtype == np.uint32 else arr.astype(np.uint32)
 
 
-def _unpack_words(where: str, blob: Any, bits: int, shape: tuple[int, int]) -> np.ndarray:
-    _blob(where, blob, packed_size(bits, shape[0] * shape[1]))
-    try:
-        return unpack_bits(blob, bits, shape[0] * shape[1]).reshape(shape)
-    except MalformedMessage as exc:
-        _fail(where, str(exc))
-
-
 def _shape(where: str, value: Any, fixed: tuple[int, ...], row_bytes: int, max_bytes: int) -> int:
     """Validate ``[rows, *fixed]``; return rows. A claim beyond ``max_bytes`` is oversized."""
     if not isinstance(value, list) or len(value) != 1 + len(fixed):
@@ -159,12 +151,13 @@ def _array(where: str, blob: Any, dtype: str, count: int) -> np.ndarray:
     return np.frombuffer(blob, dtype=dtype).astype(dtype[1:])
 
 
-def _join_a(parts: list[Any]) -> Any:
-    """Row ranges of an ``a`` part (``encrypt.concat_a``); a mix is a malformed join."""
+def _join_rows(parts: list[Any]) -> Any:
+    """Row ranges of an ``a`` or ``b`` part (``encrypt.concat_rows``); a mix of packed and not
+    packed is a malformed join."""
     try:
-        return concat_a(parts)
+        return concat_rows(parts)
     except ParameterMismatch:
-        _fail("join", "parts with a switched and a mod-q a part")
+        _fail("join", "parts with a switched (packed) and a mod-q part")
 
 
 def partial_row_bytes(params: ParamSet, a_switched: bool) -> int:

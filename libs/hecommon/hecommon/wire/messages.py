@@ -63,7 +63,7 @@ from .fields import (
     _check_residues,
     _check_route,
     _check_tokens,
-    _join_a,
+    _join_rows,
     _max_value,
     _pack_residues,
     _raw_residues,
@@ -71,7 +71,6 @@ from .fields import (
     _residue_row_bytes,
     _shape,
     _unpack_residues,
-    _unpack_words,
     partial_row_bytes,
 )
 from .manifest import Manifest
@@ -237,7 +236,7 @@ class PartialResult:
         return dataclasses.replace(self, partial=sliced, out_start=self.out_start + lo)
 
     def _with_rows(self, chunks: Sequence[PartialResult]) -> PartialResult:
-        a = _join_a([c.partial.a for c in chunks])
+        a = _join_rows([c.partial.a for c in chunks])
         b = np.concatenate([c.partial.b for c in chunks])
         return dataclasses.replace(self, partial=EncryptedPartial(self.params, a, b, self.partial.n_tokens))
 
@@ -281,17 +280,20 @@ class EncryptedReply:
         if not isinstance(res, EncryptedResult):
             _fail("result", "an EncryptedResult is required")
         k, n = res.bits, res.params.n
-        packed = isinstance(res.a, PackedRows)  # as the evaluator packed it: any bytes are valid values
-        parts = (("b", res.b),) if res.a is None or packed else (("b", res.b), ("a", res.a))
-        for name, arr in parts:
+        rows = res.b.shape[0]
+        for name, arr in (("b", res.b), ("a", res.a)):
+            if arr is None:
+                continue
+            if isinstance(arr, PackedRows):  # as it was packed at k bits: any bytes are valid values
+                if (arr.bits, arr.n, arr.rows) != (k, n, rows) or rows < 1:
+                    _fail(name, f"packed {name} must be {max(rows, 1)} rows of {n} values of {k} bits")
+                continue
             if not isinstance(arr, np.ndarray) or arr.dtype != np.uint64 or arr.ndim != 2:
                 _fail(name, "a (rows, N) uint64 array is required")
-            if arr.shape[0] < 1 or arr.shape != (res.b.shape[0], n):
+            if arr.shape[0] < 1 or arr.shape != (rows, n):
                 _fail(name, f"shape {arr.shape} is not (rows >= 1, {n}) or differs from b")
             if arr.size and _max_value(arr) >> k:
                 _fail(name, f"a value does not fit in {k} bits")
-        if isinstance(res.a, PackedRows) and (res.a.bits, res.a.n, res.a.rows) != (k, n, res.b.shape[0]):
-            _fail("a", f"packed a must be {res.b.shape[0]} rows of {n} values of {k} bits")
         _check_tokens("n_tokens", res.n_tokens, res.params)
 
     @property
@@ -303,8 +305,7 @@ class EncryptedReply:
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
                 "out_start": self.out_start, "piece": self.piece, "pieces": self.pieces, "n_tokens": res.n_tokens,
                 "shape": list(res.b.shape), "bits": k,
-                "a": None if res.a is None else res.a.data if isinstance(res.a, PackedRows) else pack_bits(res.a, k),
-                "b": pack_bits(res.b, k)}
+                "a": None if res.a is None else _packed(res.a, k), "b": _packed(res.b, k)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedReply:
@@ -312,9 +313,9 @@ class EncryptedReply:
         n = params.n
         rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
         _check_tokens("n_tokens", m["n_tokens"], params)
-        # a stays packed (any bytes are valid values): decrypt unpacks it, row range by row range
+        # a and b stay packed (any bytes are valid values): decrypt unpacks them, block by block
         a = PackedRows(k, n, _blob("a", m["a"], rows * packed_size(k, n))) if with_a else None
-        b = _unpack_words("b", m["b"], k, (rows, n))
+        b = PackedRows(k, n, _blob("b", m["b"], rows * packed_size(k, n)))
         return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"], k),
                    m["part"], m["parts"], m["out_start"], m["piece"], m["pieces"], m["lib"])
 
@@ -333,10 +334,15 @@ class EncryptedReply:
 
     def _with_rows(self, chunks: Sequence[EncryptedReply]) -> EncryptedReply:
         # join's _route has checked that every part has (or lacks) its a part and has the same bits
-        a = None if self.result.a is None else _join_a([c.result.a for c in chunks])
-        b = np.concatenate([c.result.b for c in chunks])
+        a = None if self.result.a is None else _join_rows([c.result.a for c in chunks])
+        b = _join_rows([c.result.b for c in chunks])
         result = EncryptedResult(self.params, a, b, self.result.n_tokens, self.result.b_bits)
         return dataclasses.replace(self, result=result)
+
+
+def _packed(rows: np.ndarray | PackedRows, bits: int) -> bytes:
+    """The wire bytes of switched rows: as they are if still packed, else packed at ``bits``."""
+    return rows.data if isinstance(rows, PackedRows) else pack_bits(rows, bits)
 
 
 @dataclass(frozen=True)
