@@ -110,6 +110,28 @@ def test_extreme_values_at_d_in_8192(ps):
         out.switch("keep")
 
 
+def test_the_products_gemm_is_exact_at_its_bound():
+    """Residues as they come (not centered) up to p-1 against weights of ±128 over a whole GEMM
+    chunk of ``MAX_GEMM_TERMS`` inputs: sums up to 2^48, exact in float64, equal to the integer
+    product mod p."""
+    from hecommon.he.params import MAX_GEMM_TERMS
+
+    ps = P.DEFAULT
+    k = MAX_GEMM_TERMS
+    w = np.full((4, k), 128, dtype=np.int16)
+    w[1] = -128
+    w[2, ::2] = -128
+    w[3, : k // 3] = 0
+    p = np.asarray(ps.primes, dtype=np.int64)[None, :, None]
+    r = np.broadcast_to(p - 1, (k, ps.limbs, ps.n)).copy()
+    r[::7, :, ::5] = 0
+    r[3::11, :, 1::3] = p[0] // 2  # the centering's edge
+    got = MatrixProduct(w, ps).product_on_device(r.astype(np.uint32))
+    expected = np.stack([(w.astype(np.int64) @ r[:, i, :]) % p[0, i, 0] for i in range(ps.limbs)], axis=1)
+    assert np.abs(w.astype(np.int64) @ r[:, 0, :]).max() > 2**47
+    np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
 def test_row_shards_sum_to_the_whole_product(ps, rng):
     d_in, d_out, cut = 50, 9, 21

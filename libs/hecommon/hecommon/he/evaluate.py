@@ -2,7 +2,7 @@
 
 Output ciphertext o is ``Σ_j M[o, j]·ct_j``. Stacking the ciphertexts' residues as a matrix
 (d_in, L·N), the whole layer is one GEMM per part, exact in float64 while every inner product
-stays below 2^53: centered residues ``|c| < 2^26``, ``|M| <= 2^7``, at most 2^14 terms per GEMM
+stays below 2^53: residues ``0 <= r < 2^27``, ``|M| <= 2^7``, at most 2^14 terms per GEMM
 (longer sums are chunked and reduced between chunks). The ``a`` part ``M·A`` does not depend on
 the request (``a`` is fixed per layer and direction), so it is computed once: the hint.
 
@@ -148,22 +148,20 @@ class MatrixProduct:
             whole[offset : offset + k] = xp.asarray(residues)
             out = self.product_on_device(whole)
         else:
-            out = self.finish(self._gemm(self._centered(xp.asarray(residues)), offset, (0, self._rows)))
+            out = self.finish(self._gemm(self._columns(xp.asarray(residues)), offset, (0, self._rows)))
         return out if xp is np else xp.asnumpy(out)
 
-    def _centered(self, residues: Any) -> Any:
-        """(k, L·N) float64 centered residues, |c| < 2^26, of k input ciphertexts (k, L, N): the
-        right-hand side of the GEMMs."""
-        xp = self.xp
-        p = self._moduli_f
-        c = residues.astype(xp.float64)
-        c -= (c > p // 2) * p
-        return c.reshape(residues.shape[0], -1)
+    def _columns(self, residues: Any) -> Any:
+        """(k, L·N) float64 residues of k input ciphertexts (k, L, N): the right-hand side of the
+        GEMMs, as they are. Uncentered, ``r < 2^27``: a sum of 2^14 terms of ``|M| <= 2^7`` stays
+        below 2^48, exact in float64, and its remainder mod p is the centered residues' (one pass
+        instead of four)."""
+        return residues.astype(self.xp.float64).reshape(residues.shape[0], -1)
 
     def _gemm(self, flat: Any, first: int, rows: tuple[int, int], total: Any = None) -> Any:
         """``total`` plus, for each sub-sum ``s``, ``M[rows, cols_s] · flat[cols_s]`` mod p per limb, as
         float64 integers in [0, p): a list of one (weight rows, L, N') array per sub-sum (None: no
-        input of it yet), for ``flat`` the centered residues of the k inputs ``first …`` and ``cols_s``
+        input of it yet), for ``flat`` the residues (``_columns``) of the k inputs ``first …`` and ``cols_s``
         those of them in sub-sum ``s`` (``total`` None: nothing yet). One exact GEMM per weight chunk
         and sub-sum the inputs meet (at most ``MAX_GEMM_TERMS`` terms each), reduced mod p after each."""
         xp = self.xp
@@ -199,11 +197,11 @@ class MatrixProduct:
         """``M · residues`` mod p per limb and sub-sum, as float64 integers in [0, p) (uint32 on the int8
         path); residues (d_in, L, N); outputs in ``o·sub_sums + s`` order.
 
-        ``rows``: only output rows ``lo…hi`` (from ``flat``, ``_centered(residues)``, when given)."""
+        ``rows``: only output rows ``lo…hi`` (from ``flat``, ``_columns(residues)``, when given)."""
         if self._int8 is not None:
             out = self._int8(residues)
             return out if rows is None else out[rows[0] : rows[1]]
-        flat = self._centered(residues) if flat is None else flat
+        flat = self._columns(residues) if flat is None else flat
         lo, hi = rows if rows is not None else (0, self.d_out)
         first, last = lo // self.sub_sums, -(-hi // self.sub_sums)  # the weight rows they need
         out = self._outputs(self._gemm(flat, 0, (first, last)))
@@ -253,7 +251,7 @@ class MatrixProduct:
                 out = whole[lo:hi]
                 yield out if xp is np else xp.asnumpy(out)
             return
-        flat = self._centered(b)
+        flat = self._columns(b)
         for lo, hi in blocks:
             out = self._product(b, flat, (lo, hi)).astype(xp.uint32)
             yield out if xp is np else xp.asnumpy(out)

@@ -19,8 +19,8 @@ from ..errors import ConfigError, InsecureParameters
 #: HE standard Table 1, 128-bit classical security, uniform ternary secret: N -> max log2(q).
 MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
-#: Residues must stay below 2^27 so that a float64 GEMM over centered residues
-#: (|c| < 2^26) and 8-bit weights (|w| <= 2^7) with d_in <= 2^14 terms stays below 2^47 < 2^53.
+#: Residues must stay below 2^27 so that a float64 GEMM over residues (0 <= r < 2^27, not
+#: centered) and 8-bit weights (|w| <= 2^7) with d_in <= 2^14 terms stays below 2^48 < 2^53.
 MAX_PRIME_BITS = 27
 #: Longest inner dimension of one exact float64 GEMM; longer sums are chunked and reduced.
 MAX_GEMM_TERMS = 1 << 14
