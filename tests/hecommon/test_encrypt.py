@@ -110,11 +110,14 @@ def test_extreme_values_at_d_in_8192(ps):
         out.switch("keep")
 
 
-def test_the_products_gemm_is_exact_at_its_bound():
+@pytest.mark.parametrize("mode", ["numpy", "numba"])
+def test_the_products_gemm_is_exact_at_its_bound(mode, monkeypatch):
     """Residues as they come (not centered) up to p-1 against weights of ±128 over a whole GEMM
-    chunk of ``MAX_GEMM_TERMS`` inputs: sums up to 2^48, exact in float64, equal to the integer
-    product mod p."""
+    chunk of ``MAX_GEMM_TERMS`` inputs: sums up to 2^48, exact in float64, reduced mod p (numpy's
+    operations, or the compiled pass) to the integer product mod p."""
     from hecommon.he.params import MAX_GEMM_TERMS
+
+    monkeypatch.setenv("HELORA_KERNELS", mode)
 
     ps = P.DEFAULT
     k = MAX_GEMM_TERMS

@@ -333,3 +333,22 @@ def test_kernel_quantization_equals_the_numpy_path(bits, dtype, rng, monkeypatch
             quantize_rows(x, bits)
     with pytest.raises(ValueError, match="col_scale"):
         quantize_rows(x, bits, col_scale=np.ones(3))
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_kernel_modulus_switch_equals_the_numpy_path(threads, rng, monkeypatch):
+    """Two limbs' residues at 0, p-1 and random, switched to ``out_bits`` and ``hint_out_bits``
+    (``EncryptedPartial.switch``): the same values through the compiled pass and through numpy."""
+    monkeypatch.setenv("HELORA_THREADS", threads)
+    ps = P.DEFAULT
+    p = np.asarray(ps.primes, dtype=np.int64)[None, :, None]
+    b = (rng.integers(0, 1 << 40, size=(150, ps.limbs, ps.n)) % p).astype(np.uint32)
+    b[0] = 0
+    b[1] = (p - 1)[0]
+    b[2, 0], b[2, 1] = 0, ps.primes[1] - 1
+    partial = EncryptedPartial(ps, b[::-1].copy(), b, ps.n)
+    for a_part in ("send", "hint", "held"):
+        reference, fast = _paths(monkeypatch, lambda a_part=a_part: partial.switch(a_part))
+        np.testing.assert_array_equal(fast.b, reference.b)
+        if a_part == "send":
+            np.testing.assert_array_equal(fast.a, reference.a)

@@ -277,3 +277,30 @@ def dequantize(y, zero, sums, scale, col_scale, r0, r1, out):  # pragma: no cove
         s = scale[r]
         for c in range(y.shape[1]):
             out[r, c] = np.float64(y[r, c] - z * sums[c]) * s * col_scale[c]
+
+
+@_jit
+def reduce_mod(x, primes):  # pragma: no cover - compiled
+    """``x - floor(x / p) · p`` in place for (rows, L, n) float64 integers, ``p`` the limb's prime
+    (``primes`` float64): ``evaluate``'s reduction of a GEMM's sums, its operations in its order."""
+    for r in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            p = primes[i]
+            for k in range(x.shape[2]):
+                v = x[r, i, k]
+                x[r, i, k] = v - np.floor(v / p) * p
+
+
+@_jit
+def switch_two_limbs(x, p1, p2, inv_p1, scale, bits, out):  # pragma: no cover - compiled
+    """``ring.switch_modulus`` of (rows, 2, n) residues for two limbs: the integer below q by CRT
+    (``inv_p1 = p1^-1 mod p2``), times ``scale = 2^bits / q`` in float64, rounded, mod
+    ``2^bits``, into ``out`` (rows, n) uint64; the numpy path's integers and floats."""
+    mask = np.uint64((1 << bits) - 1)
+    inv2 = 1.0 / p2
+    for r in range(x.shape[0]):
+        for k in range(x.shape[2]):
+            r1 = np.int64(x[r, 0, k])
+            t = _mod(np.int64(x[r, 1, k]) - r1, p2, inv2)
+            t = _mod(t * inv_p1, p2, inv2)
+            out[r, k] = np.uint64(np.rint(np.float64(t * p1 + r1) * scale)) & mask

@@ -139,6 +139,12 @@ def switch_a(a: np.ndarray, params: ParamSet) -> np.ndarray:
 def _switch_rows(x: np.ndarray, params: ParamSet, bits: int | None = None) -> np.ndarray:
     """``switch_modulus`` of (d, L, N) residues, ranges of rows in parallel: (d, N) uint64."""
     out = np.empty((x.shape[0], x.shape[2]), dtype=np.uint64)
+    k = params.out_bits if bits is None else bits
+    if params.limbs == 2 and kernels.enabled():  # one compiled pass (the client's embedded server)
+        p1, p2 = params.primes
+        loop, scale, inv = kernels.loops().switch_two_limbs, float(1 << k) / params.q, pow(p1, -1, p2)
+        map_rows(lambda lo, hi: loop(x[lo:hi], p1, p2, inv, scale, k, out[lo:hi]), x.shape[0], minimum=64)
+        return out
 
     def rows(lo: int, hi: int) -> None:
         out[lo:hi] = switch_modulus(np.moveaxis(x[lo:hi], 1, 0), params, bits)

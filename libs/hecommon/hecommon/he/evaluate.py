@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InexactLayer, ParameterMismatch
+from . import kernels, parallel
 from .encrypt import EncryptedBatch, EncryptedPartial
 from .exact import exact_terms, spread
 from .gpu import DIGITS, Int8Product, int8_available, int8_shape_ok
@@ -112,7 +113,8 @@ class MatrixProduct:
                 hi = min(j + MAX_GEMM_TERMS, self.d_in, (s + 1) * terms - input_start)
                 if lo < hi:
                     self._segments.append((lo, hi, j // MAX_GEMM_TERMS, s))
-        self._moduli_f = xp.asarray(np.asarray(params.primes, dtype=np.float64)[:, None])  # (L, 1)
+        self._primes = np.asarray(params.primes, dtype=np.float64)
+        self._moduli_f = xp.asarray(self._primes[:, None])  # (L, 1)
         self._hint: np.ndarray | None = None
         self.hint_seconds = 0.0
         if a_seed is not None:
@@ -176,7 +178,7 @@ class MatrixProduct:
             base = idx * MAX_GEMM_TERMS
             part = (self._chunks[idx][lo_row:hi_row, lo - base : hi - base] @ flat[lo - first : hi - first]).reshape(
                 hi_row - lo_row, self.params.limbs, -1)
-            part -= xp.floor(part / p) * p
+            _reduce(xp, part, p, self._primes)
             if total[s] is None:
                 total[s] = part
             else:
@@ -264,6 +266,20 @@ class MatrixProduct:
         """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""
         out = self._product(b)
         return out if out.dtype == self.xp.uint32 else out.astype(self.xp.uint32)
+
+
+def _reduce(xp: Any, part: Any, moduli: Any, primes: np.ndarray) -> None:
+    """``part`` (rows, L, N') float64 integers reduced mod each limb's prime, in place: one
+    compiled pass where ``hecommon.he.kernels`` runs (the client's embedded server), else numpy's
+    (or cupy's) in-place operations with one temporary; the same values either way."""
+    if xp is np and kernels.enabled() and part.flags.c_contiguous:
+        loop = kernels.loops().reduce_mod
+        parallel.map_rows(lambda lo, hi: loop(part[lo:hi], primes), part.shape[0], minimum=16)
+        return
+    q = part / moduli
+    xp.floor(q, out=q)
+    q *= moduli
+    part -= q
 
 
 def resolve_gemm(backend: str, gemm: str, d_out: int, d_in: int, columns: int, in_int8: bool = True) -> str:
