@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -223,3 +225,35 @@ def test_dead_letter_series_exist_at_zero_before_the_first_one(service):
     m.failure(MalformedMessage("bad"), queue=f"helora.{M.CONSUMED[service][0]}", namespace="helora")
     assert m.registry.get_sample_value(
         "helora_dead_lettered_total", {"service": service, "queue": M.CONSUMED[service][0]}) == 1.0
+
+
+def test_close_after_scrape_waits_for_a_scrape_of_the_last_values():
+    """A short run's last values are served until scraped once (the orchestrator ends right after its
+    last step; a scrape interval later the endpoint would be gone and the run never seen)."""
+    m = M.OrchestratorMetrics()
+    server = M.MetricsServer(m.registry, m.ready, "127.0.0.1", 0)
+    m.record_step(3, 1.25, 64, 10.0)
+    outcome: list[bool] = []
+    closer = threading.Thread(target=lambda: outcome.append(server.close_after_scrape(30.0)))
+    t0 = time.monotonic()
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive(), "closed before anyone scraped the last values"
+    status, _, text = _get(f"http://127.0.0.1:{server.port}/metrics")
+    assert status == 200 and _samples(text)[("helora_orchestrator_loss", ())] == 1.25
+    closer.join(10)
+    assert not closer.is_alive() and outcome == [True] and time.monotonic() - t0 < 10
+    with pytest.raises(urllib.error.URLError):
+        _get(f"http://127.0.0.1:{server.port}/metrics")
+
+
+def test_close_after_scrape_gives_up_after_its_timeout_and_zero_closes_at_once():
+    m = M.OrchestratorMetrics()
+    server = M.MetricsServer(m.registry, m.ready, "127.0.0.1", 0)
+    t0 = time.monotonic()
+    assert server.close_after_scrape(0.5) is False
+    assert 0.5 <= time.monotonic() - t0 < 5
+    other = M.MetricsServer(m.registry, m.ready, "127.0.0.1", 0)
+    _get(f"http://127.0.0.1:{other.port}/metrics")  # a scrape before the call does not count
+    t0 = time.monotonic()
+    assert other.close_after_scrape(0) is False and time.monotonic() - t0 < 1

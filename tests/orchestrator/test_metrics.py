@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -57,9 +60,43 @@ def test_training_loop_exposes_step_loss_tokens_and_round_trips(tiny_splits, tmp
 def test_cli_train_with_metrics_port_names_the_port(tmp_path, capsys):
     assert main(["train", "--model", "tiny", "--mode", "quantized", "--seq-len", "32", "--batch-size", "2",
                  "--steps", "1", "--eval-batches", "1", "--out", str(tmp_path / "run"), "--no-progress",
-                 "--metrics-port", "0"]) == 0
+                 "--metrics-port", "0", "--metrics-linger-s", "0"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"metrics on http://127\.0\.0\.1:\d+/metrics", err), err
+
+
+def test_cli_train_serves_the_last_steps_values_until_scraped(tmp_path):
+    """The run ends right after its last step: the endpoint stays until a scrape has seen that step
+    (a Prometheus scraping every few seconds would otherwise miss a short run entirely)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    codes: list[int] = []
+    train = threading.Thread(target=lambda: codes.append(main([
+        "train", "--model", "tiny", "--mode", "quantized", "--seq-len", "32", "--batch-size", "2", "--steps", "2",
+        "--eval-batches", "1", "--out", str(tmp_path / "run"), "--no-progress",
+        "--metrics-port", str(port), "--metrics-linger-s", "120"])))
+    train.start()
+    deadline = time.monotonic() + 120
+    step = None
+    while train.is_alive() and time.monotonic() < deadline:
+        try:
+            got, _ = _scrape(port)
+        except OSError:  # not listening yet
+            time.sleep(0.05)
+            continue
+        step = got[("helora_orchestrator_step", ())]
+        if step == 2:
+            break
+        time.sleep(0.05)
+    train.join(60)
+    assert step == 2, f"the last step was never served (last scraped step: {step})"
+    assert not train.is_alive() and codes == [0]
+
+
+def test_bad_metrics_linger_exits_2(capsys):
+    assert main(["train", "--model", "tiny", "--metrics-port", "0", "--metrics-linger-s", "-1"]) == 2
+    assert "--metrics-linger-s" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("port, message", [("-1", "metrics_port: -1 outside 0..65535"),

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: off)")
     t.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
                    help="address of the metrics endpoints (default 127.0.0.1: the loss stays on this machine)")
+    t.add_argument("--metrics-linger-s", type=float, default=30.0, metavar="S",
+                   help="after the last step, keep serving /metrics until one scrape has seen the final values, "
+                        "at most S seconds (default 30; 0: stop at once)")
     e = sub.add_parser("eval", help="held-out loss and perplexity")
     _common(e)
     e.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter or checkpoint directory")
@@ -232,6 +235,8 @@ def cmd_train(args) -> int:
     metrics_on = args.metrics_port is not None
     if metrics_on:
         check_metrics_fields(args)
+        if not 0 <= args.metrics_linger_s <= 3600:
+            raise ConfigError(f"--metrics-linger-s: {args.metrics_linger_s} outside 0..3600")
     if not args.resume and checkpoint_dir(args.out) is not None:
         raise ConfigError(f"output: {args.out} already holds a checkpoint; pass --resume or choose another --out")
     model, tokenizer, model_id = _load_base(args.model, args.seed)
@@ -243,9 +248,15 @@ def cmd_train(args) -> int:
     trainer.start(resume=args.resume)
     try:
         summary = trainer.run()
-    finally:
+    except BaseException:
         if server is not None:
             server.close()
+        raise
+    if server is not None:
+        if args.metrics_linger_s > 0:
+            print(f"waiting up to {args.metrics_linger_s:g} s for a scrape of the final metrics (--metrics-linger-s)",
+                  file=sys.stderr)
+        server.close_after_scrape(args.metrics_linger_s)
     adapter = export_peft(client, Path(args.out) / "adapter", meta)
     print(summary)
     print(f"adapter (PEFT format): {adapter}")

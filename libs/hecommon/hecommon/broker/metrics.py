@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import re
 import threading
 import time
@@ -254,7 +255,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
+            began = time.monotonic()
             self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            with self.server.scraped:
+                self.server.last_scrape = max(self.server.last_scrape, began)
+                self.server.scraped.notify_all()
         elif path == "/healthz":
             self._send(200, b"ok\n")
         elif path == "/readyz":
@@ -278,6 +283,8 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     registry: CollectorRegistry
     ready: threading.Event
+    scraped: threading.Condition
+    last_scrape: float  # time.monotonic() at which the latest served /metrics began to be generated
 
 
 class MetricsServer:
@@ -291,6 +298,8 @@ class MetricsServer:
             raise OSError(f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._httpd.registry = registry
         self._httpd.ready = ready
+        self._httpd.scraped = threading.Condition()
+        self._httpd.last_scrape = -math.inf
         self.host = host
         self.port: int = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
@@ -303,6 +312,18 @@ class MetricsServer:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def close_after_scrape(self, timeout_s: float) -> bool:
+        """Serve until a ``/metrics`` scrape that began after this call has been answered (at most
+        ``timeout_s``; 0: at once), then close. True if such a scrape came: a process that ends
+        right after its last update (``helora train``) is seen with its final values by a
+        Prometheus that scrapes it every few seconds."""
+        mark = time.monotonic()
+        httpd = self._httpd
+        with httpd.scraped:
+            seen = httpd.scraped.wait_for(lambda: httpd.last_scrape >= mark, timeout=max(timeout_s, 0.0))
+        self.close()
+        return seen
 
 
 def serve(metrics: Metrics | OrchestratorMetrics, host: str, port: int, name: str) -> MetricsServer:
