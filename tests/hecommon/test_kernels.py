@@ -326,11 +326,12 @@ def test_kernel_quantization_equals_the_numpy_path(bits, dtype, rng, monkeypatch
                 assert not wide[:5].any() and not wide[135:].any()
                 with pytest.raises(ValueError, match="out must be"):
                     fn(fast, np.zeros((130, 90), dtype=np.int64))
-    x[77, 5] = np.nan
-    for mode in ("numpy", "numba"):
-        monkeypatch.setenv("HELORA_KERNELS", mode)
-        with pytest.raises(ValueError, match="NaN or infinity"):
-            quantize_rows(x, bits)
+    for bad in (np.nan, np.inf, -np.inf):
+        x[77, 5] = bad
+        for mode in ("numpy", "numba"):
+            monkeypatch.setenv("HELORA_KERNELS", mode)
+            with pytest.raises(ValueError, match="NaN or infinity"):
+                quantize_rows(x, bits)
     with pytest.raises(ValueError, match="col_scale"):
         quantize_rows(x, bits, col_scale=np.ones(3))
 

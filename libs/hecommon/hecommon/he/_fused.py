@@ -237,33 +237,41 @@ _TILE = 64
 def quantize_rows(x, col_scale, levels, r0, r1, values_t, scale, zero):  # pragma: no cover - compiled
     """``quantize.quantize_rows`` of rows ``r0 … r1`` of ``x * col_scale`` (x (rows, cols), any float
     dtype, taken to float64 first): each row's scale and zero point, and its values written
-    transposed into ``values_t`` (cols, rows), tile by tile (reads and writes stay in cache).
-    The numpy path's float64 operations in its order, so its values bit for bit. False if a
-    value is not finite."""
+    transposed into ``values_t`` (cols, rows). Rows are quantized ``_TILE`` at a time into a
+    small buffer (contiguous loops the compiler vectorizes), which is then written out column by
+    column. The numpy path's float64 operations in its order, so its values bit for bit. False
+    if a value is not finite."""
     cols = x.shape[1]
+    top = np.float64(levels)
     for r in range(r0, r1):
         lo = 0.0
         hi = 0.0
+        poison = 0.0  # v·0 is NaN for an infinite or NaN v, 0 otherwise: one check per row
         for c in range(cols):
             v = np.float64(x[r, c]) * col_scale[c]
-            if not np.isfinite(v):
-                return False
             lo = min(lo, v)
             hi = max(hi, v)
+            poison += v * 0.0
+        if poison != 0.0:
+            return False
         s = (hi - lo) / levels
         if not s > 0:
             s = 1.0
         scale[r] = s
-        zero[r] = np.int64(min(max(np.rint(-lo / s), 0.0), np.float64(levels)))
-    for c0 in range(0, cols, _TILE):
-        c1 = min(c0 + _TILE, cols)
-        for t0 in range(r0, r1, _TILE):
-            for r in range(t0, min(t0 + _TILE, r1)):
-                s = scale[r]
-                z = np.float64(zero[r])
-                for c in range(c0, c1):
-                    v = np.rint(np.float64(x[r, c]) * col_scale[c] / s) + z
-                    values_t[c, r] = min(max(v, 0.0), np.float64(levels))
+        zero[r] = np.int64(min(max(np.rint(-lo / s), 0.0), top))
+    buf = np.empty((_TILE, cols), dtype=values_t.dtype)
+    for t0 in range(r0, r1, _TILE):
+        t1 = min(t0 + _TILE, r1)
+        for r in range(t0, t1):
+            s = scale[r]
+            z = np.float64(zero[r])
+            row = buf[r - t0]
+            for c in range(cols):
+                v = np.rint(np.float64(x[r, c]) * col_scale[c] / s) + z
+                row[c] = min(max(v, 0.0), top)
+        for c in range(cols):
+            for j in range(t1 - t0):
+                values_t[c, t0 + j] = buf[j, c]
     return True
 
 
