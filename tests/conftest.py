@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+SUPPORT = str(Path(__file__).resolve().parent / "support")
+if SUPPORT not in sys.path:  # helpers (listen_ports) for every test module, under --import-mode=importlib; not
+    sys.path.insert(0, SUPPORT)  # tests/ itself, whose folders (hecommon, …) would shadow the packages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from listen_ports import free_listen_port
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +70,6 @@ STOOD_IN = ("DCGM_FI_DEV_GPU_UTIL", "kube_deployment_status_replicas_available")
 GROUPS = {"blocks-0": "0", "blocks-1": "1"}
 STEPS = 4
 METRICS_LINE = re.compile(rb"metrics on http://[^:/\s]+:(\d+)/metrics")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(host: str, port: int) -> bool:
@@ -144,7 +139,7 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 class Prometheus:
     binary: str
     workdir: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_listen_port)
     proc: subprocess.Popen | None = None
 
     @property
@@ -230,7 +225,7 @@ class Run:
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def service(self, name: str, module: str, *args: str) -> None:
-        self.ports[name] = _free_port()
+        self.ports[name] = free_listen_port()
         self.spawn(name, [sys.executable, "-m", module, "--broker", BROKER_URL, "--namespace", self.namespace,
                           "--metrics-port", str(self.ports[name]), "--metrics-host", "127.0.0.1", *args])
 
@@ -357,7 +352,7 @@ def run(tmp_path_factory):
             r.service(f"evaluator{i}", "helora_evaluator.worker", "--blocks", blocks, "--group", group, "--shard", "0/1",
                       "--shard-dir", str(root / "shards"), "--backend", "numpy", "--wait-shards-s", "120")
         r.service("aggregator", "helora_aggregator.worker")
-        r.ports["orchestrator"] = _free_port()
+        r.ports["orchestrator"] = free_listen_port()
         prom.start(scrape_config(r, stand_in.server_address[1]))
         r.prometheus = prom
         r.wait_ready()

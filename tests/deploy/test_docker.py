@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from listen_ports import free_listen_port
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -414,14 +415,6 @@ def _image_env(stages, target: str, site: Path, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_each_images_package_set_runs_its_service(stages, tmp_path):
     """encoder (the bundled SmolLM2, as the chart's default), aggregator and evaluator-cpu start
@@ -449,7 +442,7 @@ def test_each_images_package_set_runs_its_service(stages, tmp_path):
     try:
         for target, module, timeout_s in plan:
             env = _image_env(stages, target, sites[target], HELORA_BROKER_URL=url, HELORA_NAMESPACE=namespace,
-                             HELORA_METRICS_PORT=str(_free_port()), HELORA_SHARD_DIR=str(shards),
+                             HELORA_METRICS_PORT=str(free_listen_port()), HELORA_SHARD_DIR=str(shards),
                              HELORA_BLOCKS="0-29", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
             log = open(tmp_path / f"{target}.log", "wb")  # noqa: SIM115 - closed with the process
             procs[target] = subprocess.Popen([sys.executable, "-S", "-m", module], env=env, stdout=log,

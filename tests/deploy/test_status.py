@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import yaml
 from helora_orchestrator import cli
 from helora_orchestrator.status import StatusError, render, summarize
+from listen_ports import free_listen_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,10 +191,6 @@ def test_a_bad_shard_annotation_is_a_clear_error(default_chart):
 
 
 # -- the command line --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kubeconfig(path: Path, server: str, namespace: str = NAMESPACE) -> Path:
@@ -220,7 +216,7 @@ def test_cli_without_a_kubeconfig(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_with_an_unreachable_cluster(tmp_path, capsys):
-    port = _free_port()  # nothing listens there
+    port = free_listen_port()  # nothing listens there
     cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{port}")
     assert cli.main(["status", "--kubeconfig", str(cfg), "--timeout-s", "3"]) == 2
     err = capsys.readouterr().err.strip()

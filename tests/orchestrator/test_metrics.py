@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from helora_orchestrator.client_model import build_client
 from helora_orchestrator.lora import LoraSettings
 from helora_orchestrator.metrics import MeteredExchange, start_metrics
 from helora_orchestrator.train import TrainConfig, Trainer
+from listen_ports import free_listen_port
 from prometheus_client.parser import text_string_to_metric_families
 
 LORA = LoraSettings(r=4, alpha=8)
@@ -68,9 +68,7 @@ def test_cli_train_with_metrics_port_names_the_port(tmp_path, capsys):
 def test_cli_train_serves_the_last_steps_values_until_scraped(tmp_path):
     """The run ends right after its last step: the endpoint stays until a scrape has seen that step
     (a Prometheus scraping every few seconds would otherwise miss a short run entirely)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_listen_port()
     codes: list[int] = []
     train = threading.Thread(target=lambda: codes.append(main([
         "train", "--model", "tiny", "--mode", "quantized", "--seq-len", "32", "--batch-size", "2", "--steps", "2",
