@@ -27,9 +27,9 @@ URL = os.environ.get("HELORA_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:56
 def measure(fast: bool, mib: int, messages: int) -> dict:
     """One mode, in this process: CPU and wall milliseconds per MB published and consumed."""
     import pika
-    from hecommon.broker import amqp, pikaframes
+    from hecommon.broker import connection, pikaframes
 
-    amqp.tune_pika_reads()
+    connection.tune_pika_reads()
     if fast:
         pikaframes.install()
     conn = pika.BlockingConnection(pika.URLParameters(URL))

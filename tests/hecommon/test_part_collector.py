@@ -1,10 +1,11 @@
-"""``amqp.PartCollector``: the parts of chunked messages, with the copies a redelivery brings."""
+"""``parts.PartCollector``: the parts of chunked messages, with the copies a redelivery brings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hecommon.broker.amqp import Delivery, PartCollector
+from hecommon.broker.amqp import Delivery
+from hecommon.broker.parts import PartCollector
 
 
 @dataclass

@@ -7,7 +7,7 @@ import secrets
 
 import pika
 import pytest
-from hecommon.broker import amqp, pikaframes
+from hecommon.broker import connection, pikaframes
 from pika import exceptions as pex
 from pika import frame, spec
 
@@ -109,8 +109,8 @@ def test_the_protocol_header_is_decoded_by_pika():
 
 def test_messages_through_the_real_broker_arrive_whole():
     """Empty, one-byte, frame-sized and multi-frame bodies, published and consumed over one
-    connection (``amqp.connect`` installs the frame code)."""
-    conn = amqp.connect(URL, "helora-test-pikaframes", deadline_s=30)
+    connection (``connection.connect`` installs the frame code)."""
+    conn = connection.connect(URL, "helora-test-pikaframes", deadline_s=30)
     try:
         assert pika.connection.Connection._send_message is pikaframes._send_message
         ch = conn.channel()

@@ -28,6 +28,7 @@ import pika.exceptions as pex
 from hecommon import wire
 from hecommon.broker import amqp
 from hecommon.broker.metrics import Metrics
+from hecommon.broker.parts import PartCollector
 from hecommon.errors import HeloraError, MalformedMessage, ServiceTimeout
 
 from .config import AggregatorConfig
@@ -43,7 +44,7 @@ class AggregatorWorker(amqp.Service):
         super().__init__(cfg, metrics=metrics)
         self.metrics.set_info("any", "numpy")  # it takes whatever parameter set the partials carry
         self.handler = AggregatorHandler(cfg.max_pending, include_a=True)
-        self.parts = amqp.PartCollector(cfg.part_timeout_s)
+        self.parts = PartCollector(cfg.part_timeout_s)
         self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
         self._done: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
         self._warned = 0.0  # when the prefetch window was last reported full

@@ -33,7 +33,7 @@ import numpy as np
 import pika
 import pika.exceptions as pex
 from hecommon import wire
-from hecommon.broker import amqp
+from hecommon.broker import amqp, connection
 from hecommon.broker.metrics import Metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.he.evaluate import default_backend
@@ -147,7 +147,7 @@ class EvaluatorWorker(amqp.Service):
                         break
                 else:
                     body = wire.encode_partial(part, self.limit)
-                    self.publish_all(self.topology.partials, [body], amqp.forward_properties(props))
+                    self.publish_all(self.topology.partials, [body], connection.forward_properties(props))
                 sent += len(body)
         except HeloraError as exc:  # parts already sent: the client drops them once the error comes
             self.fail([d], exc, rid=req.rid if req else None, pset=req.params.name if req else "")

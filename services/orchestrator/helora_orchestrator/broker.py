@@ -37,7 +37,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 from hecommon import route, wire
-from hecommon.broker import amqp, topology
+from hecommon.broker import connection, topology
 from hecommon.errors import HeloraError, ParameterMismatch, TransientError
 from hecommon.he.keys import SecretKey
 
@@ -80,7 +80,7 @@ class BrokerTransport:
     # -- connection ---------------------------------------------------------------------------
     def _open(self) -> None:
         name = f"helora-client-{uuid.uuid4().hex[:8]}@{self.topology.namespace}"  # rabbitmqctl list_connections
-        self._conn = amqp.connect(self.url, name, self.connect_s)
+        self._conn = connection.connect(self.url, name, self.connect_s)
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
         self._reply_queue = self._ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -133,7 +133,7 @@ class BrokerTransport:
     # -- requests -------------------------------------------------------------------------------
     def _publish(self, key: str, bodies: list[bytes], cid: str, exchange: str = "") -> None:
         props = pika.BasicProperties(reply_to=self._reply_queue, correlation_id=cid,
-                                     delivery_mode=amqp.TRAFFIC_DELIVERY)  # resent after a broker loss
+                                     delivery_mode=connection.TRAFFIC_DELIVERY)  # resent after a broker loss
         for body in bodies:
             self._ch.basic_publish(exchange, key, body, props, mandatory=True)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hecommon import wire
-from hecommon.broker import amqp, topology
 from hecommon.broker import config as broker_config
+from hecommon.broker import connection, topology
 from hecommon.errors import ConfigError, HeloraError
 from hecommon.shards import MANIFEST_FILE
 
@@ -161,7 +161,7 @@ class LocalFleet:
 
         logging.getLogger("pika").setLevel(logging.CRITICAL)  # passive declares of absent queues are expected
         end = time.monotonic() + timeout_s
-        conn = amqp.connect(self.broker_url, f"helora-up@{self.namespace}", deadline_s=timeout_s)
+        conn = connection.connect(self.broker_url, f"helora-up@{self.namespace}", deadline_s=timeout_s)
         try:
             ch = conn.channel()
             while True:
@@ -199,7 +199,7 @@ class LocalFleet:
 
     def delete_topology(self) -> None:
         """Remove this namespace's exchanges and queues (tests and benchmarks clean up with it)."""
-        conn = amqp.connect(self.broker_url, f"helora-up@{self.namespace}", deadline_s=10)
+        conn = connection.connect(self.broker_url, f"helora-up@{self.namespace}", deadline_s=10)
         try:
             topology.Topology(self.namespace).delete(conn.channel(), [self.evaluator_queue(i)
                                                                 for i in range(self.evaluators)])

@@ -15,7 +15,7 @@ confirms), so a worker that dies mid-request leaves its deliveries to the broker
 redelivers them. A lost connection is reconnected with backoff; a broker operation cut by the
 loss raises ``TransientError`` (the message comes back; it is never dead-lettered). A part that
 arrives twice (a redelivery, or a sender that died half-way through publishing) is acked at
-once and used once (``PartCollector``); the aggregator ignores partials of answered ids.
+once and used once (``parts.PartCollector``); the aggregator ignores partials of answered ids.
 Messages are transient (``TRAFFIC_DELIVERY``): a broker restart loses those in flight, and the
 client, whose connection dropped with it, sends its request again. Connections are named
 ``helora-{service}@{namespace}`` (``rabbitmqctl list_connections client_properties``).
@@ -35,7 +35,6 @@ import functools
 import logging
 import os
 import queue
-import secrets
 import signal
 import sys
 import threading
@@ -49,10 +48,10 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from ..errors import ConfigError, HeloraError, TransientError
-from ..wire import MAX_ERROR_CHARS, RID_BYTES, ErrorReply, encode_error
-from . import pikaframes
+from ..errors import HeloraError, TransientError
+from ..wire import MAX_ERROR_CHARS, ErrorReply, encode_error
 from .config import safe_url
+from .connection import connect, rid_of
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .topology import DROPPED_HEADER, MESSAGE_HEADER, QUEUE_HEADER, REASON_HEADER, Topology
@@ -78,165 +77,6 @@ def _exit_at_once(signum: int, _frame: Any) -> None:
         log.info("%s during start-up: stopped", signal.Signals(signum).name)
     finally:
         os._exit(0)
-
-
-# -- connections -----------------------------------------------------------------------------
-#: Bytes pika reads per ``recv`` and per I/O-loop pass (its defaults: 4 KiB and 100 KiB).
-RECV_BYTES = 1 << 20
-CONSUME_BYTES = 4 << 20
-
-
-def tune_pika_reads(recv_bytes: int = RECV_BYTES, consume_bytes: int = CONSUME_BYTES) -> None:
-    """Make pika read the socket in large pieces; helora's messages are megabytes.
-
-    pika 1.x reads 4 KiB per ``recv`` and appends each piece to an immutable ``bytes`` frame
-    buffer, so every 128 KiB frame is copied about 32 times on arrival: measured here, 3 to 6
-    CPU-seconds per GB received, the largest cost of a hop. With 1 MiB reads the same transfer
-    takes under 1 s/GB (``benchmarks/services.py`` reports the effect on a whole step). The
-    per-pass bound still returns to the I/O loop every few MiB, so heartbeats and timers keep
-    running. pika exposes no setting for this; the class attributes are checked so that a pika
-    release that renames them fails loudly instead of silently losing the tuning.
-    """
-    from pika.adapters.utils import io_services_utils as io  # noqa: PLC0415 - pika internals
-
-    transport = getattr(io, "_AsyncTransportBase", None)
-    if transport is None or not hasattr(transport, "_MAX_RECV_BYTES") or not hasattr(transport, "_MAX_CONSUME_BYTES"):
-        raise ConfigError(f"pika {pika.__version__}: its transport no longer has _MAX_RECV_BYTES; "
-                          "update hecommon.broker.amqp.tune_pika_reads")
-    transport._MAX_RECV_BYTES = recv_bytes
-    transport._MAX_CONSUME_BYTES = consume_bytes
-
-
-def connect(url: str, name: str, deadline_s: float = 60.0, heartbeat: int = 30,
-            stop: threading.Event | None = None) -> pika.BlockingConnection:
-    """A blocking connection, retried with exponential backoff until ``deadline_s``, or until ``stop``
-    is set (``Service.stop()``): the retries wait on it, and then raise ``TransientError``."""
-    tune_pika_reads()
-    pikaframes.install()
-    params = pika.URLParameters(url)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = 300
-    params.client_properties = {"connection_name": name}
-    stop = stop if stop is not None else threading.Event()
-    delay, end = 0.2, time.monotonic() + deadline_s
-    while not stop.is_set():
-        try:
-            return pika.BlockingConnection(params)
-        except pex.AMQPConnectionError as exc:
-            if time.monotonic() + delay > end:
-                raise TransientError(f"broker {safe_url(url)} did not answer within {deadline_s:.0f} s "
-                                     f"({type(exc).__name__})") from None
-            if stop.wait(delay * (1 + secrets.randbelow(250) / 1000)):  # jitter up to +25%
-                break
-            delay = min(delay * 2, 5.0)
-    raise TransientError(f"stopped while waiting for the broker {safe_url(url)}")
-
-
-def rid_of(properties: Any, fallback: bytes | None = None) -> bytes:
-    """The request id a reply must carry: the message's own, else the hex ``correlation_id``."""
-    if fallback is not None and len(fallback) == RID_BYTES:
-        return fallback
-    cid = getattr(properties, "correlation_id", None) or ""
-    try:
-        rid = bytes.fromhex(cid)
-    except ValueError:
-        return bytes(RID_BYTES)
-    return rid if len(rid) == RID_BYTES else bytes(RID_BYTES)
-
-
-#: Ciphertext traffic (requests, sub-requests, partials, replies) is published transient: the
-#: broker keeps it in memory and does not write it to disk before confirming. Persisting it costs
-#: about 3x the latency and 5x the broker's CPU per message (measured here: 14 MiB messages on a
-#: durable classic queue, 88-98 ms against 30-33 ms a round trip) and buys nothing: a request
-#: lost with a broker restart is sent again by the client, which reconnects and re-sends under
-#: a fresh id (``helora_orchestrator.broker``). Queues stay durable, and dead letters persistent.
-TRAFFIC_DELIVERY = pika.DeliveryMode.Transient
-
-
-def forward_properties(props: Any, **extra: Any) -> pika.BasicProperties:
-    """Reply routing carried along every hop: ``reply_to`` and ``correlation_id``."""
-    return pika.BasicProperties(reply_to=getattr(props, "reply_to", None),
-                                correlation_id=getattr(props, "correlation_id", None),
-                                delivery_mode=TRAFFIC_DELIVERY, **extra)
-
-
-class Unroutable(HeloraError):
-    """No queue is bound for a message (``mandatory`` publish returned): a deployment mismatch."""
-
-    reason = "unroutable"
-
-
-class PartCollector:
-    """Parts of chunked wire messages (``wire.split``), gathered by key until all have arrived.
-
-    ``add`` returns ``(chunks, deliveries)`` once complete (the caller joins them and acks the
-    deliveries). A part that arrives twice is a copy (its sender died after publishing some parts
-    and a replacement sent them all again, or the broker redelivered it): the first is kept, still
-    unacked, and the copy's delivery waits in ``take_copies()``, which the caller acks at once, so
-    that copies never fill the prefetch window, nothing is counted twice and nothing is lost. ``expired`` hands back what waited longer than
-    ``timeout_s`` so the caller can dead-letter it instead of holding it unacked forever.
-    """
-
-    def __init__(self, timeout_s: float = 60.0) -> None:
-        self.timeout_s = timeout_s
-        # key -> (first arrival, part -> (message, delivery), deliveries of duplicate copies)
-        self._pending: dict[Any, tuple[float, dict[int, tuple[Any, Delivery]], list[Delivery]]] = {}
-        self._copies: list[Delivery] = []
-
-    def take_copies(self) -> list[Delivery]:
-        """Deliveries of copies of parts already held: ack them now (the originals stay unacked)."""
-        out, self._copies = self._copies, []
-        return out
-
-    def add(self, key: Any, msg: Any, d: Delivery) -> tuple[list[Any], list[Delivery]] | None:
-        if msg.parts == 1:
-            return [msg], [d]
-        _, parts, copies = self._pending.setdefault(key, (time.monotonic(), {}, []))
-        if msg.part in parts:
-            self._copies.append(d)
-            return None
-        parts[msg.part] = (msg, d)
-        if len(parts) < msg.parts:
-            return None
-        del self._pending[key]
-        ordered = [parts[i] for i in sorted(parts)]
-        return [m for m, _ in ordered], [dd for _, dd in ordered] + copies
-
-    def __len__(self) -> int:
-        """Messages whose parts are still arriving."""
-        return len(self._pending)
-
-    def held(self) -> int:
-        """Deliveries held for those messages (their parts and redundant copies)."""
-        return sum(len(parts) + len(copies) for _, parts, copies in self._pending.values())
-
-    def keys(self) -> list[Any]:
-        """The keys of the messages whose parts are still arriving."""
-        return list(self._pending)
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._pending
-
-    def expired(self) -> list[tuple[Any, list[Delivery]]]:
-        now = time.monotonic()
-        old = [k for k, (t0, _, _) in self._pending.items() if now - t0 > self.timeout_s]
-        out = []
-        for k in old:
-            _, parts, copies = self._pending.pop(k)
-            out.append((k, [d for _, d in parts.values()] + copies))
-        return out
-
-    def discard(self, match: Callable[[Any], bool]) -> list[Delivery]:
-        """Drop the pending messages whose key matches (their request is answered); their deliveries."""
-        out: list[Delivery] = []
-        for k in [k for k in self._pending if match(k)]:
-            _, parts, copies = self._pending.pop(k)
-            out.extend([d for _, d in parts.values()] + copies)
-        return out
-
-    def clear(self) -> None:
-        self._pending.clear()
-        self._copies.clear()
 
 
 # -- the service shell -------------------------------------------------------------------------

@@ -50,7 +50,7 @@ KINDS = ("qkv", "o", "gate_up", "down", "other")
 DIRECTIONS = {"fwd": "forward", "bwd": "backward"}
 BYTE_DIRECTIONS = ("in", "out")
 STAGES = ("decode", "he_product", "aggregate", "switch", "publish", "total")
-#: every ``HeloraError.reason`` (errors.py, amqp.Unroutable), ``internal`` for any other exception
+#: every ``HeloraError.reason`` (errors.py, connection.Unroutable), ``internal`` for any other exception
 REASONS = ("error", "config", "insecure_parameters", "transient", "timeout", "malformed", "version", "oversized",
            "parameter_mismatch", "decryption", "unroutable", "internal", "other")
 #: queue roles (the queue's name without the namespace; every evaluator queue is ``evaluator``)

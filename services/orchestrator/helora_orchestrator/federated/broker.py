@@ -17,7 +17,7 @@ import time
 
 import pika
 from hecommon import wire
-from hecommon.broker import amqp, topology
+from hecommon.broker import connection, topology
 from hecommon.errors import HeloraError, MalformedMessage, TransientError
 from hecommon.wire import federated as fedwire
 
@@ -44,7 +44,7 @@ class FederatedBrokerClient:
         # largest whole message accepted (an aggregate is a full d_out × d_in product per layer)
         self.timeout_s, self.max_bytes, self.max_joined = timeout_s, max_bytes, max_joined
         # heartbeats off: the owner trains for minutes between two messages on this connection
-        self.conn = amqp.connect(url, f"helora-federated-owner@{namespace}", heartbeat=0)
+        self.conn = connection.connect(url, f"helora-federated-owner@{namespace}", heartbeat=0)
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()
         names = topology.Topology(namespace)
