@@ -132,6 +132,7 @@ def test_smollm2_dimensions_aggregate_within_tolerance(fed_keys, d_out, d_in):
     """SmolLM2-135M's layer shapes (hidden 576, MLP 1536, k/v 192), synthetic adapters, no model:
     the flat packing spans ciphertexts (d_out·k values over 2048-slot vectors) and still lines up."""
     from hecommon.wire import federated as fedwire
+    from hecommon.wire import fedfields
     from helora_orchestrator.federated.negotiate import budget_columns, top_k
     from helora_orchestrator.federated.reparam import reconstruct
     from helora_orchestrator.federated.selective import select_and_encrypt
@@ -156,7 +157,7 @@ def test_smollm2_dimensions_aggregate_within_tolerance(fed_keys, d_out, d_in):
     want = sum(w * 2.0 * bb.astype(np.float32).astype(np.float64) @ a.astype(np.float32).astype(np.float64)
                for (_, _, w), (a, bb) in zip(owners, facs, strict=True)) / 100
     np.testing.assert_allclose(got, want, rtol=0, atol=CKKS_ATOL)
-    assert len(agg.layer(name).enc) == -(-len(order) * d_out // fedwire.CKKS_SLOTS)
+    assert len(agg.layer(name).enc) == -(-len(order) * d_out // fedfields.CKKS_SLOTS)
 
 
 

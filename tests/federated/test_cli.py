@@ -64,8 +64,9 @@ def test_round_bad_flags_are_one_line(tmp_path, capsys):
 def test_split_bytes_refuses_a_limit_below_the_chunk_overhead():
     import pytest
     from hecommon.errors import OversizedMessage
+    from hecommon.wire import fedchunks, fedfields
     from hecommon.wire import federated as fedwire
 
-    for limit in (1, fedwire.CHUNK_OVERHEAD - 1, fedwire.CHUNK_OVERHEAD):
+    for limit in (1, fedfields.CHUNK_OVERHEAD - 1, fedfields.CHUNK_OVERHEAD):
         with pytest.raises(OversizedMessage, match="chunk"):
-            fedwire.split_bytes(bytes(4096), limit, bytes(fedwire.RID_BYTES))
+            fedchunks.split_bytes(bytes(4096), limit, bytes(fedwire.RID_BYTES))

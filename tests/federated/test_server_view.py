@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 from hecommon.errors import MalformedMessage, ParameterMismatch
+from hecommon.wire import fedchunks, fedfields
 from hecommon.wire import federated as fedwire
 from helora_aggregator.federated import FederatedAggregator, check_public_context
 from helora_orchestrator.federated.round import run_round
@@ -154,10 +155,10 @@ def test_chunks_split_and_join_and_refuse_inconsistent_parts():
 
     data = bytes(range(256)) * 1000  # 256,000 bytes
     limit = 64 * 1024
-    parts = fedwire.split_bytes(data, limit, b"\x07" * 16)
+    parts = fedchunks.split_bytes(data, limit, b"\x07" * 16)
     assert len(parts) == 4 and all(len(p) <= limit for p in parts)
-    assert fedwire.split_bytes(b"small", limit, b"\x07" * 16) == [b"small"]
-    joiner = fedwire.Reassembler(1 << 20)
+    assert fedchunks.split_bytes(b"small", limit, b"\x07" * 16) == [b"small"]
+    joiner = fedchunks.Reassembler(1 << 20)
     chunks = [fedwire.decode(p, limit) for p in parts]
     assert [joiner.add(c, i) for i, c in enumerate(chunks[:3])] == [None] * 3
     assert joiner.add(chunks[1], "again") is None  # a redelivered part counts once
@@ -167,10 +168,10 @@ def test_chunks_split_and_join_and_refuse_inconsistent_parts():
         joiner.add(chunks[0])
         joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1))
     with pytest.raises(OversizedMessage):
-        fedwire.Reassembler(100_000).add(chunks[2])
+        fedchunks.Reassembler(100_000).add(chunks[2])
     with pytest.raises(MalformedMessage):
         fedwire.Chunk(bytes(16), 2, 2, 10, b"x")  # part out of range
-    stale = fedwire.Reassembler(1 << 20, timeout_s=0.0)
+    stale = fedchunks.Reassembler(1 << 20, timeout_s=0.0)
     assert stale.add(chunks[0], "d0") is None
     time.sleep(0.01)
     assert stale.expired() == [["d0"]] and stale.held_bytes() == 0
@@ -180,26 +181,26 @@ def test_a_chunked_message_that_cannot_be_joined_hands_back_every_chunk():
     """A bad part fails the whole message: the error carries the tokens (deliveries) of every
     chunk received so far, so none is left unacked; a part of the wrong length is caught on arrival."""
     limit = 64 * 1024
-    piece = limit - fedwire.CHUNK_OVERHEAD
+    piece = limit - fedfields.CHUNK_OVERHEAD
     data = bytes(range(256)) * 1000
-    chunks = [fedwire.decode(p, limit) for p in fedwire.split_bytes(data, limit, b"\x07" * 16)]
+    chunks = [fedwire.decode(p, limit) for p in fedchunks.split_bytes(data, limit, b"\x07" * 16)]
     assert len(chunks) == 4 and len(chunks[0].data) == piece
     # the parts' lengths do not add up to the announced total (the last one is short)
-    joiner = fedwire.Reassembler(1 << 20)
+    joiner = fedchunks.Reassembler(1 << 20)
     assert [joiner.add(c, i) for i, c in enumerate(chunks[:3])] == [None] * 3
-    with pytest.raises(fedwire.ChunkError, match="bytes") as info:
+    with pytest.raises(fedchunks.ChunkError, match="bytes") as info:
         joiner.add(dataclasses.replace(chunks[3], data=chunks[3].data[:-1]), 3)
     assert info.value.tokens == [0, 1, 2, 3] and joiner.held_bytes() == 0
     # a middle part of another length than the others, caught on arrival (not at the end)
-    joiner = fedwire.Reassembler(1 << 20)
+    joiner = fedchunks.Reassembler(1 << 20)
     assert joiner.add(chunks[0], "a") is None
-    with pytest.raises(fedwire.ChunkError, match="part 1") as info:
+    with pytest.raises(fedchunks.ChunkError, match="part 1") as info:
         joiner.add(dataclasses.replace(chunks[1], data=chunks[1].data[:-5]), "b")
     assert info.value.tokens == ["a", "b"] and joiner.held_bytes() == 0
     # parts or total that disagree with the earlier chunks: the whole message goes too
-    joiner = fedwire.Reassembler(1 << 20)
+    joiner = fedchunks.Reassembler(1 << 20)
     assert joiner.add(chunks[0], "a") is None
-    with pytest.raises(fedwire.ChunkError, match="earlier ones") as info:
+    with pytest.raises(fedchunks.ChunkError, match="earlier ones") as info:
         joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1), "b")
     assert info.value.tokens == ["a", "b"] and joiner.held_bytes() == 0
     assert isinstance(info.value, MalformedMessage)
@@ -217,7 +218,7 @@ def test_a_ciphertext_at_another_scale_is_rejected_and_the_round_goes_on(make_ow
             return [data]
         c = fedwire.decode_contribution(data, BIG)
         i = next(i for i, lay in enumerate(c.layers) if lay.enc)
-        odd = ts.ckks_vector(public, [0.5] * fedwire.CKKS_SLOTS, scale=2.0 ** 30).serialize()
+        odd = ts.ckks_vector(public, [0.5] * fedfields.CKKS_SLOTS, scale=2.0 ** 30).serialize()
         return [fedwire.encode(_with_layer(c, i, enc=(odd, *c.layers[i].enc[1:])), BIG)]
 
     for o in owners:
@@ -241,7 +242,7 @@ def test_prefetch_must_hold_every_chunk_of_a_round(tmp_path, fed_keys):
     pub = tmp_path / "fed.key.pub"
     pub.write_bytes(fed_keys.public_bytes())
     base = dict(context=str(pub), owners=3, max_message_bytes=64 * 1024, max_contribution_bytes=4 << 20)
-    chunks = -(-(4 << 20) // (64 * 1024 - fedwire.CHUNK_OVERHEAD))
+    chunks = -(-(4 << 20) // (64 * 1024 - fedfields.CHUNK_OVERHEAD))
     assert chunks == 66
     with pytest.raises(ConfigError, match=f"prefetch: 64 .* {3 * (1 + chunks)}"):
         FederatedConfig(**base, prefetch=64)
@@ -252,7 +253,7 @@ def test_prefetch_must_hold_every_chunk_of_a_round(tmp_path, fed_keys):
     assert args.max_contribution_bytes == 1 << 20 and args.prefetch == 64
     # the bound holds at run time: one message above it is refused on its first chunk,
     # while several smaller ones may be held together beyond it
-    joiner = fedwire.Reassembler(1 << 30, max_message_bytes=100_000)
+    joiner = fedchunks.Reassembler(1 << 30, max_message_bytes=100_000)
     with pytest.raises(OversizedMessage, match="100000"):
         joiner.add(fedwire.Chunk(b"\x01" * 16, 0, 2, 100_001, b"x" * 60_000), "big")
     for i in range(3):
@@ -275,7 +276,7 @@ def test_a_sum_that_still_fails_is_a_helora_error_for_the_round(make_owners, fed
     plan, _ = aggregator.plan([o.proposal(rid) for o in owners], owners[0].shapes(), rid)
     good, other = (o.contribute(plan) for o in owners)
     i = next(i for i, lay in enumerate(other.layers) if lay.enc)
-    odd = ts.ckks_vector(ts.context_from(fed_keys.public_bytes()), [0.5] * fedwire.CKKS_SLOTS, scale=2.0 ** 30)
+    odd = ts.ckks_vector(ts.context_from(fed_keys.public_bytes()), [0.5] * fedfields.CKKS_SLOTS, scale=2.0 ** 30)
     bad = _with_layer(other, i, enc=(odd.serialize(), *other.layers[i].enc[1:]))
     with pytest.raises(HeloraError, match="scale 2\\^30"):
         aggregator.aggregate(plan, [good, bad])

@@ -33,11 +33,6 @@ import numpy as np
 import tenseal as ts
 from hecommon.errors import HeloraError, MalformedMessage, ParameterMismatch
 from hecommon.wire.federated import (
-    CKKS_COEFF_BITS,
-    CKKS_POLY_DEGREE,
-    CKKS_SCALE_BITS,
-    CKKS_SLOTS,
-    MAX_CIPHERTEXT_BYTES,
     Aggregate,
     Contribution,
     LayerAggregate,
@@ -45,8 +40,15 @@ from hecommon.wire.federated import (
     PlanLayer,
     Proposal,
     RoundPlan,
-    context_digest,
     decode,
+)
+from hecommon.wire.fedfields import (
+    CKKS_COEFF_BITS,
+    CKKS_POLY_DEGREE,
+    CKKS_SCALE_BITS,
+    CKKS_SLOTS,
+    MAX_CIPHERTEXT_BYTES,
+    context_digest,
     swap_layout,
 )
 
@@ -86,7 +88,7 @@ def global_order(tops: Sequence[Sequence[int]]) -> tuple[int, ...]:
 
 
 def unswap(a_swapped: np.ndarray, order: Sequence[int], k: int) -> np.ndarray:
-    """``A`` in its original column order from the swapped layout (``fedwire.swap_layout``)."""
+    """``A`` in its original column order from the swapped layout (``fedfields.swap_layout``)."""
     out = np.empty_like(a_swapped)
     out[:, swap_layout(a_swapped.shape[1], order, k)] = a_swapped
     return out

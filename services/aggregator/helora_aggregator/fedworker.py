@@ -46,6 +46,7 @@ from hecommon import wire
 from hecommon.broker import amqp, metrics, topology
 from hecommon.broker import config as broker_config
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage, ParameterMismatch
+from hecommon.wire import fedchunks, fedfields
 from hecommon.wire import federated as fedwire
 from hecommon.wire.federated import Contribution, Proposal
 
@@ -79,12 +80,12 @@ class FederatedConfig:
     def __post_init__(self) -> None:
         broker_config.check_broker_fields(self)
         metrics.check_metrics_fields(self)
-        if not isinstance(self.owners, int) or not 1 <= self.owners <= fedwire.MAX_OWNERS:
-            raise ConfigError(f"owners: {self.owners!r} must be in 1..{fedwire.MAX_OWNERS}")
+        if not isinstance(self.owners, int) or not 1 <= self.owners <= fedfields.MAX_OWNERS:
+            raise ConfigError(f"owners: {self.owners!r} must be in 1..{fedfields.MAX_OWNERS}")
         if not isinstance(self.max_contribution_bytes, int) or not (
-                1 <= self.max_contribution_bytes <= fedwire.MAX_JOINED_BYTES):
+                1 <= self.max_contribution_bytes <= fedfields.MAX_JOINED_BYTES):
             raise ConfigError(f"max_contribution_bytes: {self.max_contribution_bytes} outside "
-                              f"1..{fedwire.MAX_JOINED_BYTES}")
+                              f"1..{fedfields.MAX_JOINED_BYTES}")
         need = round_deliveries(self.owners, self.max_contribution_bytes, self.max_message_bytes)
         if self.prefetch < need:
             raise ConfigError(f"prefetch: {self.prefetch} cannot hold a round of {self.owners} owners: each holds "
@@ -95,9 +96,9 @@ class FederatedConfig:
         if not self.round_timeout_s > 0:
             raise ConfigError(f"round_timeout_s: {self.round_timeout_s} must be positive")
         if not isinstance(self.max_joined_bytes, int) or not (
-                self.max_message_bytes <= self.max_joined_bytes <= fedwire.MAX_JOINED_BYTES):
+                self.max_message_bytes <= self.max_joined_bytes <= fedfields.MAX_JOINED_BYTES):
             raise ConfigError(f"max_joined_bytes: {self.max_joined_bytes} outside "
-                              f"{self.max_message_bytes}..{fedwire.MAX_JOINED_BYTES}")
+                              f"{self.max_message_bytes}..{fedfields.MAX_JOINED_BYTES}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> FederatedConfig:
@@ -124,7 +125,7 @@ def round_deliveries(owners: int, max_contribution_bytes: int, max_message_bytes
     contribution (``ceil(max_contribution_bytes / chunk piece)``; 1 when it fits in one message)."""
     if max_contribution_bytes <= max_message_bytes:
         return 2 * owners
-    piece = max_message_bytes - fedwire.CHUNK_OVERHEAD
+    piece = max_message_bytes - fedfields.CHUNK_OVERHEAD
     return owners * (1 + -(-max_contribution_bytes // piece))
 
 
@@ -150,7 +151,7 @@ class FederatedWorker(amqp.Service):
         self.queue = federated_queue(cfg.namespace)
         self.rounds: dict[bytes, _Round] = {}
         self.closed: dict[bytes, None] = {}
-        self.chunks = fedwire.Reassembler(cfg.max_joined_bytes, cfg.round_timeout_s, cfg.max_contribution_bytes)
+        self.chunks = fedchunks.Reassembler(cfg.max_joined_bytes, cfg.round_timeout_s, cfg.max_contribution_bytes)
 
     def declare(self, ch) -> list[str]:
         self.topology.declare_queue(ch, self.queue)
@@ -185,7 +186,7 @@ class FederatedWorker(amqp.Service):
                 self._contribution(msg, ds)
             else:
                 raise MalformedMessage(f"{msg.TYPE}: not accepted on the federated queue")
-        except fedwire.ChunkError as exc:  # every chunk of the message received so far goes, not just this one
+        except fedchunks.ChunkError as exc:  # every chunk of the message received so far goes, not just this one
             self.fail(exc.tokens, exc)
         except HeloraError as exc:
             self.fail(ds, exc)
@@ -275,7 +276,7 @@ class FederatedWorker(amqp.Service):
     def _answer(self, ds: Deliveries, body: bytes) -> None:
         """Publish ``body`` (in chunks if above the limit) to the sender's ``reply_to``."""
         props = ds[-1].properties
-        bodies = fedwire.split_bytes(body, self.limit, os.urandom(fedwire.RID_BYTES))
+        bodies = fedchunks.split_bytes(body, self.limit, os.urandom(fedwire.RID_BYTES))
         try:
             self.publish_all(props.reply_to, bodies, pika.BasicProperties(correlation_id=props.correlation_id))
         except (pex.UnroutableError, pex.NackError):

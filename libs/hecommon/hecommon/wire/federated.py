@@ -23,15 +23,12 @@ column ``d_in - 1 - t`` of the owner's swapped ``A`` (SHE-LoRA §4.3), whatever 
 
 from __future__ import annotations
 
-import hashlib
-import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import HeloraError, MalformedMessage, OversizedMessage
+from ..errors import HeloraError, MalformedMessage
 from .codec import check_blob_range as _blob
 from .codec import check_int_like as _int
 from .codec import check_keys as _keys
@@ -39,93 +36,27 @@ from .codec import check_text as _text
 from .codec import expect as _expect
 from .codec import fail as _fail
 from .codec import pack, unpack
+from .fedfields import (
+    DIGEST_BYTES,
+    FEDWIRE_VERSION,
+    MAX_CHUNKS,
+    MAX_CONTEXT_BYTES,
+    MAX_DIM,
+    MAX_JOINED_BYTES,
+    MAX_OWNER_CHARS,
+    MAX_OWNERS,
+    MAX_SAMPLES,
+    ciphertext_count,
+    context_digest,
+)
+from .fedfields import check_ciphertexts as _cts
+from .fedfields import check_dims as _dims
+from .fedfields import check_ints as _ints
+from .fedfields import check_layers as _check_layers
+from .fedfields import check_matrix as _matrix
 from .fields import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
 
-FEDWIRE_VERSION = 1
-#: CKKS parameters of the shared context (see docs/federated.md): N = 4096, one 60-bit data
-#: prime and a 49-bit special prime (109 bits: the 128-bit bound for N = 4096), scale 2^40.
-CKKS_POLY_DEGREE = 4096
-CKKS_COEFF_BITS = (60, 49)
-CKKS_SCALE_BITS = 40
-CKKS_SLOTS = CKKS_POLY_DEGREE // 2
-DIGEST_BYTES = 32
-MAX_OWNERS = 1024
-MAX_OWNER_CHARS = 64
-MAX_DIM = 1 << 16
-MAX_LAYERS = 4096
-#: one serialized CKKS ciphertext of this context is ~66 KB; anything far larger is not one
-MAX_CIPHERTEXT_BYTES = 1 << 20
-MAX_CONTEXT_BYTES = 8 << 20
-MAX_SAMPLES = 1 << 40
-MAX_CHUNKS = 1 << 12
-#: the largest message reassembled from chunks (a whole adapter's contribution or aggregate)
-MAX_JOINED_BYTES = 1 << 31
-#: room for the chunk's map and small fields when ``split_bytes`` sizes its pieces
-CHUNK_OVERHEAD = 1024
 _HEADER = ("v", "type", "rid", "lib")
-
-
-def context_digest(public_context: bytes) -> bytes:
-    """SHA-256 of the serialized public context: names the round's key in every message."""
-    return hashlib.sha256(public_context).digest()
-
-
-def ciphertext_count(k: int, d_out: int) -> int:
-    """Ciphertexts holding ``k`` encrypted vectors of ``d_out`` values (flat packing)."""
-    return -(-k * d_out // CKKS_SLOTS)
-
-
-def swap_layout(d_in: int, order: Sequence[int], k: int) -> np.ndarray:
-    """Column permutation of an owner's ``A`` in a ``LayerContribution``: the clear columns in
-    their order, then the ``k`` chosen columns right-aligned (position ``t`` of ``order`` at column
-    ``d_in - 1 - t``). Public: owner and server both derive it from the plan and ``k``, here only,
-    so their layouts cannot diverge (swapped ``= a[:, perm]``, original ``[:, perm] = swapped``)."""
-    chosen = [int(j) for j in order[:k]]
-    chosen_set = set(chosen)
-    return np.array([j for j in range(d_in) if j not in chosen_set] + chosen[::-1], dtype=np.int64)
-
-
-# -- field checks (the generic ones: hecommon.wire.codec, shared with wire) --------------------
-def _ints(where: str, value: Any, hi: int, max_len: int) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or len(value) > max_len:
-        _fail(where, f"a list of at most {max_len} integers is required")
-    return tuple(_int(f"{where}[{i}]", v, 0, hi) for i, v in enumerate(value))
-
-
-def _matrix(where: str, value: Any, shape: tuple[int, int]) -> np.ndarray:
-    """float32 ``shape`` from an array (construction) or raw little-endian bytes (decoding)."""
-    if isinstance(value, bytes):
-        if len(value) != 4 * shape[0] * shape[1]:
-            _fail(where, f"{len(value)} bytes, expected {4 * shape[0] * shape[1]} for shape {shape}")
-        value = np.frombuffer(value, dtype="<f4").reshape(shape).astype(np.float32)
-    if not isinstance(value, np.ndarray) or value.shape != shape:
-        _fail(where, f"a {shape} array is required")
-    value = np.ascontiguousarray(value, dtype=np.float32)
-    if not np.isfinite(value).all():
-        _fail(where, "non-finite values")
-    return value
-
-
-def _cts(where: str, value: Any, count: int) -> tuple[bytes, ...]:
-    if not isinstance(value, list | tuple) or len(value) != count:
-        _fail(where, f"{count} ciphertexts expected, got "
-                     f"{len(value) if isinstance(value, list | tuple) else type(value).__name__}")
-    return tuple(_blob(f"{where}[{i}]", c, 1, MAX_CIPHERTEXT_BYTES) for i, c in enumerate(value))
-
-
-def _check_layers(where: str, layers: Any) -> None:
-    if not isinstance(layers, tuple) or not 1 <= len(layers) <= MAX_LAYERS:
-        _fail(where, f"a tuple of 1..{MAX_LAYERS} layers is required")
-    names = [lay.name for lay in layers]
-    if len(set(names)) != len(names):
-        _fail(where, "duplicate layer name")
-
-
-def _dims(where: str, d_out: Any, d_in: Any) -> None:
-    _int(f"{where}.d_out", d_out, 1, MAX_DIM)
-    _int(f"{where}.d_in", d_in, 1, MAX_DIM)
-
-
 # -- messages ----------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class PublicContext:
@@ -457,104 +388,3 @@ def encode_contribution(msg: Contribution, max_bytes: int = MAX_MESSAGE_BYTES) -
 
 def decode_contribution(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Contribution:
     return decode(data, max_bytes, Contribution)  # type: ignore[return-value]
-
-
-# -- chunking (messages above the broker's max_message_size) -------------------------------
-def split_bytes(data: bytes, max_bytes: int, mid: bytes) -> list[bytes]:
-    """``data`` itself when it fits in ``max_bytes``, else encoded ``Chunk``s of it (id ``mid``)."""
-    if len(data) <= max_bytes:
-        return [data]
-    piece = max_bytes - CHUNK_OVERHEAD
-    if piece < 1:
-        raise OversizedMessage(f"message: a limit of {max_bytes} bytes leaves no room for a chunk's data "
-                               f"(each chunk carries {CHUNK_OVERHEAD} bytes of header)")
-    parts = -(-len(data) // piece)
-    if parts > MAX_CHUNKS:
-        raise OversizedMessage(f"message: {len(data)} bytes do not fit in {MAX_CHUNKS} chunks of {max_bytes}")
-    return [encode(Chunk(mid, i, parts, len(data), data[i * piece:(i + 1) * piece]), max_bytes) for i in range(parts)]
-
-
-class ChunkError(MalformedMessage):
-    """A chunked message that cannot be joined. ``tokens``: every chunk of it received so far (the
-    one that failed included), so that the caller fails them all and none stays unacked."""
-
-    def __init__(self, message: str, tokens: list[Any]) -> None:
-        super().__init__(message)
-        self.tokens = tokens
-
-
-class Reassembler:
-    """Joins chunks by message id. Bounded: at most ``max_message_bytes`` per joined message and
-    ``max_bytes`` in all, and a message still incomplete after ``timeout_s`` is handed back by ``expired``.
-
-    Every part but the last has the same length (``split_bytes``' piece) and the last one the
-    rest of ``total``; a chunk that breaks this, or disagrees with the earlier ones on ``parts`` or
-    ``total``, drops the whole message: ``ChunkError`` carries every token received for it.
-    """
-
-    def __init__(self, max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0,
-                 max_message_bytes: int | None = None) -> None:
-        self.max_bytes, self.timeout_s = max_bytes, timeout_s
-        #: the largest single joined message (``max_bytes``, the bound on all held, by default)
-        self.max_message_bytes = max_bytes if max_message_bytes is None else min(max_message_bytes, max_bytes)
-        self._pending: dict[bytes, tuple[float, Chunk, dict[int, bytes], list[Any]]] = {}
-
-    def held_bytes(self) -> int:
-        return sum(first.total for _, first, _, _ in self._pending.values())
-
-    def add(self, c: Chunk, token: Any = None) -> tuple[bytes, list[Any]] | None:
-        """Record one chunk (``token``: e.g. its delivery); the joined bytes and every token once complete."""
-        entry = self._pending.get(c.rid)
-        if entry is None:
-            if c.total > self.max_message_bytes:
-                raise OversizedMessage(f"chunked message of {c.total} bytes: over the limit {self.max_message_bytes}")
-            if self.held_bytes() + c.total > self.max_bytes:
-                raise OversizedMessage(f"chunked message of {c.total} bytes: {self.held_bytes()} bytes already "
-                                       f"held, the limit is {self.max_bytes} in all")
-            entry = self._pending[c.rid] = (time.monotonic(), c, {}, [])
-        _, first, parts, tokens = entry
-        tokens.append(token)
-        try:
-            if (c.parts, c.total) != (first.parts, first.total):
-                raise MalformedMessage(f"chunk {c.part}: says {c.parts} parts and {c.total} bytes, "
-                                       f"earlier ones {first.parts} and {first.total}")
-            _check_piece(c, parts)
-        except MalformedMessage as exc:
-            del self._pending[c.rid]
-            raise ChunkError(str(exc), tokens) from None
-        parts.setdefault(c.part, c.data)  # a redelivered chunk is counted once
-        if len(parts) < first.parts:
-            return None
-        del self._pending[c.rid]
-        data = b"".join(parts[i] for i in range(first.parts))
-        if len(data) != first.total:  # unreachable after _check_piece; kept as the final word
-            raise ChunkError(f"chunked message: {len(data)} bytes joined, {first.total} announced", tokens)
-        return data, tokens
-
-    def expired(self) -> list[list[Any]]:
-        now = time.monotonic()
-        old = [k for k, (t0, _, _, _) in self._pending.items() if now - t0 > self.timeout_s]
-        return [self._pending.pop(k)[3] for k in old]
-
-    def clear(self) -> None:
-        self._pending.clear()
-
-
-def _check_piece(c: Chunk, parts: Mapping[int, bytes]) -> None:
-    """``c``'s length agrees with the parts already in: one piece length, the last part the rest."""
-    pieces = {len(d) for i, d in parts.items() if i < c.parts - 1}
-    if c.part < c.parts - 1:
-        pieces.add(len(c.data))
-    if len(pieces) > 1:
-        raise MalformedMessage(f"chunk part {c.part}: {len(c.data)} bytes, the other parts {sorted(pieces)}")
-    if not pieces:
-        return
-    piece = pieces.pop()
-    rest = c.total - (c.parts - 1) * piece
-    if not 1 <= rest <= piece:
-        raise MalformedMessage(f"chunk part {c.part}: parts of {piece} bytes cannot make {c.total} bytes "
-                               f"in {c.parts} parts")
-    last = c.data if c.part == c.parts - 1 else parts.get(c.parts - 1)
-    if last is not None and len(last) != rest:
-        raise MalformedMessage(f"chunk part {c.parts - 1}: {len(last)} bytes, {rest} expected "
-                               f"for {c.total} bytes in {c.parts} parts")

@@ -19,6 +19,7 @@ import pika
 from hecommon import wire
 from hecommon.broker import connection, topology
 from hecommon.errors import HeloraError, MalformedMessage, TransientError
+from hecommon.wire import fedchunks
 from hecommon.wire import federated as fedwire
 
 from .client import Owner
@@ -60,10 +61,10 @@ class FederatedBrokerClient:
         body = fedwire.encode(msg, self.max_joined)
         cid = secrets.token_hex(fedwire.RID_BYTES)
         props = pika.BasicProperties(reply_to=self.reply_to, correlation_id=cid, delivery_mode=2)
-        for part in fedwire.split_bytes(body, self.max_bytes, secrets.token_bytes(fedwire.RID_BYTES)):
+        for part in fedchunks.split_bytes(body, self.max_bytes, secrets.token_bytes(fedwire.RID_BYTES)):
             self.ch.basic_publish("", self.queue, part, props, mandatory=True)
             self.bytes_up += len(part)
-        chunks = fedwire.Reassembler(self.max_joined, self.timeout_s)
+        chunks = fedchunks.Reassembler(self.max_joined, self.timeout_s)
         deadline = time.monotonic() + self.timeout_s
         for method, rprops, reply in self.ch.consume(self.reply_to, inactivity_timeout=1.0):
             if method is None:
@@ -82,7 +83,7 @@ class FederatedBrokerClient:
             return self._decode(joined, expect)
         raise TransientError("the reply queue was cancelled")  # pragma: no cover - consume never ends otherwise
 
-    def _join(self, chunks: fedwire.Reassembler, reply: bytes) -> bytes | None:
+    def _join(self, chunks: fedchunks.Reassembler, reply: bytes) -> bytes | None:
         """The whole answer once every chunk of it is in; an unchunked answer as it is."""
         try:
             part = fedwire.decode(reply, self.max_bytes)

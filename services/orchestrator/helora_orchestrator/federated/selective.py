@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 from hecommon.errors import ConfigError, DecryptionError
-from hecommon.wire.federated import (
+from hecommon.wire.fedfields import (
     CKKS_COEFF_BITS,
     CKKS_POLY_DEGREE,
     CKKS_SCALE_BITS,
     CKKS_SLOTS,
     ciphertext_count,
     context_digest,
-    swap_layout,  # the one column permutation, shared with the server's unswap
+    swap_layout,
 )
 
 
