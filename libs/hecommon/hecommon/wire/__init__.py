@@ -2,16 +2,19 @@
 
 - ``codec``: the msgpack framing and the field checks every message family shares;
 - ``fields``: the training messages' version, limits, field checks and array codecs;
-- ``messages``: the training messages (requests, partials, replies, errors) and every
-  encode/decode pair; ``manifest``: the manifest and its layer entries;
+- ``messages``: the training messages (requests, partials, replies) and every encode/decode
+  pair; ``error_reply``: the error every service answers with; ``manifest``: the manifest and its
+  layer entries;
 - ``heads``: messages read without their arrays; ``chunks``: cutting messages below the message
   limit and putting them back together (``split``, ``join``, ``PartTracker``);
-- ``federated``: the federated-aggregation messages (``hecommon.wire.federated``).
+- ``federated``: the federated-aggregation messages (``hecommon.wire.federated``), with their
+  constants, CKKS layout and field checks (``fedfields``) and chunking (``fedchunks``).
 
-Everything but ``codec`` and ``federated`` is re-exported here: ``hecommon.wire.X`` is the API.
+Everything but ``codec`` and the federated modules is re-exported here: ``hecommon.wire.X`` is the API.
 """
 
 from .chunks import *  # noqa: F403
+from .error_reply import *  # noqa: F403
 from .fields import *  # noqa: F403
 from .heads import *  # noqa: F403
 from .manifest import *  # noqa: F403

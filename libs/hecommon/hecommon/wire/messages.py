@@ -43,12 +43,11 @@ from .codec import check_text as _text
 from .codec import expect as _expect
 from .codec import fail as _fail
 from .codec import pack, unpack
+from .error_reply import ErrorReply
 from .fields import (
     _HEADER,
     LIB_VERSION,
-    MAX_ERROR_CHARS,
     MAX_LAYERS,
-    MAX_LIB_CHARS,
     MAX_MESSAGE_BYTES,
     MAX_META_ENTRIES,
     MAX_NAME_CHARS,
@@ -343,45 +342,6 @@ class EncryptedReply:
 def _packed(rows: np.ndarray | PackedRows, bits: int) -> bytes:
     """The wire bytes of switched rows: as they are if still packed, else packed at ``bits``."""
     return rows.data if isinstance(rows, PackedRows) else pack_bits(rows, bits)
-
-
-@dataclass(frozen=True)
-class ErrorReply:
-    """Any service → the sender: why a request failed (``reason`` as in ``errors.py``).
-
-    ``pset`` is carried as text and not resolved: an error must stay readable even when it
-    reports an unknown parameter set. Build it with ``from_exception``.
-    """
-
-    TYPE: ClassVar[str] = "error"
-    rid: bytes
-    reason: str
-    message: str
-    pset: str = ""
-    lib: str = LIB_VERSION
-
-    def __post_init__(self) -> None:
-        _blob("rid", self.rid, RID_BYTES)
-        reason = _text("reason", self.reason, 64)
-        if not all(c.isascii() and (c.islower() or c.isdigit() or c == "_") for c in reason):
-            _fail("reason", "lowercase letters, digits and '_' only")
-        _text("message", self.message, MAX_ERROR_CHARS, empty=True)
-        _text("pset", self.pset, MAX_NAME_CHARS, empty=True)
-        _text("lib", self.lib, MAX_LIB_CHARS)
-
-    @classmethod
-    def from_exception(cls, rid: bytes, exc: BaseException, pset: str = "") -> ErrorReply:
-        """helora's errors keep their text (they never hold payload); others only their class."""
-        if isinstance(exc, HeloraError):
-            return cls(rid, exc.reason, str(exc)[:MAX_ERROR_CHARS], pset)
-        return cls(rid, "internal", type(exc).__name__, pset)
-
-    def _body(self) -> dict[str, Any]:
-        return {"reason": self.reason, "message": self.message}
-
-    @classmethod
-    def _from(cls, m: dict[str, Any], pset: str, max_bytes: int) -> ErrorReply:
-        return cls(m["rid"], m["reason"], m["message"], pset, m["lib"])
 
 
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
