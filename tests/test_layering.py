@@ -30,9 +30,7 @@ ORCHESTRATOR_KNOWN = {
     "helora_orchestrator.embedded": {"helora_encoder", "helora_evaluator", "helora_aggregator"},
     "helora_orchestrator.federated.cli": {"helora_aggregator"},
     "helora_orchestrator.federated.dager": {"helora_aggregator"},
-    "helora_orchestrator.federated.negotiate": {"helora_aggregator"},
     "helora_orchestrator.federated.round": {"helora_aggregator"},
-    "helora_orchestrator.federated.broker": {"helora_aggregator"},
 }
 
 
@@ -90,7 +88,7 @@ def test_the_graph_is_read_from_the_code():
     assert "hecommon.shards" in _imports("helora_evaluator.handler")
     assert "hecommon.errors" in _imports("hecommon.he.exact")  # from .errors import …
     assert "pika" in _closure("hecommon.broker.amqp")
-    assert "helora_aggregator.federated" in _imports("helora_orchestrator.federated.negotiate")
+    assert "helora_aggregator.federated" in _imports("helora_orchestrator.federated.round")
 
 
 def test_hecommon_imports_no_service():

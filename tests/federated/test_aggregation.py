@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helora_aggregator.federated import FederatedAggregator, clear_update, global_order
+from hecommon.wire.fedfields import global_order
+from helora_aggregator.federated import FederatedAggregator, clear_update
 from helora_orchestrator.federated import fullhe
 from helora_orchestrator.federated.reparam import svd_to_rank
 from helora_orchestrator.federated.round import run_round

@@ -32,7 +32,6 @@ def fedworker(request, tmp_path, fed_keys, local_broker):
     """The worker for 3 owners; ``@pytest.mark.parametrize("fedworker", [timeout_s], indirect=True)``
     sets its round timeout (120 s by default)."""
     timeout_s = getattr(request, "param", 120)
-    from helora_aggregator.fedworker import federated_queue
 
     ns = f"helora-fedtest-{secrets.token_hex(4)}"
     pub = tmp_path / "fed.key.pub"
@@ -50,7 +49,7 @@ def fedworker(request, tmp_path, fed_keys, local_broker):
         while True:  # consuming?
             assert proc.poll() is None, (tmp_path / "fedworker.log").read_text()
             try:
-                if ch.queue_declare(federated_queue(ns), passive=True).method.consumer_count:
+                if ch.queue_declare(topology.Topology(ns).federated, passive=True).method.consumer_count:
                     break
             except pika.exceptions.ChannelClosedByBroker:
                 ch = conn.channel()
@@ -64,19 +63,18 @@ def fedworker(request, tmp_path, fed_keys, local_broker):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        topology.Topology(ns).delete(conn.channel(), [federated_queue(ns)])
+        topology.Topology(ns).delete(conn.channel(), [topology.Topology(ns).federated])
         conn.close()
 
 
 def _garbage(ns: str) -> bytes:
     """Publish bytes that are no federated message; return the error reply the worker sends."""
-    from helora_aggregator.fedworker import federated_queue
 
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     try:
         ch = conn.channel()
         q = ch.queue_declare("", exclusive=True).method.queue
-        ch.basic_publish("", federated_queue(ns), b"\x81\xa1v\x07", pika.BasicProperties(reply_to=q, correlation_id="00" * 16))
+        ch.basic_publish("", topology.Topology(ns).federated, b"\x81\xa1v\x07", pika.BasicProperties(reply_to=q, correlation_id="00" * 16))
         for method, _props, body in ch.consume(q, inactivity_timeout=30):
             assert method is not None, "no error reply within 30 s"
             ch.basic_ack(method.delivery_tag)
@@ -231,7 +229,6 @@ def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker
     last one 100 bytes too long): both are dead-lettered (the first one used to stay unacked
     forever) and the sender gets one error reply."""
     from hecommon.wire import federated as fedwire
-    from helora_aggregator.fedworker import federated_queue
 
     ns, log_path = fedworker
     conn = pika.BlockingConnection(pika.URLParameters(URL))
@@ -241,7 +238,7 @@ def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker
         props = pika.BasicProperties(reply_to=q, correlation_id="00" * 16)
         mid = secrets.token_bytes(fedwire.RID_BYTES)
         for c in (fedwire.Chunk(mid, 0, 2, 1500, b"x" * 1000), fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600)):
-            ch.basic_publish("", federated_queue(ns), fedwire.encode(c), props)
+            ch.basic_publish("", topology.Topology(ns).federated, fedwire.encode(c), props)
         method, _, body = next(ch.consume(q, inactivity_timeout=30))
         assert method is not None, f"no error reply within 30 s\n{log_path.read_text()[-3000:]}"
         ch.cancel()

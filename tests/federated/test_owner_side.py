@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hecommon.errors import ConfigError
-from hecommon.wire.fedfields import swap_layout
-from helora_aggregator.federated import global_order, unswap
+from hecommon.wire.fedfields import global_order, swap_layout, unswap
 from helora_orchestrator.federated.negotiate import budget_columns, top_k
 from helora_orchestrator.federated.reparam import svd_to_rank
 from helora_orchestrator.federated.selective import CkksKeys, select_and_encrypt

@@ -49,7 +49,8 @@ from hecommon.wire.fedfields import (
     CKKS_SLOTS,
     MAX_CIPHERTEXT_BYTES,
     context_digest,
-    swap_layout,
+    global_order,
+    unswap,
 )
 
 
@@ -72,26 +73,6 @@ def check_public_context(data: bytes) -> ts.Context:
         raise ParameterMismatch(f"context: N = {n}, modulus bits {bits}; the federated mode uses "
                                 f"N = {CKKS_POLY_DEGREE}, moduli {CKKS_COEFF_BITS}")
     return ctx
-
-
-def global_order(tops: Sequence[Sequence[int]]) -> tuple[int, ...]:
-    """One ordered list from the owners' ranked top-k lists (Borda count; see the module docstring)."""
-    longest = max((len(t) for t in tops), default=0)
-    score: dict[int, int] = {}
-    votes: dict[int, int] = {}
-    for top in tops:
-        for p, j in enumerate(top):
-            score[j] = score.get(j, 0) + longest - p
-            votes[j] = votes.get(j, 0) + 1
-    ranked = sorted(score, key=lambda j: (-score[j], -votes[j], j))
-    return tuple(ranked[:longest])
-
-
-def unswap(a_swapped: np.ndarray, order: Sequence[int], k: int) -> np.ndarray:
-    """``A`` in its original column order from the swapped layout (``fedfields.swap_layout``)."""
-    out = np.empty_like(a_swapped)
-    out[:, swap_layout(a_swapped.shape[1], order, k)] = a_swapped
-    return out
 
 
 def clear_update(c: Contribution, plan: RoundPlan) -> dict[str, np.ndarray]:

@@ -55,10 +55,6 @@ from .federated import FederatedAggregator, check_public_context
 log = logging.getLogger("helora.aggregator.federated")
 
 
-def federated_queue(namespace: str) -> str:
-    return f"{topology.Topology(namespace).namespace}.federated"
-
-
 @dataclass(frozen=True)
 class FederatedConfig:
     context: str = ""
@@ -148,7 +144,7 @@ class FederatedWorker(amqp.Service):
     def __init__(self, cfg: FederatedConfig, metrics: metrics.Metrics | None = None) -> None:
         super().__init__(cfg, metrics=metrics)
         self.aggregator = FederatedAggregator(Path(cfg.context).read_bytes())
-        self.queue = federated_queue(cfg.namespace)
+        self.queue = topology.Topology(cfg.namespace).federated
         self.rounds: dict[bytes, _Round] = {}
         self.closed: dict[bytes, None] = {}
         self.chunks = fedchunks.Reassembler(cfg.max_joined_bytes, cfg.round_timeout_s, cfg.max_contribution_bytes)

@@ -69,6 +69,11 @@ class Topology:
     def partials(self) -> str:
         return f"{self.namespace}.partials"
 
+    @property
+    def federated(self) -> str:
+        """The federated aggregator's queue (``helora_aggregator.fedworker``)."""
+        return f"{self.namespace}.federated"
+
     def evaluator_queue(self, blocks: str, shard: int, shards: int) -> str:
         return f"{self.namespace}.evaluator.b{blocks}.s{shard}of{shards}"
 

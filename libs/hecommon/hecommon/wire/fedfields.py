@@ -56,6 +56,28 @@ def swap_layout(d_in: int, order: Sequence[int], k: int) -> np.ndarray:
     return np.array([j for j in range(d_in) if j not in chosen_set] + chosen[::-1], dtype=np.int64)
 
 
+def global_order(tops: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """One ordered list from the owners' ranked top-k lists, the aggregator's plan of a layer: a Borda
+    count (position ``p`` of a list of the longest length ``L`` scores ``L - p``), ties to the column
+    more owners proposed, then to the lower index; as long as the longest list."""
+    longest = max((len(t) for t in tops), default=0)
+    score: dict[int, int] = {}
+    votes: dict[int, int] = {}
+    for top in tops:
+        for p, j in enumerate(top):
+            score[j] = score.get(j, 0) + longest - p
+            votes[j] = votes.get(j, 0) + 1
+    ranked = sorted(score, key=lambda j: (-score[j], -votes[j], j))
+    return tuple(ranked[:longest])
+
+
+def unswap(a_swapped: np.ndarray, order: Sequence[int], k: int) -> np.ndarray:
+    """``A`` in its original column order from the swapped layout (``swap_layout``)."""
+    out = np.empty_like(a_swapped)
+    out[:, swap_layout(a_swapped.shape[1], order, k)] = a_swapped
+    return out
+
+
 # -- field checks of the federated messages (the generic ones: hecommon.wire.codec) ------------
 def check_ints(where: str, value: Any, hi: int, max_len: int) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or len(value) > max_len:

@@ -39,7 +39,6 @@ class FederatedBrokerClient:
 
     def __init__(self, url: str, namespace: str = topology.DEFAULT_NAMESPACE, timeout_s: float = 600.0,
                  max_bytes: int = wire.MAX_MESSAGE_BYTES, max_joined: int = 1 << 30):
-        from helora_aggregator.fedworker import federated_queue
 
         # max_bytes: the broker's max_message_size (larger messages go in chunks); max_joined: the
         # largest whole message accepted (an aggregate is a full d_out × d_in product per layer)
@@ -50,7 +49,7 @@ class FederatedBrokerClient:
         self.ch.confirm_delivery()
         names = topology.Topology(namespace)
         names.declare_common(self.ch)
-        self.queue = federated_queue(namespace)
+        self.queue = topology.Topology(namespace).federated
         names.declare_queue(self.ch, self.queue)  # messages wait there until the aggregator runs
         # exclusive, not auto-delete: the queue must outlive each call's consumer (deleted with the connection)
         self.reply_to = self.ch.queue_declare("", exclusive=True).method.queue

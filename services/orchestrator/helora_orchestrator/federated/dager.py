@@ -53,7 +53,8 @@ from hecommon.wire.federated import (
     decode_contribution,
     encode_contribution,
 )
-from helora_aggregator.federated import FederatedAggregator, unswap
+from hecommon.wire.fedfields import unswap
+from helora_aggregator.federated import FederatedAggregator
 
 from ..client_model import ClientModel, causal_lm_loss
 from ..data import PackedData

@@ -2,7 +2,7 @@
 
 Each owner proposes the positions of its ``k_i`` most sensitive columns per layer, best first
 (the server learns positions and order, never the scores or the data); the server merges the
-proposals into one global ordered list per layer (``helora_aggregator.federated.global_order``,
+proposals into one global ordered list per layer (``hecommon.wire.fedfields.global_order``,
 re-exported here); each owner then encrypts the prefix of that list that fits its budget.
 """
 
@@ -13,7 +13,7 @@ import math
 import numpy as np
 from hecommon.errors import ConfigError
 from hecommon.wire.federated import Proposal, ProposalLayer
-from helora_aggregator.federated import global_order
+from hecommon.wire.fedfields import global_order
 
 __all__ = ["budget_columns", "global_order", "make_proposal", "top_k"]
 
