@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from hecommon import wire  # noqa: E402
 from hecommon.he import params as P  # noqa: E402
-from hecommon.he.encrypt import decrypt, encrypt  # noqa: E402
+from hecommon.he.encrypt import ClientA, decrypt, encrypt  # noqa: E402
 from hecommon.he.evaluate import MatrixProduct  # noqa: E402
 from hecommon.he.keys import SecretKey  # noqa: E402
 
@@ -56,7 +56,7 @@ def bench_shape(d_in: int, d_out: int, ps: P.ParamSet, reps: int, backend: str) 
         wire.EncryptedRequest(rid=b"r" * 16, layer="bench", direction="fwd", batch=ct, owner=b"o" * 16)))
     down = sum(len(wire.encode_reply(c)) for c in wire.split(
         wire.EncryptedReply(rid=b"r" * 16, layer="bench", direction="fwd", result=result)))
-    b_only = partial.switch("hint")  # the client holds the layer's hint: b alone comes back
+    b_only = partial.switch(ClientA.HINT)  # the client holds the layer's hint: b alone comes back
     assert np.array_equal(decrypt(s, b_only, hint=partial.a), decrypt(s, result))
     down_b = sum(len(wire.encode_reply(c)) for c in wire.split(
         wire.EncryptedReply(rid=b"r" * 16, layer="bench", direction="fwd", result=b_only)))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hecommon.errors import ConfigError, DecryptionError, ParameterMismatch
 from hecommon.he import params as P
-from hecommon.he.encrypt import EncryptedBatch, EncryptedPartial, _encrypt_with, decrypt, encrypt
+from hecommon.he.encrypt import ClientA, EncryptedBatch, EncryptedPartial, _encrypt_with, decrypt, encrypt
 from hecommon.he.evaluate import MatrixProduct
 from hecommon.he.keys import RequestSecret, SecretKey
 from hecommon.he.quantize import integer_matmul
@@ -71,7 +71,7 @@ def test_product_equals_clear_integer_product(d_in, d_out, tokens, x_bits, backw
     elif switch == "a and b":
         got = decrypt(s, out.switch())
     else:  # the client holds the hint (out.a is the same for every request of this layer)
-        got = decrypt(s, out.switch("hint"), hint=out.a)
+        got = decrypt(s, out.switch(ClientA.HINT), hint=out.a)
     np.testing.assert_array_equal(got, integer_matmul(x, matrix.T))
 
 
@@ -90,14 +90,14 @@ def test_extreme_values_at_d_in_8192(ps):
     assert expected.max() == 255 * 127 * d_in
     np.testing.assert_array_equal(decrypt(s, out), expected)
     np.testing.assert_array_equal(decrypt(s, out.switch()), expected)
-    b_only = out.switch("hint")
+    b_only = out.switch(ClientA.HINT)
     assert b_only.a is None and int(b_only.b.max()) < 2**ps.hint_out_bits
     np.testing.assert_array_equal(decrypt(s, b_only, hint=out.a), expected)
     with pytest.raises(DecryptionError, match="hint"):
         decrypt(s, b_only)
     # the client holds the switched a of an earlier reply: b alone, at out_bits
     full = out.switch()
-    held = out.switch("held")
+    held = out.switch(ClientA.SWITCHED)
     assert held.a is None and held.bits == ps.out_bits and np.array_equal(held.b, full.b)
     with pytest.raises(DecryptionError, match="held"):
         decrypt(s, held)
@@ -106,8 +106,8 @@ def test_extreme_values_at_d_in_8192(ps):
         held.with_held_a(full.a[:2])
     with pytest.raises(DecryptionError, match="only a result sent without a"):
         b_only.with_held_a(full.a)
-    with pytest.raises(ValueError, match="a_part"):
-        out.switch("keep")
+    with pytest.raises(ValueError, match="client_a"):
+        out.switch("held")  # a string, as the old API took: ClientA members only
 
 
 @pytest.mark.parametrize("mode", ["numpy", "numba"])

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from hecommon.errors import MalformedMessage
-from hecommon.he.encrypt import EncryptedPartial
+from hecommon.he.encrypt import ClientA, EncryptedPartial
 from hecommon.wire import EncryptedReply, PartialResult
 
 
@@ -95,7 +95,10 @@ class AggregatorHandler:
         else:  # column shards: joined in output order
             total = EncryptedPartial.join([p for _, p in sorted(shards, key=lambda sp: sp[0])])
         t0 = time.perf_counter()
-        a_part = ("send" if self.include_a else "hint") if first.send_a else "held"  # held: the client asked
-        result = total.switch(a_part)
+        if not first.send_a:  # the client said it holds the switched a
+            client_a = ClientA.SWITCHED
+        else:
+            client_a = ClientA.NOTHING if self.include_a else ClientA.HINT
+        result = total.switch(client_a)
         self.switch_seconds = time.perf_counter() - t0
         return EncryptedReply(rid=first.rid, layer=first.layer, direction=first.direction, result=result)

@@ -36,7 +36,7 @@ import numpy as np
 from hecommon import wire
 from hecommon.errors import MalformedMessage, ParameterMismatch
 from hecommon.he.bits import PackedRows
-from hecommon.he.encrypt import EncryptedPartial, switch_a
+from hecommon.he.encrypt import ClientA, EncryptedPartial, switch_a
 from hecommon.he.evaluate import MatrixProduct
 from hecommon.he.params import ParamSet
 from hecommon.he.sampling import owner_a_seed
@@ -157,7 +157,7 @@ class EvaluatorHandler:
                                                     terms=s.terms, sub_sums=k)
             return self._products[key]
 
-    def _a_part(self, layer: str, direction: str, owner: bytes, switched: bool,
+    def _public_a(self, layer: str, direction: str, owner: bytes, switched: bool,
                 rows: tuple[int, int] | None = None) -> np.ndarray | PackedRows:
         """The public part of this shard's outputs for ``owner``'s ``a`` over its input rows ``rows``
         (default: all of them): the hint mod q, or (``switched``) switched to ``2^out_bits`` and
@@ -181,7 +181,7 @@ class EvaluatorHandler:
         for every request of that owner (the embedded client reads it)."""
         if layer not in self.shards:
             raise ParameterMismatch(f"this evaluator does not hold layer {layer!r}")
-        part = self._a_part(layer, direction, owner, switched=False)
+        part = self._public_a(layer, direction, owner, switched=False)
         assert isinstance(part, np.ndarray)  # switched=False: the hint mod q
         return part
 
@@ -210,7 +210,7 @@ class EvaluatorHandler:
         # the a part goes out switched where nothing is added to it after this evaluator: the whole
         # layer (each piece is answered alone), or a column shard's only piece (the aggregator joins)
         switched = self.send_switched and (count == 1 or (req.direction == "bwd" and req.parts == 1))
-        a = self._a_part(req.layer, req.direction, req.owner, switched, (offset, offset + req.width))
+        a = self._public_a(req.layer, req.direction, req.owner, switched, (offset, offset + req.width))
         return shard, product, offset, index, count, a
 
     @staticmethod
@@ -230,7 +230,7 @@ class EvaluatorHandler:
         """The reply for one part of a one-shard partial whose ``a`` part is switched: ``b`` switched,
         ``a`` as it came (or left out, if the request said ``send_a=False``), the same rows, part and
         piece numbers (each part is answered alone, as it comes)."""
-        result = partial.partial.switch("send" if partial.send_a else "held")
+        result = partial.partial.switch(ClientA.NOTHING if partial.send_a else ClientA.SWITCHED)
         return EncryptedReply(rid=partial.rid, layer=partial.layer, direction=partial.direction, result=result,
                               part=partial.part, parts=partial.parts, out_start=partial.out_start,
                               piece=partial.piece, pieces=partial.pieces)

@@ -19,6 +19,7 @@ Encryption: ``b = -a·s + Δ·m + e (mod q)``. Decryption: ``x = b + a·s``, cen
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +33,14 @@ from .params import ParamSet
 from .ring import centered, centered_float, crt_fraction, moduli_column, reduce_float, switch_modulus
 from .sampling import a_mask, a_words, expand_a, sample_noise
 
-#: What a client holds of a layer's public output part, so what a reply carries (``switch``).
-A_PARTS = ("send", "hint", "held")
+
+class ClientA(enum.Enum):
+    """What the client already holds of a layer's public output part ``a`` (the same for every
+    request of a layer and direction), so what a switched result carries (``switch``)."""
+
+    NOTHING = "nothing"  # the result carries a and b, both at 2^out_bits
+    HINT = "hint"  # the layer's hint mod q: b alone, at 2^hint_out_bits
+    SWITCHED = "switched"  # the switched a of an earlier reply: b alone, at 2^out_bits
 
 
 @dataclass(frozen=True)
@@ -98,18 +105,13 @@ class EncryptedPartial:
         a = concat_rows([p.a for p in parts])
         return EncryptedPartial(first.params, a, np.concatenate([p.b for p in parts]), first.n_tokens)
 
-    def switch(self, a_part: str = "send") -> EncryptedResult:
-        """Modulus-switch to the smallest power of two that keeps results exact.
-
-        ``a_part`` says what the client has of the public part (the same for every request of a
-        layer): ``"send"``, nothing (``a`` and ``b`` at ``2^out_bits``); ``"hint"``, the layer's
-        hint mod q (``b`` alone, at ``2^hint_out_bits``); ``"held"``, the switched ``a`` of an
-        earlier reply (``b`` alone, at ``2^out_bits``).
-        """
-        if a_part not in A_PARTS:
-            raise ValueError(f"a_part: one of {A_PARTS} expected, got {a_part!r}")
-        if a_part != "send":
-            bits = self.params.hint_out_bits if a_part == "hint" else self.params.out_bits
+    def switch(self, client_a: ClientA = ClientA.NOTHING) -> EncryptedResult:
+        """Modulus-switch to the smallest power of two that keeps results exact, for a client that
+        holds ``client_a`` of the public part (``ClientA``: what the result carries)."""
+        if not isinstance(client_a, ClientA):
+            raise ValueError(f"client_a: a ClientA ({', '.join(c.name for c in ClientA)}) expected, got {client_a!r}")
+        if client_a is not ClientA.NOTHING:
+            bits = self.params.hint_out_bits if client_a is ClientA.HINT else self.params.out_bits
             return EncryptedResult(self.params, None, _switch_rows(self.b, self.params, bits), self.n_tokens, bits)
         if isinstance(self.a, PackedRows) and self.a.bits != self.params.out_bits:
             raise ParameterMismatch(f"the switched a part has {self.a.bits} bits, not {self.params.out_bits}")
