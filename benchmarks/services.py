@@ -5,7 +5,7 @@
 One run, three configurations on the same batches, seed, LoRA and optimizer:
 - ``embedded``: ``helora train``'s default, the three server handlers in-process (the baseline);
 - ``broker_1``: encoder, one evaluator, aggregator as processes on the local RabbitMQ
-  (``helora_orchestrator.up.LocalFleet``), the client over ``BrokerTransport``;
+  (``helora_orchestrator.operator.up.LocalFleet``), the client over ``BrokerTransport``;
 - ``broker_2``: the same with two evaluators, each holding half of every layer.
 
 Each configuration runs ``--warmup`` steps (the first computes the server's hints), then
@@ -45,7 +45,7 @@ from helora_orchestrator.broker import make_broker_backend  # noqa: E402
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss  # noqa: E402
 from helora_orchestrator.data import ByteTokenizer, load_splits  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402
-from helora_orchestrator.up import SMOLLM2, TINY, LocalFleet  # noqa: E402
+from helora_orchestrator.operator.up import SMOLLM2, TINY, LocalFleet  # noqa: E402
 
 URL = os.environ.get("HELORA_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 LORA = LoraSettings(r=8, alpha=16)

@@ -63,9 +63,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, median_time, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
 from hecommon import route, wire  # noqa: E402
-from hecommon.broker import (
-    topology,
-)
+from hecommon.broker import topology  # noqa: E402
 from hecommon.he import kernels  # noqa: E402
 from hecommon.he.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
@@ -75,8 +73,8 @@ from helora_orchestrator.data import DataOrder, load_splits  # noqa: E402
 from helora_orchestrator.embedded import EmbeddedServer  # noqa: E402
 from helora_orchestrator.encrypted import make_encrypted_backend  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402
+from helora_orchestrator.operator.up import SMOLLM2, LocalFleet  # noqa: E402
 from helora_orchestrator.train import TrainConfig  # noqa: E402
-from helora_orchestrator.up import SMOLLM2, LocalFleet  # noqa: E402
 
 URL = os.environ.get("HELORA_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 #: one block of each model, random weights (only the linear shapes matter for the client's cost)

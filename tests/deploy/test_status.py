@@ -21,7 +21,7 @@ import helmchart  # tools/, on sys.path through tests/deploy/conftest.py
 import pytest
 import yaml
 from helora_orchestrator import cli
-from helora_orchestrator.status import StatusError, render, summarize
+from helora_orchestrator.operator.status import StatusError, render, summarize
 from listen_ports import free_listen_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helora_orchestrator.up import stop_processes, tail_logs
+from helora_orchestrator.operator.up import stop_processes, tail_logs
 
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 #: small on purpose: requests, partials and replies of the tiny model all travel in several parts

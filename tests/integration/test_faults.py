@@ -32,7 +32,7 @@ from helora_orchestrator.backend import build_backend
 from helora_orchestrator.broker import ServerError, make_broker_backend
 from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
 from helora_orchestrator.lora import LoraSettings
-from helora_orchestrator.up import LocalFleet
+from helora_orchestrator.operator.up import LocalFleet
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration

@@ -54,7 +54,7 @@ from helora_orchestrator.client_model import ClientModel, causal_lm_loss
 from helora_orchestrator.data import ByteTokenizer
 from helora_orchestrator.lora import LoraSettings
 from helora_orchestrator.metrics import start_metrics
-from helora_orchestrator.up import LocalFleet
+from helora_orchestrator.operator.up import LocalFleet
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helora_orchestrator.up import LocalFleet
+from helora_orchestrator.operator.up import LocalFleet
 
 pytestmark = pytest.mark.integration
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

@@ -17,8 +17,8 @@ from hecommon.errors import ConfigError, HeloraError, ParameterMismatch
 from .backend import MODES
 from .encrypted import HOLD_A_MIB
 from .lora import BLOCK_LINEARS, LoraSettings
-from .status import add_parser as add_status_parser
-from .status import cmd_status
+from .operator.status import add_parser as add_status_parser
+from .operator.status import cmd_status
 
 TINY = "tiny"
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_federate_parser(sub)
     add_status_parser(sub)
-    from .up import add_arguments as add_up_arguments
+    from .operator.up import add_arguments as add_up_arguments
 
     add_up_arguments(sub.add_parser("up", help="start the server side locally (encoder, evaluators, aggregator)"))
     return parser
@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         from .federated.cli import cmd_federate
 
         return cmd_federate(args)
-    if args.command == "up":  # its own flags and signal handling (helora_orchestrator.up)
-        from .up import cmd_up
+    if args.command == "up":  # its own flags and signal handling (helora_orchestrator.operator.up)
+        from .operator.up import cmd_up
 
         return cmd_up(args)
     try:
