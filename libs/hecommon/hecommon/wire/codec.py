@@ -7,7 +7,7 @@ field, never its data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import msgpack
@@ -80,6 +80,32 @@ def check_keys(where: str, m: Any, expected: Any) -> None:
         fail(where, f"missing field(s) {names(missing)}")
     if extra:
         fail(where, f"unexpected field(s) {names(extra)}")
+
+
+def message_class(m: dict[str, Any], body_keys: Mapping[Any, tuple[str, ...]], header: tuple[str, ...],
+                  expect: Any = None) -> Any:
+    """The message class (a key of ``body_keys``, by its ``TYPE``) that the decoded map ``m`` names,
+    of type ``expect`` when given, with exactly the keys ``header`` and its body's."""
+    by_type = {c.TYPE: c for c in body_keys}
+    kind = m.get("type")
+    cls = by_type.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        fail("type", f"one of {sorted(by_type)} is required")
+    if expect is not None and cls is not expect:
+        fail("type", f"{expect.TYPE!r} expected, got {cls.TYPE!r}")
+    check_keys(cls.TYPE, m, header + body_keys[cls])
+    return cls
+
+
+def construct(cls: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, a decoded message's constructor: a field it refuses (``ValueError``, ``TypeError``)
+    makes the message malformed; helora's own errors pass as they are."""
+    try:
+        return make()
+    except HeloraError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise MalformedMessage(f"{cls.TYPE}: invalid field ({type(exc).__name__})") from None
 
 
 def expect(msg: Any, cls: type) -> Any:

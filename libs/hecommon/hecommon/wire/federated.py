@@ -28,14 +28,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import HeloraError, MalformedMessage
 from .codec import check_blob_range as _blob
 from .codec import check_int_like as _int
 from .codec import check_keys as _keys
 from .codec import check_text as _text
+from .codec import construct, message_class, pack, unpack
 from .codec import expect as _expect
 from .codec import fail as _fail
-from .codec import pack, unpack
 from .fedfields import (
     DIGEST_BYTES,
     FEDWIRE_VERSION,
@@ -335,7 +334,6 @@ class Chunk:
 
 
 Message = PublicContext | Proposal | RoundPlan | Contribution | Aggregate | Chunk
-_BY_TYPE: dict[str, Any] = {c.TYPE: c for c in (PublicContext, Proposal, RoundPlan, Contribution, Aggregate, Chunk)}
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
     Chunk: ("part", "parts", "total", "data"),
     PublicContext: ("context",),
@@ -365,21 +363,10 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) 
     """Parse and validate one federated message (of type ``expect`` when given)."""
     m = unpack(data, max_bytes, version=FEDWIRE_VERSION, protocol="federated wire", max_array_len=MAX_DIM,
                max_map_len=64)
-    kind = m.get("type")
-    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        _fail("type", f"one of {sorted(_BY_TYPE)} is required")
-    if expect is not None and cls is not expect:
-        _fail("type", f"{expect.TYPE!r} expected, got {cls.TYPE!r}")
-    _keys(cls.TYPE, m, _HEADER + _BODY_KEYS[cls])
+    cls = message_class(m, _BODY_KEYS, _HEADER, expect)
     _blob("rid", m["rid"], RID_BYTES, RID_BYTES)
     _text("lib", m["lib"], MAX_LIB_CHARS)
-    try:
-        return cls._from(m)
-    except HeloraError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise MalformedMessage(f"{cls.TYPE}: invalid field ({type(exc).__name__})") from None
+    return construct(cls, lambda: cls._from(m))
 
 
 def encode_contribution(msg: Contribution, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:

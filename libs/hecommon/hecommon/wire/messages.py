@@ -31,18 +31,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import HeloraError, MalformedMessage
 from ..he.bits import PackedRows, pack_bits, packed_size
 from ..he.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult
 from ..he.params import ParamSet
 from ..he.params import get as get_params
 from .codec import check_blob as _blob
 from .codec import check_int as _int
-from .codec import check_keys as _keys
 from .codec import check_text as _text
+from .codec import construct, message_class, pack, unpack
 from .codec import expect as _expect
 from .codec import fail as _fail
-from .codec import pack, unpack
 from .error_reply import ErrorReply
 from .fields import (
     _HEADER,
@@ -379,21 +377,10 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) 
 
 
 def _decode_map(m: dict[str, Any], max_bytes: int, expect: Any = None) -> Message:
-    kind = m.get("type")
-    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        _fail("type", f"one of {sorted(_BY_TYPE)} is required")
-    if expect is not None and cls is not expect:
-        _fail("type", f"{expect.TYPE!r} expected, got {cls.TYPE!r}")
-    _keys(cls.TYPE, m, _HEADER + _BODY_KEYS[cls])
+    cls = message_class(m, _BODY_KEYS, _HEADER, expect)
     pset = _text("pset", m["pset"], MAX_NAME_CHARS, empty=cls is ErrorReply)
     _blob("rid", m["rid"], RID_BYTES)
-    try:
-        return cls._from(m, pset if cls is ErrorReply else get_params(pset), max_bytes)
-    except HeloraError:
-        raise
-    except (ValueError, TypeError) as exc:  # a constructor below refused a field: still malformed
-        raise MalformedMessage(f"{cls.TYPE}: invalid field ({type(exc).__name__})") from None
+    return construct(cls, lambda: cls._from(m, pset if cls is ErrorReply else get_params(pset), max_bytes))
 
 
 def encode_request(msg: EncryptedRequest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
