@@ -20,7 +20,10 @@ In one run, every key at the top level of the JSON:
 - ``client_parallel_speedup_2_threads``: 1-thread over 2-thread client time.
 - ``slowdown_vs_plain_peft``: SmolLM2-135M encrypted (embedded, ``helora train``'s default) vs
   plain PEFT (transformers + PEFT, fp32) on this CPU, same batches (8 × 256 tokens), each after
-  one warm-up step.
+  one warm-up step: the median encrypted step over the median of plain PEFT's steps, which run
+  before and again after the encrypted ones (this machine's speed drifts within a run; both
+  lists are in ``step_seconds``; the second run shares the client's heap setting,
+  ``helora_orchestrator.heap``, which the encrypted session set for the process).
 - ``broker_hops_per_byte``: the bytes through the broker (every body published into it and
   delivered out of it: each party's own counters, the services' ``helora_bytes_total`` and the
   client's transport) over the client's own wire bytes, in a SmolLM2 step over RabbitMQ with one
@@ -368,11 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     batches = _batches(1 + timed_steps, cfg.batch_size, cfg.seq_len, cfg.seed)
     tokens = batches[0][0].numel()
     torch.manual_seed(cfg.seed)
-    peft_seconds, _ = _timed(peft_run(cfg, lora), batches, 1)
+    peft_before, _ = _timed(peft_run(cfg, lora), batches, 1)
     gc.collect()
     torch.manual_seed(cfg.seed)
     enc_seconds, enc_states = _timed(helora_run("encrypted", cfg, lora), batches, 1)
     gc.collect()
+    torch.manual_seed(cfg.seed)  # the baseline again, around the encrypted run: this machine drifts
+    peft_after, _ = _timed(peft_run(cfg, lora), batches, 1)
+    gc.collect()
+    peft_seconds = peft_before + peft_after
     peft_s, enc_s = statistics.median(peft_seconds), statistics.median(enc_seconds)
 
     # 3. the same steps over RabbitMQ, one evaluator
@@ -402,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_step": tokens,
         "tokens_per_s_plain_peft": tokens / peft_s,
         "tokens_per_s_encrypted_embedded": tokens / enc_s,
-        "step_seconds": {"plain_peft": peft_seconds, "encrypted_embedded": enc_seconds,
+        "step_seconds": {"plain_peft": peft_seconds, "plain_peft_before": peft_before, "plain_peft_after": peft_after,
+                         "encrypted_embedded": enc_seconds,
                          "broker_1": broker["seconds"] if broker else None},
         "broker_hops_per_byte": broker["hops"] if broker else None,
         "broker_client_bytes_per_token": broker["client_bytes"] / (tokens * timed_steps) if broker else None,

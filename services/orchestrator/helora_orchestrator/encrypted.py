@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from hecommon import route, wire
+from hecommon import heap, route, wire
 from hecommon.errors import HeloraError, ParameterMismatch
 from hecommon.he import params as P
 from hecommon.he.bits import PackedRows, packed_size
@@ -29,8 +29,6 @@ from hecommon.he.exact import fold
 from hecommon.he.keys import NONCE_BYTES, SecretKey
 from hecommon.he.quantize import dequantize_backward, dequantize_forward, quantize_rows
 from hecommon.he.sampling import owner_a_seed
-
-from . import heap
 
 #: Default budget of switched ``a`` parts a broker client keeps (``EncryptedBackend(hold_a_bytes=)``),
 #: in MiB: SmolLM2-135M needs about 2.8 GiB for all of its layers (one a part per reply piece).
@@ -98,7 +96,7 @@ class EncryptedBackend:
         (layer, direction), packed as it came, up to this many bytes in all, and ask for ``b``
         alone after that (``send_a=False``): the ``a`` part is the same for every request of this session's
         layer, and it is half of every reply. Layers beyond the budget keep receiving it."""
-        heap.reuse_freed_memory()  # large temporaries from freed memory, not fresh pages (heap.py)
+        heap.reuse_freed_memory()  # large temporaries from freed memory, not fresh pages (hecommon.heap)
         self.manifest = manifest  # exact or refused: checked when it was made or decoded (wire.Manifest)
         self.params = manifest.params
         self.owner = os.urandom(wire.OWNER_BYTES) if owner is None else owner

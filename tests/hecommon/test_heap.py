@@ -1,5 +1,5 @@
-"""``heap.reuse_freed_memory``: the client's large temporaries (residues as float64, GEMM sums,
-decrypted rows: tens of MB each, hundreds per step) come back from freed memory instead of fresh
+"""``hecommon.heap.reuse_freed_memory``: the large temporaries of the client and the CPU services
+(residues as float64, GEMM sums, decrypted rows: tens of MB each, hundreds per step) come back from freed memory instead of fresh
 pages from the kernel, which faults and zeroes them on first touch (measured: ~10 % of an
 embedded SmolLM2 step). Checked in a fresh interpreter, since the setting is process-wide."""
 
@@ -15,7 +15,7 @@ import pytest
 PROBE = r"""
 import json, resource, sys
 import numpy as np
-from helora_orchestrator import heap
+from hecommon import heap
 applied = heap.reuse_freed_memory() if sys.argv[1] == "on" else False
 def faults_of_a_fresh_array():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -51,8 +51,8 @@ def test_helora_heap_default_leaves_the_allocator_alone():
 
 
 def test_a_bad_helora_heap_is_a_clear_error(monkeypatch):
+    from hecommon import heap
     from hecommon.errors import ConfigError
-    from helora_orchestrator import heap
 
     monkeypatch.setenv("HELORA_HEAP", "fast")
     with pytest.raises(ConfigError, match="HELORA_HEAP"):

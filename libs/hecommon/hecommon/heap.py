@@ -1,4 +1,4 @@
-"""The client's heap: keep freed memory for the next allocation instead of returning it.
+"""A process's heap: keep freed memory for the next allocation instead of returning it.
 
 An encrypted step allocates hundreds of arrays of tens of MB (residues as float64 for the GEMMs,
 their sums, decrypted rows). glibc serves every allocation above its mmap threshold (32 MiB at
@@ -8,8 +8,10 @@ of an embedded SmolLM2 step (60.9 s a step against 54.7 s with the heap kept; pe
 11.8 GB against 12.9 GB). ``reuse_freed_memory`` makes glibc take every allocation from its heap
 (``M_MMAP_MAX`` 0) and never trim it (``M_TRIM_THRESHOLD``), so a freed block is reused as it is.
 
-Process-wide, so the client sets it once, when an encrypted session starts (``EncryptedBackend``).
-``HELORA_HEAP=default`` leaves the allocator alone (``keep``, the default, applies it); where the
+The CPU evaluator's GEMMs and the aggregator's sums and switches allocate the same arrays.
+Process-wide, so each sets it once: the client when an encrypted session starts
+(``EncryptedBackend``), the evaluator and the aggregator when they start; their resident memory
+then stays at its peak between requests. ``HELORA_HEAP=default`` leaves the allocator alone (``keep``, the default, applies it); where the
 C library is not glibc nothing changes.
 """
 
@@ -21,7 +23,7 @@ import logging
 import os
 import threading
 
-from hecommon.errors import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger("helora.heap")
 
