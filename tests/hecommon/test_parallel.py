@@ -44,3 +44,19 @@ def test_packing_in_pieces_gives_the_bytes_of_one_piece(width, monkeypatch):
     np.testing.assert_array_equal(bits.unpack_bits(whole, width, count), values)
     with pytest.raises(ValueError, match="does not fit"):
         bits.pack_bits(np.concatenate([values, [np.uint64(1) << np.uint64(width)]]), width)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_cast_equals_astype(monkeypatch, threads):
+    """The product's casts (uint32 residues to float64 for the GEMMs, float64 sums back to uint32),
+    by row ranges on the pool: the same values and layout as ``astype``, contiguous or not."""
+    monkeypatch.setenv("HELORA_THREADS", threads)
+    rng = np.random.default_rng(7)
+    residues = rng.integers(0, 2**27, size=(300, 2, 64), dtype=np.uint32)
+    residues[0, 0, :2] = (0, 2**27 - 1)
+    for src, dtype in ((residues, np.float64), (residues[::2], np.float64),
+                       (residues.astype(np.float64), np.uint32), (residues.astype(np.float64)[5:200], np.uint32)):
+        got = parallel.cast(src, dtype)
+        want = src.astype(dtype)
+        assert got.dtype == want.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)

@@ -132,7 +132,7 @@ class MatrixProduct:
             return self.piece(a, lo)
         xp = self.xp
         a = expand_a(a_seed, self.params, self.d_in, start=self.input_start)
-        hint = self._product(xp.asarray(a)).astype(xp.uint32)
+        hint = self._as_uint32(self._product(xp.asarray(a)))
         return hint if xp is np else xp.asnumpy(hint)
 
     def piece(self, residues: np.ndarray, offset: int) -> np.ndarray:
@@ -158,7 +158,8 @@ class MatrixProduct:
         GEMMs, as they are. Uncentered, ``r < 2^27``: a sum of 2^14 terms of ``|M| <= 2^7`` stays
         below 2^48, exact in float64, and its remainder mod p is the centered residues' (one pass
         instead of four)."""
-        return residues.astype(self.xp.float64).reshape(residues.shape[0], -1)
+        flat = parallel.cast(residues, np.float64) if self.xp is np else residues.astype(self.xp.float64)
+        return flat.reshape(residues.shape[0], -1)
 
     def _gemm(self, flat: Any, first: int, rows: tuple[int, int], total: Any = None) -> Any:
         """``total`` plus, for each sub-sum ``s``, ``M[rows, cols_s] · flat[cols_s]`` mod p per limb, as
@@ -255,17 +256,24 @@ class MatrixProduct:
             return
         flat = self._columns(b)
         for lo, hi in blocks:
-            out = self._product(b, flat, (lo, hi)).astype(xp.uint32)
+            out = self._as_uint32(self._product(b, flat, (lo, hi)))
             yield out if xp is np else xp.asnumpy(out)
 
     def finish(self, total: Any) -> Any:
         """A ``_gemm`` total as (d_out, L, N) uint32 residues on the device."""
-        return self._outputs(total).astype(self.xp.uint32)
+        return self._as_uint32(self._outputs(total))
 
     def product_on_device(self, b: Any) -> Any:
         """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""
         out = self._product(b)
-        return out if out.dtype == self.xp.uint32 else out.astype(self.xp.uint32)
+        return self._as_uint32(out)
+
+    def _as_uint32(self, out: Any) -> Any:
+        """Residues in [0, p) (float64 sums, or uint32 already) as uint32: on the host, cast in
+        parallel row ranges (``parallel.cast``)."""
+        if out.dtype == self.xp.uint32:
+            return out
+        return parallel.cast(out, np.uint32) if self.xp is np else out.astype(self.xp.uint32)
 
 
 def _reduce(xp: Any, part: Any, moduli: Any, primes: np.ndarray) -> None:

@@ -12,7 +12,9 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 _PREFIX = "hecommon"
 _POOL: ThreadPoolExecutor | None = None
@@ -50,6 +52,15 @@ def map_ranges(fn: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> li
 def map_rows(fn: Callable[[int, int], object], rows: int, minimum: int = 128) -> None:
     """Run ``fn(lo, hi)`` over ranges of ``rows`` rows, in parallel when there are several."""
     map_ranges(fn, chunks(rows, minimum))
+
+
+def cast(src: np.ndarray, dtype: Any, minimum: int = 64) -> np.ndarray:
+    """``src.astype(dtype)`` (C order, the same values), converted by ranges of its first axis in
+    parallel: numpy's casts release the GIL, and a large cast is memory-bound work one core leaves
+    half done."""
+    out = np.empty(src.shape, dtype=dtype)
+    map_ranges(lambda lo, hi: np.copyto(out[lo:hi], src[lo:hi], casting="unsafe"), chunks(src.shape[0], minimum))
+    return out
 
 
 def reduce_rows(fn: Callable[[int, int], T], rows: int, combine: Callable[[T, T], T], minimum: int = 64) -> T:
