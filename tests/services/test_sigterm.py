@@ -40,7 +40,7 @@ START_S = 60.0
 #: how long after a stage's log line the signal is sent: the service is then inside that stage's wait
 SETTLE_S = 0.3
 #: ``hecommon.broker.metrics.serve`` logs this line once the endpoints listen, just before the service's
-#: start-up work (``amqp.serve``: metrics, then build, then run)
+#: start-up work (``process.serve``: metrics, then build, then run)
 METRICS_LINE = re.compile(r"metrics on http://[^:/\s]+:(\d+)/metrics")
 
 
@@ -75,7 +75,7 @@ class Service:
         seconds = time.monotonic() - t0
         text = self.text()
         assert code == 0, f"exit status {code} after {signal.Signals(sig).name}\n{text[-3000:]}"
-        # the orderly way out: ``amqp.serve`` or ``Service._shutdown`` logs it last (pika's own
+        # the orderly way out: ``process.serve`` or ``Service._shutdown`` logs it last (pika's own
         # tracebacks of refused connection attempts may come before)
         last = text.rstrip().splitlines()[-1]
         assert re.search(r"stopped", last) and "KeyboardInterrupt" not in text, text[-3000:]

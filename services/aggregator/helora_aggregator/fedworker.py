@@ -43,7 +43,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 from hecommon import wire
-from hecommon.broker import amqp, metrics, topology
+from hecommon.broker import amqp, metrics, process, topology
 from hecommon.broker import config as broker_config
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage, ParameterMismatch
 from hecommon.wire import fedchunks, fedfields
@@ -294,7 +294,7 @@ class FederatedWorker(amqp.Service):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return amqp.serve("helora-aggregator", FederatedConfig.from_args, FederatedWorker, argv)
+    return process.serve("helora-aggregator", FederatedConfig.from_args, FederatedWorker, argv)
 
 
 if __name__ == "__main__":

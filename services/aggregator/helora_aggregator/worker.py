@@ -26,7 +26,7 @@ from collections import OrderedDict
 import pika
 import pika.exceptions as pex
 from hecommon import heap, wire
-from hecommon.broker import amqp
+from hecommon.broker import amqp, process
 from hecommon.broker.metrics import Metrics
 from hecommon.broker.parts import PartCollector
 from hecommon.errors import HeloraError, MalformedMessage, ServiceTimeout
@@ -152,7 +152,7 @@ def _build(cfg: AggregatorConfig, metrics: Metrics | None = None) -> AggregatorW
 
 
 def main(argv: list[str] | None = None) -> int:
-    return amqp.serve("helora-aggregator", AggregatorConfig.from_args, _build, argv)
+    return process.serve("helora-aggregator", AggregatorConfig.from_args, _build, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

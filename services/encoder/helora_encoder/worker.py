@@ -11,7 +11,7 @@ layer's shard count, with which clients send their requests straight to the eval
 (``hecommon.route``): the encoder is not on the per-request path. Logs name the model and its
 layers, never payload.
 
-torch (``.handler``, ``.model``) is imported once ``amqp.serve`` handles SIGTERM, not with this
+torch (``.handler``, ``.model``) is imported once ``process.serve`` handles SIGTERM, not with this
 module: it takes seconds, during which a container's PID 1 would ignore the signal.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import pika
 import pika.exceptions as pex
 from hecommon import wire
-from hecommon.broker import amqp
+from hecommon.broker import amqp, process
 from hecommon.broker.metrics import Metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.he import params as P
@@ -144,7 +144,7 @@ class EncoderWorker(amqp.Service):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return amqp.serve("helora-encoder", EncoderConfig.from_args,
+    return process.serve("helora-encoder", EncoderConfig.from_args,
                       lambda cfg, metrics: EncoderWorker(cfg, prepare(cfg), metrics=metrics), argv)
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ between messages, so replicas sharing one queue (KEDA) may take the parts of one
 between them. A bad message is dead-lettered with its reason and the client gets an
 ``ErrorReply``.
 
-torch (through ``.handler``) is imported once ``amqp.serve`` handles
+torch (through ``.handler``) is imported once ``process.serve`` handles
 SIGTERM, not with this module: it takes seconds, during which a container's PID 1 would ignore the
-signal. A signal during the shard wait or the loading ends the evaluator at once (``amqp.serve``).
+signal. A signal during the shard wait or the loading ends the evaluator at once (``process.serve``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import pika
 import pika.exceptions as pex
 from hecommon import heap, wire
-from hecommon.broker import amqp, connection
+from hecommon.broker import amqp, connection, process
 from hecommon.broker.metrics import Metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
 from hecommon.he.evaluate import default_backend
@@ -45,7 +45,7 @@ log = logging.getLogger("helora.evaluator")
 
 
 def _wait_for(paths: list[Path], deadline_s: float) -> None:
-    """Poll until every path is a file (a SIGTERM ends the process at once: ``amqp.serve``)."""
+    """Poll until every path is a file (a SIGTERM ends the process at once: ``process.serve``)."""
     end, logged = time.monotonic() + deadline_s, False
     while True:
         missing = [p for p in paths if not p.is_file()]
@@ -191,7 +191,7 @@ def _build(cfg: EvaluatorConfig, metrics: Metrics | None = None) -> EvaluatorWor
 
 
 def main(argv: list[str] | None = None) -> int:
-    return amqp.serve("helora-evaluator", EvaluatorConfig.from_args, _build, argv)
+    return process.serve("helora-evaluator", EvaluatorConfig.from_args, _build, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

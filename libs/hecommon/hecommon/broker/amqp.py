@@ -20,8 +20,8 @@ Messages are transient (``TRAFFIC_DELIVERY``): a broker restart loses those in f
 client, whose connection dropped with it, sends its request again. Connections are named
 ``helora-{service}@{namespace}`` (``rabbitmqctl list_connections client_properties``).
 
-Signals (``serve``): SIGTERM or SIGINT stops a service at once while it starts (loading, waiting
-for shards or for the broker) and after its current message once it consumes; exit status 0.
+Signals (``process.serve``): SIGTERM or SIGINT stops a service at once while it starts (loading,
+waiting for shards or for the broker) and after its current message once it consumes; exit status 0.
 
 Threads (DESIGN §4 RabbitMQ practice): pika's ``BlockingConnection`` lives on the main thread,
 which only runs the I/O loop; deliveries go to one worker thread, which runs the service's
@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -53,7 +51,7 @@ from ..wire import MAX_ERROR_CHARS, ErrorReply, encode_error
 from .config import safe_url
 from .connection import connect, rid_of
 from .metrics import Metrics
-from .metrics import serve as serve_metrics
+from .process import STOP_SIGNALS, exit_at_once
 from .topology import DROPPED_HEADER, MESSAGE_HEADER, QUEUE_HEADER, REASON_HEADER, Topology
 
 log = logging.getLogger("helora.amqp")
@@ -61,22 +59,6 @@ log = logging.getLogger("helora.amqp")
 def _reject(channel: Any, tag: int) -> None:
     """Reject without requeue: the queue's own dead-letter exchange takes the message."""
     channel.basic_reject(tag, requeue=False)
-
-
-# -- signals ---------------------------------------------------------------------------------
-#: what stops a service: SIGTERM (``kubectl delete``, ``helora up`` on exit) and SIGINT (Ctrl-C)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _exit_at_once(signum: int, _frame: Any) -> None:
-    """A stop signal while a service starts (importing torch, quantizing, waiting for shards or for
-    the broker): it holds no delivery and no partial state yet, so the process ends here, with the
-    status of a graceful stop, 0. Not by raising an exception: one raised while torch runs Python code
-    from C++ (its import does) aborts the process (pybind11 calls std::terminate)."""
-    try:  # the log write itself may be interrupted (reentrant stderr write): exit all the same
-        log.info("%s during start-up: stopped", signal.Signals(signum).name)
-    finally:
-        os._exit(0)
 
 
 # -- the service shell -------------------------------------------------------------------------
@@ -314,7 +296,7 @@ class Service:
         close; before the first ``basic_consume`` (the broker wait) nothing is held: exit at once."""
         def on_signal(signum: int, frame: Any) -> None:
             if not self._consumed:
-                _exit_at_once(signum, frame)
+                exit_at_once(signum, frame)
             self.stop()
 
         for sig in STOP_SIGNALS:
@@ -399,48 +381,3 @@ class Service:
         except Exception:  # noqa: BLE001
             pass
         log.info("%s stopped", self.name)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
-
-
-
-def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any, Metrics], Any],
-          argv: list[str] | None = None) -> int:
-    """A worker's ``main``: parse and validate the config, start the metrics endpoints, build the
-    service (``build(cfg, metrics)``: loading weights may take minutes; ``/healthz`` answers and
-    ``/readyz`` says 503 meanwhile), run it.
-
-    Bad arguments and start-up failures exit with status 2 and one line, never a traceback.
-    SIGTERM and SIGINT are handled from the first step (a container's PID 1 ignores a signal it has
-    no handler for: a pod deleted while it starts would wait out its grace period): until the
-    service consumes they end the process at once (``_exit_at_once``); after, it finishes its current
-    message and closes (``Service.install_signal_handlers``). Either way the exit status is 0.
-    """
-    previous = [(sig, signal.signal(sig, _exit_at_once)) for sig in STOP_SIGNALS]
-    try:
-        return _serve(prog, from_args, build, argv)
-    finally:  # a caller that goes on (a test) gets its own handlers back
-        for sig, handler in previous:
-            signal.signal(sig, handler)
-
-
-def _serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any, Metrics], Any],
-           argv: list[str] | None) -> int:
-    try:
-        cfg = from_args(argv)
-    except HeloraError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.log_level)
-    try:
-        metrics = Metrics(prog.removeprefix("helora-"), getattr(cfg, "metrics_group", "all"))
-        serve_metrics(metrics, cfg.metrics_host, cfg.metrics_port, prog)
-        worker = build(cfg, metrics)
-    except (HeloraError, OSError) as exc:
-        log.error("start-up failed: %s", exc)
-        return 2
-    worker.install_signal_handlers()
-    return int(worker.run())
