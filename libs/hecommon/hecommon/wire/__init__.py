@@ -2,8 +2,8 @@
 
 - ``codec``: the msgpack framing and the field checks every message family shares;
 - ``fields``: the training messages' version, limits, field checks and array codecs;
-- ``messages``: the training messages (requests, partials, replies) and every encode/decode
-  pair; ``error_reply``: the error every service answers with; ``manifest``: the manifest and its
+- ``messages``: the training messages (requests, partials, replies); ``serde``: every
+  encode/decode pair; ``error_reply``: the error every service answers with; ``manifest``: the manifest and its
   layer entries;
 - ``heads``: messages read without their arrays; ``chunks``: cutting messages below the message
   limit and putting them back together (``split``, ``join``, ``PartTracker``);
@@ -19,3 +19,4 @@ from .fields import *  # noqa: F403
 from .heads import *  # noqa: F403
 from .manifest import *  # noqa: F403
 from .messages import *  # noqa: F403
+from .serde import *  # noqa: F403

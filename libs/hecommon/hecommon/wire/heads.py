@@ -30,15 +30,8 @@ from .fields import (
     _residue_row_bytes,
     _shape,
 )
-from .messages import (
-    _BODY_KEYS,
-    _BY_TYPE,
-    EncryptedReply,
-    EncryptedRequest,
-    PartialResult,
-    _parse,
-    _reply_bits,
-)
+from .messages import EncryptedReply, EncryptedRequest, PartialResult, _reply_bits
+from .serde import _BODY_KEYS, _BY_TYPE, _parse
 
 
 @dataclass(frozen=True)
