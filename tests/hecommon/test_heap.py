@@ -57,3 +57,34 @@ def test_a_bad_helora_heap_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HELORA_HEAP", "fast")
     with pytest.raises(ConfigError, match="HELORA_HEAP"):
         heap.reuse_freed_memory()
+
+
+SERVE = r"""
+import sys
+from types import SimpleNamespace
+from hecommon import heap
+from hecommon.broker import process
+
+class Worker:
+    def install_signal_handlers(self):
+        pass
+    def run(self):
+        print("applied", heap._applied)
+        return 0
+
+cfg = SimpleNamespace(log_level="warning", metrics_host="127.0.0.1", metrics_port=0)
+code = process.serve("helora-aggregator", lambda argv: cfg, lambda c, m: Worker(), [],
+                     reuse_memory=sys.argv[1] == "on")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("flag, env, code, says", [("on", "keep", 0, "applied True"), ("off", "keep", 0, "applied None"),
+                                                  ("on", "fast", 2, "HELORA_HEAP")])
+def test_a_service_started_with_reuse_memory_keeps_its_freed_memory(flag, env, code, says):
+    """``process.serve(reuse_memory=True)`` (the CPU evaluator, the aggregator) sets the heap before
+    the service is built; a bad ``HELORA_HEAP`` is a start-up error (status 2, one line)."""
+    out = subprocess.run([sys.executable, "-c", SERVE, flag], capture_output=True, text=True,
+                         env={**os.environ, "HELORA_HEAP": env})
+    assert out.returncode == code
+    assert says in out.stdout + out.stderr

@@ -2,17 +2,18 @@
 
 An encrypted step allocates hundreds of arrays of tens of MB (residues as float64 for the GEMMs,
 their sums, decrypted rows). glibc serves every allocation above its mmap threshold (32 MiB at
-most) with fresh pages from the kernel and unmaps them on free, so the kernel faults and zeroes
-each such array's pages on first touch, again and again: measured on this 2-core machine, about a tenth
-of an embedded SmolLM2 step (60.9 s a step against 54.7 s with the heap kept; peak memory
-11.8 GB against 12.9 GB). ``reuse_freed_memory`` makes glibc take every allocation from its heap
+most) with fresh pages from the kernel and unmaps them on free, so the kernel faults and
+zeroes each such array's pages on first touch, again and again: measured on this 2-core machine,
+about a tenth of an embedded SmolLM2 step (60.9 s a step against 54.7 s with the heap kept, means
+of two steps; peak memory 11.8 GB against 12.9 GB). ``reuse_freed_memory`` makes glibc take every allocation from its heap
 (``M_MMAP_MAX`` 0) and never trim it (``M_TRIM_THRESHOLD``), so a freed block is reused as it is.
 
 The CPU evaluator's GEMMs and the aggregator's sums and switches allocate the same arrays.
 Process-wide, so each sets it once: the client when an encrypted session starts
-(``EncryptedBackend``), the evaluator and the aggregator when they start; their resident memory
-then stays at its peak between requests. ``HELORA_HEAP=default`` leaves the allocator alone (``keep``, the default, applies it); where the
-C library is not glibc nothing changes.
+(``EncryptedBackend``), the evaluator and the aggregator when they start
+(``broker.process.serve(reuse_memory=True)``); their resident memory then stays at its peak
+between requests. ``HELORA_HEAP=default`` leaves the allocator alone (``keep``, the default,
+applies it); where the C library is not glibc nothing changes.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import pika
 import pika.exceptions as pex
-from hecommon import heap, wire
+from hecommon import wire
 from hecommon.broker import amqp, process
 from hecommon.broker.metrics import Metrics
 from hecommon.broker.parts import PartCollector
@@ -146,13 +146,8 @@ class AggregatorWorker(amqp.Service):
             self._done.popitem(last=False)
 
 
-def _build(cfg: AggregatorConfig, metrics: Metrics | None = None) -> AggregatorWorker:
-    heap.reuse_freed_memory()  # the sums' and switches' large temporaries from freed memory, not fresh pages
-    return AggregatorWorker(cfg, metrics)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return process.serve("helora-aggregator", AggregatorConfig.from_args, _build, argv)
+    return process.serve("helora-aggregator", AggregatorConfig.from_args, AggregatorWorker, argv, reuse_memory=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pika
 import pika.exceptions as pex
-from hecommon import heap, wire
+from hecommon import wire
 from hecommon.broker import amqp, connection, process
 from hecommon.broker.metrics import Metrics
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage
@@ -184,14 +184,13 @@ def device_bytes() -> int:
 
 
 def _build(cfg: EvaluatorConfig, metrics: Metrics | None = None) -> EvaluatorWorker:
-    heap.reuse_freed_memory()  # the GEMMs' large temporaries from freed memory, not fresh pages
     manifest, shards, shard_index = load_shards(cfg)
     log.info("holding %d layer shard(s) of blocks %s, shard %s", len(shards), cfg.blocks, cfg.shard)
     return EvaluatorWorker(cfg, manifest, shards, shard_index, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return process.serve("helora-evaluator", EvaluatorConfig.from_args, _build, argv)
+    return process.serve("helora-evaluator", EvaluatorConfig.from_args, _build, argv, reuse_memory=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,8 @@ class PartCollector(Generic[D]):
     and a replacement sent them all again, or the broker redelivered it): the first is kept, still
     unacked, and the copy's delivery waits in ``take_copies()``, which the caller acks at once, so
     that copies never fill the prefetch window, nothing is counted twice and nothing is lost.
-    ``expired`` hands back what waited longer than ``timeout_s`` so the caller can dead-letter it instead of holding it unacked forever.
+    ``expired`` hands back what waited longer than ``timeout_s`` so the caller can dead-letter it
+    instead of holding it unacked forever.
     """
 
     def __init__(self, timeout_s: float = 60.0) -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .. import heap
 from ..errors import HeloraError
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
@@ -37,9 +38,8 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
-
 def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any, Metrics], Any],
-          argv: list[str] | None = None) -> int:
+          argv: list[str] | None = None, *, reuse_memory: bool = False) -> int:
     """A worker's ``main``: parse and validate the config, start the metrics endpoints, build the
     service (``build(cfg, metrics)``: loading weights may take minutes; ``/healthz`` answers and
     ``/readyz`` says 503 meanwhile), run it.
@@ -49,17 +49,19 @@ def serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callab
     no handler for: a pod deleted while it starts would wait out its grace period): until the
     service consumes they end the process at once (``exit_at_once``); after, it finishes its current
     message and closes (``amqp.Service.install_signal_handlers``). Either way the exit status is 0.
+    ``reuse_memory``: the process keeps its freed memory for reuse (``hecommon.heap``; services whose
+    requests allocate large arrays: the CPU evaluator, the aggregator).
     """
     previous = [(sig, signal.signal(sig, exit_at_once)) for sig in STOP_SIGNALS]
     try:
-        return _serve(prog, from_args, build, argv)
+        return _serve(prog, from_args, build, argv, reuse_memory)
     finally:  # a caller that goes on (a test) gets its own handlers back
         for sig, handler in previous:
             signal.signal(sig, handler)
 
 
 def _serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Callable[[Any, Metrics], Any],
-           argv: list[str] | None) -> int:
+           argv: list[str] | None, reuse_memory: bool) -> int:
     try:
         cfg = from_args(argv)
     except HeloraError as exc:
@@ -69,6 +71,8 @@ def _serve(prog: str, from_args: Callable[[list[str] | None], Any], build: Calla
     try:
         metrics = Metrics(prog.removeprefix("helora-"), getattr(cfg, "metrics_group", "all"))
         serve_metrics(metrics, cfg.metrics_host, cfg.metrics_port, prog)
+        if reuse_memory:
+            heap.reuse_freed_memory()
         worker = build(cfg, metrics)
     except (HeloraError, OSError) as exc:
         log.error("start-up failed: %s", exc)

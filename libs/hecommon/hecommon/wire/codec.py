@@ -82,11 +82,10 @@ def check_keys(where: str, m: Any, expected: Any) -> None:
         fail(where, f"unexpected field(s) {names(extra)}")
 
 
-def message_class(m: dict[str, Any], body_keys: Mapping[Any, tuple[str, ...]], header: tuple[str, ...],
-                  expect: Any = None) -> Any:
-    """The message class (a key of ``body_keys``, by its ``TYPE``) that the decoded map ``m`` names,
-    of type ``expect`` when given, with exactly the keys ``header`` and its body's."""
-    by_type = {c.TYPE: c for c in body_keys}
+def message_class(m: dict[str, Any], by_type: Mapping[str, Any], body_keys: Mapping[Any, tuple[str, ...]],
+                  header: tuple[str, ...], expect: Any = None) -> Any:
+    """The message class (``by_type[TYPE]``, a key of ``body_keys``) that the decoded map ``m``
+    names, of type ``expect`` when given, with exactly the keys ``header`` and its body's."""
     kind = m.get("type")
     cls = by_type.get(kind) if isinstance(kind, str) else None
     if cls is None:

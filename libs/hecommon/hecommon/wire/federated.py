@@ -342,6 +342,7 @@ _BODY_KEYS: dict[Any, tuple[str, ...]] = {
     Contribution: ("owner", "samples", "ctx", "layers"),
     Aggregate: ("ctx", "total", "owners", "layers"),
 }
+_BY_TYPE: dict[str, Any] = {cls.TYPE: cls for cls in _BODY_KEYS}
 
 
 def _list(where: str, value: Any) -> list[Any]:
@@ -363,7 +364,7 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) 
     """Parse and validate one federated message (of type ``expect`` when given)."""
     m = unpack(data, max_bytes, version=FEDWIRE_VERSION, protocol="federated wire", max_array_len=MAX_DIM,
                max_map_len=64)
-    cls = message_class(m, _BODY_KEYS, _HEADER, expect)
+    cls = message_class(m, _BY_TYPE, _BODY_KEYS, _HEADER, expect)
     _blob("rid", m["rid"], RID_BYTES, RID_BYTES)
     _text("lib", m["lib"], MAX_LIB_CHARS)
     return construct(cls, lambda: cls._from(m))

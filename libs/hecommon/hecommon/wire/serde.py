@@ -59,7 +59,7 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) 
 
 
 def _decode_map(m: dict[str, Any], max_bytes: int, expect: Any = None) -> Message:
-    cls = message_class(m, _BODY_KEYS, _HEADER, expect)
+    cls = message_class(m, _BY_TYPE, _BODY_KEYS, _HEADER, expect)
     pset = _text("pset", m["pset"], MAX_NAME_CHARS, empty=cls is ErrorReply)
     _blob("rid", m["rid"], RID_BYTES)
     return construct(cls, lambda: cls._from(m, pset if cls is ErrorReply else get_params(pset), max_bytes))
