@@ -251,3 +251,33 @@ def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker
         assert ch.queue_declare(dead, passive=True).method.message_count == 2, log_path.read_text()[-3000:]
     finally:
         conn.close()
+
+
+def test_a_copy_of_a_chunk_is_acked_at_once_and_not_failed_with_its_message(fedworker):
+    """A chunk that arrives twice (a redelivery): the copy is acked as soon as it arrives (it must not
+    hold a prefetch slot until the message completes), so when the message then fails only its
+    two chunks are dead-lettered, not the copy."""
+    from hecommon.wire import federated as fedwire
+
+    ns, log_path = fedworker
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        ch = conn.channel()
+        q = ch.queue_declare("", exclusive=True).method.queue
+        props = pika.BasicProperties(reply_to=q, correlation_id="00" * 16)
+        mid = secrets.token_bytes(fedwire.RID_BYTES)
+        first = fedwire.encode(fedwire.Chunk(mid, 0, 2, 1500, b"x" * 1000))
+        for body in (first, first, fedwire.encode(fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600))):
+            ch.basic_publish("", topology.Topology(ns).federated, body, props)
+        method, _, body = next(ch.consume(q, inactivity_timeout=30))
+        assert method is not None, f"no error reply within 30 s\n{log_path.read_text()[-3000:]}"
+        ch.cancel()
+        assert wire.decode_error(body).reason == "malformed"
+        dead = topology.Topology(ns).dead
+        end = time.monotonic() + 5
+        while time.monotonic() < end:  # the count must reach 2 and stay there (a third would be the copy)
+            time.sleep(0.2)
+        assert ch.queue_declare(dead, passive=True).method.message_count == 2, log_path.read_text()[-3000:]
+        assert ch.queue_declare(topology.Topology(ns).federated, passive=True).method.message_count == 0
+    finally:
+        conn.close()

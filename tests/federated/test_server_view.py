@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 from hecommon.errors import MalformedMessage, ParameterMismatch
-from hecommon.wire import fedchunks, fedfields
+from hecommon.wire import GatherError, fedchunks, fedfields
 from hecommon.wire import federated as fedwire
 from helora_aggregator.federated import FederatedAggregator, check_public_context
 from helora_orchestrator.federated.round import run_round
@@ -158,23 +158,24 @@ def test_chunks_split_and_join_and_refuse_inconsistent_parts():
     parts = fedchunks.split_bytes(data, limit, b"\x07" * 16)
     assert len(parts) == 4 and all(len(p) <= limit for p in parts)
     assert fedchunks.split_bytes(b"small", limit, b"\x07" * 16) == [b"small"]
-    joiner = fedchunks.Reassembler(1 << 20)
+    joiner = fedchunks.gather(1 << 20)
     chunks = [fedwire.decode(p, limit) for p in parts]
     assert [joiner.add(c, i) for i, c in enumerate(chunks[:3])] == [None] * 3
     assert joiner.add(chunks[1], "again") is None  # a redelivered part counts once
+    assert joiner.take_copies() == ["again"]  # and is acked at once (chunks.Gather)
     joined, tokens = joiner.add(chunks[3], 3)
-    assert joined == data and tokens == [0, 1, 2, "again", 3]
+    assert joined == data and tokens == [0, 1, 2, 3]
     with pytest.raises(MalformedMessage, match="earlier ones"):
         joiner.add(chunks[0])
         joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1))
     with pytest.raises(OversizedMessage):
-        fedchunks.Reassembler(100_000).add(chunks[2])
+        fedchunks.gather(100_000).add(chunks[2])
     with pytest.raises(MalformedMessage):
         fedwire.Chunk(bytes(16), 2, 2, 10, b"x")  # part out of range
-    stale = fedchunks.Reassembler(1 << 20, timeout_s=0.0)
+    stale = fedchunks.gather(1 << 20, timeout_s=0.0)
     assert stale.add(chunks[0], "d0") is None
     time.sleep(0.01)
-    assert stale.expired() == [["d0"]] and stale.held_bytes() == 0
+    assert [tokens for _, tokens in stale.expired()] == [["d0"]] and stale.held_bytes() == 0
 
 
 def test_a_chunked_message_that_cannot_be_joined_hands_back_every_chunk():
@@ -186,21 +187,21 @@ def test_a_chunked_message_that_cannot_be_joined_hands_back_every_chunk():
     chunks = [fedwire.decode(p, limit) for p in fedchunks.split_bytes(data, limit, b"\x07" * 16)]
     assert len(chunks) == 4 and len(chunks[0].data) == piece
     # the parts' lengths do not add up to the announced total (the last one is short)
-    joiner = fedchunks.Reassembler(1 << 20)
+    joiner = fedchunks.gather(1 << 20)
     assert [joiner.add(c, i) for i, c in enumerate(chunks[:3])] == [None] * 3
-    with pytest.raises(fedchunks.ChunkError, match="bytes") as info:
+    with pytest.raises(GatherError, match="bytes") as info:
         joiner.add(dataclasses.replace(chunks[3], data=chunks[3].data[:-1]), 3)
     assert info.value.tokens == [0, 1, 2, 3] and joiner.held_bytes() == 0
     # a middle part of another length than the others, caught on arrival (not at the end)
-    joiner = fedchunks.Reassembler(1 << 20)
+    joiner = fedchunks.gather(1 << 20)
     assert joiner.add(chunks[0], "a") is None
-    with pytest.raises(fedchunks.ChunkError, match="part 1") as info:
+    with pytest.raises(GatherError, match="part 1") as info:
         joiner.add(dataclasses.replace(chunks[1], data=chunks[1].data[:-5]), "b")
     assert info.value.tokens == ["a", "b"] and joiner.held_bytes() == 0
     # parts or total that disagree with the earlier chunks: the whole message goes too
-    joiner = fedchunks.Reassembler(1 << 20)
+    joiner = fedchunks.gather(1 << 20)
     assert joiner.add(chunks[0], "a") is None
-    with pytest.raises(fedchunks.ChunkError, match="earlier ones") as info:
+    with pytest.raises(GatherError, match="earlier ones") as info:
         joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1), "b")
     assert info.value.tokens == ["a", "b"] and joiner.held_bytes() == 0
     assert isinstance(info.value, MalformedMessage)
@@ -253,7 +254,7 @@ def test_prefetch_must_hold_every_chunk_of_a_round(tmp_path, fed_keys):
     assert args.max_contribution_bytes == 1 << 20 and args.prefetch == 64
     # the bound holds at run time: one message above it is refused on its first chunk,
     # while several smaller ones may be held together beyond it
-    joiner = fedchunks.Reassembler(1 << 30, max_message_bytes=100_000)
+    joiner = fedchunks.gather(1 << 30, max_message_bytes=100_000)
     with pytest.raises(OversizedMessage, match="100000"):
         joiner.add(fedwire.Chunk(b"\x01" * 16, 0, 2, 100_001, b"x" * 60_000), "big")
     for i in range(3):

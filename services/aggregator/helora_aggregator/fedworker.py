@@ -147,7 +147,7 @@ class FederatedWorker(amqp.Service):
         self.queue = topology.Topology(cfg.namespace).federated
         self.rounds: dict[bytes, _Round] = {}
         self.closed: dict[bytes, None] = {}
-        self.chunks = fedchunks.Reassembler(cfg.max_joined_bytes, cfg.round_timeout_s, cfg.max_contribution_bytes)
+        self.chunks = fedchunks.gather(cfg.max_joined_bytes, cfg.round_timeout_s, cfg.max_contribution_bytes)
 
     def declare(self, ch) -> list[str]:
         self.topology.declare_queue(ch, self.queue)
@@ -165,6 +165,7 @@ class FederatedWorker(amqp.Service):
             msg = fedwire.decode(d.body, self.limit)
             if isinstance(msg, fedwire.Chunk):  # a message above the broker's limit, in parts
                 got = self.chunks.add(msg, d)
+                self.ack(self.chunks.take_copies())  # copies of chunks already held (redeliveries): ack now
                 if got is None:
                     return
                 body, ds = got
@@ -182,7 +183,7 @@ class FederatedWorker(amqp.Service):
                 self._contribution(msg, ds)
             else:
                 raise MalformedMessage(f"{msg.TYPE}: not accepted on the federated queue")
-        except fedchunks.ChunkError as exc:  # every chunk of the message received so far goes, not just this one
+        except wire.GatherError as exc:  # every chunk of the message received so far goes, not just this one
             self.fail(exc.tokens, exc)
         except HeloraError as exc:
             self.fail(ds, exc)
@@ -279,7 +280,7 @@ class FederatedWorker(amqp.Service):
             log.warning("an owner's reply queue is gone; answer dropped")
 
     def tick(self) -> None:
-        for ds in self.chunks.expired():
+        for _, ds in self.chunks.expired():
             self.fail(ds, MalformedMessage(f"chunked message incomplete after {self.chunks.timeout_s:.0f} s"))
         now = time.monotonic()
         for rid, rnd in list(self.rounds.items()):

@@ -28,7 +28,6 @@ import pika.exceptions as pex
 from hecommon import wire
 from hecommon.broker import amqp, process
 from hecommon.broker.metrics import Metrics
-from hecommon.broker.parts import PartCollector
 from hecommon.errors import HeloraError, MalformedMessage, ServiceTimeout
 
 from .config import AggregatorConfig
@@ -44,7 +43,8 @@ class AggregatorWorker(amqp.Service):
         super().__init__(cfg, metrics=metrics)
         self.metrics.set_info("any", "numpy")  # it takes whatever parameter set the partials carry
         self.handler = AggregatorHandler(cfg.max_pending, include_a=True)
-        self.parts = PartCollector(cfg.part_timeout_s)
+        # the parts of each shard's piece: (rid, layer, direction, shard, piece) -> part -> message
+        self.parts: wire.Gather[wire.PartialResult, amqp.Delivery] = wire.Gather(_partial_head, timeout_s=cfg.part_timeout_s)
         self._held: dict[tuple[bytes, str, str], tuple[float, list[amqp.Delivery]]] = {}
         self._done: OrderedDict[tuple[bytes, str, str], None] = OrderedDict()
         self._warned = 0.0  # when the prefetch window was last reported full
@@ -63,7 +63,8 @@ class AggregatorWorker(amqp.Service):
         return super().in_flight() + len(self._held)
 
     def tick(self) -> None:
-        for key, ds in self.parts.expired():
+        for k, ds in self.parts.expired():
+            key: tuple = k  # type: ignore[assignment]  # _partial_head's key
             self.fail(ds, ServiceTimeout(f"layer {key[1]} {key[2]}: the partial of shard {key[3]} piece {key[4]} "
                                          f"stayed incomplete for {self.parts.timeout_s:.0f} s"), rid=key[0])
         now = time.monotonic()
@@ -84,7 +85,7 @@ class AggregatorWorker(amqp.Service):
             if (chunk.rid, chunk.layer, chunk.direction) in self._done:
                 self.ack([d])  # a copy of a part of an answered request (a redelivery)
                 return
-            got = self.parts.add((chunk.rid, chunk.layer, chunk.direction, chunk.shard, chunk.piece), chunk, d)
+            got = self.parts.add(chunk, d)
         except HeloraError as exc:
             self.fail([d], exc)
             return
@@ -134,7 +135,7 @@ class AggregatorWorker(amqp.Service):
         held = self.parts.held() + sum(len(ds) for _, ds in self._held.values())
         if held >= self.prefetch and time.monotonic() - self._warned > 60:
             self._warned = time.monotonic()
-            requests = set(self._held) | {key[:3] for key in self.parts.keys()}  # key: (rid, layer, dir, …)
+            requests = set(self._held) | {key[:3] for key in self.parts.keys()}  # type: ignore[index]
             log.warning("holding %d partial messages of %d incomplete request(s), the whole --prefetch (%d): a request "
                         "needs shards x parts x output messages of them at once; raise --prefetch", held,
                         len(requests), self.prefetch)
@@ -144,6 +145,11 @@ class AggregatorWorker(amqp.Service):
         self._done[key] = None
         while len(self._done) > self.cfg.max_pending:
             self._done.popitem(last=False)
+
+
+def _partial_head(m: wire.PartialResult) -> wire.Head:
+    """A partial's parts are gathered per shard and piece of its request."""
+    return wire.Head((m.rid, m.layer, m.direction, m.shard, m.piece), m.part, m.parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ confirms), so a worker that dies mid-request leaves its deliveries to the broker
 redelivers them. A lost connection is reconnected with backoff; a broker operation cut by the
 loss raises ``TransientError`` (the message comes back; it is never dead-lettered). A part that
 arrives twice (a redelivery, or a sender that died half-way through publishing) is acked at
-once and used once (``parts.PartCollector``); the aggregator ignores partials of answered ids.
+once and used once (``hecommon.wire.Gather``); the aggregator ignores partials of answered ids.
 Messages are transient (``TRAFFIC_DELIVERY``): a broker restart loses those in flight, and the
 client, whose connection dropped with it, sends its request again. Connections are named
 ``helora-{service}@{namespace}`` (``rabbitmqctl list_connections client_properties``).

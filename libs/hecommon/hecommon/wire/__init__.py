@@ -6,7 +6,8 @@
   encode/decode pair; ``error_reply``: the error every service answers with; ``manifest``: the manifest and its
   layer entries;
 - ``heads``: messages read without their arrays; ``chunks``: cutting messages below the message
-  limit and putting them back together (``split``, ``join``, ``PartTracker``);
+  limit and putting them back together (``split``, ``join``; ``Gather``, the one reassembly of
+  every family, and ``PartTracker`` on it);
 - ``federated``: the federated-aggregation messages (``hecommon.wire.federated``), with their
   constants, CKKS layout and field checks (``fedfields``) and chunking (``fedchunks``).
 

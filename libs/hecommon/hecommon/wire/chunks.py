@@ -1,12 +1,20 @@
-"""Messages larger than the broker's ``max_message_size``, cut by ciphertext rows (``split``,
-``row_ranges``) and put back together (``join``; ``PartTracker`` for a receiver that uses each
-part as it arrives): the one reassembly of the training messages."""
+"""Messages larger than the broker's ``max_message_size``, and their reassembly.
+
+``Gather`` is the one reassembly of chunked messages, for every family: it holds the parts of
+each message by key until all are in, keeps the first copy of a part, and bounds what it holds
+(time, bytes). What a family adds is how its messages are cut and how complete parts are joined:
+the training messages are cut by ciphertext rows (``split``, ``row_ranges``) and joined by
+``join``; a client that uses each reply part as it arrives counts them with ``PartTracker`` (a
+``Gather`` of offsets); the federated messages are cut by bytes (``fedchunks``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+import math
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ..errors import MalformedMessage, OversizedMessage
 from ..he.bits import packed_size
@@ -17,6 +25,138 @@ from .heads import RequestHead
 from .messages import EncryptedReply, EncryptedRequest, PartialResult
 
 Chunked = EncryptedRequest | PartialResult | EncryptedReply
+T = TypeVar("T")  # what a part holds (a message, a span)
+D = TypeVar("D")  # a token: what the caller acks (a delivery) once the message is used or failed
+
+
+class Head(NamedTuple):
+    """What ``Gather`` reads from a part: its message's key, its index, the message's part count,
+    and the bytes the whole message announces (0 where nothing is announced)."""
+
+    key: Hashable
+    part: int
+    parts: int
+    size: int = 0
+
+
+class GatherError(MalformedMessage):
+    """A chunked message that cannot be put together. ``tokens``: those of every part received for
+    it (the failing one included), so that the caller fails them all and none stays unacked."""
+
+    def __init__(self, message: str, tokens: list[Any]) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+
+
+class _Pending(Generic[T, D]):
+    __slots__ = ("since", "parts", "size", "items", "tokens")
+
+    def __init__(self, parts: int, size: int) -> None:
+        self.since, self.parts, self.size = time.monotonic(), parts, size
+        self.items: dict[int, T] = {}
+        self.tokens: list[D] = []
+
+
+class Gather(Generic[T, D]):
+    """The parts of chunked messages, held by key until every part has come: the one reassembly
+    of every message family (DESIGN §4).
+
+    ``head(item)`` says which message a part belongs to (``Head``). ``add(item, token)`` returns
+    ``(join(items in part order), tokens)`` once the message is complete, else None; ``token`` is
+    what the caller acks once the message is used (a delivery). A part that arrives twice is a copy
+    (a sender replaced after publishing some parts sent them all again, or the broker redelivered
+    one): the first is kept and the copy's token waits in ``take_copies()``, for the caller to ack
+    at once, so that copies never fill a prefetch window, nothing counts twice and nothing is lost.
+
+    ``check(held, item)`` refuses (``MalformedMessage``) a part that disagrees with those already
+    held, as does a part count that differs from the first part's: the whole message is dropped
+    and ``GatherError`` carries every token received for it. Bounds: a message announcing more
+    than ``max_message_bytes``, or more than ``max_bytes`` with what is held already, is refused on
+    its first part (``OversizedMessage``: that part alone fails); ``expired()`` hands back the
+    messages still incomplete after ``timeout_s``, so that the caller fails them instead of
+    holding them unacked for ever.
+    """
+
+    def __init__(self, head: Callable[[T], Head], *, check: Callable[[Mapping[int, T], T], None] | None = None,
+                 join: Callable[[list[T]], Any] = list, timeout_s: float = 60.0,
+                 max_bytes: int | None = None, max_message_bytes: int | None = None) -> None:
+        self.head, self.check, self.join, self.timeout_s = head, check, join, timeout_s
+        self.max_bytes = math.inf if max_bytes is None else max_bytes
+        #: the largest single message (by default ``max_bytes``, the bound on all held)
+        self.max_message_bytes = min(self.max_bytes, math.inf if max_message_bytes is None else max_message_bytes)
+        self._pending: dict[Hashable, _Pending[T, D]] = {}
+        self._copies: list[D] = []
+
+    def add(self, item: T, token: D = None) -> tuple[Any, list[D]] | None:  # type: ignore[assignment]
+        key, part, parts, size = self.head(item)
+        entry = self._pending.get(key)
+        if entry is None:
+            if size > self.max_message_bytes:
+                raise OversizedMessage(f"chunked message of {size} bytes: over the limit {self.max_message_bytes}")
+            if self.held_bytes() + size > self.max_bytes:
+                raise OversizedMessage(f"chunked message of {size} bytes: {self.held_bytes()} bytes already "
+                                       f"held, the limit is {self.max_bytes} in all")
+            entry = self._pending[key] = _Pending(parts, size)
+        elif part in entry.items:
+            self._copies.append(token)
+            return None
+        entry.tokens.append(token)
+        try:
+            if parts != entry.parts:
+                raise MalformedMessage(f"part {part}: says {parts} parts, the earlier ones {entry.parts}")
+            if self.check is not None:
+                self.check(entry.items, item)
+            entry.items[part] = item
+            if len(entry.items) < entry.parts:
+                return None
+            del self._pending[key]
+            return self.join([entry.items[i] for i in sorted(entry.items)]), entry.tokens
+        except MalformedMessage as exc:
+            self._pending.pop(key, None)
+            raise GatherError(str(exc), entry.tokens) from None
+
+    def take_copies(self) -> list[D]:
+        """Tokens of copies of parts already held: ack them now (the originals stay held)."""
+        out, self._copies = self._copies, []
+        return out
+
+    def has(self, key: Hashable, part: int) -> bool:
+        """Whether part ``part`` of the message ``key`` is held."""
+        entry = self._pending.get(key)
+        return entry is not None and part in entry.items
+
+    def __len__(self) -> int:
+        """Messages whose parts are still arriving."""
+        return len(self._pending)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._pending
+
+    def keys(self) -> list[Hashable]:
+        """The keys of the messages whose parts are still arriving."""
+        return list(self._pending)
+
+    def held(self) -> int:
+        """Tokens held for those messages."""
+        return sum(len(e.tokens) for e in self._pending.values())
+
+    def held_bytes(self) -> int:
+        """Bytes the messages being gathered announce, in all."""
+        return sum(e.size for e in self._pending.values())
+
+    def expired(self) -> list[tuple[Hashable, list[D]]]:
+        """``(key, tokens)`` of every message still incomplete after ``timeout_s``, dropped."""
+        now = time.monotonic()
+        return [(k, self._pending.pop(k).tokens) for k in [k for k, e in self._pending.items()
+                                                           if now - e.since > self.timeout_s]]
+
+    def discard(self, match: Callable[[Any], bool]) -> list[D]:
+        """Drop the messages whose key matches (their request is answered); their tokens."""
+        return [t for k in [k for k in self._pending if match(k)] for t in self._pending.pop(k).tokens]
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self._copies.clear()
 
 
 def split(msg: Chunked, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Chunked]:
@@ -46,8 +186,8 @@ def request_ranges(width: int, params: ParamSet, max_bytes: int = MAX_MESSAGE_BY
 
 
 def _route(msg: Chunked, piece: bool = True) -> tuple[Any, ...]:
-    """What every part of one message shares; ``parts`` is item 4 (``PartTracker.complete``).
-    ``piece=False``: what every piece of a reply shares too (``PartTracker``)."""
+    """What every part of one message shares. ``piece=False``: what every piece of a reply
+    shares too (``PartTracker``)."""
     if isinstance(msg, EncryptedRequest):
         return (type(msg), *RequestHead.of(msg).route)
     key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name,
@@ -83,21 +223,25 @@ def join(chunks: Sequence[Chunked]) -> Chunked:
 
 class PartTracker:
     """The parts of one chunked message as they arrive, for a receiver that uses each part at once
-    instead of joining them (the client decrypts reply parts as they come in).
+    instead of joining them (the client decrypts reply parts as they come in): a ``Gather`` of
+    the parts' offsets, never their arrays.
 
     A reply may come in ``pieces`` (an evaluator answers each part of a request alone, and the
     client adds them): each piece is a chunked message of its own, with the same outputs.
     ``add`` checks every part against the first as ``join`` does (the piece number aside) and
     says whether the part is new (a copy of a part already seen is dropped: the first copy
     counts); ``complete`` is true once parts ``0 … parts-1`` of every piece ``0 … pieces-1`` are
-    in, and refuses parts whose offsets do not follow each other. Only offsets are kept, never
-    arrays.
+    in, and refuses parts whose offsets do not follow each other.
     """
 
     def __init__(self) -> None:
         self._route: tuple[Any, ...] | None = None
         self._pieces = 1
-        self._spans: dict[tuple[int, int], tuple[int, int]] = {}  # (piece, part) -> (offset, rows)
+        # items: (piece, part, parts, offset, rows)
+        self._gather: Gather[tuple[int, int, int, int, int], None] = Gather(
+            lambda s: Head(s[0], s[1], s[2]), timeout_s=math.inf)
+        self._done: dict[int, list[tuple[int, int, int, int, int]]] = {}  # piece -> its parts, in order
+        self._rows = 0
 
     @staticmethod
     def key(chunk: Chunked) -> tuple[int, int]:
@@ -113,16 +257,22 @@ class PartTracker:
             self._pieces = 1 if isinstance(chunk, EncryptedRequest) else chunk.pieces
         elif route != self._route:
             _fail("join", "parts of different messages or shapes")
-        key = self.key(chunk)
-        if key in self._spans:
+        if self.key(chunk) in self:
             return False
         offset = chunk.row_start if isinstance(chunk, EncryptedRequest) else chunk.out_start
-        self._spans[key] = (offset, chunk._rows())
+        piece, part = self.key(chunk)
+        got = self._gather.add((piece, part, chunk.parts, offset, chunk._rows()))
+        if got is not None:
+            self._done[piece] = got[0]
+        self._rows += chunk._rows()
         return True
 
     def __contains__(self, key: object) -> bool:
         """Whether ``(piece, part)`` is in already."""
-        return key in self._spans
+        if not isinstance(key, tuple) or len(key) != 2:
+            return False
+        piece, part = key
+        return piece in self._done or self._gather.has(piece, part)
 
     @property
     def pieces(self) -> int:
@@ -130,22 +280,18 @@ class PartTracker:
 
     @property
     def complete(self) -> bool:
-        if self._route is None:
+        if len(self._done) < self._pieces:
             return False
-        parts = self._route[4]  # _route()[4]: parts
-        if len(self._spans) < parts * self._pieces:
-            return False
-        for piece in range(self._pieces):
-            ordered = [self._spans[(piece, i)] for i in range(parts)]
-            for i, (prev, cur) in enumerate(zip(ordered, ordered[1:], strict=False), start=1):
-                if cur[0] != prev[0] + prev[1]:
-                    _fail("join", f"part {i}: its offset is not contiguous with part {i - 1}")
+        for ordered in self._done.values():
+            for prev, cur in zip(ordered, ordered[1:], strict=False):
+                if cur[3] != prev[3] + prev[4]:
+                    _fail("join", f"part {cur[1]}: its offset is not contiguous with part {prev[1]}")
         return True
 
     @property
     def rows(self) -> int:
         """Rows (ciphertexts) in the parts seen so far, every piece counted."""
-        return sum(rows for _, rows in self._spans.values())
+        return self._rows
 
 
 def payload_bytes(msg: EncryptedRequest | EncryptedReply) -> int:

@@ -63,7 +63,7 @@ class FederatedBrokerClient:
         for part in fedchunks.split_bytes(body, self.max_bytes, secrets.token_bytes(fedwire.RID_BYTES)):
             self.ch.basic_publish("", self.queue, part, props, mandatory=True)
             self.bytes_up += len(part)
-        chunks = fedchunks.Reassembler(self.max_joined, self.timeout_s)
+        chunks = fedchunks.gather(self.max_joined, self.timeout_s)
         deadline = time.monotonic() + self.timeout_s
         for method, rprops, reply in self.ch.consume(self.reply_to, inactivity_timeout=1.0):
             if method is None:
@@ -82,7 +82,7 @@ class FederatedBrokerClient:
             return self._decode(joined, expect)
         raise TransientError("the reply queue was cancelled")  # pragma: no cover - consume never ends otherwise
 
-    def _join(self, chunks: fedchunks.Reassembler, reply: bytes) -> bytes | None:
+    def _join(self, chunks: wire.Gather, reply: bytes) -> bytes | None:
         """The whole answer once every chunk of it is in; an unchunked answer as it is."""
         try:
             part = fedwire.decode(reply, self.max_bytes)
