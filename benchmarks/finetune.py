@@ -105,7 +105,7 @@ def hint_bytes_once(backend, blocks_scale: float = 1.0) -> float:
 
 def llama1b_costs() -> dict:
     """Client seconds and wire bytes per token for one Llama-3.2-1B block, scaled to 16 blocks."""
-    from helora_orchestrator.encrypted import make_encrypted_backend
+    from helora_orchestrator.embedded import make_encrypted_backend
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -73,8 +73,7 @@ from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: 
 from helora_orchestrator.broker import BrokerTransport, make_broker_backend  # noqa: E402
 from helora_orchestrator.client_model import ClientModel  # noqa: E402
 from helora_orchestrator.data import DataOrder, load_splits  # noqa: E402
-from helora_orchestrator.embedded import EmbeddedServer  # noqa: E402
-from helora_orchestrator.encrypted import make_encrypted_backend  # noqa: E402
+from helora_orchestrator.embedded import EmbeddedServer, make_encrypted_backend  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402
 from helora_orchestrator.operator.up import SMOLLM2, LocalFleet  # noqa: E402
 from helora_orchestrator.train import TrainConfig  # noqa: E402

@@ -6,9 +6,11 @@
 - no ``handler.py`` reaches pika, directly or through the hecommon modules it imports;
 - nothing under ``hecommon.he`` (the scheme) reaches ``hecommon.wire`` or ``hecommon.broker``, or
   pika, directly or transitively;
-- the orchestrator's remaining imports of server services are exactly the ones listed in
-  ``ORCHESTRATOR_KNOWN`` (the in-process server of the embedded mode and the owner side of the
-  federated mode): a new one fails this test until issue 16 settles where they belong.
+- the data owner's code (the orchestrator) imports server services in one module only, its
+  in-process server (``helora_orchestrator.embedded``: the embedded mode runs the services'
+  handlers in-process, DESIGN §4), and there only their pure modules, which reach no pika; the
+  client over the broker (its transport, the encrypted backend) and the operator tools reach no
+  server service at all.
 """
 
 from __future__ import annotations
@@ -25,13 +27,10 @@ PACKAGES = {
     "helora_orchestrator": ROOT / "services/orchestrator/helora_orchestrator",
 }
 SERVICES = [p for p in PACKAGES if p != "hecommon"]
-#: module of the orchestrator -> the server services it imports (issue 16 is open on these)
-ORCHESTRATOR_KNOWN = {
-    "helora_orchestrator.embedded": {"helora_encoder", "helora_evaluator", "helora_aggregator"},
-    "helora_orchestrator.federated.cli": {"helora_aggregator"},
-    "helora_orchestrator.federated.dager": {"helora_aggregator"},
-    "helora_orchestrator.federated.round": {"helora_aggregator"},
-}
+#: the orchestrator's in-process server, and the pure service modules it may import
+IN_PROCESS = "helora_orchestrator.embedded"
+IN_PROCESS_IMPORTS = {"helora_encoder.handler", "helora_evaluator.handler", "helora_aggregator.handler",
+                      "helora_aggregator.federated"}
 
 
 def _modules() -> dict[str, Path]:
@@ -88,7 +87,8 @@ def test_the_graph_is_read_from_the_code():
     assert "hecommon.shards" in _imports("helora_evaluator.handler")
     assert "hecommon.errors" in _imports("hecommon.he.exact")  # from .errors import …
     assert "pika" in _closure("hecommon.broker.amqp")
-    assert "helora_aggregator.federated" in _imports("helora_orchestrator.federated.round")
+    assert "helora_aggregator.federated" in _imports("helora_orchestrator.embedded")
+    assert "helora_orchestrator.embedded" in _imports("helora_orchestrator.federated.round")  # from ..embedded
 
 
 def test_hecommon_imports_no_service():
@@ -102,14 +102,24 @@ def test_server_services_import_only_hecommon_and_themselves():
     assert bad == set()
 
 
-def test_the_orchestrators_imports_of_server_services_are_the_known_ones():
+def test_the_owner_imports_server_services_only_in_its_in_process_server():
     got: dict[str, set[str]] = {}
     for m in MODULES:
         if _top(m) == "helora_orchestrator":
-            others = {_top(n) for n in _imports(m) if _top(n) in SERVICES and _top(n) != "helora_orchestrator"}
+            others = {n for n in _imports(m) if _top(n) in SERVICES and _top(n) != "helora_orchestrator"}
             if others:
-                got[m] = others
-    assert got == ORCHESTRATOR_KNOWN
+                got[m] = {n for n in others if n in MODULES}  # modules, not the names imported from them
+    assert got == {IN_PROCESS: IN_PROCESS_IMPORTS}
+    assert not any(_top(n) == "pika" for n in _closure(IN_PROCESS))  # pure: no broker in-process
+
+
+def test_the_broker_client_and_the_operator_tools_reach_no_server_service():
+    """(The trainer reaches the in-process server: ``--mode encrypted`` without a broker is the embedded mode.)"""
+    roots = ["helora_orchestrator.broker", "helora_orchestrator.encrypted",
+             *(m for m in MODULES if m.startswith("helora_orchestrator.operator"))]
+    reach = {m: sorted(n for n in _closure(m) if _top(n) in SERVICES and _top(n) != "helora_orchestrator")
+             for m in roots}
+    assert reach == {m: [] for m in roots}
 
 
 def test_no_handler_reaches_pika():

@@ -211,7 +211,7 @@ def test_a_split_layer_trains_through_the_client_bit_for_bit(rng, shards):
     from hecommon.model import discover_groups, tiny_llama
     from helora_encoder.handler import quantize_groups
     from helora_orchestrator.backend import QuantizedBackend
-    from helora_orchestrator.encrypted import make_encrypted_backend
+    from helora_orchestrator.embedded import make_encrypted_backend
 
     model, _ = tiny_llama(0, hidden_size=16, intermediate_size=8_400, num_attention_heads=2,
                           num_key_value_heads=1, num_hidden_layers=1)

@@ -51,6 +51,6 @@ def test_build_backend_modes(monkeypatch):
     assert isinstance(q, QuantizedBackend) and q.qweights["0.qkv"].values.shape == (128, 64) and q.bits == 6
     with pytest.raises(ConfigError, match="mode: 'fp16'"):
         build_backend("fp16", model, groups)
-    monkeypatch.setitem(sys.modules, "helora_orchestrator.encrypted", None)  # as if the module were absent
+    monkeypatch.setitem(sys.modules, "helora_orchestrator.embedded", None)  # as if the module were absent
     with pytest.raises(ConfigError, match="'encrypted' is not available"):
         build_backend("encrypted", model, groups)

@@ -15,8 +15,7 @@ from hecommon.he.quantize import integer_matmul, quantize_weight
 from hecommon.he.sampling import derive_key, expand_a, owner_a_seed
 from hecommon.model import group_weight
 from helora_evaluator.handler import OwnerHints
-from helora_orchestrator.embedded import EmbeddedServer
-from helora_orchestrator.encrypted import make_encrypted_backend
+from helora_orchestrator.embedded import EmbeddedServer, make_encrypted_backend
 
 
 def _owner_request(server: EmbeddedServer, layer: str, owner: bytes, m: np.ndarray):

@@ -107,6 +107,11 @@ def fused_weights(model, groups: list[LinearGroup]) -> dict[str, np.ndarray]:
     return {g.name: group_weight(model, g).float().cpu().numpy() for g in groups}
 
 
+#: what the embedded mode imports: without one of them, ``--mode encrypted`` needs a broker
+IN_PROCESS_MODULES = ("helora_orchestrator.embedded", "helora_orchestrator.encrypted", "helora_encoder",
+                      "helora_evaluator", "helora_aggregator")
+
+
 def build_backend(mode: str, model, groups: list[LinearGroup], bits: int = 8, **kwargs) -> LinearBackend:
     """The backend for ``mode``; call it while ``model`` still holds its block weights.
 
@@ -119,10 +124,11 @@ def build_backend(mode: str, model, groups: list[LinearGroup], bits: int = 8, **
     if mode == "encrypted":
         # Imported lazily: the encrypted path pulls in the HE stack only when it is used.
         try:
-            from helora_orchestrator.encrypted import make_encrypted_backend
-        except ModuleNotFoundError as e:
-            if e.name != "helora_orchestrator.encrypted":
+            from helora_orchestrator.embedded import make_encrypted_backend
+        except ModuleNotFoundError as e:  # the in-process server imports the server services' handlers
+            if e.name not in IN_PROCESS_MODULES:
                 raise
-            raise ConfigError("mode: 'encrypted' is not available in this build (no encrypted backend)") from None
+            raise ConfigError(f"mode: 'encrypted' is not available in this build (no {e.name}: the embedded mode "
+                              "runs the encoder's, evaluator's and aggregator's handlers in-process)") from None
         return make_encrypted_backend(model, groups, bits=bits, **kwargs)
     raise ConfigError(f"mode: {mode!r} is not one of {MODES}")

@@ -3,6 +3,12 @@
 DESIGN §4: "Without a broker, ``helora train`` runs the same handlers in-process". The training
 path passes message objects (``exchange``) and counts the bytes their packed payloads take on
 the wire; ``call`` takes and returns encoded chunks, exactly as a broker delivers them.
+``federated_aggregator`` is the federated aggregator in-process (``helora federate`` without a
+broker, and the honest server of the DAGER benchmark).
+
+This module is the one place where the data owner's code imports the server services, and it
+imports their pure parts only (handlers: no pika, no threads; ``tests/test_layering.py``): the
+training client, the broker client and the operator tools reach none of them.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ import numpy as np
 from hecommon import route, wire
 from hecommon.errors import HeloraError, ParameterMismatch
 from hecommon.he import params as P
+from hecommon.he.keys import SecretKey
 from hecommon.model import LinearGroup
 from hecommon.shards import make_shards
+from helora_aggregator.federated import FederatedAggregator
 from helora_aggregator.handler import AggregatorHandler
 from helora_encoder.handler import build_manifest, quantize_groups
 from helora_evaluator.handler import MAX_OWNERS, EvaluatorHandler
+
+from .encrypted import ByteTransport, EncryptedBackend, Exchange
 
 
 class EmbeddedServer:
@@ -98,3 +108,33 @@ class EmbeddedServer:
         except HeloraError as exc:
             rid = request.rid if "request" in locals() else bytes(16)
             return [wire.encode_error(wire.ErrorReply.from_exception(rid, exc), limit)]
+
+
+def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | str = P.DEFAULT,
+                           key: SecretKey | None = None, shards: int = 1, backend: str = "numpy",
+                           model_id: str = "", over_bytes: bool = False, hints_on_client: bool = True,
+                           hold_a_bytes: int = 0, server=None, **_: object) -> EncryptedBackend:
+    """The embedded default: an in-process server built from ``model``, and the client over it.
+
+    ``over_bytes``: pass every message through the wire codec (as a broker would) instead of
+    handing objects over in-process. ``hints_on_client``: the client keeps each layer's public
+    hint (the ``a`` part of its outputs, identical for every request) and the server sends ``b``
+    alone, at ``hint_out_bits``: less than half the download. In-process the client reads the
+    evaluator's own array; its one-time transfer is not counted in ``wire_bytes``. Without
+    hints, ``hold_a_bytes``: as a broker client, keep each layer's switched ``a`` from its first
+    reply and ask for ``b`` alone after that (``EncryptedBackend``). ``server``: an
+    ``EmbeddedServer`` to share (several owners' sessions on one server); by default a new one.
+    """
+    ps = P.get(params) if isinstance(params, str) else params
+    if server is None:
+        server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id,
+                                hints_on_client=hints_on_client)
+    manifest = wire.decode_manifest(server.manifest_bytes())
+    exchange: Exchange = ByteTransport(server.call) if over_bytes else server.exchange
+    return EncryptedBackend(manifest, exchange, key, hints=server.hint if hints_on_client else None,
+                            hold_a_bytes=hold_a_bytes)
+
+
+def federated_aggregator(public_context: bytes) -> FederatedAggregator:
+    """The federated aggregator in-process; it refuses a context that carries a secret key."""
+    return FederatedAggregator(public_context)

@@ -241,31 +241,3 @@ class EncryptedBackend:
             z = self._call(group, "bwd", gq.values, e.a_seed_bwd)
             dequantize_backward(z, gq, e.col_sums, out=out[lo : lo + self.params.n])
         return out
-
-
-def make_encrypted_backend(model, groups, bits: int = 8, params: P.ParamSet | str = P.DEFAULT,
-                           key: SecretKey | None = None, shards: int = 1, backend: str = "numpy",
-                           model_id: str = "", over_bytes: bool = False, hints_on_client: bool = True,
-                           hold_a_bytes: int = 0, server=None, **_: object) -> EncryptedBackend:
-    """The embedded default: an in-process server built from ``model``, and the client over it.
-
-    ``over_bytes``: pass every message through the wire codec (as a broker would) instead of
-    handing objects over in-process. ``hints_on_client``: the client keeps each layer's public
-    hint (the ``a`` part of its outputs, identical for every request) and the server sends ``b``
-    alone, at ``hint_out_bits``: less than half the download. In-process the client reads the
-    evaluator's own array; its one-time transfer is not counted in ``wire_bytes``. Without
-    hints, ``hold_a_bytes``: as a broker client, keep each layer's switched ``a`` from its first
-    reply and ask for ``b`` alone after that (``EncryptedBackend``). ``server``: an
-    ``EmbeddedServer`` to share (several owners' sessions on one server); by default a new one.
-    """
-    from .embedded import EmbeddedServer
-
-    ps = P.get(params) if isinstance(params, str) else params
-    if server is None:
-        server = EmbeddedServer(model, groups, ps, bits, shards=shards, backend=backend, model_id=model_id,
-                                hints_on_client=hints_on_client)
-    manifest = wire.decode_manifest(server.manifest_bytes())
-    exchange: Exchange = ByteTransport(server.call) if over_bytes else server.exchange
-    return EncryptedBackend(manifest, exchange, key, hints=server.hint if hints_on_client else None,
-                            hold_a_bytes=hold_a_bytes)
-

@@ -34,10 +34,10 @@ Owner side (``helora_orchestrator.federated``)::
         -> (list[Owner], CkksKeys)      # example i goes to owner i mod N; same base weights
     round.run_federation(configs: list[OwnerConfig], rounds=2, model="tiny",
                          data=None, seed=0, keys=None, on_round=None) -> list[RoundReport]
-        # embedded: an in-process helora_aggregator.federated.FederatedAggregator
-    round.run_round(owners, aggregator, round_no, rid=None, tamper=None, train=True) -> RoundReport
+        # embedded: the aggregator in-process (``helora_orchestrator.embedded.federated_aggregator``)
+    round.run_round(owners, aggregator: round.Aggregator, round_no, rid=None, tamper=None, train=True) -> RoundReport
         # train=False: the caller already ran owner.train_local() (e.g. one SGD step for DAGER)
-    round.RoundReport: round, train_loss, eval_loss: dict[owner, float], mean_eval_loss,
+    report.RoundReport: round, train_loss, eval_loss: dict[owner, float], mean_eval_loss,
         bytes_up: dict[owner, int], bytes_down (per owner), enc_seconds: dict[owner, float],
         rejected: dict[owner, str], plan (RoundPlan), received (list[bytes]: the contributions
         exactly as the server received them), aggregate (Aggregate)
@@ -54,7 +54,8 @@ Over RabbitMQ (``broker.py``; the server is ``helora_aggregator.fedworker``)::
     round_id(digest, round_no) -> bytes   # the owners agree on it without talking
 
 Modules here: sensitivity, negotiate, selective (CKKS), reparam (SVD), client (Owner), round
-(embedded driver), fullhe (baseline), broker, cli (``helora federate``); dager.py is C2's.
+(embedded driver), report (``RoundReport``), fullhe (baseline), broker, cli (``helora federate``);
+dager.py is C2's (its honest server is the in-process aggregator).
 
 Server side (``helora_aggregator.federated``, pure, no broker)::
 

@@ -23,7 +23,7 @@ from hecommon.wire import fedchunks
 from hecommon.wire import federated as fedwire
 
 from .client import Owner
-from .round import RoundReport
+from .report import RoundReport
 
 
 def round_id(digest: bytes, round_no: int) -> bytes:

@@ -14,10 +14,9 @@ Bad input exits with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from hecommon.errors import ConfigError, HeloraError
+from hecommon.errors import ConfigError
 
 from ..lora import BLOCK_LINEARS
 
@@ -121,9 +120,9 @@ def cmd_demo(args) -> int:
         raise ConfigError("--rounds must be at least 1")
     names = [f"owner{i}" for i in range(len(ranks))]
     owners, keys = build_owners(_configs(args, names, ranks, budgets), args.model, args.data, args.seed)
-    from helora_aggregator.federated import FederatedAggregator
+    from ..embedded import federated_aggregator
 
-    aggregator = FederatedAggregator(keys.public_bytes())
+    aggregator = federated_aggregator(keys.public_bytes())
     print("owners: " + ", ".join(f"{o.name} (rank {o.cfg.rank}, budget {o.cfg.budget:g}, {o.samples} samples)"
                                  for o in owners))
     print(f"held-out loss before: {sum(o.eval_loss() for o in owners) / len(owners):.4f}")
@@ -171,11 +170,6 @@ COMMANDS = {"keygen": cmd_keygen, "demo": cmd_demo, "round": cmd_round}
 
 
 def cmd_federate(args) -> int:
-    try:
-        return COMMANDS[args.fed_command](args)
-    except (HeloraError, OSError) as e:
-        print(f"helora federate {args.fed_command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"helora federate {args.fed_command}: interrupted", file=sys.stderr)
-        return 130
+    from ..cli import run_reported
+
+    return run_reported(f"helora federate {args.fed_command}", lambda: COMMANDS[args.fed_command](args))

@@ -54,10 +54,10 @@ from hecommon.wire.federated import (
     encode_contribution,
 )
 from hecommon.wire.fedfields import unswap
-from helora_aggregator.federated import FederatedAggregator
 
 from ..client_model import ClientModel, causal_lm_loss
 from ..data import PackedData
+from ..embedded import federated_aggregator
 from .negotiate import budget_columns, make_proposal
 from .reparam import svd_to_rank
 from .selective import CkksKeys, select_and_encrypt
@@ -281,7 +281,7 @@ def one_step_contribution(client: ClientModel, batch_ids: torch.Tensor, calibrat
     scores = column_scores(client, calibration)
     shapes = {name: (lora[name].out_features, lora[name].in_features) for name in layers}
     rid = os.urandom(16)
-    server = FederatedAggregator(keys.public_bytes())
+    server = federated_aggregator(keys.public_bytes())
     proposal = make_proposal(rid, owner, keys.digest, {n: scores[n] for n in layers}, shapes, budget)
     plan, rejected = server.plan([proposal], shapes, rid)
     if rejected:

@@ -8,52 +8,32 @@ a real one) with a fresh shared CKKS key; ``run_round`` runs one round on existi
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from hecommon.wire import federated as fedwire
-from hecommon.wire.federated import Aggregate, RoundPlan
-from helora_aggregator.federated import FederatedAggregator
+from hecommon.wire.federated import Aggregate, Contribution, Proposal, RoundPlan
 
 from .client import Owner, OwnerConfig
+from .report import RoundReport
 from .selective import CkksKeys
 
 #: embedded messages are not chunked: allow whole adapters of a small model
 EMBEDDED_MAX_BYTES = 1 << 30
 
 
-@dataclass
-class RoundReport:
-    round: int
-    train_loss: dict[str, float] = field(default_factory=dict)
-    eval_loss: dict[str, float] = field(default_factory=dict)
-    bytes_up: dict[str, int] = field(default_factory=dict)  # proposal + contribution, per owner
-    bytes_down: int = 0  # plan + aggregate, received by each owner
-    enc_seconds: dict[str, float] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    #: what the aggregator saw and answered this round (for attacks and tests): the plan, the
-    #: contribution bytes exactly as received, and the aggregate
-    plan: RoundPlan | None = field(default=None, repr=False)
-    received: list[bytes] = field(default_factory=list, repr=False)
-    aggregate: Aggregate | None = field(default=None, repr=False)
+class Aggregator(Protocol):
+    """What a round asks of the aggregator (in-process: ``embedded.federated_aggregator``)."""
 
-    @property
-    def mean_eval_loss(self) -> float:
-        vals = [v for v in self.eval_loss.values() if math.isfinite(v)]
-        return sum(vals) / len(vals) if vals else float("nan")
+    def plan(self, proposals: Sequence[Proposal], layers: Mapping[str, tuple[int, int]],
+             rid: bytes) -> tuple[RoundPlan, dict[str, str]]: ...
 
-    def __str__(self) -> str:
-        from ..train import human_bytes
-
-        losses = "  ".join(f"{k} {v:.4f}" for k, v in self.eval_loss.items())
-        up = sum(self.bytes_up.values())
-        rej = f"  rejected: {self.rejected}" if self.rejected else ""
-        return (f"round {self.round}: held-out loss {self.mean_eval_loss:.4f} ({losses})  "
-                f"up {human_bytes(up)}  down {human_bytes(self.bytes_down)}/owner{rej}")
+    def aggregate(self, plan: RoundPlan, contributions: Sequence[bytes | Contribution],
+                  max_bytes: int = ...) -> tuple[Aggregate, dict[str, str]]: ...
 
 
-def run_round(owners: list[Owner], aggregator: FederatedAggregator, round_no: int,
+def run_round(owners: list[Owner], aggregator: Aggregator, round_no: int,
               rid: bytes | None = None, tamper=None, train: bool = True) -> RoundReport:
     """Local training, negotiation, contributions, aggregation, merge; every message as bytes.
 
@@ -130,8 +110,10 @@ def build_owners(configs: list[OwnerConfig], model: str = "tiny", data=None, see
 def run_federation(configs: list[OwnerConfig], rounds: int = 2, model: str = "tiny", data=None, seed: int = 0,
                    keys: CkksKeys | None = None, on_round=None) -> list[RoundReport]:
     """``rounds`` embedded rounds; ``on_round(report)`` is called after each (the CLI prints)."""
+    from ..embedded import federated_aggregator
+
     owners, keys = build_owners(configs, model, data, seed, keys)
-    aggregator = FederatedAggregator(keys.public_bytes())
+    aggregator = federated_aggregator(keys.public_bytes())
     reports = []
     for r in range(1, rounds + 1):
         report = run_round(owners, aggregator, r)
