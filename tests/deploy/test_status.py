@@ -266,6 +266,18 @@ def _serve_api(objects: dict[str, list[dict]], forbidden: set[str] = frozenset()
     return server
 
 
+def _status_against(tmp_path: Path, objects: dict[str, list[dict]], *argv: str,
+                    forbidden: set[str] = frozenset()) -> int:
+    """``helora status`` against a stand-in API server holding ``objects``; its exit code."""
+    server = _serve_api(objects, forbidden)
+    try:
+        cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{server.server_address[1]}")
+        return cli.main(["status", "--kubeconfig", str(cfg), *argv])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_broker_in_another_namespace(tmp_path, capsys):
     """The broker's Service in its own namespace: found when readable; when the Role does not
     reach that namespace, the endpoint is still shown and the command still works."""
@@ -275,14 +287,8 @@ def test_broker_in_another_namespace(tmp_path, capsys):
     s = summarize(pods_of(objects), [BROKER, other], config_of(objects), RELEASE, NAMESPACE)
     assert s.broker == f"amqp://{host}:5672/%2F" and s.broker_service.startswith("Service rabbitmq/helora-rabbitmq")
     configmaps = [{**o, "metadata": {**o["metadata"], "namespace": NAMESPACE}} for o in objects if o["kind"] == "ConfigMap"]
-    server = _serve_api({"pods": pods_of(objects), "configmaps": configmaps, "services": [BROKER, other]},
-                        forbidden={"rabbitmq"})
-    try:
-        cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{server.server_address[1]}")
-        assert cli.main(["status", "--kubeconfig", str(cfg)]) == 0
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert _status_against(tmp_path, {"pods": pods_of(objects), "configmaps": configmaps, "services": [BROKER, other]},
+                           forbidden={"rabbitmq"}) == 0
     out = capsys.readouterr().out
     assert f"amqp://{host}:5672/%2F (Service rabbitmq/helora-rabbitmq not found or not readable)" in out
     assert any(path == "/api/v1/namespaces/rabbitmq/services" for path, _ in _ApiServer.seen)
@@ -292,14 +298,8 @@ def test_cli_against_a_stand_in_api_server(default_chart, tmp_path, capsys):
     victim = evaluator_deployments(default_chart)[2]
     configmaps = [{**o, "metadata": {**o["metadata"], "namespace": NAMESPACE}}
                   for o in default_chart if o["kind"] == "ConfigMap"]
-    server = _serve_api({"pods": pods_of(default_chart, not_ready={victim["metadata"]["name"]}),
-                         "configmaps": configmaps, "services": [BROKER]})
-    try:
-        cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{server.server_address[1]}")
-        code = cli.main(["status", "--kubeconfig", str(cfg), "--release", RELEASE])
-    finally:
-        server.shutdown()
-        server.server_close()
+    code = _status_against(tmp_path, {"pods": pods_of(default_chart, not_ready={victim["metadata"]["name"]}),
+                                      "configmaps": configmaps, "services": [BROKER]}, "--release", RELEASE)
     out = capsys.readouterr().out
     assert code == 1, out  # a group is not ready
     blocks = victim["spec"]["template"]["metadata"]["annotations"]["helora.dev/blocks"]
@@ -308,10 +308,4 @@ def test_cli_against_a_stand_in_api_server(default_chart, tmp_path, capsys):
     assert pod_calls == [{"labelSelector": [f"app.kubernetes.io/instance={RELEASE}"]}]
     assert all(path.startswith(f"/api/v1/namespaces/{NAMESPACE}/") for path, _ in _ApiServer.seen)
     # the same cluster with every pod ready: exit 0
-    server = _serve_api({**_ApiServer.objects, "pods": pods_of(default_chart)})
-    try:
-        cfg = _kubeconfig(tmp_path / "config", f"http://127.0.0.1:{server.server_address[1]}")
-        assert cli.main(["status", "--kubeconfig", str(cfg)]) == 0
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert _status_against(tmp_path, {**_ApiServer.objects, "pods": pods_of(default_chart)}) == 0

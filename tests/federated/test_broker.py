@@ -224,6 +224,31 @@ def test_a_missing_owner_times_out_and_the_round_goes_on(fedworker, make_owners)
             np.testing.assert_allclose(dw, want[name], rtol=0, atol=CKKS_ATOL)
 
 
+def _chunks_to_the_worker(ns: str, log_path, bodies: list[bytes], settle_s: float = 0.0):
+    """Publish ``bodies`` to the federated queue; the error reply the sender gets, and the dead
+    letters counted once they stop growing (after ``settle_s`` more seconds)."""
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        ch = conn.channel()
+        q = ch.queue_declare("", exclusive=True).method.queue
+        props = pika.BasicProperties(reply_to=q, correlation_id="00" * 16)
+        for body in bodies:
+            ch.basic_publish("", topology.Topology(ns).federated, body, props)
+        method, _, reply = next(ch.consume(q, inactivity_timeout=30))
+        assert method is not None, f"no error reply within 30 s\n{log_path.read_text()[-3000:]}"
+        ch.cancel()
+        dead = topology.Topology(ns).dead
+        count = lambda: ch.queue_declare(dead, passive=True).method.message_count  # noqa: E731
+        end = time.monotonic() + 30
+        while count() < 2 and time.monotonic() < end:
+            time.sleep(0.2)
+        time.sleep(settle_s)
+        assert ch.queue_declare(topology.Topology(ns).federated, passive=True).method.message_count == 0
+        return wire.decode_error(reply), count()
+    finally:
+        conn.close()
+
+
 def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker):
     """Two chunks whose lengths do not add up to the announced total (the first is plausible, the
     last one 100 bytes too long): both are dead-lettered (the first one used to stay unacked
@@ -231,26 +256,12 @@ def test_a_chunked_message_that_does_not_join_dead_letters_every_chunk(fedworker
     from hecommon.wire import federated as fedwire
 
     ns, log_path = fedworker
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    try:
-        ch = conn.channel()
-        q = ch.queue_declare("", exclusive=True).method.queue
-        props = pika.BasicProperties(reply_to=q, correlation_id="00" * 16)
-        mid = secrets.token_bytes(fedwire.RID_BYTES)
-        for c in (fedwire.Chunk(mid, 0, 2, 1500, b"x" * 1000), fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600)):
-            ch.basic_publish("", topology.Topology(ns).federated, fedwire.encode(c), props)
-        method, _, body = next(ch.consume(q, inactivity_timeout=30))
-        assert method is not None, f"no error reply within 30 s\n{log_path.read_text()[-3000:]}"
-        ch.cancel()
-        err = wire.decode_error(body)
-        assert err.reason == "malformed" and "bytes" in err.message
-        dead = topology.Topology(ns).dead
-        end = time.monotonic() + 30
-        while ch.queue_declare(dead, passive=True).method.message_count < 2 and time.monotonic() < end:
-            time.sleep(0.2)
-        assert ch.queue_declare(dead, passive=True).method.message_count == 2, log_path.read_text()[-3000:]
-    finally:
-        conn.close()
+    mid = secrets.token_bytes(fedwire.RID_BYTES)
+    bodies = [fedwire.encode(c) for c in (fedwire.Chunk(mid, 0, 2, 1500, b"x" * 1000),
+                                          fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600))]
+    err, dead = _chunks_to_the_worker(ns, log_path, bodies)
+    assert err.reason == "malformed" and "bytes" in err.message
+    assert dead == 2, log_path.read_text()[-3000:]
 
 
 def test_a_copy_of_a_chunk_is_acked_at_once_and_not_failed_with_its_message(fedworker):
@@ -260,24 +271,9 @@ def test_a_copy_of_a_chunk_is_acked_at_once_and_not_failed_with_its_message(fedw
     from hecommon.wire import federated as fedwire
 
     ns, log_path = fedworker
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    try:
-        ch = conn.channel()
-        q = ch.queue_declare("", exclusive=True).method.queue
-        props = pika.BasicProperties(reply_to=q, correlation_id="00" * 16)
-        mid = secrets.token_bytes(fedwire.RID_BYTES)
-        first = fedwire.encode(fedwire.Chunk(mid, 0, 2, 1500, b"x" * 1000))
-        for body in (first, first, fedwire.encode(fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600))):
-            ch.basic_publish("", topology.Topology(ns).federated, body, props)
-        method, _, body = next(ch.consume(q, inactivity_timeout=30))
-        assert method is not None, f"no error reply within 30 s\n{log_path.read_text()[-3000:]}"
-        ch.cancel()
-        assert wire.decode_error(body).reason == "malformed"
-        dead = topology.Topology(ns).dead
-        end = time.monotonic() + 5
-        while time.monotonic() < end:  # the count must reach 2 and stay there (a third would be the copy)
-            time.sleep(0.2)
-        assert ch.queue_declare(dead, passive=True).method.message_count == 2, log_path.read_text()[-3000:]
-        assert ch.queue_declare(topology.Topology(ns).federated, passive=True).method.message_count == 0
-    finally:
-        conn.close()
+    mid = secrets.token_bytes(fedwire.RID_BYTES)
+    first = fedwire.encode(fedwire.Chunk(mid, 0, 2, 1500, b"x" * 1000))
+    bodies = [first, first, fedwire.encode(fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600))]
+    err, dead = _chunks_to_the_worker(ns, log_path, bodies, settle_s=3.0)  # a third would be the copy
+    assert err.reason == "malformed"
+    assert dead == 2, log_path.read_text()[-3000:]

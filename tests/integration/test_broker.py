@@ -24,8 +24,9 @@ from hecommon.model import discover_groups, tiny_llama
 from hecommon.shards import even_split
 from helora_orchestrator.backend import build_backend
 from helora_orchestrator.broker import make_broker_backend
-from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
+from helora_orchestrator.client_model import ClientModel, build_client
 from helora_orchestrator.lora import LoraSettings
+from training import train_steps
 
 pytestmark = pytest.mark.integration
 LORA = LoraSettings(r=4, alpha=8)
@@ -40,19 +41,6 @@ def _broker_client(fleet, key: SecretKey | None = None, model=None) -> ClientMod
     backend = make_broker_backend(fleet.url, key, namespace=fleet.namespace, model=model, timeout_s=60,
                                   max_message_bytes=fleet.limit)
     return ClientModel(model, backend, discover_groups(model), LORA, seed=0)
-
-
-def _train(client, steps: int, data_seed: int) -> dict[str, torch.Tensor]:
-    """A few AdamW steps on seeded random token batches; the LoRA weights after them."""
-    opt = torch.optim.AdamW(client.lora_parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(data_seed)
-    for _ in range(steps):
-        ids = torch.randint(0, client.hf.config.vocab_size, (2, 24), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss, n = causal_lm_loss(client(ids), ids)
-        (loss / n).backward()
-        opt.step()
-    return client.lora_state_dict()
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -75,11 +63,11 @@ def test_training_over_the_broker_equals_the_embedded_mode(fleet):
     combines their partials), block 1 whole on one queue with two replicas, each answering the
     client with the parts of a request it happened to receive (pieces the client adds). The
     LoRA weights equal the embedded run's bit for bit."""
-    reference = _train(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=7)
+    reference = train_steps(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=7)
     before = {name: _products(fleet, name) for name in ("evaluator2", "evaluator3")}
     client = _broker_client(fleet)
     try:
-        got = _train(client, steps=2, data_seed=7)
+        got = train_steps(client, steps=2, data_seed=7)
     finally:
         client.backend.transport.close()
     _assert_same(reference, got)
@@ -178,7 +166,7 @@ def test_bad_requests_are_dead_lettered_with_their_reason_and_service_goes_on(fl
 
 def test_two_owners_with_different_keys_train_concurrently(fleet):
     seeds = (11, 12)
-    references = [_train(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=s) for s in seeds]
+    references = [train_steps(build_client(_model(), "encrypted", LORA, seed=0), steps=2, data_seed=s) for s in seeds]
     assert not all(torch.equal(references[0][k], references[1][k]) for k in references[0])  # distinct runs
     results: dict[int, object] = {}
     models = [_model() for _ in seeds]  # here: tiny_llama seeds torch's global generator, not thread-safe
@@ -186,7 +174,7 @@ def test_two_owners_with_different_keys_train_concurrently(fleet):
     def owner(i: int) -> None:
         client = _broker_client(fleet, SecretKey.generate(), models[i])
         try:
-            results[i] = _train(client, steps=2, data_seed=seeds[i])
+            results[i] = train_steps(client, steps=2, data_seed=seeds[i])
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             results[i] = exc
         finally:

@@ -30,10 +30,11 @@ from hecommon.he.keys import SecretKey
 from hecommon.model import discover_groups, tiny_llama
 from helora_orchestrator.backend import build_backend
 from helora_orchestrator.broker import ServerError, make_broker_backend
-from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss
+from helora_orchestrator.client_model import ClientModel, build_client
 from helora_orchestrator.lora import LoraSettings
 from helora_orchestrator.operator.up import LocalFleet
 from prometheus_client.parser import text_string_to_metric_families
+from training import train_steps
 
 pytestmark = pytest.mark.integration
 URL = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -96,20 +97,8 @@ def _client(fleet: LocalFleet, timeout_s: float = 90.0) -> ClientModel:
     return ClientModel(model, backend, discover_groups(model), LORA, seed=0)
 
 
-def _train(client, steps: int, data_seed: int) -> dict[str, torch.Tensor]:
-    opt = torch.optim.AdamW(client.lora_parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(data_seed)
-    for _ in range(steps):
-        ids = torch.randint(0, client.hf.config.vocab_size, (2, 24), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss, n = causal_lm_loss(client(ids), ids)
-        (loss / n).backward()
-        opt.step()
-    return client.lora_state_dict()
-
-
 def _reference(data_seed: int, steps: int = 2) -> dict[str, torch.Tensor]:
-    return _train(build_client(_model(), "encrypted", LORA, seed=0), steps=steps, data_seed=data_seed)
+    return train_steps(build_client(_model(), "encrypted", LORA, seed=0), steps=steps, data_seed=data_seed)
 
 
 class _Run(threading.Thread):
@@ -145,7 +134,7 @@ class _Run(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.result = _train(self.client, steps=self.steps, data_seed=self.data_seed)
+            self.result = train_steps(self.client, steps=self.steps, data_seed=self.data_seed)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
         finally:

@@ -30,7 +30,6 @@ owners wait until their own timeout and run the round again (not replayed automa
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -38,7 +37,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pika
 import pika.exceptions as pex
@@ -56,16 +54,10 @@ log = logging.getLogger("helora.aggregator.federated")
 
 
 @dataclass(frozen=True)
-class FederatedConfig:
+class FederatedConfig(broker_config.ServiceConfig):
     context: str = ""
     owners: int = 0
-    broker_url: str = topology.DEFAULT_URL
-    namespace: str = topology.DEFAULT_NAMESPACE
-    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
     prefetch: int = 64  # every message of a round is held until the round's answer is out
-    log_level: str = "INFO"
-    metrics_port: int = metrics.DEFAULT_PORT
-    metrics_host: str = metrics.DEFAULT_HOST
     round_timeout_s: float = 600.0
     #: the largest message joined from chunks (a whole contribution or aggregate)
     max_joined_bytes: int = 1 << 30
@@ -74,8 +66,7 @@ class FederatedConfig:
     max_contribution_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        broker_config.check_broker_fields(self)
-        metrics.check_metrics_fields(self)
+        super().__post_init__()
         if not isinstance(self.owners, int) or not 1 <= self.owners <= fedfields.MAX_OWNERS:
             raise ConfigError(f"owners: {self.owners!r} must be in 1..{fedfields.MAX_OWNERS}")
         if not isinstance(self.max_contribution_bytes, int) or not (
@@ -97,14 +88,8 @@ class FederatedConfig:
                               f"{self.max_message_bytes}..{fedfields.MAX_JOINED_BYTES}")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> FederatedConfig:
-        return broker_config.config_from_mapping(cls, values)
-
-    @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> FederatedConfig:
-        p = argparse.ArgumentParser(prog="helora-federated", description="helora federated aggregator (DESIGN §5)")
-        broker_config.add_broker_flags(p, environ, prefetch=64)
-        metrics.add_metrics_flags(p, environ)
+        p = cls.parser("helora-federated", "helora federated aggregator (DESIGN §5)", environ)
         p.add_argument("--context", required=True, metavar="KEY.pub", help="the federation's public CKKS context")
         p.add_argument("--owners", type=int, required=True, help="owners expected per round")
         p.add_argument("--max-joined-bytes", type=int, default=1 << 30,

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from hecommon import wire
 from hecommon.broker import config as broker_config
-from hecommon.broker import metrics, topology
+from hecommon.broker import topology
 from hecommon.errors import ConfigError
 from hecommon.he import params as P
 
@@ -30,14 +27,7 @@ def parse_plan(spec: str) -> tuple[tuple[tuple[int, ...], int], ...]:
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    broker_url: str = topology.DEFAULT_URL
-    namespace: str = topology.DEFAULT_NAMESPACE
-    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
-    prefetch: int = 64
-    log_level: str = "INFO"
-    metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
-    metrics_host: str = metrics.DEFAULT_HOST
+class EncoderConfig(broker_config.ServiceConfig):
     model: str | None = None  # a .gguf / HF directory, None for the bundled model, "tiny"
     seed: int = 0  # the tiny model's seed
     bits: int = 8
@@ -50,8 +40,7 @@ class EncoderConfig:
     part_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        broker_config.check_broker_fields(self)
-        metrics.check_metrics_fields(self)
+        super().__post_init__()
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits: {self.bits} outside 2..8")
         P.get(self.param_set)  # ParameterMismatch names the known sets
@@ -66,14 +55,8 @@ class EncoderConfig:
         return parse_plan(self.shards)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> EncoderConfig:
-        return broker_config.config_from_mapping(cls, values)
-
-    @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> EncoderConfig:
-        p = argparse.ArgumentParser(prog="helora-encoder", description="helora encoder service (DESIGN §4)")
-        broker_config.add_broker_flags(p, environ, prefetch=64)
-        metrics.add_metrics_flags(p, environ)
+        p = cls.parser("helora-encoder", "helora encoder service (DESIGN §4)", environ)
         p.add_argument("--model", default=environ.get("HELORA_MODEL"),
                        help="base model (.gguf or HF dir; 'tiny' for tests; default: bundled SmolLM2)")
         p.add_argument("--seed", type=int, default=int(environ.get("HELORA_SEED", 0)))

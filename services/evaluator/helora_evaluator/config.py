@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from hecommon import wire
 from hecommon.broker import config as broker_config
 from hecommon.broker import metrics, topology
 from hecommon.errors import ConfigError
@@ -26,14 +23,8 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class EvaluatorConfig:
-    broker_url: str = topology.DEFAULT_URL
-    namespace: str = topology.DEFAULT_NAMESPACE
-    max_message_bytes: int = wire.MAX_MESSAGE_BYTES
+class EvaluatorConfig(broker_config.ServiceConfig):
     prefetch: int = 1  # DESIGN §4: prefetch 1 on GPU consumers
-    log_level: str = "INFO"
-    metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
-    metrics_host: str = metrics.DEFAULT_HOST
     blocks: str = "0"  # e.g. "0-14" or "0-3,7"
     shard: str = "0/1"  # this evaluator's shard of every layer of its blocks
     shard_dir: str = "helora-shards"
@@ -50,8 +41,7 @@ class EvaluatorConfig:
     max_owners: int = 4
 
     def __post_init__(self) -> None:
-        broker_config.check_broker_fields(self)
-        metrics.check_metrics_fields(self)
+        super().__post_init__()
         topology.parse_blocks(self.blocks)
         parse_shard(self.shard)
         if self.backend not in BACKENDS:
@@ -88,15 +78,9 @@ class EvaluatorConfig:
         return topology.Topology(self.namespace).evaluator_queue(topology.blocks_label(self.block_list), i, n)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> EvaluatorConfig:
-        return broker_config.config_from_mapping(cls, values)
-
-    @classmethod
     def from_args(cls, argv: Sequence[str] | None = None,
                   environ: Mapping[str, str] = os.environ) -> EvaluatorConfig:
-        p = argparse.ArgumentParser(prog="helora-evaluator", description="helora evaluator service (DESIGN §4)")
-        broker_config.add_broker_flags(p, environ, prefetch=1)
-        metrics.add_metrics_flags(p, environ)
+        p = cls.parser("helora-evaluator", "helora evaluator service (DESIGN §4)", environ)
         p.add_argument("--blocks", default=environ.get("HELORA_BLOCKS", "0"),
                        help="decoder blocks whose layers this evaluator holds, e.g. 0-14 (env HELORA_BLOCKS)")
         p.add_argument("--shard", default=environ.get("HELORA_SHARD", "0/1"),

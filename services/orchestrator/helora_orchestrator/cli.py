@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hecommon.errors import ConfigError, HeloraError, ParameterMismatch
@@ -314,19 +315,29 @@ def main(argv: list[str] | None = None) -> int:
         from .operator.up import cmd_up
 
         return cmd_up(args)
+    return run_reported(f"helora {args.command}", lambda: _run(args))
+
+
+def _run(args) -> int:
+    if args.broker is not None and args.mode != "encrypted":
+        raise ConfigError(f"--broker: only meaningful with --mode encrypted, not {args.mode}")
+    if args.broker is not None and not args.broker.startswith(("amqp://", "amqps://")):
+        raise ConfigError("--broker: an amqp:// or amqps:// URL is required")
+    if args.param_set and args.mode != "encrypted":
+        raise ConfigError(f"--param-set: only meaningful with --mode encrypted, not {args.mode}")
+    return COMMANDS[args.command](args)
+
+
+def run_reported(label: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit status; an error of helora's or of the OS is printed as ``label: error: …``
+    (exit 2), Ctrl-C as ``label: interrupted`` (exit 130)."""
     try:
-        if args.broker is not None and args.mode != "encrypted":
-            raise ConfigError(f"--broker: only meaningful with --mode encrypted, not {args.mode}")
-        if args.broker is not None and not args.broker.startswith(("amqp://", "amqps://")):
-            raise ConfigError("--broker: an amqp:// or amqps:// URL is required")
-        if args.param_set and args.mode != "encrypted":
-            raise ConfigError(f"--param-set: only meaningful with --mode encrypted, not {args.mode}")
-        return COMMANDS[args.command](args)
+        return run()
     except (HeloraError, OSError) as e:
-        print(f"helora {args.command}: error: {e}", file=sys.stderr)
+        print(f"{label}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"helora {args.command}: interrupted", file=sys.stderr)
+        print(f"{label}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,5 +1,6 @@
-"""The broker flags every service shares (``--broker``, ``--namespace``, ``--max-message-bytes``,
-``--prefetch``, ``--log-level``, each with its ``HELORA_*`` environment variable) and their checks."""
+"""What every service's configuration shares: the broker flags (``--broker``, ``--namespace``,
+``--max-message-bytes``, ``--prefetch``, ``--log-level``, each with its ``HELORA_*`` environment
+variable), the metrics endpoint's flags, their checks, and the base class ``ServiceConfig``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..wire import MAX_MESSAGE_BYTES
+from . import metrics
 from .topology import DEFAULT_NAMESPACE, DEFAULT_URL, MAX_BROKER_MESSAGE_BYTES, MIN_MESSAGE_BYTES, Topology
 
 
@@ -58,3 +60,38 @@ def config_from_mapping(cls: type, values: Mapping[str, Any]) -> Any:
 def safe_url(url: str) -> str:
     """The URL without its password, for logs."""
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """The fields every service's configuration starts with (the broker and the metrics endpoint),
+    checked on construction. A service's configuration subclasses it: its own fields (with
+    defaults; ``prefetch`` may take another default), its checks in ``__post_init__`` after
+    ``super().__post_init__()``, and its flags added to ``parser()``."""
+
+    broker_url: str = DEFAULT_URL
+    namespace: str = DEFAULT_NAMESPACE
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    prefetch: int = 64
+    log_level: str = "INFO"
+    metrics_port: int = metrics.DEFAULT_PORT  # 0: any free port (logged)
+    metrics_host: str = metrics.DEFAULT_HOST
+
+    def __post_init__(self) -> None:
+        check_broker_fields(self)
+        metrics.check_metrics_fields(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Any:
+        """The configuration from a mapping of its fields; unknown keys are refused by name."""
+        return config_from_mapping(cls, values)
+
+    @classmethod
+    def parser(cls, prog: str, description: str, environ: Mapping[str, str]) -> argparse.ArgumentParser:
+        """A parser with the broker and metrics flags (``--prefetch`` defaults to the class's own)."""
+        prefetch = cls.__dataclass_fields__["prefetch"].default
+        assert isinstance(prefetch, int)
+        p = argparse.ArgumentParser(prog=prog, description=description)
+        add_broker_flags(p, environ, prefetch=prefetch)
+        metrics.add_metrics_flags(p, environ)
+        return p
