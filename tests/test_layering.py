@@ -114,7 +114,8 @@ def test_the_owner_imports_server_services_only_in_its_in_process_server():
 
 
 def test_the_broker_client_and_the_operator_tools_reach_no_server_service():
-    """(The trainer reaches the in-process server: ``--mode encrypted`` without a broker is the embedded mode.)"""
+    """(The trainer reaches the in-process server: ``--mode encrypted`` without a broker is the
+    embedded mode; so does the federated owner over RabbitMQ, which trains locally with it.)"""
     roots = ["helora_orchestrator.broker", "helora_orchestrator.encrypted",
              *(m for m in MODULES if m.startswith("helora_orchestrator.operator"))]
     reach = {m: sorted(n for n in _closure(m) if _top(n) in SERVICES and _top(n) != "helora_orchestrator")

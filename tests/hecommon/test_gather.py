@@ -112,3 +112,18 @@ def test_a_single_part_message_is_complete_at_once():
     c = _gather(timeout_s=math.inf)
     assert c.add(Part("k", 0, 1), "a") == ([Part("k", 0, 1)], ["a"])
     assert len(c) == 0
+
+
+def test_a_copy_that_disagrees_with_the_rest_drops_the_message():
+    """A second copy of a part is checked like any part: one that the family's check refuses (a
+    federated chunk of another length) fails the message, its own token included."""
+    def one_size(held, item):
+        if any(h.size != item.size for h in held.values()):
+            raise MalformedMessage("sizes differ")
+
+    c = _gather(check=one_size)
+    c.add(Part("k", 0, 2, size=10), "a")
+    assert c.add(Part("k", 0, 2, size=10), "copy") is None and c.take_copies() == ["copy"]
+    with pytest.raises(GatherError, match="sizes differ") as info:
+        c.add(Part("k", 0, 2, size=11), "bad copy")
+    assert info.value.tokens == ["a", "bad copy"] and len(c) == 0

@@ -42,3 +42,22 @@ def test_a_window_full_of_incomplete_requests_is_reported(caplog):
         _deliver(worker, second[1], 9)  # 4 held: the window is full and nothing can complete
     assert "holding 4 partial messages of 2 incomplete request(s), the whole --prefetch (4)" in caplog.text
     assert "raise --prefetch" in caplog.text
+
+
+def test_parts_that_disagree_fail_every_delivery_held_for_them():
+    """Two copies of one shard's piece cut at different sizes (an evaluator replaced with another
+    --max-message-bytes): the message cannot be put together, and every delivery received for it
+    is failed (dead-lettered), the earlier parts too, none left unacked in the window."""
+    rows3 = wire.partial_row_bytes(P.DEFAULT, False) + wire.HEADER_ALLOWANCE  # one output row a message
+    worker = AggregatorWorker(AggregatorConfig(max_message_bytes=64 * 1024))
+    worker.limit = 64 * 1024
+    rid = os.urandom(16)
+    in_three = _parts(rid, rows3)
+    in_two = _parts(rid, 2 * rows3)
+    assert len(in_three) == 3 and len(in_two) == 2
+    failed: list[tuple[list[int], str]] = []
+    worker.fail = lambda ds, exc, **_: failed.append(([d.tag for d in ds], str(exc)))  # type: ignore[method-assign]
+    _deliver(worker, in_three[0], 1)
+    _deliver(worker, in_two[1], 2)
+    assert failed == [([1, 2], "part 1: says 2 parts, the earlier ones 3")]
+    assert len(worker.parts) == 0 and worker.parts.held() == 0

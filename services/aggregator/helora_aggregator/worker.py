@@ -86,6 +86,9 @@ class AggregatorWorker(amqp.Service):
                 self.ack([d])  # a copy of a part of an answered request (a redelivery)
                 return
             got = self.parts.add(chunk, d)
+        except wire.GatherError as exc:  # parts that cannot make one message: every one held for it goes
+            self.fail(exc.tokens, exc, rid=chunk.rid)
+            return
         except HeloraError as exc:
             self.fail([d], exc)
             return

@@ -90,7 +90,8 @@ class ServiceConfig:
     def parser(cls, prog: str, description: str, environ: Mapping[str, str]) -> argparse.ArgumentParser:
         """A parser with the broker and metrics flags (``--prefetch`` defaults to the class's own)."""
         prefetch = cls.__dataclass_fields__["prefetch"].default
-        assert isinstance(prefetch, int)
+        if not isinstance(prefetch, int):
+            raise TypeError(f"{cls.__name__}.prefetch: an int default is required")
         p = argparse.ArgumentParser(prog=prog, description=description)
         add_broker_flags(p, environ, prefetch=prefetch)
         metrics.add_metrics_flags(p, environ)

@@ -24,6 +24,9 @@ from .fields import HEADER_ALLOWANCE, MAX_MESSAGE_BYTES, _residue_row_bytes
 from .heads import RequestHead
 from .messages import EncryptedReply, EncryptedRequest, PartialResult
 
+__all__ = ["Chunked", "Gather", "GatherError", "Head", "PartTracker", "join", "payload_bytes", "request_ranges",
+           "row_ranges", "split"]
+
 Chunked = EncryptedRequest | PartialResult | EncryptedReply
 T = TypeVar("T")  # what a part holds (a message, a span)
 D = TypeVar("D")  # a token: what the caller acks (a delivery) once the message is used or failed
@@ -69,8 +72,8 @@ class Gather(Generic[T, D]):
     at once, so that copies never fill a prefetch window, nothing counts twice and nothing is lost.
 
     ``check(held, item)`` refuses (``MalformedMessage``) a part that disagrees with those already
-    held, as does a part count that differs from the first part's: the whole message is dropped
-    and ``GatherError`` carries every token received for it. Bounds: a message announcing more
+    held, copies included, as does a part count that differs from the first part's: the whole
+    message is dropped and ``GatherError`` carries every token received for it. Bounds: a message announcing more
     than ``max_message_bytes``, or more than ``max_bytes`` with what is held already, is refused on
     its first part (``OversizedMessage``: that part alone fails); ``expired()`` hands back the
     messages still incomplete after ``timeout_s``, so that the caller fails them instead of
@@ -97,15 +100,19 @@ class Gather(Generic[T, D]):
                 raise OversizedMessage(f"chunked message of {size} bytes: {self.held_bytes()} bytes already "
                                        f"held, the limit is {self.max_bytes} in all")
             entry = self._pending[key] = _Pending(parts, size)
-        elif part in entry.items:
-            self._copies.append(token)
-            return None
-        entry.tokens.append(token)
         try:
             if parts != entry.parts:
                 raise MalformedMessage(f"part {part}: says {parts} parts, the earlier ones {entry.parts}")
             if self.check is not None:
                 self.check(entry.items, item)
+        except MalformedMessage as exc:
+            del self._pending[key]
+            raise GatherError(str(exc), [*entry.tokens, token]) from None
+        if part in entry.items:  # a copy that agrees with the rest
+            self._copies.append(token)
+            return None
+        entry.tokens.append(token)
+        try:
             entry.items[part] = item
             if len(entry.items) < entry.parts:
                 return None
