@@ -17,6 +17,7 @@ import pika
 import pytest
 from hecommon import wire
 from hecommon.broker import topology
+from hecommon.wire import fedfields
 
 from .conftest import CKKS_ATOL
 from .test_aggregation import torch_flexlora
@@ -276,4 +277,21 @@ def test_a_copy_of_a_chunk_is_acked_at_once_and_not_failed_with_its_message(fedw
     bodies = [first, first, fedwire.encode(fedwire.Chunk(mid, 1, 2, 1500, b"y" * 600))]
     err, dead = _chunks_to_the_worker(ns, log_path, bodies, settle_s=3.0)  # a third would be the copy
     assert err.reason == "malformed"
+    assert dead == 2, log_path.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("fedworker", [4], indirect=True)
+def test_a_late_copy_of_a_joined_message_is_acked_not_held_until_the_timeout(fedworker):
+    """A chunk that comes again after its message was joined (a redelivery): acked at once, not
+    held as the start of a new message that can never complete (it used to wait out the round
+    timeout in the prefetch window and then be dead-lettered as incomplete)."""
+    from hecommon.wire import fedchunks
+    from hecommon.wire import federated as fedwire
+
+    ns, log_path = fedworker
+    bodies = fedchunks.split_bytes(b"no federated message" * 500, 6000 + fedfields.CHUNK_OVERHEAD,
+                                   secrets.token_bytes(fedwire.RID_BYTES))
+    assert len(bodies) == 2
+    err, dead = _chunks_to_the_worker(ns, log_path, [*bodies, bodies[0]], settle_s=7.0)  # past the 4-s timeout
+    assert err.reason == "malformed"  # the joined bytes are no message: both chunks dead-lettered
     assert dead == 2, log_path.read_text()[-3000:]

@@ -165,9 +165,11 @@ def test_chunks_split_and_join_and_refuse_inconsistent_parts():
     assert joiner.take_copies() == ["again"]  # and is acked at once (chunks.Gather)
     joined, tokens = joiner.add(chunks[3], 3)
     assert joined == data and tokens == [0, 1, 2, 3]
+    assert joiner.add(chunks[0], "late") is None and joiner.take_copies() == ["late"]  # joined already: a copy
+    fresh = fedchunks.gather(1 << 20)
     with pytest.raises(MalformedMessage, match="earlier ones"):
-        joiner.add(chunks[0])
-        joiner.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1))
+        fresh.add(chunks[0])
+        fresh.add(dataclasses.replace(chunks[1], total=chunks[1].total + 1))
     with pytest.raises(OversizedMessage):
         fedchunks.gather(100_000).add(chunks[2])
     with pytest.raises(MalformedMessage):

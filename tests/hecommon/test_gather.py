@@ -127,3 +127,16 @@ def test_a_copy_that_disagrees_with_the_rest_drops_the_message():
     with pytest.raises(GatherError, match="sizes differ") as info:
         c.add(Part("k", 0, 2, size=11), "bad copy")
     assert info.value.tokens == ["a", "bad copy"] and len(c) == 0
+
+
+def test_a_part_of_a_completed_message_is_a_copy_when_remembered():
+    """``remember``: the keys of the last completed messages are kept (a bounded number), so a
+    part that comes again after its message was put together is acked, not held as a new one."""
+    c = _gather(remember=1)
+    c.add(Part("a", 0, 1), 1)
+    assert c.add(Part("a", 0, 1), 2) is None and c.take_copies() == [2] and len(c) == 0
+    c.add(Part("b", 0, 1), 3)  # "a" is forgotten: only one key is remembered
+    assert c.add(Part("a", 0, 1), 4) == ([Part("a", 0, 1)], [4])
+    forgetful = _gather()
+    assert forgetful.add(Part("a", 0, 2), 1) is None and forgetful.add(Part("a", 1, 2), 2) is not None
+    assert forgetful.add(Part("a", 0, 2), 3) is None and forgetful.take_copies() == [] and len(forgetful) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -77,21 +78,28 @@ class Gather(Generic[T, D]):
     than ``max_message_bytes``, or more than ``max_bytes`` with what is held already, is refused on
     its first part (``OversizedMessage``: that part alone fails); ``expired()`` hands back the
     messages still incomplete after ``timeout_s``, so that the caller fails them instead of
-    holding them unacked for ever.
+    holding them unacked for ever. ``remember``: how many completed messages' keys are kept, so
+    that a part of one that comes again later (a redelivery) is a copy too, not the start of a
+    message that can never complete.
     """
 
     def __init__(self, head: Callable[[T], Head], *, check: Callable[[Mapping[int, T], T], None] | None = None,
                  join: Callable[[list[T]], Any] = list, timeout_s: float = 60.0,
-                 max_bytes: int | None = None, max_message_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, max_message_bytes: int | None = None, remember: int = 0) -> None:
         self.head, self.check, self.join, self.timeout_s = head, check, join, timeout_s
         self.max_bytes = math.inf if max_bytes is None else max_bytes
         #: the largest single message (by default ``max_bytes``, the bound on all held)
         self.max_message_bytes = min(self.max_bytes, math.inf if max_message_bytes is None else max_message_bytes)
         self._pending: dict[Hashable, _Pending[T, D]] = {}
         self._copies: list[D] = []
+        self.remember = remember
+        self._completed: OrderedDict[Hashable, None] = OrderedDict()
 
     def add(self, item: T, token: D = None) -> tuple[Any, list[D]] | None:  # type: ignore[assignment]
         key, part, parts, size = self.head(item)
+        if key in self._completed:  # a part of a message put together already
+            self._copies.append(token)
+            return None
         entry = self._pending.get(key)
         if entry is None:
             if size > self.max_message_bytes:
@@ -117,6 +125,10 @@ class Gather(Generic[T, D]):
             if len(entry.items) < entry.parts:
                 return None
             del self._pending[key]
+            if self.remember:
+                self._completed[key] = None
+                while len(self._completed) > self.remember:
+                    self._completed.popitem(last=False)
             return self.join([entry.items[i] for i in sorted(entry.items)]), entry.tokens
         except MalformedMessage as exc:
             self._pending.pop(key, None)
@@ -164,6 +176,7 @@ class Gather(Generic[T, D]):
     def clear(self) -> None:
         self._pending.clear()
         self._copies.clear()
+        self._completed.clear()
 
 
 def split(msg: Chunked, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Chunked]:

@@ -27,6 +27,10 @@ def split_bytes(data: bytes, max_bytes: int, mid: bytes) -> list[bytes]:
     return [encode(Chunk(mid, i, parts, len(data), data[i * piece:(i + 1) * piece]), max_bytes) for i in range(parts)]
 
 
+#: joined messages whose ids ``gather`` remembers: a late copy of one of their chunks is acked
+REMEMBER_JOINED = 4096
+
+
 def gather(max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0,
            max_message_bytes: int | None = None) -> Gather[Chunk, Any]:
     """The reassembly of federated chunks (``chunks.Gather``): by message id, at most
@@ -36,9 +40,11 @@ def gather(max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0,
     Every part but the last has the same length (``split_bytes``' piece) and the last one the rest
     of ``total``; a chunk that breaks this, or disagrees with the earlier ones on ``parts`` or
     ``total``, drops the whole message (``chunks.GatherError``, with every token received for it).
+    A chunk of one of the last ``REMEMBER_JOINED`` joined messages is a copy (``take_copies``).
     """
     return Gather(lambda c: Head(c.rid, c.part, c.parts, c.total), check=_check_chunk, join=_join,
-                  timeout_s=timeout_s, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
+                  timeout_s=timeout_s, max_bytes=max_bytes, max_message_bytes=max_message_bytes,
+                  remember=REMEMBER_JOINED)
 
 
 def _join(parts: list[Chunk]) -> bytes:
