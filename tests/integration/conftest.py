@@ -50,8 +50,8 @@ class Fleet:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         argv = [sys.executable, "-m", module, "--broker", URL, "--namespace", self.namespace,
-                "--max-message-bytes", str(LIMIT), "--part-timeout-s", "30",
-                "--metrics-port", "0", "--metrics-host", "127.0.0.1", *args]  # port 0: one host, many services
+                "--max-message-bytes", str(LIMIT), "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+                *args]  # port 0: one host, many services
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -125,7 +125,7 @@ def fleet(tmp_path_factory, local_broker):
                     "--shard-dir", str(f.shard_dir), "--backend", "numpy", "--wait-shards-s", "60")
         # every partial message stays unacked until its request is answered: at this tiny message
         # limit a sharded request is up to 150 of them, and --in-flight runs three at once
-        f.start("aggregator", "helora_aggregator.worker", "--prefetch", "1024")
+        f.start("aggregator", "helora_aggregator.worker", "--prefetch", "1024", "--part-timeout-s", "30")
         f.wait_ready()
         yield f
         f.check_alive()  # nothing crashed during the tests

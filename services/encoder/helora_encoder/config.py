@@ -36,8 +36,6 @@ class EncoderConfig(broker_config.ServiceConfig):
     #: "BLOCKS:COUNT BLOCKS:COUNT…": how many evaluators share each block's layers (default 1)
     shards: str = ""
     model_id: str = ""
-    #: an incomplete multi-part request is dropped (dead-lettered) after this long
-    part_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,8 +45,6 @@ class EncoderConfig(broker_config.ServiceConfig):
         if not self.shard_dir:
             raise ConfigError("shard_dir: a directory is required")
         parse_plan(self.shards)
-        if not self.part_timeout_s > 0:
-            raise ConfigError(f"part_timeout_s: {self.part_timeout_s} must be positive")
 
     @property
     def plan(self) -> tuple[tuple[tuple[int, ...], int], ...]:
@@ -66,5 +62,4 @@ class EncoderConfig(broker_config.ServiceConfig):
         p.add_argument("--shards", default=environ.get("HELORA_SHARDS", ""), metavar="PLAN",
                        help="e.g. '0-14:1 15-29:2': evaluators sharing each block's layers (env HELORA_SHARDS)")
         p.add_argument("--model-id", default=environ.get("HELORA_MODEL_ID", ""))
-        p.add_argument("--part-timeout-s", type=float, default=float(environ.get("HELORA_PART_TIMEOUT_S", 60)))
         return cls.from_mapping(vars(p.parse_args(argv)))

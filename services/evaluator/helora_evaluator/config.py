@@ -35,8 +35,6 @@ class EvaluatorConfig(broker_config.ServiceConfig):
     group: str = ""
     #: how long to wait at start for the encoder to write the shards
     wait_shards_s: float = 600.0
-    #: an incomplete multi-part sub-request is dropped (dead-lettered) after this long
-    part_timeout_s: float = 60.0
     #: data owners whose hints are kept at once; the least recently served is dropped beyond that
     max_owners: int = 4
 
@@ -55,9 +53,8 @@ class EvaluatorConfig(broker_config.ServiceConfig):
             raise ConfigError("shard_dir: a directory is required")
         if not isinstance(self.max_owners, int) or not 1 <= self.max_owners <= 1024:
             raise ConfigError(f"max_owners: {self.max_owners!r} is not a count in 1..1024")
-        for name in ("wait_shards_s", "part_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+        if not self.wait_shards_s > 0:
+            raise ConfigError(f"wait_shards_s: {self.wait_shards_s} must be positive")
 
     @property
     def block_list(self) -> tuple[int, ...]:
@@ -94,7 +91,6 @@ class EvaluatorConfig(broker_config.ServiceConfig):
                        help="GPU product: auto (int8 tensor cores where the shape allows), int8 or float64 "
                             "(env HELORA_GPU_GEMM)")
         p.add_argument("--wait-shards-s", type=float, default=float(environ.get("HELORA_WAIT_SHARDS_S", 600)))
-        p.add_argument("--part-timeout-s", type=float, default=float(environ.get("HELORA_PART_TIMEOUT_S", 60)))
         p.add_argument("--max-owners", type=int, default=int(environ.get("HELORA_MAX_OWNERS", 4)),
                        help="data owners whose hints (W·A of each owner's a) are kept at once; the least "
                             "recently served is dropped beyond that (env HELORA_MAX_OWNERS)")

@@ -69,7 +69,7 @@ class LocalFleet:
     shard_dir: Path | None = None  # default: a fresh temporary directory
     log_dir: Path | None = None  # default: next to the shards
     max_message_bytes: int = wire.MAX_MESSAGE_BYTES
-    part_timeout_s: float = 60.0
+    part_timeout_s: float = 60.0  # the aggregator's (the one service that puts parts together)
     backend: str = "auto"  # the evaluators' product backend: auto, numpy, cupy
     metrics_port: int = 0  # first port of /metrics (encoder, evaluators, aggregator); 0: any free port
     threads: int | None = None  # OMP/BLAS threads per service (None: the library default)
@@ -101,8 +101,7 @@ class LocalFleet:
         """One service as a child process; its output goes to ``log_dir/{name}.log``."""
         port = self.metrics_port + port_offset if self.metrics_port else 0
         argv = [sys.executable, "-m", module, "--broker", self.broker_url, "--namespace", self.namespace,
-                "--max-message-bytes", str(self.max_message_bytes), "--part-timeout-s", str(self.part_timeout_s),
-                *args]
+                "--max-message-bytes", str(self.max_message_bytes), *args]
         assert self.log_dir is not None
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(port))
@@ -123,7 +122,8 @@ class LocalFleet:
                                   port_offset=1 + index)
 
     def start_aggregator(self) -> None:
-        self.start_service("aggregator", "helora_aggregator.worker", port_offset=1 + self.evaluators)
+        self.start_service("aggregator", "helora_aggregator.worker", "--part-timeout-s", str(self.part_timeout_s),
+                           port_offset=1 + self.evaluators)
 
     def start(self, timeout_s: float = 600.0) -> LocalFleet:
         """Everything, in order; returns once every service consumes (or raises, naming who did not)."""
