@@ -78,9 +78,9 @@ class Gather(Generic[T, D]):
     than ``max_message_bytes``, or more than ``max_bytes`` with what is held already, is refused on
     its first part (``OversizedMessage``: that part alone fails); ``expired()`` hands back the
     messages still incomplete after ``timeout_s``, so that the caller fails them instead of
-    holding them unacked for ever. ``remember``: how many completed messages' keys are kept, so
-    that a part of one that comes again later (a redelivery) is a copy too, not the start of a
-    message that can never complete.
+    holding them unacked for ever. ``remember``: how many finished messages' keys are kept (joined,
+    or failed with every part received), so that a part of one that comes again later (a
+    redelivery) is a copy too, not the start of a message that can never complete.
     """
 
     def __init__(self, head: Callable[[T], Head], *, check: Callable[[Mapping[int, T], T], None] | None = None,
@@ -115,6 +115,7 @@ class Gather(Generic[T, D]):
                 self.check(entry.items, item)
         except MalformedMessage as exc:
             del self._pending[key]
+            self._done(key)
             raise GatherError(str(exc), [*entry.tokens, token]) from None
         if part in entry.items:  # a copy that agrees with the rest
             self._copies.append(token)
@@ -125,14 +126,19 @@ class Gather(Generic[T, D]):
             if len(entry.items) < entry.parts:
                 return None
             del self._pending[key]
-            if self.remember:
-                self._completed[key] = None
-                while len(self._completed) > self.remember:
-                    self._completed.popitem(last=False)
+            self._done(key)
             return self.join([entry.items[i] for i in sorted(entry.items)]), entry.tokens
         except MalformedMessage as exc:
             self._pending.pop(key, None)
+            self._done(key)
             raise GatherError(str(exc), entry.tokens) from None
+
+    def _done(self, key: Hashable) -> None:
+        """``key``'s message is over (joined, or failed with all its parts): remembered, if asked."""
+        if self.remember:
+            self._completed[key] = None
+            while len(self._completed) > self.remember:
+                self._completed.popitem(last=False)
 
     def take_copies(self) -> list[D]:
         """Tokens of copies of parts already held: ack them now (the originals stay held)."""
