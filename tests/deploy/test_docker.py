@@ -54,12 +54,15 @@ LOCAL = {"hecommon", "helora-encoder", "helora-evaluator", "helora-aggregator", 
 @dataclass
 class Stage:
     name: str
-    base: str  # an image reference or an earlier stage's name
+    base: str  # an image reference or an earlier stage's name (a build argument's default)
+    arg: str | None = None  # the build argument the base image comes from, if any
     instructions: list[tuple[str, str]] = field(default_factory=list)  # (KEYWORD, arguments)
 
 
 def parse(text: str) -> list[Stage]:
-    """Stages with their instructions; continuation lines joined, comments dropped."""
+    """Stages with their instructions; continuation lines joined, comments dropped. A ``FROM`` that
+    names a global build argument (``ARG NAME=default`` before the first ``FROM``) reads its default
+    (``Stage.arg`` keeps the argument's name)."""
     logical, buf = [], ""
     for raw in text.splitlines():
         line = raw.strip()
@@ -73,13 +76,23 @@ def parse(text: str) -> list[Stage]:
         logical.append(buf + line)
         buf = ""
     stages: list[Stage] = []
+    global_args: dict[str, str] = {}
     for line in logical:
         keyword, _, args = line.partition(" ")
         keyword = keyword.upper()
-        if keyword == "FROM":
+        if keyword == "ARG" and not stages:
+            name, _, default = args.strip().partition("=")
+            global_args[name] = default
+        elif keyword == "FROM":
             m = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", args.strip(), re.IGNORECASE)
             assert m, f"cannot parse FROM {args!r}"
-            stages.append(Stage(m.group(2) or f"stage{len(stages)}", m.group(1)))
+            base, arg = m.group(1), None
+            ref = re.fullmatch(r"\$\{?(\w+)\}?", base)
+            if ref:
+                arg = ref.group(1)
+                assert global_args.get(arg), f"FROM {base}: no ARG {arg} with a default before the first FROM"
+                base = global_args[arg]
+            stages.append(Stage(m.group(2) or f"stage{len(stages)}", base, arg=arg))
         elif stages:
             stages[-1].instructions.append((keyword, args.strip()))
     return stages
@@ -154,14 +167,24 @@ def test_every_target_is_there(stages):
 
 
 def test_every_base_image_is_pinned(stages):
+    """Each base image is a build argument (a local build passes another base, issue 19) whose
+    default is a pinned public image: a plain build gets exactly those."""
     names = {s.name for s in stages}
     for s in stages:
         if s.base in names:
             continue
-        assert "$" not in s.base, f"{s.name}: FROM {s.base} depends on a build argument"
+        assert s.arg, f"{s.name}: FROM {s.base} is not a build argument (--build-arg cannot replace it)"
+        assert "$" not in s.base, f"{s.name}: FROM {s.base}: the argument's default depends on another"
         image, _, tag = s.base.rpartition(":") if ":" in s.base.split("/")[-1] else (s.base, "", "")
         assert tag and tag != "latest" and "@" not in image, f"{s.name}: FROM {s.base} is not pinned to a tag"
         assert re.search(r"\d+\.\d+", tag), f"{s.name}: FROM {s.base}: the tag names no version"
+
+
+def test_the_parser_reads_a_base_image_from_a_build_argument():
+    got = parse("ARG BASE=debian:12.8-slim\nFROM ${BASE} AS one\nFROM one AS two\n")
+    assert [(s.name, s.base, s.arg) for s in got] == [("one", "debian:12.8-slim", "BASE"), ("two", "one", None)]
+    with pytest.raises(AssertionError, match="no ARG BASE"):
+        parse("FROM $BASE AS one\n")
 
 
 @pytest.mark.parametrize("target", TARGETS)
