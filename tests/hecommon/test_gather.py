@@ -142,11 +142,14 @@ def test_a_part_of_a_completed_message_is_a_copy_when_remembered():
     assert forgetful.add(Part("a", 0, 2), 3) is None and forgetful.take_copies() == [] and len(forgetful) == 1
 
 
-def test_a_part_of_a_failed_message_that_comes_again_is_a_copy_when_remembered():
+def test_a_part_of_a_refused_message_that_comes_later_is_refused_at_once_when_remembered():
     """A message dropped by ``GatherError`` had every part received failed (dead-lettered): a part of
-    it that comes again later is a copy, acked, not the start of a message held until it expires."""
+    it that comes later is refused at once, with its own token (DESIGN §7.4: a malformed message is
+    dead-lettered with a reason), not held as the start of a message until it expires."""
     c = _gather(remember=4)
     c.add(Part("k", 0, 3), "a")
     with pytest.raises(GatherError):
         c.add(Part("k", 1, 2), "b")
-    assert c.add(Part("k", 2, 3), "late") is None and c.take_copies() == ["late"] and len(c) == 0
+    with pytest.raises(GatherError, match="refused already") as info:
+        c.add(Part("k", 2, 3), "late")
+    assert info.value.tokens == ["late"] and c.take_copies() == [] and len(c) == 0

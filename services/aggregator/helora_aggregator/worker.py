@@ -63,10 +63,9 @@ class AggregatorWorker(amqp.Service):
         return super().in_flight() + len(self._held)
 
     def tick(self) -> None:
-        for k, ds in self.parts.expired():
-            key: tuple = k  # type: ignore[assignment]  # _partial_head's key
-            self.fail(ds, ServiceTimeout(f"layer {key[1]} {key[2]}: the partial of shard {key[3]} piece {key[4]} "
-                                         f"stayed incomplete for {self.parts.timeout_s:.0f} s"), rid=key[0])
+        for (rid, layer, direction, shard, piece), ds in self.parts.expired():  # _partial_head's keys
+            self.fail(ds, ServiceTimeout(f"layer {layer} {direction}: the partial of shard {shard} piece {piece} "
+                                         f"stayed incomplete for {self.parts.timeout_s:.0f} s"), rid=rid)
         now = time.monotonic()
         for key in [k for k, (t0, _) in self._held.items() if now - t0 > self.parts.timeout_s]:
             _, ds = self._held.pop(key)
@@ -157,6 +156,7 @@ def _partial_head(m: wire.PartialResult) -> wire.Head:
 
 def main(argv: list[str] | None = None) -> int:
     return process.serve("helora-aggregator", AggregatorConfig.from_args, AggregatorWorker, argv, reuse_memory=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,7 +32,6 @@ def exit_at_once(signum: int, _frame: Any) -> None:
         os._exit(0)
 
 
-
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)

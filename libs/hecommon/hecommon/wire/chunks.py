@@ -74,13 +74,14 @@ class Gather(Generic[T, D]):
 
     ``check(held, item)`` refuses (``MalformedMessage``) a part that disagrees with those already
     held, copies included, as does a part count that differs from the first part's: the whole
-    message is dropped and ``GatherError`` carries every token received for it. Bounds: a message announcing more
-    than ``max_message_bytes``, or more than ``max_bytes`` with what is held already, is refused on
-    its first part (``OversizedMessage``: that part alone fails); ``expired()`` hands back the
-    messages still incomplete after ``timeout_s``, so that the caller fails them instead of
-    holding them unacked for ever. ``remember``: how many finished messages' keys are kept (joined,
-    or failed with every part received), so that a part of one that comes again later (a
-    redelivery) is a copy too, not the start of a message that can never complete.
+    message is dropped and ``GatherError`` carries every token received for it. Bounds: a message
+    announcing more than ``max_message_bytes``, or more than ``max_bytes`` with what is held
+    already, is refused on its first part (``OversizedMessage``: that part alone fails);
+    ``expired()`` hands back the messages still incomplete after ``timeout_s``, so that the
+    caller fails them instead of holding them unacked for ever. ``remember``: how many finished
+    messages' keys are kept, so that a part of one that comes later (a redelivery) is not the
+    start of a message that can never complete: a copy of a joined message's part, or refused at
+    once (``GatherError`` with its token alone) for a message that was refused.
     """
 
     def __init__(self, head: Callable[[T], Head], *, check: Callable[[Mapping[int, T], T], None] | None = None,
@@ -93,13 +94,15 @@ class Gather(Generic[T, D]):
         self._pending: dict[Hashable, _Pending[T, D]] = {}
         self._copies: list[D] = []
         self.remember = remember
-        self._completed: OrderedDict[Hashable, None] = OrderedDict()
+        self._finished: OrderedDict[Hashable, bool] = OrderedDict()  # key -> joined (else refused)
 
     def add(self, item: T, token: D = None) -> tuple[Any, list[D]] | None:  # type: ignore[assignment]
         key, part, parts, size = self.head(item)
-        if key in self._completed:  # a part of a message put together already
-            self._copies.append(token)
-            return None
+        if key in self._finished:
+            if self._finished[key]:  # a part of a message put together already: a copy
+                self._copies.append(token)
+                return None
+            raise GatherError(f"part {part}: its chunked message was refused already", [token])
         entry = self._pending.get(key)
         if entry is None:
             if size > self.max_message_bytes:
@@ -115,30 +118,30 @@ class Gather(Generic[T, D]):
                 self.check(entry.items, item)
         except MalformedMessage as exc:
             del self._pending[key]
-            self._done(key)
+            self._finish(key, joined=False)
             raise GatherError(str(exc), [*entry.tokens, token]) from None
         if part in entry.items:  # a copy that agrees with the rest
             self._copies.append(token)
             return None
         entry.tokens.append(token)
+        entry.items[part] = item
+        if len(entry.items) < entry.parts:
+            return None
+        del self._pending[key]
         try:
-            entry.items[part] = item
-            if len(entry.items) < entry.parts:
-                return None
-            del self._pending[key]
-            self._done(key)
-            return self.join([entry.items[i] for i in sorted(entry.items)]), entry.tokens
+            whole = self.join([entry.items[i] for i in sorted(entry.items)])
         except MalformedMessage as exc:
-            self._pending.pop(key, None)
-            self._done(key)
+            self._finish(key, joined=False)
             raise GatherError(str(exc), entry.tokens) from None
+        self._finish(key, joined=True)
+        return whole, entry.tokens
 
-    def _done(self, key: Hashable) -> None:
-        """``key``'s message is over (joined, or failed with all its parts): remembered, if asked."""
+    def _finish(self, key: Hashable, joined: bool) -> None:
+        """``key``'s message is over, joined or refused with all its parts: remembered, if asked."""
         if self.remember:
-            self._completed[key] = None
-            while len(self._completed) > self.remember:
-                self._completed.popitem(last=False)
+            self._finished[key] = joined
+            while len(self._finished) > self.remember:
+                self._finished.popitem(last=False)
 
     def take_copies(self) -> list[D]:
         """Tokens of copies of parts already held: ack them now (the originals stay held)."""
@@ -182,7 +185,7 @@ class Gather(Generic[T, D]):
     def clear(self) -> None:
         self._pending.clear()
         self._copies.clear()
-        self._completed.clear()
+        self._finished.clear()
 
 
 def split(msg: Chunked, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Chunked]:
@@ -247,6 +250,16 @@ def join(chunks: Sequence[Chunked]) -> Chunked:
     return dataclasses.replace(whole, part=0, parts=1, **{offset: start})
 
 
+class _Span(NamedTuple):
+    """Where one part of a tracked message lies (``PartTracker``)."""
+
+    piece: int
+    part: int
+    parts: int
+    offset: int
+    rows: int
+
+
 class PartTracker:
     """The parts of one chunked message as they arrive, for a receiver that uses each part at once
     instead of joining them (the client decrypts reply parts as they come in): a ``Gather`` of
@@ -263,10 +276,8 @@ class PartTracker:
     def __init__(self) -> None:
         self._route: tuple[Any, ...] | None = None
         self._pieces = 1
-        # items: (piece, part, parts, offset, rows)
-        self._gather: Gather[tuple[int, int, int, int, int], None] = Gather(
-            lambda s: Head(s[0], s[1], s[2]), timeout_s=math.inf)
-        self._done: dict[int, list[tuple[int, int, int, int, int]]] = {}  # piece -> its parts, in order
+        self._gather: Gather[_Span, None] = Gather(lambda s: Head(s.piece, s.part, s.parts), timeout_s=math.inf)
+        self._done: dict[int, list[_Span]] = {}  # piece -> its parts, in order
         self._rows = 0
 
     @staticmethod
@@ -283,11 +294,11 @@ class PartTracker:
             self._pieces = 1 if isinstance(chunk, EncryptedRequest) else chunk.pieces
         elif route != self._route:
             _fail("join", "parts of different messages or shapes")
-        if self.key(chunk) in self:
+        piece, part = self.key(chunk)
+        if (piece, part) in self:
             return False
         offset = chunk.row_start if isinstance(chunk, EncryptedRequest) else chunk.out_start
-        piece, part = self.key(chunk)
-        got = self._gather.add((piece, part, chunk.parts, offset, chunk._rows()))
+        got = self._gather.add(_Span(piece, part, chunk.parts, offset, chunk._rows()))
         if got is not None:
             self._done[piece] = got[0]
         self._rows += chunk._rows()
@@ -310,8 +321,8 @@ class PartTracker:
             return False
         for ordered in self._done.values():
             for prev, cur in zip(ordered, ordered[1:], strict=False):
-                if cur[3] != prev[3] + prev[4]:
-                    _fail("join", f"part {cur[1]}: its offset is not contiguous with part {prev[1]}")
+                if cur.offset != prev.offset + prev.rows:
+                    _fail("join", f"part {cur.part}: its offset is not contiguous with part {prev.part}")
         return True
 
     @property

@@ -27,8 +27,9 @@ def split_bytes(data: bytes, max_bytes: int, mid: bytes) -> list[bytes]:
     return [encode(Chunk(mid, i, parts, len(data), data[i * piece:(i + 1) * piece]), max_bytes) for i in range(parts)]
 
 
-#: joined messages whose ids ``gather`` remembers: a late copy of one of their chunks is acked
-REMEMBER_JOINED = 4096
+#: finished messages whose ids ``gather`` remembers: a late chunk of one is acked (joined) or
+#: refused at once (refused), not held until the round timeout
+REMEMBER_FINISHED = 4096
 
 
 def gather(max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0,
@@ -40,11 +41,12 @@ def gather(max_bytes: int = MAX_JOINED_BYTES, timeout_s: float = 600.0,
     Every part but the last has the same length (``split_bytes``' piece) and the last one the rest
     of ``total``; a chunk that breaks this, or disagrees with the earlier ones on ``parts`` or
     ``total``, drops the whole message (``chunks.GatherError``, with every token received for it).
-    A chunk of one of the last ``REMEMBER_JOINED`` joined messages is a copy (``take_copies``).
+    A chunk of one of the last ``REMEMBER_FINISHED`` messages is a copy (``take_copies``) if it
+    was joined, refused at once if it was refused.
     """
     return Gather(lambda c: Head(c.rid, c.part, c.parts, c.total), check=_check_chunk, join=_join,
                   timeout_s=timeout_s, max_bytes=max_bytes, max_message_bytes=max_message_bytes,
-                  remember=REMEMBER_JOINED)
+                  remember=REMEMBER_FINISHED)
 
 
 def _join(parts: list[Chunk]) -> bytes:

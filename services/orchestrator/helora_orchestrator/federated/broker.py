@@ -39,7 +39,6 @@ class FederatedBrokerClient:
 
     def __init__(self, url: str, namespace: str = topology.DEFAULT_NAMESPACE, timeout_s: float = 600.0,
                  max_bytes: int = wire.MAX_MESSAGE_BYTES, max_joined: int = 1 << 30):
-
         # max_bytes: the broker's max_message_size (larger messages go in chunks); max_joined: the
         # largest whole message accepted (an aggregate is a full d_out × d_in product per layer)
         self.timeout_s, self.max_bytes, self.max_joined = timeout_s, max_bytes, max_joined
@@ -49,7 +48,7 @@ class FederatedBrokerClient:
         self.ch.confirm_delivery()
         names = topology.Topology(namespace)
         names.declare_common(self.ch)
-        self.queue = topology.Topology(namespace).federated
+        self.queue = names.federated
         names.declare_queue(self.ch, self.queue)  # messages wait there until the aggregator runs
         # exclusive, not auto-delete: the queue must outlive each call's consumer (deleted with the connection)
         self.reply_to = self.ch.queue_declare("", exclusive=True).method.queue
