@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput services-up lint clean chart-check docker-lint dashboard-check
+.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput services-up lint clean chart-check docker-lint dashboard-check images image-gpu images-smoke images-clean
 
 setup: $(STAMP)
 
@@ -37,14 +37,14 @@ system-deps:
 	tools/system-deps.sh
 
 test: setup system-deps
-	$(PYTEST) -m "not slow and not gpu" -q
+	$(PYTEST) -m "not slow and not gpu and not images" -q
 
 ## Tests on the real SmolLM2-135M model (minutes).
 test-slow: setup
 	$(PYTEST) -m "slow" -q
 
 test-all: setup
-	$(PYTEST) -m "not gpu" -q
+	$(PYTEST) -m "not gpu and not images" -q
 
 bench: setup
 	$(BIN)/python benchmarks/he_matmul.py --json out/he_matmul.json
@@ -97,6 +97,27 @@ dashboard-check: setup
 ## ../shared/crds (or $$HELORA_CRDS_DIR).
 chart-check: setup
 	$(BIN)/python tools/chart_check.py
+
+## The CPU images (encoder, evaluator-cpu, aggregator) built with podman from a Debian base made
+## here (mmdebstrap, no registry), into out/images (tools/images.py; podman, runc and mmdebstrap
+## installed when missing, as root). image-gpu: the GPU evaluator (several GB; CI does not build it).
+images: setup
+	tools/image-deps.sh
+	$(BIN)/python tools/images.py build
+
+image-gpu: setup
+	tools/image-deps.sh
+	$(BIN)/python tools/images.py build evaluator
+
+## The fleet in containers against the local broker: one encrypted step of the tiny model from the
+## host equals the embedded run bit for bit; health, non-root user, metrics, stop within the grace
+## period; a bad pin fails the build with pip's message (tests/images; after `make images`).
+images-smoke: setup system-deps
+	$(PYTEST) -m images tests/images -q -rP -p no:cacheprovider
+
+## Every container, image and layer of out/images (the host's own podman storage is not touched).
+images-clean: setup
+	$(BIN)/python tools/images.py clean
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache

@@ -6,7 +6,7 @@ Python packages (``-r docker/requirements/*.txt`` with exact ``==`` pins, or hel
 with ``--no-deps``), pin every package its code really imports, and start a console script that
 the service's pyproject.toml declares. ``docker/healthcheck.py`` (the HEALTHCHECK) runs against
 real HTTP servers; the chart's containers run the images as built; and each image's package set,
-alone, starts its service on the real broker (no Docker engine here: the images are not built).
+alone, starts its service on the real broker. tests/images/ builds the images with podman and runs them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ TARGETS = {
 #: below cannot see them; transformers refuses a GGUF file without accelerate
 LAZY_IMPORTS = {"encoder": ("transformers", "gguf", "safetensors", "accelerate")}
 #: the GPU image's extra (hecommon[gpu]); cupy is imported lazily, and not installed here
-GPU_EXTRA = {"evaluator": ("cupy-cuda12x",)}
+GPU_EXTRA = {"evaluator": ("cupy-cuda13x",)}
 LOCAL = {"hecommon", "helora-encoder", "helora-evaluator", "helora-aggregator", "helora-orchestrator"}
 
 
