@@ -24,12 +24,14 @@ $(STAMP): requirements.txt libs/hecommon/pyproject.toml services/*/pyproject.tom
 
 ## The main job: encrypted LoRA fine-tuning of SmolLM2-135M on the bundled corpus, then eval and generate.
 ## One process: 2 steps of 8 x 256 tokens (one full ciphertext batch of N = 2048 tokens each),
-## a held-out evaluation, and a short generation with every block linear still encrypted.
+## a held-out evaluation, and a short generation with every block linear still encrypted; then
+## `helora report`: the run's summary and $(DEMO_OUT)/report.png (loss, tokens/s, time by phase).
 DEMO_OUT ?= runs/demo
 demo: setup
 	rm -rf $(DEMO_OUT)
 	$(BIN)/helora train --mode encrypted --steps 2 --batch-size 8 --seq-len 256 --lr 1e-3 --warmup 1 \
 	  --eval-batches 1 --out $(DEMO_OUT) --generate "The with statement" --max-new-tokens 3
+	$(BIN)/helora report $(DEMO_OUT)
 
 ## Fast unit tests and broker integration tests (the CI command).
 ## RabbitMQ running, Prometheus and RabbitMQ's Prometheus plugin installed (each only when missing).

@@ -9,23 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from hecommon.errors import ConfigError, ParameterMismatch
-from hecommon.model import config_fingerprint, tiny_llama
 from helora_orchestrator.checkpoint import CheckpointMeta, checkpoint_dir
-from helora_orchestrator.client_model import build_client
-from helora_orchestrator.lora import LoraSettings
-from helora_orchestrator.train import TrainConfig, Trainer, lr_factor
-
-LORA = LoraSettings(r=4, alpha=8)
-
-
-def make_trainer(splits, out: Path, mode: str = "clear", param_set: str | None = None, **cfg) -> Trainer:
-    model, _ = tiny_llama(seed=0, **cfg.pop("model", {}))
-    config = TrainConfig(**{"steps": 4, "lr": 5e-3, "warmup_steps": 1, "batch_size": 2, "grad_accum": 2,
-                            "seq_len": 32, "eval_batches": 2, "mode": mode, "output_dir": str(out),
-                            "progress": False, **cfg})
-    meta = CheckpointMeta(base_model_id="tiny", base_model_fingerprint=config_fingerprint(model), mode=mode,
-                          bits=config.bits, lora=LORA.to_dict(), param_set=param_set)
-    return Trainer(config, build_client(model, mode, LORA, bits=config.bits, seed=0), *splits, meta)
+from helora_orchestrator.train import TrainConfig, lr_factor
+from training import make_trainer
 
 
 def _tree_digest(path: Path) -> dict:

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, metavar="DIR")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    r = sub.add_parser("report", help="summary and PNG of a training run (its metrics.jsonl)")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of a helora train run")
+    r.add_argument("--out", default=None, metavar="PNG", help="where the PNG goes (default: RUN_DIR/report.png)")
     from .federated.cli import add_parser as add_federate_parser
 
     add_federate_parser(sub)
@@ -302,6 +305,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .runreport import report
+
+    text, png = report(args.run_dir, args.out)
+    print(text)
+    print(f"plot: {png}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "status": cmd_status}
 
 
@@ -311,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         from .federated.cli import cmd_federate
 
         return cmd_federate(args)
+    if args.command == "report":  # reads a run directory; no model, no server
+        return run_reported("helora report", lambda: cmd_report(args))
     if args.command == "up":  # its own flags and signal handling (helora_orchestrator.operator.up)
         from .operator.up import cmd_up
 

@@ -160,6 +160,11 @@ class ClientModel(nn.Module):
     def wire_bytes(self) -> int:
         return int(getattr(self.backend, "wire_bytes", 0))
 
+    @property
+    def linear_seconds(self) -> dict[str, float]:
+        """The backend's time counters (``EncryptedBackend.seconds``); empty for clear backends."""
+        return dict(getattr(self.backend, "seconds", {}))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, S, vocab)``; ``lm_head`` runs here, on the client."""
         for fused in self.fused.values():

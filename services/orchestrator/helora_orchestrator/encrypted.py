@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -108,6 +109,9 @@ class EncryptedBackend:
         self.key = key or SecretKey.generate()
         self.wire_bytes = 0
         self.requests = 0
+        #: seconds spent encrypting, decrypting, and in whole linear calls (server and wire included),
+        #: summed over threads (``runlog.phase_seconds`` splits a training step with them)
+        self.seconds = {"encrypt": 0.0, "decrypt": 0.0, "linear": 0.0}
         self._count_lock = threading.Lock()  # requests may come from several threads (--in-flight)
         self._buffers = threading.local()  # per thread: decrypted integers (``_scratch``)
         self._fetch_hint = hints
@@ -136,6 +140,8 @@ class EncryptedBackend:
         A reply in several pieces (an evaluator answers each request part alone) is added up
         piece by piece: exact integers, like sub-sums. Otherwise the whole request is encrypted
         and the whole reply decrypted at once."""
+        t_call = time.perf_counter()
+        spent = {"encrypt": 0.0, "decrypt": 0.0}
         secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]
@@ -169,17 +175,25 @@ class EncryptedBackend:
                 a = result.a
                 got_a[(part.piece, lo)] = a if isinstance(a, PackedRows) else PackedRows.pack(a, self.params.out_bits)
             # in place; pieces of one sum are added (exact: each decrypts to its integer sum)
+            t0 = time.perf_counter()
             decrypt(secret, result, hint=hint, out=out[:, lo:hi], add=pieces > 1)
+            spent["decrypt"] += time.perf_counter() - t0
             filled[0] += hi - lo
+
+        def encrypted(lo: int, hi: int):
+            t0 = time.perf_counter()
+            batch = encrypt(secret, m[:, lo:hi], a_seed, start=lo)
+            spent["encrypt"] += time.perf_counter() - t0
+            return batch
 
         if stream is not None:
             parts = (wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, part=p.part, parts=p.parts,
-                                           row_start=p.lo, batch=encrypt(secret, m[:, p.lo:p.hi], a_seed, start=p.lo),
+                                           row_start=p.lo, batch=encrypted(p.lo, p.hi),
                                            send_a=held is None, owner=self.owner)
                      for p in plan)  # each encrypted when the transport asks for it
             moved = stream(parts, decrypt_part)
         else:
-            request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, batch=encrypt(secret, m, a_seed),
+            request = wire.EncryptedRequest(rid=rid, layer=layer, direction=direction, batch=encrypted(0, m.shape[1]),
                                             send_a=held is None, owner=self.owner)
             reply, moved = self.transport(request)
             decrypt_part(reply)
@@ -188,6 +202,9 @@ class EncryptedBackend:
         with self._count_lock:
             self.wire_bytes += moved
             self.requests += 1
+            self.seconds["encrypt"] += spent["encrypt"]
+            self.seconds["decrypt"] += spent["decrypt"]
+            self.seconds["linear"] += time.perf_counter() - t_call
             if collect and (layer, direction) not in self._held and sum(a.rows for a in got_a.values()) == width * pieces:
                 whole = tuple(PackedRows.concat([got_a[k] for k in sorted(got_a) if k[0] == piece])
                               for piece in range(pieces))  # contiguous: the transport checks

@@ -32,6 +32,7 @@ from .checkpoint import (
 )
 from .client_model import ClientModel, causal_lm_loss
 from .data import DataOrder, PackedData
+from .runlog import RunLog, StepRecord, phase_seconds
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ class Trainer:
     """One run: call :meth:`run`; ``resume=True`` continues from ``<output_dir>/checkpoint``.
 
     ``metrics`` (``hecommon.broker.metrics.OrchestratorMetrics``): step, loss, tokens and tokens/s after
-    every optimizer step (``helora train --metrics-port``).
+    every optimizer step (``helora train --metrics-port``). Every step and evaluation is also
+    appended to ``<output_dir>/metrics.jsonl`` (``runlog``; ``helora report`` draws it).
     """
 
     def __init__(self, cfg: TrainConfig, client: ClientModel, train_data: PackedData, eval_data: PackedData,
@@ -219,11 +221,15 @@ class Trainer:
         cfg = self.cfg
         last = min(cfg.steps, until if until is not None else cfg.steps)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        log = RunLog(cfg.output_dir)
         loss, eval_loss, tokens, elapsed = float("nan"), float("nan"), 0, 0.0
         while self.step < last:
-            t0 = time.perf_counter()
+            t0, before, wire0 = time.perf_counter(), self.client.linear_seconds, self.client.wire_bytes
             loss, n = self.train_step()
-            elapsed, tokens = elapsed + time.perf_counter() - t0, tokens + n
+            wall = time.perf_counter() - t0
+            elapsed, tokens = elapsed + wall, tokens + n
+            log.step(StepRecord(self.step, loss, n, n / wall if wall else 0.0, self.client.wire_bytes - wire0,
+                                phase_seconds(wall, before, self.client.linear_seconds)))
             if self.metrics is not None:
                 self.metrics.record_step(self.step, loss, n, tokens / elapsed if elapsed else 0.0)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:.1f}",
@@ -231,11 +237,13 @@ class Trainer:
             bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 eval_loss = self.evaluate()
+                log.eval(self.step, eval_loss)
                 bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()
         if self.step >= cfg.steps:
             eval_loss = self.evaluate()
+            log.eval(self.step, eval_loss)
             self.save()
         return TrainSummary(self.step, loss, eval_loss, tokens / elapsed if elapsed else 0.0, self.client.wire_bytes)
