@@ -7,9 +7,10 @@
     tools/images.py env                  # the environment that points podman at this work directory
 
 Everything lives in one work directory (default ``out/images``, or ``$HELORA_IMAGES_DIR``): podman's
-storage (``CONTAINERS_STORAGE_CONF``), its settings (``docker/podman/containers.conf`` through
-``CONTAINERS_CONF``), the base image's tarball. ``clean`` removes all of it, and nothing outside it
-is touched: the host's own podman storage stays as it was.
+storage (``CONTAINERS_STORAGE_CONF``), its settings (``docker/podman/containers.conf`` plus this
+directory's ``tmp_dir`` and volume path, through ``CONTAINERS_CONF``), the base image's tarball.
+``clean`` removes all of it (only a directory this tool made: it carries a marker file), and
+nothing of the host's own podman (storage, ``/run/libpod``, networks) is touched.
 
 The base image is made here, with no registry: ``mmdebstrap --variant=minbase`` of Debian bookworm
 with python3 and a virtualenv first on PATH (Debian's Python refuses system-wide pip installs),
@@ -26,6 +27,7 @@ both mount points empty, so no layer holds anything of them (the image smoke tes
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import shlex
 import shutil
@@ -46,6 +48,8 @@ BASE = "localhost/helora-base:bookworm"
 PIP_MOUNT = "/opt/helora-pip"
 PIP_CONF = "/etc/pip.conf"
 BASE_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: written into a work directory when it is made: ``clean`` removes no directory without it
+MARKER = ".helora-images"
 #: the namespace prefix of the image smoke test's queues (tests/images)
 SMOKE_PREFIX = "helora-img-"
 HOST_TOOLS = {"podman": "podman", "runc": "runc", "mmdebstrap": "mmdebstrap"}
@@ -83,13 +87,23 @@ class Podman:
     def storage_conf(self) -> Path:
         return self.workdir / "storage.conf"
 
+    @property
+    def containers_conf(self) -> Path:
+        return self.workdir / "containers.conf"
+
     def env(self) -> dict[str, str]:
         if not self.storage_conf.exists():
             self.workdir.mkdir(parents=True, exist_ok=True)
+            (self.workdir / MARKER).touch()
             self.storage_conf.write_text(
                 "[storage]\ndriver = \"overlay\"\n"
                 f"graphroot = \"{self.workdir / 'storage'}\"\nrunroot = \"{self.workdir / 'run'}\"\n")
-        return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF),
+            # docker/podman/containers.conf, with podman's own state here too (root's default,
+            # /run/libpod, is the host's podman's: nothing of this work directory may touch it)
+            self.containers_conf.write_text(CONTAINERS_CONF.read_text().replace(
+                "[engine]\n", f"[engine]\ntmp_dir = \"{self.workdir / 'tmp'}\"\n"
+                f"volume_path = \"{self.workdir / 'volumes'}\"\n", 1))
+        return {**os.environ, "CONTAINERS_CONF": str(self.containers_conf),
                 "CONTAINERS_STORAGE_CONF": str(self.storage_conf)}
 
     def __call__(self, *args: str, check: bool = True, capture: bool = False,
@@ -136,17 +150,30 @@ def run(argv: list[str], what: str) -> None:
 
 
 def pip_settings() -> dict[str, list[str]]:
-    """The host's pip settings by key (``pip config list``: ``scope.key='value'``)."""
-    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                         check=True).stdout
-    found: dict[str, list[str]] = {}
-    lines = sorted(out.splitlines(), key=lambda line: line.startswith(":env:"))  # PIP_* variables win
-    for line in lines:
-        name, sep, value = line.partition("=")
-        key = name.rsplit(".", 1)[-1]
-        if sep and key in PIP_KEYS:
-            found[key] = value.strip().strip("'\"").split()
-    return found
+    """The host's pip install settings by key, from ``pip config list`` (``section.key=repr(value)``).
+
+    Sections ``global`` and ``install`` count, and ``:env:`` (PIP_* variables) above them; values
+    are whitespace-separated lists (pip's multi-line values included)."""
+    done = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ImageError(f"pip config list exited {done.returncode}: {done.stderr.strip()[-1000:]}")
+    rank = {"global": 0, "install": 1, ":env:": 2}
+    found: dict[str, tuple[int, list[str]]] = {}
+    for line in done.stdout.splitlines():
+        name, sep, raw = line.partition("=")
+        section, _, key = name.rpartition(".")
+        if not sep or key not in PIP_KEYS:
+            continue
+        if section not in rank:
+            print(f"images: pip setting {name} left out of the build (section {section!r})", flush=True)
+            continue
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            raise ImageError(f"pip config list: cannot read {line!r}") from None
+        if key not in found or rank[section] >= found[key][0]:
+            found[key] = (rank[section], str(value).split())
+    return {key: values for key, (_, values) in found.items()}
 
 
 def pip_mounts(settings: dict[str, list[str]], staging: Path) -> list[str]:
@@ -162,13 +189,17 @@ def pip_mounts(settings: dict[str, list[str]], staging: Path) -> list[str]:
                 (staging / "cert.pem").touch()
                 mounts += ["-v", f"{value}:{PIP_MOUNT}/cert.pem:ro"]
                 conf[key] = [f"{PIP_MOUNT}/cert.pem"]
-            elif key == "find-links" and Path(value).is_dir():
+            elif key == "find-links" and Path(value.removeprefix("file://")).is_dir():
+                value = value.removeprefix("file://")
                 (staging / f"links{i}").mkdir()
                 mounts += ["-v", f"{value}:{PIP_MOUNT}/links{i}:ro"]
                 conf.setdefault(key, []).append(f"{PIP_MOUNT}/links{i}")
             elif key.endswith("index-url") or key == "find-links":
                 if value.startswith(("http://", "https://")):
                     conf.setdefault(key, []).append(value)
+                else:
+                    print(f"images: pip {key} {value} left out of the build (not a directory or http(s))",
+                          flush=True)
             else:
                 conf[key] = [value]
     (staging / "pip.conf").write_text("[global]\n" + "".join(f"{k} = {' '.join(v)}\n" for k, v in conf.items()))
@@ -206,6 +237,17 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), cupy {cupy.__vers
 """
 
 
+def check_no_host_settings(podman: Podman, image: str) -> None:
+    """The build's mount points, empty in the base image, are empty in ``image``, and pip inside it
+    knows no certificate, find-links or index of the host's."""
+    script = (f'test ! -s {PIP_CONF} && test -z "$(ls -A {PIP_MOUNT})" '
+              "&& ! pip config list | grep -E 'cert|find-links|index-url'")
+    done = podman("run", "--rm", "--network", "none", "--no-healthcheck", "--entrypoint", "/bin/sh", image,
+                  "-c", script, check=False, capture=True)
+    if done.returncode != 0:
+        raise ImageError(f"{image} holds the host's pip settings: {done.stdout[-2000:]}")
+
+
 def check_gpu(podman: Podman, tag: str | None = None) -> None:
     """``import cupy, torch`` and ``helora-evaluator --help`` inside the GPU image (no device needed)."""
     image = image_name(GPU_TARGET, tag)
@@ -214,23 +256,51 @@ def check_gpu(podman: Podman, tag: str | None = None) -> None:
     usage = podman("run", "--rm", "--network", "none", "--no-healthcheck", image, "--help", capture=True).stdout
     if "usage: helora-evaluator" not in usage:
         raise ImageError(f"{image}: helora-evaluator --help printed no usage:\n{usage[-2000:]}")
-    print(f"images: {image}: import cupy, torch and helora-evaluator --help work", flush=True)
+    check_no_host_settings(podman, image)
+    print(f"images: {image}: import cupy, torch and helora-evaluator --help work; no host pip settings in it",
+          flush=True)
 
 
 def clean(podman: Podman) -> None:
-    """Every container, image and layer in the work directory, then the directory itself; and the
-    queues a smoke test that was cut short left on the local broker (``helora-img-*``)."""
-    if podman.storage_conf.exists() and shutil.which("podman"):
-        podman("rm", "--all", "--force", "--time", "0", check=False, capture=True)
-        podman("system", "reset", "--force", check=False, capture=True)
-    shutil.rmtree(podman.workdir, ignore_errors=True)
-    print(f"images: removed {podman.workdir}", flush=True)
-    if shutil.which("rabbitmqctl"):
-        listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True)
-        left = [q for q in listed.stdout.split() if q.startswith(SMOKE_PREFIX)] if listed.returncode == 0 else []
-        for queue in left:
-            subprocess.run(["rabbitmqctl", "-q", "delete_queue", queue], capture_output=True)
-        print(f"images: removed {len(left)} queue(s) named {SMOKE_PREFIX}* from the local broker", flush=True)
+    """Every container, image and layer in the work directory, then the directory itself; and what
+    a smoke test that was cut short left on the local broker (``helora-img-*`` queues, exchanges)."""
+    if podman.workdir.exists():
+        if not (podman.workdir / MARKER).is_file():
+            raise ImageError(f"{podman.workdir} was not made by tools/images.py ({MARKER} is missing): not removed")
+        if shutil.which("podman"):
+            podman("rm", "--all", "--force", "--time", "0", check=False, capture=True)
+            podman("rmi", "--all", "--force", check=False, capture=True)
+        shutil.rmtree(podman.workdir)
+        print(f"images: removed {podman.workdir}", flush=True)
+    left = smoke_queues()
+    if left:
+        delete_namespaces(left)
+        print(f"images: removed {len(left)} queue(s) named {SMOKE_PREFIX}* and their exchanges from the broker",
+              flush=True)
+
+
+def smoke_queues() -> list[str]:
+    """The smoke test's queues on the local broker (``rabbitmqctl``; none without it)."""
+    if not shutil.which("rabbitmqctl"):
+        return []
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True)
+    return [q for q in listed.stdout.split() if q.startswith(SMOKE_PREFIX)] if listed.returncode == 0 else []
+
+
+def delete_namespaces(queues: list[str]) -> None:
+    """Each namespace's exchanges and the given queues (``Topology.delete``, over AMQP)."""
+    import pika
+    from hecommon.broker.topology import Topology
+
+    url = os.environ.get("HELORA_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        for ns in sorted({q.split(".", 1)[0] for q in queues}):
+            t = Topology(ns)
+            t.delete(conn.channel(), [q for q in queues if q.split(".", 1)[0] == ns
+                                      and q not in (t.manifest, t.partials, t.dead)])
+    finally:
+        conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:

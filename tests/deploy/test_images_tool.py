@@ -51,15 +51,36 @@ def test_pip_settings_reach_the_build_as_read_only_mounts_under_the_mount_point(
 
 
 def test_the_hosts_pip_config_is_read_by_key(monkeypatch):
-    listed = ("global.cert='/etc/ssl/certs/ca.crt'\nglobal.find-links='/opt/wheels'\n"
-              "global.constraint='/etc/xdg/pip/constraints.txt'\n:env:.find-links='/opt/other /opt/more'\n")
+    listed = ("global.cert='/etc/ssl/certs/ca.crt'\n"
+              "global.find-links='\\n/opt/a\\n/opt/b'\n"  # a multi-line value, as pip prints it
+              "wheel.find-links='/opt/not-for-install'\n"
+              "global.constraint='/etc/xdg/pip/constraints.txt'\n"
+              "install.extra-index-url='https://one.example.org/simple'\n"
+              ":env:.cert='/etc/env-ca.crt'\n")
 
     class Done:
-        stdout = listed
+        returncode, stdout, stderr = 0, listed, ""
 
     monkeypatch.setattr(images.subprocess, "run", lambda *a, **k: Done())
     got = images.pip_settings()
-    assert got == {"cert": ["/etc/ssl/certs/ca.crt"], "find-links": ["/opt/other", "/opt/more"]}  # PIP_* wins
+    assert got == {"cert": ["/etc/env-ca.crt"], "find-links": ["/opt/a", "/opt/b"],
+                   "extra-index-url": ["https://one.example.org/simple"]}  # PIP_* above install above global
+
+
+def test_a_file_url_find_links_is_mounted_as_its_directory(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "staging").mkdir()
+    mounts = images.pip_mounts({"find-links": [f"file://{tmp_path / 'wheels'}"]}, tmp_path / "staging")
+    assert f"{tmp_path / 'wheels'}:{images.PIP_MOUNT}/links0:ro" in mounts
+
+
+def test_clean_removes_only_a_directory_it_made(tmp_path):
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "data").write_text("keep")
+    with pytest.raises(images.ImageError, match="was not made by tools/images.py"):
+        images.clean(images.Podman(foreign))
+    assert (foreign / "data").read_text() == "keep"
 
 
 def test_an_unknown_target_is_refused_before_podman_runs():

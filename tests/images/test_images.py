@@ -116,12 +116,15 @@ def fleet(podman, tmp_path_factory, local_broker):
         yield f
     finally:
         f.remove()
-        conn = pika.BlockingConnection(pika.URLParameters(URL))
         try:
-            t = Topology(f.namespace)
-            t.delete(conn.channel(), [t.evaluator_queue(BLOCKS, i, EVALUATORS) for i in range(EVALUATORS)])
-        finally:
-            conn.close()
+            conn = pika.BlockingConnection(pika.URLParameters(URL))
+            try:
+                t = Topology(f.namespace)
+                t.delete(conn.channel(), [t.evaluator_queue(BLOCKS, i, EVALUATORS) for i in range(EVALUATORS)])
+            finally:
+                conn.close()
+        except pika.exceptions.AMQPError as exc:  # the test's own error, if any, stays the one reported
+            print(f"teardown: the queues of {f.namespace} were not deleted ({exc!r}); make images-clean does it")
 
 
 def _adapter(out: Path) -> dict:
@@ -204,11 +207,7 @@ def test_an_evaluator_waiting_for_shards_stops_within_two_seconds(podman, tmp_pa
 
 def test_no_image_holds_the_hosts_pip_settings(podman):
     for target in images.CPU_TARGETS:
-        # the build's mount points, empty in the base image, are empty in every image built on it
-        check = podman("run", "--rm", "--no-healthcheck", "--entrypoint", "/bin/sh", images.image_name(target), "-c",
-                       f'test ! -s {images.PIP_CONF} && test -z "$(ls -A {images.PIP_MOUNT})" && ! pip config list '
-                       "| grep -E -q 'cert|find-links|index-url'", check=False, capture=True)
-        assert check.returncode == 0, f"{target}: the host's pip settings are in the image: {check.stdout}"
+        images.check_no_host_settings(podman, images.image_name(target))  # raises ImageError naming what it found
 
 
 def test_a_bad_pin_fails_the_build_with_pips_message(podman, tmp_path):
