@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput services-up lint clean chart-check docker-lint dashboard-check images image-gpu images-smoke images-clean
+.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput services-up lint clean chart-check docker-lint dashboard-check images image-gpu images-smoke images-clean test-llama-cpp
 
 setup: $(STAMP)
 
@@ -44,6 +44,12 @@ test: setup system-deps
 ## Tests on the real SmolLM2-135M model (minutes).
 test-slow: setup
 	$(PYTEST) -m "slow" -q
+
+## The exported GGUF adapter on the bundled base GGUF in llama.cpp against transformers + PEFT
+## (installs llama-cpp-python, built from its PyPI sdist: minutes the first time, then pip's cache).
+test-llama-cpp: setup
+	$(BIN)/python -m pip install -q -r requirements-llamacpp.txt
+	HELORA_REQUIRE_LLAMA_CPP=1 $(PYTEST) -m llamacpp tests/llamacpp -q -rP -p no:cacheprovider
 
 test-all: setup
 	$(PYTEST) -m "not gpu and not images" -q

@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, metavar="DIR")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    x = sub.add_parser("export", help="the adapter for other tools: PEFT, llama.cpp GGUF, merged model")
+    x.add_argument("adapter", metavar="ADAPTER", help="a PEFT adapter (OUT/adapter) or checkpoint directory")
+    x.add_argument("--out", required=True, metavar="DIR",
+                   help="writes DIR/adapter (PEFT), DIR/adapter.gguf (llama.cpp LoRA), with --merged DIR/merged")
+    x.add_argument("--model", default=None, metavar="PATH",
+                   help="the base model the adapter was trained on (default: bundled SmolLM2-135M-Instruct)")
+    x.add_argument("--seed", type=int, default=0, help="the tiny test model's seed (--model tiny)")
+    x.add_argument("--merged", action="store_true", help="also a Hugging Face model with the adapter merged in")
+    x.add_argument("--no-gguf", action="store_true", help="skip the llama.cpp GGUF adapter")
     r = sub.add_parser("report", help="summary and PNG of a training run (its metrics.jsonl)")
     r.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of a helora train run")
     r.add_argument("--out", default=None, metavar="PNG", help="where the PNG goes (default: RUN_DIR/report.png)")
@@ -305,6 +314,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """PEFT adapter, llama.cpp GGUF adapter, merged model: each from the same LoRA weights."""
+    from hecommon.model import config_fingerprint
+
+    from .export import write_peft
+    from .ggufexport import write_gguf_adapter, write_merged
+
+    settings, weights, meta = _read_adapter(args.adapter)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"export: {out} is not empty; choose a new --out")
+    model, tokenizer, _ = _load_base(args.model, args.seed)
+    if meta is not None and meta.base_model_fingerprint != config_fingerprint(model):
+        raise ParameterMismatch(f"export: the adapter was trained on {meta.base_model_id!r}, not on this base model")
+    print(f"PEFT adapter: {write_peft(settings, weights, out / 'adapter', meta)}")
+    if not args.no_gguf:
+        print(f"llama.cpp LoRA adapter: {write_gguf_adapter(weights, settings, model.config, out / 'adapter.gguf')}")
+    if args.merged:
+        print(f"merged model: {write_merged(model, weights, settings, out / 'merged', tokenizer)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .runreport import report
 
@@ -323,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         from .federated.cli import cmd_federate
 
         return cmd_federate(args)
+    if args.command == "export":  # files only; no server
+        return run_reported("helora export", lambda: cmd_export(args))
     if args.command == "report":  # reads a run directory; no model, no server
         return run_reported("helora report", lambda: cmd_report(args))
     if args.command == "up":  # its own flags and signal handling (helora_orchestrator.operator.up)

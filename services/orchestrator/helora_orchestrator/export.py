@@ -38,11 +38,17 @@ def _peft_config(settings: LoraSettings, base_model: str | None):
 
 def export_peft(client: ClientModel, out_dir: str | Path, meta: CheckpointMeta | None = None) -> Path:
     """Write the client's LoRA adapter as a PEFT adapter directory; returns it."""
+    return write_peft(client.lora_settings, client.lora_state_dict(), out_dir, meta)
+
+
+def write_peft(settings: LoraSettings, weights: dict[str, torch.Tensor], out_dir: str | Path,
+               meta: CheckpointMeta | None = None) -> Path:
+    """A PEFT adapter directory from LoRA weights keyed like ``ClientModel.lora_state_dict``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = meta.base_model_id if meta else None
-    _peft_config(client.lora_settings, base).save_pretrained(str(out))
-    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in client.lora_state_dict().items()}
+    _peft_config(settings, base).save_pretrained(str(out))
+    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in weights.items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     if meta is not None:
         (out / META).write_text(meta.to_json())
