@@ -151,9 +151,9 @@ def test_greedy_generate_matches_the_reference_model():
     reference = copy.deepcopy(base)
     client = build_client(base, "clear")
     prompt = torch.tensor([[5, 17, 42, 99]])
-    out = client.generate(prompt, max_new_tokens=6)
+    out = client.generate(prompt.tolist(), max_new_tokens=6)
     ids = prompt
     with torch.no_grad():
         for _ in range(6):  # no KV cache in the reference: checks the cached path too
             ids = torch.cat([ids, reference(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(out, ids)
+    assert out == [ids[0, 4:].tolist()]

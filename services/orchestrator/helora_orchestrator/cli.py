@@ -90,11 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter or checkpoint directory")
     e.add_argument("--eval-batches", type=int, default=8)
-    g = sub.add_parser("generate", help="greedy generation")
+    g = sub.add_parser("generate", help="continue prompts (greedy or sampled), streamed as tokens come")
     _common(g, data=False)
     g.add_argument("--adapter", default=None, metavar="DIR")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append",
+                   help="a prompt; repeat for several, generated together in one batch")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this mass")
+    g.add_argument("--sample-seed", type=int, default=0, help="the sampler's seed (same seed, same tokens)")
     x = sub.add_parser("export", help="the adapter for other tools: PEFT, llama.cpp GGUF, merged model")
     x.add_argument("adapter", metavar="ADAPTER", help="a PEFT adapter (OUT/adapter) or checkpoint directory")
     x.add_argument("--out", required=True, metavar="DIR",
@@ -274,21 +278,45 @@ def cmd_train(args) -> int:
     print(summary)
     print(f"adapter (PEFT format): {adapter}")
     if args.generate is not None:
-        _generate(client, tokenizer, args.generate, args.max_new_tokens)
+        _generate(client, tokenizer, [args.generate], args.max_new_tokens)
     return 0
 
 
-def _generate(client, tokenizer, prompt_text: str, max_new_tokens: int) -> None:
-    """Greedy continuation of ``prompt_text``; in encrypted mode every block linear stays encrypted."""
-    import torch
+def _generate(client, tokenizer, prompts: list[str], max_new_tokens: int, sampling=None) -> None:
+    """Continue each prompt; in encrypted mode every block linear stays encrypted. One prompt is
+    streamed to the terminal token by token; several are printed when done. Time to the first
+    token and tokens/s after it go to stderr."""
+    import time
 
     if max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
-    prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-    if not prompt:
-        raise ConfigError("the prompt is empty")
-    ids = client.generate(torch.tensor([prompt]), max_new_tokens, getattr(tokenizer, "eos_token_id", None))
-    print(f"{prompt_text}{tokenizer.decode(ids[0, len(prompt):].tolist(), skip_special_tokens=True)}")
+    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    if not prompts or any(not ids for ids in encoded):
+        raise ConfigError("every prompt needs at least one token")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    stream, seen, times = len(prompts) == 1, [], []
+    if stream:
+        print(prompts[0], end="", flush=True)
+
+    def on_token(step: int, ids) -> None:
+        times.append(time.perf_counter())
+        if stream and (not seen or seen[-1] != eos):
+            before = tokenizer.decode(seen, skip_special_tokens=True)
+            seen.append(int(ids[0]))
+            print(tokenizer.decode(seen, skip_special_tokens=True)[len(before):], end="", flush=True)
+
+    start = time.perf_counter()
+    new = client.generate(encoded, max_new_tokens, eos, sampling, pad, on_token)
+    if stream:
+        print()
+    else:
+        for prompt, tokens in zip(prompts, new, strict=True):
+            print(f"{prompt}{tokenizer.decode(tokens, skip_special_tokens=True)}")
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
+    print(f"time to first token {times[0] - start:.2f} s; {rate:.2f} tokens/s per prompt after it "
+          f"({len(prompts)} prompt(s), {len(times)} step(s))", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
@@ -307,10 +335,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .generation import Sampling
+
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
+    sampling = Sampling(args.temperature, args.top_p, args.sample_seed)  # checked before the model loads
     model, tokenizer, model_id = _load_base(args.model, args.seed)
-    _generate(_client_with_adapter(args, model, model_id), tokenizer, args.prompt, args.max_new_tokens)
+    _generate(_client_with_adapter(args, model, model_id), tokenizer, args.prompt, args.max_new_tokens, sampling)
     return 0
 
 

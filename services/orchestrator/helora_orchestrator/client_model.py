@@ -16,6 +16,7 @@ DESIGN §1: the client keeps embeddings, norms, attention, activations, residual
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from hecommon.model import LinearGroup, decoder_blocks, discover_groups, group_b
 from torch import nn
 
 from .backend import LinearBackend
+from .generation import Sampling, generate
 from .lora import LoraLinear, LoraSettings
 
 
@@ -198,19 +200,14 @@ class ClientModel(nn.Module):
                 p.copy_(state[name])
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding with a KV cache; every new token's block linears go to the backend."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | None = None,
+                 sampling: Sampling | None = None, pad_id: int = 0,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None) -> list[list[int]]:
+        """Each prompt's new tokens, with a KV cache (``generation.generate``: greedy by default,
+        several prompts in one batch); every new token's block linears go to the backend."""
         for fused in self.fused.values():
             fused.reset()
-        ids, past, step_ids = input_ids, None, input_ids
-        for _ in range(max_new_tokens):
-            out = self.hf(input_ids=step_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            step_ids = out.logits[:, -1:].argmax(dim=-1)
-            ids = torch.cat([ids, step_ids], dim=1)
-            if eos_token_id is not None and bool((step_ids == eos_token_id).all()):
-                break
-        return ids
+        return generate(self.hf, prompts, max_new_tokens, sampling or Sampling(), eos_token_id, pad_id, on_token)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
