@@ -140,3 +140,19 @@ def test_q_and_k_rows_are_permuted_as_in_the_bundled_gguf():
         w = weight.detach().numpy()
         np.testing.assert_array_equal(permute_rows(w, heads), stored[f"blk.0.{name}.weight"])
         assert not np.array_equal(w, stored[f"blk.0.{name}.weight"])  # the permutation is not the identity here
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused_before_anything_is_written(tmp_path):
+    import json
+
+    wide = build_client(tiny_llama(seed=0, hidden_size=96, intermediate_size=128)[0], "clear", LORA, bits=8, seed=0)
+    adapter = export_peft(wide, tmp_path / "wide")  # no helora metadata: only the shapes can tell
+    helora = str(Path(sys.executable).with_name("helora"))
+    done = subprocess.run([helora, "export", str(adapter), "--model", "tiny", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "this base model needs" in done.stderr and not (tmp_path / "x").exists()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"q_proj": 8}}))
+    patterned = subprocess.run([helora, "export", str(adapter), "--model", "tiny", "--out", str(tmp_path / "x")],
+                               capture_output=True, text=True, timeout=300)
+    assert patterned.returncode == 2 and "rank_pattern" in patterned.stderr

@@ -12,7 +12,8 @@ import torch
 from hecommon.errors import ConfigError
 from hecommon.model import tiny_llama
 from helora_orchestrator.client_model import build_client
-from helora_orchestrator.generation import Sampling, left_padded
+from helora_orchestrator.data import ByteTokenizer
+from helora_orchestrator.generation import Sampling, StreamText, left_padded
 
 PROMPTS = [[5, 17, 42, 99, 3], [7, 8], [100, 101, 102]]
 
@@ -21,7 +22,8 @@ def _client(mode: str = "clear"):
     return build_client(tiny_llama(seed=7)[0], mode)
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0},
+@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": 1e-310},
+                                    {"top_p": 0.0},
                                     {"top_p": 1.5}, {"seed": -1}])
 def test_bad_sampling_settings_are_refused(kwargs):
     with pytest.raises(ConfigError):
@@ -35,8 +37,9 @@ def test_prompts_are_padded_on_the_left_and_masked():
         left_padded([[1], []], 0)
 
 
-def test_each_prompt_of_a_batch_continues_as_it_would_alone():
-    client = _client()
+@pytest.mark.parametrize("mode", ["clear", "quantized"])
+def test_each_prompt_of_a_batch_continues_as_it_would_alone(mode):
+    client = _client(mode)
     together = client.generate(PROMPTS, 6)
     alone = [client.generate([p], 6)[0] for p in PROMPTS]
     assert together == alone and all(len(t) == 6 for t in together)
@@ -55,9 +58,9 @@ def test_sampling_is_reproducible_by_seed_and_top_p_near_zero_is_greedy():
 def test_top_p_keeps_the_smallest_set_that_reaches_the_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    drawn = {int(Sampling(temperature=1.0, top_p=0.8).pick(logits, gen)) for _ in range(400)}
-    assert drawn == {0, 1}  # 0.5 + 0.3 reach 0.8: tokens 2 and 3 are never drawn
-    drawn = {int(Sampling(temperature=1.0, top_p=0.81).pick(logits, gen)) for _ in range(400)}
+    drawn = {int(Sampling(temperature=1.0, top_p=0.75).pick(logits, gen)) for _ in range(400)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reach 0.75: tokens 2 and 3 are never drawn
+    drawn = {int(Sampling(temperature=1.0, top_p=0.85).pick(logits, gen)) for _ in range(400)}
     assert drawn == {0, 1, 2}
 
 
@@ -68,7 +71,19 @@ def test_generation_stops_at_the_eos_of_every_prompt_and_streams_each_step():
     out = client.generate(PROMPTS, 5, eos_token_id=eos, on_token=lambda step, ids: steps.append((step, ids.tolist())))
     assert out[0] == [eos]  # cut after its EOS
     assert [s for s, _ in steps] == list(range(len(steps))) and all(len(ids) == len(PROMPTS) for _, ids in steps)
-    assert len(steps) == 5 or all(eos in row for row in out)
+    for row in out:  # each row runs until its own EOS, or to the end if it has none
+        assert (row[-1] == eos and row.count(eos) == 1) or (eos not in row and len(row) == len(steps))
+    assert len(steps) == 5 or all(row[-1] == eos for row in out)  # it stops early only when every row ended
+
+
+def test_streamed_text_waits_for_the_rest_of_a_character():
+    tok = ByteTokenizer()
+    text = "Olá 日本語 🙂"
+    stream = StreamText(tok, tok.eos_token_id)
+    pieces = [stream.add(b) for b in tok.encode(text)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces.count("") > 0  # the bytes inside a character gave nothing yet
+    assert stream.add(tok.eos_token_id) == "" and stream.add(ord("x")) == ""  # nothing after EOS
 
 
 def test_encrypted_generation_samples_the_tokens_of_the_quantized_mode():
@@ -91,3 +106,5 @@ def test_helora_generate_streams_one_prompt_and_prints_several(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("abc") and lines[1].startswith("xy")
     bad = subprocess.run([*base, "--prompt", "abc", "--top-p", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "top_p" in bad.stderr
+    greedy = subprocess.run([*base, "--prompt", "abc", "--top-p", "0.9"], capture_output=True, text=True, timeout=300)
+    assert greedy.returncode == 2 and "need --temperature above 0" in greedy.stderr

@@ -68,7 +68,7 @@ def test_a_diverged_loss_is_recorded_as_null_and_reported(tmp_path):
 
 
 @pytest.mark.parametrize(("content", "match"), [
-    ("{not json\n", r"metrics.jsonl:1: not a helora metrics record"),
+    ("{not json}\n", r"metrics.jsonl:1: not a helora metrics record"),
     ('{"kind": "step", "step": 1}\n', r"metrics.jsonl:1: .*'loss'"),
     ('{"kind": "eval", "step": -1, "eval_loss": 1.0}\n', r"metrics.jsonl:1: .*step an integer >= 0"),
     ('{"kind": "eval", "step": 1, "eval_loss": 1.0}\n{"kind": "oops", "step": 2}\n', r"metrics.jsonl:2: "),
@@ -87,3 +87,30 @@ def test_helora_report_explains_a_directory_without_a_run(tmp_path):
     done = subprocess.run([helora, "report", str(tmp_path), "--out", str(tmp_path / "x.jpg")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "holds no training step yet" in done.stderr
+
+
+def test_micro_batches_in_flight_are_scaled_to_the_wall_time():
+    s = runlog.phase_seconds(2.0, {}, {"encrypt": 1.0, "decrypt": 0.6, "linear": 3.2})  # two threads
+    assert s["overlap"] == pytest.approx(1.6) and s["clear"] == 0.0
+    assert s["encrypt"] + s["decrypt"] + s["server"] == pytest.approx(2.0)
+    assert s["encrypt"] / s["server"] == pytest.approx(1.0 / 1.6)  # in proportion
+    alone = runlog.phase_seconds(2.0, {}, {"encrypt": 0.5, "decrypt": 0.3, "linear": 1.0})
+    assert (alone["server"], alone["clear"], alone["overlap"]) == pytest.approx((0.2, 1.0, 0.5))
+
+
+def test_a_record_cut_short_by_a_kill_is_skipped_and_the_next_starts_its_own_line(tmp_path):
+    log = runlog.RunLog(tmp_path)
+    log.step(runlog.StepRecord(1, 3.0, 10, 1.0, 0, runlog.phase_seconds(1.0, {}, {})))
+    with (tmp_path / runlog.FILE).open("a") as f:
+        f.write('{"kind": "step", "step": 2, "lo')  # killed mid-write
+    log.step(runlog.StepRecord(2, 2.5, 10, 1.0, 0, runlog.phase_seconds(1.0, {}, {})))  # the resumed run
+    steps, _ = runlog.read(tmp_path)
+    assert [(s["step"], s["loss"]) for s in steps] == [(1, 3.0), (2, 2.5)]
+
+
+def test_only_a_loss_may_be_null(tmp_path):
+    (tmp_path / runlog.FILE).write_text('{"kind": "step", "step": 1, "loss": 1.0, "tokens": null, "tokens_per_s": 1.0, '
+                                        '"wire_bytes": 0, "seconds": {"step": 1, "encrypt": 0, "decrypt": 0, '
+                                        '"server": 0, "clear": 1}}\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:1: .*tokens must be a number"):
+        report(tmp_path)

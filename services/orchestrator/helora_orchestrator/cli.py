@@ -288,6 +288,8 @@ def _generate(client, tokenizer, prompts: list[str], max_new_tokens: int, sampli
     token and tokens/s after it go to stderr."""
     import time
 
+    from .generation import StreamText
+
     if max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
     encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
@@ -296,20 +298,18 @@ def _generate(client, tokenizer, prompts: list[str], max_new_tokens: int, sampli
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)
-    stream, seen, times = len(prompts) == 1, [], []
-    if stream:
+    stream, times = (StreamText(tokenizer, eos) if len(prompts) == 1 else None), []
+    if stream is not None:
         print(prompts[0], end="", flush=True)
 
     def on_token(step: int, ids) -> None:
         times.append(time.perf_counter())
-        if stream and (not seen or seen[-1] != eos):
-            before = tokenizer.decode(seen, skip_special_tokens=True)
-            seen.append(int(ids[0]))
-            print(tokenizer.decode(seen, skip_special_tokens=True)[len(before):], end="", flush=True)
+        if stream is not None:
+            print(stream.add(int(ids[0])), end="", flush=True)
 
     start = time.perf_counter()
     new = client.generate(encoded, max_new_tokens, eos, sampling, pad, on_token)
-    if stream:
+    if stream is not None:
         print()
     else:
         for prompt, tokens in zip(prompts, new, strict=True):
@@ -340,6 +340,8 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
     sampling = Sampling(args.temperature, args.top_p, args.sample_seed)  # checked before the model loads
+    if sampling.greedy and (args.top_p != 1.0 or args.sample_seed != 0):
+        raise ConfigError("--top-p and --sample-seed need --temperature above 0 (0 is greedy)")
     model, tokenizer, model_id = _load_base(args.model, args.seed)
     _generate(_client_with_adapter(args, model, model_id), tokenizer, args.prompt, args.max_new_tokens, sampling)
     return 0
@@ -350,7 +352,7 @@ def cmd_export(args) -> int:
     from hecommon.model import config_fingerprint
 
     from .export import write_peft
-    from .ggufexport import write_gguf_adapter, write_merged
+    from .ggufexport import check_fits, gguf_tensors, write_gguf_adapter, write_merged
 
     settings, weights, meta = _read_adapter(args.adapter)
     out = Path(args.out)
@@ -359,6 +361,9 @@ def cmd_export(args) -> int:
     model, tokenizer, _ = _load_base(args.model, args.seed)
     if meta is not None and meta.base_model_fingerprint != config_fingerprint(model):
         raise ParameterMismatch(f"export: the adapter was trained on {meta.base_model_id!r}, not on this base model")
+    check_fits(weights, settings, model)  # everything is checked before anything is written
+    if not args.no_gguf:
+        gguf_tensors(weights, model.config)
     print(f"PEFT adapter: {write_peft(settings, weights, out / 'adapter', meta)}")
     if not args.no_gguf:
         print(f"llama.cpp LoRA adapter: {write_gguf_adapter(weights, settings, model.config, out / 'adapter.gguf')}")

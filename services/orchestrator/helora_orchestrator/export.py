@@ -63,6 +63,8 @@ def load_peft_adapter(adapter_dir: str | Path) -> tuple[LoraSettings, dict[str, 
     cfg = json.loads((d / CONFIG).read_text())
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
         raise ConfigError(f"adapter: {d} is not a plain LoRA adapter (peft_type {cfg.get('peft_type')!r})")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ConfigError(f"adapter: {d} sets rank_pattern or alpha_pattern (one rank and alpha per adapter only)")
     if cfg.get("bias", "none") != "none":
         raise ConfigError(f"adapter: bias {cfg.get('bias')!r} is not supported")
     targets = cfg.get("target_modules") or []

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from hecommon.errors import ConfigError
 
+#: below this, softmax(logits / T) underflows to NaN in float64; 0 means greedy
+MIN_TEMPERATURE = 1e-3
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -28,8 +31,9 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
-            raise ConfigError(f"temperature: {self.temperature} outside 0..100 (0: greedy)")
+        if not (math.isfinite(self.temperature) and (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature
+                                                      <= 100.0)):
+            raise ConfigError(f"temperature: {self.temperature} must be 0 (greedy) or in {MIN_TEMPERATURE}..100")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ConfigError(f"top_p: {self.top_p} outside (0, 1]")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -50,6 +54,27 @@ class Sampling:
             sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)  # the top token always stays
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         return torch.multinomial(probs, 1, generator=generator)
+
+
+class StreamText:
+    """The text of a growing token list, handed out piece by piece: a piece that would end inside a
+    character (a token holding part of its UTF-8 bytes decodes to U+FFFD) waits for the rest."""
+
+    def __init__(self, tokenizer, eos_token_id: int | None = None):
+        self.tokenizer, self.eos = tokenizer, eos_token_id
+        self.tokens: list[int] = []
+        self.shown = 0  # characters of the decoded text already handed out
+
+    def add(self, token: int) -> str:
+        """The new text that ``token`` completes ("" while a character is incomplete, or after EOS)."""
+        if self.tokens and self.tokens[-1] == self.eos:
+            return ""
+        self.tokens.append(int(token))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,20 @@ def _tensor_order(name: str) -> tuple[int, str]:
     return int(name.split(".")[1]), name
 
 
+def check_fits(weights: dict[str, torch.Tensor], settings: LoraSettings, model: torch.nn.Module) -> None:
+    """Every LoRA pair names a linear of ``model`` and fits it: A (r, d_in), B (d_out, r)."""
+    modules = dict(model.named_modules())
+    for key, tensor in weights.items():
+        found = KEY.fullmatch(key)
+        linear = modules.get(key.rsplit(".lora_", 1)[0]) if found else None
+        if linear is None:
+            raise ConfigError(f"adapter: {key!r} names no block linear of this base model")
+        d_out, d_in = linear.weight.shape
+        want = (settings.r, d_in) if found.group(3) == "A" else (d_out, settings.r)
+        if tuple(tensor.shape) != want:
+            raise ConfigError(f"adapter: {key} is {tuple(tensor.shape)}, this base model needs {want}")
+
+
 def merge_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], settings: LoraSettings) -> torch.nn.Module:
     """``W += (alpha/r)·B·A`` in place for every adapted linear of ``model`` (a Hugging Face causal LM)."""
     modules = dict(model.named_modules())

@@ -6,8 +6,9 @@ Each optimizer step appends ``{"kind": "step", "step", "loss", "tokens", "tokens
 "step", "eval_loss", "time"}``. ``seconds`` splits the step's wall time into phases: ``encrypt``
 and ``decrypt`` (the client's cryptography), ``server`` (the rest of the block linears' time:
 the server's product and the wire) and ``clear`` (everything else: attention, norms, LoRA, loss,
-optimizer). With micro-batches in flight at once (``--in-flight``) the linear phases are summed
-over threads and ``clear`` is what remains of the wall time (never below 0). Modes without
+optimizer); they add up to the step's wall time. With micro-batches in flight at once
+(``--in-flight``) the backend's counters are summed over threads; ``phase_seconds`` scales them to
+the wall time and records the overlap. Modes without
 encryption have ``encrypt``, ``decrypt`` and ``server`` at 0. Only aggregates of the owner's own
 run are written: no token, activation or weight.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +44,18 @@ class StepRecord:
 
 
 def phase_seconds(wall_s: float, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """A step's ``seconds`` from its wall time and the backend's counters before and after it."""
+    """A step's ``seconds`` from its wall time and the backend's counters before and after it.
+
+    The counters are summed over threads: with micro-batches in flight at once they can exceed the
+    wall time. Then the linear phases are scaled down in proportion to fill the wall time exactly
+    (``clear`` 0), and ``overlap`` (thread-seconds of linear calls per wall second) says by how
+    much; otherwise ``overlap`` is the share of the wall time in linear calls (<= 1)."""
     d = {k: max(after.get(k, 0.0) - before.get(k, 0.0), 0.0) for k in BACKEND_PHASES}
     server = max(d["linear"] - d["encrypt"] - d["decrypt"], 0.0)
-    return {"step": wall_s, "encrypt": d["encrypt"], "decrypt": d["decrypt"], "server": server,
-            "clear": max(wall_s - d["linear"], 0.0)}
+    overlap = d["linear"] / wall_s if wall_s > 0 else 0.0
+    k = 1.0 / overlap if overlap > 1.0 else 1.0
+    return {"step": wall_s, "encrypt": k * d["encrypt"], "decrypt": k * d["decrypt"], "server": k * server,
+            "clear": max(wall_s - d["linear"], 0.0), "overlap": overlap}
 
 
 class RunLog:
@@ -57,8 +66,14 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _append(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}, allow_nan=False) + "\n")
+        line = json.dumps({**record, "time": round(time.time(), 3)}, allow_nan=False) + "\n"
+        with self.path.open("a+b") as f:
+            f.seek(0, 2)
+            if f.tell():  # a run killed mid-line left no newline: this record starts its own line
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
 
     def step(self, r: StepRecord) -> None:
         self._append({"kind": "step", "step": r.step, "loss": _finite(r.loss), "tokens": r.tokens,
@@ -76,14 +91,19 @@ def _finite(x: float) -> float | None:
 def read(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """(step records, eval records) of a run, in step order, each step once (the last written).
 
-    Refuses a missing file and names the line of a malformed record."""
+    Refuses a missing file and names the line of a malformed record; a line cut short by a kill
+    (it does not end its JSON object) is skipped, with a word on stderr."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         raise ConfigError(f"report: {path} does not exist (is {run_dir} the --out of a helora train run?)")
     steps: dict[int, dict] = {}
     evals: dict[int, dict] = {}
+    skipped: list[int] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
+            continue
+        if not line.rstrip().endswith("}"):  # a write cut short by a kill: the run went on after it
+            skipped.append(n)
             continue
         try:
             rec = json.loads(line)
@@ -98,15 +118,20 @@ def read(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             steps[step] = rec
         else:
             evals[step] = rec
+    if skipped:
+        print(f"report: {path}: skipped {len(skipped)} record(s) cut short by a kill (line {skipped[0]}, …)",
+              file=sys.stderr)
     return [steps[s] for s in sorted(steps)], [evals[s] for s in sorted(evals)]
 
 
 def _check(rec: dict) -> None:
     if rec["kind"] not in ("step", "eval") or not isinstance(rec["step"], int) or rec["step"] < 0:
         raise ValueError("kind must be step or eval, step an integer >= 0")
-    numbers = ("loss", "tokens", "tokens_per_s", "wire_bytes") if rec["kind"] == "step" else ("eval_loss",)
-    for key in numbers:
-        if rec[key] is not None and not isinstance(rec[key], (int, float)):
+    nullable = ("loss",) if rec["kind"] == "step" else ("eval_loss",)  # a diverged loss is null
+    numbers = ("tokens", "tokens_per_s", "wire_bytes") if rec["kind"] == "step" else ()
+    for key in (*nullable, *numbers):
+        ok = isinstance(rec[key], (int, float)) and not isinstance(rec[key], bool)
+        if not (ok or (rec[key] is None and key in nullable)):
             raise ValueError(f"{key} must be a number")
     if rec["kind"] == "step":
         seconds = rec["seconds"]

@@ -39,6 +39,10 @@ def summary(run_dir: str | Path, steps: list[dict], evals: list[dict]) -> str:
                       for p in runlog.PHASES if seconds["step"] and seconds[p])
     if split:
         lines.append(f"time: {split}")
+    overlap = max(s["seconds"].get("overlap", 0.0) for s in steps)
+    if overlap > 1.0:
+        lines.append(f"linear calls of micro-batches in flight overlapped up to {overlap:.2f}x "
+                     "(their phases are scaled to the wall time)")
     return "\n".join(lines)
 
 
