@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput services-up lint clean chart-check docker-lint dashboard-check images image-gpu images-smoke images-clean test-llama-cpp
+.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput bench-generate services-up lint clean chart-check docker-lint dashboard-check images image-gpu images-smoke images-clean test-llama-cpp
 
 setup: $(STAMP)
 
@@ -76,6 +76,12 @@ bench-exactness: setup
 ## One data owner's hints: server seconds and memory at SmolLM2 and Llama-3.2-1B sizes.
 bench-owner-hints: setup
 	$(BIN)/python benchmarks/owner_hints.py $(BENCH_ARGS) --json out/owner_hints.json
+
+## Private generation (issue 18): time to the first token and tokens/s after it, clear, quantized,
+## encrypted embedded and over RabbitMQ; bytes and server multiply-adds per generated token
+## (SmolLM2, 32-token prompt, 64 new tokens: tens of minutes; BENCH_ARGS=--quick: seconds).
+bench-generate: setup
+	$(BIN)/python benchmarks/generate.py $(BENCH_ARGS) --json out/generate.json
 
 ## Throughput (issue 17): the client's ns per value vs an FFT, SmolLM2 encrypted vs plain PEFT,
 ## broker bytes per client byte over RabbitMQ (BENCH_ARGS=--quick: minutes).
