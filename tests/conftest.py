@@ -4,7 +4,6 @@ use the deterministic ``_encrypt_with`` entry point."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -22,11 +21,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def local_broker() -> None:
     """Skips the test when no RabbitMQ answers on 127.0.0.1:5672 (integration tests need a real one)."""
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return
-    except OSError:
-        pytest.skip("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
+    from broker_check import MISSING, broker_answers  # tests/support
+
+    if not broker_answers():
+        pytest.skip(MISSING)
 
 
 @pytest.fixture

@@ -52,7 +52,8 @@ BASE_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 MARKER = ".helora-images"
 #: the namespace prefix of the image smoke test's queues (tests/images)
 SMOKE_PREFIX = "helora-img-"
-HOST_TOOLS = {"podman": "podman", "runc": "runc", "mmdebstrap": "mmdebstrap"}
+#: host commands the builds need, each from the Debian package of the same name
+HOST_TOOLS = ("podman", "runc", "mmdebstrap")
 #: pip settings carried into a build; the rest (constraints, caches) stay on the host
 PIP_KEYS = ("cert", "find-links", "index-url", "extra-index-url", "timeout", "default-timeout", "retries")
 
@@ -106,9 +107,8 @@ class Podman:
         return {**os.environ, "CONTAINERS_CONF": str(self.containers_conf),
                 "CONTAINERS_STORAGE_CONF": str(self.storage_conf)}
 
-    def __call__(self, *args: str, check: bool = True, capture: bool = False,
-                 timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(["podman", *args], env=self.env(), text=True, timeout=timeout,
+    def __call__(self, *args: str, check: bool = True, capture: bool = False) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["podman", *args], env=self.env(), text=True,
                               stdout=subprocess.PIPE if capture else None,
                               stderr=subprocess.STDOUT if capture else None)
         if check and done.returncode != 0:
@@ -121,7 +121,7 @@ class Podman:
 
 
 def require_host_tools() -> None:
-    missing = [pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None]
+    missing = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
     if missing:
         raise ImageError(f"missing: {', '.join(missing)} (tools/image-deps.sh installs them: "
                          f"apt-get install -y {' '.join(missing)})")
@@ -135,18 +135,14 @@ def make_base(podman: Podman) -> None:
     hook = (f'chroot "$1" python3 -m venv /opt/venv && mkdir -p "$1{PIP_MOUNT}" && : > "$1{PIP_CONF}"')
     print(f"images: {BASE}: mmdebstrap bookworm (minbase, python3, python3-venv)", flush=True)
     t0 = time.monotonic()
-    run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=python3,python3-venv",
-         f"--customize-hook={hook}", "bookworm", str(tarball)], "mmdebstrap")
+    done = subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=python3,python3-venv",
+                           f"--customize-hook={hook}", "bookworm", str(tarball)])
+    if done.returncode != 0:
+        raise ImageError(f"mmdebstrap exited {done.returncode}")
     podman("import", "--change", f"ENV PATH={BASE_PATH}", "--change", 'CMD ["/bin/bash"]', str(tarball), BASE,
            capture=True)
     tarball.unlink()
     print(f"images: {BASE} in {time.monotonic() - t0:.0f} s", flush=True)
-
-
-def run(argv: list[str], what: str) -> None:
-    done = subprocess.run(argv)
-    if done.returncode != 0:
-        raise ImageError(f"{what} exited {done.returncode}")
 
 
 def pip_settings() -> dict[str, list[str]]:

@@ -5,7 +5,6 @@ them they fail and say so (they run only under ``-m images``, from ``make images
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -31,8 +30,7 @@ def podman():
 @pytest.fixture(scope="session")
 def local_broker() -> None:
     """The images' smoke test needs the broker: without one it fails (tests/conftest.py's skips)."""
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return
-    except OSError:
-        pytest.fail("no RabbitMQ broker on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")
+    from broker_check import MISSING, broker_answers  # tests/support
+
+    if not broker_answers():
+        pytest.fail(MISSING)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import images  # tools/, on sys.path through tests/images/conftest.py
 import pytest
+from listen_ports import free_listen_port
 
 pytestmark = [pytest.mark.images, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +34,6 @@ BLOCKS = "0-1"  # the tiny model's two blocks
 SHARDS_IN = "/var/lib/helora/shards"  # HELORA_SHARD_DIR in the images
 TRAIN = ["--model", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--warmup", "1",
          "--eval-batches", "1", "--no-progress"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -60,7 +54,7 @@ class ContainerFleet:
         self.ports: dict[str, int] = {}
 
     def run(self, name: str, target: str, *args: str, shard_dir: Path | None = None) -> None:
-        self.ports[name] = port = _free_port()
+        self.ports[name] = port = free_listen_port()  # outside the ephemeral range
         self.podman("run", "--detach", "--name", f"{self.namespace}-{name}", "--network", "host",
                     "--env", f"HELORA_BROKER_URL={URL}", "--env", f"HELORA_NAMESPACE={self.namespace}",
                     "--env", f"HELORA_METRICS_PORT={port}", "--env", "HELORA_METRICS_HOST=127.0.0.1",

@@ -199,7 +199,6 @@ class ClientModel(nn.Module):
             for name, p in own.items():
                 p.copy_(state[name])
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | None = None,
                  sampling: Sampling | None = None, pad_id: int = 0,
                  on_token: Callable[[int, torch.Tensor], None] | None = None) -> list[list[int]]:

@@ -102,23 +102,19 @@ def check_fits(weights: dict[str, torch.Tensor], settings: LoraSettings, model: 
 
 def merge_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], settings: LoraSettings) -> torch.nn.Module:
     """``W += (alpha/r)·B·A`` in place for every adapted linear of ``model`` (a Hugging Face causal LM)."""
+    check_fits(weights, settings, model)
     modules = dict(model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
-        found = KEY.fullmatch(key)
-        if found is None:
-            raise ConfigError(f"merge: unexpected LoRA weight {key!r}")
-        pairs.setdefault(key.rsplit(".lora_", 1)[0], {})[found.group(3)] = tensor
+        path, _, part = key.removesuffix(".weight").rpartition(".lora_")
+        pairs.setdefault(path, {})[part] = tensor
     scale = settings.alpha / settings.r
     with torch.no_grad():
         for path, ab in sorted(pairs.items()):
-            linear = modules.get(path)
-            if linear is None or set(ab) != {"A", "B"}:
-                raise ConfigError(f"merge: {path} is not a linear of this model, or its A or B is missing")
-            delta = scale * (ab["B"].to(torch.float64) @ ab["A"].to(torch.float64))
-            if delta.shape != linear.weight.shape:
-                raise ConfigError(f"merge: {path}: B·A is {tuple(delta.shape)}, the weight {tuple(linear.weight.shape)}")
-            linear.weight += delta.to(linear.weight.dtype)
+            if set(ab) != {"A", "B"}:
+                raise ConfigError(f"merge: {path} has only its lora_{next(iter(ab))}")
+            linear = modules[path]
+            linear.weight += (scale * (ab["B"].to(torch.float64) @ ab["A"].to(torch.float64))).to(linear.weight.dtype)
     return model
 
 

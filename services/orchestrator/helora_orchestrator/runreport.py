@@ -13,6 +13,7 @@ from pathlib import Path
 from hecommon.errors import ConfigError
 
 from . import runlog
+from .train import human_bytes
 
 PNG = "report.png"
 PHASE_LABELS = {"encrypt": "client: encrypt", "decrypt": "client: decrypt", "server": "server + wire",
@@ -34,7 +35,7 @@ def summary(run_dir: str | Path, steps: list[dict], evals: list[dict]) -> str:
         lines.append(f"held-out loss: last {_num(scored[-1]['eval_loss'])} (step {scored[-1]['step']}), "
                      f"best {_num(best['eval_loss'])} (step {best['step']})")
     if wire:
-        lines.append(f"wire: {_bytes(wire)} ({_bytes(wire / max(tokens, 1))} per token)")
+        lines.append(f"wire: {human_bytes(wire)} ({human_bytes(wire / max(tokens, 1))} per token)")
     split = ", ".join(f"{PHASE_LABELS[p]} {100 * seconds[p] / seconds['step']:.0f}%"
                       for p in runlog.PHASES if seconds["step"] and seconds[p])
     if split:
@@ -48,14 +49,6 @@ def summary(run_dir: str | Path, steps: list[dict], evals: list[dict]) -> str:
 
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def draw(steps: list[dict], evals: list[dict], path: str | Path) -> Path:
