@@ -31,18 +31,38 @@ def secret(ps: P.ParamSet) -> RequestSecret:
 
 def fresh_partial(ps: P.ParamSet, ct: EncryptedBatch, seed: bytes) -> EncryptedPartial:
     """The input ciphertexts themselves, as a partial (identity product)."""
-    return EncryptedPartial(ps, expand_a(seed, ps, ct.width), ct.b, ct.n_tokens)
+    return EncryptedPartial(ps, expand_a(seed, ps, ct.width), ct.b, ct.n_tokens, ct.col0)
 
 
 @pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
-@pytest.mark.parametrize("tokens", [1, 37, "N"])
-def test_encrypt_decrypt_round_trip(ps, tokens, rng):
+@pytest.mark.parametrize(("tokens", "last"), [(1, False), (1, True), (7, False), (37, True), ("N", False)])
+def test_encrypt_decrypt_round_trip(ps, tokens, last, rng):
+    """Requests of 1, 7, 37 and N tokens, their window at the ring's start or end: b carries the
+    window's T columns only, and decrypts to the message at the extremes of its range."""
     t = ps.n if tokens == "N" else tokens
+    col0 = ps.n - t if last else 0
     m = rng.integers(-ps.max_message, ps.max_message + 1, size=(t, 5))
+    m[0, :2] = (-ps.max_message, ps.max_message)
     s = secret(ps)
-    ct = encrypt(s, m, b"seed-0123456789a")
-    assert ct.n_tokens == t and ct.b.shape == (5, ps.limbs, ps.n)
+    ct = encrypt(s, m, b"seed-0123456789a", col0=col0)
+    assert (ct.n_tokens, ct.col0) == (t, col0) and ct.b.shape == (5, ps.limbs, t)
     np.testing.assert_array_equal(decrypt(s, fresh_partial(ps, ct, b"seed-0123456789a")), m)
+
+
+def test_a_window_is_those_columns_of_the_whole_ciphertext(rng):
+    """Encrypting tokens into coefficients ``col0 …`` under one secret and noise gives exactly those
+    columns of the ciphertext of the whole sequence: a session that reveals one window at a time
+    sends the same samples as one request of every token (``docs/threat-model.md``)."""
+    ps = P.DEFAULT
+    s, seed = secret(ps), os.urandom(16)
+    m = rng.integers(-127, 128, size=(ps.n, 6))
+    noise = sample_noise(ps, (6, ps.n))
+    whole = _encrypt_with(s, m, seed, noise)
+    for col0, t in ((0, 1), (5, 3), (ps.n // 2 - 1, 2), (ps.n - 1, 1)):
+        window = _encrypt_with(s, m[col0 : col0 + t], seed, noise, col0=col0)
+        np.testing.assert_array_equal(window.b, whole.b[:, :, col0 : col0 + t])
+    with pytest.raises(ValueError, match="col0"):
+        encrypt(s, m[:2], seed, col0=ps.n - 1)  # two tokens from the last coefficient: past N
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -142,8 +162,8 @@ def test_row_shards_sum_to_the_whole_product(ps, rng):
     x = rng.integers(0, 256, size=(100, d_in))
     s, seed = secret(ps), os.urandom(16)
     ct = encrypt(s, x, seed)
-    left = MatrixProduct(w[:, :cut], ps, seed, input_start=0)(EncryptedBatch(ps, ct.b[:cut], 100))
-    right = MatrixProduct(w[:, cut:], ps, seed, input_start=cut)(EncryptedBatch(ps, ct.b[cut:], 100))
+    left = MatrixProduct(w[:, :cut], ps, seed, input_start=0)(ct.rows(ct.b[:cut]))
+    right = MatrixProduct(w[:, cut:], ps, seed, input_start=cut)(ct.rows(ct.b[cut:]))
     total = left + right
     np.testing.assert_array_equal(decrypt(s, total.switch()), integer_matmul(x, w.T))
     # column shards are concatenations of independent outputs
@@ -373,4 +393,4 @@ def test_pieces_of_a_product_add_up_to_the_whole_product(rng, monkeypatch):
     with pytest.raises(ParameterMismatch, match="outside"):
         product.piece(b[:5], 46)
     with pytest.raises(ParameterMismatch, match="batch has"):  # the whole-input path checks its width
-        list(product.row_blocks(EncryptedBatch(params, b[:5], 9), [(0, 5)]))
+        list(product.row_blocks(EncryptedBatch(params, b[:5], params.n), [(0, 5)]))

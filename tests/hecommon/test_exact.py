@@ -197,7 +197,7 @@ def test_a_split_product_in_pieces_adds_up_to_the_whole_and_holds_no_more_weight
     for lo, hi in ((16_000, 16_500), (0, 7_000), (7_000, 16_000)):
         total = (total + split.piece(b[lo:hi], lo)) % primes
     np.testing.assert_array_equal(total, whole)
-    blocks = list(split.row_blocks(EncryptedBatch(PS, b, 9), [(0, 1), (1, 4), (4, 6)]))
+    blocks = list(split.row_blocks(EncryptedBatch(PS, b, PS.n), [(0, 1), (1, 4), (4, 6)]))
     np.testing.assert_array_equal(np.concatenate(blocks), whole)
 
 

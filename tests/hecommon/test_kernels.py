@@ -86,22 +86,25 @@ def test_fresh_noise_drawn_per_block_decrypts_exactly(ps, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
-@pytest.mark.parametrize("tokens", [1, 300, "N"])
-def test_kernel_decryption_equals_the_numpy_path(ps, tokens, rng, monkeypatch):
+@pytest.mark.parametrize(("tokens", "where"), [(1, "start"), (1, "end"), (7, "middle"), (300, "start"),
+                                               (300, "end"), ("N", "start")])
+def test_kernel_decryption_equals_the_numpy_path(ps, tokens, where, rng, monkeypatch):
     """Results with ``a`` (packed or not, at the extremes of its range) and, with two limbs, results
-    decrypted from the layer's hint (residues at 0 and p-1), ``b`` packed or not: the same messages."""
+    decrypted from the layer's hint (residues at 0 and p-1), ``b`` packed or not, token windows at
+    the ring's start, middle (across its halves) and end: the same messages."""
     t = ps.n if tokens == "N" else tokens
+    col0 = {"start": 0, "middle": ps.n // 2 - 3, "end": ps.n - t}[where]
     d = 45
     s = SecretKey.generate().request_secret(ps, os.urandom(16))
     top = 1 << ps.out_bits
     a = rng.integers(0, top, size=(d, ps.n), dtype=np.uint64)
     a[0, :3] = (0, top // 2 - 1, top // 2)  # the centered range's edges
     a[1, :] = top - 1
-    b = rng.integers(0, top, size=(d, ps.n), dtype=np.uint64)
+    b = rng.integers(0, top, size=(d, t), dtype=np.uint64)
     first = None
     for a_part in (a, PackedRows.pack(a, ps.out_bits)):
         for b_part in (b, PackedRows.pack(b, ps.out_bits)):  # b packed as it comes over the wire
-            result = EncryptedResult(ps, a_part, b_part, t)
+            result = EncryptedResult(ps, a_part, b_part, t, col0=col0)
             reference, fast = _paths(monkeypatch, lambda r=result: decrypt(s, r))
             np.testing.assert_array_equal(fast, reference)
             first = reference if first is None else first
@@ -109,9 +112,9 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, rng, monkeypatch):
     if ps.limbs == 2:
         hint = np.stack([rng.integers(0, p, size=(d, ps.n)) for p in ps.primes], axis=1).astype(np.uint32)
         hint[0, :, 0], hint[1, :, 0] = 0, np.array(ps.primes) - 1
-        bh = rng.integers(0, 1 << ps.hint_out_bits, size=(d, ps.n), dtype=np.uint64)
+        bh = rng.integers(0, 1 << ps.hint_out_bits, size=(d, t), dtype=np.uint64)
         for b_part in (bh, PackedRows.pack(bh, ps.hint_out_bits)):
-            result = EncryptedResult(ps, None, b_part, t)
+            result = EncryptedResult(ps, None, b_part, t, col0=col0)
             reference, fast = _paths(monkeypatch, lambda r=result: decrypt(s, r, hint=hint))
             np.testing.assert_array_equal(fast, reference)
 
@@ -127,9 +130,9 @@ def test_decryption_into_a_view_writes_or_adds_its_columns(mode, rng, monkeypatc
     d, t = 45, 300
     a = rng.integers(0, 1 << ps.out_bits, size=(d, ps.n), dtype=np.uint64)
     hint = np.stack([rng.integers(0, p, size=(d, ps.n)) for p in ps.primes], axis=1).astype(np.uint32)
-    results = [(EncryptedResult(ps, a, rng.integers(0, 1 << ps.out_bits, size=(d, ps.n), dtype=np.uint64), t), None),
-               (EncryptedResult(ps, None, rng.integers(0, 1 << ps.hint_out_bits, size=(d, ps.n), dtype=np.uint64), t),
-                hint)]
+    results = [(EncryptedResult(ps, a, rng.integers(0, 1 << ps.out_bits, size=(d, t), dtype=np.uint64), t), None),
+               (EncryptedResult(ps, None, rng.integers(0, 1 << ps.hint_out_bits, size=(d, t), dtype=np.uint64), t,
+                                col0=ps.n - t), hint)]
     for result, h in results:
         alone = decrypt(s, result, hint=h)
         wide = np.full((t, d + 10), 7, dtype=np.int64)
@@ -149,7 +152,7 @@ def test_a_hint_with_residues_outside_their_modulus_is_refused(rng, monkeypatch)
     s = SecretKey.generate().request_secret(ps, os.urandom(16))
     hint = np.zeros((3, ps.limbs, ps.n), dtype=np.uint32)
     hint[1, 0, 5] = ps.primes[0]
-    result = EncryptedResult(ps, None, np.zeros((3, ps.n), dtype=np.uint64), 4)
+    result = EncryptedResult(ps, None, np.zeros((3, 4), dtype=np.uint64), 4)
     with pytest.raises(DecryptionError, match="outside their modulus"):
         decrypt(s, result, hint=hint)
 

@@ -48,7 +48,7 @@ def test_pieces_cover_every_row_once_per_receiving_shard(shards, direction):
 
 def test_targets_follow_the_rows_and_refuse_a_part_across_a_shard_edge():
     entry = _entry(10, 4, 2)
-    b = np.zeros((3, N2048.limbs, N2048.n), dtype=np.uint32)
+    b = np.zeros((3, N2048.limbs, 1), dtype=np.uint32)
     part = wire.EncryptedRequest(os.urandom(16), "0.down", "fwd", EncryptedBatch(N2048, b, 1), row_start=5,
                                  owner=bytes(16))
     assert route.targets(entry, part) == (1,)
@@ -62,13 +62,14 @@ def test_targets_follow_the_rows_and_refuse_a_part_across_a_shard_edge():
 
 def test_cut_gives_each_row_shard_its_rows_and_refuses_parts():
     entry = _entry(10, 4, 3)
-    b = np.arange(10 * N2048.limbs * N2048.n, dtype=np.uint32).reshape(10, N2048.limbs, N2048.n) % 7
-    req = wire.EncryptedRequest(os.urandom(16), "0.down", "fwd", EncryptedBatch(N2048, b, 1), owner=bytes(16))
+    b = np.arange(10 * N2048.limbs * 3, dtype=np.uint32).reshape(10, N2048.limbs, 3) % 7
+    req = wire.EncryptedRequest(os.urandom(16), "0.down", "fwd", EncryptedBatch(N2048, b, 3, 11), owner=bytes(16))
     subs = route.cut(entry, req)
     assert [(i, s.row_start, s.width) for i, s in subs] == [(0, 0, 3), (1, 3, 4), (2, 7, 3)]
     assert np.array_equal(np.concatenate([s.batch.b for _, s in subs]), b)
+    assert {(s.batch.n_tokens, s.batch.col0) for _, s in subs} == {(3, 11)}  # each keeps the token window
     with pytest.raises(MalformedMessage, match="takes 10"):
-        route.cut(entry, dataclasses.replace(req, batch=EncryptedBatch(N2048, b[:4], 1)))
+        route.cut(entry, dataclasses.replace(req, batch=EncryptedBatch(N2048, b[:4], 3)))
 
 
 def test_the_manifest_carries_the_shard_counts_and_refuses_more_shards_than_inputs():

@@ -32,15 +32,17 @@ RID = bytes(range(100, 116))
 OWNER = bytes(range(200, 216))
 
 
-def residues(params, rows: int, seed: int = 0) -> np.ndarray:
+def residues(params, rows: int, seed: int = 0, cols: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    limbs = [rng.integers(0, p, size=(rows, params.n), dtype=np.uint32) for p in params.primes]
-    return np.stack(limbs, axis=1)  # (rows, L, N)
+    cols = params.n if cols is None else cols
+    limbs = [rng.integers(0, p, size=(rows, cols), dtype=np.uint32) for p in params.primes]
+    return np.stack(limbs, axis=1)  # (rows, L, cols)
 
 
-def words(params, rows: int, seed: int = 0) -> np.ndarray:
+def words(params, rows: int, seed: int = 0, cols: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 1 << params.out_bits, size=(rows, params.n), dtype=np.uint64)
+    cols = params.n if cols is None else cols
+    return rng.integers(0, 1 << params.out_bits, size=(rows, cols), dtype=np.uint64)
 
 
 def same(a, b) -> bool:
@@ -100,12 +102,17 @@ def test_pack_refuses_bad_input():
 
 # -- round trips ------------------------------------------------------------------------
 def _messages(params):
-    n = 7
-    yield wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(params, residues(params, 3, 1), n), 1, 2, 40,
-                               owner=OWNER)
-    pa = EncryptedPartial(params, residues(params, 2, 2), residues(params, 2, 3), n)
+    n, col0 = 7, params.n - 7  # a window of 7 tokens at the ring's end
+    yield wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(params, residues(params, 3, 1, n), n, col0), 1, 2,
+                                40, owner=OWNER)
+    pa = EncryptedPartial(params, residues(params, 2, 2), residues(params, 2, 3, n), n, col0)
     yield wire.PartialResult(RID, "5.down", "bwd", 2, 3, 10, 20, pa, part=1, parts=2, out_start=2)
-    yield wire.EncryptedReply(RID, "5.down", "bwd", EncryptedResult(params, words(params, 2, 4), words(params, 2, 5), n))
+    yield wire.EncryptedReply(RID, "5.down", "bwd", EncryptedResult(params, words(params, 2, 4), words(params, 2, 5, n),
+                                                                    n, col0=col0))
+    full = params.n  # and requests of N tokens, as before windows
+    yield wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(params, residues(params, 2, 6), full), owner=OWNER)
+    yield wire.EncryptedReply(RID, "5.down", "bwd", EncryptedResult(params, words(params, 2, 7), words(params, 2, 8),
+                                                                    full))
     yield wire.ErrorReply(RID, "malformed", "b: limb 0 has a residue not below its prime", params.name)
     yield gen.manifest() if params is N2048 else dataclasses.replace(gen.manifest(), params=params)
 
@@ -210,7 +217,7 @@ def test_oversized_is_refused_before_parsing():
     with pytest.raises(errors.OversizedMessage):
         wire.decode(data, max_bytes=len(data) - 1)
     with pytest.raises(errors.OversizedMessage, match="split it"):
-        wire.encode(gen.request(), max_bytes=1000)
+        wire.encode(gen.request(), max_bytes=100)
 
 
 def test_wrong_type_for_the_decoder():
@@ -241,15 +248,15 @@ def test_request_field_errors_name_the_field(changes, field):
 
 def test_reply_and_partial_shapes_checked():
     m = msgpack.unpackb(wire.encode(gen.reply()), raw=False)
-    m["shape"] = [2, 2048]  # claims two rows, carries one
+    m["shape"] = [2, gen.TOKENS]  # claims two rows, carries one
     with pytest.raises(errors.MalformedMessage, match="^a: "):
         wire.decode(msgpack.packb(m, use_bin_type=True))
     m = msgpack.unpackb(wire.encode(gen.partial()), raw=False)
     m["a"] = [m["a"][: len(m["a"]) // 2], m["a"][len(m["a"]) // 2 :]]  # version 1's per-limb list
     with pytest.raises(errors.MalformedMessage, match="^a: bytes are required"):
         wire.decode(msgpack.packb(m, use_bin_type=True))
-    m["a"] = m["b"] + m["b"]  # two rows of residues where the shape says one
-    with pytest.raises(errors.MalformedMessage, match="^a: 32768 bytes, expected 16384"):
+    m["a"] = m["b"] + m["b"]  # two rows of the window's residues where a needs one row of N
+    with pytest.raises(errors.MalformedMessage, match="^a: 80 bytes, expected 16384"):
         wire.decode(msgpack.packb(m, use_bin_type=True))
 
 
@@ -267,11 +274,11 @@ def test_construction_validates():
     bad = residues(N2048, 1)
     bad[0, 1, 5] = N2048.primes[1]
     with pytest.raises(errors.MalformedMessage, match="limb 1"):
-        wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, 1), owner=OWNER)
+        wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, N2048.n), owner=OWNER)
     big = words(N2048, 1)
     big[0, 3] = 1 << N2048.out_bits
     with pytest.raises(errors.MalformedMessage, match="does not fit in 38 bits"):
-        wire.EncryptedReply(RID, "l", "fwd", EncryptedResult(N2048, big, words(N2048, 1), 1))
+        wire.EncryptedReply(RID, "l", "fwd", EncryptedResult(N2048, big, words(N2048, 1, cols=1), 1))
     with pytest.raises(errors.MalformedMessage, match="unique"):
         m = gen.manifest()
         dataclasses.replace(m, layers=(m.layers[0], m.layers[0]))
@@ -292,11 +299,12 @@ LIMIT = 100_000  # 13,824 bytes per request row: 6 rows per part
 
 
 def _chunked_messages():
-    yield wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 29, 7), 9), row_start=100,
+    n = N2048.n
+    yield wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 29, 7), n), row_start=100,
                                 owner=OWNER)
-    pa = EncryptedPartial(N2048, residues(N2048, 13, 8), residues(N2048, 13, 9), 9)
+    pa = EncryptedPartial(N2048, residues(N2048, 13, 8), residues(N2048, 13, 9, 9), 9, 4)
     yield wire.PartialResult(RID, "0.down", "fwd", 1, 2, 64, 128, pa)
-    yield wire.EncryptedReply(RID, "0.down", "fwd", EncryptedResult(N2048, words(N2048, 17, 1), words(N2048, 17, 2), 9))
+    yield wire.EncryptedReply(RID, "0.down", "fwd", EncryptedResult(N2048, words(N2048, 17, 1), words(N2048, 17, 2), n))
 
 
 @pytest.mark.parametrize("msg", list(_chunked_messages()), ids=lambda m: m.TYPE)
@@ -311,7 +319,7 @@ def test_split_join_round_trip(msg):
 
 
 def test_split_whole_message_under_the_real_limit():
-    msg = wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 1536), 3), owner=OWNER)
+    msg = wire.EncryptedRequest(RID, "0.down", "fwd", EncryptedBatch(N2048, residues(N2048, 1536), N2048.n), owner=OWNER)
     with pytest.raises(errors.OversizedMessage):
         wire.encode(msg)
     parts = wire.split(msg)
@@ -344,23 +352,23 @@ def test_reply_without_a_round_trips_at_hint_bits():
     """When the client holds the layer's hint, replies carry b alone, at hint_out_bits."""
     k = N2048.hint_out_bits
     b = words(N2048, 3, 7) & np.uint64((1 << k) - 1)
-    msg = wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b, 11))
+    msg = wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b, N2048.n))
     data = wire.encode_reply(msg)
     back = wire.decode_reply(data)
     assert back.result.a is None and np.array_equal(unpacked(back.result.b), b) and back.result.bits == k
     assert isinstance(back.result.b, bits.PackedRows) and wire.encode_reply(back) == data  # kept as it came
     wrong = bits.PackedRows(k, N2048.n, bits.pack_bits(b[:2], k))  # two rows packed, three declared by a
-    with pytest.raises(errors.MalformedMessage, match="packed b must be"):
-        wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, bits.PackedRows.pack(b, k), wrong, 11))
+    with pytest.raises(ValueError, match="a: 2 rows"):  # a's rows against b's, where the result is made
+        EncryptedResult(N2048, bits.PackedRows.pack(b, k), wrong, N2048.n)
     assert wire.payload_bytes(msg) == packed_size(k, 3 * N2048.n) < len(data)
     parts = wire.split(msg, max_bytes=30_000)
     assert len(parts) > 1 and np.array_equal(unpacked(wire.join(parts).result.b), b)
     with pytest.raises(errors.MalformedMessage, match="does not fit"):
-        wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b | np.uint64(1 << k), 11))
+        wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b | np.uint64(1 << k), N2048.n))
 
 
 def test_peek_part_reads_the_piece_and_part_without_the_arrays():
-    res = EncryptedResult(N2048, np.vstack([gen.words(1, 4)] * 3), np.vstack([gen.words(1, 5)] * 3), 5)
+    res = EncryptedResult(N2048, np.vstack([gen.words(1, 4)] * 3), np.vstack([gen.words(1, 5, 5)] * 3), 5)
     reply = wire.EncryptedReply(RID, "3.qkv", "fwd", res)
     chunks = wire.split(reply, reply._row_bytes() + wire.HEADER_ALLOWANCE)  # one row per chunk
     assert len(chunks) > 1
@@ -385,8 +393,15 @@ def test_packed_rows_slice_and_join_as_bytes():
     assert np.array_equal(packed[1:4].unpack(), values[1:4])
     assert PackedRows.concat([packed[:2], packed[2:]]) == packed
     assert packed[4:9].rows == 1 and packed[3:1].rows == 0
-    with pytest.raises(ValueError, match="whole bytes"):
-        PackedRows(38, 3, b"")  # 3 values of 38 bits do not end on a byte
+    # rows of a token window need not end on a byte: each is padded with zero bits
+    window = PackedRows.pack(values[:, :3], 38)
+    assert window.row_bytes == 15 and window.rows == 5 and np.array_equal(window.unpack(), values[:, :3])
+    assert np.array_equal(window[2:4].unpack(), values[2:4, :3])
+    assert window.data[:15] == pack_bits(values[0, :3], 38)  # a row is pack_bits of its values
+    bad = bytearray(window.data)
+    bad[14] |= 0x80  # a padding bit of row 0
+    with pytest.raises(errors.MalformedMessage, match="padding"):
+        PackedRows(38, 3, bytes(bad))
     with pytest.raises(ValueError, match="whole number"):
         PackedRows(38, 2048, packed.data[:-1])
     with pytest.raises(TypeError):
@@ -400,7 +415,7 @@ def test_partial_with_a_switched_part_round_trips_and_is_checked():
 
     rows, params = 3, N2048
     a = PackedRows.pack(words(params, rows, 7), params.out_bits)
-    b = gen.residues(rows, 8)
+    b = gen.residues(rows, 8, 7)
     msg = wire.PartialResult(RID, "2.o", "bwd", 1, 2, 0, 4, EncryptedPartial(params, a, b, 7), out_start=5)
     data = wire.encode(msg)
     m = msgpack.unpackb(data, raw=False)
@@ -428,7 +443,8 @@ def test_request_head_matches_the_full_decode_without_unpacking():
             head.row_start, head.lib) == (req.rid, req.layer, req.direction, req.params, req.batch.n_tokens,
                                           req.width, req.part, req.parts, req.row_start, req.lib)
     # the parts of a split request: each head says where its rows are
-    whole = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, gen.residues(5, 1), 9), owner=OWNER)
+    whole = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, gen.residues(5, 1), N2048.n),
+                                  owner=OWNER)
     limit = 2 * whole._row_bytes() + wire.HEADER_ALLOWANCE
     heads = [wire.decode_request_head(wire.encode(c, limit), limit) for c in wire.split(whole, limit)]
     assert len(heads) == 3
@@ -456,7 +472,7 @@ def test_request_head_refuses_what_decode_refuses(entry):
 def test_reply_head_matches_the_full_decode_without_unpacking():
     """A reply part's head: every field, no arrays unpacked."""
     for reply in (gen.reply(), wire.EncryptedReply(RID, "3.down", "bwd",
-                                                   EncryptedResult(N2048, None, words(N2048, 2) >> 4, 5),
+                                                   EncryptedResult(N2048, None, words(N2048, 2) >> 4, N2048.n),
                                                    part=1, parts=3, out_start=7)):
         data = wire.encode(reply)
         head = wire.decode_reply_head(data)
@@ -485,7 +501,7 @@ def test_reply_head_refuses_what_decode_refuses(entry):
 
 
 def test_reply_head_refuses_bad_sizes_and_fields():
-    reply = wire.EncryptedReply(RID, "0.o", "fwd", EncryptedResult(N2048, None, words(N2048, 1) >> 4, 3))
+    reply = wire.EncryptedReply(RID, "0.o", "fwd", EncryptedResult(N2048, None, words(N2048, 1) >> 4, N2048.n))
     m = msgpack.unpackb(wire.encode(reply), raw=False)
     size = packed_size(N2048.hint_out_bits, N2048.n)
     for bad, field in (({"b": m["b"][:-1]}, "b"), ({"a": bytes(size)}, "bits"), ({"bits": 40}, "bits"),
@@ -500,8 +516,8 @@ def test_send_a_travels_with_a_request_and_its_parts_must_agree():
     req = dataclasses.replace(gen.request(), part=0, parts=1, row_start=0, send_a=False)
     data = wire.encode(req)
     assert wire.decode_request(data).send_a is False and wire.decode_request_head(data).send_a is False
-    two = dataclasses.replace(req, batch=EncryptedBatch(N2048, residues(N2048, 2, 5), 5))
-    parts = wire.split(two, len(data) + wire.HEADER_ALLOWANCE)
+    two = dataclasses.replace(req, batch=EncryptedBatch(N2048, residues(N2048, 2, 5), N2048.n))
+    parts = wire.split(two, two._row_bytes() + wire.HEADER_ALLOWANCE)
     assert len(parts) == 2 and all(p.send_a is False for p in parts)
     assert wire.join(parts).send_a is False
     mixed = [parts[0], dataclasses.replace(parts[1], send_a=True)]
@@ -517,8 +533,8 @@ def test_the_parts_of_one_request_must_name_one_owner():
     """The owner seed fixes the a a request was encrypted against: parts of two owners never join,
     by the whole-message path (``join``, ``PartTracker``), and their heads' routes differ."""
     req = dataclasses.replace(gen.request(), part=0, parts=1, row_start=0)
-    two = dataclasses.replace(req, batch=EncryptedBatch(N2048, residues(N2048, 2, 5), 5))
-    parts = wire.split(two, len(wire.encode(req)) + wire.HEADER_ALLOWANCE)
+    two = dataclasses.replace(req, batch=EncryptedBatch(N2048, residues(N2048, 2, 5), N2048.n))
+    parts = wire.split(two, two._row_bytes() + wire.HEADER_ALLOWANCE)
     assert len(parts) == 2 and wire.join(parts).owner == req.owner
     mixed = [parts[0], dataclasses.replace(parts[1], owner=bytes(16))]
     with pytest.raises(errors.MalformedMessage, match="join"):

@@ -95,7 +95,8 @@ def _valid_request(manifest: wire.Manifest, rows: int = 3) -> tuple[wire.Encrypt
 def _bad_messages(manifest: wire.Manifest, limit: int) -> dict[str, tuple[bytes, str]]:
     """correlation id -> (body, expected x-helora-reason), each for shard 0 of block 0's first layer."""
     req, _ = _valid_request(manifest, rows=1)
-    whole = wire.encode_request(req, 1 << 24)  # one message above the services' limit
+    full, _ = _valid_request(manifest, rows=manifest.params.n)
+    whole = wire.encode_request(full, 1 << 24)  # one message of N tokens above the services' limit
     first = wire.encode_request(wire.split(req, limit)[0], limit)
     entry = manifest.layers[0]
     lo, hi = even_split(entry.d_in, entry.shards)[1]  # shard 1's rows, sent to shard 0
@@ -104,7 +105,7 @@ def _bad_messages(manifest: wire.Manifest, limit: int) -> dict[str, tuple[bytes,
     head = {"v": 99, "type": "request", "pset": manifest.params.name, "rid": os.urandom(16), "lib": "0"}
     other = P.N4096
     foreign = wire.EncryptedRequest(rid=os.urandom(16), layer=req.layer, direction="fwd",
-                                    batch=EncryptedBatch(other, np.zeros((1, other.limbs, other.n), np.uint32), 1),
+                                    batch=EncryptedBatch(other, np.zeros((1, other.limbs, 1), np.uint32), 1),
                                     owner=req.owner)
     return {uuid.uuid4().hex: body for body in (
         (os.urandom(300), "malformed"),

@@ -460,7 +460,7 @@ def test_a_bad_partial_is_dead_lettered_by_the_aggregator(fleet):
     params, layer = backend.manifest.params, backend.manifest.layers[0]
     values = np.zeros((2, params.limbs, params.n), dtype=np.uint32)
     partial = wire.PartialResult(os.urandom(16), layer.name, "fwd", 0, 2, 0, 1,
-                                 EncryptedPartial(params, values, values.copy(), 3))
+                                 EncryptedPartial(params, values, values[:, :, :3].copy(), 3))
     m = msgpack.unpackb(wire.encode_partial(partial, LIMIT), raw=False)
     bad = msgpack.packb({**m, "b": m["b"][:-1]}, use_bin_type=True)
     topo = topology.Topology(fleet.namespace)
@@ -513,7 +513,7 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
     limit = 64 * 1024
     rng = np.random.default_rng(3)
     top = 1 << N2048.hint_out_bits
-    result = EncryptedResult(N2048, None, rng.integers(0, top, size=(30, N2048.n), dtype=np.uint64), 4)
+    result = EncryptedResult(N2048, None, rng.integers(0, top, size=(30, 4), dtype=np.uint64), 4)
     handed: list[int] = []
     two_in = threading.Event()
     attempts: list[bytes] = []
@@ -543,7 +543,7 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
                                                z(30), z(30, np.int64), z(1, np.int64), 16_000)}  # the manifest's
     try:
         serving.start()
-        batch = EncryptedBatch(N2048, np.zeros((1, N2048.limbs, N2048.n), np.uint32), 4)
+        batch = EncryptedBatch(N2048, np.zeros((1, N2048.limbs, 4), np.uint32), 4)
         request = wire.EncryptedRequest(os.urandom(16), "0.down", "fwd", batch, owner=os.urandom(16))
 
         def on_part(part: wire.EncryptedReply) -> None:

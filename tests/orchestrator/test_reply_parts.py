@@ -18,7 +18,7 @@ from helora_orchestrator.broker import BrokerTransport
 def _reply_parts(rows: int = 3) -> list[wire.EncryptedReply]:
     k = N2048.out_bits
     values = np.arange(rows * N2048.n, dtype=np.uint64).reshape(rows, N2048.n) % (1 << k)
-    reply = wire.EncryptedReply(bytes(16), "0.qkv", "fwd", EncryptedResult(N2048, values, values[::-1].copy(), 4))
+    reply = wire.EncryptedReply(bytes(16), "0.qkv", "fwd", EncryptedResult(N2048, values, values[::-1, :4].copy(), 4))
     limit = reply._row_bytes() + wire.HEADER_ALLOWANCE  # one row per part
     return wire.split(reply, limit)  # type: ignore[return-value]
 

@@ -20,7 +20,7 @@ from helora_aggregator.worker import AggregatorWorker
 def _parts(rid: bytes, limit: int) -> list[bytes]:
     params = P.DEFAULT
     rows = np.zeros((3, params.limbs, params.n), dtype=np.uint32)
-    partial = wire.PartialResult(rid, "0.qkv", "fwd", 0, 2, 0, 1, EncryptedPartial(params, rows, rows.copy(), 4))
+    partial = wire.PartialResult(rid, "0.qkv", "fwd", 0, 2, 0, 1, EncryptedPartial(params, rows, rows[:, :, :4].copy(), 4))
     return [wire.encode_partial(c, limit) for c in wire.split(partial, limit)]
 
 

@@ -154,10 +154,10 @@ def test_switched_and_mod_q_partials_do_not_mix(tiny, rng):
     from hecommon.he.encrypt import EncryptedPartial
 
     params = P.DEFAULT
-    b = np.zeros((2, params.limbs, params.n), dtype=np.uint32)
+    b = np.zeros((2, params.limbs, 3), dtype=np.uint32)  # a window of 3 tokens
     packed = PackedRows.pack(np.zeros((2, params.n), dtype=np.uint64), params.out_bits)
     switched = EncryptedPartial(params, packed, b, 3)
-    mod_q = EncryptedPartial(params, b.copy(), b, 3)
+    mod_q = EncryptedPartial(params, np.zeros((2, params.limbs, params.n), dtype=np.uint32), b, 3)
     with pytest.raises(ParameterMismatch, match="already switched"):
         switched + mod_q  # noqa: B018
     with pytest.raises(ParameterMismatch, match="switched and a mod-q"):

@@ -30,12 +30,13 @@ P = N2048
 RID = bytes(range(16))
 OWNER = bytes(range(100, 116))
 LIB = "0.1.0"  # pinned: vectors must not change when the library version does
+TOKENS, COL0 = 5, 3  # every ciphertext message carries a window of 5 tokens, coefficients 3 … 7
 _MIX = 2654435761  # Knuth's multiplicative constant: spreads values over the whole range
 
 
-def residues(rows: int, salt: int) -> np.ndarray:
-    """(rows, L, N) uint32 residues; coefficient 0 is 0 and coefficient 1 is p - 1 (edges)."""
-    k = np.arange(rows * P.limbs * P.n, dtype=np.uint64).reshape(rows, P.limbs, P.n)
+def residues(rows: int, salt: int, cols: int = P.n) -> np.ndarray:
+    """(rows, L, cols) uint32 residues; coefficient 0 is 0 and coefficient 1 is p - 1 (edges)."""
+    k = np.arange(rows * P.limbs * cols, dtype=np.uint64).reshape(rows, P.limbs, cols)
     primes = np.asarray(P.primes, dtype=np.uint64)[None, :, None]
     out = (k * np.uint64(_MIX) + np.uint64(salt)) % primes
     out[:, :, 0] = 0
@@ -43,32 +44,32 @@ def residues(rows: int, salt: int) -> np.ndarray:
     return out.astype(np.uint32)
 
 
-def words(rows: int, salt: int) -> np.ndarray:
-    """(rows, N) uint64 values below 2^out_bits, with 0 and 2^k - 1 at the front."""
-    k = np.arange(rows * P.n, dtype=np.uint64).reshape(rows, P.n)
+def words(rows: int, salt: int, cols: int = P.n) -> np.ndarray:
+    """(rows, cols) uint64 values below 2^out_bits, with 0 and 2^k - 1 at the front."""
+    k = np.arange(rows * cols, dtype=np.uint64).reshape(rows, cols)
     out = (k * np.uint64(_MIX) * np.uint64(_MIX) + np.uint64(salt)) % np.uint64(1 << P.out_bits)
     out[:, 0], out[:, 1] = 0, (1 << P.out_bits) - 1
     return out
 
 
 def request() -> wire.EncryptedRequest:
-    batch = EncryptedBatch(P, residues(1, 1), 5)
+    batch = EncryptedBatch(P, residues(1, 1, TOKENS), TOKENS, COL0)
     return wire.EncryptedRequest(RID, "3.qkv", "fwd", batch, part=1, parts=3, row_start=288, owner=OWNER, lib=LIB)
 
 
 def partial() -> wire.PartialResult:
-    pa = EncryptedPartial(P, residues(1, 2), residues(1, 3), 5)
+    pa = EncryptedPartial(P, residues(1, 2), residues(1, 3, TOKENS), TOKENS, COL0)
     return wire.PartialResult(RID, "3.qkv", "bwd", 1, 2, 288, 576, pa, part=0, parts=1, out_start=0, lib=LIB)
 
 
 def reply() -> wire.EncryptedReply:
-    res = EncryptedResult(P, words(1, 4), words(1, 5), 5)
+    res = EncryptedResult(P, words(1, 4), words(1, 5, TOKENS), TOKENS, col0=COL0)
     return wire.EncryptedReply(RID, "3.qkv", "fwd", res, part=2, parts=4, out_start=3, lib=LIB)
 
 
 def reply_held() -> wire.EncryptedReply:
     """A reply to a client that holds the layer's switched a part: b alone, at out_bits."""
-    res = EncryptedResult(P, None, words(2, 6), 5, P.out_bits)
+    res = EncryptedResult(P, None, words(2, 6, TOKENS), TOKENS, P.out_bits, COL0)
     return wire.EncryptedReply(RID, "3.qkv", "fwd", res, part=0, parts=1, out_start=0, lib=LIB)
 
 
@@ -121,8 +122,8 @@ def _edit(base: bytes, **changes: Any) -> bytes:
 def _residue_ge_prime(base: bytes) -> bytes:
     m = msgpack.unpackb(base, raw=False)
     bits = P.primes[0].bit_length()
-    limb = unpack_bits(m["b"][0], bits, P.n)
-    limb[7] = P.primes[0]  # fits in the bit width, but is not a residue
+    limb = unpack_bits(m["b"][0], bits, TOKENS)
+    limb[3] = P.primes[0]  # fits in the bit width, but is not a residue
     m["b"][0] = pack_bits(limb, bits)
     return msgpack.packb(m, use_bin_type=True)
 
@@ -160,8 +161,15 @@ def negatives(pos: dict[str, bytes]) -> dict[str, tuple[bytes, str, str]]:
         "duplicate_key": (b"\x82\xa1v\x01\xa1v\x01", "MalformedMessage", "v twice"),
         "residue_ge_prime": (_residue_ge_prime(rq), "MalformedMessage", "limb 0 holds p_0"),
         "length_mismatch": (_edit(rq, b=short_b), "MalformedMessage", "limb 0 one byte short"),
-        "shape_claims_oversized": (_edit(rq, shape=[1 << 20, 2, 2048]), "OversizedMessage", "shape claims 14 GB"),
-        "shape_wrong_limbs": (_edit(rq, shape=[1, 3, 2048]), "MalformedMessage", "3 limbs for a 2-limb set"),
+        "shape_claims_oversized": (_edit(rq, shape=[1 << 20, 2, TOKENS]), "OversizedMessage", "shape claims 14 GB"),
+        "shape_wrong_limbs": (_edit(rq, shape=[1, 3, TOKENS]), "MalformedMessage", "3 limbs for a 2-limb set"),
+        "shape_not_tokens": (_edit(rq, shape=[1, 2, P.n]), "MalformedMessage", "N columns for a 5-token window"),
+        "col0_past_n": (_edit(rq, col0=P.n - TOKENS + 1), "MalformedMessage", "window ends past N"),
+        "col0_negative": (_edit(rq, col0=-1), "MalformedMessage", "window before coefficient 0"),
+        "col0_missing": (_edit(rq, col0=None), "MalformedMessage", "no col0 (a v5 request)"),
+        "reply_b_full_width": (_edit(pos["reply"], shape=[1, P.n]), "MalformedMessage",
+                               "a reply's b claims N columns for a 5-token window"),
+        "partial_col0_past_n": (_edit(pos["partial"], col0=P.n), "MalformedMessage", "partial window past N"),
         "part_as_string": (_edit(rq, part="1"), "MalformedMessage", "part is a string"),
         "part_as_bool": (_edit(rq, part=True), "MalformedMessage", "part is a bool"),
         "part_out_of_range": (_edit(rq, part=3), "MalformedMessage", "part = parts"),

@@ -25,7 +25,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import MalformedMessage
-from .he.encrypt import EncryptedBatch
 from .he.params import ParamSet
 from .shards import even_split
 from .wire import MAX_MESSAGE_BYTES, EncryptedRequest, LayerEntry, request_ranges
@@ -91,5 +90,5 @@ def cut(entry: LayerEntry, request: EncryptedRequest) -> list[tuple[int, Encrypt
     if request.direction != "fwd" or entry.shards == 1:
         return [(i, request) for i in range(entry.shards)]
     b = request.batch
-    return [(i, dataclasses.replace(request, batch=EncryptedBatch(b.params, b.b[lo:hi], b.n_tokens), row_start=lo))
+    return [(i, dataclasses.replace(request, batch=b.rows(b.b[lo:hi]), row_start=lo))
             for i, (lo, hi) in enumerate(even_split(entry.d_in, entry.shards))]

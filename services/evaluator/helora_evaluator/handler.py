@@ -256,7 +256,7 @@ class EvaluatorHandler:
             b = product.piece(req.batch.b, offset)
             rows = (b[lo:hi] for lo, hi in blocks)
         for i, ((lo, hi), rb) in enumerate(zip(blocks, rows, strict=True)):
-            partial = EncryptedPartial(self.params, a[lo:hi], rb, req.batch.n_tokens)
+            partial = EncryptedPartial(self.params, a[lo:hi], rb, req.batch.n_tokens, req.batch.col0)
             yield PartialResult(rid=req.rid, layer=req.layer, direction=req.direction, shard=index, shards=count,
                                 row_start=req.row_start, row_end=req.row_start + req.width, partial=partial,
                                 part=i, parts=len(blocks), out_start=out_start + lo, send_a=req.send_a,

@@ -143,6 +143,7 @@ class EncryptedBackend:
         t_call = time.perf_counter()
         spent = {"encrypt": 0.0, "decrypt": 0.0}
         secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
+        col0 = 0
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]
         width = entry.out_rows(direction)  # each output once per sub-sum
@@ -162,7 +163,7 @@ class EncryptedBackend:
         def decrypt_part(part: wire.EncryptedReply) -> None:
             lo, hi = part.out_start, part.out_start + part.result.width
             if (part.rid != rid or hi > width or part.result.n_tokens != m.shape[0]
-                    or part.pieces != pieces):
+                    or part.result.col0 != col0 or part.pieces != pieces):
                 raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
             result, hint = part.result, None
             if result.a is None and result.bits == self.params.out_bits:  # b alone: the a part held
@@ -182,7 +183,7 @@ class EncryptedBackend:
 
         def encrypted(lo: int, hi: int):
             t0 = time.perf_counter()
-            batch = encrypt(secret, m[:, lo:hi], a_seed, start=lo)
+            batch = encrypt(secret, m[:, lo:hi], a_seed, start=lo, col0=col0)
             spent["encrypt"] += time.perf_counter() - t0
             return batch
 

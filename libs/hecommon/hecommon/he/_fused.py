@@ -69,20 +69,23 @@ def fold_words(words, mask, p, n, twist, out):  # pragma: no cover - compiled
 
 
 @_jit
-def finish_encrypt(spec, untwist, m, dm, noise, p, out):  # pragma: no cover - compiled
-    """``b = Δ·m + e - a·s mod p`` from the inverse transform of ``a·s`` (``spec``, rows × N/2,
-    not yet untwisted): ``m`` (rows, T) int64 messages, ``dm = Δ mod p``, ``noise`` (rows, N)."""
+def finish_encrypt(spec, untwist, m, dm, noise, p, col0, out):  # pragma: no cover - compiled
+    """``b = Δ·m + e - a·s mod p`` for coefficients ``col0 … col0+T-1`` from the inverse transform
+    of ``a·s`` (``spec``, rows × N/2, not yet untwisted): ``m`` (rows, T) int64 messages,
+    ``dm = Δ mod p``, ``noise`` (rows, T), into ``out`` (rows, T)."""
     rows, half = spec.shape
     t = m.shape[1]
     inv_p = 1.0 / p
     for r in range(rows):
         for k in range(half):
+            if not (col0 <= k < col0 + t or col0 <= k + half < col0 + t):
+                continue
             z = spec[r, k] * untwist[k]
-            for c, x in ((k, z.real), (k + half, z.imag)):
-                y = noise[r, c] - np.int64(np.rint(x))  # |y| < 2^38
-                if c < t:
+            for c, x in ((k - col0, z.real), (k + half - col0, z.imag)):
+                if 0 <= c < t:
+                    y = noise[r, c] - np.int64(np.rint(x))  # |y| < 2^38
                     y += m[r, c] * dm  # |m·dm| < 2^56: exact in int64, and its quotient estimate is off by one at most
-                out[r, c] = np.uint32(_mod(y, p, inv_p))
+                    out[r, c] = np.uint32(_mod(y, p, inv_p))
 
 
 @_jit
@@ -108,49 +111,55 @@ def fold_wide(a, bits, split, twist, hi, lo):  # pragma: no cover - compiled
 
 
 @_jit
-def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, t, out, col, add):  # pragma: no cover - compiled
-    """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, N) mod
-    ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits``, centered, times ``qd = q/Δ``, rounded;
-    row r's first ``t`` coefficients go to ``out[:, col + r]`` (added to it with ``add``)."""
+def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, col0, out, col, add):  # pragma: no cover - compiled
+    """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, T) mod
+    ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits`` at coefficients ``col0 … col0+T-1``,
+    centered, times ``qd = q/Δ``, rounded; row r's token k goes to ``out[k, col + r]`` (added to it
+    with ``add``)."""
     rows, half = hi.shape
+    t = b.shape[1]
     modulus = np.float64(2.0**bits)
     scale = np.float64(2.0**split)
-    for k in range(min(half, t)):  # token by token, the block's rows side by side in out's row
+    for k in range(half):  # token by token, the block's rows side by side in out's row
+        if not (col0 <= k < col0 + t or col0 <= k + half < col0 + t):
+            continue
         for r in range(rows):
             zh = hi[r, k] * untwist[k]
             zl = lo[r, k] * untwist[k]
-            for c, xh, xl in ((k, zh.real, zl.real), (k + half, zh.imag, zl.imag)):
-                if c >= t:
-                    continue
-                m = _decode(np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c]), modulus, qd)
-                out[c, col + r] = out[c, col + r] + m if add else m
+            for c, xh, xl in ((k - col0, zh.real, zl.real), (k + half - col0, zh.imag, zl.imag)):
+                if 0 <= c < t:
+                    m = _decode(np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c]), modulus, qd)
+                    out[c, col + r] = out[c, col + r] + m if add else m
 
 
 @_jit
-def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, t, out, col, add):  # pragma: no cover
+def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, col0, out, col,
+                        add):  # pragma: no cover - compiled
     """Messages from the inverse transforms of ``a0·s`` and ``a1·s`` (the hint's two limbs, mod
-    p0 and p1), and ``b`` mod ``2^bits``: ``a·s mod q`` rebuilt by CRT, switched to ``2^bits``
-    (``scale = 2^bits/q``), added to ``b`` and decoded (``ring.switch_modulus``, ``_decode``);
-    into ``out`` as ``finish_decrypt_wide``."""
+    p0 and p1), and ``b`` (rows, T) mod ``2^bits``: ``a·s mod q`` rebuilt by CRT, switched to ``2^bits``
+    (``scale = 2^bits/q``), added to ``b`` and decoded (``ring.switch_modulus``, ``_decode``) at
+    coefficients ``col0 … col0+T-1``; into ``out`` as ``finish_decrypt_wide``."""
     rows, half = s0.shape
+    t = b.shape[1]
     modulus = np.float64(2.0**bits)
     mask = np.int64((1 << bits) - 1)
     inv0 = 1.0 / p0
     inv1 = 1.0 / p1
-    for k in range(min(half, t)):  # as finish_decrypt_wide
+    for k in range(half):  # as finish_decrypt_wide
+        if not (col0 <= k < col0 + t or col0 <= k + half < col0 + t):
+            continue
         for r in range(rows):
             z0 = s0[r, k] * untwist[k]
             z1 = s1[r, k] * untwist[k]
-            for c, x0, x1 in ((k, z0.real, z1.real), (k + half, z0.imag, z1.imag)):
-                if c >= t:
-                    continue
-                r0 = _mod(np.int64(np.rint(x0)), p0, inv0)
-                r1 = _mod(np.int64(np.rint(x1)), p1, inv1)
-                d = _mod(_mod(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)
-                whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
-                a_s = np.int64(np.rint(whole * scale)) & mask
-                m = _decode(np.float64(a_s) + np.float64(b[r, c]), modulus, qd)
-                out[c, col + r] = out[c, col + r] + m if add else m
+            for c, x0, x1 in ((k - col0, z0.real, z1.real), (k + half - col0, z0.imag, z1.imag)):
+                if 0 <= c < t:
+                    r0 = _mod(np.int64(np.rint(x0)), p0, inv0)
+                    r1 = _mod(np.int64(np.rint(x1)), p1, inv1)
+                    d = _mod(_mod(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)
+                    whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
+                    a_s = np.int64(np.rint(whole * scale)) & mask
+                    m = _decode(np.float64(a_s) + np.float64(b[r, c]), modulus, qd)
+                    out[c, col + r] = out[c, col + r] + m if add else m
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)

@@ -250,11 +250,14 @@ def _unpack_windows(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PackedRows:
-    """A (rows, n) array of ``bits``-bit unsigned values, kept packed (``pack_bits`` layout).
+    """A (rows, n) array of ``bits``-bit unsigned values, kept packed.
 
-    Every row fills whole bytes (``n·bits`` is a multiple of 8), so ranges of rows slice and
-    concatenate as plain bytes, and any byte string of the right length is a valid array: a
-    service can pass such an array on, or cut it into messages, without unpacking it.
+    Each row fills whole bytes: ``pack_bits``'s layout row by row, a row of ``n·bits`` bits that
+    does not end on a byte padded with zero bits (a request's window of T tokens; rows of N
+    values end on a byte, so there the bytes are ``pack_bits`` of the whole array). Ranges of
+    rows slice and concatenate as plain bytes, and any byte string of the right length whose
+    padding bits are zero is a valid array: a service can pass such an array on, or cut it into
+    messages, without unpacking it.
     """
 
     bits: int
@@ -263,10 +266,15 @@ class PackedRows:
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1 or (self.n * self.bits) % 8:
-            raise ValueError(f"PackedRows: rows of {self.n!r} values of {self.bits} bits are not whole bytes")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"PackedRows: rows of {self.n!r} values are not rows")
         if not isinstance(self.data, bytes) or len(self.data) % self.row_bytes:
             raise ValueError(f"PackedRows: data must be bytes, a whole number of {self.row_bytes}-byte rows")
+        pad = self.row_bytes * 8 - self.n * self.bits
+        if pad and self.data:
+            last = np.frombuffer(self.data, dtype=np.uint8).reshape(-1, self.row_bytes)[:, -1]
+            if (last >> (8 - pad)).any():
+                raise MalformedMessage("packed rows: non-zero padding bits")
 
     @classmethod
     def pack(cls, values: np.ndarray, bits: int) -> PackedRows:
@@ -274,11 +282,25 @@ class PackedRows:
         values = np.asarray(values)
         if values.ndim != 2:
             raise ValueError(f"PackedRows.pack: a (rows, n) array is required, got {values.shape}")
-        return cls(bits, int(values.shape[1]), pack_bits(values, bits))
+        rows, n = (int(x) for x in values.shape)
+        if (n * bits) % 8 == 0:
+            return cls(bits, n, pack_bits(values, bits))
+        _check_bits(bits)
+        if values.dtype.kind != "u":
+            raise TypeError(f"pack_bits: unsigned integers required, got {values.dtype}")
+        size = packed_size(bits, n)
+        if bits <= _KERNEL_BITS and kernels.enabled():  # rows of whole words, then each row's bytes
+            words = np.zeros((rows, -(-n * bits // 64)), dtype="<u8")
+            if not kernels.loops().pack_rows(values, bits, words):
+                raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
+            data = words.view(np.uint8)[:, :size].tobytes()
+        else:
+            data = b"".join(pack_bits(row, bits) for row in values)
+        return cls(bits, n, data)
 
     @property
     def row_bytes(self) -> int:
-        return self.n * self.bits // 8
+        return packed_size(self.bits, self.n)
 
     @property
     def rows(self) -> int:
@@ -290,7 +312,19 @@ class PackedRows:
 
     def unpack(self) -> np.ndarray:
         """The values, (rows, n) uint64."""
-        return unpack_bits(self.data, self.bits, self.rows * self.n).reshape(self.rows, self.n)
+        rows, n, bits = self.rows, self.n, self.bits
+        if (n * bits) % 8 == 0:
+            return unpack_bits(self.data, bits, rows * n).reshape(rows, n)
+        out = np.empty((rows, n), dtype=np.uint64)
+        raw = np.frombuffer(self.data, dtype=np.uint8).reshape(rows, self.row_bytes)
+        if bits <= _KERNEL_BITS and kernels.enabled():  # each row into whole words, then one loop
+            words = np.zeros((rows, -(-n * bits // 64)), dtype="<u8")
+            words.view(np.uint8)[:, : self.row_bytes] = raw
+            kernels.loops().unpack_rows(words, bits, out)
+        else:
+            for r in range(rows):
+                out[r] = unpack_bits(raw[r].tobytes(), bits, n)
+        return out
 
     def __getitem__(self, rows: slice) -> PackedRows:
         """Rows ``lo:hi`` (a slice with step 1), still packed."""

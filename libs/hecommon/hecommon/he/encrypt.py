@@ -1,8 +1,13 @@
 """Secret-key RLWE encryption with tokens in coefficients (DESIGN §3).
 
 Layout: a batch ``M`` of T <= N tokens × d features becomes d ciphertexts; ciphertext j holds
-column ``M[:, j]`` in its first T coefficients. Residues are stored per RNS limb:
-``b`` has shape ``(d, L, N)``, ciphertext j, limb i, coefficient k.
+column ``M[:, j]`` in coefficients ``col0 … col0+T-1``. Only those T coefficients of ``b`` travel:
+each is an LWE sample under the request's secret (the coefficient's row of the negacyclic matrix
+of ``a``), and the others carry no token, so a request of T tokens costs T columns on the wire,
+in the server's GEMM and in the client's decryption (``docs/threat-model.md``, "Column windows").
+Residues are stored per RNS limb: ``b`` has shape ``(d, L, T)``, ciphertext j, limb i, token k
+(coefficient ``col0 + k``). The public ``a`` and everything computed from it alone (the hint
+``W·A``, a reply's switched ``a``) keep all N coefficients.
 
 The public ``a`` of each (layer, direction) is fixed for one data owner's session:
 ``expand_a(owner_a_seed(layer_seed, owner), …)`` regenerates it (AES-256-CTR) from two public
@@ -48,19 +53,31 @@ class EncryptedBatch:
     """Input ciphertexts as they travel: ``b`` only (``a`` is public, from the seed)."""
 
     params: ParamSet
-    b: np.ndarray  # (d, L, N) uint32 residues
+    b: np.ndarray  # (d, L, T) uint32 residues: coefficients col0 … col0+T-1
     n_tokens: int
+    col0: int = 0
 
     def __post_init__(self) -> None:
+        check_window("EncryptedBatch", self.params, self.n_tokens, self.col0)
         d = self.b.shape[0] if self.b.ndim == 3 else -1
-        if self.b.shape != (d, self.params.limbs, self.params.n) or self.b.dtype != np.uint32:
-            raise ValueError(f"EncryptedBatch.b: (d, {self.params.limbs}, {self.params.n}) uint32 expected")
-        if not 1 <= self.n_tokens <= self.params.n:
-            raise ValueError(f"EncryptedBatch.n_tokens: {self.n_tokens} outside 1..{self.params.n}")
+        if self.b.shape != (d, self.params.limbs, self.n_tokens) or self.b.dtype != np.uint32:
+            raise ValueError(f"EncryptedBatch.b: (d, {self.params.limbs}, {self.n_tokens}) uint32 expected")
 
     @property
     def width(self) -> int:
         return int(self.b.shape[0])
+
+    def rows(self, b: np.ndarray) -> EncryptedBatch:
+        """The same token window with other ciphertext rows (a slice or a join of this one's)."""
+        return EncryptedBatch(self.params, b, self.n_tokens, self.col0)
+
+
+def check_window(where: str, params: ParamSet, n_tokens: int, col0: int) -> None:
+    """``n_tokens`` coefficients from ``col0`` inside the ring's N."""
+    if not isinstance(n_tokens, int) or not 1 <= n_tokens <= params.n:
+        raise ValueError(f"{where}.n_tokens: {n_tokens!r} outside 1..{params.n}")
+    if not isinstance(col0, int) or not 0 <= col0 <= params.n - n_tokens:
+        raise ValueError(f"{where}.col0: {col0!r} outside 0..{params.n - n_tokens} for {n_tokens} tokens")
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,20 @@ class EncryptedPartial:
 
     params: ParamSet
     a: np.ndarray | PackedRows  # (d_out, L, N) uint32, or (d_out, N) switched at out_bits
-    b: np.ndarray  # (d_out, L, N) uint32
+    b: np.ndarray  # (d_out, L, T) uint32: the request's token window
     n_tokens: int
+    col0: int = 0
+
+    def __post_init__(self) -> None:
+        check_window("EncryptedPartial", self.params, self.n_tokens, self.col0)
+        if self.b.ndim != 3 or self.b.shape[1:] != (self.params.limbs, self.n_tokens):
+            raise ValueError(f"EncryptedPartial.b: (d, {self.params.limbs}, {self.n_tokens}) expected, got {self.b.shape}")
+        if _columns(self.a) != self.params.n or _rows(self.a) != self.b.shape[0]:
+            raise ValueError(f"EncryptedPartial.a: {self.b.shape[0]} rows of {self.params.n} coefficients expected")
+
+    def rows(self, a: np.ndarray | PackedRows, b: np.ndarray) -> EncryptedPartial:
+        """The same token window with other output rows."""
+        return EncryptedPartial(self.params, a, b, self.n_tokens, self.col0)
 
     @property
     def a_switched(self) -> bool:
@@ -89,21 +118,22 @@ class EncryptedPartial:
             return NotImplemented
         if isinstance(self.a, PackedRows) or isinstance(other.a, PackedRows):
             raise ParameterMismatch("cannot add partials whose a part is already switched (row shards send it mod q)")
-        if other.params != self.params or other.a.shape != self.a.shape or other.n_tokens != self.n_tokens:
-            raise ParameterMismatch("cannot add partials of different shapes or parameter sets")
+        if (other.params != self.params or other.a.shape != self.a.shape or other.b.shape != self.b.shape
+                or other.col0 != self.col0):
+            raise ParameterMismatch("cannot add partials of different shapes, token windows or parameter sets")
         p = moduli_column(self.params).astype(np.uint64)
         a = (self.a.astype(np.uint64) + other.a) % p
         b = (self.b.astype(np.uint64) + other.b) % p
-        return EncryptedPartial(self.params, a.astype(np.uint32), b.astype(np.uint32), self.n_tokens)
+        return self.rows(a.astype(np.uint32), b.astype(np.uint32))
 
     @staticmethod
     def join(parts: list[EncryptedPartial]) -> EncryptedPartial:
         """Column shards' partials, in output order, as one (their outputs one after the other)."""
         first = parts[0]
-        if any(p.params != first.params or p.n_tokens != first.n_tokens for p in parts):
-            raise ParameterMismatch("cannot join partials of different parameter sets or token counts")
+        if any((p.params, p.n_tokens, p.col0) != (first.params, first.n_tokens, first.col0) for p in parts):
+            raise ParameterMismatch("cannot join partials of different parameter sets or token windows")
         a = concat_rows([p.a for p in parts])
-        return EncryptedPartial(first.params, a, np.concatenate([p.b for p in parts]), first.n_tokens)
+        return first.rows(a, np.concatenate([p.b for p in parts]))
 
     def switch(self, client_a: ClientA = ClientA.NOTHING) -> EncryptedResult:
         """Modulus-switch to the smallest power of two that keeps results exact, for a client that
@@ -112,11 +142,21 @@ class EncryptedPartial:
             raise ValueError(f"client_a: a ClientA ({', '.join(c.name for c in ClientA)}) expected, got {client_a!r}")
         if client_a is not ClientA.NOTHING:
             bits = self.params.hint_out_bits if client_a is ClientA.HINT else self.params.out_bits
-            return EncryptedResult(self.params, None, _switch_rows(self.b, self.params, bits), self.n_tokens, bits)
+            return EncryptedResult(self.params, None, _switch_rows(self.b, self.params, bits), self.n_tokens, bits,
+                                   self.col0)
         if isinstance(self.a, PackedRows) and self.a.bits != self.params.out_bits:
             raise ParameterMismatch(f"the switched a part has {self.a.bits} bits, not {self.params.out_bits}")
         a = self.a if isinstance(self.a, PackedRows) else switch_a(self.a, self.params)
-        return EncryptedResult(self.params, a, _switch_rows(self.b, self.params), self.n_tokens)
+        return EncryptedResult(self.params, a, _switch_rows(self.b, self.params), self.n_tokens, col0=self.col0)
+
+
+def _columns(rows: np.ndarray | PackedRows) -> int:
+    """Values per row of an ``a`` or ``b`` part: packed, or an array (d, n) or (d, L, n)."""
+    return rows.n if isinstance(rows, PackedRows) else int(rows.shape[-1])
+
+
+def _rows(rows: np.ndarray | PackedRows) -> int:
+    return rows.rows if isinstance(rows, PackedRows) else int(rows.shape[0])
 
 
 def concat_rows(parts: list[np.ndarray | PackedRows]) -> np.ndarray | PackedRows:
@@ -139,7 +179,8 @@ def switch_a(a: np.ndarray, params: ParamSet) -> np.ndarray:
 
 
 def _switch_rows(x: np.ndarray, params: ParamSet, bits: int | None = None) -> np.ndarray:
-    """``switch_modulus`` of (d, L, N) residues, ranges of rows in parallel: (d, N) uint64."""
+    """``switch_modulus`` of (d, L, n) residues (n: N, or a request's T), ranges of rows in parallel:
+    (d, n) uint64."""
     out = np.empty((x.shape[0], x.shape[2]), dtype=np.uint64)
     k = params.out_bits if bits is None else bits
     if params.limbs == 2 and kernels.enabled():  # one compiled pass (the client's embedded server)
@@ -167,11 +208,17 @@ class EncryptedResult:
 
     params: ParamSet
     a: np.ndarray | PackedRows | None  # (d_out, N) uint64 in [0, 2^out_bits), or None
-    b: np.ndarray | PackedRows  # (d_out, N) uint64 in [0, 2^bits)
+    b: np.ndarray | PackedRows  # (d_out, T) uint64 in [0, 2^bits): the request's token window
     n_tokens: int
     b_bits: int = 0
+    col0: int = 0
 
     def __post_init__(self) -> None:
+        check_window("EncryptedResult", self.params, self.n_tokens, self.col0)
+        if _columns(self.b) != self.n_tokens:  # the kernels index b by token: its shape is checked here
+            raise ValueError(f"EncryptedResult.b: {self.n_tokens} tokens a row expected, got {_columns(self.b)}")
+        if self.a is not None and (_columns(self.a) != self.params.n or _rows(self.a) != _rows(self.b)):
+            raise ValueError(f"EncryptedResult.a: {_rows(self.b)} rows of {self.params.n} coefficients expected")
         allowed = (self.params.out_bits,) if self.a is not None else (self.params.out_bits, self.params.hint_out_bits)
         if self.b_bits == 0:  # the default: follows from a
             object.__setattr__(self, "b_bits", allowed[-1])
@@ -194,7 +241,11 @@ class EncryptedResult:
         rows = a.rows if isinstance(a, PackedRows) else a.shape[0]
         if rows != self.width:
             raise DecryptionError(f"the held a part has {rows} rows, the result {self.width}")
-        return EncryptedResult(self.params, a, self.b, self.n_tokens)
+        return EncryptedResult(self.params, a, self.b, self.n_tokens, col0=self.col0)
+
+    def rows(self, a: np.ndarray | PackedRows | None, b: np.ndarray | PackedRows) -> EncryptedResult:
+        """The same token window and bits with other output rows."""
+        return EncryptedResult(self.params, a, b, self.n_tokens, self.b_bits, self.col0)
 
 
 def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
@@ -214,9 +265,10 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
 
 
 def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray | None,
-                  start: int = 0) -> EncryptedBatch:
-    """Deterministic core of ``encrypt`` (known-answer tests): noise (d, N) or (d, L, N) given,
-    or None: fresh noise, drawn block by block in the threads that encrypt (kernels only).
+                  start: int = 0, col0: int = 0) -> EncryptedBatch:
+    """Deterministic core of ``encrypt`` (known-answer tests): noise (d, n) or (d, L, n) given, n the
+    ring's N (its window ``col0 …`` is used) or the T tokens, or None: fresh noise, drawn block by
+    block in the threads that encrypt (kernels only).
 
     Arithmetic is on float64 integers below 2^39 (exact): ``|a·s| < 2^37``, ``Δ·m mod p < 2^27``.
     Ciphertexts are independent, so ranges of them are encrypted in parallel threads.
@@ -224,11 +276,17 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     params = secret.params
     m = _check_message(m, params)
     t, d = m.shape
+    check_window("encrypt", params, t, col0)
     if noise is None and not kernels.enabled():
-        noise = sample_noise(params, (d, params.n))
-    noise = noise.reshape(d, -1, params.n) if noise is not None else None
+        noise = sample_noise(params, (d, t))
+    if noise is not None:
+        noise = noise.reshape(d, -1, noise.shape[-1])
+        if noise.shape[-1] == params.n and t != params.n:
+            noise = noise[:, :, col0 : col0 + t]
+        if noise.shape[-1] != t:
+            raise ValueError(f"encrypt: noise must have {params.n} or {t} columns, got {noise.shape[-1]}")
     mt = m.T  # (d, T) integers
-    b = np.empty((d, params.limbs, params.n), dtype=np.uint32)
+    b = np.empty((d, params.limbs, t), dtype=np.uint32)
     mul = secret.multiplier
     if kernels.enabled():
         fused = kernels.loops()
@@ -238,7 +296,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
             for b0 in range(lo, hi, kernels.BLOCK_ROWS):
                 b1 = min(b0 + kernels.BLOCK_ROWS, hi)
                 buf = spec[: b1 - b0]
-                e = noise[b0:b1] if noise is not None else sample_noise(params, (b1 - b0, 1, params.n))
+                e = noise[b0:b1] if noise is not None else sample_noise(params, (b1 - b0, 1, t))
                 m_rows = np.ascontiguousarray(mt[b0:b1])  # this block's features, token by token
                 for i, p in enumerate(params.primes):
                     words = a_words(a_seed, params, i, b1 - b0, start + b0)
@@ -246,10 +304,10 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
                         raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
                     mul.spectrum_product(buf)
                     fused.finish_encrypt(buf, mul.untwist, m_rows, params.delta % p,
-                                           e[:, min(i, e.shape[1] - 1)], p, b[b0:b1, i])
+                                           e[:, min(i, e.shape[1] - 1)], p, col0, b[b0:b1, i])
 
         map_rows(blocks, d, minimum=kernels.BLOCK_ROWS)
-        return EncryptedBatch(params, b, t)
+        return EncryptedBatch(params, b, t, col0)
 
     assert noise is not None
     mt = mt.astype(np.int64, copy=False)  # Δ·m mod p below in int64
@@ -257,29 +315,30 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     def rows(lo: int, hi: int) -> None:
         a = expand_a(a_seed, params, hi - lo, start=start + lo)  # (rows, L, N)
         for i, p in enumerate(params.primes):
-            x = mul.product(centered_float(a[:, i], p))  # (rows, N) exact a·s
+            x = mul.product(centered_float(a[:, i], p))[:, col0 : col0 + t]  # (rows, T) exact a·s
             np.negative(x, out=x)
-            x[:, :t] += (mt[lo:hi] % p) * (params.delta % p) % p  # Δ·m mod p in int64 (< 2^54)
+            x += (mt[lo:hi] % p) * (params.delta % p) % p  # Δ·m mod p in int64 (< 2^54)
             x += noise[lo:hi, min(i, noise.shape[1] - 1)]
             b[lo:hi, i] = reduce_float(x, float(p))
 
     map_rows(rows, d)
-    return EncryptedBatch(params, b, t)
+    return EncryptedBatch(params, b, t, col0)
 
 
-def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0) -> EncryptedBatch:
-    """Encrypt ``m`` (T tokens × d features, integers) column by column under ``secret``.
+def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0, col0: int = 0) -> EncryptedBatch:
+    """Encrypt ``m`` (T tokens × d features, integers) column by column under ``secret``, token k in
+    coefficient ``col0 + k`` (a generation session's window; 0 for a request of its own).
 
     ``start``: ``m`` holds the layer's input features ``start … start+d-1`` (a request sent part
     by part), so its ciphertexts use rows ``start …`` of the layer's public ``a``. The same noise
-    sample is used for every limb: it is one integer error, in RNS form.
+    sample is used for every limb: it is one integer error, in RNS form. Only the T coefficients
+    of the window are computed into ``b`` and travel.
     """
-    return _encrypt_with(secret, m, a_seed, None, start)
+    return _encrypt_with(secret, m, a_seed, None, start, col0)
 
 
-def _decode(frac: np.ndarray, params: ParamSet, n_tokens: int) -> np.ndarray:
-    """Messages from ``x/q`` (or ``x/2^k``) in [0, 1): center, scale by ``q/Δ``, round."""
-    frac = frac[:, :n_tokens]
+def _decode(frac: np.ndarray, params: ParamSet) -> np.ndarray:
+    """Messages from ``x/q`` (or ``x/2^k``) in [0, 1), (d, T): center, scale by ``q/Δ``, round."""
     frac = np.where(frac >= 0.5, frac - 1.0, frac)
     return np.rint(frac * (params.q / params.delta)).astype(np.int64).T  # (T, d)
 
@@ -317,8 +376,9 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
         if isinstance(ct.a, PackedRows):
             return decrypt(secret, ct.switch(), hint, out, add)
         p = moduli_column(params)
-        x = (ct.b.astype(np.int64) + mul.mul(centered(ct.a, p))) % p  # (d, L, N)
-        messages = _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params, ct.n_tokens)
+        a_s = mul.mul(centered(ct.a, p))[:, :, ct.col0 : ct.col0 + ct.n_tokens]
+        x = (ct.b.astype(np.int64) + a_s) % p  # (d, L, T)
+        messages = _decode(crt_fraction(np.moveaxis(x, 1, 0), params), params)
     else:
         raise DecryptionError("unsupported ciphertext type")
     if out is None:
@@ -335,22 +395,23 @@ def _decrypt_result(mul, ct: EncryptedResult, held: np.ndarray | None) -> np.nda
     params = ct.params
     modulus = float(1 << ct.bits)
     out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
+    window = slice(ct.col0, ct.col0 + ct.n_tokens)
 
     def rows(lo: int, hi: int) -> None:
         if held is not None and ct.a is None:  # a·s mod q from the hint, exactly, then rounded
-            a_s = np.empty((params.limbs, hi - lo, params.n), dtype=np.int64)
+            a_s = np.empty((params.limbs, hi - lo, ct.n_tokens), dtype=np.int64)
             for i, p in enumerate(params.primes):
-                a_s[i] = reduce_float(mul.product(centered_float(held[lo:hi, i], p)), float(p))
+                a_s[i] = reduce_float(mul.product(centered_float(held[lo:hi, i], p))[:, window], float(p))
             x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
         else:
             assert ct.a is not None
             a = unpacked(ct.a[lo:hi]).astype(np.float64)  # < 2^38
             np.subtract(a, modulus, out=a, where=a >= modulus / 2)
-            x = mul.product_wide(a)  # exact, |.| < 2^49
+            x = mul.product_wide(a)[:, window]  # exact, |.| < 2^49
         x += unpacked(ct.b[lo:hi])
         x = reduce_float(x, modulus)
         x /= modulus
-        out[:, lo:hi] = _decode(x, params, ct.n_tokens)
+        out[:, lo:hi] = _decode(x, params)
 
     map_rows(rows, ct.width)
     return out
@@ -379,7 +440,7 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
             fused.fold_wide(a, params.out_bits, _WIDE_SPLIT, mul.twist, one, two)
             mul.spectrum_product(spec[:, : b1 - b0])
             fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, unpacked(ct.b[b0:b1]), ct.bits, qd,
-                                        ct.n_tokens, out, b0, add)
+                                        ct.col0, out, b0, add)
         else:  # the hint's two limbs mod q: a·s mod q by CRT, switched as the server would
             assert hint is not None
             for i, (p, buf) in enumerate(((p0, one), (p1, two))):
@@ -387,4 +448,4 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
                     raise DecryptionError("the layer's hint holds residues outside their modulus")
             mul.spectrum_product(spec[:, : b1 - b0])
             fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, unpacked(ct.b[b0:b1]), ct.bits, scale, qd,
-                                        ct.n_tokens, out, b0, add)
+                                        ct.col0, out, b0, add)

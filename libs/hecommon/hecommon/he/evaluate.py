@@ -239,7 +239,7 @@ class MatrixProduct:
         b = self.product_on_device(xp.asarray(batch.b))
         if xp is not np:
             b = xp.asnumpy(b)
-        return EncryptedPartial(self.params, self.hint if a is None else a, b, batch.n_tokens)
+        return EncryptedPartial(self.params, self.hint if a is None else a, b, batch.n_tokens, batch.col0)
 
     def row_blocks(self, batch: EncryptedBatch, blocks: list[tuple[int, int]]):
         """``M·b`` mod q for the output rows of each ``(lo, hi)`` in ``blocks``, one block at a time,

@@ -210,7 +210,9 @@ def row_ranges(rows: int, row_bytes: int, max_bytes: int = MAX_MESSAGE_BYTES, wh
 
 def request_ranges(width: int, params: ParamSet, max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[int, int]]:
     """The ciphertext rows of each part ``split`` makes of a request of ``width`` ciphertexts: a
-    client that encrypts and sends a request part by part cuts it the same way."""
+    client that encrypts and sends a request part by part cuts it the same way. Cut as if every
+    request carried all N tokens, so a layer's cut (and the pieces of its replies, whose ``a``
+    parts a client holds) does not change with the tokens of a request."""
     return row_ranges(width, _residue_row_bytes(params), max_bytes, EncryptedRequest.TYPE)
 
 
@@ -222,8 +224,9 @@ def _route(msg: Chunked, piece: bool = True) -> tuple[Any, ...]:
     key: tuple[Any, ...] = (type(msg), msg.rid, msg.layer, msg.direction, msg.parts, msg.lib, msg.params.name,
                             *((msg.piece,) if piece else ()), msg.pieces)
     if isinstance(msg, PartialResult):
-        return (*key, msg.send_a, msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens)
-    return (*key, msg.result.a is None, msg.result.bits, msg.result.n_tokens)
+        return (*key, msg.send_a, msg.shard, msg.shards, msg.row_start, msg.row_end, msg.partial.n_tokens,
+                msg.partial.col0)
+    return (*key, msg.result.a is None, msg.result.bits, msg.result.n_tokens, msg.result.col0)
 
 
 def join(chunks: Sequence[Chunked]) -> Chunked:
@@ -338,9 +341,10 @@ def payload_bytes(msg: EncryptedRequest | EncryptedReply) -> int:
     msgpack framing it leaves out is a few hundred bytes per message of megabytes.
     """
     if isinstance(msg, EncryptedRequest):
-        rows = msg.batch.width * msg.params.n
-        return sum(packed_size(p.bit_length(), rows) for p in msg.params.primes)
+        values = msg.batch.width * msg.batch.n_tokens
+        return sum(packed_size(p.bit_length(), values) for p in msg.params.primes)
     if isinstance(msg, EncryptedReply):
         res = msg.result
-        return (1 if res.a is None else 2) * packed_size(res.bits, res.width * msg.params.n)
+        a = 0 if res.a is None else packed_size(res.bits, res.width * msg.params.n)
+        return a + packed_size(res.bits, res.width * res.n_tokens)
     raise TypeError(f"{type(msg).__name__} carries no ciphertext payload")

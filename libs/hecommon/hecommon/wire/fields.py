@@ -19,7 +19,8 @@ from .codec import check_int as _int
 from .codec import check_text as _text
 from .codec import fail as _fail
 
-WIRE_VERSION = 5  # 5: shard counts in the manifest, pieces in partials and replies (the direct path);
+WIRE_VERSION = 6  # 6: token windows (col0, n_tokens): b carries the request's T columns, not N;
+#                  5: shard counts in the manifest, pieces in partials and replies (the direct path);
 #                  4: owner seeds in requests, exact_terms per layer; 3: send_a, replies say their bits;
 #                  2: raw uint32 residues in partials (1: packed)
 try:  # from the installed metadata: hecommon/__init__ may be shadowed by tests/hecommon under pytest
@@ -71,12 +72,14 @@ def _max_value(arr: np.ndarray) -> int:
     return parallel.reduce_rows(lambda lo, hi: int(arr[lo:hi].max()), arr.shape[0], max)
 
 
-def _check_residues(where: str, arr: Any, params: ParamSet) -> None:
-    """``arr``: (rows >= 1, L, N) uint32, every residue of limb i below p_i."""
+def _check_residues(where: str, arr: Any, params: ParamSet, cols: int | None = None) -> None:
+    """``arr``: (rows >= 1, L, cols) uint32 (cols: N, or a request's T tokens), every residue of limb
+    i below p_i."""
+    cols = params.n if cols is None else cols
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint32 or arr.ndim != 3:
-        _fail(where, "a (rows, L, N) uint32 array is required")
-    if arr.shape[0] < 1 or arr.shape[1:] != (params.limbs, params.n):
-        _fail(where, f"shape {arr.shape} is not (rows >= 1, {params.limbs}, {params.n})")
+        _fail(where, "a (rows, L, columns) uint32 array is required")
+    if arr.shape[0] < 1 or arr.shape[1:] != (params.limbs, cols):
+        _fail(where, f"shape {arr.shape} is not (rows >= 1, {params.limbs}, {cols})")
     top = parallel.reduce_rows(lambda lo, hi: arr[lo:hi].max(axis=(0, 2)), arr.shape[0], np.maximum)  # per limb
     bad = top >= np.asarray(params.primes, dtype=np.uint32)
     if bad.any():
@@ -89,13 +92,21 @@ def _check_bool(where: str, value: Any) -> bool:
     return value
 
 
-def _check_tokens(where: str, n_tokens: Any, params: ParamSet) -> None:
-    _int(where, n_tokens, 1, params.n)
+def _check_tokens(where: str, n_tokens: Any, params: ParamSet) -> int:
+    return _int(where, n_tokens, 1, params.n)
+
+
+def _check_window(m: Any, params: ParamSet) -> tuple[int, int]:
+    """(n_tokens, col0) of a message map: ``n_tokens`` coefficients from ``col0`` inside the ring."""
+    t = _check_tokens("n_tokens", m["n_tokens"], params)
+    return t, _int("col0", m["col0"], 0, params.n - t)
 
 
 # -- array codecs ----------------------------------------------------------------------
-def _residue_row_bytes(params: ParamSet) -> int:
-    return sum(packed_size(p.bit_length(), params.n) for p in params.primes)
+def _residue_row_bytes(params: ParamSet, cols: int | None = None) -> int:
+    """Bytes of one ciphertext row of bit-packed residues, ``cols`` coefficients (default N) per limb."""
+    cols = params.n if cols is None else cols
+    return sum(packed_size(p.bit_length(), cols) for p in params.primes)
 
 
 def _pack_residues(arr: np.ndarray, params: ParamSet) -> list[bytes]:
@@ -103,12 +114,12 @@ def _pack_residues(arr: np.ndarray, params: ParamSet) -> list[bytes]:
     return [pack_bits(arr[:, i, :], p.bit_length()) for i, p in enumerate(params.primes)]
 
 
-def _unpack_residues(where: str, blobs: Any, params: ParamSet, rows: int) -> np.ndarray:
+def _unpack_residues(where: str, blobs: Any, params: ParamSet, rows: int, cols: int) -> np.ndarray:
     if not isinstance(blobs, list) or len(blobs) != params.limbs:
         _fail(where, f"a list of {params.limbs} limbs is required")
-    out = np.empty((rows, params.limbs, params.n), dtype=np.uint32)
+    out = np.empty((rows, params.limbs, cols), dtype=np.uint32)
     for i, (blob, p) in enumerate(zip(blobs, params.primes, strict=True)):
-        bits, count = p.bit_length(), rows * params.n
+        bits, count = p.bit_length(), rows * cols
         _blob(f"{where}[{i}]", blob, packed_size(bits, count))
         try:
             unpack_bits_into(blob, bits, out[:, i, :])
@@ -121,11 +132,11 @@ def _raw_residues(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr, dtype="<u4").tobytes()
 
 
-def _read_raw_residues(where: str, blob: Any, params: ParamSet, rows: int) -> np.ndarray:
-    """(rows, L, N) uint32 from raw little-endian bytes, read-only, without copying on a
+def _read_raw_residues(where: str, blob: Any, params: ParamSet, rows: int, cols: int) -> np.ndarray:
+    """(rows, L, cols) uint32 from raw little-endian bytes, read-only, without copying on a
     little-endian host; the message's constructor checks every residue against its prime."""
-    _blob(where, blob, 4 * rows * params.limbs * params.n)
-    arr = np.frombuffer(blob, dtype="<u4").reshape(rows, params.limbs, params.n)
+    _blob(where, blob, 4 * rows * params.limbs * cols)
+    arr = np.frombuffer(blob, dtype="<u4").reshape(rows, params.limbs, cols)
     return arr if arr.dtype == np.uint32 else arr.astype(np.uint32)
 
 
@@ -160,8 +171,10 @@ def _join_rows(parts: list[Any]) -> Any:
         _fail("join", "parts with a switched (packed) and a mod-q part")
 
 
-def partial_row_bytes(params: ParamSet, a_switched: bool) -> int:
-    """Bytes of one output row of a partial: raw uint32 ``b``, and ``a`` raw or switched and packed."""
+def partial_row_bytes(params: ParamSet, a_switched: bool, cols: int | None = None) -> int:
+    """Bytes of one output row of a partial: raw uint32 ``b`` over ``cols`` tokens (default N), and
+    ``a`` (all N coefficients) raw or switched and packed."""
     raw = 4 * params.limbs * params.n
-    return raw + (packed_size(params.out_bits, params.n) if a_switched else raw)
+    b = raw if cols is None else 4 * params.limbs * cols
+    return b + (packed_size(params.out_bits, params.n) if a_switched else raw)
 

@@ -26,11 +26,11 @@ from .fields import (
     _check_chunk,
     _check_piece,
     _check_route,
-    _check_tokens,
+    _check_window,
     _residue_row_bytes,
     _shape,
 )
-from .messages import EncryptedReply, EncryptedRequest, PartialResult, _reply_bits
+from .messages import EncryptedReply, EncryptedRequest, PartialResult, _packed_rows, _reply_bits
 from .serde import _BODY_KEYS, _BY_TYPE, _parse
 
 
@@ -47,6 +47,7 @@ class _Head:
     part: int = 0
     parts: int = 1
     lib: str = LIB_VERSION
+    col0: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,15 @@ class RequestHead(_Head):
     def of(cls, req: EncryptedRequest) -> RequestHead:
         """The head of a decoded request (its residues left out)."""
         return cls(req.rid, req.layer, req.direction, req.params, req.batch.n_tokens, req.width, part=req.part,
-                   parts=req.parts, lib=req.lib, row_start=req.row_start, send_a=req.send_a, owner=req.owner)
+                   parts=req.parts, lib=req.lib, col0=req.batch.col0, row_start=req.row_start, send_a=req.send_a,
+                   owner=req.owner)
 
     @property
     def route(self) -> tuple[Any, ...]:
         """What every part of one request shares (``join``, ``PartTracker``); the owner too: parts
         under two owners' ``a`` never make one request."""
         return (self.rid, self.layer, self.direction, self.parts, self.lib, self.params.name, self.n_tokens,
-                self.send_a, self.owner)
+                self.col0, self.send_a, self.owner)
 
 
 def _packed_blob(where: str, blob: Any, bits: int, count: int) -> None:
@@ -93,15 +95,15 @@ def decode_request_head(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Requ
         _fail("type", f"{EncryptedRequest.TYPE!r} expected")
     _keys(EncryptedRequest.TYPE, m, _HEADER + _BODY_KEYS[EncryptedRequest])
     params = get_params(_text("pset", m["pset"], MAX_NAME_CHARS))
-    rows = _shape("shape", m["shape"], (params.limbs, params.n), _residue_row_bytes(params), max_bytes)
-    _check_tokens("n_tokens", m["n_tokens"], params)
+    t, col0 = _check_window(m, params)
+    rows = _shape("shape", m["shape"], (params.limbs, t), _residue_row_bytes(params, t), max_bytes)
     blobs = m["b"]
     if not isinstance(blobs, list) or len(blobs) != params.limbs:
         _fail("b", f"a list of {params.limbs} limbs is required")
     for i, (blob, p) in enumerate(zip(blobs, params.primes, strict=True)):
-        _packed_blob(f"b[{i}]", blob, p.bit_length(), rows * params.n)
-    head = RequestHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
-                       part=m["part"], parts=m["parts"], lib=m["lib"], row_start=m["row_start"],
+        _packed_blob(f"b[{i}]", blob, p.bit_length(), rows * t)
+    head = RequestHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, t, rows,
+                       part=m["part"], parts=m["parts"], lib=m["lib"], col0=col0, row_start=m["row_start"],
                        send_a=_check_bool("send_a", m["send_a"]), owner=_blob("owner", m["owner"], OWNER_BYTES))
     _check_route(head)
     _check_chunk(head, "row_start")
@@ -132,13 +134,13 @@ def _reply_head(m: dict[str, Any], max_bytes: int) -> ReplyHead:
     params = get_params(_text("pset", m["pset"], MAX_NAME_CHARS))
     with_a, k = _reply_bits(m, params)
     n = params.n
-    rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
-    _check_tokens("n_tokens", m["n_tokens"], params)
+    t, col0 = _check_window(m, params)
+    rows = _shape("shape", m["shape"], (t,), (packed_size(k, n) if with_a else 0) + packed_size(k, t), max_bytes)
     if with_a:
         _blob("a", m["a"], rows * packed_size(k, n))
-    _packed_blob("b", m["b"], k, rows * n)
-    head = ReplyHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, m["n_tokens"], rows,
-                     part=m["part"], parts=m["parts"], lib=m["lib"], out_start=m["out_start"], with_a=with_a, bits=k,
+    _packed_rows("b", k, t, _blob("b", m["b"], rows * packed_size(k, t)))  # each row's padding zero
+    head = ReplyHead(_blob("rid", m["rid"], RID_BYTES), m["layer"], m["direction"], params, t, rows,
+                     part=m["part"], parts=m["parts"], lib=m["lib"], col0=col0, out_start=m["out_start"], with_a=with_a, bits=k,
                      piece=m["piece"], pieces=m["pieces"])
     _check_route(head)
     _check_chunk(head, "out_start")

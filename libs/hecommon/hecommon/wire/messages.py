@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..he.bits import PackedRows, pack_bits, packed_size
+from ..errors import MalformedMessage
+from ..he.bits import PackedRows, packed_size
 from ..he.encrypt import EncryptedBatch, EncryptedPartial, EncryptedResult
 from ..he.params import ParamSet
 from .codec import check_blob as _blob
@@ -48,6 +49,7 @@ from .fields import (
     _check_residues,
     _check_route,
     _check_tokens,
+    _check_window,
     _join_rows,
     _max_value,
     _pack_residues,
@@ -74,7 +76,7 @@ class EncryptedRequest:
     rid: bytes
     layer: str
     direction: str
-    batch: EncryptedBatch  # b: (d, L, N) uint32 residues
+    batch: EncryptedBatch  # b: (d, L, T) uint32 residues, coefficients col0 … col0+T-1
     part: int = 0
     parts: int = 1
     row_start: int = 0
@@ -89,7 +91,7 @@ class EncryptedRequest:
         _blob("owner", self.owner, OWNER_BYTES)
         if not isinstance(self.batch, EncryptedBatch):
             _fail("batch", "an EncryptedBatch is required")
-        _check_residues("b", self.batch.b, self.batch.params)
+        _check_residues("b", self.batch.b, self.batch.params, self.batch.n_tokens)
 
     @property
     def params(self) -> ParamSet:
@@ -104,13 +106,14 @@ class EncryptedRequest:
         b = self.batch.b
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
                 "row_start": self.row_start, "send_a": self.send_a, "owner": self.owner,
-                "n_tokens": self.batch.n_tokens, "shape": list(b.shape), "b": _pack_residues(b, self.params)}
+                "n_tokens": self.batch.n_tokens, "col0": self.batch.col0, "shape": list(b.shape),
+                "b": _pack_residues(b, self.params)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedRequest:
-        rows = _shape("shape", m["shape"], (params.limbs, params.n), _residue_row_bytes(params), max_bytes)
-        _check_tokens("n_tokens", m["n_tokens"], params)
-        batch = EncryptedBatch(params, _unpack_residues("b", m["b"], params, rows), m["n_tokens"])
+        t, col0 = _check_window(m, params)
+        rows = _shape("shape", m["shape"], (params.limbs, t), _residue_row_bytes(params, t), max_bytes)
+        batch = EncryptedBatch(params, _unpack_residues("b", m["b"], params, rows, t), t, col0)
         return cls(m["rid"], m["layer"], m["direction"], batch, m["part"], m["parts"], m["row_start"],
                    _check_bool("send_a", m["send_a"]), m["owner"], m["lib"])
 
@@ -118,15 +121,16 @@ class EncryptedRequest:
         return self.batch.width
 
     def _row_bytes(self) -> int:
+        """Bytes of a row with all N tokens: a layer is cut the same way whatever the request's
+        tokens (``chunks.request_ranges``), so its reply pieces, whose ``a`` parts a client holds,
+        stay the same."""
         return _residue_row_bytes(self.params)
 
     def _slice(self, lo: int, hi: int) -> EncryptedRequest:
-        batch = EncryptedBatch(self.params, self.batch.b[lo:hi], self.batch.n_tokens)
-        return dataclasses.replace(self, batch=batch, row_start=self.row_start + lo)
+        return dataclasses.replace(self, batch=self.batch.rows(self.batch.b[lo:hi]), row_start=self.row_start + lo)
 
     def _with_rows(self, chunks: Sequence[EncryptedRequest]) -> EncryptedRequest:
-        b = np.concatenate([c.batch.b for c in chunks])
-        return dataclasses.replace(self, batch=EncryptedBatch(self.params, b, self.batch.n_tokens))
+        return dataclasses.replace(self, batch=self.batch.rows(np.concatenate([c.batch.b for c in chunks])))
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,7 +149,7 @@ class PartialResult:
     shards: int
     row_start: int
     row_end: int
-    partial: EncryptedPartial  # a, b: (d_out, L, N) uint32 residues
+    partial: EncryptedPartial  # a: (d_out, L, N) uint32 residues (or switched, packed); b: (d_out, L, T)
     part: int = 0
     parts: int = 1
     out_start: int = 0
@@ -165,7 +169,7 @@ class PartialResult:
         _int("row_end", self.row_end, self.row_start + 1, MAX_ROWS)
         if not isinstance(self.partial, EncryptedPartial):
             _fail("partial", "an EncryptedPartial is required")
-        _check_residues("b", self.partial.b, self.params)
+        _check_residues("b", self.partial.b, self.params, self.partial.n_tokens)
         a = self.partial.a
         if isinstance(a, PackedRows):  # switched once by the evaluator: any bytes are valid values
             if (a.bits, a.n) != (self.params.out_bits, self.params.n):
@@ -174,8 +178,8 @@ class PartialResult:
                 _fail("a", f"{a.rows} rows, b has {self.partial.b.shape[0]}")
         else:
             _check_residues("a", a, self.params)
-            if a.shape != self.partial.b.shape:
-                _fail("b", "shape differs from a")
+            if a.shape[0] != self.partial.b.shape[0]:
+                _fail("b", "rows differ from a's")
         _check_tokens("n_tokens", self.partial.n_tokens, self.params)
 
     @property
@@ -187,7 +191,7 @@ class PartialResult:
         return {"layer": self.layer, "direction": self.direction, "shard": self.shard, "shards": self.shards,
                 "row_start": self.row_start, "row_end": self.row_end, "part": self.part, "parts": self.parts,
                 "out_start": self.out_start, "send_a": self.send_a, "piece": self.piece, "pieces": self.pieces,
-                "n_tokens": pa.n_tokens,
+                "n_tokens": pa.n_tokens, "col0": pa.col0,
                 "shape": list(pa.b.shape), "a_bits": pa.a.bits if isinstance(pa.a, PackedRows) else 0,
                 "a": pa.a.data if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
 
@@ -196,33 +200,33 @@ class PartialResult:
         a_bits = _int("a_bits", m["a_bits"], 0, 64)
         if a_bits not in (0, params.out_bits):
             _fail("a_bits", f"0 (residues mod q) or {params.out_bits} (switched) is required")
-        row_bytes = partial_row_bytes(params, a_switched=bool(a_bits))
-        rows = _shape("shape", m["shape"], (params.limbs, params.n), row_bytes, max_bytes)
-        _check_tokens("n_tokens", m["n_tokens"], params)
+        t, col0 = _check_window(m, params)
+        row_bytes = partial_row_bytes(params, a_switched=bool(a_bits), cols=t)
+        rows = _shape("shape", m["shape"], (params.limbs, t), row_bytes, max_bytes)
         if a_bits:
             a: np.ndarray | PackedRows = PackedRows(a_bits, params.n, _blob("a", m["a"], rows * packed_size(a_bits, params.n)))
         else:
-            a = _read_raw_residues("a", m["a"], params, rows)
-        b = _read_raw_residues("b", m["b"], params, rows)
+            a = _read_raw_residues("a", m["a"], params, rows, params.n)
+        b = _read_raw_residues("b", m["b"], params, rows, t)
         return cls(m["rid"], m["layer"], m["direction"], m["shard"], m["shards"], m["row_start"], m["row_end"],
-                   EncryptedPartial(params, a, b, m["n_tokens"]), m["part"], m["parts"], m["out_start"],
+                   EncryptedPartial(params, a, b, t, col0), m["part"], m["parts"], m["out_start"],
                    _check_bool("send_a", m["send_a"]), m["piece"], m["pieces"], m["lib"])
 
     def _rows(self) -> int:
         return int(self.partial.b.shape[0])
 
     def _row_bytes(self) -> int:
+        """As ``EncryptedRequest._row_bytes``: N tokens a row, whatever the window."""
         return partial_row_bytes(self.params, isinstance(self.partial.a, PackedRows))
 
     def _slice(self, lo: int, hi: int) -> PartialResult:
         pa = self.partial
-        sliced = EncryptedPartial(self.params, pa.a[lo:hi], pa.b[lo:hi], pa.n_tokens)
-        return dataclasses.replace(self, partial=sliced, out_start=self.out_start + lo)
+        return dataclasses.replace(self, partial=pa.rows(pa.a[lo:hi], pa.b[lo:hi]), out_start=self.out_start + lo)
 
     def _with_rows(self, chunks: Sequence[PartialResult]) -> PartialResult:
         a = _join_rows([c.partial.a for c in chunks])
         b = np.concatenate([c.partial.b for c in chunks])
-        return dataclasses.replace(self, partial=EncryptedPartial(self.params, a, b, self.partial.n_tokens))
+        return dataclasses.replace(self, partial=self.partial.rows(a, b))
 
 
 def _reply_bits(m: dict[str, Any], params: ParamSet) -> tuple[bool, int]:
@@ -248,7 +252,7 @@ class EncryptedReply:
     rid: bytes
     layer: str
     direction: str
-    result: EncryptedResult  # a, b: (d_out, N) uint64 < 2^out_bits; or a None, b < 2^bits (held or hint)
+    result: EncryptedResult  # a (d_out, N), b (d_out, T): uint64 < 2^out_bits; or a None, b < 2^bits (held or hint)
     part: int = 0
     parts: int = 1
     out_start: int = 0
@@ -263,9 +267,9 @@ class EncryptedReply:
         res = self.result
         if not isinstance(res, EncryptedResult):
             _fail("result", "an EncryptedResult is required")
-        k, n = res.bits, res.params.n
+        k = res.bits
         rows = res.b.shape[0]
-        for name, arr in (("b", res.b), ("a", res.a)):
+        for name, arr, n in (("b", res.b, res.n_tokens), ("a", res.a, res.params.n)):
             if arr is None:
                 continue
             if isinstance(arr, PackedRows):  # as it was packed at k bits: any bytes are valid values
@@ -288,42 +292,49 @@ class EncryptedReply:
         res, k = self.result, self.result.bits
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
                 "out_start": self.out_start, "piece": self.piece, "pieces": self.pieces, "n_tokens": res.n_tokens,
-                "shape": list(res.b.shape), "bits": k,
+                "col0": res.col0, "shape": list(res.b.shape), "bits": k,
                 "a": None if res.a is None else _packed(res.a, k), "b": _packed(res.b, k)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedReply:
         with_a, k = _reply_bits(m, params)
         n = params.n
-        rows = _shape("shape", m["shape"], (n,), (2 if with_a else 1) * packed_size(k, n), max_bytes)
-        _check_tokens("n_tokens", m["n_tokens"], params)
+        t, col0 = _check_window(m, params)
+        rows = _shape("shape", m["shape"], (t,), (packed_size(k, n) if with_a else 0) + packed_size(k, t), max_bytes)
         # a and b stay packed (any bytes are valid values): decrypt unpacks them, block by block
         a = PackedRows(k, n, _blob("a", m["a"], rows * packed_size(k, n))) if with_a else None
-        b = PackedRows(k, n, _blob("b", m["b"], rows * packed_size(k, n)))
-        return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, m["n_tokens"], k),
+        b = _packed_rows("b", k, t, _blob("b", m["b"], rows * packed_size(k, t)))
+        return cls(m["rid"], m["layer"], m["direction"], EncryptedResult(params, a, b, t, k, col0),
                    m["part"], m["parts"], m["out_start"], m["piece"], m["pieces"], m["lib"])
 
     def _rows(self) -> int:
         return self.result.width
 
     def _row_bytes(self) -> int:
+        """As ``EncryptedRequest._row_bytes``: N tokens a row, whatever the window."""
         res = self.result
         return (1 if res.a is None else 2) * packed_size(res.bits, self.params.n)
 
     def _slice(self, lo: int, hi: int) -> EncryptedReply:
         res = self.result
-        sliced = EncryptedResult(self.params, None if res.a is None else res.a[lo:hi], res.b[lo:hi], res.n_tokens,
-                                 res.b_bits)
+        sliced = res.rows(None if res.a is None else res.a[lo:hi], res.b[lo:hi])
         return dataclasses.replace(self, result=sliced, out_start=self.out_start + lo)
 
     def _with_rows(self, chunks: Sequence[EncryptedReply]) -> EncryptedReply:
         # join's _route has checked that every part has (or lacks) its a part and has the same bits
         a = None if self.result.a is None else _join_rows([c.result.a for c in chunks])
         b = _join_rows([c.result.b for c in chunks])
-        result = EncryptedResult(self.params, a, b, self.result.n_tokens, self.result.b_bits)
-        return dataclasses.replace(self, result=result)
+        return dataclasses.replace(self, result=self.result.rows(a, b))
+
+
+def _packed_rows(where: str, bits: int, n: int, data: bytes) -> PackedRows:
+    """Received packed rows, their padding checked (rows of a token window need not end on a byte)."""
+    try:
+        return PackedRows(bits, n, data)
+    except (ValueError, MalformedMessage) as exc:
+        _fail(where, str(exc))
 
 
 def _packed(rows: np.ndarray | PackedRows, bits: int) -> bytes:
     """The wire bytes of switched rows: as they are if still packed, else packed at ``bits``."""
-    return rows.data if isinstance(rows, PackedRows) else pack_bits(rows, bits)
+    return rows.data if isinstance(rows, PackedRows) else PackedRows.pack(rows, bits).data

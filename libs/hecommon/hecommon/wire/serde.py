@@ -25,11 +25,11 @@ from .manifest import Manifest
 from .messages import EncryptedReply, EncryptedRequest, PartialResult
 
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
-    EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "send_a", "owner", "n_tokens", "shape",
+    EncryptedRequest: ("layer", "direction", "part", "parts", "row_start", "send_a", "owner", "n_tokens", "col0", "shape",
                        "b"),
     PartialResult: ("layer", "direction", "shard", "shards", "row_start", "row_end", "part", "parts",
-                    "out_start", "send_a", "piece", "pieces", "n_tokens", "shape", "a_bits", "a", "b"),
-    EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "piece", "pieces", "n_tokens", "shape",
+                    "out_start", "send_a", "piece", "pieces", "n_tokens", "col0", "shape", "a_bits", "a", "b"),
+    EncryptedReply: ("layer", "direction", "part", "parts", "out_start", "piece", "pieces", "n_tokens", "col0", "shape",
                      "bits", "a", "b"),
     ErrorReply: ("reason", "message"),
     Manifest: ("model", "x_bits", "w_bits", "metadata", "layers"),
