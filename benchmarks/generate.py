@@ -12,11 +12,16 @@ One run, the same model, adapter (a random rank-8 LoRA on every block linear) an
 Each prints and records the time to the first token (the prompt's forward pass included) and the
 tokens/s after it (``K - 1`` tokens over the time from the first to the last). Also recorded: the
 bytes on the wire per generated token (the encrypted backends' counters over the tokens after the
-first), the server's multiply-adds per generated token (every block linear's ``d_out × d_in`` times
-the ``N`` columns and ``L`` limbs of a request: today every token is a full request), whether both
-private modes generated the quantized mode's tokens, and the client's peak RSS.
+first), the server's multiply-adds per generated token (counted by the client from the requests it
+sent: each block linear's ``d_in × d_out`` times the request's tokens and ``L`` limbs; beside it,
+``server_madds_per_token_full_requests``, what a token cost when every request carried N columns),
+whether both private modes generated the quantized mode's tokens, and the client's peak RSS.
 
-Default: SmolLM2-135M, a 32-token prompt and 64 new tokens (tens of minutes on 2 cores today);
+The private modes generate in a session (``EncryptedBackend.session``): each step's token takes the
+next coefficient of one secret per layer, so a step costs one column on the wire and in the
+server's product, and the client's ``a·s`` products are computed once, before the first token.
+
+Default: SmolLM2-135M, a 32-token prompt and 64 new tokens (a few minutes on 2 cores);
 ``--quick``: the tiny random Llama, 8 and 8 (seconds).
 """
 
@@ -68,24 +73,27 @@ def _adapter(client: ClientModel) -> dict[str, torch.Tensor]:
 def _run(label: str, client: ClientModel, prompt: list[int], new_tokens: int, start: float) -> dict:
     """Greedy generation on ``client``: its tokens, time to first token since ``start`` (the
     session's set-up began), tokens/s after it, bytes on the wire per token after it."""
-    times, wire = [], []
+    times, wire, madds = [], [], []
 
     def on_token(step: int, ids) -> None:
         times.append(time.perf_counter())
         wire.append(client.wire_bytes)
+        madds.append(getattr(client.backend, "server_madds", 0))
 
     tokens = client.generate([prompt], new_tokens, on_token=on_token)[0]
     after = len(times) - 1
     row = {"mode": label, "tokens": tokens, "time_to_first_token_s": times[0] - start,
            "tokens_per_s": after / (times[-1] - times[0]) if after and times[-1] > times[0] else None,
-           "bytes_per_generated_token": (wire[-1] - wire[0]) / after if after else None}
+           "bytes_per_generated_token": (wire[-1] - wire[0]) / after if after else None,
+           "server_madds_per_generated_token": (madds[-1] - madds[0]) / after if after else None}
     print(f"  {label}: first token after {row['time_to_first_token_s']:.2f} s, "
           f"{row['tokens_per_s'] or 0:.3f} tokens/s after it", flush=True)
     return row
 
 
-def _server_madds(model, params: P.ParamSet) -> int:
-    """Multiply-adds of one full request at every block linear: d_out × d_in × N columns × L limbs."""
+def _full_request_madds(model, params: P.ParamSet) -> int:
+    """What a token cost the server before token windows: a full N-column request at every block
+    linear, d_out × d_in × N × L (the baseline of ``server_madds_per_generated_token``)."""
     return sum(g.total_out * g.in_features for g in discover_groups(model)) * params.n * params.limbs
 
 
@@ -152,14 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         "private_tokens_per_s_broker": by["broker"]["tokens_per_s"] if "broker" in by else None,
         "time_to_first_token_s": {m: by[m]["time_to_first_token_s"] for m in private},
         "bytes_per_generated_token": {m: by[m]["bytes_per_generated_token"] for m in private},
-        "server_madds_per_generated_token": _server_madds(_model(args.model), params),
+        # counted by the client from the requests it sent: inputs × outputs × tokens × limbs of each
+        "server_madds_per_generated_token": {m: by[m]["server_madds_per_generated_token"] for m in private},
+        "server_madds_per_token_full_requests": _full_request_madds(_model(args.model), params),
         "private_equals_quantized": all(by[m]["tokens"] == by["quantized"]["tokens"] for m in private),
         "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tokens": {m: r["tokens"] for m, r in by.items()},
         "machine": machine(),
     }
+    madds = payload["server_madds_per_generated_token"]["embedded"]
     print(f"private == quantized: {payload['private_equals_quantized']}; server multiply-adds per generated token: "
-          f"{payload['server_madds_per_generated_token']:.3e}; client peak RSS {payload['client_peak_rss_mb']:.0f} MB")
+          f"{madds:.3e} (a full N-token request a token: {payload['server_madds_per_token_full_requests']:.3e}); "
+          f"client peak RSS {payload['client_peak_rss_mb']:.0f} MB")
     write_json(args.json, payload)
     return 0 if payload["private_equals_quantized"] else 1
 

@@ -15,6 +15,7 @@ DESIGN §1: the client keeps embeddings, norms, attention, activations, residual
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 
@@ -203,10 +204,19 @@ class ClientModel(nn.Module):
                  sampling: Sampling | None = None, pad_id: int = 0,
                  on_token: Callable[[int, torch.Tensor], None] | None = None) -> list[list[int]]:
         """Each prompt's new tokens, with a KV cache (``generation.generate``: greedy by default,
-        several prompts in one batch); every new token's block linears go to the backend."""
+        several prompts in one batch); every new token's block linears go to the backend, inside
+        one of its sessions where it has them (the encrypted backend: each step's tokens take the
+        next coefficients of one secret per layer, ``EncryptedBackend.session``)."""
         for fused in self.fused.values():
             fused.reset()
-        return generate(self.hf, prompts, max_new_tokens, sampling or Sampling(), eos_token_id, pad_id, on_token)
+        session = getattr(self.backend, "session", None)
+        if session is not None:  # one window of a·s products for the whole generation, where it fits
+            from .encrypted import MAX_SESSION_WINDOW, SESSION_WINDOW
+
+            columns = len(prompts) * (max(map(len, prompts), default=0) + max_new_tokens)
+            window = min(self.backend.params.n, MAX_SESSION_WINDOW, max(SESSION_WINDOW, columns))
+        with session(window) if session is not None else contextlib.nullcontext():
+            return generate(self.hf, prompts, max_new_tokens, sampling or Sampling(), eos_token_id, pad_id, on_token)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

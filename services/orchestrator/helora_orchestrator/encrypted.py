@@ -15,10 +15,11 @@ does not choose it and no two owners or sessions share one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from hecommon import heap, route, wire
@@ -27,13 +28,21 @@ from hecommon.he import params as P
 from hecommon.he.bits import PackedRows, packed_size
 from hecommon.he.encrypt import decrypt, encrypt
 from hecommon.he.exact import fold
-from hecommon.he.keys import NONCE_BYTES, SecretKey
+from hecommon.he.keys import NONCE_BYTES, RequestSecret, SecretKey
+from hecommon.he.masks import decrypt_masked, encrypt_masked, input_masks, output_masks
 from hecommon.he.quantize import dequantize_backward, dequantize_forward, quantize_rows
 from hecommon.he.sampling import owner_a_seed
 
 #: Default budget of switched ``a`` parts a broker client keeps (``EncryptedBackend(hold_a_bytes=)``),
 #: in MiB: SmolLM2-135M needs about 2.8 GiB for all of its layers (one a part per reply piece).
 HOLD_A_MIB = 4096
+
+#: Coefficients whose ``a·s`` products a generation session computes at once (``EncryptedBackend.session``):
+#: whole-ring transforms once per this many generated tokens, a few MB of masks per layer.
+SESSION_WINDOW = 64
+#: The widest window a generation asks for (``ClientModel.generate``: its prompts and new tokens, up
+#: to this): SmolLM2's masks take about 2 MB per coefficient.
+MAX_SESSION_WINDOW = 128
 
 #: request -> (reply, bytes moved): the embedded server's ``exchange`` or a ``ByteTransport``
 Exchange = Callable[[wire.EncryptedRequest], tuple[wire.EncryptedReply, int]]
@@ -83,6 +92,61 @@ class ByteTransport:
         return sum(map(len, chunks)) + sum(map(len, replies))
 
 
+class _LayerSession:
+    """One (layer, direction) in a session: its secret, its next unused coefficient and the ``a·s``
+    products of the current window of coefficients (``hecommon.he.masks``)."""
+
+    def __init__(self, key: SecretKey, params: P.ParamSet) -> None:
+        self.key, self.params = key, params
+        self.secrets = 0
+        self._renew()
+
+    def _renew(self) -> None:
+        self.secret: RequestSecret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
+        self.secrets += 1
+        self.next = 0  # coefficients below it have carried a token under this secret
+        self.window = (0, 0)
+        self.inputs: np.ndarray | None = None  # (layer inputs, L, window) -a·s mod p
+        self.outputs: dict[tuple[int, int, int, int], np.ndarray] = {}  # (piece, lo, hi, bits) -> (rows, window)
+
+    def take(self, t: int, window: int) -> int:
+        """The first of ``t`` coefficients never used under this secret (a new secret past N), with
+        a window of masks that covers them."""
+        if self.next + t > self.params.n:
+            self._renew()
+        col0 = self.next
+        self.next += t
+        lo, hi = self.window
+        if not lo <= col0 <= col0 + t <= hi:
+            self.window = (col0, min(self.params.n, col0 + max(window, t)))
+            self.inputs, self.outputs = None, {}
+        return col0
+
+
+class Session:
+    """A generation session (``EncryptedBackend.session``): per (layer, direction), one secret whose
+    coefficients carry tokens in order, each once; a new secret once the N are used."""
+
+    def __init__(self, key: SecretKey, params: P.ParamSet, window: int) -> None:
+        if not isinstance(window, int) or not 1 <= window <= params.n:
+            raise ValueError(f"session window: 1..{params.n} coefficients, got {window!r}")
+        self.key, self.params, self.window = key, params, window
+        self.layers: dict[tuple[str, str], _LayerSession] = {}
+        self.lock = threading.Lock()  # one request of the session at a time
+
+    def layer(self, name: str, direction: str) -> _LayerSession:
+        key = (name, direction)
+        if key not in self.layers:
+            self.layers[key] = _LayerSession(self.key, self.params)
+        return self.layers[key]
+
+    @property
+    def secrets(self) -> int:
+        """Secrets drawn so far, over all layers (one per layer, and one more each time a layer's N
+        coefficients are used up)."""
+        return sum(s.secrets for s in self.layers.values())
+
+
 class EncryptedBackend:
     """Implements ``LinearBackend`` over a transport (embedded server or RabbitMQ)."""
 
@@ -109,6 +173,8 @@ class EncryptedBackend:
         self.key = key or SecretKey.generate()
         self.wire_bytes = 0
         self.requests = 0
+        #: multiply-adds the server's GEMMs did for this client's requests: inputs × outputs × tokens × limbs
+        self.server_madds = 0
         #: seconds spent encrypting, decrypting, and in whole linear calls (server and wire included),
         #: summed over threads (``runlog.phase_seconds`` splits a training step with them)
         self.seconds = {"encrypt": 0.0, "decrypt": 0.0, "linear": 0.0}
@@ -121,6 +187,23 @@ class EncryptedBackend:
         self.hold_a_bytes = 0 if hints is not None else hold_a_bytes
         self._held: dict[tuple[str, str], tuple[PackedRows, ...]] = {}  # one a part per reply piece
         self.held_bytes = 0
+        self._session: Session | None = None
+
+    @contextlib.contextmanager
+    def session(self, window: int = SESSION_WINDOW) -> Iterator[Session]:
+        """Requests made inside put their tokens in consecutive coefficients under one secret per
+        layer and direction (a new one once N are used, never a coefficient twice), so the client's
+        ``a·s`` products are computed once per ``window`` coefficients and each request costs in
+        proportion to its tokens (``docs/threat-model.md``, "Column windows"): private generation,
+        one token per step. The ciphertexts are those of separate requests, bit for bit in what
+        they decrypt to."""
+        if self._session is not None:
+            raise HeloraError("a session is already open on this backend")
+        self._session = Session(self.key, self.params, window)
+        try:
+            yield self._session
+        finally:
+            self._session = None
 
     def _entry(self, group: str) -> wire.LayerEntry:
         entry = self.layers.get(group)
@@ -139,11 +222,25 @@ class EncryptedBackend:
         its columns as soon as it arrives, while the server still computes and sends the next.
         A reply in several pieces (an evaluator answers each request part alone) is added up
         piece by piece: exact integers, like sub-sums. Otherwise the whole request is encrypted
-        and the whole reply decrypted at once."""
+        and the whole reply decrypted at once. Inside a ``session`` the secret is the session's and
+        the tokens take its next coefficients."""
+        session = self._session
+        if session is not None:
+            with session.lock:
+                return self._call_in(layer, direction, m, a_seed, session.layer(layer, direction), session.window)
+        return self._call_in(layer, direction, m, a_seed, None, 0)
+
+    def _call_in(self, layer: str, direction: str, m: np.ndarray, a_seed: bytes, state: _LayerSession | None,
+                 window: int) -> np.ndarray:
+        """``_call`` under a fresh secret (``state`` None) or the next coefficients of a session's."""
         t_call = time.perf_counter()
         spent = {"encrypt": 0.0, "decrypt": 0.0}
-        secret = self.key.request_secret(self.params, os.urandom(NONCE_BYTES))
-        col0 = 0
+        if state is None:
+            secret, col0 = self.key.request_secret(self.params, os.urandom(NONCE_BYTES)), 0
+        else:
+            col0 = state.take(m.shape[0], window)
+            secret = state.secret
+        t = m.shape[0]
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]
         width = entry.out_rows(direction)  # each output once per sub-sum
@@ -177,13 +274,28 @@ class EncryptedBackend:
                 got_a[(part.piece, lo)] = a if isinstance(a, PackedRows) else PackedRows.pack(a, self.params.out_bits)
             # in place; pieces of one sum are added (exact: each decrypts to its integer sum)
             t0 = time.perf_counter()
-            decrypt(secret, result, hint=hint, out=out[:, lo:hi], add=pieces > 1)
+            if state is None:
+                decrypt(secret, result, hint=hint, out=out[:, lo:hi], add=pieces > 1)
+            else:  # the session's a·s products of this reply part's rows, once per window
+                w0, w1 = state.window
+                key = (part.piece, lo, hi, result.bits)
+                if key not in state.outputs:
+                    state.outputs[key] = output_masks(secret, result, None, hint, (w0, w1))
+                decrypt_masked(result, state.outputs[key][:, col0 - w0 : col0 - w0 + t], out[:, lo:hi],
+                               add=pieces > 1)
             spent["decrypt"] += time.perf_counter() - t0
             filled[0] += hi - lo
 
         def encrypted(lo: int, hi: int):
             t0 = time.perf_counter()
-            batch = encrypt(secret, m[:, lo:hi], a_seed, start=lo, col0=col0)
+            if state is None:
+                batch = encrypt(secret, m[:, lo:hi], a_seed, start=lo, col0=col0)
+            else:  # the session's -a·s of every input of the layer, once per window
+                w0, w1 = state.window
+                if state.inputs is None:
+                    state.inputs = input_masks(secret, a_seed, route.width(entry, direction), w0, w1 - w0)
+                batch = encrypt_masked(self.params, m[:, lo:hi], state.inputs[lo:hi, :, col0 - w0 : col0 - w0 + t],
+                                       col0)
             spent["encrypt"] += time.perf_counter() - t0
             return batch
 
@@ -203,6 +315,7 @@ class EncryptedBackend:
         with self._count_lock:
             self.wire_bytes += moved
             self.requests += 1
+            self.server_madds += t * entry.d_in * entry.d_out * self.params.limbs
             self.seconds["encrypt"] += spent["encrypt"]
             self.seconds["decrypt"] += spent["decrypt"]
             self.seconds["linear"] += time.perf_counter() - t_call

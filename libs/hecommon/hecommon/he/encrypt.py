@@ -186,13 +186,14 @@ def _switch_rows(x: np.ndarray, params: ParamSet, bits: int | None = None) -> np
     if params.limbs == 2 and kernels.enabled():  # one compiled pass (the client's embedded server)
         p1, p2 = params.primes
         loop, scale, inv = kernels.loops().switch_two_limbs, float(1 << k) / params.q, pow(p1, -1, p2)
-        map_rows(lambda lo, hi: loop(x[lo:hi], p1, p2, inv, scale, k, out[lo:hi]), x.shape[0], minimum=64)
+        map_rows(lambda lo, hi: loop(x[lo:hi], p1, p2, inv, scale, k, out[lo:hi]), x.shape[0], minimum=64,
+                 row_size=x[0].size)
         return out
 
     def rows(lo: int, hi: int) -> None:
         out[lo:hi] = switch_modulus(np.moveaxis(x[lo:hi], 1, 0), params, bits)
 
-    map_rows(rows, x.shape[0], minimum=64)
+    map_rows(rows, x.shape[0], minimum=64, row_size=x[0].size)
     return out
 
 
@@ -258,7 +259,7 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
     if kind.max > params.max_message or kind.min < -params.max_message:  # the dtype alone does not bound it
         # bounds on min and max, not on |m|: np.abs(int64 min) is negative (and costs a pass)
         lo, hi = parallel.reduce_rows(lambda r0, r1: (int(m[r0:r1].min()), int(m[r0:r1].max())), m.shape[0],
-                                      lambda x, y: (min(x[0], y[0]), max(x[1], y[1])))
+                                      lambda x, y: (min(x[0], y[0]), max(x[1], y[1])), row_size=m.shape[1])
         if hi > params.max_message or lo < -params.max_message:
             raise ValueError(f"message values exceed ±{params.max_message}")
     return m  # its own dtype: the compiled loops take any, the numpy path widens it to int64

@@ -282,7 +282,7 @@ def _reduce(xp: Any, part: Any, moduli: Any, primes: np.ndarray) -> None:
     (or cupy's) in-place operations with one temporary; the same values either way."""
     if xp is np and kernels.enabled() and part.flags.c_contiguous:
         loop = kernels.loops().reduce_mod
-        parallel.map_rows(lambda lo, hi: loop(part[lo:hi], primes), part.shape[0], minimum=16)
+        parallel.map_rows(lambda lo, hi: loop(part[lo:hi], primes), part.shape[0], minimum=16, row_size=part[0].size)
         return
     q = part / moduli
     xp.floor(q, out=q)

@@ -159,7 +159,7 @@ def fold_output_scale(dy: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
     def rows(r0: int, r1: int) -> None:
         np.multiply(dy[r0:r1], w_scale[None, :], out=out[r0:r1], dtype=np.float64)
 
-    parallel.map_rows(rows, dy.shape[0], minimum=64)
+    parallel.map_rows(rows, dy.shape[0], minimum=64, row_size=dy.shape[1])
     return out
 
 
@@ -184,7 +184,8 @@ def _dequantize(y: np.ndarray, q: QuantizedTensor, sums: np.ndarray, w_scale: np
         loop = kernels.loops().dequantize
         cs = np.ones(y.shape[1]) if w_scale is None else np.asarray(w_scale, dtype=np.float64)
         sums = np.asarray(sums, dtype=np.int64)
-        parallel.map_rows(lambda r0, r1: loop(y, q.zero, sums, q.scale, cs, r0, r1, out), y.shape[0], minimum=64)
+        parallel.map_rows(lambda r0, r1: loop(y, q.zero, sums, q.scale, cs, r0, r1, out), y.shape[0], minimum=64,
+                          row_size=y.shape[1])
         return out
 
     def rows(r0: int, r1: int) -> None:
@@ -194,7 +195,7 @@ def _dequantize(y: np.ndarray, q: QuantizedTensor, sums: np.ndarray, w_scale: np
         if w_scale is not None:
             o *= w_scale[None, :]
 
-    parallel.map_rows(rows, y.shape[0], minimum=64)
+    parallel.map_rows(rows, y.shape[0], minimum=64, row_size=y.shape[1])
     return out
 
 

@@ -69,18 +69,21 @@ def _check_piece(msg: Any) -> None:
 
 def _max_value(arr: np.ndarray) -> int:
     """The largest value of a (rows, N) array, ranges of rows in parallel."""
-    return parallel.reduce_rows(lambda lo, hi: int(arr[lo:hi].max()), arr.shape[0], max)
+    return parallel.reduce_rows(lambda lo, hi: int(arr[lo:hi].max()), arr.shape[0], max, row_size=arr[0].size)
 
 
-def _check_residues(where: str, arr: Any, params: ParamSet, cols: int | None = None) -> None:
+def _check_residues(where: str, arr: Any, params: ParamSet, cols: int | None = None, ranges: bool = True) -> None:
     """``arr``: (rows >= 1, L, cols) uint32 (cols: N, or a request's T tokens), every residue of limb
-    i below p_i."""
+    i below p_i (``ranges=False``: the shape and type only)."""
     cols = params.n if cols is None else cols
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint32 or arr.ndim != 3:
         _fail(where, "a (rows, L, columns) uint32 array is required")
     if arr.shape[0] < 1 or arr.shape[1:] != (params.limbs, cols):
         _fail(where, f"shape {arr.shape} is not (rows >= 1, {params.limbs}, {cols})")
-    top = parallel.reduce_rows(lambda lo, hi: arr[lo:hi].max(axis=(0, 2)), arr.shape[0], np.maximum)  # per limb
+    if not ranges:
+        return
+    top = parallel.reduce_rows(lambda lo, hi: arr[lo:hi].max(axis=(0, 2)), arr.shape[0], np.maximum,  # per limb
+                               row_size=arr[0].size)
     bad = top >= np.asarray(params.primes, dtype=np.uint32)
     if bad.any():
         _fail(where, f"limb {int(np.argmax(bad))} has a residue not below its prime")
