@@ -107,7 +107,13 @@ def _bad_messages(manifest: wire.Manifest, limit: int) -> dict[str, tuple[bytes,
     foreign = wire.EncryptedRequest(rid=os.urandom(16), layer=req.layer, direction="fwd",
                                     batch=EncryptedBatch(other, np.zeros((1, other.limbs, 1), np.uint32), 1),
                                     owner=req.owner)
+    window = msgpack.unpackb(first, raw=False)
+    past_n = msgpack.packb({**window, "col0": manifest.params.n}, use_bin_type=True)  # a window past N
+    wide = msgpack.packb({**window, "shape": [window["shape"][0], manifest.params.limbs, manifest.params.n]},
+                         use_bin_type=True)  # N columns claimed for a one-token window
     return {uuid.uuid4().hex: body for body in (
+        (past_n, "malformed"),
+        (wide, "malformed"),
         (os.urandom(300), "malformed"),
         (first[: len(first) // 2], "malformed"),  # truncated
         (whole, "oversized"),

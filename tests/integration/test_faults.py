@@ -104,9 +104,10 @@ def _reference(data_seed: int, steps: int = 2) -> dict[str, torch.Tensor]:
 class _Run(threading.Thread):
     """Training steps over the broker in the background; ``result`` or ``error`` afterwards."""
 
-    def __init__(self, client: ClientModel, data_seed: int, steps: int = 2) -> None:
+    def __init__(self, client: ClientModel, data_seed: int, steps: int = 2, work=None) -> None:
         super().__init__(daemon=True)
         self.client, self.data_seed, self.steps = client, data_seed, steps
+        self.work = work  # instead of training steps (a generation)
         self.result: dict[str, torch.Tensor] | None = None
         self.error: BaseException | None = None
         # a hold point: once ``hold_at`` requests are answered, the next request's first part is
@@ -134,7 +135,10 @@ class _Run(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.result = train_steps(self.client, steps=self.steps, data_seed=self.data_seed)
+            if self.work is not None:
+                self.result = self.work()
+            else:
+                self.result = train_steps(self.client, steps=self.steps, data_seed=self.data_seed)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
         finally:
@@ -248,6 +252,36 @@ def test_evaluator_killed_mid_request_is_redelivered_and_the_step_completes(flee
     assert _dead_letters(fleet) == dead_before  # nothing failed on the way
     fleet.wait_ready(60)
     assert all(unacked == 0 for _, unacked in _queue_counts(fleet).values())
+
+
+def test_a_generation_survives_an_evaluator_killed_mid_session(fleet):
+    """A generation session over the broker (issue 18): after its third token, the evaluator of
+    shard 1 is stopped holding a request, killed and replaced. The request is redelivered, the
+    replacement builds the owner's hints again (the same: they depend on public seeds only), and
+    the client's session (its secrets, coefficients and a·s products) goes on untouched: the
+    tokens are the quantized model's."""
+    prompts = [[5, 17, 42, 99, 3], [7, 8]]
+    expected = build_client(_model(), "quantized", LORA, seed=0).generate(prompts, 10)
+    client = _client(fleet)
+    run = _Run(client, data_seed=0, work=lambda: client.generate(prompts, 10))
+    per_token = 4 * client.hf.config.num_hidden_layers  # forward requests of one step
+    run.start()
+    run.wait_requests(3 * per_token)
+    victim, queue = fleet.procs["evaluator1"], fleet.evaluator_queue(1)
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        _wait_for("the stopped evaluator holds a delivery", lambda: _queue_counts(fleet)[queue][1] > 0)
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(10) == -signal.SIGKILL
+    requests_at_kill = client.backend.requests
+    fleet.start_evaluator(1)
+    run.join(180)
+    assert not run.is_alive(), f"the generation did not finish\n{fleet.logs()}"
+    assert run.error is None, f"{run.error!r}\n{fleet.logs()}"
+    assert requests_at_kill < client.backend.requests <= 10 * per_token  # it went on after the kill
+    assert run.result == expected
+    fleet.wait_ready(60)
 
 
 def test_connections_closed_by_the_broker_mid_run_reconnect_and_complete(fleet):

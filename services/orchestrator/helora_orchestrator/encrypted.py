@@ -263,11 +263,14 @@ class EncryptedBackend:
                     or part.result.col0 != col0 or part.pieces != pieces):
                 raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
             result, hint = part.result, None
+            key = (part.piece, lo, hi, result.bits)  # a session's masks of these rows
+            masked = state is not None and key in state.outputs  # need neither a nor the hint again
             if result.a is None and result.bits == self.params.out_bits:  # b alone: the a part held
                 if held is None:
                     raise HeloraError(f"the reply to layer {layer} {direction} has no a part and none is held")
-                result = result.with_held_a(held[part.piece][lo:hi])
-            elif result.a is None:
+                if not masked:
+                    result = result.with_held_a(held[part.piece][lo:hi])
+            elif result.a is None and not masked:
                 hint = self._hint(layer, direction)[lo:hi]
             elif collect:
                 a = result.a
@@ -278,8 +281,7 @@ class EncryptedBackend:
                 decrypt(secret, result, hint=hint, out=out[:, lo:hi], add=pieces > 1)
             else:  # the session's a·s products of this reply part's rows, once per window
                 w0, w1 = state.window
-                key = (part.piece, lo, hi, result.bits)
-                if key not in state.outputs:
+                if not masked:
                     state.outputs[key] = output_masks(secret, result, None, hint, (w0, w1))
                 decrypt_masked(result, state.outputs[key][:, col0 - w0 : col0 - w0 + t], out[:, lo:hi],
                                add=pieces > 1)

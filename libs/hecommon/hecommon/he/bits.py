@@ -143,7 +143,7 @@ def _pack_flat(flat: np.ndarray, bits: int) -> bytes:
     return out.tobytes()[: packed_size(bits, count)]
 
 
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+def unpack_bits(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
     """Inverse of ``pack_bits``: ``count`` values as a 1-D uint64 array.
 
     Raises ``MalformedMessage`` if ``data`` is not exactly ``packed_size(bits, count)`` bytes or
@@ -179,7 +179,7 @@ def unpack_bits_into(data: bytes, bits: int, out: np.ndarray) -> None:
         out[...] = unpack_bits(data, bits, out.size).reshape(out.shape)
 
 
-def _checked(data: bytes, bits: int, count: int) -> np.ndarray:
+def _checked(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
     """``data`` as uint8, after checking its length and its zero padding."""
     _check_bits(bits)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -262,13 +262,14 @@ class PackedRows:
 
     bits: int
     n: int
-    data: bytes
+    data: bytes | memoryview  # a read-only view of another's bytes: a row range, not copied
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"PackedRows: rows of {self.n!r} values are not rows")
-        if not isinstance(self.data, bytes) or len(self.data) % self.row_bytes:
+        view = isinstance(self.data, memoryview) and self.data.readonly and self.data.format == "B"
+        if not (isinstance(self.data, bytes) or view) or len(self.data) % self.row_bytes:
             raise ValueError(f"PackedRows: data must be bytes, a whole number of {self.row_bytes}-byte rows")
         pad = self.row_bytes * 8 - self.n * self.bits
         if pad and self.data:
@@ -331,7 +332,13 @@ class PackedRows:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("PackedRows: only row slices with step 1 are supported")
         lo, hi, _ = rows.indices(self.rows)
-        return PackedRows(self.bits, self.n, self.data[lo * self.row_bytes : max(lo, hi) * self.row_bytes])
+        view = memoryview(self.data)[lo * self.row_bytes : max(lo, hi) * self.row_bytes]
+        return PackedRows(self.bits, self.n, view)  # a view: a layer's held a part is sliced per request
+
+    @property
+    def payload(self) -> bytes:
+        """The packed bytes as ``bytes`` (a copy only where this holds a view)."""
+        return self.data if isinstance(self.data, bytes) else bytes(self.data)
 
     @staticmethod
     def concat(parts: list[PackedRows]) -> PackedRows:

@@ -195,7 +195,7 @@ class PartialResult:
                 "out_start": self.out_start, "send_a": self.send_a, "piece": self.piece, "pieces": self.pieces,
                 "n_tokens": pa.n_tokens, "col0": pa.col0,
                 "shape": list(pa.b.shape), "a_bits": pa.a.bits if isinstance(pa.a, PackedRows) else 0,
-                "a": pa.a.data if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
+                "a": pa.a.payload if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> PartialResult:
@@ -340,4 +340,4 @@ def _packed_rows(where: str, bits: int, n: int, data: bytes) -> PackedRows:
 
 def _packed(rows: np.ndarray | PackedRows, bits: int) -> bytes:
     """The wire bytes of switched rows: as they are if still packed, else packed at ``bits``."""
-    return rows.data if isinstance(rows, PackedRows) else PackedRows.pack(rows, bits).data
+    return rows.payload if isinstance(rows, PackedRows) else PackedRows.pack(rows, bits).payload
