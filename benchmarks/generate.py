@@ -7,7 +7,8 @@ One run, the same model, adapter (a random rank-8 LoRA on every block linear) an
 - ``clear``: the client's model in the clear (transformers with the adapter's LoRA layers);
 - ``quantized``: the exact integers of the encrypted mode, in the clear (the reference);
 - ``embedded``: every block linear encrypted, the server in-process (``helora generate``'s default);
-- ``broker``: the same over the local RabbitMQ, with one evaluator (``LocalFleet``).
+- ``broker``: the same over the local RabbitMQ, with one evaluator (``LocalFleet``, one BLAS
+  thread: it shares the machine's cores with the client and the broker).
 
 Each prints and records the time to the first token (the prompt's forward pass included) and the
 tokens/s after it (``K - 1`` tokens over the time from the first to the last). Also recorded: the
@@ -16,6 +17,8 @@ first), the server's multiply-adds per generated token (counted by the client fr
 sent: each block linear's ``d_in × d_out`` times the request's tokens and ``L`` limbs; beside it,
 ``server_madds_per_token_full_requests``, what a token cost when every request carried N columns),
 whether both private modes generated the quantized mode's tokens, and the client's peak RSS.
+Last, ``training_step_wire_bytes``: one encrypted training step's bytes on a micro-batch of 2048
+tokens and on one of 256, and their ratio (requests carry the columns of their tokens only).
 
 The private modes generate in a session (``EncryptedBackend.session``): each step's token takes the
 next coefficient of one secret per layer, so a step costs one column on the wire and in the
@@ -44,7 +47,7 @@ from hecommon.he import params as P  # noqa: E402
 from hecommon.he.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer, tiny_llama  # noqa: E402
 from helora_orchestrator.broker import make_broker_backend  # noqa: E402
-from helora_orchestrator.client_model import ClientModel, build_client  # noqa: E402
+from helora_orchestrator.client_model import ClientModel, build_client, causal_lm_loss  # noqa: E402
 from helora_orchestrator.data import ByteTokenizer, load_splits  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402
 from helora_orchestrator.operator.up import SMOLLM2, TINY, LocalFleet  # noqa: E402
@@ -91,6 +94,27 @@ def _run(label: str, client: ClientModel, prompt: list[int], new_tokens: int, st
     return row
 
 
+def _training_wire_bytes(name: str) -> dict:
+    """Wire bytes of one encrypted training step (forward and backward, embedded) on a micro-batch of
+    2048 tokens (one full request per layer call) and on one of 256 (a window of 256 columns),
+    same run; before token windows every request carried N = 2048 columns, so 256 tokens cost
+    what 2048 do (the 2048-token step is today's cost of both)."""
+    out: dict = {}
+    client = build_client(_model(name), "encrypted", LORA, bits=8, seed=0)
+    vocab = client.hf.config.vocab_size
+    gen = torch.Generator().manual_seed(5)
+    for tokens in (2048, 256):
+        ids = torch.randint(0, vocab, (1, tokens), generator=gen)
+        before = client.wire_bytes
+        loss, n = causal_lm_loss(client(ids), ids)
+        (loss / n).backward()
+        out[str(tokens)] = client.wire_bytes - before
+    out["ratio_256_over_2048"] = out["256"] / out["2048"]
+    print(f"  training step wire bytes: 2048 tokens {out['2048'] / 1e6:.1f} MB, 256 tokens "
+          f"{out['256'] / 1e6:.1f} MB (ratio {out['ratio_256_over_2048']:.3f})", flush=True)
+    return out
+
+
 def _full_request_madds(model, params: P.ParamSet) -> int:
     """What a token cost the server before token windows: a full N-column request at every block
     linear, d_out × d_in × N × L (the baseline of ``server_madds_per_generated_token``)."""
@@ -100,8 +124,10 @@ def _full_request_madds(model, params: P.ParamSet) -> int:
 def _broker_run(args, prompt: list[int], weights: dict[str, torch.Tensor]) -> dict:
     with tempfile.TemporaryDirectory(prefix="helora-bench-gen-") as root:
         ns = f"helora-bench-{secrets.token_hex(4)}"
+        # the evaluator with one BLAS thread: it shares this machine's 2 cores with the client and
+        # the broker, and its one-token products gain nothing from a second thread that spins
         fleet = LocalFleet(URL, ns, args.model, evaluators=1, shard_dir=Path(root) / "shards", backend="numpy",
-                           part_timeout_s=3600)
+                           part_timeout_s=3600, threads=1)
         backend = None
         try:
             fleet.start(timeout_s=1800)
@@ -149,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         del client, model
     if not args.no_broker:
         rows.append(_broker_run(args, prompt, weights))
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # generation's: before training
+    training = _training_wire_bytes(args.model)
     by = {r["mode"]: r for r in rows}
     print_table(rows, [("mode", "mode", "s"), ("time_to_first_token_s", "first tok s", ".2f"),
                        ("tokens_per_s", "tok/s after", ".3f"), ("bytes_per_generated_token", "B/token", ".3e")])
@@ -163,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         # counted by the client from the requests it sent: inputs × outputs × tokens × limbs of each
         "server_madds_per_generated_token": {m: by[m]["server_madds_per_generated_token"] for m in private},
         "server_madds_per_token_full_requests": _full_request_madds(_model(args.model), params),
+        "training_step_wire_bytes": training,
         "private_equals_quantized": all(by[m]["tokens"] == by["quantized"]["tokens"] for m in private),
-        "client_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "client_peak_rss_mb": peak_rss_mb,
         "tokens": {m: r["tokens"] for m, r in by.items()},
         "machine": machine(),
     }

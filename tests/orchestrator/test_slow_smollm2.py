@@ -96,6 +96,43 @@ def test_encrypted_equals_quantized_on_the_real_model(smollm2):
     assert wire > 0
 
 
+def test_private_generation_equals_quantized_on_the_real_model(smollm2):
+    """Generation in a session on the real SmolLM2 weights (first 3 blocks, a random adapter):
+    two prompts, greedy and sampled, the encrypted tokens are the quantized mode's, one column per
+    prompt and step on the wire after the prompts' forward pass."""
+    from helora_orchestrator.client_model import build_client
+    from helora_orchestrator.generation import Sampling
+    from helora_orchestrator.lora import LoraSettings
+
+    model, tokenizer = smollm2
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("def add(a, b):")]
+    outputs = []
+    for mode in ("quantized", "encrypted"):
+        client = build_client(_first_blocks(model, 3), mode, LoraSettings(), seed=0)
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for name, p in client.lora_named_parameters():
+                if name.endswith("lora_B.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        seen: list[tuple[int, int]] = []
+        if mode == "encrypted":
+            inner = client.backend.transport
+
+            def transport(request, inner=inner, seen=seen):
+                seen.append((request.batch.col0, request.batch.n_tokens))
+                return inner(request)
+
+            client.backend.transport = transport
+        outputs.append((client.generate(prompts, 6), client.generate(prompts, 6, sampling=Sampling(0.9, 0.95, 3)),
+                        seen))
+    (greedy_q, sampled_q, _), (greedy_e, sampled_e, seen) = outputs
+    assert greedy_e == greedy_q and sampled_e == sampled_q
+    per_forward = 3 * 4  # 3 blocks, 4 block linears each
+    first_layer = seen[: 6 * per_forward : per_forward]  # block 0's qkv in the greedy session's 6 forwards
+    width = 2 * max(map(len, prompts))  # the prompts, left-padded to one length
+    assert first_layer == [(0, width)] + [(width + 2 * i, 2) for i in range(5)]
+
+
 def test_peft_loads_the_adapter_exported_from_the_real_model(smollm2, tmp_path):
     import copy
 
