@@ -571,3 +571,31 @@ def test_pack_gives_msgpacks_bytes_with_arrays_joined_in():
         assert data == msgpack.packb(m, use_bin_type=True, strict_types=True)
         with pytest.raises(errors.OversizedMessage, match="exceed the limit"):
             codec.pack(m, len(data) - 1, "test")
+
+
+def test_token_windows_count_their_bytes_and_never_mix():
+    """A reply's b rows are padded to whole bytes each: ``payload_bytes`` counts what ``encode``
+    writes (the embedded mode's byte counter); parts and pieces of one message share one window:
+    ``join``, ``PartTracker``, sums and joins of partials refuse two."""
+    k = N2048.out_bits
+    b = words(N2048, 3, 9, cols=1)  # one token: 38 bits a row, 5 bytes
+    reply = wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b, 1, k, 77))
+    data = wire.encode_reply(reply)
+    assert wire.payload_bytes(reply) == 3 * 5 == len(msgpack.unpackb(data, raw=False)["b"])
+    req = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, residues(N2048, 4, 1, 3), 3, 10),
+                                owner=OWNER)
+    parts = wire.split(req, req._row_bytes() + wire.HEADER_ALLOWANCE)
+    assert len(parts) == 4 and same(wire.join(parts), req)
+    moved = dataclasses.replace(parts[1], batch=EncryptedBatch(N2048, parts[1].batch.b, 3, 11))  # another window
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        wire.join([parts[0], moved, *parts[2:]])
+    tracker = wire.PartTracker()
+    tracker.add(parts[0])
+    with pytest.raises(errors.MalformedMessage, match="join"):
+        tracker.add(moved)
+    one = EncryptedPartial(N2048, residues(N2048, 2, 3), residues(N2048, 2, 4, 3), 3, 10)
+    other = EncryptedPartial(N2048, residues(N2048, 2, 3), residues(N2048, 2, 4, 3), 3, 11)
+    with pytest.raises(errors.ParameterMismatch, match="window"):
+        one + other  # noqa: B018
+    with pytest.raises(errors.ParameterMismatch, match="window"):
+        EncryptedPartial.join([one, other])

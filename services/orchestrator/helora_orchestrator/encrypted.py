@@ -112,14 +112,15 @@ class _LayerSession:
 
     def take(self, t: int, window: int) -> int:
         """The first of ``t`` coefficients never used under this secret (a new secret past N), with
-        a window of masks that covers them."""
+        a window of masks that covers them where ``t`` fits in one (``window``); a wider request
+        (a long prompt) is encrypted and decrypted without masks, so none are held for it."""
         if self.next + t > self.params.n:
             self._renew()
         col0 = self.next
         self.next += t
         lo, hi = self.window
-        if not lo <= col0 <= col0 + t <= hi:
-            self.window = (col0, min(self.params.n, col0 + max(window, t)))
+        if t <= window and not lo <= col0 <= col0 + t <= hi:
+            self.window = (col0, min(self.params.n, col0 + window))
             self.inputs, self.outputs = None, {}
         return col0
 
@@ -245,6 +246,8 @@ class EncryptedBackend:
         else:
             col0 = state.take(m.shape[0], window)
             secret = state.secret
+            if m.shape[0] > window:  # wider than a window: the session's secret and coefficients, no masks
+                state = None
         t = m.shape[0]
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]

@@ -14,7 +14,8 @@ The public ``a`` of each (layer, direction) is fixed for one data owner's sessio
 seeds, the layer's in the model manifest (the server's) and the owner's (drawn by its client from
 the OS CSPRNG when its session starts, sent with every request). Neither party alone fixes ``a``,
 and no two owners or sessions share one. Encryption uses a fresh secret per request
-(``SecretKey.request_secret``), so only ``b`` travels, and the server can precompute ``W·A`` once
+(``SecretKey.request_secret``; a generation session shares one per layer over its steps, never a
+coefficient twice: ``helora_orchestrator.encrypted.Session``), so only ``b`` travels, and the server can precompute ``W·A`` once
 per owner (the "hint", as in SimplePIR), halving its per-request work. Reusing ``a`` across
 independent secrets is the standard multi-secret RLWE setting; each secret sees ``d`` samples.
 

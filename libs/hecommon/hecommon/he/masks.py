@@ -72,8 +72,11 @@ def output_masks(secret: RequestSecret, result: EncryptedResult, held: np.ndarra
     a = result.a if result.a is not None else held
     rows = result.width
     out = np.empty((rows, hi - lo), dtype=np.float64)
-    if a is None and (hint is None or hint.shape != (rows, params.limbs, params.n)):
+    if a is None and (hint is None or hint.shape != (rows, params.limbs, params.n)
+                      or result.bits != params.hint_out_bits):
         raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
+    if a is not None and (result.bits != params.out_bits or (a.rows if isinstance(a, PackedRows) else a.shape[0]) != rows):
+        raise DecryptionError(f"the a part must be {rows} rows at {params.out_bits} bits")
 
     def block(r0: int, r1: int) -> None:
         if a is None:

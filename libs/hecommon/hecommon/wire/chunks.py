@@ -346,5 +346,5 @@ def payload_bytes(msg: EncryptedRequest | EncryptedReply) -> int:
     if isinstance(msg, EncryptedReply):
         res = msg.result
         a = 0 if res.a is None else packed_size(res.bits, res.width * msg.params.n)
-        return a + packed_size(res.bits, res.width * res.n_tokens)
+        return a + res.width * packed_size(res.bits, res.n_tokens)  # each row of b padded to whole bytes
     raise TypeError(f"{type(msg).__name__} carries no ciphertext payload")
