@@ -578,10 +578,10 @@ def test_token_windows_count_their_bytes_and_never_mix():
     writes (the embedded mode's byte counter); parts and pieces of one message share one window:
     ``join``, ``PartTracker``, sums and joins of partials refuse two."""
     k = N2048.out_bits
-    b = words(N2048, 3, 9, cols=1)  # one token: 38 bits a row, 5 bytes
+    b = words(N2048, 8, 9, cols=1)  # one token: 38 bits a row, 5 bytes (8 rows as one stream: 38)
     reply = wire.EncryptedReply(RID, "1.qkv", "fwd", EncryptedResult(N2048, None, b, 1, k, 77))
     data = wire.encode_reply(reply)
-    assert wire.payload_bytes(reply) == 3 * 5 == len(msgpack.unpackb(data, raw=False)["b"])
+    assert wire.payload_bytes(reply) == 8 * 5 == len(msgpack.unpackb(data, raw=False)["b"])
     req = wire.EncryptedRequest(RID, "0.qkv", "fwd", EncryptedBatch(N2048, residues(N2048, 4, 1, 3), 3, 10),
                                 owner=OWNER)
     parts = wire.split(req, req._row_bytes() + wire.HEADER_ALLOWANCE)
