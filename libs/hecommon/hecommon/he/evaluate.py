@@ -1,7 +1,8 @@
 """The server's product: ``Enc(X) -> Enc(X·Mᵀ)`` for an integer matrix M (DESIGN §3).
 
 Output ciphertext o is ``Σ_j M[o, j]·ct_j``. Stacking the ciphertexts' residues as a matrix
-(d_in, L·N), the whole layer is one GEMM per part, exact in float64 while every inner product
+(d_in, L·n), n the columns they carry (N for the hint ``M·A``, a request's T tokens for ``b``:
+``encrypt``'s token windows), the whole layer is one GEMM per part, exact in float64 while every inner product
 stays below 2^53: residues ``0 <= r < 2^27``, ``|M| <= 2^7``, at most 2^14 terms per GEMM
 (longer sums are chunked and reduced between chunks). The ``a`` part ``M·A`` does not depend on
 the request (``a`` is fixed per layer and direction), so it is computed once: the hint.
@@ -137,7 +138,7 @@ class MatrixProduct:
 
     def piece(self, residues: np.ndarray, offset: int) -> np.ndarray:
         """``M[:, offset:offset+k] · residues`` mod q for the ``k`` input ciphertexts of one request
-        part (inputs ``offset …`` of this product): (d_out, L, N) uint32 on the host, in
+        part (inputs ``offset …`` of this product): (d_out, L, n) uint32 on the host, in
         ``o·sub_sums + s`` order. The float64 GEMMs multiply those inputs alone (pieces over parts
         that cover every input once add up to the whole product mod q, bit for bit); the int8
         digit product, which takes a whole input, multiplies it with zeros elsewhere."""
@@ -154,7 +155,7 @@ class MatrixProduct:
         return out if xp is np else xp.asnumpy(out)
 
     def _columns(self, residues: Any) -> Any:
-        """(k, L·N) float64 residues of k input ciphertexts (k, L, N): the right-hand side of the
+        """(k, L·n) float64 residues of k input ciphertexts (k, L, n): the right-hand side of the
         GEMMs, as they are. Uncentered, ``r < 2^27``: a sum of 2^14 terms of ``|M| <= 2^7`` stays
         below 2^48, exact in float64, and its remainder mod p is the centered residues' (one pass
         instead of four)."""
@@ -198,7 +199,7 @@ class MatrixProduct:
 
     def _product(self, residues: Any, flat: Any = None, rows: tuple[int, int] | None = None) -> Any:
         """``M · residues`` mod p per limb and sub-sum, as float64 integers in [0, p) (uint32 on the int8
-        path); residues (d_in, L, N); outputs in ``o·sub_sums + s`` order.
+        path); residues (d_in, L, n); outputs in ``o·sub_sums + s`` order.
 
         ``rows``: only output rows ``lo…hi`` (from ``flat``, ``_columns(residues)``, when given)."""
         if self._int8 is not None:
@@ -243,7 +244,7 @@ class MatrixProduct:
 
     def row_blocks(self, batch: EncryptedBatch, blocks: list[tuple[int, int]]):
         """``M·b`` mod q for the output rows of each ``(lo, hi)`` in ``blocks``, one block at a time,
-        as (hi - lo, L, N) uint32 host arrays: a caller can send a block while the next is computed.
+        as (hi - lo, L, T) uint32 host arrays: a caller can send a block while the next is computed.
         Equal, row for row, to ``__call__``'s ``b``."""
         self._check(batch)
         xp = self.xp
@@ -260,11 +261,11 @@ class MatrixProduct:
             yield out if xp is np else xp.asnumpy(out)
 
     def finish(self, total: Any) -> Any:
-        """A ``_gemm`` total as (d_out, L, N) uint32 residues on the device."""
+        """A ``_gemm`` total as (d_out, L, n) uint32 residues on the device."""
         return self._as_uint32(self._outputs(total))
 
     def product_on_device(self, b: Any) -> Any:
-        """``M·b`` mod q for (d_in, L, N) residues already on this layer's device, as uint32."""
+        """``M·b`` mod q for (d_in, L, n) residues already on this layer's device, as uint32."""
         out = self._product(b)
         return self._as_uint32(out)
 

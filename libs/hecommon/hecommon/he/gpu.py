@@ -150,7 +150,8 @@ class Int8Product:  # pragma: no cover - needs a device
         self._p = cupy.asarray(np.asarray(primes, dtype=np.int64))
 
     def __call__(self, residues: Any) -> Any:
-        """(d_in, L, N) uint32 cupy residues → (d_out, L, N) uint32 cupy residues."""
+        """(d_in, L, n) uint32 cupy residues → (d_out, L, n) uint32 cupy residues (n: N for a hint,
+        a request's T tokens for its ``b``; 4·L·n columns stay a multiple of 8 for L = 2 and 4)."""
         cp, torch = self._cp, self._torch
         d_in, limbs, n = residues.shape
         cols = limbs * n
