@@ -225,6 +225,18 @@ def _dead_letters(fleet: LocalFleet) -> int:
     return sum(_queue_counts(fleet).get(topology.Topology(fleet.namespace).dead, (0, 0)))
 
 
+def _kill_holding_evaluator(fleet: LocalFleet, index: int) -> None:
+    """SIGSTOP evaluator ``index``, wait until the broker shows it holding an unacked delivery, and
+    SIGKILL it (its replacement is the caller's to start)."""
+    victim, queue = fleet.procs[f"evaluator{index}"], fleet.evaluator_queue(index)
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        _wait_for("the stopped evaluator holds a delivery", lambda: _queue_counts(fleet)[queue][1] > 0)
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(10) == -signal.SIGKILL
+
+
 # -- tests --------------------------------------------------------------------------------------------
 def test_evaluator_killed_mid_request_is_redelivered_and_the_step_completes(fleet):
     """SIGSTOP the evaluator of shard 1, wait until the broker shows it holding an unacked delivery,
@@ -235,13 +247,7 @@ def test_evaluator_killed_mid_request_is_redelivered_and_the_step_completes(flee
     run = _Run(_client(fleet), data_seed=21)
     run.start()
     run.wait_requests(4)  # in the middle of the first step
-    victim, queue = fleet.procs["evaluator1"], fleet.evaluator_queue(1)
-    os.kill(victim.pid, signal.SIGSTOP)
-    try:
-        _wait_for("the stopped evaluator holds a delivery", lambda: _queue_counts(fleet)[queue][1] > 0)
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)
-    assert victim.wait(10) == -signal.SIGKILL
+    _kill_holding_evaluator(fleet, 1)
     requests_at_kill = run.client.backend.requests
     fleet.start_evaluator(1)  # the replacement, under the same name
     run.join(180)
@@ -267,13 +273,7 @@ def test_a_generation_survives_an_evaluator_killed_mid_session(fleet):
     per_token = 4 * client.hf.config.num_hidden_layers  # forward requests of one step
     run.start()
     run.wait_requests(3 * per_token)
-    victim, queue = fleet.procs["evaluator1"], fleet.evaluator_queue(1)
-    os.kill(victim.pid, signal.SIGSTOP)
-    try:
-        _wait_for("the stopped evaluator holds a delivery", lambda: _queue_counts(fleet)[queue][1] > 0)
-    finally:
-        os.kill(victim.pid, signal.SIGKILL)
-    assert victim.wait(10) == -signal.SIGKILL
+    _kill_holding_evaluator(fleet, 1)
     requests_at_kill = client.backend.requests
     fleet.start_evaluator(1)
     run.join(180)

@@ -397,19 +397,10 @@ def _decrypt_result(mul, ct: EncryptedResult, held: np.ndarray | None) -> np.nda
     params = ct.params
     modulus = float(1 << ct.bits)
     out = np.empty((ct.n_tokens, ct.width), dtype=np.int64)
-    window = slice(ct.col0, ct.col0 + ct.n_tokens)
+    window = (ct.col0, ct.col0 + ct.n_tokens)
 
     def rows(lo: int, hi: int) -> None:
-        if held is not None and ct.a is None:  # a·s mod q from the hint, exactly, then rounded
-            a_s = np.empty((params.limbs, hi - lo, ct.n_tokens), dtype=np.int64)
-            for i, p in enumerate(params.primes):
-                a_s[i] = reduce_float(mul.product(centered_float(held[lo:hi, i], p))[:, window], float(p))
-            x = switch_modulus(a_s, params, ct.bits).astype(np.float64)
-        else:
-            assert ct.a is not None
-            a = unpacked(ct.a[lo:hi]).astype(np.float64)  # < 2^38
-            np.subtract(a, modulus, out=a, where=a >= modulus / 2)
-            x = mul.product_wide(a)[:, window]  # exact, |.| < 2^49
+        x = a_s_rows(mul, ct, held, lo, hi, window)
         x += unpacked(ct.b[lo:hi])
         x = reduce_float(x, modulus)
         x /= modulus
@@ -417,6 +408,25 @@ def _decrypt_result(mul, ct: EncryptedResult, held: np.ndarray | None) -> np.nda
 
     map_rows(rows, ct.width)
     return out
+
+
+def a_s_rows(mul, ct: EncryptedResult, hint: np.ndarray | None, lo: int, hi: int,
+             window: tuple[int, int]) -> np.ndarray:
+    """``a·s mod 2^bits`` of rows ``lo … hi`` of a switched result at coefficients ``window``, as
+    float64 integers: from its ``a`` part (switched, split for exact products) or, without one, from
+    the layer's hint mod q (exact, then switched as the server switches)."""
+    params = ct.params
+    modulus = float(1 << ct.bits)
+    w0, w1 = window
+    if ct.a is None:
+        assert hint is not None
+        a_s = np.empty((params.limbs, hi - lo, w1 - w0), dtype=np.int64)
+        for i, p in enumerate(params.primes):
+            a_s[i] = reduce_float(mul.product(centered_float(hint[lo:hi, i], p))[:, w0:w1], float(p))
+        return switch_modulus(a_s, params, ct.bits).astype(np.float64)
+    a = unpacked(ct.a[lo:hi]).astype(np.float64)  # < 2^38
+    np.subtract(a, modulus, out=a, where=a >= modulus / 2)
+    return reduce_float(mul.product_wide(a)[:, w0:w1], modulus)  # exact, |.| < 2^49
 
 
 #: Bits of the low half when a switched ``a`` (< 2^38) is split for two exact products.

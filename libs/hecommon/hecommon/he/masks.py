@@ -25,13 +25,15 @@ from .encrypt import (
     _check_message,
     _decode,
     _encrypt_with,
+    _rows,
+    a_s_rows,
     check_window,
     unpacked,
 )
 from .keys import RequestSecret
 from .parallel import map_rows
 from .params import ParamSet
-from .ring import centered_float, reduce_float, switch_modulus
+from .ring import reduce_float
 from .sampling import sample_noise
 
 
@@ -66,29 +68,18 @@ def output_masks(secret: RequestSecret, result: EncryptedResult, held: np.ndarra
     integers, from the ``a`` part it carries, the switched ``a`` held from an earlier reply
     (``held``), or the layer's hint mod q (``hint``, rows, L, N), as ``decrypt`` computes it."""
     params = secret.params
-    mul = secret.multiplier
-    lo, hi = cols
-    modulus = float(1 << result.bits)
-    a = result.a if result.a is not None else held
+    if result.a is None and held is not None:
+        result = result.with_held_a(held)
     rows = result.width
-    out = np.empty((rows, hi - lo), dtype=np.float64)
-    if a is None and (hint is None or hint.shape != (rows, params.limbs, params.n)
-                      or result.bits != params.hint_out_bits):
+    if result.a is None and (hint is None or hint.shape != (rows, params.limbs, params.n)
+                             or result.bits != params.hint_out_bits):
         raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
-    if a is not None and (result.bits != params.out_bits or (a.rows if isinstance(a, PackedRows) else a.shape[0]) != rows):
+    if result.a is not None and (result.bits != params.out_bits or _rows(result.a) != rows):
         raise DecryptionError(f"the a part must be {rows} rows at {params.out_bits} bits")
+    out = np.empty((rows, cols[1] - cols[0]), dtype=np.float64)
 
     def block(r0: int, r1: int) -> None:
-        if a is None:
-            assert hint is not None
-            a_s = np.empty((params.limbs, r1 - r0, hi - lo), dtype=np.int64)
-            for i, p in enumerate(params.primes):
-                a_s[i] = reduce_float(mul.product(centered_float(hint[r0:r1, i], p))[:, lo:hi], float(p))
-            out[r0:r1] = switch_modulus(a_s, params, result.bits)
-        else:
-            x = unpacked(a[r0:r1]).astype(np.float64)  # < 2^38
-            np.subtract(x, modulus, out=x, where=x >= modulus / 2)
-            out[r0:r1] = reduce_float(mul.product_wide(x)[:, lo:hi], modulus)  # exact, |.| < 2^49
+        out[r0:r1] = a_s_rows(secret.multiplier, result, hint, r0, r1, cols)
 
     map_rows(block, rows)
     return out
