@@ -36,9 +36,11 @@ def fed_data(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_owners(fed_data: Path, fed_keys: CkksKeys):
-    """``make_owners(ranks, budgets, **cfg)`` → owners ``o0, o1…`` on the tiny model, one shared key."""
+    """``make_owners(ranks, budgets, **cfg)`` → owners ``o0, o1…`` on the tiny model, one shared key;
+    SHE-LoRA's scheme unless ``scheme="full"`` is asked for (most tests here are about it)."""
 
     def make(ranks=(4, 8, 16), budgets=(0.02, 0.05, 0.2), **kw):
+        kw.setdefault("scheme", "selective")
         configs = [OwnerConfig(f"o{i}", rank=r, budget=b, seed=10 + i, **kw)
                    for i, (r, b) in enumerate(zip(ranks, budgets, strict=True))]
         return build_owners(configs, "tiny", fed_data, seed=0, keys=fed_keys)[0]

@@ -295,3 +295,200 @@ def test_a_late_copy_of_a_joined_message_is_acked_not_held_until_the_timeout(fed
     err, dead = _chunks_to_the_worker(ns, log_path, [*bodies, bodies[0]], settle_s=7.0)  # past the 4-s timeout
     assert err.reason == "malformed"  # the joined bytes are no message: both chunks dead-lettered
     assert dead == 2, log_path.read_text()[-3000:]
+
+
+# -- --scheme full: every coordinate encrypted -----------------------------------------------------
+
+class _Worker:
+    """A fedworker subprocess for 3 owners that a test can kill (SIGKILL) and start again."""
+
+    def __init__(self, ns: str, pub, log_path, timeout_s: float = 120):
+        self.ns, self.pub, self.log_path, self.timeout_s = ns, pub, log_path, timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "helora_aggregator.fedworker", "--broker", URL, "--namespace", self.ns,
+             "--context", str(self.pub), "--owners", "3", "--max-message-bytes", str(LIMIT),
+             "--max-contribution-bytes", str(4 << 20), "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+             "--round-timeout-s", str(self.timeout_s)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.wait_for(lambda: self._consumers() == 1, "the worker to consume")
+
+    def _consumers(self) -> int:
+        conn = pika.BlockingConnection(pika.URLParameters(URL))
+        try:
+            return conn.channel().queue_declare(topology.Topology(self.ns).federated, passive=True).method.consumer_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+        finally:
+            conn.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, cond, what: str, timeout_s: float = 60) -> None:
+        end = time.monotonic() + timeout_s
+        while not cond():
+            assert self.proc is None or self.proc.poll() is None, self.log()[-3000:]
+            assert time.monotonic() < end, f"waited {timeout_s} s for {what}\n{self.log()[-3000:]}"
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def sumworker(tmp_path, fed_keys, local_broker):
+    ns = f"helora-fedtest-{secrets.token_hex(4)}"
+    pub = tmp_path / "fed.key.pub"
+    pub.write_bytes(fed_keys.public_bytes())
+    worker = _Worker(ns, pub, tmp_path / "fedworker.log")
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        conn = pika.BlockingConnection(pika.URLParameters(URL))
+        names = topology.Topology(ns)
+        names.delete(conn.channel(), [names.federated])
+        conn.close()
+
+
+def _exact_average(owners, size: int = 3) -> dict[str, np.ndarray]:
+    """What every owner must merge: the exact integer sum of the owners' fixed-point updates, divided
+    as ``encsum.open_aggregate`` divides (the embedded round gives exactly this: test_full_scheme)."""
+    from hecommon.he.fedsum import SumScheme
+    from hecommon.wire.federated import SumLayer
+    from helora_orchestrator.federated import encsum
+
+    scheme = SumScheme(size)
+    f = encsum.frac_bits(scheme, owners[0].cfg.update_range)
+    layers = tuple(SumLayer(n, *shape) for n, shape in owners[0].shapes().items())
+    m = sum(encsum.encode_update(o.delta(), o.samples, layers, f, scheme) for o in owners)
+    out, pos = {}, 0
+    for lay in layers:
+        out[lay.name] = m[pos:pos + lay.d_out * lay.d_in].reshape(lay.d_out, lay.d_in) / (m[-1] * 2.0**f)
+        pos += lay.d_out * lay.d_in
+    return out
+
+
+def _full_round(owners, ns: str, round_no: int, results: dict, send=None) -> list[threading.Thread]:
+    """Start one thread per owner running ``owner_round`` (or ``send(owner, client)``)."""
+    from helora_orchestrator.federated.broker import FederatedBrokerClient, owner_round
+
+    def run(o):
+        try:
+            with FederatedBrokerClient(URL, ns, timeout_s=120, max_bytes=LIMIT) as c:
+                results[o.name] = send(o, c) if send else owner_round(o, c, round_no, train=False, size=3)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            results[o.name] = exc
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in owners]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_full_rounds_over_the_broker_equal_the_exact_sum(sumworker, make_owners):
+    owners = make_owners((4, 8, 16), (0.0, 0.0, 0.0), scheme="full", lr=1e-2)
+    for r in (1, 2):
+        for o in owners:
+            o.train_local()
+        want = _exact_average(owners)
+        results: dict[str, object] = {}
+        for t in _full_round(owners, sumworker.ns, r, results):
+            t.join(180)
+        for o in owners:
+            report = results[o.name]
+            assert not isinstance(report, BaseException), f"{report!r}\n{sumworker.log()[-3000:]}"
+            assert report.bytes_up[o.name] > LIMIT and report.bytes_down > LIMIT  # chunked both ways
+            assert set(report.aggregate.owners) == {"o0", "o1", "o2"}
+            for name, dw in o.last_merged.items():
+                np.testing.assert_array_equal(dw, want[name])  # bit for bit
+
+
+def test_a_worker_killed_mid_round_loses_nothing(sumworker, make_owners):
+    """Two of three encrypted updates are in and held (unacked) when the worker is SIGKILLed; the broker
+    hands them to the restarted worker, the third arrives, and every owner gets the same exact sum."""
+    owners = make_owners((4, 8, 16), (0.0, 0.0, 0.0), scheme="full", lr=1e-2)
+    for o in owners:
+        o.train_local()
+    want = _exact_average(owners)
+    results: dict[str, object] = {}
+    threads = _full_round(owners[:2], sumworker.ns, 5, results)
+    sumworker.wait_for(lambda: "holding 2 of 3 encrypted updates" in sumworker.log(), "two held updates")
+    sumworker.kill()
+    sumworker.start()
+    threads += _full_round(owners[2:], sumworker.ns, 5, results)
+    for t in threads:
+        t.join(180)
+    log = sumworker.log()
+    assert log.count("holding 2 of 3 encrypted updates") >= 2, log[-3000:]  # held again by the new worker
+    assert "summed 3 encrypted updates" in log, log[-3000:]
+    for o in owners:
+        assert not isinstance(results[o.name], BaseException), f"{results[o.name]!r}\n{log[-3000:]}"
+        for name, dw in o.last_merged.items():
+            np.testing.assert_array_equal(dw, want[name])
+
+
+def test_wrong_key_and_malformed_updates_are_dead_lettered_and_the_round_goes_on(sumworker, make_owners):
+    import dataclasses
+
+    from hecommon.broker.amqp import REASON_HEADER
+    from hecommon.wire import federated as fedwire
+    from helora_orchestrator.federated.broker import AggregatorError, round_id
+    from helora_orchestrator.federated.selective import CkksKeys
+
+    owners = make_owners((4, 8, 16), (0.0, 0.0, 0.0), scheme="full", lr=1e-2)
+    for o in owners:
+        o.train_local()
+    want = _exact_average(owners[:2], size=3)
+    stranger = CkksKeys.generate()
+    ns = sumworker.ns
+    assert wire.decode_error(_garbage(ns)).reason == "version"  # malformed bytes: refused, dead-lettered
+
+    def foreign(o, c):
+        bad = dataclasses.replace(o.contribute_sum(round_id(o.keys.digest, 9), 3), ctx=stranger.digest)
+        try:
+            c.call(bad, fedwire.SumAggregate)
+        except AggregatorError as exc:
+            return exc
+        return "accepted"
+
+    results: dict[str, object] = {}
+    threads = _full_round(owners[:2], ns, 9, results) + _full_round(owners[2:], ns, 9, results, send=foreign)
+    for t in threads:
+        t.join(180)
+    assert isinstance(results["o2"], AggregatorError), results
+    assert results["o2"].reason == "parameter_mismatch" and "another CKKS context" in str(results["o2"])
+    for o in owners[:2]:
+        assert not isinstance(results[o.name], BaseException), f"{results[o.name]!r}\n{sumworker.log()[-3000:]}"
+        assert set(results[o.name].aggregate.owners) == {"o0", "o1"}
+        for name, dw in o.last_merged.items():
+            np.testing.assert_array_equal(dw, want[name])
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        ch = conn.channel()
+        reasons = []
+        while True:
+            method, props, _ = ch.basic_get(topology.Topology(ns).dead, auto_ack=True)
+            if method is None:
+                break
+            reasons.append(props.headers[REASON_HEADER])
+    finally:
+        conn.close()
+    assert reasons.count("version") == 1 and reasons.count("parameter_mismatch") >= 1, reasons

@@ -23,13 +23,22 @@ def test_keygen_writes_a_0600_key_and_a_public_context(tmp_path, capsys):
 
 def test_demo_prints_rounds_and_exports_adapters(tmp_path, fed_data, capsys):
     rc = main(["federate", "demo", "--rounds", "2", "--data", str(fed_data), "--ranks", "4,8,16",
-               "--budgets", "0,0.01,1", "--out", str(tmp_path / "out")])
+               "--budgets", "0,0.01,1", "--scheme", "selective", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.count("held-out loss") == 3 and "round 2:" in out and "up " in out
     for i, r in enumerate((4, 8, 16)):
         assert (tmp_path / "out" / f"owner{i}" / "adapter_model.safetensors").is_file()
         assert f'"r": {r}' in (tmp_path / "out" / f"owner{i}" / "adapter_config.json").read_text()
+
+
+def test_demo_encrypts_every_coordinate_by_default(fed_data, capsys):
+    rc = main(["federate", "demo", "--rounds", "1", "--data", str(fed_data), "--ranks", "4,8", "--budgets", "0,0"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.count("every coordinate encrypted") == 2 and "round 1:" in out
+    assert main(["federate", "demo", "--rounds", "1", "--data", str(fed_data), "--update-range", "-1"]) == 2
+    assert "update_range" in capsys.readouterr().err
 
 
 def test_demo_bad_input_is_one_line(capsys):

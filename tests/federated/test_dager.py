@@ -40,11 +40,15 @@ from helora_orchestrator.federated.dager import (
     FIRST_BLOCK_QKV,
     ObservedA,
     attack_message,
+    attack_sum_message,
     dager_attack,
     first_layer_inputs,
+    observed_from_sum,
     one_step_contribution,
+    one_step_sum,
     recovery_scores,
     row_space,
+    span_distances,
     warm_start,
 )
 from helora_orchestrator.federated.selective import CkksKeys
@@ -195,3 +199,25 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ConfigError, match="start A"):
         ObservedA("q", np.ones((2, 4)), np.array([0])).update(np.ones((3, 4)))
     assert row_space([np.zeros((2, 4))]).shape == (0, 4)
+
+
+def test_full_encryption_leaves_the_attack_nothing(fed_keys: CkksKeys, owner_data):
+    """``--scheme full``, the same owner state, batch and SGD step: every variant recovers every
+    token from the update in the clear (FlexLoRA's ``s·B·A``, the server knowing the round's start)
+    and none from the encrypted one. Read without the key, the update has full rank, so the span
+    check singles out nothing (the attack abstains); an attacker who keeps only the strongest
+    ``3r`` directions of it, as if it were a low-rank update, finds no token inside either."""
+    model, _ = tiny_llama(seed=0)
+    candidates = _candidates(model)
+    client = build_client(model, "clear", LoraSettings(r=16), seed=1)
+    warm_start(client, owner_data)
+    view = one_step_sum(client, torch.tensor([ByteTokenizer().encode(SECRET)]), fed_keys)
+    for name, (layers, _aware) in VARIANTS.items():
+        clear = attack_sum_message(view, candidates, layers, clear=True)
+        assert clear["recall"] >= 0.9 and clear["precision"] == 1.0, (name, clear)
+        enc = attack_sum_message(view, candidates, layers)
+        assert enc["recall"] == 0.0 and enc["recovered"] == 0.0, (name, enc)
+        assert enc["rank"] == enc["dims"] == candidates.shape[1]  # noise in every direction
+    observed = observed_from_sum(view.message)
+    top = row_space([o.a for o in observed])[: 3 * 16]
+    assert not (span_distances(candidates, top) < 1e-2).any()

@@ -1,5 +1,10 @@
 """SHE-LoRA's server side (arXiv 2505.21051 §4.2–4.4; DESIGN §5): negotiation and column-aware aggregation.
 
+With every coordinate encrypted (``--scheme full``, ``hecommon.he.fedsum``) there is no plan:
+``aggregate_sum`` checks each owner's ``SumContribution`` (round, key digest, federation size,
+parameters, layout, a seed no other owner used) and adds the ciphertexts mod ``2^bits``; it sees
+nothing in the clear but names and shapes.
+
 Pure logic, no broker (``fedworker.py`` is the RabbitMQ shell). The aggregator holds the round's
 PUBLIC CKKS context only: one that carries a secret key is refused before anything else.
 
@@ -32,6 +37,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tenseal as ts
 from hecommon.errors import HeloraError, MalformedMessage, ParameterMismatch
+from hecommon.he import params as he_params
+from hecommon.he.bits import PackedRows
+from hecommon.he.fedsum import SumScheme
 from hecommon.wire.federated import (
     Aggregate,
     Contribution,
@@ -40,6 +48,8 @@ from hecommon.wire.federated import (
     PlanLayer,
     Proposal,
     RoundPlan,
+    SumAggregate,
+    SumContribution,
     decode,
 )
 from hecommon.wire.fedfields import (
@@ -214,6 +224,58 @@ class FederatedAggregator:
                     sums.append(v)
         return LayerAggregate(pl.name, pl.d_out, pl.d_in, clear.astype(np.float32), pl.order, tuple(counts),
                               tuple(s.serialize() for s in sums))
+
+
+    # -- every coordinate encrypted (--scheme full) -------------------------------------
+    def check_sum(self, c: SumContribution, rid: bytes, size: int,
+                  accepted: Mapping[str, SumContribution] = {}) -> None:
+        """Raise ``HeloraError`` with the reason when ``c`` cannot join round ``rid``'s encrypted sum
+        of a federation of ``size`` owners (the first accepted contribution fixes the layout)."""
+        self._check_header(c.owner, c.rid, c.ctx, rid, accepted)
+        if c.size != size:
+            raise ParameterMismatch(f"owner {c.owner!r}: encrypted for a federation of {c.size} owners; this "
+                                    f"aggregator sums up to {size}")
+        if len(accepted) >= size:
+            raise ParameterMismatch(f"owner {c.owner!r}: the round already holds {size} contributions")
+        if accepted:
+            first = next(iter(accepted.values()))
+            if (c.params, c.frac_bits, c.bits) != (first.params, first.frac_bits, first.bits):
+                raise ParameterMismatch(f"owner {c.owner!r}: parameters {c.params}, 2^{c.frac_bits}, {c.bits} bits; "
+                                        f"the round's are {first.params}, 2^{first.frac_bits}, {first.bits} bits")
+            if [(x.name, x.d_out, x.d_in) for x in c.layers] != [(x.name, x.d_out, x.d_in) for x in first.layers]:
+                raise ParameterMismatch(f"owner {c.owner!r}: layers do not match the round's (names, shapes, order)")
+            if any(c.seed == x.seed for x in accepted.values()):
+                raise MalformedMessage(f"owner {c.owner!r}: a seed another owner of this round used (its a would "
+                                       f"cancel against theirs)")
+
+    def aggregate_sum(self, rid: bytes, contributions: Sequence[bytes | SumContribution], size: int,
+                      max_bytes: int = 1 << 30) -> tuple[SumAggregate, dict[str, str]]:
+        """The encrypted sum of every valid contribution mod ``2^bits``; ``rejected`` names the others."""
+        accepted: dict[str, SumContribution] = {}
+        rejected: dict[str, str] = {}
+        for i, item in enumerate(contributions):
+            owner = item.owner if isinstance(item, SumContribution) else f"#{i}"
+            try:
+                c = item if isinstance(item, SumContribution) else decode(item, max_bytes, SumContribution)
+                assert isinstance(c, SumContribution)
+                owner = c.owner
+                self.check_sum(c, rid, size, accepted)
+                accepted[c.owner] = c
+            except HeloraError as exc:
+                rejected[owner if owner not in accepted else f"{owner} (duplicate)"] = str(exc)
+        if not accepted:
+            raise MalformedMessage(f"round {rid.hex()}: no valid contribution ({len(rejected)} rejected)")
+        return sum_contributions(list(accepted.values()), self.digest), rejected
+
+
+def sum_contributions(cs: Sequence[SumContribution], digest: bytes) -> SumAggregate:
+    """The ``SumAggregate`` of checked contributions (one layout, distinct owners and seeds)."""
+    first = cs[0]
+    params = he_params.get(first.params)
+    scheme = SumScheme(first.size, params)
+    total = scheme.add([PackedRows(first.bits, params.n, c.b) for c in cs])
+    return SumAggregate(first.rid, digest, first.params, first.size, first.frac_bits, first.bits, first.layers,
+                        tuple(c.owner for c in cs), tuple(c.seed for c in cs), bytes(total.data))
 
 
 def _layer(c: Contribution, name: str) -> LayerContribution:

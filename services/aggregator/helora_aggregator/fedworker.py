@@ -4,6 +4,14 @@
 ``{ns}.federated``. Owners (``helora federate round``) publish ``fedwire`` messages there with
 ``reply_to`` and ``correlation_id``:
 
+With every coordinate encrypted (``--scheme full``, the owners' default) a round is one message
+per owner: a ``SumContribution``, checked on arrival (``FederatedAggregator.check_sum``) and held
+unacked; once ``N`` owners have sent theirs (or after the timeout) the worker answers each with
+the ``SumAggregate`` and only then acks them. A worker killed mid-round leaves them unacked, so
+the broker hands them to its successor, which sums the same round again: nothing is lost.
+
+SHE-LoRA (``--scheme selective``):
+
 1. a ``Proposal`` per owner and round; once ``N`` owners have proposed (or ``--round-timeout-s``
    after the first, with those that did), the worker answers every proposer with the
    ``RoundPlan``;
@@ -24,8 +32,9 @@ until the round's answer is out, so ``--prefetch`` must be at least
 The round id is derived by the owners from the context digest and the round number, so they
 agree on it without talking to each other. The worker holds only the PUBLIC context (refused at
 start if it carries a secret key). Proposals stay unacked until the plan is out, contributions
-until the aggregate is out. A round's state lives in this process: if it dies mid-round, the
-owners wait until their own timeout and run the round again (not replayed automatically).
+until the aggregate is out. A selective round's plan lives in this process: if it dies after
+planning, the redelivered contributions find no plan and are refused, and the owners run the
+round again (not replayed automatically).
 """
 
 from __future__ import annotations
@@ -46,9 +55,9 @@ from hecommon.broker import config as broker_config
 from hecommon.errors import ConfigError, HeloraError, MalformedMessage, ParameterMismatch
 from hecommon.wire import fedchunks, fedfields
 from hecommon.wire import federated as fedwire
-from hecommon.wire.federated import Contribution, Proposal
+from hecommon.wire.federated import Contribution, Proposal, SumContribution
 
-from .federated import FederatedAggregator, check_public_context
+from .federated import FederatedAggregator, check_public_context, sum_contributions
 
 log = logging.getLogger("helora.aggregator.federated")
 
@@ -121,6 +130,8 @@ class _Round:
     planned: tuple[str, ...] = ()
     contributions: dict[str, tuple[Contribution, Deliveries]] = field(default_factory=dict)
     rejected: set[str] = field(default_factory=set)
+    #: --scheme full: the encrypted updates held (unacked) until the round's sum is out
+    sums: dict[str, tuple[SumContribution, Deliveries]] = field(default_factory=dict)
 
 
 class FederatedWorker(amqp.Service):
@@ -166,6 +177,8 @@ class FederatedWorker(amqp.Service):
                 self._proposal(msg, ds)
             elif isinstance(msg, Contribution):
                 self._contribution(msg, ds)
+            elif isinstance(msg, SumContribution):
+                self._sum_contribution(msg, ds)
             else:
                 raise MalformedMessage(f"{msg.TYPE}: not accepted on the federated queue")
         except wire.GatherError as exc:  # every chunk of the message received so far goes, not just this one
@@ -195,6 +208,8 @@ class FederatedWorker(amqp.Service):
 
     def _proposal(self, p: Proposal, ds: Deliveries) -> None:
         rnd = self.rounds.setdefault(p.rid, _Round())
+        if rnd.sums:
+            raise ParameterMismatch(f"owner {p.owner!r}: round {p.rid.hex()} sums encrypted updates (scheme full)")
         if rnd.plan is not None:
             raise ParameterMismatch(f"owner {p.owner!r}: round {p.rid.hex()} is already planned")
         if p.owner in rnd.proposals:
@@ -236,10 +251,7 @@ class FederatedWorker(amqp.Service):
         if len(rnd.contributions) + len(rnd.rejected - set(rnd.contributions)) < len(rnd.planned) and not timed_out:
             return
         assert rnd.plan is not None
-        del self.rounds[rid]
-        self.closed[rid] = None
-        while len(self.closed) > 1024:
-            self.closed.pop(next(iter(self.closed)))
+        self._close(rid)
         if not rnd.contributions:
             return
         try:
@@ -254,6 +266,40 @@ class FederatedWorker(amqp.Service):
             self._answer(ds, body)
         self.ack([d for _, ds in rnd.contributions.values() for d in ds])
         log.info("round %s: aggregated %d owners, %d bytes", rid.hex()[:8], len(agg.owners), len(body))
+
+    def _sum_contribution(self, c: SumContribution, ds: Deliveries) -> None:
+        """--scheme full: hold the encrypted update (unacked) until every owner's is in, then sum."""
+        rnd = self.rounds.setdefault(c.rid, _Round())
+        if rnd.proposals:
+            raise ParameterMismatch(f"owner {c.owner!r}: round {c.rid.hex()} is a selective one (it has proposals)")
+        try:
+            self.aggregator.check_sum(c, c.rid, self.cfg.owners, {o: x for o, (x, _) in rnd.sums.items()})
+        except HeloraError:
+            rnd.rejected.add(c.owner)
+            self._maybe_sum(c.rid, rnd)
+            raise
+        rnd.sums[c.owner] = (c, ds)
+        log.info("round %s: holding %d of %d encrypted updates", c.rid.hex()[:8], len(rnd.sums), self.cfg.owners)
+        self._maybe_sum(c.rid, rnd)
+
+    def _maybe_sum(self, rid: bytes, rnd: _Round, timed_out: bool = False) -> None:
+        if len(rnd.sums) + len(rnd.rejected - set(rnd.sums)) < self.cfg.owners and not timed_out:
+            return
+        self._close(rid)
+        if not rnd.sums:
+            return
+        agg = sum_contributions([c for c, _ in rnd.sums.values()], self.aggregator.digest)
+        body = fedwire.encode(agg, self.cfg.max_joined_bytes)
+        for _, ds in rnd.sums.values():
+            self._answer(ds, body)
+        self.ack([d for _, ds in rnd.sums.values() for d in ds])  # only now: a restart before this re-sums them
+        log.info("round %s: summed %d encrypted updates, %d bytes", rid.hex()[:8], len(agg.owners), len(body))
+
+    def _close(self, rid: bytes) -> None:
+        del self.rounds[rid]
+        self.closed[rid] = None
+        while len(self.closed) > 1024:
+            self.closed.pop(next(iter(self.closed)))
 
     def _answer(self, ds: Deliveries, body: bytes) -> None:
         """Publish ``body`` (in chunks if above the limit) to the sender's ``reply_to``."""
@@ -272,7 +318,9 @@ class FederatedWorker(amqp.Service):
             if now - rnd.started <= self.cfg.round_timeout_s:
                 continue
             log.warning("round %s: timed out; going on with the owners that answered", rid.hex()[:8])
-            if rnd.plan is None:
+            if rnd.sums or (rnd.rejected and not rnd.proposals):
+                self._maybe_sum(rid, rnd, timed_out=True)
+            elif rnd.plan is None:
                 self._plan(rid, rnd)
                 rnd.started = now
             else:

@@ -143,12 +143,12 @@ class EncryptedPartial:
             raise ValueError(f"client_a: a ClientA ({', '.join(c.name for c in ClientA)}) expected, got {client_a!r}")
         if client_a is not ClientA.NOTHING:
             bits = self.params.hint_out_bits if client_a is ClientA.HINT else self.params.out_bits
-            return EncryptedResult(self.params, None, _switch_rows(self.b, self.params, bits), self.n_tokens, bits,
+            return EncryptedResult(self.params, None, switch_rows(self.b, self.params, bits), self.n_tokens, bits,
                                    self.col0)
         if isinstance(self.a, PackedRows) and self.a.bits != self.params.out_bits:
             raise ParameterMismatch(f"the switched a part has {self.a.bits} bits, not {self.params.out_bits}")
         a = self.a if isinstance(self.a, PackedRows) else switch_a(self.a, self.params)
-        return EncryptedResult(self.params, a, _switch_rows(self.b, self.params), self.n_tokens, col0=self.col0)
+        return EncryptedResult(self.params, a, switch_rows(self.b, self.params), self.n_tokens, col0=self.col0)
 
 
 def _columns(rows: np.ndarray | PackedRows) -> int:
@@ -176,12 +176,12 @@ def unpacked(rows: np.ndarray | PackedRows) -> np.ndarray:
 
 def switch_a(a: np.ndarray, params: ParamSet) -> np.ndarray:
     """The public part of outputs mod q, (d, L, N) residues, switched to ``2^out_bits``: (d, N)."""
-    return _switch_rows(a, params)
+    return switch_rows(a, params)
 
 
-def _switch_rows(x: np.ndarray, params: ParamSet, bits: int | None = None) -> np.ndarray:
-    """``switch_modulus`` of (d, L, n) residues (n: N, or a request's T), ranges of rows in parallel:
-    (d, n) uint64."""
+def switch_rows(x: np.ndarray, params: ParamSet, bits: int | None = None) -> np.ndarray:
+    """``switch_modulus`` of (d, L, n) residues (n: N, or a request's T) to ``2^bits`` (default
+    ``out_bits``), ranges of rows in parallel: (d, n) uint64."""
     out = np.empty((x.shape[0], x.shape[2]), dtype=np.uint64)
     k = params.out_bits if bits is None else bits
     if params.limbs == 2 and kernels.enabled():  # one compiled pass (the client's embedded server)

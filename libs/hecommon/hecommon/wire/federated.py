@@ -12,7 +12,9 @@ and that every float is finite; it raises ``OversizedMessage``, ``UnsupportedVer
 A round: one owner publishes the shared **public** context (``PublicContext``; never a secret
 key: the aggregator checks); every owner sends a ``Proposal`` (its top-k column positions per
 layer, no scores); the aggregator answers one ``RoundPlan`` (a global ordered list per layer);
-every owner sends a ``Contribution``; the aggregator answers one ``Aggregate``.
+every owner sends a ``Contribution``; the aggregator answers one ``Aggregate``. With every
+coordinate encrypted (``--scheme full``) there is no negotiation: every owner sends one
+``SumContribution`` and the aggregator answers one ``SumAggregate``.
 
 CKKS layout (shared by both sides): an owner's encrypted vectors of one layer,
 ``w_i·s_i·B_i·a_ij`` for ``j`` = the first ``k_i`` positions of the global list, in list order,
@@ -23,11 +25,14 @@ column ``d_in - 1 - t`` of the owner's swapped ``A`` (SHE-LoRA §4.3), whatever 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..he.bits import packed_size
+from ..he.sampling import SEED_BYTES as SUM_SEED_BYTES
 from .codec import check_blob_range as _blob
 from .codec import check_int_like as _int
 from .codec import check_keys as _keys
@@ -305,6 +310,135 @@ class Aggregate:
         return cls(m["rid"], m["ctx"], m["total"], tuple(owners), tuple(layers), m["lib"])
 
 
+# -- every coordinate encrypted (``--scheme full``; ``hecommon.he.fedsum``) ------------------
+@dataclass(frozen=True)
+class SumLayer:
+    """One layer of an encrypted sum: its ``d_out·d_in`` values follow the previous layer's, row-major
+    (``fedfields.sum_values``: every layer, then the owner's sample weight)."""
+
+    name: str
+    d_out: int
+    d_in: int
+
+    def __post_init__(self) -> None:
+        _text("layer", self.name, MAX_NAME_CHARS)
+        _dims(self.name, self.d_out, self.d_in)
+
+
+def _sum_fields(where: str, params: str, size: int, frac_bits: int, bits: int, layers: Any, b: Any) -> None:
+    """The checks a contribution and an aggregate share: a known parameter set, a federation size,
+    the bits its sums need (``fedsum.sum_bits``), and ``b`` exactly the packed rows of the layers."""
+    from ..he import params as he_params
+    from ..he.fedsum import sum_bits
+
+    _text(f"{where}.params", params, MAX_NAME_CHARS)
+    if params not in he_params.REGISTRY:
+        _fail(f"{where}.params", f"unknown parameter set (known: {sorted(he_params.REGISTRY)})")
+    ps = he_params.REGISTRY[params]
+    _int(f"{where}.size", size, 1, MAX_OWNERS)
+    _int(f"{where}.frac_bits", frac_bits, 0, ps.msg_bits)
+    if bits != sum_bits(ps, size):
+        _fail(f"{where}.bits", f"{bits!r}, but sums of {size} owners under {params} take {sum_bits(ps, size)}")
+    _check_layers(f"{where}.layers", layers)
+    rows = -(-sum_values(layers) // ps.n)
+    _blob(f"{where}.b", b, rows * packed_size(bits, ps.n), rows * packed_size(bits, ps.n))
+
+
+def sum_values(layers: Sequence[SumLayer]) -> int:
+    """Values of one owner's encrypted update: every layer's ``d_out·d_in``, then its sample weight."""
+    return sum(x.d_out * x.d_in for x in layers) + 1
+
+
+def _sum_layers(where: str, value: Any) -> tuple[SumLayer, ...]:
+    layers = []
+    for i, x in enumerate(_list(where, value)):
+        _keys(f"{where}[{i}]", x, ("name", "d_out", "d_in"))
+        layers.append(SumLayer(x["name"], x["d_out"], x["d_in"]))
+    return tuple(layers)
+
+
+@dataclass(frozen=True, eq=False)
+class SumContribution:
+    """One owner's whole update, every coordinate encrypted (``fedsum``): ``b`` the packed switched
+    rows at ``bits``, ``seed`` its public ``a``. In the clear only the owner's name, the federation's
+    ``size`` and fixed-point ``frac_bits`` (the same for every owner), and the layers' shapes."""
+
+    TYPE: ClassVar[str] = "fed-sum-contribution"
+    rid: bytes
+    owner: str
+    ctx: bytes
+    params: str
+    size: int
+    frac_bits: int
+    bits: int
+    layers: tuple[SumLayer, ...]
+    seed: bytes
+    b: bytes
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
+        _text("owner", self.owner, MAX_OWNER_CHARS)
+        _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
+        _sum_fields("contribution", self.params, self.size, self.frac_bits, self.bits, self.layers, self.b)
+        _blob("seed", self.seed, SUM_SEED_BYTES, SUM_SEED_BYTES)
+
+    def _body(self) -> dict[str, Any]:
+        return {"owner": self.owner, "ctx": self.ctx, "params": self.params, "size": self.size,
+                "frac_bits": self.frac_bits, "bits": self.bits, "seed": self.seed, "b": self.b,
+                "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in} for x in self.layers]}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> SumContribution:
+        return cls(m["rid"], m["owner"], m["ctx"], m["params"], m["size"], m["frac_bits"], m["bits"],
+                   _sum_layers("layers", m["layers"]), m["seed"], m["b"], m["lib"])
+
+
+@dataclass(frozen=True, eq=False)
+class SumAggregate:
+    """The sum of the ``owners``' contributions mod ``2^bits`` and their ``seeds`` (in the same
+    order), which every owner needs for ``Σ a_i``; nothing of any single owner."""
+
+    TYPE: ClassVar[str] = "fed-sum-aggregate"
+    rid: bytes
+    ctx: bytes
+    params: str
+    size: int
+    frac_bits: int
+    bits: int
+    layers: tuple[SumLayer, ...]
+    owners: tuple[str, ...]
+    seeds: tuple[bytes, ...]
+    b: bytes
+    lib: str = LIB_VERSION
+
+    def __post_init__(self) -> None:
+        _blob("rid", self.rid, RID_BYTES, RID_BYTES)
+        _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
+        _sum_fields("aggregate", self.params, self.size, self.frac_bits, self.bits, self.layers, self.b)
+        if not isinstance(self.owners, tuple) or not 1 <= len(self.owners) <= self.size:
+            _fail("owners", f"a tuple of 1..{self.size} names is required")
+        for o in self.owners:
+            _text("owners[]", o, MAX_OWNER_CHARS)
+        if not isinstance(self.seeds, tuple) or len(self.seeds) != len(self.owners):
+            _fail("seeds", f"one seed per owner ({len(self.owners)}) is required")
+        for s in self.seeds:
+            _blob("seeds[]", s, SUM_SEED_BYTES, SUM_SEED_BYTES)
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.owners)) != len(self.owners):
+            _fail("seeds", "a repeated owner or seed")
+
+    def _body(self) -> dict[str, Any]:
+        return {"ctx": self.ctx, "params": self.params, "size": self.size, "frac_bits": self.frac_bits,
+                "bits": self.bits, "owners": list(self.owners), "seeds": list(self.seeds), "b": self.b,
+                "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in} for x in self.layers]}
+
+    @classmethod
+    def _from(cls, m: dict[str, Any]) -> SumAggregate:
+        return cls(m["rid"], m["ctx"], m["params"], m["size"], m["frac_bits"], m["bits"],
+                   _sum_layers("layers", m["layers"]), tuple(_list("owners", m["owners"])),
+                   tuple(_list("seeds", m["seeds"])), m["b"], m["lib"])
+
+
 @dataclass(frozen=True, eq=False)
 class Chunk:
     """Part ``part`` of ``parts`` of one encoded message larger than the broker's limit; ``rid``
@@ -333,7 +467,7 @@ class Chunk:
         return cls(m["rid"], m["part"], m["parts"], m["total"], m["data"], m["lib"])
 
 
-Message = PublicContext | Proposal | RoundPlan | Contribution | Aggregate | Chunk
+Message = PublicContext | Proposal | RoundPlan | Contribution | Aggregate | SumContribution | SumAggregate | Chunk
 _BODY_KEYS: dict[Any, tuple[str, ...]] = {
     Chunk: ("part", "parts", "total", "data"),
     PublicContext: ("context",),
@@ -341,6 +475,8 @@ _BODY_KEYS: dict[Any, tuple[str, ...]] = {
     RoundPlan: ("ctx", "layers"),
     Contribution: ("owner", "samples", "ctx", "layers"),
     Aggregate: ("ctx", "total", "owners", "layers"),
+    SumContribution: ("owner", "ctx", "params", "size", "frac_bits", "bits", "layers", "seed", "b"),
+    SumAggregate: ("ctx", "params", "size", "frac_bits", "bits", "layers", "owners", "seeds", "b"),
 }
 _BY_TYPE: dict[str, Any] = {cls.TYPE: cls for cls in _BODY_KEYS}
 

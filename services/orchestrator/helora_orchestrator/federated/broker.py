@@ -1,6 +1,8 @@
 """One owner's federated rounds over RabbitMQ (``helora federate round``; SHE-LoRA, DESIGN §5).
 
-The owner publishes its ``Proposal`` and then its ``Contribution`` to ``{ns}.federated`` (the
+With every coordinate encrypted (``--scheme full``) the owner publishes one ``SumContribution``
+and waits for the ``SumAggregate``. SHE-LoRA (``selective``): the owner publishes its ``Proposal``
+and then its ``Contribution`` to ``{ns}.federated`` (the
 aggregator's ``fedworker``) with its own exclusive ``reply_to`` queue and a fresh
 ``correlation_id``, and waits for the ``RoundPlan`` and then the ``Aggregate``. An error reply
 (``hecommon.wire.ErrorReply``) becomes a ``HeloraError`` naming the aggregator's reason.
@@ -18,7 +20,7 @@ import time
 import pika
 from hecommon import wire
 from hecommon.broker import connection, topology
-from hecommon.errors import HeloraError, MalformedMessage, TransientError
+from hecommon.errors import ConfigError, HeloraError, MalformedMessage, TransientError
 from hecommon.wire import fedchunks
 from hecommon.wire import federated as fedwire
 
@@ -123,20 +125,35 @@ class FederatedBrokerClient:
         self.close()
 
 
-def owner_round(owner: Owner, client: FederatedBrokerClient, round_no: int, train: bool = True) -> RoundReport:
-    """Train locally, propose, contribute, merge: one round of one owner over the broker."""
+def owner_round(owner: Owner, client: FederatedBrokerClient, round_no: int, train: bool = True,
+                size: int | None = None) -> RoundReport:
+    """Train locally, then (``--scheme full``) send the encrypted update of a federation of ``size``
+    owners and merge the encrypted sum, or (selective) propose, contribute and merge: one round of
+    one owner over the broker."""
     rid = round_id(owner.keys.digest, round_no)
     report = RoundReport(round_no)
     report.train_loss[owner.name] = owner.train_local() if train else float("nan")
     up0, down0 = client.bytes_up, client.bytes_down
+    if owner.cfg.scheme == "full":
+        if size is None:
+            raise ConfigError("owner_round: scheme full needs the federation's size (the number of owners)")
+        summed = client.call(owner.contribute_sum(rid, size), fedwire.SumAggregate)
+        assert isinstance(summed, fedwire.SumAggregate)
+        owner.merge_sum(summed)
+        report.aggregate = summed
+    else:
+        _selective_round(owner, client, rid, report)
+    report.eval_loss[owner.name] = owner.eval_loss()
+    report.enc_seconds[owner.name] = owner.enc_seconds
+    report.bytes_up[owner.name] = client.bytes_up - up0
+    report.bytes_down = client.bytes_down - down0
+    return report
+
+
+def _selective_round(owner: Owner, client: FederatedBrokerClient, rid: bytes, report: RoundReport) -> None:
     plan = client.call(owner.proposal(rid), fedwire.RoundPlan)
     assert isinstance(plan, fedwire.RoundPlan)
     agg = client.call(owner.contribute(plan), fedwire.Aggregate)
     assert isinstance(agg, fedwire.Aggregate)
     owner.merge(agg)
-    report.eval_loss[owner.name] = owner.eval_loss()
-    report.enc_seconds[owner.name] = owner.enc_seconds
-    report.bytes_up[owner.name] = client.bytes_up - up0
-    report.bytes_down = client.bytes_down - down0
     report.plan, report.aggregate = plan, agg
-    return report

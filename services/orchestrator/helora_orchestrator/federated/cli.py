@@ -1,8 +1,11 @@
 """``helora federate keygen | demo | round``: the federated mode's command line (SHE-LoRA; DESIGN §5).
 
-- ``keygen --out KEY``: one owner makes the federation's shared CKKS key: ``KEY`` (0600, secret
-  key included; hand it to the other owners out of band) and ``KEY.pub`` (the public context,
+- ``keygen --out KEY``: one owner makes the federation's shared key: ``KEY`` (0600, the CKKS
+  secret key included, from which the RLWE key of ``--scheme full`` is derived; hand it to the
+  other owners out of band) and ``KEY.pub`` (the public context,
   no secret key: the only file the aggregator gets).
+- ``--scheme full`` (the default) encrypts every coordinate of every update; ``--scheme
+  selective`` is SHE-LoRA (the paper's method, our baseline).
 - ``demo``: several owners and the aggregator in one process (embedded), several rounds,
   printing the held-out loss and the bytes per round.
 - ``round``: one owner's rounds against a federated aggregator on RabbitMQ
@@ -19,6 +22,7 @@ from pathlib import Path
 from hecommon.errors import ConfigError
 
 from ..lora import BLOCK_LINEARS
+from .schemes import DEFAULT_UPDATE_RANGE, SCHEMES
 
 
 def _floats(text: str) -> list[float]:
@@ -48,10 +52,17 @@ def _owner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=",".join(BLOCK_LINEARS), help="comma-separated block linears with LoRA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="DIR", help="export each owner's merged adapter (PEFT) here")
+    p.add_argument("--scheme", choices=SCHEMES, default="full",
+                   help="full (default): every coordinate of every update encrypted (helora's RLWE); "
+                        "selective: SHE-LoRA, the budget's columns of A encrypted, the rest in the clear")
+    p.add_argument("--update-range", type=float, default=DEFAULT_UPDATE_RANGE, metavar="R",
+                   help="full: the bound on |samples x ΔW| per coordinate, the same for every owner (an update "
+                        "past it is refused, never wrapped)")
 
 
 def add_parser(sub) -> None:
-    f = sub.add_parser("federate", help="federated SHE-LoRA: keygen, local demo, or one owner's rounds")
+    f = sub.add_parser("federate", help="federated LoRA (every coordinate encrypted, or SHE-LoRA): keygen, local "
+                                        "demo, or one owner's rounds")
     f.set_defaults(broker=None, mode="clear", param_set=None)  # the top-level checks of helora's main
     fsub = f.add_subparsers(dest="fed_command", required=True, metavar="{keygen,demo,round}")
     k = fsub.add_parser("keygen", help="make the federation's shared CKKS key")
@@ -59,7 +70,8 @@ def add_parser(sub) -> None:
     d = fsub.add_parser("demo", help="N owners and the aggregator in one process")
     _owner_flags(d)
     d.add_argument("--ranks", default="4,8,16", help="one LoRA rank per owner")
-    d.add_argument("--budgets", default="0.00125,0.01,0.1", help="one budget per owner: fraction of A's columns encrypted")
+    d.add_argument("--budgets", default="0.00125,0.01,0.1",
+                   help="selective: one budget per owner, the fraction of A's columns encrypted")
     r = fsub.add_parser("round", help="one owner's rounds against a federated aggregator on RabbitMQ")
     _owner_flags(r)
     r.add_argument("--key", required=True, metavar="KEY", help="the shared CKKS key file (from keygen)")
@@ -67,7 +79,7 @@ def add_parser(sub) -> None:
     r.add_argument("--owners", type=int, required=True, help="how many owners take part (the shard of --data)")
     r.add_argument("--index", type=int, required=True, help="this owner's index, 0..owners-1 (its data shard)")
     r.add_argument("--rank", type=int, default=8)
-    r.add_argument("--budget", type=float, default=0.01)
+    r.add_argument("--budget", type=float, default=0.01, help="selective: the fraction of A's columns encrypted")
     r.add_argument("--first-round", type=int, default=1)
     r.add_argument("--broker", dest="fed_broker", default="amqp://guest:guest@127.0.0.1:5672/%2F", metavar="URL")
     r.add_argument("--namespace", default="helora")
@@ -81,7 +93,8 @@ def _configs(args, names, ranks, budgets):
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return [OwnerConfig(name, rank=r, budget=b, local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
-                        seq_len=args.seq_len, mode=args.mode, seed=args.seed + 1 + i, targets=targets)
+                        seq_len=args.seq_len, mode=args.mode, seed=args.seed + 1 + i, targets=targets,
+                        scheme=args.scheme, update_range=args.update_range)
             for i, (name, r, b) in enumerate(zip(names, ranks, budgets, strict=True))]
 
 
@@ -123,7 +136,9 @@ def cmd_demo(args) -> int:
     from ..embedded import federated_aggregator
 
     aggregator = federated_aggregator(keys.public_bytes())
-    print("owners: " + ", ".join(f"{o.name} (rank {o.cfg.rank}, budget {o.cfg.budget:g}, {o.samples} samples)"
+    protection = (lambda o: "every coordinate encrypted") if args.scheme == "full" else (
+        lambda o: f"budget {o.cfg.budget:g}")
+    print("owners: " + ", ".join(f"{o.name} (rank {o.cfg.rank}, {protection(o)}, {o.samples} samples)"
                                  for o in owners))
     print(f"held-out loss before: {sum(o.eval_loss() for o in owners) / len(owners):.4f}")
     for r in range(1, args.rounds + 1):
@@ -161,7 +176,7 @@ def cmd_round(args) -> int:
                                max_bytes=args.max_message_bytes) as client:
         client.handshake(keys)
         for r in range(args.first_round, args.first_round + args.rounds):
-            print(owner_round(owner, client, r))
+            print(owner_round(owner, client, r, size=args.owners))
     _export([owner], args.out)
     return 0
 

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from hecommon.errors import ConfigError, ParameterMismatch
-from hecommon.wire.federated import Aggregate, Contribution, LayerContribution, Proposal, RoundPlan
+from hecommon.wire.federated import (
+    Aggregate,
+    Contribution,
+    LayerContribution,
+    Proposal,
+    RoundPlan,
+    SumAggregate,
+    SumContribution,
+)
 
 from ..backend import MODES
 from ..checkpoint import CheckpointMeta
@@ -29,8 +37,10 @@ from ..client_model import build_client
 from ..data import PackedData
 from ..lora import BLOCK_LINEARS, LoraSettings
 from ..train import TrainConfig, Trainer
+from .encsum import open_aggregate, timed_contribute
 from .negotiate import budget_columns, make_proposal
 from .reparam import reconstruct, svd_to_rank
+from .schemes import DEFAULT_UPDATE_RANGE, SCHEMES
 from .selective import CkksKeys, select_and_encrypt
 from .sensitivity import column_scores, lora_layers
 
@@ -56,6 +66,8 @@ class OwnerConfig:
     targets: tuple[str, ...] = BLOCK_LINEARS
     calibration_batches: int = 2
     eval_batches: int = 4
+    scheme: str = "full"
+    update_range: float = DEFAULT_UPDATE_RANGE  # full: the bound on |samples × ΔW| (the same for every owner)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not 1 <= len(self.name) <= 64:
@@ -69,6 +81,11 @@ class OwnerConfig:
             raise ConfigError(f"lr: {self.lr!r} must be a positive number")
         if self.mode not in MODES:
             raise ConfigError(f"mode: {self.mode!r} is not one of {MODES}")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme: {self.scheme!r} is not one of {SCHEMES}")
+        if not (isinstance(self.update_range, int | float) and math.isfinite(self.update_range)
+                and self.update_range > 0):
+            raise ConfigError(f"update_range: {self.update_range!r} must be a positive number")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: {self.optimizer!r} is not one of {OPTIMIZERS}")
         _ = self.lora  # validates rank, alpha and targets
@@ -153,16 +170,33 @@ class Owner:
         self.enc_seconds = time.perf_counter() - t0
         return Contribution(plan.rid, self.name, self.samples, self.keys.digest, tuple(layers))
 
+    def contribute_sum(self, rid: bytes, size: int) -> SumContribution:
+        """``--scheme full``: this owner's whole ``w·ΔW`` and ``w``, every coordinate encrypted, for a
+        federation of ``size`` owners (``encsum``)."""
+        c, self.enc_seconds = timed_contribute(self.keys, rid, self.name, self.delta(), self.shapes(), self.samples,
+                                               size, self.cfg.update_range)
+        return c
+
+    def merge_sum(self, agg: SumAggregate) -> dict[str, np.ndarray]:
+        """Decrypt the encrypted sum, divide by the total weight, load it at this owner's rank."""
+        _match_layers("aggregate", {x.name: (x.d_out, x.d_in) for x in agg.layers}, self.shapes())
+        if [x.name for x in agg.layers] != list(self.shapes()):
+            raise ParameterMismatch("aggregate: the layers are not in this owner's order")
+        full, _ = open_aggregate(self.keys, agg)
+        return self._load(full)
+
     def merge(self, agg: Aggregate) -> dict[str, np.ndarray]:
         """Load the aggregate at this owner's rank; returns the full aggregated ``ΔW`` per layer."""
         if agg.ctx != self.keys.digest:
             raise ParameterMismatch("aggregate: another CKKS context than this owner's key")
         _match_layers("aggregate", {x.name: (x.d_out, x.d_in) for x in agg.layers}, self.shapes())
-        full = {}
+        return self._load({name: reconstruct(agg.layer(name), agg.total, self.keys) for name in self.shapes()})
+
+    def _load(self, full: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The aggregated ``ΔW`` of every layer at this owner's rank (SVD), optimizer moments reset."""
         with torch.no_grad():
             for name, m in lora_layers(self.client).items():
-                dw = full[name] = reconstruct(agg.layer(name), agg.total, self.keys)
-                a, b = svd_to_rank(dw, m.lora_A.weight.shape[0], m.scaling)
+                a, b = svd_to_rank(full[name], m.lora_A.weight.shape[0], m.scaling)
                 m.lora_A.weight.copy_(torch.from_numpy(a))
                 m.lora_B.weight.copy_(torch.from_numpy(b))
         self.trainer.optimizer.state.clear()  # moments of the old factors mean nothing for the new ones

@@ -181,7 +181,10 @@ def dager_attack(observed: Sequence[ObservedA], candidates: np.ndarray,
     # A₁ − A₀ carries A₁'s float32 rounding: directions at that level are noise, not tokens
     floor = fp32_noise_floor(received) if a_start is not None else 0.0
     basis = row_space(updates, rank_rtol, floor)
-    if basis.shape[0] == 0:
+    if basis.shape[0] == 0 or basis.shape[0] >= candidates.shape[1]:
+        # no row space, or one that fills every coordinate the check uses (an update of full rank:
+        # noise, or a ciphertext read without its key): every candidate lies in it, so the span
+        # check singles out none, and the attack abstains rather than "recover" the vocabulary
         dist = np.full(candidates.shape[0], np.inf)
     else:
         dist = span_distances(candidates, basis)
@@ -309,6 +312,93 @@ def one_step_contribution(client: ClientModel, batch_ids: torch.Tensor, calibrat
                                        b_eff.astype(np.float32), swapped, enc))
     message = encode_contribution(Contribution(rid, owner, int(batch_ids.shape[0]), keys.digest, tuple(parts)))
     return VictimView(message, plan, a_start, batch_ids.numpy().copy())
+
+
+@dataclass(frozen=True)
+class SumView:
+    """One SGD step of an owner under ``--scheme full``: the encrypted update as the server receives
+    it, and (for the comparison only, never given to the encrypted attack) the same update in
+    the clear with the round's starting product, as a clear FlexLoRA server would hold them."""
+
+    message: bytes  # the encoded SumContribution
+    clear_delta: dict[str, np.ndarray]  # s·B₁·A₁ of the attacked layers after the step
+    delta_start: dict[str, np.ndarray]  # s·B₀·A₀: the round's start (the last merge, public in clear FlexLoRA)
+    batch_ids: np.ndarray
+
+
+def one_step_sum(client: ClientModel, batch_ids: torch.Tensor, keys: CkksKeys, lr: float = 0.1,
+                 owner: str = "victim", layers: Sequence[str] = FIRST_BLOCK_QKV, size: int = 3) -> SumView:
+    """One owner, one SGD step on ``batch_ids``, its update of ``layers`` encrypted as ``--scheme
+    full`` sends it (``encsum.contribute``, one of ``size`` owners)."""
+    from hecommon.wire.federated import encode
+
+    from . import encsum
+
+    lora = lora_layers(client)
+
+    def products() -> dict[str, np.ndarray]:
+        return {n: lora[n].scaling * (lora[n].lora_B.weight.detach().double()
+                                      @ lora[n].lora_A.weight.detach().double()).numpy() for n in layers}
+
+    start = products()
+    _sgd_step(client, batch_ids, lr)
+    delta = products()
+    shapes = {n: (lora[n].out_features, lora[n].in_features) for n in layers}
+    c = encsum.contribute(keys, os.urandom(16), owner, delta, shapes, int(batch_ids.shape[0]), size)
+    return SumView(encode(c, 1 << 30), delta, start, batch_ids.numpy().copy())
+
+
+def observed_from_sum(message: bytes, layers: Sequence[str] = FIRST_BLOCK_QKV) -> list[ObservedA]:
+    """The server's best reading of an encrypted update without the key: each value of ``b'``
+    centered and scaled as if it were ``Δ'·m`` (the mask ``a·s`` it cannot remove left in),
+    divided by the fixed-point scale; no position is hidden from it, none is known either."""
+    from hecommon.he.bits import PackedRows
+    from hecommon.he.params import get
+    from hecommon.wire.federated import SumContribution, decode
+
+    c = decode(message, 1 << 30, SumContribution)
+    assert isinstance(c, SumContribution)
+    params = get(c.params)
+    b = PackedRows(c.bits, params.n, c.b).unpack().reshape(-1).astype(np.float64)
+    b = np.where(b >= 2.0 ** (c.bits - 1), b - 2.0**c.bits, b) / 2.0 ** (c.bits - params.msg_bits + c.frac_bits)
+    out, pos = [], 0
+    by_name = {}
+    for x in c.layers:
+        by_name[x.name] = b[pos:pos + x.d_out * x.d_in].reshape(x.d_out, x.d_in)
+        pos += x.d_out * x.d_in
+    for name in layers:
+        if name not in by_name:
+            raise ConfigError(f"dager: the contribution has no layer {name!r}")
+        out.append(ObservedA(name, by_name[name], np.zeros(0, dtype=np.int64)))
+    return out
+
+
+def attack_sum_message(view: SumView, candidates: np.ndarray, layers: Sequence[str] = FIRST_BLOCK_QKV,
+                       clear: bool = False, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+    """The attack on an encrypted update as the server reads it (``observed_from_sum``) or, with
+    ``clear``, on the same update sent in the clear (``s·B₁·A₁ − s·B₀·A₀``, rows in the span of the
+    batch's inputs and of ``A₀``'s rows); scored against the batch."""
+    if clear:  # each layer's update scaled to unit norm, so one layer's rows do not drown another's
+        norm = {n: 1.0 / max(float(np.linalg.norm(view.clear_delta[n] - view.delta_start[n])), 1e-300) for n in layers}
+        observed = [ObservedA(n, view.clear_delta[n] * norm[n], np.zeros(0, dtype=np.int64)) for n in layers]
+        result = dager_attack(observed, candidates, {n: view.delta_start[n] * norm[n] for n in layers}, False,
+                              threshold)
+    else:
+        result = dager_attack(observed_from_sum(view.message, layers), candidates, None, False, threshold)
+    scores = recovery_scores(result.tokens, view.batch_ids)
+    scores.update(rank=float(result.rank), dims=float(result.dims), hidden=0.0)
+    return scores
+
+
+def _sgd_step(client: ClientModel, batch_ids: torch.Tensor, lr: float) -> None:
+    loss, n = causal_lm_loss(client(batch_ids), batch_ids)
+    client.zero_grad(set_to_none=True)
+    (loss / max(n, 1)).backward()
+    with torch.no_grad():
+        for p in client.lora_parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+    client.zero_grad(set_to_none=True)
 
 
 def attack_message(view: VictimView, candidates: np.ndarray, layers: Sequence[str] = FIRST_BLOCK_QKV,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hecommon.wire.federated import Aggregate, RoundPlan
+from hecommon.wire.federated import Aggregate, RoundPlan, SumAggregate
 
 
 @dataclass
@@ -14,15 +14,15 @@ class RoundReport:
     round: int
     train_loss: dict[str, float] = field(default_factory=dict)
     eval_loss: dict[str, float] = field(default_factory=dict)
-    bytes_up: dict[str, int] = field(default_factory=dict)  # proposal + contribution, per owner
-    bytes_down: int = 0  # plan + aggregate, received by each owner
+    bytes_up: dict[str, int] = field(default_factory=dict)  # (proposal +) contribution, per owner
+    bytes_down: int = 0  # (plan +) aggregate, received by each owner
     enc_seconds: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     #: what the aggregator saw and answered this round (for attacks and tests): the plan, the
     #: contribution bytes exactly as received, and the aggregate
     plan: RoundPlan | None = field(default=None, repr=False)
     received: list[bytes] = field(default_factory=list, repr=False)
-    aggregate: Aggregate | None = field(default=None, repr=False)
+    aggregate: Aggregate | SumAggregate | None = field(default=None, repr=False)
 
     @property
     def mean_eval_loss(self) -> float:

@@ -1,4 +1,5 @@
-"""Federated rounds, embedded (SHE-LoRA; DESIGN §5): N owners and an in-process aggregator.
+"""Federated rounds, embedded (DESIGN §5): N owners and an in-process aggregator, with every
+coordinate encrypted (``scheme`` "full", ``encsum``) or SHE-LoRA's selected columns ("selective").
 
 Every message between an owner and the aggregator goes through the federated wire codec
 (``hecommon.wire.federated``), so the bytes counted here, and the bytes the aggregator decodes, are
@@ -12,8 +13,16 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from hecommon.errors import ConfigError
 from hecommon.wire import federated as fedwire
-from hecommon.wire.federated import Aggregate, Contribution, Proposal, RoundPlan
+from hecommon.wire.federated import (
+    Aggregate,
+    Contribution,
+    Proposal,
+    RoundPlan,
+    SumAggregate,
+    SumContribution,
+)
 
 from .client import Owner, OwnerConfig
 from .report import RoundReport
@@ -32,6 +41,17 @@ class Aggregator(Protocol):
     def aggregate(self, plan: RoundPlan, contributions: Sequence[bytes | Contribution],
                   max_bytes: int = ...) -> tuple[Aggregate, dict[str, str]]: ...
 
+    def aggregate_sum(self, rid: bytes, contributions: Sequence[bytes | SumContribution], size: int,
+                      max_bytes: int = ...) -> tuple[SumAggregate, dict[str, str]]: ...
+
+
+def scheme_of(owners: Sequence[Owner]) -> str:
+    """The scheme every owner of a round uses (``OwnerConfig.scheme``); mixed schemes are refused."""
+    schemes = {o.cfg.scheme for o in owners}
+    if len(schemes) != 1:
+        raise ConfigError(f"owners: one scheme per federation, got {sorted(schemes)}")
+    return schemes.pop()
+
 
 def run_round(owners: list[Owner], aggregator: Aggregator, round_no: int,
               rid: bytes | None = None, tamper=None, train: bool = True) -> RoundReport:
@@ -41,9 +61,12 @@ def run_round(owners: list[Owner], aggregator: Aggregator, round_no: int,
     for a faulty or malicious sender; the aggregator must reject what is bad and go on.
     """
     rid = rid if rid is not None else os.urandom(fedwire.RID_BYTES)
+    scheme = scheme_of(owners)
     report = RoundReport(round_no)
     for o in owners:
         report.train_loss[o.name] = o.train_local() if train else float("nan")
+    if scheme == "full":
+        return _sum_round(owners, aggregator, rid, report, tamper)
     proposals = []
     for o in owners:
         data = fedwire.encode(o.proposal(rid), EMBEDDED_MAX_BYTES)
@@ -67,6 +90,26 @@ def run_round(owners: list[Owner], aggregator: Aggregator, round_no: int,
         o.merge(agg)
         report.eval_loss[o.name] = o.eval_loss()
     report.plan, report.received, report.aggregate = plan, received, agg
+    return report
+
+
+def _sum_round(owners: list[Owner], aggregator: Aggregator, rid: bytes, report: RoundReport, tamper) -> RoundReport:
+    """``--scheme full``: every owner's encrypted update, one encrypted sum, every owner merges it."""
+    received: list[bytes] = []
+    for o in owners:
+        data = fedwire.encode(o.contribute_sum(rid, len(owners)), EMBEDDED_MAX_BYTES)
+        report.bytes_up[o.name] = len(data)
+        report.enc_seconds[o.name] = o.enc_seconds
+        received.extend(tamper(o, data) if tamper else [data])
+    agg, report.rejected = aggregator.aggregate_sum(rid, received, len(owners), EMBEDDED_MAX_BYTES)
+    agg_bytes = fedwire.encode(agg, EMBEDDED_MAX_BYTES)
+    report.bytes_down = len(agg_bytes)
+    agg = fedwire.decode(agg_bytes, EMBEDDED_MAX_BYTES, SumAggregate)  # type: ignore[assignment]
+    for o in owners:
+        if o.name in agg.owners:
+            o.merge_sum(agg)
+        report.eval_loss[o.name] = o.eval_loss()
+    report.received, report.aggregate = received, agg
     return report
 
 

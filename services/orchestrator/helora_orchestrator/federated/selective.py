@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 from hecommon.errors import ConfigError, DecryptionError
+from hecommon.he.keys import KEY_BYTES, SecretKey
+from hecommon.he.sampling import derive_key
 from hecommon.wire.fedfields import (
     CKKS_COEFF_BITS,
     CKKS_POLY_DEGREE,
@@ -43,6 +45,7 @@ class CkksKeys:
         self._public = context.serialize(save_public_key=True, save_secret_key=False,
                                           save_galois_keys=False, save_relin_keys=False)
         self._public_ctx = ts.context_from(self._public)
+        self._sum_key: SecretKey | None = None
 
     @classmethod
     def generate(cls) -> CkksKeys:
@@ -92,6 +95,14 @@ class CkksKeys:
             path = os.path.join(d, "sk")
             self._ctx.secret_key().data.save(path)
             return Path(path).read_bytes()
+
+    def sum_key(self) -> SecretKey:
+        """The RLWE master key of ``--scheme full`` (``encsum``): SHAKE-256 of the CKKS secret key's
+        serialization, domain-separated, so the one key file from ``keygen`` carries both and the
+        server, holding the public context only, holds neither."""
+        if self._sum_key is None:
+            self._sum_key = SecretKey(derive_key(b"helora/federated-sum-key", self.secret_key_bytes())[:KEY_BYTES])
+        return self._sum_key
 
     def encrypt_flat(self, values: np.ndarray) -> tuple[bytes, ...]:
         """Encrypt a flat float vector as ``ceil(len/slots)`` ciphertexts, public key only."""

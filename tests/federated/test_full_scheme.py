@@ -1,0 +1,188 @@
+"""``--scheme full``: every coordinate of every owner's update encrypted with helora's RLWE
+(``federated.encsum``, ``hecommon.he.fedsum``), embedded: the merged update is FlexLoRA's average
+to within the fixed-point step, out-of-range updates are refused, the server sees nothing in the
+clear, and bad contributions are refused while the round goes on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hecommon.errors import ConfigError, MalformedMessage
+from hecommon.he.fedsum import SumScheme
+from hecommon.wire import federated as fedwire
+from helora_aggregator.federated import FederatedAggregator
+from helora_orchestrator.federated import encsum
+from helora_orchestrator.federated.round import run_round
+from helora_orchestrator.federated.selective import CkksKeys
+
+
+def flexlora_with_step(owners) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The sample-weighted average of the owners' ``ΔW`` now, and per layer the largest error the
+    fixed point may add: half a step ``2^-f`` per owner, divided by the total weight."""
+    size = len(owners)
+    f = encsum.frac_bits(SumScheme(size), owners[0].cfg.update_range)
+    total = sum(o.samples for o in owners)
+    want = {n: sum(o.samples * o.delta()[n] for o in owners) / total for n in owners[0].shapes()}
+    return want, {n: size * 0.5 * 2.0**-f / total * (1 + 1e-9) for n in want}
+
+
+def test_a_full_round_is_flexlora_to_the_fixed_point_step(make_owners):
+    owners = make_owners((4, 8, 16), (0.0, 0.0, 0.0), scheme="full", lr=1e-2)
+    for r in (1, 2):
+        for o in owners:
+            o.train_local()
+        want, tol = flexlora_with_step(owners)
+        report = run_round(owners, FederatedAggregator(owners[0].keys.public_bytes()), r, train=False)
+        assert not report.rejected
+        assert isinstance(report.aggregate, fedwire.SumAggregate)
+        assert report.aggregate.owners == ("o0", "o1", "o2")
+        for o in owners:
+            for name, dw in o.last_merged.items():
+                err = np.abs(dw - want[name]).max()
+                assert err <= tol[name], (name, err, tol[name])
+                assert np.abs(want[name]).max() > 1e3 * tol[name]  # the step is far below the update
+    # the merged adapters are every owner's own rank, and all owners hold the same ΔW
+    for name in owners[0].shapes():
+        np.testing.assert_array_equal(owners[0].last_merged[name], owners[2].last_merged[name])
+
+
+def test_the_decrypted_sum_equals_the_integer_sum_exactly(make_owners):
+    """Not just close: the aggregate decrypts to exactly the sum of the owners' fixed-point integers."""
+    owners = make_owners((4, 8), (0.0, 0.0), scheme="full", lr=1e-2)
+    for o in owners:
+        o.train_local()
+    rid = bytes(range(16))
+    cs = [o.contribute_sum(rid, 2) for o in owners]
+    agg, rejected = FederatedAggregator(owners[0].keys.public_bytes()).aggregate_sum(rid, cs, 2)
+    assert not rejected
+    scheme = SumScheme(2)
+    m = sum(encsum.encode_update(o.delta(), o.samples, cs[0].layers, cs[0].frac_bits, scheme) for o in owners)
+    got, weight = encsum.open_aggregate(owners[0].keys, agg)
+    assert weight == sum(o.samples for o in owners) == m[-1]
+    pos = 0
+    for lay in cs[0].layers:
+        size = lay.d_out * lay.d_in
+        np.testing.assert_array_equal(got[lay.name], m[pos:pos + size].reshape(lay.d_out, lay.d_in) /
+                                      (weight * 2.0 ** cs[0].frac_bits))
+        pos += size
+
+
+def test_an_update_past_the_range_is_refused_before_anything_is_sent(make_owners):
+    owners = make_owners((4,), (0.0,), scheme="full", update_range=0.2, lr=1e-2)
+    owners[0].train_local()
+    with pytest.raises(ConfigError, match="update range") as info:
+        owners[0].contribute_sum(bytes(16), 3)
+    assert "model.layers." in str(info.value) and "--update-range" in str(info.value)
+    with pytest.raises(ConfigError, match="fractional bits"):
+        encsum.frac_bits(SumScheme(3), 1e12)
+    with pytest.raises(ConfigError, match="update_range"):
+        make_owners((4,), (0.0,), scheme="full", update_range=float("nan"))
+
+
+def test_the_server_sees_no_clear_value_and_no_key(make_owners):
+    owners = make_owners((4, 8), (0.0, 0.0), scheme="full", lr=1e-2)
+    owners[0].train_local()
+    c = owners[0].contribute_sum(bytes(16), 2)
+    data = fedwire.encode(c, 1 << 30)
+    assert owners[0].keys.secret_key_bytes() not in data
+    seen = fedwire.decode(data, 1 << 30)
+    assert set(vars(seen)) == {"rid", "owner", "ctx", "params", "size", "frac_bits", "bits", "layers", "seed", "b",
+                               "lib"}  # no sample count, no factor, no position in the clear
+    # b' read without the key, as the server would: no correlation with the update
+    from helora_orchestrator.federated.dager import observed_from_sum
+
+    for obs in observed_from_sum(data, list(owners[0].shapes())[:3]):
+        true = owners[0].delta()[obs.layer].ravel()
+        assert abs(np.corrcoef(obs.a.ravel(), true)[0, 1]) < 0.1, obs.layer
+    assert len(c.b) <= 1.1 * 4 * sum(d_out * d_in for d_out, d_in in owners[0].shapes().values())  # ≈ fp32
+
+
+def test_bad_contributions_are_refused_and_the_round_goes_on(make_owners):
+    owners = make_owners((4, 8, 16), (0.0, 0.0, 0.0), scheme="full", lr=1e-2)
+    for o in owners:
+        o.train_local()
+    stranger = CkksKeys.generate()
+    first_seed: list[bytes] = []
+    total = owners[0].samples + owners[2].samples
+    want = {n: (owners[0].samples * owners[0].delta()[n] + owners[2].samples * owners[2].delta()[n]) / total
+            for n in owners[0].shapes()}
+
+    def tamper(o, data):
+        c = fedwire.decode(data, 1 << 30)
+        if o.name == "o0":
+            first_seed.append(c.seed)
+            return [data, b"\x81\xa1v\x07", data]  # garbage, then the same owner again
+        if o.name == "o1":  # another federation's key, then a repeat of o0's seed
+            return [fedwire.encode(dataclasses.replace(c, ctx=stranger.digest), 1 << 30),
+                    fedwire.encode(dataclasses.replace(c, owner="o1b", seed=first_seed[0]), 1 << 30)]
+        return [data]
+
+    report = run_round(owners, FederatedAggregator(owners[0].keys.public_bytes()), 1, tamper=tamper, train=False)
+    assert set(report.aggregate.owners) == {"o0", "o2"}
+    assert "another CKKS context" in report.rejected["o1"]
+    assert "seed another owner" in report.rejected["o1b"]
+    assert "duplicated owner" in report.rejected["o0 (duplicate)"]
+    assert any(k.startswith("#") for k in report.rejected)  # the garbage, unattributed
+    for name, dw in owners[0].last_merged.items():
+        assert np.abs(dw - want[name]).max() < 1e-6
+
+
+def test_a_contribution_for_another_federation_size_is_refused(make_owners):
+    owners = make_owners((4, 8), (0.0, 0.0), scheme="full")
+    rid = bytes(16)
+    c3 = owners[0].contribute_sum(rid, 3)
+    server = FederatedAggregator(owners[0].keys.public_bytes())
+    with pytest.raises(Exception, match="no valid contribution"):
+        server.aggregate_sum(rid, [c3], 2)
+    _, rejected = server.aggregate_sum(rid, [owners[1].contribute_sum(rid, 2), c3], 2)
+    assert "federation of 3 owners" in rejected["o0"]
+    with pytest.raises(MalformedMessage, match="bits"):
+        dataclasses.replace(c3, bits=c3.bits + 1)  # the bits follow from the size: checked at construction
+
+
+def test_the_sum_key_is_the_federation_s_and_only_the_owners_hold_it(tmp_path):
+    keys = CkksKeys.generate()
+    keys.save(tmp_path / "k")
+    again = CkksKeys.load(tmp_path / "k")
+    assert again.sum_key().fingerprint() == keys.sum_key().fingerprint()
+    assert CkksKeys.generate().sum_key().fingerprint() != keys.sum_key().fingerprint()
+    with pytest.raises(ConfigError, match="no secret key"):  # the server's public context makes no key
+        import tenseal as ts
+
+        CkksKeys(ts.context_from(keys.public_bytes()))
+    assert keys.sum_key()._master not in keys.public_bytes()
+
+
+def test_mixed_schemes_are_refused(make_owners):
+    owners = make_owners((4, 8), (0.0, 0.0), scheme="full")
+    owners[1].cfg = dataclasses.replace(owners[1].cfg, scheme="selective")
+    with pytest.raises(ConfigError, match="one scheme"):
+        run_round(owners, FederatedAggregator(owners[0].keys.public_bytes()), 1, train=False)
+
+
+def test_encrypted_update_messages_are_validated_at_the_boundary(make_owners):
+    """Each field of a ``SumContribution``/``SumAggregate`` as it comes off the wire: a wrong ``b``
+    length, bits that do not match the size, a short seed, an unknown parameter set, a repeated
+    seed in an aggregate: ``MalformedMessage`` naming the field, never the payload."""
+    import msgpack
+
+    owners = make_owners((4, 8), (0.0, 0.0), scheme="full")
+    rid = bytes(16)
+    cs = [o.contribute_sum(rid, 2) for o in owners]
+    good = fedwire.encode(cs[0], 1 << 30)
+    assert fedwire.decode(good, 1 << 30, fedwire.SumContribution).b == cs[0].b
+    for field, value, word in (("b", cs[0].b[:-1], "contribution.b"), ("bits", cs[0].bits + 1, "contribution.bits"),
+                               ("seed", b"x" * 8, "seed"), ("params", "n9999", "contribution.params"),
+                               ("size", 0, "contribution.size"), ("frac_bits", 99, "contribution.frac_bits")):
+        m = msgpack.unpackb(good, raw=False)
+        m[field] = value
+        with pytest.raises(MalformedMessage, match=word) as info:
+            fedwire.decode(msgpack.packb(m, use_bin_type=True), 1 << 30)
+        assert cs[0].b[:64] not in str(info.value).encode()
+    agg, _ = FederatedAggregator(owners[0].keys.public_bytes()).aggregate_sum(rid, cs, 2)
+    m = msgpack.unpackb(fedwire.encode(agg, 1 << 30), raw=False)
+    m["seeds"] = [m["seeds"][0], m["seeds"][0]]
+    with pytest.raises(MalformedMessage, match="repeated"):
+        fedwire.decode(msgpack.packb(m, use_bin_type=True), 1 << 30)
