@@ -1,25 +1,29 @@
-"""Federated benchmark: SHE-LoRA against the full-HE baseline, and the DAGER attack on what the server sees.
+"""Federated benchmark: every coordinate encrypted (``--scheme full``) against SHE-LoRA's selective
+encryption and TenSEAL full HE, and the DAGER attack on what the server sees.
 
     python benchmarks/federated.py [--quick] [--json PATH]
 
-Measured in one run (DESIGN §5; issue 6):
+Measured in one run (DESIGN §5; issues 6 and 20), written at the top level of the JSON:
 
-- **rounds**: 3 owners (ranks 4, 8, 16) on the tiny model, the same seeds and data, once per
-  budget: 0 (clear FlexLoRA), 0.125 %, 1 %, 10 % of each ``A``'s columns encrypted (SHE-LoRA),
-  and 100 % (every column: the full-HE baseline). Upload bytes (proposal + contribution, as
-  encoded), the owners' encryption seconds, the final held-out loss. Ratios against full HE and
-  the loss gap against clear, from the same run.
-- **layer cost at SmolLM2-135M dimensions** (full run): the first block's 7 LoRA layers (rank 8)
-  encrypted at each budget and at 100 % (``select_and_encrypt`` + the fedwire message, median of
-  3 runs, one for full HE); every block has the same shapes, so the ratios hold for the whole adapter.
-- **attack**: DAGER-style token recovery by the server from one owner's message after ONE SGD
-  step on a private batch (``helora_orchestrator.federated.dager``): DAGER as published on the
-  first ``A`` (q), on q|k|v stacked, and position-aware; SmolLM2-135M in the full run, the tiny
-  model with ``--quick``.
+- ``schemes``: ``full`` (helora's RLWE over every coordinate of ``w_i·ΔW_i``), ``selective_0.125%``,
+  ``selective_1%``, ``selective_10%`` (SHE-LoRA) and ``tenseal_full`` (CKKS over every coordinate),
+  each with
+  - ``bytes_per_owner_round`` (what one owner uploads: proposal and contribution, as encoded) and
+    ``bytes_over_clear`` (over the same update, ``ΔW`` of every layer, sent in the clear as fp32);
+  - ``encrypt_s_per_owner_round`` (one owner's encryption and encoding, median of the runs) and
+    ``aggregate_s_per_round`` (the aggregator's plan, checks, sum and answer for 3 owners);
+    both on SmolLM2-135M's first block (7 LoRA layers, rank 8; every block has the same shapes),
+    the tiny model's with ``--quick``;
+  - ``attack_token_recovery``: DAGER as published on q (``dager_q``), on q|k|v stacked
+    (``dager_qkv``), and position-aware, from one owner's message after ONE SGD step on a private
+    batch (SmolLM2, the tiny model with ``--quick``);
+  - ``quality_gap_vs_clear``: held-out loss after the same rounds (3 owners, ranks 4/8/16, the
+    tiny model) minus clear FlexLoRA's.
+- ``attack_token_recovery_clear``: the three attacks on the clear update (SHE-LoRA's budget 0).
 
 The paper's anchors (SHE-LoRA, arXiv 2505.21051) are printed next to ours: −99.71 %
-communication and −99.87 % encryption time against HE, DAGER ROUGE-1 ≈ 0 at 0.125 % vs ≈ 95 without
-protection. Ours compare with a different HE baseline (CKKS over the column-packed ΔW, N = 4096).
+communication and −99.87 % encryption time against HE, DAGER ROUGE-1 ≈ 0 at 0.125 % vs ≈ 95
+without protection. Its HE baseline is not ours (CKKS over the column-packed ΔW, N = 4096, here).
 """
 
 from __future__ import annotations
@@ -32,28 +36,46 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, print_table, write_json  # noqa: E402
-from hecommon.wire.federated import Contribution, LayerContribution, encode_contribution  # noqa: E402
+from hecommon.wire import federated as fedwire  # noqa: E402
+from hecommon.wire.federated import (  # noqa: E402
+    Contribution,
+    LayerContribution,
+    PlanLayer,
+    Proposal,
+    ProposalLayer,
+    RoundPlan,
+)
 from helora_aggregator.federated import FederatedAggregator  # noqa: E402
 from helora_orchestrator.client_model import build_client  # noqa: E402
 from helora_orchestrator.data import Example, pack, read_examples  # noqa: E402
+from helora_orchestrator.federated import encsum, fullhe  # noqa: E402
 from helora_orchestrator.federated.client import OwnerConfig  # noqa: E402
 from helora_orchestrator.federated.dager import (  # noqa: E402
     FIRST_BLOCK_QKV,
+    ObservedA,
     attack_message,
+    attack_sum_message,
+    dager_attack,
     first_layer_inputs,
     one_step_contribution,
+    one_step_sum,
+    recovery_scores,
     warm_start,
 )
 from helora_orchestrator.federated.negotiate import budget_columns  # noqa: E402
 from helora_orchestrator.federated.round import build_owners, run_round  # noqa: E402
 from helora_orchestrator.federated.selective import CkksKeys, select_and_encrypt  # noqa: E402
+from helora_orchestrator.federated.sensitivity import lora_layers  # noqa: E402
 from helora_orchestrator.lora import LoraSettings  # noqa: E402
 
 SHE_BUDGETS = (0.00125, 0.01, 0.1)
 FULL_HE = 1.0
+OWNERS = 3
+SCHEMES = ("full", *(f"selective_{100 * b:g}%" for b in SHE_BUDGETS), "tenseal_full")
 PAPER = {"comm_reduction_vs_full_he": 0.9971, "enc_time_reduction_vs_full_he": 0.9987,
          "dager_rouge1_clear": 0.95, "dager_rouge1_she_0.125%": 0.0}
 VARIANTS = {  # name → (layers read, position-aware)
@@ -62,93 +84,158 @@ VARIANTS = {  # name → (layers read, position-aware)
     "position_aware": (FIRST_BLOCK_QKV, True),
 }
 SECRET_TEXT = "Alice wired the money to her brother in Zurich on Monday"  # the attacked owner's batch
+SMOLLM2_BLOCK = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+                 "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+TINY_BLOCK = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
+              "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
 
 
 def pct(b: float) -> str:
     return f"{100 * b:g}%"
 
 
-# -- rounds: SHE-LoRA vs full HE vs clear, same seeds ------------------------------------------
+# -- quality: the same rounds under every scheme, tiny model ----------------------------------------
 
-def federation(budget: float, rounds: int, keys: CkksKeys) -> dict:
-    configs = [OwnerConfig(f"o{i}", rank=r, budget=budget, seed=10 + i, local_steps=2, lr=1e-2)
+def federation(scheme: str, budget: float, rounds: int, keys: CkksKeys) -> dict:
+    configs = [OwnerConfig(f"o{i}", rank=r, budget=budget, seed=10 + i, local_steps=2, lr=1e-2, scheme=scheme)
                for i, r in enumerate((4, 8, 16))]
     owners, _ = build_owners(configs, "tiny", None, seed=0, keys=keys)
     server = FederatedAggregator(keys.public_bytes())
-    up = enc = down = 0.0
     report = None
     for r in range(1, rounds + 1):
         report = run_round(owners, server, r)
         if report.rejected:
-            raise RuntimeError(f"round {r} at budget {budget}: rejected {report.rejected}")
-        up += sum(report.bytes_up.values())
-        enc += sum(report.enc_seconds.values())
-        down += report.bytes_down * len(owners)
+            raise RuntimeError(f"round {r} ({scheme}, budget {budget}): rejected {report.rejected}")
     assert report is not None
-    return {"budget": budget, "bytes_up": up, "bytes_down": down, "enc_seconds": enc,
-            "eval_loss": report.mean_eval_loss}
+    return {"scheme": scheme, "budget": budget, "eval_loss": report.mean_eval_loss}
 
 
-def rounds_section(rounds: int, keys: CkksKeys) -> tuple[list[dict], dict]:
-    rows = [federation(b, rounds, keys) for b in (0.0, *SHE_BUDGETS, FULL_HE)]
-    clear, full = rows[0], rows[-1]
+def quality_section(rounds: int, keys: CkksKeys) -> tuple[list[dict], dict[str, float]]:
+    """Held-out loss after ``rounds`` rounds per scheme, and its gap to clear FlexLoRA (budget 0)."""
+    runs = {"clear": ("selective", 0.0), "full": ("full", 0.0),
+            **{f"selective_{pct(b)}": ("selective", b) for b in SHE_BUDGETS},
+            "tenseal_full": ("selective", FULL_HE)}  # every column under CKKS: the full-HE baseline (tests)
+    rows = [{"name": name, **federation(scheme, budget, rounds, keys)} for name, (scheme, budget) in runs.items()]
+    clear = rows[0]["eval_loss"]
     for row in rows:
-        row["comm_reduction_vs_full_he"] = 1 - row["bytes_up"] / full["bytes_up"]
-        row["enc_time_reduction_vs_full_he"] = 1 - row["enc_seconds"] / full["enc_seconds"]
-        row["quality_gap_vs_clear"] = row["eval_loss"] - clear["eval_loss"]
-    summary = {key: {pct(r["budget"]): r[key] for r in rows[1:-1]}
-               for key in ("comm_reduction_vs_full_he", "enc_time_reduction_vs_full_he", "quality_gap_vs_clear")}
-    summary["quality_gap_full_he_vs_clear"] = full["eval_loss"] - clear["eval_loss"]
-    return rows, summary
+        row["quality_gap_vs_clear"] = row["eval_loss"] - clear
+    return rows, {row["name"]: row["quality_gap_vs_clear"] for row in rows[1:]}
 
 
-# -- per-layer cost at SmolLM2-135M dimensions ---------------------------------------------------
+# -- cost per owner and per round, one block -----------------------------------------------------------
 
-SMOLLM2_BLOCK = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
-                 "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+def owner_factors(shapes: dict[str, tuple[int, int]], rank: int = 8) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per owner, per layer ``(A (r, d_in), s·B (d_out, r))`` of LoRA's scale (benchmark data)."""
+    rng = np.random.default_rng(0)
+    return [{n: (rng.standard_normal((rank, d_in)) / np.sqrt(d_in), 1e-2 * rng.standard_normal((d_out, rank)))
+             for n, (d_out, d_in) in shapes.items()} for _ in range(OWNERS)]
 
 
-def layer_cost(keys: CkksKeys, budget: float, rank: int = 8, reps: int = 3) -> dict:
-    """One owner's first block at ``budget``: seconds to select, encrypt and encode (median of
-    ``reps``) and the message's bytes."""
-    rng = np.random.default_rng(0)  # benchmark data only
-    mats = {n: (rng.standard_normal((rank, d_in)) / np.sqrt(d_in), 1e-2 * rng.standard_normal((d_out, rank)))
-            for n, (d_out, d_in) in SMOLLM2_BLOCK.items()}
-    orders = {n: tuple(int(j) for j in rng.permutation(d_in)) for n, (_, d_in) in SMOLLM2_BLOCK.items()}
-
-    def build() -> bytes:
-        parts = []
-        for n, (a, b) in mats.items():
-            d_out, d_in = SMOLLM2_BLOCK[n]
-            k = budget_columns(budget, d_in)
-            swapped, enc = select_and_encrypt(keys, a, b.astype(np.float32), orders[n], k, 1)
-            parts.append(LayerContribution(n, d_out, d_in, rank, k, b.astype(np.float32), swapped, enc))
-        return encode_contribution(Contribution(os.urandom(16), "o0", 1, keys.digest, tuple(parts)), 1 << 30)
-
-    times, size = [], 0
+def _timed(fn, reps: int) -> tuple[float, object]:
+    times, out = [], None
     for _ in range(reps):
         t0 = time.perf_counter()
-        size = len(build())
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return {"budget": budget, "bytes": size, "enc_seconds": statistics.median(times)}
+    return statistics.median(times), out
 
 
-def layer_section(keys: CkksKeys) -> tuple[list[dict], dict]:
-    # full HE encrypts 1,728 ciphertexts per block: one timed run on this 2-core machine
-    rows = [layer_cost(keys, b, reps=1 if b == FULL_HE else 3) for b in (0.0, *SHE_BUDGETS, FULL_HE)]
-    full = rows[-1]
-    for row in rows:
-        row["comm_reduction_vs_full_he"] = 1 - row["bytes"] / full["bytes"]
-        row["enc_time_reduction_vs_full_he"] = 1 - row["enc_seconds"] / full["enc_seconds"]
-    summary = {key: {pct(r["budget"]): r[key] for r in rows[1:-1]}
-               for key in ("comm_reduction_vs_full_he", "enc_time_reduction_vs_full_he")}
-    return rows, summary
+def cost_full(keys: CkksKeys, shapes, mats, reps: int) -> dict:
+    rid = os.urandom(16)
+
+    def build(i: int) -> bytes:
+        delta = {n: b @ a for n, (a, b) in mats[i].items()}
+        return fedwire.encode(encsum.contribute(keys, rid, f"o{i}", delta, shapes, 100 + i, OWNERS), 1 << 30)
+
+    enc_s, _ = _timed(lambda: build(0), reps)
+    msgs = [build(i) for i in range(OWNERS)]
+    server = FederatedAggregator(keys.public_bytes())
+
+    def aggregate() -> bytes:
+        agg, rejected = server.aggregate_sum(rid, msgs, OWNERS, 1 << 30)
+        assert not rejected, rejected
+        return fedwire.encode(agg, 1 << 30)
+
+    agg_s, _ = _timed(aggregate, reps)
+    return {"bytes_per_owner_round": len(msgs[0]), "encrypt_s_per_owner_round": enc_s, "aggregate_s_per_round": agg_s}
+
+
+def cost_selective(keys: CkksKeys, shapes, mats, budget: float, reps: int) -> dict:
+    rid = os.urandom(16)
+    rng = np.random.default_rng(1)
+    orders = {n: tuple(int(j) for j in rng.permutation(d_in)[:budget_columns(budget, d_in)])
+              for n, (_, d_in) in shapes.items()}
+    plan = RoundPlan(rid, keys.digest, tuple(PlanLayer(n, *shapes[n], orders[n]) for n in shapes))
+    proposals = [fedwire.encode(Proposal(rid, f"o{i}", keys.digest, tuple(ProposalLayer(n, *shapes[n], orders[n])
+                                                                        for n in shapes)), 1 << 30)
+                 for i in range(OWNERS)]
+
+    def build(i: int) -> bytes:
+        parts = []
+        for n, (a, b) in mats[i].items():
+            d_out, d_in = shapes[n]
+            k = len(orders[n])
+            swapped, enc = select_and_encrypt(keys, a, b.astype(np.float32), orders[n], k, 100 + i)
+            parts.append(LayerContribution(n, d_out, d_in, a.shape[0], k, b.astype(np.float32), swapped, enc))
+        return fedwire.encode(Contribution(rid, f"o{i}", 100 + i, keys.digest, tuple(parts)), 1 << 30)
+
+    enc_s, _ = _timed(lambda: build(0), reps)
+    msgs = [build(i) for i in range(OWNERS)]
+    server = FederatedAggregator(keys.public_bytes())
+
+    def aggregate() -> bytes:
+        server.plan([fedwire.decode(p, 1 << 30, Proposal) for p in proposals], shapes, rid)
+        agg, rejected = server.aggregate(plan, msgs, 1 << 30)
+        assert not rejected, rejected
+        return fedwire.encode(agg, 1 << 30)
+
+    agg_s, _ = _timed(aggregate, reps)
+    return {"bytes_per_owner_round": len(proposals[0]) + len(msgs[0]), "encrypt_s_per_owner_round": enc_s,
+            "aggregate_s_per_round": agg_s}
+
+
+def cost_tenseal(keys: CkksKeys, shapes, mats) -> dict:
+    """Every coordinate under CKKS (``fullhe``): one timed run (thousands of ciphertexts a block)."""
+    def delta(i: int) -> dict[str, np.ndarray]:
+        return {n: b @ a for n, (a, b) in mats[i].items()}
+
+    enc_s, first = _timed(lambda: fullhe.encrypt_full(keys, delta(0), 100)[0], 1)
+    cts = [first] + [fullhe.encrypt_full(keys, delta(i), 100 + i)[0] for i in range(1, OWNERS)]
+    agg_s, _ = _timed(lambda: fullhe.sum_full(keys.public_bytes(), cts), 1)
+    size = sum(len(b) for blobs in first.values() for b in blobs)  # type: ignore[union-attr]
+    return {"bytes_per_owner_round": size, "encrypt_s_per_owner_round": enc_s, "aggregate_s_per_round": agg_s}
+
+
+def cost_section(keys: CkksKeys, shapes, reps: int) -> dict[str, dict]:
+    mats = owner_factors(shapes)
+    clear_bytes = 4 * sum(d_out * d_in for d_out, d_in in shapes.values())  # ΔW of every layer, fp32
+    out = {"full": cost_full(keys, shapes, mats, reps)}
+    for b in SHE_BUDGETS:
+        out[f"selective_{pct(b)}"] = cost_selective(keys, shapes, mats, b, reps)
+    out["tenseal_full"] = cost_tenseal(keys, shapes, mats)
+    for row in out.values():
+        row["bytes_over_clear"] = row["bytes_per_owner_round"] / clear_bytes
+    return out
 
 
 # -- the attack ------------------------------------------------------------------------------------
 
+def tenseal_view(client, layers, keys: CkksKeys) -> list[ObservedA]:
+    """What a server holding TenSEAL ciphertexts of each layer's ``w·ΔW`` can read without the key:
+    the serialized bytes taken as numbers, one per coefficient of ``ΔW`` (it has nothing better)."""
+    lora = lora_layers(client)
+    out = []
+    for n in layers:
+        m = lora[n]
+        dw = m.scaling * (m.lora_B.weight.detach().double() @ m.lora_A.weight.detach().double()).numpy()
+        blobs = fullhe.encrypt_full(keys, {n: dw}, 1)[0][n]
+        raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).astype(np.float64)
+        out.append(ObservedA(n, raw[: dw.size].reshape(dw.shape), np.zeros(0, dtype=np.int64)))
+    return out
+
+
 def attack_section(model_name: str, keys: CkksKeys) -> tuple[list[dict], dict]:
-    """One owner after a merged round (B ≠ 0), one SGD step on SECRET_TEXT, every budget."""
+    """One owner after a merged round (B ≠ 0), one SGD step on the secret batch, every scheme."""
     if model_name == "tiny":
         from hecommon.model import tiny_llama
         from helora_orchestrator.data import ByteTokenizer
@@ -174,32 +261,41 @@ def attack_section(model_name: str, keys: CkksKeys) -> tuple[list[dict], dict]:
     for budget in (0.0, *SHE_BUDGETS):
         client.load_lora_state_dict(start)
         view = one_step_contribution(client, batch, data, budget, keys)
-        for name, (layers, aware) in VARIANTS.items():
-            s = attack_message(view, candidates, layers, aware)
-            out.append({"budget": budget, "variant": name, "optimizer": "sgd", **s})
+        name = "clear" if budget == 0.0 else f"selective_{pct(budget)}"
+        for variant, (layers, aware) in VARIANTS.items():
+            out.append({"scheme": name, "variant": variant, **attack_message(view, candidates, layers, aware)})
+    client.load_lora_state_dict(start)
+    sum_view = one_step_sum(client, batch, keys, size=OWNERS)
+    for variant, (layers, _) in VARIANTS.items():  # no position is hidden, none is known: one reading
+        out.append({"scheme": "full", "variant": variant, **attack_sum_message(sum_view, candidates, layers)})
+        out.append({"scheme": "full_in_the_clear", "variant": variant,
+                    **attack_sum_message(sum_view, candidates, layers, clear=True)})
+    client.load_lora_state_dict(start)
+    torch.manual_seed(0)
+    one_step_sum(client, batch, keys)  # the same SGD step, then the ciphertexts TenSEAL would send
+    for variant, (layers, _) in VARIANTS.items():
+        result = dager_attack(tenseal_view(client, layers, keys), candidates)
+        out.append({"scheme": "tenseal_full", "variant": variant,
+                    **recovery_scores(result.tokens, batch.numpy()), "rank": float(result.rank),
+                    "dims": float(result.dims), "hidden": 0.0})
     # outside the attack's setting: one Adam step from fresh moments (as after Owner.merge), clear
     client.load_lora_state_dict(start)
     view = one_step_contribution(client, batch, data, 0.0, keys, lr=1e-3, optimizer="adam")
-    adam = {name: attack_message(view, candidates, layers, aware) for name, (layers, aware) in VARIANTS.items()}
-    summary = {
-        "model": model_name, "rank": rank, "batch_tokens": int(batch.numel()),
-        "batch_unique_tokens": int(len(set(batch[0].tolist()))),
-        "attack_token_recovery_clear": {r["variant"]: r["recall"] for r in out if r["budget"] == 0.0},
-        "attack_token_recovery_clear_one_adam_step": {name: s["recall"] for name, s in adam.items()},
-        "attack_token_recovery_she": {pct(b): {r["variant"]: r["recall"] for r in out if r["budget"] == b}
-                                      for b in SHE_BUDGETS},
-        "attack_rouge1_clear": {r["variant"]: r["rouge1_unique"] for r in out if r["budget"] == 0.0},
-        "attack_rouge1_she": {pct(b): {r["variant"]: r["rouge1_unique"] for r in out if r["budget"] == b}
-                              for b in SHE_BUDGETS},
-        "attack_false_positives": {f"{pct(r['budget'])}/{r['variant']}": r["false_positives"] for r in out},
-    }
+    adam = {name: attack_message(view, candidates, layers, aware)["recall"] for name, (layers, aware) in VARIANTS.items()}
+    recall = {}
+    for r in out:
+        recall.setdefault(r["scheme"], {})[r["variant"]] = r["recall"]
+    summary = {"model": model_name, "rank": rank, "batch_tokens": int(batch.numel()),
+               "batch_unique_tokens": int(len(set(batch[0].tolist()))), "recall": recall,
+               "recall_clear_one_adam_step": adam,
+               "false_positives": {f"{r['scheme']}/{r['variant']}": r["false_positives"] for r in out}}
     return out, summary
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model only (rounds and attack); no SmolLM2")
-    ap.add_argument("--rounds", type=int, default=None, help="federated rounds per budget (2 quick, 3 full)")
+    ap.add_argument("--quick", action="store_true", help="tiny model only (cost, rounds and attack); no SmolLM2")
+    ap.add_argument("--rounds", type=int, default=None, help="federated rounds per scheme (2 quick, 3 full)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -207,37 +303,48 @@ def main(argv: list[str] | None = None) -> int:
     keys = CkksKeys.generate()
     t0 = time.perf_counter()
 
-    round_rows, round_summary = rounds_section(rounds, keys)
-    print(f"\nrounds: 3 owners (ranks 4, 8, 16), tiny model, {rounds} rounds per budget")
-    print_table(round_rows, [("budget", "budget", ".5f"), ("bytes_up", "bytes up", ".0f"),
-                             ("enc_seconds", "enc s", ".3f"), ("eval_loss", "held-out", ".4f"),
-                             ("comm_reduction_vs_full_he", "comm -%", ".4f"),
-                             ("enc_time_reduction_vs_full_he", "enc -%", ".4f"),
-                             ("quality_gap_vs_clear", "loss gap", ".2e")])
-    layer_rows, layer_summary = [], {}
-    if not args.quick:
-        layer_rows, layer_summary = layer_section(keys)
-        print("\nfirst block of SmolLM2-135M (7 LoRA layers, rank 8), one owner")
-        print_table(layer_rows, [("budget", "budget", ".5f"), ("bytes", "bytes", ".0f"),
-                                 ("enc_seconds", "enc s", ".3f"),
-                                 ("comm_reduction_vs_full_he", "comm -%", ".4f"),
-                                 ("enc_time_reduction_vs_full_he", "enc -%", ".4f")])
-    attack_rows, attack_summary = attack_section("tiny" if args.quick else "smollm2", keys)
-    print(f"\nDAGER-style attack, {attack_summary['model']}, rank {attack_summary['rank']}, "
-          f"{attack_summary['batch_unique_tokens']} distinct tokens in the batch, one SGD step")
-    print(f"one Adam step instead (clear): recall {attack_summary['attack_token_recovery_clear_one_adam_step']}")
-    print_table(attack_rows, [("budget", "budget", ".5f"), ("variant", "variant", "s"),
-                              ("recall", "recall", ".3f"), ("precision", "precision", ".3f"),
-                              ("false_positives", "false pos", ".0f"), ("rouge1_unique", "ROUGE-1", ".3f"),
+    # cost first, in a fresh process (the rounds leave torch's thread pool behind), with numpy's
+    # BLAS on one thread: OpenBLAS's threads spin after each product and take the cores the
+    # encryption's own threads need (the rank-8 products are small)
+    block = TINY_BLOCK if args.quick else SMOLLM2_BLOCK
+    with threadpool_limits(1, user_api="blas"):
+        costs = cost_section(keys, block, reps=1 if args.quick else 5)
+    block_name = "tiny model" if args.quick else "SmolLM2-135M"
+    print(f"\ncost: the first block of {block_name} (7 LoRA layers, rank 8), {OWNERS} owners")
+    print_table([{"scheme": k, **v} for k, v in costs.items()],
+                [("scheme", "scheme", "s"), ("bytes_per_owner_round", "bytes/owner", ".0f"),
+                 ("bytes_over_clear", "/clear fp32", ".4f"), ("encrypt_s_per_owner_round", "enc s", ".3f"),
+                 ("aggregate_s_per_round", "aggregate s", ".3f")])
+    quality_rows, gaps = quality_section(rounds, keys)
+    print(f"\nquality: 3 owners (ranks 4, 8, 16), tiny model, {rounds} rounds per scheme")
+    print_table(quality_rows, [("name", "scheme", "s"), ("eval_loss", "held-out", ".5f"),
+                               ("quality_gap_vs_clear", "gap", ".2e")])
+    attack_rows, attack = attack_section("tiny" if args.quick else "smollm2", keys)
+    print(f"\nDAGER-style attack, {attack['model']}, rank {attack['rank']}, {attack['batch_unique_tokens']} "
+          f"distinct tokens in the batch, one SGD step (one Adam step, clear: {attack['recall_clear_one_adam_step']})")
+    print_table(attack_rows, [("scheme", "scheme", "s"), ("variant", "variant", "s"), ("recall", "recall", ".3f"),
+                              ("precision", "precision", ".3f"), ("false_positives", "false pos", ".0f"),
                               ("rank", "rank", ".0f"), ("dims", "dims", ".0f"), ("hidden", "hidden", ".0f")])
-    print("\npaper anchors (SHE-LoRA): " + ", ".join(f"{k} {v}" for k, v in PAPER.items()))
-    summary = {"rounds": round_summary, "smollm2_block": layer_summary, "attack": attack_summary,
-               "seconds": time.perf_counter() - t0}
-    for k, v in summary.items():
-        print(f"  {k}: {v}")
-    write_json(args.json, {"summary": summary, "paper": PAPER, "rounds_rows": round_rows,
-                           "smollm2_block_rows": layer_rows, "attack_rows": attack_rows,
-                           "machine": machine(), "quick": args.quick, "n_rounds": rounds})
+    schemes = {name: {**costs[name], "attack_token_recovery": attack["recall"][name],
+                      "quality_gap_vs_clear": gaps[name]} for name in SCHEMES}
+    full, she1 = schemes["full"], schemes["selective_1%"]
+    targets = {
+        "full_attacks_recover_0": all(v == 0.0 for v in full["attack_token_recovery"].values()),
+        "clear_recovery_above_0.5": all(v > 0.5 for v in attack["recall"]["clear"].values()),
+        "full_bytes_over_clear_le_1.3": full["bytes_over_clear"] <= 1.3,
+        "full_encrypt_le_selective_1%": full["encrypt_s_per_owner_round"] <= she1["encrypt_s_per_owner_round"],
+        "full_quality_gap_le_1e-4": abs(full["quality_gap_vs_clear"]) <= 1e-4,
+    }
+    print("\ntargets (issue 20): " + ", ".join(f"{k} {v}" for k, v in targets.items()))
+    print("paper anchors (SHE-LoRA): " + ", ".join(f"{k} {v}" for k, v in PAPER.items()))
+    write_json(args.json, {
+        "attack_token_recovery_clear": attack["recall"]["clear"],
+        "schemes": schemes,
+        "targets": targets,
+        "cost_block": block_name, "owners": OWNERS, "n_rounds": rounds,
+        "attack": attack, "attack_rows": attack_rows, "quality_rows": quality_rows,
+        "paper": PAPER, "machine": machine(), "quick": args.quick, "seconds": time.perf_counter() - t0,
+    })
     return 0
 
 

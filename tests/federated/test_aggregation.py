@@ -188,7 +188,8 @@ def test_three_rounds_follow_the_clear_flexlora_trajectory(make_owners, fed_keys
     entry is near zero (its first step is about lr·sign(g)), so they are compared loosely (5 % of
     the largest entry) for CKKS and not at all for the fixed point, whose amplified differences
     reached 6.5 % and 13 % of one layer's largest entry in two runs (each round's merged ΔW is held
-    to the fixed-point step in test_full_scheme.py); the losses agree to 1e-5."""
+    to the fixed-point step in test_full_scheme.py); the losses agree to 1e-5, and to 1e-4 for the
+    fixed point (issue 20's bound; 2.2e-5 measured with the default update range of 1024)."""
 
     def run(budgets, scheme="selective"):
         owners = make_owners((4, 8, 16), budgets, scheme=scheme)
@@ -202,7 +203,7 @@ def test_three_rounds_follow_the_clear_flexlora_trajectory(make_owners, fed_keys
                             ((0.0, 0.0, 0.0), "full")):
         report, deltas = run(budgets, scheme)
         for name, loss in clear.eval_loss.items():
-            assert abs(report.eval_loss[name] - loss) < 1e-5
+            assert abs(report.eval_loss[name] - loss) < (1e-4 if scheme == "full" else 1e-5)
         for d, c in zip(deltas, clear_deltas, strict=True):
             for name in c:
                 assert scheme == "full" or np.abs(d[name] - c[name]).max() <= 0.05 * np.abs(c[name]).max()

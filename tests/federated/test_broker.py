@@ -379,9 +379,10 @@ def _exact_average(owners, size: int = 3) -> dict[str, np.ndarray]:
     f = encsum.frac_bits(scheme, owners[0].cfg.update_range)
     layers = tuple(SumLayer(n, *shape) for n, shape in owners[0].shapes().items())
     m = sum(encsum.encode_update(o.delta(), o.samples, layers, f, scheme) for o in owners)
+    weight = m[sum(x.d_out * x.d_in for x in layers)]
     out, pos = {}, 0
     for lay in layers:
-        out[lay.name] = m[pos:pos + lay.d_out * lay.d_in].reshape(lay.d_out, lay.d_in) / (m[-1] * 2.0**f)
+        out[lay.name] = m[pos:pos + lay.d_out * lay.d_in].reshape(lay.d_out, lay.d_in) / (weight * 2.0**f)
         pos += lay.d_out * lay.d_in
     return out
 

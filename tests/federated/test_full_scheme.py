@@ -60,7 +60,8 @@ def test_the_decrypted_sum_equals_the_integer_sum_exactly(make_owners):
     scheme = SumScheme(2)
     m = sum(encsum.encode_update(o.delta(), o.samples, cs[0].layers, cs[0].frac_bits, scheme) for o in owners)
     got, weight = encsum.open_aggregate(owners[0].keys, agg)
-    assert weight == sum(o.samples for o in owners) == m[-1]
+    assert weight == sum(o.samples for o in owners) == m[fedwire.sum_values(cs[0].layers) - 1]
+    assert not m[fedwire.sum_values(cs[0].layers):].any()  # the padding of the last row
     pos = 0
     for lay in cs[0].layers:
         size = lay.d_out * lay.d_in

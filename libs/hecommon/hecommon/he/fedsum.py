@@ -87,8 +87,11 @@ class SumScheme:
             raise ConfigError(f"encrypted sum: a value outside ±{self.per_owner_max}, the range of one of "
                               f"{self.owners} owners (it would wrap the sum)")
         n = self.params.n
-        rows = np.zeros((self.rows(m.size), n), dtype=np.int64)
-        rows.reshape(-1)[: m.size] = m
+        if m.size and m.size % n == 0:  # whole rows already (``encsum.encode_update`` pads them)
+            rows = m.reshape(-1, n)
+        else:
+            rows = np.zeros((self.rows(m.size), n), dtype=m.dtype)
+            rows.reshape(-1)[: m.size] = m
         batch = encrypt(secret, rows.T, seed)  # ciphertext j holds row j in its N coefficients
         return PackedRows.pack(switch_rows(batch.b, self.params, self.bits), self.bits)
 

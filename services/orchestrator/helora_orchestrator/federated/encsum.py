@@ -53,25 +53,32 @@ def frac_bits(scheme: SumScheme, update_range: float) -> int:
 
 def encode_update(delta: Mapping[str, np.ndarray], weight: int, layers: tuple[SumLayer, ...], f: int,
                   scheme: SumScheme) -> np.ndarray:
-    """``round(w·ΔW·2^f)`` of every layer, row-major in ``layers`` order, then ``w``: int64, flat."""
+    """``round(w·ΔW·2^f)`` of every layer, row-major in ``layers`` order, then ``w``: int64, flat,
+    zero-padded to whole ciphertext rows (``scheme.rows``) so that encryption takes it as it is."""
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= scheme.per_owner_max:
         raise ConfigError(f"weight: {weight!r} must be a sample count in 1..{scheme.per_owner_max}")
-    out = np.empty(sum_values(layers), dtype=np.int64)
+    values = sum_values(layers)
+    out = np.zeros(scheme.rows(values) * scheme.params.n, dtype=np.int64)
     limit = scheme.per_owner_max
+    scale = weight * 2.0**f
+    buf = np.empty(max(lay.d_out * lay.d_in for lay in layers), dtype=np.float64)
     pos = 0
     for lay in layers:
         dw = np.asarray(delta[lay.name], dtype=np.float64)
         if dw.shape != (lay.d_out, lay.d_in):
             raise ConfigError(f"{lay.name}: update of shape {dw.shape}, the layer is {(lay.d_out, lay.d_in)}")
-        x = (weight * 2.0**f) * dw.ravel()
-        if not np.isfinite(x).all():
+        x = buf[: dw.size]
+        np.multiply(dw.reshape(-1), scale, out=x)
+        hi, lo = float(x.max()), float(x.min())  # a NaN anywhere makes both NaN
+        if not (math.isfinite(hi) and math.isfinite(lo)):
             raise ConfigError(f"{lay.name}: the update is not finite")
-        worst = float(np.abs(x).max(initial=0.0))
+        worst = max(hi, -lo)
         if worst > limit:
             raise ConfigError(f"{lay.name}: |samples × ΔW| reaches {worst / 2.0**f:.4g}, past the federation's "
                               f"update range {limit / 2.0**f:.4g}; raise --update-range for every owner "
                               f"(the sum would wrap, so nothing was sent)")
-        out[pos:pos + x.size] = np.rint(x)
+        np.rint(x, out=x)
+        out[pos:pos + x.size] = x
         pos += x.size
     out[pos] = weight
     return out
