@@ -352,11 +352,12 @@ class _Worker:
 
 
 @pytest.fixture
-def sumworker(tmp_path, fed_keys, local_broker):
+def sumworker(request, tmp_path, fed_keys, local_broker):
+    """``@pytest.mark.parametrize("sumworker", [timeout_s], indirect=True)`` sets its round timeout."""
     ns = f"helora-fedtest-{secrets.token_hex(4)}"
     pub = tmp_path / "fed.key.pub"
     pub.write_bytes(fed_keys.public_bytes())
-    worker = _Worker(ns, pub, tmp_path / "fedworker.log")
+    worker = _Worker(ns, pub, tmp_path / "fedworker.log", getattr(request, "param", 120))
     worker.start()
     try:
         yield worker
@@ -446,7 +447,11 @@ def test_a_worker_killed_mid_round_loses_nothing(sumworker, make_owners):
             np.testing.assert_array_equal(dw, want[name])
 
 
+@pytest.mark.parametrize("sumworker", [6], indirect=True)
 def test_wrong_key_and_malformed_updates_are_dead_lettered_and_the_round_goes_on(sumworker, make_owners):
+    """A wrong-key update is refused and dead-lettered, and does not count towards the round: the two
+    good owners get their sum after the round timeout (6 s), not at once (a refused sender must not
+    be able to close a round early, leaving two owners who learn each other's update)."""
     import dataclasses
 
     from hecommon.broker.amqp import REASON_HEADER
@@ -474,6 +479,8 @@ def test_wrong_key_and_malformed_updates_are_dead_lettered_and_the_round_goes_on
     threads = _full_round(owners[:2], ns, 9, results) + _full_round(owners[2:], ns, 9, results, send=foreign)
     for t in threads:
         t.join(180)
+    log = sumworker.log()
+    assert log.index("timed out; going on") < log.index("summed 2 encrypted updates"), log[-3000:]
     assert isinstance(results["o2"], AggregatorError), results
     assert results["o2"].reason == "parameter_mismatch" and "another CKKS context" in str(results["o2"])
     for o in owners[:2]:

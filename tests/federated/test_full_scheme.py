@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hecommon.errors import ConfigError, MalformedMessage
+from hecommon.errors import ConfigError, DecryptionError, MalformedMessage, ParameterMismatch
 from hecommon.he.fedsum import SumScheme
 from hecommon.wire import federated as fedwire
 from helora_aggregator.federated import FederatedAggregator
@@ -60,8 +60,9 @@ def test_the_decrypted_sum_equals_the_integer_sum_exactly(make_owners):
     scheme = SumScheme(2)
     m = sum(encsum.encode_update(o.delta(), o.samples, cs[0].layers, cs[0].frac_bits, scheme) for o in owners)
     got, weight = encsum.open_aggregate(owners[0].keys, agg)
-    assert weight == sum(o.samples for o in owners) == m[fedwire.sum_values(cs[0].layers) - 1]
-    assert not m[fedwire.sum_values(cs[0].layers):].any()  # the padding of the last row
+    values = fedwire.sum_values(cs[0].layers)
+    assert weight == sum(o.samples for o in owners) == m[values - 2] and m[values - 1] == 2  # weight, owners
+    assert not m[values:].any()  # the padding of the last row
     pos = 0
     for lay in cs[0].layers:
         size = lay.d_out * lay.d_in
@@ -89,8 +90,12 @@ def test_the_server_sees_no_clear_value_and_no_key(make_owners):
     data = fedwire.encode(c, 1 << 30)
     assert owners[0].keys.secret_key_bytes() not in data
     seen = fedwire.decode(data, 1 << 30)
-    assert set(vars(seen)) == {"rid", "owner", "ctx", "params", "size", "frac_bits", "bits", "layers", "seed", "b",
-                               "lib"}  # no sample count, no factor, no position in the clear
+    assert set(vars(seen)) == {"rid", "owner", "ctx", "params", "size", "frac_bits", "bits", "key", "layers", "seed",
+                               "b", "lib"}  # no sample count, no factor, no position in the clear
+    sum_key = owners[0].keys.sum_key()
+    assert sum_key._master not in data  # the derived key, nor the round's ternary secret, never travels
+    assert sum_key.request_secret(c_params(c), c.rid).s.tobytes() not in data
+    assert seen.key == bytes.fromhex(sum_key.fingerprint())  # its public fingerprint does
     # b' read without the key, as the server would: no correlation with the update
     from helora_orchestrator.federated.dager import observed_from_sum
 
@@ -98,6 +103,12 @@ def test_the_server_sees_no_clear_value_and_no_key(make_owners):
         true = owners[0].delta()[obs.layer].ravel()
         assert abs(np.corrcoef(obs.a.ravel(), true)[0, 1]) < 0.1, obs.layer
     assert len(c.b) <= 1.1 * 4 * sum(d_out * d_in for d_out, d_in in owners[0].shapes().values())  # ≈ fp32
+
+
+def c_params(c):
+    from hecommon.he.params import get
+
+    return get(c.params)
 
 
 def test_bad_contributions_are_refused_and_the_round_goes_on(make_owners):
@@ -187,3 +198,47 @@ def test_encrypted_update_messages_are_validated_at_the_boundary(make_owners):
     m["seeds"] = [m["seeds"][0], m["seeds"][0]]
     with pytest.raises(MalformedMessage, match="repeated"):
         fedwire.decode(msgpack.packb(m, use_bin_type=True), 1 << 30)
+
+
+def test_a_float_where_an_integer_belongs_is_refused_at_decode(make_owners):
+    """msgpack carries floats: ``bits`` of 34.0 used to pass decode (34.0 == 34) and crash the
+    aggregator's sum with a ValueError outside its error handling."""
+    import msgpack
+
+    owners = make_owners((4,), (0.0,), scheme="full")
+    good = fedwire.encode(owners[0].contribute_sum(bytes(16), 2), 1 << 30)
+    for field in ("bits", "size", "frac_bits"):
+        m = msgpack.unpackb(good, raw=False)
+        m[field] = float(m[field])
+        with pytest.raises(MalformedMessage, match=field):
+            fedwire.decode(msgpack.packb(m, use_bin_type=True), 1 << 30)
+
+
+def test_a_sum_under_another_key_or_not_holding_the_owner_is_refused(make_owners):
+    """The aggregate an owner opens must be summed under its own sum key (the fingerprint, then the
+    decrypted owner count, which a wrong secret gets right with probability 2^-29) and hold its own
+    contribution (its name with its seed, its round, size and fixed point)."""
+    owners = make_owners((4, 8), (0.0, 0.0), scheme="full")
+    rid = bytes(16)
+    cs = [o.contribute_sum(rid, 2) for o in owners]
+    server = FederatedAggregator(owners[0].keys.public_bytes())
+    agg, _ = server.aggregate_sum(rid, cs, 2)
+    stranger = CkksKeys.generate()
+    with pytest.raises(ParameterMismatch, match="another sum key"):
+        encsum.open_aggregate(stranger, dataclasses.replace(agg, ctx=stranger.digest))
+    forged = dataclasses.replace(agg, ctx=stranger.digest, key=encsum.key_id(stranger))
+    with pytest.raises(DecryptionError, match="not a sum under this key"):
+        encsum.open_aggregate(stranger, forged)
+    alone, _ = server.aggregate_sum(rid, cs[1:], 2)
+    with pytest.raises(ParameterMismatch, match="not in it"):
+        owners[0].merge_sum(alone)
+    other_round = owners[0].contribute_sum(bytes(range(16)), 2)
+    with pytest.raises(ParameterMismatch, match="not the round"):
+        owners[0].merge_sum(agg)  # it sent for another round since
+    del other_round
+    owners[0].contribute_sum(rid, 2)  # a new seed: the aggregate holds its old one
+    with pytest.raises(ParameterMismatch, match="not in it"):
+        owners[0].merge_sum(agg)
+    c = dataclasses.replace(cs[1], key=encsum.key_id(stranger))
+    _, rejected = server.aggregate_sum(rid, [cs[0], c], 2)
+    assert "another sum key" in rejected["o1"]

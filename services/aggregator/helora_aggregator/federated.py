@@ -239,6 +239,9 @@ class FederatedAggregator:
             raise ParameterMismatch(f"owner {c.owner!r}: the round already holds {size} contributions")
         if accepted:
             first = next(iter(accepted.values()))
+            if c.key != first.key:
+                raise ParameterMismatch(f"owner {c.owner!r}: encrypted under another sum key than the round's "
+                                        f"(owners whose TenSEAL builds differ derive different keys)")
             if (c.params, c.frac_bits, c.bits) != (first.params, first.frac_bits, first.bits):
                 raise ParameterMismatch(f"owner {c.owner!r}: parameters {c.params}, 2^{c.frac_bits}, {c.bits} bits; "
                                         f"the round's are {first.params}, 2^{first.frac_bits}, {first.bits} bits")
@@ -274,7 +277,8 @@ def sum_contributions(cs: Sequence[SumContribution], digest: bytes) -> SumAggreg
     params = he_params.get(first.params)
     scheme = SumScheme(first.size, params)
     total = scheme.add([PackedRows(first.bits, params.n, c.b) for c in cs])
-    return SumAggregate(first.rid, digest, first.params, first.size, first.frac_bits, first.bits, first.layers,
+    return SumAggregate(first.rid, digest, first.params, first.size, first.frac_bits, first.bits, first.key,
+                        first.layers,
                         tuple(c.owner for c in cs), tuple(c.seed for c in cs), bytes(total.data))
 
 

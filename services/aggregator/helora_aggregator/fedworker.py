@@ -268,28 +268,33 @@ class FederatedWorker(amqp.Service):
         log.info("round %s: aggregated %d owners, %d bytes", rid.hex()[:8], len(agg.owners), len(body))
 
     def _sum_contribution(self, c: SumContribution, ds: Deliveries) -> None:
-        """--scheme full: hold the encrypted update (unacked) until every owner's is in, then sum."""
+        """--scheme full: hold the encrypted update (unacked) until every owner's is in, then sum.
+
+        A refused update does not count towards the round: a sender without the federation's
+        key must not be able to close a round early, leaving fewer owners in its sum (with two,
+        each learns the other's update); the round then waits for the timeout."""
         rnd = self.rounds.setdefault(c.rid, _Round())
         if rnd.proposals:
             raise ParameterMismatch(f"owner {c.owner!r}: round {c.rid.hex()} is a selective one (it has proposals)")
-        try:
-            self.aggregator.check_sum(c, c.rid, self.cfg.owners, {o: x for o, (x, _) in rnd.sums.items()})
-        except HeloraError:
-            rnd.rejected.add(c.owner)
-            self._maybe_sum(c.rid, rnd)
-            raise
+        self.aggregator.check_sum(c, c.rid, self.cfg.owners, {o: x for o, (x, _) in rnd.sums.items()})
         rnd.sums[c.owner] = (c, ds)
         log.info("round %s: holding %d of %d encrypted updates", c.rid.hex()[:8], len(rnd.sums), self.cfg.owners)
         self._maybe_sum(c.rid, rnd)
 
     def _maybe_sum(self, rid: bytes, rnd: _Round, timed_out: bool = False) -> None:
-        if len(rnd.sums) + len(rnd.rejected - set(rnd.sums)) < self.cfg.owners and not timed_out:
+        if len(rnd.sums) < self.cfg.owners and not timed_out:
             return
         self._close(rid)
         if not rnd.sums:
             return
-        agg = sum_contributions([c for c, _ in rnd.sums.values()], self.aggregator.digest)
-        body = fedwire.encode(agg, self.cfg.max_joined_bytes)
+        try:
+            agg = sum_contributions([c for c, _ in rnd.sums.values()], self.aggregator.digest)
+            body = fedwire.encode(agg, self.cfg.max_joined_bytes)
+        except HeloraError as exc:  # the round is closed: every owner in it hears why, none waits
+            for _, ds in rnd.sums.values():
+                self.fail(ds, exc)
+            log.warning("round %s: the sum failed: %s", rid.hex()[:8], exc)
+            return
         for _, ds in rnd.sums.values():
             self._answer(ds, body)
         self.ack([d for _, ds in rnd.sums.values() for d in ds])  # only now: a restart before this re-sums them
@@ -318,7 +323,7 @@ class FederatedWorker(amqp.Service):
             if now - rnd.started <= self.cfg.round_timeout_s:
                 continue
             log.warning("round %s: timed out; going on with the owners that answered", rid.hex()[:8])
-            if rnd.sums or (rnd.rejected and not rnd.proposals):
+            if rnd.sums or not rnd.proposals:
                 self._maybe_sum(rid, rnd, timed_out=True)
             elif rnd.plan is None:
                 self._plan(rid, rnd)

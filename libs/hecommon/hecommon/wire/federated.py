@@ -34,6 +34,7 @@ import numpy as np
 from ..he.bits import packed_size
 from ..he.sampling import SEED_BYTES as SUM_SEED_BYTES
 from .codec import check_blob_range as _blob
+from .codec import check_int as _strict_int
 from .codec import check_int_like as _int
 from .codec import check_keys as _keys
 from .codec import check_text as _text
@@ -61,6 +62,8 @@ from .fedfields import check_matrix as _matrix
 from .fields import LIB_VERSION, MAX_LIB_CHARS, MAX_MESSAGE_BYTES, MAX_NAME_CHARS, RID_BYTES
 
 _HEADER = ("v", "type", "rid", "lib")
+#: the sum key's public fingerprint (``SecretKey.fingerprint``: 16 hex characters, as bytes)
+SUM_KEY_ID_BYTES = 8
 # -- messages ----------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class PublicContext:
@@ -325,9 +328,11 @@ class SumLayer:
         _dims(self.name, self.d_out, self.d_in)
 
 
-def _sum_fields(where: str, params: str, size: int, frac_bits: int, bits: int, layers: Any, b: Any) -> None:
+def _sum_fields(where: str, params: str, size: int, frac_bits: int, bits: int, key: bytes, layers: Any,
+                b: Any) -> None:
     """The checks a contribution and an aggregate share: a known parameter set, a federation size,
-    the bits its sums need (``fedsum.sum_bits``), and ``b`` exactly the packed rows of the layers."""
+    the bits its sums need (``fedsum.sum_bits``), the sum key's public fingerprint, and ``b``
+    exactly the packed rows of the layers. Integers must be ``int`` (msgpack also carries floats)."""
     from ..he import params as he_params
     from ..he.fedsum import sum_bits
 
@@ -335,8 +340,10 @@ def _sum_fields(where: str, params: str, size: int, frac_bits: int, bits: int, l
     if params not in he_params.REGISTRY:
         _fail(f"{where}.params", f"unknown parameter set (known: {sorted(he_params.REGISTRY)})")
     ps = he_params.REGISTRY[params]
-    _int(f"{where}.size", size, 1, MAX_OWNERS)
-    _int(f"{where}.frac_bits", frac_bits, 0, ps.msg_bits)
+    _strict_int(f"{where}.size", size, 1, MAX_OWNERS)
+    _strict_int(f"{where}.frac_bits", frac_bits, 0, ps.msg_bits)
+    _strict_int(f"{where}.bits", bits, 1, 64)
+    _blob(f"{where}.key", key, SUM_KEY_ID_BYTES, SUM_KEY_ID_BYTES)
     if bits != sum_bits(ps, size):
         _fail(f"{where}.bits", f"{bits!r}, but sums of {size} owners under {params} take {sum_bits(ps, size)}")
     _check_layers(f"{where}.layers", layers)
@@ -345,8 +352,9 @@ def _sum_fields(where: str, params: str, size: int, frac_bits: int, bits: int, l
 
 
 def sum_values(layers: Sequence[SumLayer]) -> int:
-    """Values of one owner's encrypted update: every layer's ``d_out·d_in``, then its sample weight."""
-    return sum(x.d_out * x.d_in for x in layers) + 1
+    """Values of one owner's encrypted update: every layer's ``d_out·d_in``, then its sample weight,
+    then a 1 (summed, the number of owners: a sum opened under another key fails that check)."""
+    return sum(x.d_out * x.d_in for x in layers) + 2
 
 
 def _sum_layers(where: str, value: Any) -> tuple[SumLayer, ...]:
@@ -371,6 +379,7 @@ class SumContribution:
     size: int
     frac_bits: int
     bits: int
+    key: bytes  # the sum key's public fingerprint: owners whose keys differ are refused, not summed
     layers: tuple[SumLayer, ...]
     seed: bytes
     b: bytes
@@ -380,17 +389,18 @@ class SumContribution:
         _blob("rid", self.rid, RID_BYTES, RID_BYTES)
         _text("owner", self.owner, MAX_OWNER_CHARS)
         _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
-        _sum_fields("contribution", self.params, self.size, self.frac_bits, self.bits, self.layers, self.b)
+        _sum_fields("contribution", self.params, self.size, self.frac_bits, self.bits, self.key, self.layers,
+                    self.b)
         _blob("seed", self.seed, SUM_SEED_BYTES, SUM_SEED_BYTES)
 
     def _body(self) -> dict[str, Any]:
         return {"owner": self.owner, "ctx": self.ctx, "params": self.params, "size": self.size,
-                "frac_bits": self.frac_bits, "bits": self.bits, "seed": self.seed, "b": self.b,
+                "frac_bits": self.frac_bits, "bits": self.bits, "key": self.key, "seed": self.seed, "b": self.b,
                 "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in} for x in self.layers]}
 
     @classmethod
     def _from(cls, m: dict[str, Any]) -> SumContribution:
-        return cls(m["rid"], m["owner"], m["ctx"], m["params"], m["size"], m["frac_bits"], m["bits"],
+        return cls(m["rid"], m["owner"], m["ctx"], m["params"], m["size"], m["frac_bits"], m["bits"], m["key"],
                    _sum_layers("layers", m["layers"]), m["seed"], m["b"], m["lib"])
 
 
@@ -406,6 +416,7 @@ class SumAggregate:
     size: int
     frac_bits: int
     bits: int
+    key: bytes
     layers: tuple[SumLayer, ...]
     owners: tuple[str, ...]
     seeds: tuple[bytes, ...]
@@ -415,7 +426,7 @@ class SumAggregate:
     def __post_init__(self) -> None:
         _blob("rid", self.rid, RID_BYTES, RID_BYTES)
         _blob("ctx", self.ctx, DIGEST_BYTES, DIGEST_BYTES)
-        _sum_fields("aggregate", self.params, self.size, self.frac_bits, self.bits, self.layers, self.b)
+        _sum_fields("aggregate", self.params, self.size, self.frac_bits, self.bits, self.key, self.layers, self.b)
         if not isinstance(self.owners, tuple) or not 1 <= len(self.owners) <= self.size:
             _fail("owners", f"a tuple of 1..{self.size} names is required")
         for o in self.owners:
@@ -429,12 +440,12 @@ class SumAggregate:
 
     def _body(self) -> dict[str, Any]:
         return {"ctx": self.ctx, "params": self.params, "size": self.size, "frac_bits": self.frac_bits,
-                "bits": self.bits, "owners": list(self.owners), "seeds": list(self.seeds), "b": self.b,
+                "bits": self.bits, "key": self.key, "owners": list(self.owners), "seeds": list(self.seeds), "b": self.b,
                 "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in} for x in self.layers]}
 
     @classmethod
     def _from(cls, m: dict[str, Any]) -> SumAggregate:
-        return cls(m["rid"], m["ctx"], m["params"], m["size"], m["frac_bits"], m["bits"],
+        return cls(m["rid"], m["ctx"], m["params"], m["size"], m["frac_bits"], m["bits"], m["key"],
                    _sum_layers("layers", m["layers"]), tuple(_list("owners", m["owners"])),
                    tuple(_list("seeds", m["seeds"])), m["b"], m["lib"])
 
@@ -475,8 +486,8 @@ _BODY_KEYS: dict[Any, tuple[str, ...]] = {
     RoundPlan: ("ctx", "layers"),
     Contribution: ("owner", "samples", "ctx", "layers"),
     Aggregate: ("ctx", "total", "owners", "layers"),
-    SumContribution: ("owner", "ctx", "params", "size", "frac_bits", "bits", "layers", "seed", "b"),
-    SumAggregate: ("ctx", "params", "size", "frac_bits", "bits", "layers", "owners", "seeds", "b"),
+    SumContribution: ("owner", "ctx", "params", "size", "frac_bits", "bits", "key", "layers", "seed", "b"),
+    SumAggregate: ("ctx", "params", "size", "frac_bits", "bits", "key", "layers", "owners", "seeds", "b"),
 }
 _BY_TYPE: dict[str, Any] = {cls.TYPE: cls for cls in _BODY_KEYS}
 

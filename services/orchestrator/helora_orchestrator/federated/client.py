@@ -121,6 +121,7 @@ class Owner:
             self.trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer, lambda s: 1.0)
         self.enc_seconds = 0.0
         self.last_merged: dict[str, np.ndarray] = {}
+        self._sent: SumContribution | None = None  # --scheme full: the last contribution (its merge checks it)
 
     @property
     def name(self) -> str:
@@ -175,6 +176,7 @@ class Owner:
         federation of ``size`` owners (``encsum``)."""
         c, self.enc_seconds = timed_contribute(self.keys, rid, self.name, self.delta(), self.shapes(), self.samples,
                                                size, self.cfg.update_range)
+        self._sent = c
         return c
 
     def merge_sum(self, agg: SumAggregate) -> dict[str, np.ndarray]:
@@ -182,6 +184,11 @@ class Owner:
         _match_layers("aggregate", {x.name: (x.d_out, x.d_in) for x in agg.layers}, self.shapes())
         if [x.name for x in agg.layers] != list(self.shapes()):
             raise ParameterMismatch("aggregate: the layers are not in this owner's order")
+        sent = self._sent
+        if sent is None or (agg.rid, agg.size, agg.frac_bits) != (sent.rid, sent.size, sent.frac_bits):
+            raise ParameterMismatch("aggregate: not the round, federation size or fixed point this owner sent")
+        if (self.name, sent.seed) not in zip(agg.owners, agg.seeds, strict=True):
+            raise ParameterMismatch("aggregate: this owner's contribution is not in it")
         full, _ = open_aggregate(self.keys, agg)
         return self._load(full)
 

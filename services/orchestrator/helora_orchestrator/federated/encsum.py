@@ -53,8 +53,8 @@ def frac_bits(scheme: SumScheme, update_range: float) -> int:
 
 def encode_update(delta: Mapping[str, np.ndarray], weight: int, layers: tuple[SumLayer, ...], f: int,
                   scheme: SumScheme) -> np.ndarray:
-    """``round(w·ΔW·2^f)`` of every layer, row-major in ``layers`` order, then ``w``: int64, flat,
-    zero-padded to whole ciphertext rows (``scheme.rows``) so that encryption takes it as it is."""
+    """``round(w·ΔW·2^f)`` of every layer, row-major in ``layers`` order, then ``w``, then 1: int64,
+    flat, zero-padded to whole ciphertext rows (``scheme.rows``) so that encryption takes it as it is."""
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= scheme.per_owner_max:
         raise ConfigError(f"weight: {weight!r} must be a sample count in 1..{scheme.per_owner_max}")
     values = sum_values(layers)
@@ -81,6 +81,7 @@ def encode_update(delta: Mapping[str, np.ndarray], weight: int, layers: tuple[Su
         out[pos:pos + x.size] = x
         pos += x.size
     out[pos] = weight
+    out[pos + 1] = 1  # summed: the number of owners, which a sum opened under the right key must show
     return out
 
 
@@ -94,24 +95,32 @@ def contribute(keys: CkksKeys, rid: bytes, owner: str, delta: Mapping[str, np.nd
     m = encode_update(delta, weight, layers, f, scheme)
     seed = os.urandom(SEED_BYTES)  # fresh per owner and round: no two owners share an a
     packed = scheme.encrypt(keys.sum_key().request_secret(DEFAULT, rid), m, seed)
-    return SumContribution(rid, owner, keys.digest, DEFAULT.name, size, f, scheme.bits, layers, seed,
-                           bytes(packed.data))
+    return SumContribution(rid, owner, keys.digest, DEFAULT.name, size, f, scheme.bits, key_id(keys), layers,
+                           seed, bytes(packed.data))
+
+
+def key_id(keys: CkksKeys) -> bytes:
+    """The sum key's public fingerprint, as every contribution and aggregate carries it."""
+    return bytes.fromhex(keys.sum_key().fingerprint())
 
 
 def open_aggregate(keys: CkksKeys, agg: SumAggregate) -> tuple[dict[str, np.ndarray], int]:
     """(layer → the sample-weighted average ``ΔW`` (d_out, d_in) float64, total weight ``Σ w_i``)."""
     if agg.ctx != keys.digest:
         raise ParameterMismatch("aggregate: summed under another federation's key than this owner's")
+    if agg.key != key_id(keys):
+        raise ParameterMismatch("aggregate: its owners derived another sum key from the same key file (a "
+                                "different TenSEAL/SEAL build serializes the secret key differently)")
     scheme = SumScheme(agg.size, DEFAULT)
     if agg.params != DEFAULT.name:
         raise ParameterMismatch(f"aggregate: parameter set {agg.params!r}, this owner uses {DEFAULT.name!r}")
     count = sum_values(agg.layers)
     total = PackedRows(agg.bits, DEFAULT.n, agg.b)
     m = scheme.decrypt(keys.sum_key().request_secret(DEFAULT, agg.rid), total, list(agg.seeds), count)
-    weight = int(m[-1])
-    if not len(agg.owners) <= weight <= len(agg.owners) * scheme.per_owner_max:
-        raise DecryptionError(f"aggregate: a total weight of {weight} for {len(agg.owners)} owners: "
-                              "not a sum under this key")
+    weight, owners = int(m[-2]), int(m[-1])
+    if owners != len(agg.owners) or not owners <= weight <= owners * scheme.per_owner_max:
+        raise DecryptionError(f"aggregate: it counts {owners} owners (total weight {weight}) where "
+                              f"{len(agg.owners)} contributed: not a sum under this key")
     out, pos = {}, 0
     scale = weight * 2.0**agg.frac_bits
     for lay in agg.layers:

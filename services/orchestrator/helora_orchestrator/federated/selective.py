@@ -88,7 +88,9 @@ class CkksKeys:
         return context_digest(self._public)
 
     def secret_key_bytes(self) -> bytes:
-        """The secret key's own serialization, for tests that check it never reaches the server."""
+        """The secret key's own serialization (SEAL's; written to a private temporary directory on
+        the owner's machine and removed at once): the source of ``sum_key``, and what tests check
+        never reaches the server."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
