@@ -356,3 +356,18 @@ def test_kernel_modulus_switch_equals_the_numpy_path(threads, rng, monkeypatch):
         np.testing.assert_array_equal(fast.b, reference.b)
         if client_a is ClientA.NOTHING:
             np.testing.assert_array_equal(fast.a, reference.a)
+
+
+@pytest.mark.parametrize("p", [P.N2048.primes[0], P.N4096.primes[-1], 12289])
+def test_reduction_mod_p_is_exact_at_the_ends_of_its_range(p, rng):
+    """``_fused._mod`` (a float64 quotient estimate, then an exact correction) is exact for
+    ``|y| < 2^60`` next to every multiple of ``p`` and at the range's ends (Python's ``%`` as truth)."""
+    from hecommon.he import _fused
+
+    ys = [0, 1, -1, p - 1, p, p + 1, -p, -p - 1, (1 << 60) - 1, -(1 << 60) + 1]
+    for q in rng.integers(-(1 << 60) // p, (1 << 60) // p, 2000).tolist() + [(1 << 60) // p, -((1 << 60) // p)]:
+        ys += [q * p + d for d in (-1, 0, 1) if abs(q * p + d) < 1 << 60]
+    ys += rng.integers(-(1 << 60) + 1, 1 << 60, 2000).tolist()
+    inv_p = 1.0 / p
+    got = [int(_fused._mod(np.int64(y), np.int64(p), inv_p)) for y in ys]
+    assert got == [y % p for y in ys]
