@@ -60,8 +60,8 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python benchmarks/he_matmul.py --quick --json out/he_matmul_quick.json
 
-## SHE-LoRA vs the full-HE baseline (rounds, SmolLM2 block cost) and the DAGER attack on SmolLM2-135M
-## (about 10 minutes here); BENCH_ARGS=--quick: tiny model only, about a minute.
+## Every coordinate encrypted vs SHE-LoRA vs TenSEAL full HE (SmolLM2 block cost, rounds' quality)
+## and the DAGER attack on SmolLM2-135M (about 90 s here); BENCH_ARGS=--quick: tiny model only, 15 s.
 bench-federated: setup
 	$(BIN)/python benchmarks/federated.py $(BENCH_ARGS) --json out/federated.json
 
