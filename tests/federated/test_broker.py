@@ -302,8 +302,8 @@ def test_a_late_copy_of_a_joined_message_is_acked_not_held_until_the_timeout(fed
 class _Worker:
     """A fedworker subprocess for 3 owners that a test can kill (SIGKILL) and start again."""
 
-    def __init__(self, ns: str, pub, log_path, timeout_s: float = 120):
-        self.ns, self.pub, self.log_path, self.timeout_s = ns, pub, log_path, timeout_s
+    def __init__(self, ns: str, pub, log_path, timeout_s: float = 120, extra: tuple[str, ...] = ()):
+        self.ns, self.pub, self.log_path, self.timeout_s, self.extra = ns, pub, log_path, timeout_s, extra
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -313,7 +313,7 @@ class _Worker:
             [sys.executable, "-m", "helora_aggregator.fedworker", "--broker", URL, "--namespace", self.ns,
              "--context", str(self.pub), "--owners", "3", "--max-message-bytes", str(LIMIT),
              "--max-contribution-bytes", str(4 << 20), "--metrics-port", "0", "--metrics-host", "127.0.0.1",
-             "--round-timeout-s", str(self.timeout_s)], stdout=log, stderr=subprocess.STDOUT, env=env)
+             "--round-timeout-s", str(self.timeout_s), *self.extra], stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self.wait_for(lambda: self._consumers() == 1, "the worker to consume")
 
@@ -353,11 +353,14 @@ class _Worker:
 
 @pytest.fixture
 def sumworker(request, tmp_path, fed_keys, local_broker):
-    """``@pytest.mark.parametrize("sumworker", [timeout_s], indirect=True)`` sets its round timeout."""
+    """``@pytest.mark.parametrize("sumworker", [timeout_s or (timeout_s, extra flags)], indirect=True)``
+    sets its round timeout (and more flags)."""
     ns = f"helora-fedtest-{secrets.token_hex(4)}"
     pub = tmp_path / "fed.key.pub"
     pub.write_bytes(fed_keys.public_bytes())
-    worker = _Worker(ns, pub, tmp_path / "fedworker.log", getattr(request, "param", 120))
+    param = getattr(request, "param", 120)
+    timeout_s, extra = param if isinstance(param, tuple) else (param, ())
+    worker = _Worker(ns, pub, tmp_path / "fedworker.log", timeout_s, extra)
     worker.start()
     try:
         yield worker
@@ -500,3 +503,33 @@ def test_wrong_key_and_malformed_updates_are_dead_lettered_and_the_round_goes_on
     finally:
         conn.close()
     assert reasons.count("version") == 1 and reasons.count("parameter_mismatch") >= 1, reasons
+
+
+@pytest.mark.parametrize("sumworker", [(4, ("--min-owners", "3"))], indirect=True)
+def test_a_round_below_min_owners_gets_no_sum(sumworker, make_owners):
+    """With ``--min-owners 3``, two of three owners past the timeout get an error, not a sum from
+    which each would read the other's update."""
+    from helora_orchestrator.federated.broker import AggregatorError
+
+    owners = make_owners((4, 8), (0.0, 0.0), scheme="full")
+    results: dict[str, object] = {}
+    for t in _full_round(owners, sumworker.ns, 11, results):
+        t.join(120)
+    for o in owners:
+        assert isinstance(results[o.name], AggregatorError), f"{results[o.name]!r}\n{sumworker.log()[-3000:]}"
+        assert "--min-owners 3" in str(results[o.name]) and results[o.name].reason == "parameter_mismatch"
+        assert not o.last_merged  # nothing merged
+    assert "summed" not in sumworker.log()
+
+
+def test_min_owners_is_checked_at_start(tmp_path, fed_keys):
+    from hecommon.errors import ConfigError
+    from helora_aggregator.fedworker import FederatedConfig
+
+    pub = tmp_path / "fed.key.pub"
+    pub.write_bytes(fed_keys.public_bytes())
+    base = ["--context", str(pub), "--owners", "3"]
+    assert FederatedConfig.from_args([*base, "--min-owners", "3"]).min_owners == 3
+    for bad in ("0", "4"):
+        with pytest.raises(ConfigError, match="min_owners"):
+            FederatedConfig.from_args([*base, "--min-owners", bad])

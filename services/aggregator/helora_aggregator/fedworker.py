@@ -68,6 +68,9 @@ class FederatedConfig(broker_config.ServiceConfig):
     owners: int = 0
     prefetch: int = 64  # every message of a round is held until the round's answer is out
     round_timeout_s: float = 600.0
+    #: --scheme full: the fewest owners a sum may hold; a round that times out with fewer is
+    #: refused (in a sum of two, each owner learns the other's update)
+    min_owners: int = 1
     #: the largest message joined from chunks (a whole contribution or aggregate)
     max_joined_bytes: int = 1 << 30
     #: the largest message an owner may send (a contribution; SmolLM2 q/v: about 20 MiB); it
@@ -91,6 +94,9 @@ class FederatedConfig(broker_config.ServiceConfig):
             raise ConfigError(f"context: no such file: {self.context!r} (the public context from keygen)")
         if not self.round_timeout_s > 0:
             raise ConfigError(f"round_timeout_s: {self.round_timeout_s} must be positive")
+        if isinstance(self.min_owners, bool) or not isinstance(self.min_owners, int) or not (
+                1 <= self.min_owners <= self.owners):
+            raise ConfigError(f"min_owners: {self.min_owners!r} must be in 1..owners ({self.owners})")
         if not isinstance(self.max_joined_bytes, int) or not (
                 self.max_message_bytes <= self.max_joined_bytes <= fedfields.MAX_JOINED_BYTES):
             raise ConfigError(f"max_joined_bytes: {self.max_joined_bytes} outside "
@@ -105,6 +111,9 @@ class FederatedConfig(broker_config.ServiceConfig):
                        help="largest message reassembled from chunks (a whole contribution or aggregate)")
         p.add_argument("--max-contribution-bytes", type=int, default=64 << 20,
                        help="largest message an owner may send (a contribution); sizes the --prefetch check")
+        p.add_argument("--min-owners", type=int, default=1,
+                       help="scheme full: refuse a round that times out with fewer owners (3 keeps any owner "
+                            "from learning another's update from a sum of two)")
         p.add_argument("--round-timeout-s", type=float, default=600.0,
                        help="after this long, a round goes on with the owners that answered")
         return cls.from_mapping(vars(p.parse_args(argv)))
@@ -286,6 +295,13 @@ class FederatedWorker(amqp.Service):
             return
         self._close(rid)
         if not rnd.sums:
+            return
+        if len(rnd.sums) < self.cfg.min_owners:
+            exc = ParameterMismatch(f"round {rid.hex()[:8]}: {len(rnd.sums)} of {self.cfg.owners} owners came before "
+                                    f"the timeout, fewer than --min-owners {self.cfg.min_owners}: no sum is sent")
+            for _, ds in rnd.sums.values():
+                self.fail(ds, exc)
+            log.warning("round %s: %s", rid.hex()[:8], exc)
             return
         try:
             agg = sum_contributions([c for c, _ in rnd.sums.values()], self.aggregator.digest)
