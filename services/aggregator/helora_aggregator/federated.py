@@ -32,7 +32,8 @@ answers every owner of the round with it).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tenseal as ts
@@ -128,20 +129,8 @@ class FederatedAggregator:
     def aggregate(self, plan: RoundPlan, contributions: Sequence[bytes | Contribution],
                   max_bytes: int = 1 << 30) -> tuple[Aggregate, dict[str, str]]:
         """Column-aware aggregation of every valid contribution; ``rejected`` names the others."""
-        accepted: dict[str, Contribution] = {}
-        rejected: dict[str, str] = {}
-        for i, item in enumerate(contributions):
-            owner = item.owner if isinstance(item, Contribution) else f"#{i}"
-            try:
-                c = item if isinstance(item, Contribution) else decode(item, max_bytes, Contribution)
-                assert isinstance(c, Contribution)
-                owner = c.owner
-                self.check(plan, c, accepted)
-                accepted[c.owner] = c
-            except HeloraError as exc:
-                rejected[owner if owner not in accepted else f"{owner} (duplicate)"] = str(exc)
-        if not accepted:
-            raise MalformedMessage(f"round {plan.rid.hex()}: no valid contribution ({len(rejected)} rejected)")
+        accepted, rejected = _accept(contributions, Contribution, lambda c, ok: self.check(plan, c, ok), max_bytes,
+                                     plan.rid)
         total = sum(c.samples for c in accepted.values())
         try:
             layers = tuple(self._aggregate_layer(pl, [(c.samples, _layer(c, pl.name)) for c in accepted.values()])
@@ -254,21 +243,29 @@ class FederatedAggregator:
     def aggregate_sum(self, rid: bytes, contributions: Sequence[bytes | SumContribution], size: int,
                       max_bytes: int = 1 << 30) -> tuple[SumAggregate, dict[str, str]]:
         """The encrypted sum of every valid contribution mod ``2^bits``; ``rejected`` names the others."""
-        accepted: dict[str, SumContribution] = {}
-        rejected: dict[str, str] = {}
-        for i, item in enumerate(contributions):
-            owner = item.owner if isinstance(item, SumContribution) else f"#{i}"
-            try:
-                c = item if isinstance(item, SumContribution) else decode(item, max_bytes, SumContribution)
-                assert isinstance(c, SumContribution)
-                owner = c.owner
-                self.check_sum(c, rid, size, accepted)
-                accepted[c.owner] = c
-            except HeloraError as exc:
-                rejected[owner if owner not in accepted else f"{owner} (duplicate)"] = str(exc)
-        if not accepted:
-            raise MalformedMessage(f"round {rid.hex()}: no valid contribution ({len(rejected)} rejected)")
+        accepted, rejected = _accept(contributions, SumContribution, lambda c, ok: self.check_sum(c, rid, size, ok),
+                                     max_bytes, rid)
         return sum_contributions(list(accepted.values()), self.digest), rejected
+
+
+def _accept(items: Sequence[Any], cls: type, check: Callable[[Any, dict[str, Any]], None], max_bytes: int,
+            rid: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """Decode (bytes) and ``check`` each contribution against those accepted before it: (accepted by
+    owner, rejected owner → reason; undecodable ones as ``#i``, repeats as ``owner (duplicate)``)."""
+    accepted: dict[str, Any] = {}
+    rejected: dict[str, str] = {}
+    for i, item in enumerate(items):
+        owner = item.owner if isinstance(item, cls) else f"#{i}"
+        try:
+            c = item if isinstance(item, cls) else decode(item, max_bytes, cls)
+            owner = c.owner
+            check(c, accepted)
+            accepted[c.owner] = c
+        except HeloraError as exc:
+            rejected[owner if owner not in accepted else f"{owner} (duplicate)"] = str(exc)
+    if not accepted:
+        raise MalformedMessage(f"round {rid.hex()}: no valid contribution ({len(rejected)} rejected)")
+    return accepted, rejected
 
 
 def sum_contributions(cs: Sequence[SumContribution], digest: bytes) -> SumAggregate:
