@@ -1,7 +1,8 @@
 """Every coordinate encrypted (``--scheme full``, the default): one owner's side of a round.
 
 Each owner sends its whole update, FlexLoRA's ``w_i·ΔW_i`` for every LoRA layer (``ΔW_i = s_i·B_i·A_i``,
-so ranks may differ) followed by its sample weight ``w_i``, as exact fixed point (``2^frac_bits``),
+so ranks may differ) followed by its sample weight ``w_i`` and a 1 (summed: the owner count, which
+tells a sum opened under another key), as exact fixed point (``2^frac_bits``),
 encrypted with helora's RLWE under a secret the owners share (``hecommon.he.fedsum``). The
 aggregator adds ciphertexts mod ``2^bits`` and answers the sum; each owner decrypts it, divides by
 ``Σ w_i`` (itself decrypted from the sum) and goes back to its own rank by SVD (``reparam``).
@@ -131,7 +132,7 @@ def open_aggregate(keys: CkksKeys, agg: SumAggregate) -> tuple[dict[str, np.ndar
 
 
 def timed_contribute(*args, **kwargs) -> tuple[SumContribution, float]:
-    """``contribute`` and its seconds (the benchmark's and the round report's encryption time)."""
+    """``contribute`` and its seconds (the round report's encryption time)."""
     t0 = time.perf_counter()
     c = contribute(*args, **kwargs)
     return c, time.perf_counter() - t0
