@@ -61,6 +61,7 @@ from helora_orchestrator.federated.dager import (  # noqa: E402
     attack_sum_message,
     dager_attack,
     first_layer_inputs,
+    local_step,
     one_step_contribution,
     one_step_sum,
     recovery_scores,
@@ -271,8 +272,7 @@ def attack_section(model_name: str, keys: CkksKeys) -> tuple[list[dict], dict]:
         out.append({"scheme": "full_in_the_clear", "variant": variant,
                     **attack_sum_message(sum_view, candidates, layers, clear=True)})
     client.load_lora_state_dict(start)
-    torch.manual_seed(0)
-    one_step_sum(client, batch, keys)  # the same SGD step, then the ciphertexts TenSEAL would send
+    local_step(client, batch, 0.1)  # the same SGD step (one_step_sum's), then the ciphertexts TenSEAL sends
     for variant, (layers, _) in VARIANTS.items():
         result = dager_attack(tenseal_view(client, layers, keys), candidates)
         out.append({"scheme": "tenseal_full", "variant": variant,

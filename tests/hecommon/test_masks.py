@@ -56,7 +56,7 @@ def test_masked_decryption_is_decrypt_bit_for_bit(ps, rng):
             bh = b >> np.uint64(ps.out_bits - ps.hint_out_bits)
             cases.append((EncryptedResult(ps, None, bh, t, ps.hint_out_bits, col0), hint))
         for result, hint in cases:
-            masks = output_masks(s, result, None, hint, (w0, w1))
+            masks = output_masks(s, result, hint, (w0, w1))
             out = np.full((t, d), 5, dtype=np.int64)
             decrypt_masked(result, masks[:, col0 - w0 : col0 - w0 + t], out)
             np.testing.assert_array_equal(out, decrypt(s, result, hint=hint))

@@ -110,19 +110,22 @@ class _LayerSession:
         self.inputs: np.ndarray | None = None  # (layer inputs, L, window) -a·s mod p
         self.outputs: dict[tuple[int, int, int, int], np.ndarray] = {}  # (piece, lo, hi, bits) -> (rows, window)
 
-    def take(self, t: int, window: int) -> int:
-        """The first of ``t`` coefficients never used under this secret (a new secret past N), with
-        a window of masks that covers them where ``t`` fits in one (``window``); a wider request
-        (a long prompt) is encrypted and decrypted without masks, so none are held for it."""
+    def take(self, t: int, window: int) -> tuple[int, bool]:
+        """The first of ``t`` coefficients never used under this secret (a new secret past N), and
+        whether they are masked: with a window of masks that covers them where ``t`` fits in one
+        (``window``); a wider request (a long prompt) is encrypted and decrypted without masks, so
+        none are held for it."""
         if self.next + t > self.params.n:
             self._renew()
         col0 = self.next
         self.next += t
+        if t > window:
+            return col0, False
         lo, hi = self.window
-        if t <= window and not lo <= col0 <= col0 + t <= hi:
+        if not lo <= col0 <= col0 + t <= hi:
             self.window = (col0, min(self.params.n, col0 + window))
             self.inputs, self.outputs = None, {}
-        return col0
+        return col0, True
 
 
 class Session:
@@ -241,21 +244,21 @@ class EncryptedBackend:
         """``_call`` under a fresh secret (``state`` None) or the next coefficients of a session's."""
         t_call = time.perf_counter()
         spent = {"encrypt": 0.0, "decrypt": 0.0}
+        t = m.shape[0]
         if state is None:
             secret, col0 = self.key.request_secret(self.params, os.urandom(NONCE_BYTES)), 0
         else:
-            col0 = state.take(m.shape[0], window)
-            secret = state.secret
-            if m.shape[0] > window:  # wider than a window: the session's secret and coefficients, no masks
+            col0, masked = state.take(t, window)
+            secret = state.secret  # after take, which may have drawn a new one
+            if not masked:  # wider than a window: the session's secret and coefficients, no masks
                 state = None
-        t = m.shape[0]
         rid = os.urandom(wire.RID_BYTES)
         entry = self.layers[layer]
         width = entry.out_rows(direction)  # each output once per sub-sum
         a_seed = owner_a_seed(a_seed, self.owner)  # this session's a of the layer (one SHAKE-256)
         stream = getattr(self.transport, "stream", None)
         plan, pieces = self.transport.plan(entry, direction, self.params) if stream is not None else ([], 1)
-        out = self._scratch(m.shape[0] * width).reshape(m.shape[0], width)
+        out = self._scratch(t * width).reshape(t, width)
         if pieces > 1:
             out.fill(0)
         filled = [0]
@@ -267,18 +270,15 @@ class EncryptedBackend:
 
         def decrypt_part(part: wire.EncryptedReply) -> None:
             lo, hi = part.out_start, part.out_start + part.result.width
-            if (part.rid != rid or hi > width or part.result.n_tokens != m.shape[0]
+            if (part.rid != rid or hi > width or part.result.n_tokens != t
                     or part.result.col0 != col0 or part.pieces != pieces):
                 raise HeloraError(f"the reply to layer {layer} {direction} does not match the request")
             result, hint = part.result, None
-            key = (part.piece, lo, hi, result.bits)  # a session's masks of these rows
-            masked = state is not None and key in state.outputs  # need neither a nor the hint again
             if result.a is None and result.bits == self.params.out_bits:  # b alone: the a part held
                 if held is None:
                     raise HeloraError(f"the reply to layer {layer} {direction} has no a part and none is held")
-                if not masked:
-                    result = result.with_held_a(held[part.piece][lo:hi])
-            elif result.a is None and not masked:
+                result = result.with_held_a(held[part.piece][lo:hi])  # row views: no copy
+            elif result.a is None:
                 hint = self._hint(layer, direction)[lo:hi]
             elif collect:
                 a = result.a
@@ -289,8 +289,9 @@ class EncryptedBackend:
                 decrypt(secret, result, hint=hint, out=out[:, lo:hi], add=pieces > 1)
             else:  # the session's a·s products of this reply part's rows, once per window
                 w0, w1 = state.window
-                if not masked:
-                    state.outputs[key] = output_masks(secret, result, None, hint, (w0, w1))
+                key = (part.piece, lo, hi, result.bits)  # the session's masks of these rows
+                if key not in state.outputs:
+                    state.outputs[key] = output_masks(secret, result, hint, (w0, w1))
                 decrypt_masked(result, state.outputs[key][:, col0 - w0 : col0 - w0 + t], out[:, lo:hi],
                                add=pieces > 1)
             spent["decrypt"] += time.perf_counter() - t0

@@ -335,11 +335,6 @@ class PackedRows:
         view = memoryview(self.data)[lo * self.row_bytes : max(lo, hi) * self.row_bytes]
         return PackedRows(self.bits, self.n, view)  # a view: a layer's held a part is sliced per request
 
-    @property
-    def payload(self) -> bytes:
-        """The packed bytes as ``bytes`` (a copy only where this holds a view)."""
-        return self.data if isinstance(self.data, bytes) else bytes(self.data)
-
     @staticmethod
     def concat(parts: list[PackedRows]) -> PackedRows:
         """The rows of ``parts`` one after the other; all must have the same width and bits."""

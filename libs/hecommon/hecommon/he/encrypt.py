@@ -363,11 +363,7 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
         raise ValueError(f"decrypt: out must be a ({ct.n_tokens}, {width}) int64 array")
     mul = secret.multiplier
     if isinstance(ct, EncryptedResult):
-        if ct.a is None and ct.bits != params.hint_out_bits:
-            raise DecryptionError("this result was sent without its a part: the a part held from an earlier "
-                                  "reply is needed (EncryptedResult.with_held_a)")
-        if ct.a is None and (hint is None or hint.shape != (ct.width, params.limbs, params.n)):
-            raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
+        check_client_a(ct, hint)
         if kernels.enabled() and (ct.a is not None or params.limbs == 2):  # written (or added) in place
             into = np.empty((ct.n_tokens, ct.width), dtype=np.int64) if out is None else out
             map_rows(lambda lo, hi: _decrypt_blocks(mul, ct, hint, into, lo, hi, add and out is not None), ct.width,
@@ -390,6 +386,18 @@ def decrypt(secret: RequestSecret, ct: EncryptedResult | EncryptedPartial, hint:
     else:
         out[...] = messages
     return out
+
+
+def check_client_a(ct: EncryptedResult, hint: np.ndarray | None) -> None:
+    """A result sent without its ``a`` part decrypts only with what the client holds of it: the
+    layer's hint (``b`` at ``hint_out_bits``), or an ``a`` held from an earlier reply, joined first
+    (``EncryptedResult.with_held_a``)."""
+    params = ct.params
+    if ct.a is None and ct.bits != params.hint_out_bits:
+        raise DecryptionError("this result was sent without its a part: the a part held from an earlier "
+                              "reply is needed (EncryptedResult.with_held_a)")
+    if ct.a is None and (hint is None or hint.shape != (ct.width, params.limbs, params.n)):
+        raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
 
 
 def _decrypt_result(mul, ct: EncryptedResult, held: np.ndarray | None) -> np.ndarray:
@@ -420,13 +428,21 @@ def a_s_rows(mul, ct: EncryptedResult, hint: np.ndarray | None, lo: int, hi: int
     w0, w1 = window
     if ct.a is None:
         assert hint is not None
-        a_s = np.empty((params.limbs, hi - lo, w1 - w0), dtype=np.int64)
-        for i, p in enumerate(params.primes):
-            a_s[i] = reduce_float(mul.product(centered_float(hint[lo:hi, i], p))[:, w0:w1], float(p))
-        return switch_modulus(a_s, params, ct.bits).astype(np.float64)
+        return hint_a_s(mul, hint[lo:hi], params, ct.bits, window)
     a = unpacked(ct.a[lo:hi]).astype(np.float64)  # < 2^38
     np.subtract(a, modulus, out=a, where=a >= modulus / 2)
     return reduce_float(mul.product_wide(a)[:, w0:w1], modulus)  # exact, |.| < 2^49
+
+
+def hint_a_s(mul, hint: np.ndarray, params: ParamSet, bits: int, window: tuple[int, int]) -> np.ndarray:
+    """``a·s mod q`` of ``hint``'s rows ((rows, L, N) residues of ``a`` mod each prime) at
+    coefficients ``window``, exact, then switched to ``2^bits`` as the server switches ``b``:
+    (rows, window) float64 integers."""
+    w0, w1 = window
+    a_s = np.empty((params.limbs, hint.shape[0], w1 - w0), dtype=np.int64)
+    for i, p in enumerate(params.primes):
+        a_s[i] = reduce_float(mul.product(centered_float(hint[:, i], p))[:, w0:w1], float(p))
+    return switch_modulus(a_s, params, bits).astype(np.float64)
 
 
 #: Bits of the low half when a switched ``a`` (< 2^38) is split for two exact products.

@@ -33,11 +33,11 @@ import numpy as np
 
 from ..errors import ConfigError, DecryptionError
 from .bits import PackedRows
-from .encrypt import encrypt, switch_rows
+from .encrypt import _decode, encrypt, hint_a_s, switch_rows
 from .keys import RequestSecret
 from .parallel import map_rows
 from .params import DEFAULT, TAIL_SIGMAS, ParamSet
-from .ring import centered_float, reduce_float, switch_modulus
+from .ring import reduce_float
 from .sampling import SEED_BYTES, expand_a
 
 
@@ -129,14 +129,11 @@ class SumScheme:
             for seed in seeds:  # A = Σ a_i mod q, limb by limb
                 a += expand_a(seed, params, hi - lo, start=lo)
                 a %= primes
-            a_s = np.empty((params.limbs, hi - lo, params.n), dtype=np.int64)
-            for i, p in enumerate(params.primes):
-                a_s[i] = reduce_float(mul.product(centered_float(a[:, i].astype(np.uint32), p)), float(p))
-            x = switch_modulus(a_s, params, self.bits).astype(np.float64)
+            x = hint_a_s(mul, a.astype(np.uint32), params, self.bits, (0, params.n))  # as the hint path
             x += b[lo:hi]
-            x = reduce_float(x, modulus) / modulus
-            x = np.where(x >= 0.5, x - 1.0, x)
-            out[lo:hi] = np.rint(x * (params.q / params.delta)).astype(np.int64)
+            x = reduce_float(x, modulus)
+            x /= modulus
+            out[lo:hi] = _decode(x, params).T
 
         map_rows(block, rows, minimum=16, row_size=params.limbs * params.n)
         return out.reshape(-1)[:count]

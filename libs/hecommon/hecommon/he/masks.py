@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DecryptionError
-from .bits import PackedRows
 from .encrypt import (
     EncryptedBatch,
     EncryptedResult,
     _check_message,
     _decode,
     _encrypt_with,
-    _rows,
     a_s_rows,
+    check_client_a,
     check_window,
     unpacked,
 )
@@ -62,20 +60,14 @@ def encrypt_masked(params: ParamSet, m: np.ndarray, mask: np.ndarray, col0: int,
     return EncryptedBatch(params, b, t, col0)
 
 
-def output_masks(secret: RequestSecret, result: EncryptedResult, held: np.ndarray | PackedRows | None,
-                 hint: np.ndarray | None, cols: tuple[int, int]) -> np.ndarray:
+def output_masks(secret: RequestSecret, result: EncryptedResult, hint: np.ndarray | None,
+                 cols: tuple[int, int]) -> np.ndarray:
     """``a·s mod 2^bits`` of a reply's rows at coefficients ``cols`` (lo, hi): (rows, hi - lo) float64
-    integers, from the ``a`` part it carries, the switched ``a`` held from an earlier reply
-    (``held``), or the layer's hint mod q (``hint``, rows, L, N), as ``decrypt`` computes it."""
-    params = secret.params
-    if result.a is None and held is not None:
-        result = result.with_held_a(held)
+    integers, from the ``a`` part it carries (sent, or held from an earlier reply:
+    ``EncryptedResult.with_held_a``) or the layer's hint mod q (``hint``, rows, L, N), as ``decrypt``
+    computes it."""
+    check_client_a(result, hint)
     rows = result.width
-    if result.a is None and (hint is None or hint.shape != (rows, params.limbs, params.n)
-                             or result.bits != params.hint_out_bits):
-        raise DecryptionError("this result was sent without its a part: the layer's hint is needed")
-    if result.a is not None and (result.bits != params.out_bits or _rows(result.a) != rows):
-        raise DecryptionError(f"the a part must be {rows} rows at {params.out_bits} bits")
     out = np.empty((rows, cols[1] - cols[0]), dtype=np.float64)
 
     def block(r0: int, r1: int) -> None:

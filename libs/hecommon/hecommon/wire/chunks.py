@@ -23,7 +23,7 @@ from ..he.params import ParamSet
 from .codec import fail as _fail
 from .fields import HEADER_ALLOWANCE, MAX_MESSAGE_BYTES, _residue_row_bytes
 from .heads import RequestHead
-from .messages import EncryptedReply, EncryptedRequest, PartialResult
+from .messages import EncryptedReply, EncryptedRequest, PartialResult, reply_row_bytes
 
 __all__ = ["Chunked", "Gather", "GatherError", "Head", "PartTracker", "join", "payload_bytes", "request_ranges",
            "row_ranges", "split"]
@@ -345,6 +345,5 @@ def payload_bytes(msg: EncryptedRequest | EncryptedReply) -> int:
         return sum(packed_size(p.bit_length(), values) for p in msg.params.primes)
     if isinstance(msg, EncryptedReply):
         res = msg.result
-        a = 0 if res.a is None else packed_size(res.bits, res.width * msg.params.n)
-        return a + res.width * packed_size(res.bits, res.n_tokens)  # each row of b padded to whole bytes
+        return res.width * reply_row_bytes(res.bits, msg.params.n, res.n_tokens, res.a is not None)
     raise TypeError(f"{type(msg).__name__} carries no ciphertext payload")

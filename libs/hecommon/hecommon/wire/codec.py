@@ -144,12 +144,16 @@ def _bin_header(size: int) -> bytes:
     return b"\xc6" + size.to_bytes(4, "big")
 
 
+_BINS = (bytes, memoryview)
+
+
 def _pack_value(packer: msgpack.Packer, value: Any, pieces: list[bytes]) -> None:
-    """``value``'s msgpack onto ``pieces``: a large bin as its header and itself, a list of
-    values (the limbs of an array) element by element, anything else through ``packer``."""
-    if type(value) is bytes and len(value) >= _LARGE_BIN:
+    """``value``'s msgpack onto ``pieces``: a large bin (bytes, or a byte view such as a
+    ``PackedRows`` row range: joined in without a copy of its own) as its header and itself, a
+    list of values (the limbs of an array) element by element, anything else through ``packer``."""
+    if type(value) in _BINS and len(value) >= _LARGE_BIN:
         pieces += (_bin_header(len(value)), value)
-    elif type(value) is list and any(type(v) is bytes and len(v) >= _LARGE_BIN for v in value):
+    elif type(value) is list and any(type(v) in _BINS and len(v) >= _LARGE_BIN for v in value):
         pieces.append(packer.pack_array_header(len(value)))
         for v in value:
             _pack_value(packer, v, pieces)

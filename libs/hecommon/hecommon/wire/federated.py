@@ -31,7 +31,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..he import params as he_params
 from ..he.bits import packed_size
+from ..he.fedsum import sum_bits
 from ..he.sampling import SEED_BYTES as SUM_SEED_BYTES
 from .codec import check_blob_range as _blob
 from .codec import check_int as _strict_int
@@ -333,9 +335,6 @@ def _sum_fields(where: str, params: str, size: int, frac_bits: int, bits: int, k
     """The checks a contribution and an aggregate share: a known parameter set, a federation size,
     the bits its sums need (``fedsum.sum_bits``), the sum key's public fingerprint, and ``b``
     exactly the packed rows of the layers. Integers must be ``int`` (msgpack also carries floats)."""
-    from ..he import params as he_params
-    from ..he.fedsum import sum_bits
-
     _text(f"{where}.params", params, MAX_NAME_CHARS)
     if params not in he_params.REGISTRY:
         _fail(f"{where}.params", f"unknown parameter set (known: {sorted(he_params.REGISTRY)})")
@@ -355,6 +354,10 @@ def sum_values(layers: Sequence[SumLayer]) -> int:
     """Values of one owner's encrypted update: every layer's ``d_out·d_in``, then its sample weight,
     then a 1 (summed, the number of owners: a sum opened under another key fails that check)."""
     return sum(x.d_out * x.d_in for x in layers) + 2
+
+
+def _sum_layer_maps(layers: Sequence[SumLayer]) -> list[dict[str, Any]]:
+    return [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in} for x in layers]
 
 
 def _sum_layers(where: str, value: Any) -> tuple[SumLayer, ...]:
@@ -396,7 +399,7 @@ class SumContribution:
     def _body(self) -> dict[str, Any]:
         return {"owner": self.owner, "ctx": self.ctx, "params": self.params, "size": self.size,
                 "frac_bits": self.frac_bits, "bits": self.bits, "key": self.key, "seed": self.seed, "b": self.b,
-                "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in} for x in self.layers]}
+                "layers": _sum_layer_maps(self.layers)}
 
     @classmethod
     def _from(cls, m: dict[str, Any]) -> SumContribution:
@@ -441,7 +444,7 @@ class SumAggregate:
     def _body(self) -> dict[str, Any]:
         return {"ctx": self.ctx, "params": self.params, "size": self.size, "frac_bits": self.frac_bits,
                 "bits": self.bits, "key": self.key, "owners": list(self.owners), "seeds": list(self.seeds), "b": self.b,
-                "layers": [{"name": x.name, "d_out": x.d_out, "d_in": x.d_in} for x in self.layers]}
+                "layers": _sum_layer_maps(self.layers)}
 
     @classmethod
     def _from(cls, m: dict[str, Any]) -> SumAggregate:

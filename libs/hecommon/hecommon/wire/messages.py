@@ -195,7 +195,7 @@ class PartialResult:
                 "out_start": self.out_start, "send_a": self.send_a, "piece": self.piece, "pieces": self.pieces,
                 "n_tokens": pa.n_tokens, "col0": pa.col0,
                 "shape": list(pa.b.shape), "a_bits": pa.a.bits if isinstance(pa.a, PackedRows) else 0,
-                "a": pa.a.payload if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
+                "a": pa.a.data if isinstance(pa.a, PackedRows) else _raw_residues(pa.a), "b": _raw_residues(pa.b)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> PartialResult:
@@ -303,7 +303,7 @@ class EncryptedReply:
         with_a, k = _reply_bits(m, params)
         n = params.n
         t, col0 = _check_window(m, params)
-        rows = _shape("shape", m["shape"], (t,), (packed_size(k, n) if with_a else 0) + packed_size(k, t), max_bytes)
+        rows = _shape("shape", m["shape"], (t,), reply_row_bytes(k, n, t, with_a), max_bytes)
         # a and b stay packed (any bytes are valid values): decrypt unpacks them, block by block
         a = PackedRows(k, n, _blob("a", m["a"], rows * packed_size(k, n))) if with_a else None
         b = _packed_rows("b", k, t, _blob("b", m["b"], rows * packed_size(k, t)))
@@ -338,6 +338,12 @@ def _packed_rows(where: str, bits: int, n: int, data: bytes) -> PackedRows:
         _fail(where, str(exc))
 
 
-def _packed(rows: np.ndarray | PackedRows, bits: int) -> bytes:
+def reply_row_bytes(bits: int, n: int, t: int, with_a: bool) -> int:
+    """Wire bytes of one reply row: its ``a`` part (N values) when sent, and its ``b`` (T tokens),
+    each packed at ``bits`` and padded to whole bytes."""
+    return (packed_size(bits, n) if with_a else 0) + packed_size(bits, t)
+
+
+def _packed(rows: np.ndarray | PackedRows, bits: int) -> bytes | memoryview:
     """The wire bytes of switched rows: as they are if still packed, else packed at ``bits``."""
-    return rows.payload if isinstance(rows, PackedRows) else PackedRows.pack(rows, bits).payload
+    return rows.data if isinstance(rows, PackedRows) else PackedRows.pack(rows, bits).data

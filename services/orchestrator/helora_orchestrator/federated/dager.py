@@ -290,17 +290,7 @@ def one_step_contribution(client: ClientModel, batch_ids: torch.Tensor, calibrat
     if rejected:
         raise ConfigError(f"dager: the negotiation rejected the proposal: {rejected}")
     a_start = {n: lora[n].lora_A.weight.detach().double().numpy().copy() for n in layers}
-    loss, n = causal_lm_loss(client(batch_ids), batch_ids)
-    client.zero_grad(set_to_none=True)
-    (loss / max(n, 1)).backward()
-    if optimizer == "sgd":  # FedSGD: one plain gradient step, the attack's setting
-        with torch.no_grad():
-            for p in client.lora_parameters():
-                if p.grad is not None:
-                    p -= lr * p.grad
-    else:  # Adam from fresh moments, as after Owner.merge: ≈ −lr·sign(g) element-wise
-        torch.optim.Adam(client.lora_parameters(), lr=lr).step()
-    client.zero_grad(set_to_none=True)
+    local_step(client, batch_ids, lr, optimizer)
     parts = []
     for name in layers:
         m, pl = lora[name], plan.layer(name)
@@ -341,7 +331,7 @@ def one_step_sum(client: ClientModel, batch_ids: torch.Tensor, keys: CkksKeys, l
                                       @ lora[n].lora_A.weight.detach().double()).numpy() for n in layers}
 
     start = products()
-    _sgd_step(client, batch_ids, lr)
+    local_step(client, batch_ids, lr)
     delta = products()
     shapes = {n: (lora[n].out_features, lora[n].in_features) for n in layers}
     c = encsum.contribute(keys, os.urandom(16), owner, delta, shapes, int(batch_ids.shape[0]), size)
@@ -390,14 +380,19 @@ def attack_sum_message(view: SumView, candidates: np.ndarray, layers: Sequence[s
     return scores
 
 
-def _sgd_step(client: ClientModel, batch_ids: torch.Tensor, lr: float) -> None:
+def local_step(client: ClientModel, batch_ids: torch.Tensor, lr: float, optimizer: str = "sgd") -> None:
+    """One local step on ``batch_ids``: plain SGD (FedSGD, the attack's setting), or Adam from fresh
+    moments (as after ``Owner.merge``: ≈ −lr·sign(g) element-wise)."""
     loss, n = causal_lm_loss(client(batch_ids), batch_ids)
     client.zero_grad(set_to_none=True)
     (loss / max(n, 1)).backward()
-    with torch.no_grad():
-        for p in client.lora_parameters():
-            if p.grad is not None:
-                p -= lr * p.grad
+    if optimizer == "sgd":
+        with torch.no_grad():
+            for p in client.lora_parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+    else:
+        torch.optim.Adam(client.lora_parameters(), lr=lr).step()
     client.zero_grad(set_to_none=True)
 
 
