@@ -371,3 +371,24 @@ def test_reduction_mod_p_is_exact_at_the_ends_of_its_range(p, rng):
     inv_p = 1.0 / p
     got = [int(_fused._mod(np.int64(y), np.int64(p), inv_p)) for y in ys]
     assert got == [y % p for y in ys]
+
+
+def test_the_first_use_from_several_threads_at_once_loads_the_loops_once(monkeypatch):
+    """The loops load on first use; the encryption's threads may all make that first call at once.
+    Each used to see the load begun by another, not yet finished, and raise "numba is not installed"."""
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(kernels, "_LOOPS", None)
+    monkeypatch.setattr(kernels, "_TRIED", False)
+    monkeypatch.delitem(sys.modules, "hecommon.he._fused", raising=False)  # so that the load takes its time
+    barrier = threading.Barrier(4)
+
+    def first(_):
+        barrier.wait()
+        return kernels.loops()
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(first, range(4)))
+    assert all(g is got[0] for g in got) and got[0] is not None

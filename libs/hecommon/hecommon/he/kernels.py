@@ -23,6 +23,7 @@ only one. numba is imported on first use only: the services, which never encrypt
 from __future__ import annotations
 
 import os
+import threading
 from types import ModuleType
 
 import numpy as np
@@ -31,19 +32,23 @@ import numpy as np
 BLOCK_ROWS = 32
 _LOOPS: ModuleType | None = None
 _TRIED = False
+_LOAD = threading.Lock()
 
 
 def loops() -> ModuleType:
-    """The compiled loops (``hecommon.he._fused``); only where ``enabled()``."""
+    """The compiled loops (``hecommon.he._fused``); only where ``enabled()``. Loaded once, under a
+    lock: the encryption's threads may make the first call together."""
     global _LOOPS, _TRIED
     if not _TRIED:
-        _TRIED = True
-        try:
-            from . import _fused
+        with _LOAD:
+            if not _TRIED:
+                try:
+                    from . import _fused
 
-            _LOOPS = _fused
-        except ImportError:  # pragma: no cover - where numba is absent
-            _LOOPS = None
+                    _LOOPS = _fused
+                except ImportError:  # pragma: no cover - where numba is absent
+                    _LOOPS = None
+                _TRIED = True
     if _LOOPS is None:
         raise RuntimeError("hecommon.he.kernels: numba is not installed (pip install 'hecommon[kernels]')")
     return _LOOPS
