@@ -29,10 +29,12 @@ without protection. Its HE baseline is not ours (CKKS over the column-packed ΔW
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -133,7 +135,8 @@ def owner_factors(shapes: dict[str, tuple[int, int]], rank: int = 8) -> list[dic
 
 
 def _timed(fn, reps: int) -> tuple[float, object]:
-    times, out = [], None
+    """Median seconds of ``reps`` calls after one untimed call, and the last result."""
+    times, out = [], fn()
     for _ in range(reps):
         t0 = time.perf_counter()
         out = fn()
@@ -141,27 +144,35 @@ def _timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def cost_full(keys: CkksKeys, shapes, mats, reps: int) -> dict:
+@dataclasses.dataclass
+class Scheme:
+    """One scheme's owner side (``build(i)``: owner i's messages of a round, encoded) and server side
+    (``aggregate()``), prepared so that the schemes can also be timed in turns (``time_schemes``)."""
+
+    build: Callable[[int], bytes]
+    aggregate: Callable[[], bytes]
+    extra_bytes: int = 0  # per owner, sent before the contribution (SHE-LoRA's proposal)
+
+
+def prepare_full(keys: CkksKeys, shapes, mats) -> Scheme:
     rid = os.urandom(16)
-
-    def build(i: int) -> bytes:
-        delta = {n: b @ a for n, (a, b) in mats[i].items()}
-        return fedwire.encode(encsum.contribute(keys, rid, f"o{i}", delta, shapes, 100 + i, OWNERS), 1 << 30)
-
-    enc_s, _ = _timed(lambda: build(0), reps)
-    msgs = [build(i) for i in range(OWNERS)]
     server = FederatedAggregator(keys.public_bytes())
+    msgs: list[bytes] = []
+
+    def build(i: int) -> bytes:  # from the factors, as Owner.contribute_sum (ΔW formed block by block)
+        return fedwire.encode(encsum.contribute(keys, rid, f"o{i}", mats[i], shapes, 100 + i, OWNERS), 1 << 30)
 
     def aggregate() -> bytes:
+        if not msgs:
+            msgs.extend(build(i) for i in range(OWNERS))
         agg, rejected = server.aggregate_sum(rid, msgs, OWNERS, 1 << 30)
         assert not rejected, rejected
         return fedwire.encode(agg, 1 << 30)
 
-    agg_s, _ = _timed(aggregate, reps)
-    return {"bytes_per_owner_round": len(msgs[0]), "encrypt_s_per_owner_round": enc_s, "aggregate_s_per_round": agg_s}
+    return Scheme(build, aggregate)
 
 
-def cost_selective(keys: CkksKeys, shapes, mats, budget: float, reps: int) -> dict:
+def prepare_selective(keys: CkksKeys, shapes, mats, budget: float) -> Scheme:
     rid = os.urandom(16)
     rng = np.random.default_rng(1)
     orders = {n: tuple(int(j) for j in rng.permutation(d_in)[:budget_columns(budget, d_in)])
@@ -170,6 +181,8 @@ def cost_selective(keys: CkksKeys, shapes, mats, budget: float, reps: int) -> di
     proposals = [fedwire.encode(Proposal(rid, f"o{i}", keys.digest, tuple(ProposalLayer(n, *shapes[n], orders[n])
                                                                         for n in shapes)), 1 << 30)
                  for i in range(OWNERS)]
+    server = FederatedAggregator(keys.public_bytes())
+    msgs: list[bytes] = []
 
     def build(i: int) -> bytes:
         parts = []
@@ -180,19 +193,39 @@ def cost_selective(keys: CkksKeys, shapes, mats, budget: float, reps: int) -> di
             parts.append(LayerContribution(n, d_out, d_in, a.shape[0], k, b.astype(np.float32), swapped, enc))
         return fedwire.encode(Contribution(rid, f"o{i}", 100 + i, keys.digest, tuple(parts)), 1 << 30)
 
-    enc_s, _ = _timed(lambda: build(0), reps)
-    msgs = [build(i) for i in range(OWNERS)]
-    server = FederatedAggregator(keys.public_bytes())
-
     def aggregate() -> bytes:
+        if not msgs:
+            msgs.extend(build(i) for i in range(OWNERS))
         server.plan([fedwire.decode(p, 1 << 30, Proposal) for p in proposals], shapes, rid)
         agg, rejected = server.aggregate(plan, msgs, 1 << 30)
         assert not rejected, rejected
         return fedwire.encode(agg, 1 << 30)
 
-    agg_s, _ = _timed(aggregate, reps)
-    return {"bytes_per_owner_round": len(proposals[0]) + len(msgs[0]), "encrypt_s_per_owner_round": enc_s,
-            "aggregate_s_per_round": agg_s}
+    return Scheme(build, aggregate, len(proposals[0]))
+
+
+def time_schemes(schemes: dict[str, Scheme], reps: int) -> dict[str, dict]:
+    """Each scheme's owner and server seconds: the median of ``reps`` calls in a loop of its own after
+    one untimed call (``encrypt_s_per_owner_round``, ``aggregate_s_per_round``: steady state), and
+    the median of ``reps`` turns in which every scheme's owner side runs once, one after the other
+    (``encrypt_s_in_turns``). On this 2-vCPU VM the second differs from the first for multi-threaded
+    code: while TenSEAL encrypts on one thread the other vCPU idles, and the hypervisor takes some
+    milliseconds to give it back (a 0.2 s sleep before a call adds about a third to ``full``'s)."""
+    out = {}
+    for k, s in schemes.items():
+        enc_s, msg = _timed(lambda s=s: s.build(0), reps)
+        agg_s, _ = _timed(s.aggregate, reps)
+        out[k] = {"bytes_per_owner_round": len(msg) + s.extra_bytes, "encrypt_s_per_owner_round": enc_s,
+                  "aggregate_s_per_round": agg_s}
+    turns: dict[str, list[float]] = {k: [] for k in schemes}
+    for _ in range(reps):
+        for k, s in schemes.items():
+            t0 = time.perf_counter()
+            s.build(0)
+            turns[k].append(time.perf_counter() - t0)
+    for k in schemes:
+        out[k]["encrypt_s_in_turns"] = statistics.median(turns[k])
+    return out
 
 
 def cost_tenseal(keys: CkksKeys, shapes, mats) -> dict:
@@ -210,9 +243,10 @@ def cost_tenseal(keys: CkksKeys, shapes, mats) -> dict:
 def cost_section(keys: CkksKeys, shapes, reps: int) -> dict[str, dict]:
     mats = owner_factors(shapes)
     clear_bytes = 4 * sum(d_out * d_in for d_out, d_in in shapes.values())  # ΔW of every layer, fp32
-    out = {"full": cost_full(keys, shapes, mats, reps)}
+    schemes = {"full": prepare_full(keys, shapes, mats)}
     for b in SHE_BUDGETS:
-        out[f"selective_{pct(b)}"] = cost_selective(keys, shapes, mats, b, reps)
+        schemes[f"selective_{pct(b)}"] = prepare_selective(keys, shapes, mats, b)
+    out = time_schemes(schemes, reps)
     out["tenseal_full"] = cost_tenseal(keys, shapes, mats)
     for row in out.values():
         row["bytes_over_clear"] = row["bytes_per_owner_round"] / clear_bytes
@@ -308,13 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     # encryption's own threads need (the rank-8 products are small)
     block = TINY_BLOCK if args.quick else SMOLLM2_BLOCK
     with threadpool_limits(1, user_api="blas"):
-        costs = cost_section(keys, block, reps=1 if args.quick else 5)
+        costs = cost_section(keys, block, reps=1 if args.quick else 9)
     block_name = "tiny model" if args.quick else "SmolLM2-135M"
     print(f"\ncost: the first block of {block_name} (7 LoRA layers, rank 8), {OWNERS} owners")
     print_table([{"scheme": k, **v} for k, v in costs.items()],
                 [("scheme", "scheme", "s"), ("bytes_per_owner_round", "bytes/owner", ".0f"),
                  ("bytes_over_clear", "/clear fp32", ".4f"), ("encrypt_s_per_owner_round", "enc s", ".3f"),
-                 ("aggregate_s_per_round", "aggregate s", ".3f")])
+                 ("encrypt_s_in_turns", "enc s, turns", ".3f"), ("aggregate_s_per_round", "aggregate s", ".3f")])
     quality_rows, gaps = quality_section(rounds, keys)
     print(f"\nquality: 3 owners (ranks 4, 8, 16), tiny model, {rounds} rounds per scheme")
     print_table(quality_rows, [("name", "scheme", "s"), ("eval_loss", "held-out", ".5f"),

@@ -242,3 +242,52 @@ def test_a_sum_under_another_key_or_not_holding_the_owner_is_refused(make_owners
     c = dataclasses.replace(cs[1], key=encsum.key_id(stranger))
     _, rejected = server.aggregate_sum(rid, [cs[0], c], 2)
     assert "another sum key" in rejected["o1"]
+
+
+def test_an_update_is_encoded_a_block_at_a_time_from_its_factors():
+    """``UpdateRows`` from the factors ``(A, s·B)`` equals it from ``ΔW = s·B·A`` (to the rounding of
+    a product done by rows, at most one step in a rare coordinate), any row range equals that range
+    of the whole, the weight and the owner count close it, and a bad layer is named."""
+    rng = np.random.default_rng(5)
+    shapes = {"q": (96, 80), "k": (40, 80), "down": (80, 200)}
+    factors = {n: (rng.standard_normal((8, d_in)), 0.01 * rng.standard_normal((d_out, 8)))
+               for n, (d_out, d_in) in shapes.items()}
+    layers = tuple(fedwire.SumLayer(n, *s) for n, s in shapes.items())
+    scheme = SumScheme(3)
+    f = encsum.frac_bits(scheme, 4.0)
+    rows = encsum.UpdateRows(factors, 7, layers, f, scheme)
+    whole = encsum.encode_update(factors, 7, layers, f, scheme)
+    products = {n: sb @ a for n, (a, sb) in factors.items()}
+    assert np.abs(whole - encsum.encode_update(products, 7, layers, f, scheme)).max() <= 1
+    assert rows.rows == whole.size // 2048 == 14  # 96·80 + 40·80 + 80·200 + 2 = 26,882 values, N = 2048 a row
+    for r0, r1 in ((0, 1), (3, 7), (13, 14)):
+        np.testing.assert_array_equal(rows(r0, r1).reshape(-1), whole[r0 * 2048:r1 * 2048])
+    values = fedwire.sum_values(layers)
+    assert whole[values - 2:values].tolist() == [7, 1] and not whole[values:].any()
+    np.testing.assert_array_equal(whole[:80], np.rint(7 * 2.0**f * products["q"][0]))
+    bad = dict(factors, k=(factors["k"][0], np.full((40, 8), np.nan)))
+    with pytest.raises(ConfigError, match="k: the update is not finite"):
+        encsum.encode_update(bad, 7, layers, f, scheme)
+    with pytest.raises(ConfigError, match="down: factors of shapes"):
+        encsum.UpdateRows(dict(factors, down=factors["q"]), 7, layers, f, scheme)
+
+
+def test_an_owner_sends_its_rows_without_a_copy_and_an_older_wire_is_refused(make_owners):
+    """A contribution carries the encryption's read-only view of its rows (no copy of megabytes
+    before the message's own) and encodes as the same bytes would; a writable view is refused at
+    construction; a version-1 message (one secret a round, an RNS modulus) is refused by version,
+    not decrypted to noise."""
+    import msgpack
+    from hecommon.errors import UnsupportedVersion
+
+    owners = make_owners((4,), (0.0,), scheme="full")
+    c = owners[0].contribute_sum(bytes(16), 2)
+    assert isinstance(c.b, memoryview) and c.b.readonly
+    as_bytes = dataclasses.replace(c, b=bytes(c.b))
+    assert fedwire.encode(c, 1 << 30) == fedwire.encode(as_bytes, 1 << 30)
+    with pytest.raises(MalformedMessage, match="read-only"):
+        dataclasses.replace(c, b=memoryview(bytearray(c.b)))
+    m = msgpack.unpackb(fedwire.encode(c, 1 << 30), raw=False)
+    m["v"] = 1
+    with pytest.raises(UnsupportedVersion, match="federated wire version 2"):
+        fedwire.decode(msgpack.packb(m, use_bin_type=True), 1 << 30)

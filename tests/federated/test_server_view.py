@@ -128,7 +128,7 @@ def test_fedwire_strict_decoding(fed_keys, make_owners):
     assert c.owner == "o0" and c.layers[0].k == 4  # ceil(0.05 · 64)
     m = msgpack.unpackb(data, raw=False)
     cases = {
-        "version": ({**m, "v": 2}, "version"),
+        "version": ({**m, "v": fedwire.FEDWIRE_VERSION + 1}, "version"),
         "extra": ({**m, "x": 1}, "unexpected field"),
         "missing": ({k: v for k, v in m.items() if k != "samples"}, "missing field"),
         "samples": ({**m, "samples": 0}, "samples"),

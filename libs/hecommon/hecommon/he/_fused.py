@@ -8,7 +8,8 @@ most and the correction makes the result exact.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 _jit = njit(nogil=True, cache=True, boundscheck=False)
 
@@ -86,6 +87,128 @@ def finish_encrypt(spec, untwist, m, dm, noise, p, col0, out):  # pragma: no cov
                     y = noise[r, c] - np.int64(np.rint(x))  # |y| < 2^38
                     y += m[r, c] * dm  # |m·dm| < 2^56: exact in int64, and its quotient estimate is off by one at most
                     out[r, c] = np.uint32(_mod(y, p, inv_p))
+
+
+@_jit
+def fold_ternary(raw, n, twist, out):  # pragma: no cover - compiled
+    """Rows of ternary coefficients from keystream bytes (255 rejected, the rest mod 3, minus 1:
+    ``keys.RowSecrets``), folded and twisted into ``out`` (rows, N/2) complex. False if a row ran
+    out of bytes."""
+    half = n // 2
+    rows, width = raw.shape
+    t = np.empty(n, dtype=np.float64)
+    for r in range(rows):
+        j = 0
+        for k in range(width):
+            v = raw[r, k]
+            if v != 255:
+                t[j] = np.float64(np.int64(v % 3) - 1)
+                j += 1
+                if j == n:
+                    break
+        if j < n:
+            return False
+        for k in range(half):
+            out[r, k] = complex(t[k], t[k + half]) * twist[k]
+    return True
+
+
+@_jit
+def fixed_point(x, scale, limit, out):  # pragma: no cover - compiled
+    """``out = rint(x·scale)`` (1-D float64 into int64) where ``|x·scale| ≤ limit``, 0 elsewhere;
+    False if any value is past the limit or not finite (``fedsum.encode_fixed``). Without
+    branches, so that it vectorizes."""
+    bad = False
+    for i in range(x.size):
+        y = x[i] * scale
+        ok = abs(y) <= limit  # False for a NaN
+        bad |= not ok
+        out[i] = np.int64(np.rint(y if ok else 0.0))
+    return not bad
+
+
+@_jit
+def group_spectra(spec, a_hi, a_lo, first, hi, lo):  # pragma: no cover - compiled
+    """Row r of ``hi`` and ``lo`` (rows, N/2), the block's row ``first + r``: ``spec[j]`` times
+    ``a_hi[t]`` and ``a_lo[t]``, ``j = (first + r) // G − first // G``, ``t = (first + r) % G``
+    (G = ``a_hi.shape[0]``; ``fedsum._PublicA.times``)."""
+    g = a_hi.shape[0]
+    for r in range(hi.shape[0]):
+        j = (first + r) // g - first // g
+        t = (first + r) % g
+        for k in range(hi.shape[1]):
+            z = spec[j, k]
+            hi[r, k] = z * a_hi[t, k]
+            lo[r, k] = z * a_lo[t, k]
+
+
+@intrinsic
+def _popcount(typingctx, x):  # pragma: no cover - compiled
+    """The number of set bits of a uint64 (LLVM's ``ctpop``)."""
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+@_jit
+def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, raw, eta, q_bits, shift, words, e, v):  # pragma: no cover - compiled
+    """``fedsum``'s ``b' = round((e + Δ·m − a·s mod 2^q_bits) / 2^shift)`` mod ``2^bits``
+    (``bits = q_bits − shift``), packed: from the inverse transforms of ``a_hi·s`` and ``a_lo·s``
+    (rows × N/2, not yet untwisted; ``a = a_hi·2^split + a_lo``), ``m`` (rows, N) int64, ``delta =
+    Δ``, and the noise's keystream ``raw`` (rows, N·eta/32) uint64 words: coefficient c's sample is
+    ``sampling.centered_binomial``'s, the set bits among the stream's bits ``2c·eta … 2c·eta+eta−1``
+    less those among the next ``eta`` (``2·eta < 64``). Into ``words`` (rows, N·bits/64) uint64 in
+    ``bits.pack_bits``'s layout; ``e`` (N,) int64 and ``v`` (N,) uint64 are scratch. ``fedsum``'s
+    numpy path gives the same integers. False, with nothing of the row written, if a message of
+    the row lies outside ``±limit``."""
+    rows, half = hi.shape
+    n = 2 * half
+    bits = q_bits - shift
+    q_mask = (np.int64(1) << q_bits) - 1
+    b_mask = (np.int64(1) << bits) - 1
+    rnd = np.int64(1) << (shift - 1)
+    width = 2 * eta
+    f_mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+    e_mask = (np.uint64(1) << np.uint64(eta)) - np.uint64(1)
+    last = raw.shape[1] - 1
+    for r in range(rows):
+        for c in range(n):  # the noise: field c at stream bit 2c·eta, in one word or across two
+            at = c * width
+            i = at >> 6
+            sh = np.uint64(at & 63)
+            f = (raw[r, i] >> sh) | ((raw[r, min(i + 1, last)] << np.uint64(1)) << (np.uint64(63) - sh))
+            f &= f_mask  # (a field inside the last word: the bits read past it fall above the mask)
+            e[c] = np.int64(_popcount(f & e_mask)) - np.int64(_popcount(f >> np.uint64(eta)))  # type: ignore[call-arg]
+        bad = False
+        for k in range(half):  # without branches, so that the loop vectorizes
+            m0 = m[r, k]
+            m1 = m[r, k + half]
+            bad |= (m0 > limit) | (m0 < -limit) | (m1 > limit) | (m1 < -limit)
+            ur = untwist[k].real
+            ui = untwist[k].imag
+            h = hi[r, k]
+            lw = lo[r, k]
+            p0 = (np.int64(np.rint(h.real * ur - h.imag * ui)) << split) + np.int64(np.rint(lw.real * ur - lw.imag * ui))
+            p1 = (np.int64(np.rint(h.real * ui + h.imag * ur)) << split) + np.int64(np.rint(lw.real * ui + lw.imag * ur))
+            y0 = (e[k] + m0 * delta - p0) & q_mask
+            y1 = (e[k + half] + m1 * delta - p1) & q_mask
+            v[k] = np.uint64(((y0 + rnd) >> shift) & b_mask)
+            v[k + half] = np.uint64(((y1 + rnd) >> shift) & b_mask)
+        if bad:
+            return False
+        acc = np.uint64(0)
+        held = 0  # bits of acc in use, always < 64
+        pos = 0
+        for c in range(n):
+            acc |= v[c] << np.uint64(held)
+            held += bits
+            if held >= 64:
+                words[r, pos] = acc
+                pos += 1
+                held -= 64
+                acc = v[c] >> np.uint64(bits - held) if held else np.uint64(0)
+    return True
 
 
 @_jit

@@ -5,6 +5,9 @@
   random per-request nonce (SHAKE-256 → AES-256-CTR stream). The public ``a`` of a layer is
   fixed (see ``encrypt.py``), so a secret must never encrypt two batches against the same ``a``;
   a fresh ``s_r`` per request guarantees that.
+- An encrypted federated sum (``fedsum``) uses one ternary secret per ciphertext row instead
+  (``RowSecrets``): row j's from its own segment of one stream keyed by the master key and the
+  round, so every owner of a federation derives the same secrets and any range of rows alone.
 - Noise comes from ``sampling.noise_stream``: AES-256-CTR keyed with 32 fresh bytes of ``os.urandom`` per
   batch (a CTR-DRBG seeded by the OS, ~10x faster here than reading ``os.urandom`` directly).
 
@@ -22,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from . import kernels
 from .params import ParamSet
 from .ring import SmallSecretMultiplier
-from .sampling import derive_key, ternary_from_stream
+from .sampling import aes_ctr, derive_key, ternary_from_stream
 
 KEY_BYTES = 32
 NONCE_BYTES = 16
@@ -56,6 +60,59 @@ class RequestSecret:
         raise TypeError("secret material is not serializable")
 
 
+#: Keystream bytes behind one row's secret in ``RowSecrets``: N kept bytes plus slack for the
+#: rejected ones (each byte is 255 with probability 1/256: about 9 a row, never 256).
+_TERNARY_SLACK = 256
+
+
+class RowSecrets:
+    """Independent ternary secrets, one per ciphertext row, of one encrypted federated sum
+    (``hecommon.he.fedsum``). Row j's takes its N coefficients from bytes ``j·W … (j+1)·W − 1``
+    (``W = N + 256``, a whole number of AES blocks) of one AES-256-CTR stream: bytes of 255 are
+    rejected, the rest taken mod 3, minus 1 (``sampling.ternary_from_stream``'s rule)."""
+
+    __slots__ = ("params", "_key")
+
+    def __init__(self, params: ParamSet, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("RowSecrets: a 32-byte stream key is required")
+        self.params = params
+        self._key = key
+
+    def _raw(self, lo: int, hi: int) -> np.ndarray:
+        width = self.params.n + _TERNARY_SLACK
+        return aes_ctr(self._key, (hi - lo) * width, block=lo * width // 16).reshape(hi - lo, width)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """The secrets of rows ``lo … hi−1``: (rows, N) int8 in {−1, 0, 1}."""
+        raw = self._raw(lo, hi)
+        kept = raw != 255
+        if (kept.sum(axis=1) < self.params.n).any():  # pragma: no cover - probability below 2^-1000
+            raise RuntimeError("RowSecrets: a row ran out of keystream; widen _TERNARY_SLACK")
+        first = kept & (np.cumsum(kept, axis=1) <= self.params.n)  # each row's first N kept bytes
+        return (raw[first].reshape(hi - lo, self.params.n) % 3).astype(np.int8) - 1
+
+    def folded(self, lo: int, hi: int, twist: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Secrets ``lo … hi−1`` folded and twisted as ``ring.SmallSecretMultiplier`` transforms its
+        inputs: (count, N/2) complex (into ``out`` when given), ready for the forward FFT."""
+        n, half = self.params.n, self.params.n // 2
+        if out is None:
+            out = np.empty((hi - lo, half), dtype=np.complex128)
+        if kernels.enabled():
+            if not kernels.loops().fold_ternary(self._raw(lo, hi), n, twist, out):  # pragma: no cover
+                raise RuntimeError("RowSecrets: a row ran out of keystream; widen _TERNARY_SLACK")
+            return out
+        s = self.rows(lo, hi).astype(np.float64)
+        out[:] = (s[:, :half] + 1j * s[:, half:]) * twist
+        return out
+
+    def __repr__(self) -> str:
+        return f"RowSecrets(params={self.params.name}, <hidden>)"
+
+    def __reduce__(self) -> None:  # type: ignore[override]
+        raise TypeError("secret material is not serializable")
+
+
 class SecretKey:
     """The data owner's master secret. Never sent; saved only to an explicit 0600 file."""
 
@@ -76,6 +133,12 @@ class SecretKey:
             raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
         key = derive_key(b"helora/request-secret", self._master, params.name.encode(), nonce)
         return RequestSecret(params, ternary_from_stream(key, params.n))
+
+    def row_secrets(self, params: ParamSet, nonce: bytes) -> RowSecrets:
+        """The per-row secrets of the encrypted sum identified by ``nonce`` (a federated round's id)."""
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
+        return RowSecrets(params, derive_key(b"helora/row-secrets", self._master, params.name.encode(), nonce))
 
     def fingerprint(self) -> str:
         """A public identifier of the key (a hash), safe to log and to put in checkpoints."""

@@ -347,7 +347,14 @@ def _sum_fields(where: str, params: str, size: int, frac_bits: int, bits: int, k
         _fail(f"{where}.bits", f"{bits!r}, but sums of {size} owners under {params} take {sum_bits(ps, size)}")
     _check_layers(f"{where}.layers", layers)
     rows = -(-sum_values(layers) // ps.n)
-    _blob(f"{where}.b", b, rows * packed_size(bits, ps.n), rows * packed_size(bits, ps.n))
+    size = rows * packed_size(bits, ps.n)
+    if isinstance(b, memoryview):  # an owner's own rows as encrypted (read-only bytes), sent without a copy
+        if not (b.readonly and b.format == "B" and b.ndim == 1 and b.contiguous):
+            _fail(f"{where}.b", "a read-only, contiguous byte view is required")
+        if b.nbytes != size:
+            _fail(f"{where}.b", f"{b.nbytes} bytes, expected {size}")
+    else:
+        _blob(f"{where}.b", b, size, size)
 
 
 def sum_values(layers: Sequence[SumLayer]) -> int:
@@ -385,7 +392,7 @@ class SumContribution:
     key: bytes  # the sum key's public fingerprint: owners whose keys differ are refused, not summed
     layers: tuple[SumLayer, ...]
     seed: bytes
-    b: bytes
+    b: bytes | memoryview  # decoded: bytes; built by its owner: the encryption's read-only view
     lib: str = LIB_VERSION
 
     def __post_init__(self) -> None:

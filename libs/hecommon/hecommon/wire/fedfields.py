@@ -13,7 +13,9 @@ from .codec import check_blob_range as _blob
 from .codec import check_int_like as _int
 from .codec import fail as _fail
 
-FEDWIRE_VERSION = 1
+#: 2: the encrypted sum's rows use one secret each and a power-of-two modulus (``fedsum``); a
+#: version-1 contribution would decrypt to noise, so it is refused by version instead.
+FEDWIRE_VERSION = 2
 #: CKKS parameters of the shared context (see docs/federated.md): N = 4096, one 60-bit data
 #: prime and a 49-bit special prime (109 bits: the 128-bit bound for N = 4096), scale 2^40.
 CKKS_POLY_DEGREE = 4096

@@ -29,6 +29,7 @@ Owner side (``helora_orchestrator.federated``)::
         .eval_loss() -> float                                # held-out loss, own eval data
         .adapter() -> dict[layer, (A (r,d_in), B (d_out,r))] # torch tensors
         .delta() -> dict[layer, np.ndarray (d_out,d_in)]     # s·B·A now (float64)
+        .factors() -> dict[layer, (A, s·B)]                  # float64 numpy; what contribute_sum encodes
         .samples (int, the weight w_i)  .last_merged (layer → aggregated ΔW after merge)
     round.build_owners(configs, model="tiny", data=None (path; bundled corpus), seed=0, keys=None)
         -> (list[Owner], CkksKeys)      # example i goes to owner i mod N; same base weights

@@ -149,6 +149,11 @@ class Owner:
         return {n: m.scaling * (m.lora_B.weight.detach().double() @ m.lora_A.weight.detach().double()).numpy()
                 for n, m in lora_layers(self.client).items()}
 
+    def factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Layer → ``(A, s·B)`` float64, whose product is ``delta``'s (``encsum`` forms it block by block)."""
+        return {n: (m.lora_A.weight.detach().double().numpy(), m.scaling * m.lora_B.weight.detach().double().numpy())
+                for n, m in lora_layers(self.client).items()}
+
     # -- one round -----------------------------------------------------------------------
     def proposal(self, rid: bytes) -> Proposal:
         scores = column_scores(self.client, self.trainer.train_data, self.cfg.calibration_batches, self.cfg.batch_size)
@@ -174,7 +179,7 @@ class Owner:
     def contribute_sum(self, rid: bytes, size: int) -> SumContribution:
         """``--scheme full``: this owner's whole ``w·ΔW`` and ``w``, every coordinate encrypted, for a
         federation of ``size`` owners (``encsum``)."""
-        c, self.enc_seconds = timed_contribute(self.keys, rid, self.name, self.delta(), self.shapes(), self.samples,
+        c, self.enc_seconds = timed_contribute(self.keys, rid, self.name, self.factors(), self.shapes(), self.samples,
                                                size, self.cfg.update_range)
         self._sent = c
         return c

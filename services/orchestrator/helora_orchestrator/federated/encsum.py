@@ -11,7 +11,7 @@ number, the layers' shapes, and the public ``size``/``frac_bits``/``bits`` every
 
 Key: the RLWE master key is derived from the federation's shared CKKS key file
 (``CkksKeys.sum_key``), so ``helora federate keygen`` still makes the one key the owners share and
-the server never holds. The round's secret is ``sum_key.request_secret(params, rid)``: the same for
+the server never holds. The round's secrets are ``sum_key.row_secrets(params, rid)``: the same for
 every owner of a round, fresh per round.
 
 Fixed point: ``frac_bits`` is the largest ``f`` with ``update_range·2^f ≤ per_owner_max``
@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from hecommon.errors import ConfigError, DecryptionError, ParameterMismatch
 from hecommon.he.bits import PackedRows
-from hecommon.he.fedsum import SumScheme
+from hecommon.he.fedsum import SumScheme, encode_fixed
 from hecommon.he.params import DEFAULT
 from hecommon.he.sampling import SEED_BYTES
 from hecommon.wire.federated import SumAggregate, SumContribution, SumLayer, sum_values
@@ -52,52 +52,85 @@ def frac_bits(scheme: SumScheme, update_range: float) -> int:
     return f
 
 
-def encode_update(delta: Mapping[str, np.ndarray], weight: int, layers: tuple[SumLayer, ...], f: int,
+#: An update as the caller holds it: ``ΔW`` (d_out, d_in), or its factors ``(A (r, d_in), s·B (d_out, r))``.
+Update = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
+def _update_rows(name: str, update: Update, d_out: int, d_in: int) -> Callable[[int, int], np.ndarray]:
+    """Rows ``lo … hi−1`` of ``ΔW`` as float64: a slice of ``ΔW``, or ``s·B[lo:hi] @ A`` (the
+    whole ``ΔW`` is never formed)."""
+    if isinstance(update, tuple):
+        a, sb = (np.asarray(x, dtype=np.float64) for x in update)
+        if a.ndim != 2 or sb.ndim != 2 or a.shape[1] != d_in or sb.shape != (d_out, a.shape[0]):
+            raise ConfigError(f"{name}: factors of shapes {a.shape} and {sb.shape}, the layer is {(d_out, d_in)}")
+        return lambda lo, hi: sb[lo:hi] @ a
+    dw = np.asarray(update)
+    if dw.shape != (d_out, d_in):
+        raise ConfigError(f"{name}: update of shape {dw.shape}, the layer is {(d_out, d_in)}")
+    return lambda lo, hi: dw[lo:hi].astype(np.float64)
+
+
+class UpdateRows:
+    """One owner's fixed-point update as ciphertext rows, formed on demand: row block ``r0 … r1−1``
+    holds values ``r0·N … r1·N − 1`` of ``round(w·ΔW·2^f)`` of every layer, row-major in ``layers``
+    order, then ``w``, then 1, then zeros to the last whole row. The encryption asks for a block at a
+    time (``SumScheme.encrypt_rows``), so neither ``ΔW`` nor the encoded update is held whole."""
+
+    def __init__(self, updates: Mapping[str, Update], weight: int, layers: tuple[SumLayer, ...], f: int,
+                 scheme: SumScheme) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= scheme.per_owner_max:
+            raise ConfigError(f"weight: {weight!r} must be a sample count in 1..{scheme.per_owner_max}")
+        self.n, self.f, self.weight, self.limit = scheme.params.n, f, weight, scheme.per_owner_max
+        self.scale = weight * 2.0**f
+        self.values = sum_values(layers)
+        self.rows = scheme.rows(self.values)
+        self._parts, start = [], 0
+        for lay in layers:
+            self._parts.append((lay, start, _update_rows(lay.name, updates[lay.name], lay.d_out, lay.d_in)))
+            start += lay.d_out * lay.d_in
+
+    def __call__(self, r0: int, r1: int) -> np.ndarray:
+        p0, p1 = r0 * self.n, r1 * self.n
+        out = np.zeros(p1 - p0, dtype=np.int64)
+        for lay, start, rows_of in self._parts:
+            s, e = max(p0, start) - start, min(p1, start + lay.d_out * lay.d_in) - start  # within the layer
+            if s >= e:
+                continue
+            lo, hi = s // lay.d_in, -(-e // lay.d_in)  # the rows of ΔW that hold them
+            x = rows_of(lo, hi).reshape(-1)[s - lo * lay.d_in:e - lo * lay.d_in]
+            if not encode_fixed(x, self.scale, self.limit, out[start + s - p0:start + e - p0]):
+                y = x * self.scale
+                if not np.isfinite(y).all():
+                    raise ConfigError(f"{lay.name}: the update is not finite")
+                raise ConfigError(f"{lay.name}: |samples × ΔW| reaches {np.abs(y).max() / 2.0**self.f:.4g}, past "
+                                  f"the federation's update range {self.limit / 2.0**self.f:.4g}; raise "
+                                  f"--update-range for every owner (the sum would wrap, so nothing was sent)")
+        for pos, value in ((self.values - 2, self.weight), (self.values - 1, 1)):  # summed: Σ w, the owner count
+            if p0 <= pos < p1:
+                out[pos - p0] = value
+        return out.reshape(r1 - r0, self.n)
+
+
+def encode_update(updates: Mapping[str, Update], weight: int, layers: tuple[SumLayer, ...], f: int,
                   scheme: SumScheme) -> np.ndarray:
-    """``round(w·ΔW·2^f)`` of every layer, row-major in ``layers`` order, then ``w``, then 1: int64,
-    flat, zero-padded to whole ciphertext rows (``scheme.rows``) so that encryption takes it as it is."""
-    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= scheme.per_owner_max:
-        raise ConfigError(f"weight: {weight!r} must be a sample count in 1..{scheme.per_owner_max}")
-    values = sum_values(layers)
-    out = np.zeros(scheme.rows(values) * scheme.params.n, dtype=np.int64)
-    limit = scheme.per_owner_max
-    scale = weight * 2.0**f
-    buf = np.empty(max(lay.d_out * lay.d_in for lay in layers), dtype=np.float64)
-    pos = 0
-    for lay in layers:
-        dw = np.asarray(delta[lay.name], dtype=np.float64)
-        if dw.shape != (lay.d_out, lay.d_in):
-            raise ConfigError(f"{lay.name}: update of shape {dw.shape}, the layer is {(lay.d_out, lay.d_in)}")
-        x = buf[: dw.size]
-        np.multiply(dw.reshape(-1), scale, out=x)
-        hi, lo = float(x.max()), float(x.min())  # a NaN anywhere makes both NaN
-        if not (math.isfinite(hi) and math.isfinite(lo)):
-            raise ConfigError(f"{lay.name}: the update is not finite")
-        worst = max(hi, -lo)
-        if worst > limit:
-            raise ConfigError(f"{lay.name}: |samples × ΔW| reaches {worst / 2.0**f:.4g}, past the federation's "
-                              f"update range {limit / 2.0**f:.4g}; raise --update-range for every owner "
-                              f"(the sum would wrap, so nothing was sent)")
-        np.rint(x, out=x)
-        out[pos:pos + x.size] = x
-        pos += x.size
-    out[pos] = weight
-    out[pos + 1] = 1  # summed: the number of owners, which a sum opened under the right key must show
-    return out
+    """The whole of ``UpdateRows``, flat int64 (what the owners' sum decrypts to; tests)."""
+    rows = UpdateRows(updates, weight, layers, f, scheme)
+    return rows(0, rows.rows).reshape(-1)
 
 
-def contribute(keys: CkksKeys, rid: bytes, owner: str, delta: Mapping[str, np.ndarray],
+def contribute(keys: CkksKeys, rid: bytes, owner: str, updates: Mapping[str, Update],
                shapes: Mapping[str, tuple[int, int]], weight: int, size: int,
                update_range: float = DEFAULT_UPDATE_RANGE) -> SumContribution:
-    """One owner's ``SumContribution`` for round ``rid`` of a federation of ``size`` owners."""
+    """One owner's ``SumContribution`` for round ``rid`` of a federation of ``size`` owners; ``updates``
+    as ``encode_update`` takes them."""
     scheme = SumScheme(size, DEFAULT)
     f = frac_bits(scheme, update_range)
     layers = tuple(SumLayer(name, d_out, d_in) for name, (d_out, d_in) in shapes.items())
-    m = encode_update(delta, weight, layers, f, scheme)
+    source = UpdateRows(updates, weight, layers, f, scheme)
     seed = os.urandom(SEED_BYTES)  # fresh per owner and round: no two owners share an a
-    packed = scheme.encrypt(keys.sum_key().request_secret(DEFAULT, rid), m, seed)
+    packed = scheme.encrypt_rows(keys.sum_key().row_secrets(DEFAULT, rid), source.rows, source, seed)
     return SumContribution(rid, owner, keys.digest, DEFAULT.name, size, f, scheme.bits, key_id(keys), layers,
-                           seed, bytes(packed.data))
+                           seed, packed.data)
 
 
 def key_id(keys: CkksKeys) -> bytes:
@@ -117,7 +150,7 @@ def open_aggregate(keys: CkksKeys, agg: SumAggregate) -> tuple[dict[str, np.ndar
         raise ParameterMismatch(f"aggregate: parameter set {agg.params!r}, this owner uses {DEFAULT.name!r}")
     count = sum_values(agg.layers)
     total = PackedRows(agg.bits, DEFAULT.n, agg.b)
-    m = scheme.decrypt(keys.sum_key().request_secret(DEFAULT, agg.rid), total, list(agg.seeds), count)
+    m = scheme.decrypt(keys.sum_key().row_secrets(DEFAULT, agg.rid), total, list(agg.seeds), count)
     weight, owners = int(m[-2]), int(m[-1])
     if owners != len(agg.owners) or not owners <= weight <= owners * scheme.per_owner_max:
         raise DecryptionError(f"aggregate: it counts {owners} owners (total weight {weight}) where "
