@@ -597,3 +597,25 @@ def test_reply_parts_received_before_a_reconnection_are_handed_over_once():
     assert len(attempts) == 2 and attempts[0] != attempts[1]  # the retry went under a fresh id
     assert sorted(handed) == list(range(len(wire.split(wire.EncryptedReply(attempts[0], "0.down", "fwd", result),
                                                          limit))))
+
+
+def test_a_service_paused_past_the_client_timeout_is_asked_once_more(fleet):
+    """An evaluator stopped (SIGSTOP) for longer than the client's timeout, then resumed: the client
+    sends the request again under a fresh id once its wait is over (issue 21), the resumed
+    evaluator answers it, and the product is exact. It used to fail the step at the timeout."""
+    backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=4,
+                                  max_message_bytes=fleet.max_message_bytes)
+    ev = fleet.procs["evaluator1"]
+    ev.send_signal(signal.SIGSTOP)
+    resume = threading.Timer(6.0, ev.send_signal, (signal.SIGCONT,))
+    resume.start()
+    try:
+        t0 = time.monotonic()
+        _exact_forward(backend)
+        assert time.monotonic() - t0 > 4  # it did wait past the first timeout
+        assert backend.transport.silence_retries_used == 1
+    finally:
+        resume.cancel()
+        ev.send_signal(signal.SIGCONT)
+        backend.transport.close()
+    fleet.wait_ready(60)

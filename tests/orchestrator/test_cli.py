@@ -34,6 +34,8 @@ def test_argparse_errors_exit_2_on_one_line(capsys, argv, message):
     (["train", "--mode", "clear", "--broker", "amqp://localhost"], "--broker: only meaningful with --mode encrypted"),
     (["train", "--broker", "localhost:5672"], "--broker: an amqp:// or amqps:// URL is required"),
     (["train", "--mode", "clear", "--param-set", "n4096"], "only meaningful with --mode encrypted"),
+    (["train", "--model", "tiny", "--broker", "amqp://127.0.0.1:1/", "--broker-timeout-s", "0"],
+     "--broker-timeout-s: 0.0 outside (0, 86400]"),
     (["eval", "--model", "/nonexistent/m.gguf", "--data", "/nonexistent/d.jsonl"], "no such file"),
     (["generate", "--model", "/nonexistent/m.gguf", "--prompt", "hi"], "no such file or directory"),
 ])

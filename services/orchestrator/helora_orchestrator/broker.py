@@ -21,6 +21,12 @@ de-duplication stays what it is. The retry re-sends the same ciphertexts (no new
 the server learns no new ciphertext, only that a retry happened: it can link the two attempt ids by
 their identical bytes (docs/threat-model.md). The abandoned attempt may still be computed; its reply
 is unroutable (its queue is gone) and the evaluator or the aggregator drops it.
+
+Silence. A request that no reply completes within ``timeout_s``, or that the aggregator answers
+with a ``timeout`` error (a shard's evaluator silent), is sent again under a fresh attempt id
+``silence_retries`` times (default 1) before the error is raised: a service paused or restarting
+past the timeout answers the second attempt once it is back; the first attempt's late reply
+arrives under an id nobody waits for and is dropped.
 """
 
 from __future__ import annotations
@@ -55,18 +61,26 @@ class ServerError(HeloraError):
         self.reason = reason
 
 
+class _Silent(TransientError):
+    """No reply within the transport's timeout (sent again under a fresh id, then raised)."""
+
+
 class BrokerTransport:
     """request → (reply, bytes moved) over RabbitMQ; reconnects with backoff on connection loss."""
 
     def __init__(self, url: str, namespace: str = topology.DEFAULT_NAMESPACE, timeout_s: float = 120.0,
                  max_message_bytes: int = wire.MAX_MESSAGE_BYTES, connect_s: float = 30.0,
-                 retries: int = 3) -> None:
+                 retries: int = 3, silence_retries: int = 1) -> None:
         self.url = url
         self.topology = topology.Topology(namespace)
         self.timeout_s = timeout_s
         self.limit = max_message_bytes
         self.connect_s = connect_s
         self.retries = retries
+        #: times a request nobody answered within ``timeout_s`` (or that the aggregator timed out)
+        #: is sent again under a fresh id before the error is raised (a paused or restarting service)
+        self.silence_retries = silence_retries
+        self.silence_retries_used = 0
         self._conn: pika.BlockingConnection | None = None
         self._ch: Any = None
         self._reply_queue = ""
@@ -199,7 +213,7 @@ class BrokerTransport:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TransientError(self._silence(first))
+                raise _Silent(self._silence(first))
             self._conn.process_data_events(time_limit=min(left, 0.5))
 
     def stream(self, parts: Iterable[wire.EncryptedRequest], on_part: Callable[[wire.EncryptedReply], None]) -> int:
@@ -212,8 +226,18 @@ class BrokerTransport:
         request = _DrawnParts(parts)
         before = self.bytes_sent + self.bytes_received
         handed: set[tuple[int, int]] = set()  # reply (piece, part)s given to on_part, over every attempt
-        self._with_reconnect(lambda attempt: self._round_trip(request, attempt, on_part, handed),
-                             describe(request.first()))
+        fresh = 0  # added to the attempt number: after a silence, every attempt has a fresh id
+        for retry in range(self.silence_retries + 1):
+            try:
+                self._with_reconnect(lambda attempt: self._round_trip(request, attempt + fresh, on_part, handed),
+                                     describe(request.first()))
+                break
+            except (_Silent, ServerError) as exc:
+                if (isinstance(exc, ServerError) and exc.reason != "timeout") or retry == self.silence_retries:
+                    raise
+                log.warning("%s; sending it again under a fresh id", exc)
+                self.silence_retries_used += 1
+                fresh += 1 + self.retries
         return self.bytes_sent + self.bytes_received - before
 
     def __call__(self, request: wire.EncryptedRequest) -> tuple[wire.EncryptedReply, int]:
@@ -275,7 +299,7 @@ class TransportPool:
 
     def __init__(self, first: BrokerTransport) -> None:
         self._args = (first.url, first.topology.namespace, first.timeout_s, first.limit, first.connect_s,
-                      first.retries)
+                      first.retries, first.silence_retries)
         self._local = threading.local()
         self._local.transport = first  # the creating thread keeps the one that fetched the manifest
         self._layers = first.layers
@@ -311,6 +335,10 @@ class TransportPool:
     @property
     def bytes_received(self) -> int:
         return sum(t.bytes_received for t in self._all)
+
+    @property
+    def silence_retries_used(self) -> int:
+        return sum(t.silence_retries_used for t in self._all)
 
     def close(self) -> None:
         """Close every thread's connection (call from one thread once the others are done)."""

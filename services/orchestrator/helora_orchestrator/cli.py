@@ -49,6 +49,10 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
                    help="with --broker: keep each layer's public a part from its first reply, up to MIB in all, "
                         f"and receive b alone after that (about half of every reply; SmolLM2-135M needs about 2.8 GiB; "
                         f"0: never; default {HOLD_A_MIB})")
+    p.add_argument("--broker-timeout-s", type=float, default=120.0, metavar="S",
+                   help="with --broker: how long to wait for a reply before sending the request once more "
+                        "under a fresh id (a paused or restarting service), and as long again before failing "
+                        "(default 120)")
     p.add_argument("--key-file", default=None, metavar="PATH",
                    help="keep the secret key in this 0600 file (created if missing); default: memory only")
 
@@ -158,9 +162,11 @@ def _broker_client(args, model, lora: LoraSettings):
 
     if args.hold_a_mib < 0:
         raise ConfigError(f"--hold-a-mib: {args.hold_a_mib} must be 0 or more")
+    if not 0 < args.broker_timeout_s <= 86400:
+        raise ConfigError(f"--broker-timeout-s: {args.broker_timeout_s} outside (0, 86400]")
     backend = make_broker_backend(args.broker, key=_secret_key(args.key_file), namespace=args.namespace,
                                   model=model, params=args.param_set, in_flight=_in_flight(args),
-                                  hold_a_bytes=args.hold_a_mib << 20)
+                                  hold_a_bytes=args.hold_a_mib << 20, timeout_s=args.broker_timeout_s)
     if backend.bits != args.bits:
         raise ParameterMismatch(f"--bits {args.bits}: the server quantizes with {backend.bits} bits")
     return ClientModel(model, backend, discover_groups(model), lora, args.seed)
