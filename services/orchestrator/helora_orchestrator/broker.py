@@ -229,7 +229,7 @@ class BrokerTransport:
         fresh = 0  # added to the attempt number: after a silence, every attempt has a fresh id
         for retry in range(self.silence_retries + 1):
             try:
-                self._with_reconnect(lambda attempt: self._round_trip(request, attempt + fresh, on_part, handed),
+                self._with_reconnect(lambda attempt, fresh=fresh: self._round_trip(request, attempt + fresh, on_part, handed),
                                      describe(request.first()))
                 break
             except (_Silent, ServerError) as exc:
