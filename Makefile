@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: system-deps setup demo test test-slow test-all bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput bench-generate services-up lint clean chart-check docker-lint dashboard-check images image-gpu images-smoke images-clean test-llama-cpp
+.PHONY: system-deps setup demo test test-slow test-all chaos bench bench-quick bench-federated bench-services bench-exactness bench-owner-hints bench-throughput bench-generate services-up lint clean chart-check docker-lint dashboard-check images image-gpu images-smoke images-clean test-llama-cpp
 
 setup: $(STAMP)
 
@@ -64,6 +64,12 @@ bench-quick: setup
 ## and the DAGER attack on SmolLM2-135M (about 90 s here); BENCH_ARGS=--quick: tiny model only, 15 s.
 bench-federated: setup
 	$(BIN)/python benchmarks/federated.py $(BENCH_ARGS) --json out/federated.json
+
+## Chaos (issue 21): a training run over a RabbitMQ node of its own while services, the broker and
+## the orchestrator are killed, stopped, paused and restarted; must equal the undisturbed run (a few
+## minutes; CHAOS_ARGS="--minutes 30 --seed 1": the long run).
+chaos: setup system-deps
+	$(BIN)/python benchmarks/chaos.py --quick $(CHAOS_ARGS) --json out/chaos.json
 
 ## Embedded vs over RabbitMQ with 1 and 2 evaluators (SmolLM2-135M; BENCH_ARGS=--quick: tiny model).
 bench-services: setup
