@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, write_json  # noqa: E402
 from hecommon.broker import topology  # noqa: E402
 from hecommon.broker.topology import MESSAGE_HEADER, QUEUE_HEADER, REASON_HEADER  # noqa: E402
+from hecommon.errors import HeloraError  # noqa: E402
 from helora_orchestrator.operator.up import LocalFleet, stop_processes  # noqa: E402
 
 KINDS = ("kill", "term", "pause", "close_connections", "broker_restart", "kill_orchestrator")
@@ -266,14 +267,34 @@ class Injector:
         else:
             name = "helora train"
             p = self.trainer.proc
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(30)
-                self.trainer.start()
+            if p is None or p.poll() is not None:
+                return  # not running (done, or being restarted): no fault
+            p.kill()
+            p.wait(30)
+            self.trainer.start()
         self.counts[kind] += 1
         self.events.append(f"{time.strftime('%H:%M:%S')} {kind} {name}")
         if kind in ("kill", "term", "broker_restart"):
-            f.wait_ready(180)
+            self.settle()
+
+    def restart_dead(self) -> None:
+        """Start again every service that exited on its own (a finding: noted in ``events``)."""
+        for name, p in self.fleet.procs.items():
+            if p.poll() is not None:
+                self.events.append(f"{time.strftime('%H:%M:%S')} {name} exited {p.returncode} on its own")
+                self.fleet.restart(name)
+
+    def settle(self, timeout_s: float = 180.0) -> None:
+        """Every queue consumed again, restarting services that died meanwhile (bounded)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            self.restart_dead()
+            try:
+                self.fleet.wait_ready(max(1.0, end - time.monotonic()))
+                return
+            except HeloraError:
+                if time.monotonic() > end:
+                    raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < minutes <= 600 and 1 <= steps <= 100000):
         raise SystemExit("chaos: --minutes must be in (0, 600] and --steps in 1..100000")
     gap = (3.0, 6.0) if args.quick else (5.0, 20.0)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a CI timeout: the finally below still cleans up
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="helora-chaos-"))
     root.chmod(0o755)  # the broker node runs as the rabbitmq user and keeps its data in here
@@ -326,10 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             if step != last_step:
                 last_step, last_change = step, time.monotonic()
             stall = max(stall, time.monotonic() - last_change)
-            for name, p in fleet.procs.items():  # a service that died on its own is a finding: restart, note
-                if p.poll() is not None:
-                    injector.events.append(f"{name} exited {p.returncode} on its own")
-                    fleet.restart(name)
+            injector.restart_dead()
             if time.monotonic() >= next_fault and time.monotonic() < faults_until:
                 kind = injector.next_kind()
                 print(f"chaos: {time.monotonic() - t0:6.1f} s step {step}: {kind}", flush=True)

@@ -65,6 +65,8 @@ def test_a_value_just_past_the_range_is_refused_not_wrapped():
             scheme.encrypt(secret, m, os.urandom(16))
     with pytest.raises(ConfigError, match="integer"):
         scheme.encrypt(secret, np.zeros(4), os.urandom(16))
+    with pytest.raises(ConfigError, match="outside"):  # 2^64 − 5 would pass as −5 once cast to int64
+        scheme.encrypt(secret, np.array([3, 2**64 - 5], dtype=np.uint64), os.urandom(16))
     with pytest.raises(ConfigError, match="seed"):
         scheme.encrypt(secret, np.zeros(4, dtype=np.int64), b"short")
 
@@ -172,6 +174,7 @@ def test_the_split_product_is_exact_at_the_ends_of_a(q_bits, monkeypatch):
     """``a`` at ``−Q/2`` and ``Q/2 − 1`` everywhere and a secret of all ones (every product
     coefficient up to ``N·Q/2``): the halves' transforms round to the exact negacyclic product,
     up to the widest ``Q`` allowed (2^50)."""
+    pytest.importorskip("numba")
     n = N2048.n
     twist = np.exp(1j * np.pi * np.arange(n // 2) / n)
     ends = np.zeros((GROUP, n), dtype=np.uint64)
@@ -192,6 +195,7 @@ def test_the_split_product_is_exact_at_the_ends_of_a(q_bits, monkeypatch):
 
 
 def test_row_secrets_are_ternary_seekable_and_folded_alike_on_both_paths(monkeypatch):
+    pytest.importorskip("numba")
     key = SecretKey.generate()
     secrets = key.row_secrets(N2048, bytes(16))
     rows = secrets.rows(0, 64)
@@ -213,6 +217,8 @@ def test_row_secrets_are_ternary_seekable_and_folded_alike_on_both_paths(monkeyp
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 def test_fixed_point_encoding_rounds_and_refuses_past_the_limit(path, monkeypatch):
+    if path == "numba":
+        pytest.importorskip("numba")
     monkeypatch.setenv("HELORA_KERNELS", path)
     x = np.array([0.0, 0.49, 0.5, 1.5, -2.5, 99.99, -100.0])
     out = np.empty(x.size, dtype=np.int64)
@@ -220,3 +226,25 @@ def test_fixed_point_encoding_rounds_and_refuses_past_the_limit(path, monkeypatc
     np.testing.assert_array_equal(out, np.rint(x).astype(np.int64))
     for bad in (100.01, -100.5, np.nan, np.inf):
         assert not encode_fixed(np.append(x, bad), 1.0, 100, np.empty(x.size + 1, dtype=np.int64))
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_a_block_across_a_group_of_secrets_pairs_each_row_with_its_own(path, monkeypatch):
+    """Blocks of the encryption are aligned to the groups, but the products take any range: rows
+    60 … 69 span secrets 0 and 1 and ``a^(60)`` … ``a^(63)``, ``a^(0)`` … ``a^(5)``; each row's product
+    is the schoolbook one of its own secret and polynomial."""
+    if path == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("HELORA_KERNELS", path)
+    n, q = N2048.n, SumScheme(3).q_bits
+    secrets = SecretKey.generate().row_secrets(N2048, os.urandom(16))
+    seed = os.urandom(16)
+    expanded = _PublicA.expand(seed, n, q)
+    twist = np.exp(1j * np.pi * np.arange(n // 2) / n)
+    a = _PublicA(expanded, q, twist)
+    buffers = tuple(np.empty((rows, n // 2), dtype=np.complex128) for rows in (4, 16, 16))
+    got = _a_s(a, *a.products(secrets, GROUP - 4, GROUP + 6, twist, buffers), np.conj(twist)) & ((1 << q) - 1)
+    for i, r in enumerate(range(GROUP - 4, GROUP + 6)):
+        s = secrets.rows(r // GROUP, r // GROUP + 1)[0]
+        want = negacyclic_reference(expanded[r % GROUP].astype(np.int64), s) & ((1 << q) - 1)
+        np.testing.assert_array_equal(got[i], want, err_msg=f"row {r}")

@@ -6,8 +6,8 @@ key ``{layer}.s{i}of{n}``, from the manifest's shard counts: ``hecommon.route``)
 ``reply_to`` = its own exclusive, auto-delete queue and ``correlation_id`` = the request id in
 hex, and waits for every reply part: from the evaluator itself where it holds the whole layer
 (one piece per request part), from the aggregator where shards are combined. An ``ErrorReply``
-raises at once, naming the layer and the server's reason; silence past ``timeout_s`` raises an
-error naming the layer and the service that looks down. One transport per thread: pika's
+raises at once, naming the layer and the server's reason; silence past ``timeout_s`` sends the
+request once more (below), then raises an error naming the layer and the service that looks down. One transport per thread: pika's
 ``BlockingConnection`` is not thread-safe.
 
 Reconnection. When the connection drops (broker restart, a connection closed by an operator, a
@@ -257,33 +257,38 @@ class BrokerTransport:
                 ok = self._ch.queue_declare(queue, passive=True).method
                 if ok.consumer_count == 0:
                     who = f"the aggregator (no consumer on {queue}, {ok.message_count} waiting)"
-            except pex.ChannelClosedByBroker:
-                self._ch = self._conn.channel()
-                self._ch.confirm_delivery()
+            except pex.ChannelClosedByBroker:  # the reply queue's consumer went with the channel:
+                self.close()  # a retry reconnects, with a new reply queue
                 who = f"the aggregator (queue {queue} does not exist)"
         return f"{describe(request)}: no reply within {self.timeout_s:.0f} s; not answering: {who}"
 
     def fetch_manifest(self) -> wire.Manifest:
-        """The encoder's public manifest (RPC on ``{ns}.manifest``); waits for the encoder to start."""
-        deadline = time.monotonic() + self.timeout_s
+        """The encoder's public manifest (RPC on ``{ns}.manifest``); waits for the encoder to start,
+        and asks again under a fresh id after a silence, as ``stream`` does."""
+        got = None
+        for _ in range(self.silence_retries + 1):
+            deadline = time.monotonic() + self.timeout_s
 
-        def ask(attempt: int) -> list[bytes] | None:
-            cid = uuid.uuid4().hex
-            self._expect(cid)
-            while True:
-                try:
-                    self._publish(self.topology.manifest, [b""], cid)
-                except pex.UnroutableError:  # the encoder has not declared its queue yet
-                    if time.monotonic() > deadline:
-                        return None
-                    self._conn.sleep(0.5)
-                    continue
-                return self._wait(cid, bool, deadline)
+            def ask(attempt: int, deadline: float = deadline) -> list[bytes] | None:
+                cid = uuid.uuid4().hex
+                self._expect(cid)
+                while True:
+                    try:
+                        self._publish(self.topology.manifest, [b""], cid)
+                    except pex.UnroutableError:  # the encoder has not declared its queue yet
+                        if time.monotonic() > deadline:
+                            return None
+                        self._conn.sleep(0.5)
+                        continue
+                    return self._wait(cid, bool, deadline)
 
-        got = self._with_reconnect(ask, "manifest")
+            got = self._with_reconnect(ask, "manifest")
+            if got:
+                break
+            log.warning("manifest: the encoder did not answer within %.0f s; asking again", self.timeout_s)
         if not got:
             raise TransientError(f"manifest: the encoder did not answer on {self.topology.manifest!r} "
-                                 f"within {self.timeout_s:.0f} s")
+                                 f"within {self.timeout_s:.0f} s ({self.silence_retries + 1} asks)")
         msg = wire.decode(got[0], self.limit)
         if isinstance(msg, wire.ErrorReply):
             raise ServerError(msg.reason, f"manifest: the server refused: {msg.reason}: {msg.message}")

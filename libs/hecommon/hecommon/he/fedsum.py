@@ -70,7 +70,7 @@ _BLOCK_ROWS = 16
 
 def _max_q_bits(params: ParamSet) -> int:
     """The widest ``Q``: within the HE standard's 128-bit bound for N, and with halves of ``a``
-    below ``ring.MAX_EXACT_INPUT`` (``2^(⌈log Q / 2⌉ − 1) ≤ 2^25``)."""
+    well below ``ring.MAX_EXACT_INPUT`` (``|a_hi|, |a_lo| ≤ 2^(⌈log Q / 2⌉ − 1) ≤ 2^24``)."""
     return min(MAX_LOG_Q_128[params.n], 2 * (MAX_EXACT_INPUT.bit_length() - 2))  # 50 at N = 2048
 
 
@@ -204,6 +204,8 @@ class SumScheme:
         m = np.asarray(m)
         if m.ndim != 1 or not np.issubdtype(m.dtype, np.integer):
             raise ConfigError("encrypted sum: a flat integer vector is required")
+        if m.size and m.dtype.kind == "u" and int(m.max()) > self.per_owner_max:  # before a cast wraps it
+            raise ConfigError(f"encrypted sum: a value outside ±{self.per_owner_max}")
         rows = np.zeros((self.rows(m.size), self.params.n), dtype=np.int64)
         rows.reshape(-1)[: m.size] = m
         return self.encrypt_rows(secrets, rows.shape[0], lambda r0, r1: rows[r0:r1], seed)

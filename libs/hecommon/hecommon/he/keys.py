@@ -5,9 +5,10 @@
   random per-request nonce (SHAKE-256 → AES-256-CTR stream). The public ``a`` of a layer is
   fixed (see ``encrypt.py``), so a secret must never encrypt two batches against the same ``a``;
   a fresh ``s_r`` per request guarantees that.
-- An encrypted federated sum (``fedsum``) uses one ternary secret per ciphertext row instead
-  (``RowSecrets``): row j's from its own segment of one stream keyed by the master key and the
-  round, so every owner of a federation derives the same secrets and any range of rows alone.
+- An encrypted federated sum (``fedsum``) uses a sequence of independent ternary secrets instead
+  (``RowSecrets``; ``fedsum`` gives each to a group of rows): secret j from its own segment of one
+  stream keyed by the master key and the round, so every owner of a federation derives the same
+  secrets, and any range of them alone.
 - Noise comes from ``sampling.noise_stream``: AES-256-CTR keyed with 32 fresh bytes of ``os.urandom`` per
   batch (a CTR-DRBG seeded by the OS, ~10x faster here than reading ``os.urandom`` directly).
 
@@ -66,8 +67,9 @@ _TERNARY_SLACK = 256
 
 
 class RowSecrets:
-    """Independent ternary secrets, one per ciphertext row, of one encrypted federated sum
-    (``hecommon.he.fedsum``). Row j's takes its N coefficients from bytes ``j·W … (j+1)·W − 1``
+    """Independent ternary secrets ``s_0, s_1, …`` of one encrypted federated sum
+    (``hecommon.he.fedsum``, which gives each to a group of rows). Secret j takes its N
+    coefficients from bytes ``j·W … (j+1)·W − 1``
     (``W = N + 256``, a whole number of AES blocks) of one AES-256-CTR stream: bytes of 255 are
     rejected, the rest taken mod 3, minus 1 (``sampling.ternary_from_stream``'s rule)."""
 
@@ -84,7 +86,7 @@ class RowSecrets:
         return aes_ctr(self._key, (hi - lo) * width, block=lo * width // 16).reshape(hi - lo, width)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
-        """The secrets of rows ``lo … hi−1``: (rows, N) int8 in {−1, 0, 1}."""
+        """Secrets ``lo … hi−1``: (count, N) int8 in {−1, 0, 1}."""
         raw = self._raw(lo, hi)
         kept = raw != 255
         if (kept.sum(axis=1) < self.params.n).any():  # pragma: no cover - probability below 2^-1000
@@ -135,7 +137,7 @@ class SecretKey:
         return RequestSecret(params, ternary_from_stream(key, params.n))
 
     def row_secrets(self, params: ParamSet, nonce: bytes) -> RowSecrets:
-        """The per-row secrets of the encrypted sum identified by ``nonce`` (a federated round's id)."""
+        """The secrets of the encrypted sum identified by ``nonce`` (a federated round's id)."""
         if len(nonce) != NONCE_BYTES:
             raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
         return RowSecrets(params, derive_key(b"helora/row-secrets", self._master, params.name.encode(), nonce))
