@@ -619,3 +619,48 @@ def test_a_service_paused_past_the_client_timeout_is_asked_once_more(fleet):
         ev.send_signal(signal.SIGCONT)
         backend.transport.close()
     fleet.wait_ready(60)
+
+
+def test_a_request_abandoned_by_its_client_is_dropped_not_dead_lettered(fleet):
+    """A client killed while it publishes a request (issue 21's chaos run found it): shard 0 got its
+    part, shard 1 never will, and the client's reply queue went with it. Once the aggregator's wait
+    is over it finds nobody to tell (the error reply is unroutable) and drops the held partial:
+    such a request is nobody's failure to look into. It used to fill the dead-letter queue with
+    valid traffic (8 messages in a 30-minute chaos run)."""
+    import dataclasses
+
+    from hecommon.he.encrypt import EncryptedBatch, encrypt
+    from hecommon.he.sampling import owner_a_seed
+    from hecommon.shards import even_split
+
+    _restart(fleet, "aggregator", part_timeout_s=3.0)
+    fleet.wait_ready(60)
+    dead_before = _dead_letters(fleet)
+    backend = make_broker_backend(fleet.broker_url, namespace=fleet.namespace, timeout_s=30,
+                                  max_message_bytes=fleet.max_message_bytes)
+    try:
+        entry = backend.manifest.layers[0]
+        assert entry.shards == 2
+        secret = SecretKey.generate().request_secret(backend.manifest.params, os.urandom(16))
+        owner = os.urandom(16)
+        m = np.random.default_rng(0).integers(0, 256, size=(1, entry.d_in))
+        req = wire.EncryptedRequest(rid=os.urandom(16), layer=entry.name, direction="fwd",
+                                    batch=encrypt(secret, m, owner_a_seed(entry.a_seed_fwd, owner)), owner=owner)
+        conn = pika.BlockingConnection(pika.URLParameters(fleet.broker_url))
+        ch = conn.channel()
+        reply = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        props = pika.BasicProperties(reply_to=reply, correlation_id=req.rid.hex())
+        topo = topology.Topology(fleet.namespace)
+        _, hi = even_split(entry.d_in, entry.shards)[0]
+        mine = dataclasses.replace(req, batch=EncryptedBatch(req.params, req.batch.b[:hi], 1))
+        for part in wire.split(mine, fleet.max_message_bytes):  # shard 0's rows only, then the client dies
+            ch.basic_publish(topo.requests, topo.routing_key(entry.name, 0, 2),
+                             wire.encode_request(part, fleet.max_message_bytes), props)
+        time.sleep(1.0)  # evaluator 0 computes its partial and sends it on to the aggregator
+        conn.close()  # the reply queue goes with the connection
+    finally:
+        backend.transport.close()
+    time.sleep(6.0)  # past the aggregator's 3 s wait, and its tick
+    assert _dead_letters(fleet) == dead_before, fleet.logs()
+    _restart(fleet, "aggregator")
+    fleet.wait_ready(60)

@@ -46,7 +46,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from ..errors import HeloraError, TransientError
+from ..errors import HeloraError, ServiceTimeout, TransientError
 from ..wire import MAX_ERROR_CHARS, ErrorReply, encode_error
 from .config import safe_url
 from .connection import connect, rid_of
@@ -187,16 +187,19 @@ class Service:
         if ds:
             self.io(lambda ch: [ch.basic_nack(d.tag, requeue=True) for d in ds])
 
-    def reply_error(self, props: Any, exc: BaseException, rid: bytes | None = None, pset: str = "") -> None:
-        """Tell the client at ``reply_to`` why its request failed, so it fails fast."""
+    def reply_error(self, props: Any, exc: BaseException, rid: bytes | None = None, pset: str = "") -> bool:
+        """Tell the client at ``reply_to`` why its request failed, so it fails fast; False if its
+        reply queue is gone (the client died or reconnected)."""
         reply_to = getattr(props, "reply_to", None)
         if not reply_to:
-            return
+            return False
         body = encode_error(ErrorReply.from_exception(rid_of(props, rid), exc, pset), self.limit)
         try:
             self.publish(reply_to, body, pika.BasicProperties(correlation_id=props.correlation_id))
         except (pex.UnroutableError, pex.NackError):
             log.warning("client reply queue gone; error reply dropped")
+            return False
+        return True
 
     def dead_letter(self, deliveries: Iterable[Delivery], exc: BaseException) -> None:
         """Publish each message to the DLX with its reason, then ack it (see module docstring).
@@ -228,7 +231,18 @@ class Service:
 
     def fail(self, deliveries: list[Delivery], exc: BaseException, rid: bytes | None = None,
              pset: str = "") -> None:
-        """A request that cannot be served: dead-letter its messages and tell the client."""
+        """A request that cannot be served: dead-letter its messages and tell the client. A request
+        that timed out waiting for parts whose client is gone (its error reply is unroutable: the
+        client died mid-request, or reconnected and sent it again under a fresh id) is dropped
+        instead: valid traffic that nobody will ever complete or read, not a fault to look into."""
+        if deliveries and isinstance(exc, ServiceTimeout):
+            if not self.reply_error(deliveries[-1].properties, exc, rid, pset):
+                self.ack(deliveries)
+                self.metrics.failure(exc, deliveries[0].queue, self.topology.namespace)
+                log.warning("dropped %d message(s) of a request its client abandoned (%s)", len(deliveries), exc)
+                return
+            self.dead_letter(deliveries, exc)
+            return
         self.dead_letter(deliveries, exc)
         if deliveries:
             self.reply_error(deliveries[-1].properties, exc, rid, pset)
