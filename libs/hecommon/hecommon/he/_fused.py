@@ -197,6 +197,8 @@ def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, raw, eta, q_bits
             v[k + half] = np.uint64(((y1 + rnd) >> shift) & b_mask)
         if bad:
             return False
+        # pack_rows' loop without its range check (every value is masked below 2^bits): calling
+        # pack_rows here measured 0.8 µs a row slower (7.1 against 6.3 µs for this whole loop)
         acc = np.uint64(0)
         held = 0  # bits of acc in use, always < 64
         pos = 0
