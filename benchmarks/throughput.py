@@ -16,7 +16,8 @@ In one run, every key at the top level of the JSON:
   second pass's reply under the request's id (the same bytes the server would send; the result
   decrypts to noise, which costs the same).
 - ``fft_ns_per_value``: one batched complex128 FFT of size N over as many rows as those requests
-  carry (up and down), numpy, one thread: the floor; ``client_over_fft`` = 1-thread client / FFT.
+  carry (up and down), one thread, through the client's own FFT (``hecommon.he.fft``: FFTW where
+  installed) in its blocks of rows: the floor; ``client_over_fft`` = 1-thread client / FFT.
 - ``client_parallel_speedup_2_threads``: 1-thread over 2-thread client time.
 - ``slowdown_vs_plain_peft``: SmolLM2-135M encrypted (embedded, ``helora train``'s default) vs
   plain PEFT (transformers + PEFT, fp32) on this CPU, same batches (8 × 256 tokens), each after
@@ -67,6 +68,7 @@ from common import machine, median_time, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
 from hecommon import route, wire  # noqa: E402
 from hecommon.broker import topology  # noqa: E402
+from hecommon.he import fft as hefft  # noqa: E402
 from hecommon.he import kernels  # noqa: E402
 from hecommon.he.keys import SecretKey  # noqa: E402
 from hecommon.model import discover_groups, load_model, load_tokenizer  # noqa: E402
@@ -142,12 +144,13 @@ def client_costs(name: str, passes: int) -> dict:
         one_pass()  # warm at this thread count
         seconds[threads] = statistics.median(one_pass() for _ in range(passes))
     os.environ.pop("HELORA_THREADS", None)
-    fft = 0.0
+    fft = 0.0  # the floor: the same count of transforms through the client's FFT (hecommon.he.fft), by its blocks
     for layer, d, _ in inputs:
         rows = (backend.layers[layer].d_in if d == "fwd" else backend.layers[layer].d_out) + backend.layers[layer].out_rows(d)
-        x = gen.standard_normal((rows, n)) + 1j * gen.standard_normal((rows, n))
-        out = np.empty_like(x)
-        fft += median_time(lambda x=x, out=out: np.fft.fft(x, axis=-1, out=out), passes)
+        x = hefft.empty((rows, n))
+        x[:] = gen.standard_normal((rows, n)) + 1j * gen.standard_normal((rows, n))
+        fft += median_time(lambda x=x, rows=rows: [hefft.forward(x[r:r + kernels.BLOCK_ROWS])
+                                        for r in range(0, rows, kernels.BLOCK_ROWS)], passes)
     return {"values": values, "seconds": seconds, "fft_seconds": fft}
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DecryptionError, ParameterMismatch
-from . import kernels, parallel
+from . import fft, kernels, parallel
 from .bits import PackedRows
 from .keys import RequestSecret
 from .parallel import map_rows
@@ -294,7 +294,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
         fused = kernels.loops()
 
         def blocks(lo: int, hi: int) -> None:  # the same integers, one fused loop each side of the FFTs
-            spec = np.empty((kernels.BLOCK_ROWS, params.n // 2), dtype=np.complex128)
+            spec = fft.empty((kernels.BLOCK_ROWS, params.n // 2))
             for b0 in range(lo, hi, kernels.BLOCK_ROWS):
                 b1 = min(b0 + kernels.BLOCK_ROWS, hi)
                 buf = spec[: b1 - b0]
@@ -456,7 +456,7 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
     params = ct.params
     half = params.n // 2
     qd = params.q / params.delta
-    spec = np.empty((2, kernels.BLOCK_ROWS, half), dtype=np.complex128)
+    spec = fft.empty((2, kernels.BLOCK_ROWS, half))
     fused = kernels.loops()
     p0, p1 = params.primes[0], params.primes[-1]  # the hint path has two limbs (``decrypt`` checks)
     inv_p0, scale = pow(p0, -1, p1), float(1 << ct.bits) / params.q

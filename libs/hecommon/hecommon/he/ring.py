@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import fft
 from .params import ParamSet
 
 #: Largest |a| accepted by ``SmallSecretMultiplier.mul`` for an exact result.
@@ -47,11 +48,13 @@ class SmallSecretMultiplier:
         self.n = n
         half = n // 2
         k = np.arange(half)
-        #: ψ^k (ψ = exp(iπ/N)), applied to the folded input; ``untwist`` after the inverse ``ifft``
-        #: (which divides by N/2 itself). The fused kernels (``hecommon.he.kernels``) use both.
+        #: ψ^k (ψ = exp(iπ/N)), applied to the folded input; ``untwist`` after the inverse transform
+        #: (divided by N/2: by ``ifft`` in ``product``, through ``s``'s spectrum in
+        #: ``spectrum_product``). The fused kernels (``hecommon.he.kernels``) use both.
         self.twist = np.exp(1j * np.pi * k / n)
         self.untwist = np.conj(self.twist)
         self._s_hat = self._forward(s.astype(np.float64))
+        self._s_hat_scaled = self._s_hat / half  # the inverse transform's 1/(N/2), exact (a power of 2)
 
     def _forward(self, a: np.ndarray) -> np.ndarray:
         half = self.n // 2
@@ -67,10 +70,11 @@ class SmallSecretMultiplier:
 
     def spectrum_product(self, folded: np.ndarray) -> None:
         """In place: folded, twisted inputs (..., N/2) complex become the inverse transform of
-        their products with ``s`` (still to be untwisted by ``untwist``; ``hecommon.he.kernels``)."""
-        np.fft.fft(folded, axis=-1, out=folded)
-        folded *= self._s_hat
-        np.fft.ifft(folded, axis=-1, out=folded)
+        their products with ``s`` (still to be untwisted by ``untwist``; ``hecommon.he.kernels``),
+        through ``hecommon.he.fft`` (FFTW where installed)."""
+        fft.forward(folded)
+        folded *= self._s_hat_scaled
+        fft.inverse(folded)
 
     def product(self, a: np.ndarray) -> np.ndarray:
         """Exact ``a · s`` as float64 holding integers; ``a``: float64 integers, ``|a| < 2^26``."""
