@@ -291,3 +291,31 @@ def test_an_owner_sends_its_rows_without_a_copy_and_an_older_wire_is_refused(mak
     m["v"] = 1
     with pytest.raises(UnsupportedVersion, match="federated wire version 2"):
         fedwire.decode(msgpack.packb(m, use_bin_type=True), 1 << 30)
+
+
+CONTRIBUTE = r"""
+import os
+import numpy as np
+from hecommon import heap
+from helora_orchestrator.federated import encsum
+from helora_orchestrator.federated.selective import CkksKeys
+
+print("before", heap._applied)
+update = {"q": np.full((4, 8), 1e-3)}
+encsum.contribute(CkksKeys.generate(), os.urandom(16), "o0", update, {"q": (4, 8)}, 1, 2)
+print("after", heap._applied)
+"""
+
+
+@pytest.mark.parametrize("env, after", [("keep", "True"), ("default", "None")])
+def test_an_owner_contributing_keeps_its_freed_memory(env, after):
+    """A contribution's rows and message are tens of MB of fresh pages a round: the owner's process
+    takes ``hecommon.heap``'s policy when it first contributes (unless ``HELORA_HEAP=default``)."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CONTRIBUTE], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HELORA_HEAP": env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["before", "None", "after", after]

@@ -10,20 +10,22 @@ import pickle
 import numpy as np
 import pytest
 from hecommon.errors import ConfigError, DecryptionError
+from hecommon.he import fft
 from hecommon.he.fedsum import (
     _BLOCK_ROWS,
     GROUP,
     SWITCH_BITS,
     SumScheme,
     _a_s,
+    _Block,
     _PublicA,
     encode_fixed,
     sum_bits,
 )
 from hecommon.he.keys import SecretKey
-from hecommon.he.params import N2048, N4096
+from hecommon.he.params import N2048, N4096, ParamSet
 from hecommon.he.ring import negacyclic_reference
-from hecommon.he.sampling import aes_ctr, centered_binomial
+from hecommon.he.sampling import aes_ctr, plane_binomial
 
 
 def _round(owners: int, values: int, fill):
@@ -133,6 +135,38 @@ def _fixed_noise(key: bytes, eta: int):
     return lambda r0, r1: aes_ctr(key, (r1 - r0) * row, block=r0 * row // 16)
 
 
+def _plane_noise(raw: np.ndarray, n: int, eta: int) -> np.ndarray:
+    """One row's samples as ``sampling.plane_binomial`` defines them, bit by bit: the row's bytes are
+    planes of N little-endian 16-bit words (eta a multiple of 8), sample c's bits are word c of
+    plane 0, then of plane 1, …; it counts its first eta bits less its next eta."""
+    assert eta % 8 == 0
+    bits = np.unpackbits(raw.reshape(2 * eta // 16, n, 2), axis=-1, bitorder="little")  # (plane, c, 16)
+    fields = bits.transpose(1, 0, 2).reshape(n, 2 * eta).astype(np.int64)
+    return fields[:, :eta].sum(axis=1) - fields[:, eta:].sum(axis=1)
+
+
+@pytest.mark.parametrize("eta", [4, 8, 12, 24, 32])
+def test_plane_noise_counts_each_samples_own_bits(eta):
+    """``plane_binomial`` against the planes read bit by bit (16-bit words where 16 divides 2·eta,
+    else bytes), and the centered binomial's mean 0 and variance eta/2 over 2^16 samples."""
+    n, rows = 1024, 64
+    raw = aes_ctr(bytes(range(32)), rows * n * eta // 4)
+    got = plane_binomial(raw, rows, n, eta)
+    w = 16 if eta % 8 == 0 else 8
+    for r in (0, rows - 1):
+        row = raw[r * n * eta // 4:(r + 1) * n * eta // 4]
+        bits = np.unpackbits(row.reshape(2 * eta // w, n, w // 8), axis=-1, bitorder="little")
+        fields = bits.transpose(1, 0, 2).reshape(n, 2 * eta).astype(np.int64)
+        np.testing.assert_array_equal(got[r], fields[:, :eta].sum(axis=1) - fields[:, eta:].sum(axis=1))
+    assert abs(got.mean()) < 0.05 and abs(got.var() / (eta / 2) - 1) < 0.05
+    assert np.abs(got).max() <= eta
+
+
+def test_a_noise_wider_than_a_word_is_refused():
+    with pytest.raises(ConfigError, match="noise_eta"):
+        SumScheme(2, ParamSet("eta36", 2048, N2048.primes, noise_eta=36))
+
+
 def _schoolbook(scheme: SumScheme, secrets, m_rows: np.ndarray, seed: bytes, noise) -> np.ndarray:
     """``round((e + Δ·m − a^(r mod GROUP)·s_⌊r/GROUP⌋ mod Q) / 2^SWITCH_BITS) mod 2^bits``, row by row,
     with exact int64 negacyclic products."""
@@ -142,7 +176,7 @@ def _schoolbook(scheme: SumScheme, secrets, m_rows: np.ndarray, seed: bytes, noi
     out = np.empty(m_rows.shape, dtype=np.uint64)
     for r in range(m_rows.shape[0]):
         s = secrets.rows(r // GROUP, r // GROUP + 1)[0]
-        e = centered_binomial(noise(r, r + 1), n, N2048.noise_eta)
+        e = _plane_noise(noise(r, r + 1), n, N2048.noise_eta)
         y = (e + m_rows[r] * delta - negacyclic_reference(a[r % GROUP], s)) & ((1 << q) - 1)
         out[r] = ((y + (1 << (SWITCH_BITS - 1))) >> SWITCH_BITS) & ((1 << scheme.bits) - 1)
     return out
@@ -150,12 +184,16 @@ def _schoolbook(scheme: SumScheme, secrets, m_rows: np.ndarray, seed: bytes, noi
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 @pytest.mark.parametrize("threads", ["1", "2"])
-def test_rows_encrypt_to_the_schoolbook_formula_on_every_path(path, threads, monkeypatch):
-    """The compiled loops and the numpy path, on one thread or two, give the formula's integers
-    exactly, over rows past a group of secrets, ending in a partial block, with messages at
-    ±per_owner_max."""
+@pytest.mark.parametrize("backend", ["fftw", "numpy"])
+def test_rows_encrypt_to_the_schoolbook_formula_on_every_path(path, threads, backend, monkeypatch):
+    """The compiled loops and the numpy path, on one thread or two, with either FFT, give the
+    formula's integers exactly, over rows past a group of secrets, ending in a partial block, with
+    messages at ±per_owner_max."""
     if path == "numba":
         pytest.importorskip("numba")
+    monkeypatch.setenv("HELORA_FFT", backend)
+    if fft.backend() != backend:
+        pytest.skip("pyFFTW not installed")
     monkeypatch.setenv("HELORA_KERNELS", path)
     monkeypatch.setenv("HELORA_THREADS", threads)
     scheme = SumScheme(4)
@@ -169,25 +207,31 @@ def test_rows_encrypt_to_the_schoolbook_formula_on_every_path(path, threads, mon
     np.testing.assert_array_equal(got, _schoolbook(scheme, secrets, m, seed, noise))
 
 
+@pytest.mark.parametrize("backend", ["fftw", "numpy"])
 @pytest.mark.parametrize("q_bits", [34 + SWITCH_BITS, 50])
-def test_the_split_product_is_exact_at_the_ends_of_a(q_bits, monkeypatch):
+def test_the_split_product_is_exact_at_the_ends_of_a(q_bits, backend, monkeypatch):
     """``a`` at ``−Q/2`` and ``Q/2 − 1`` everywhere and a secret of all ones (every product
-    coefficient up to ``N·Q/2``): the halves' transforms round to the exact negacyclic product,
-    up to the widest ``Q`` allowed (2^50)."""
+    coefficient up to ``N·Q/2``): the halves' transforms (FFTW or numpy) round to the exact
+    negacyclic product, up to the widest ``Q`` allowed (2^50)."""
     pytest.importorskip("numba")
+    monkeypatch.setenv("HELORA_FFT", backend)
+    if fft.backend() != backend:
+        pytest.skip("pyFFTW not installed")
     n = N2048.n
     twist = np.exp(1j * np.pi * np.arange(n // 2) / n)
     ends = np.zeros((GROUP, n), dtype=np.uint64)
     ends[0::2] = 1 << (q_bits - 1)  # −Q/2 centered
     ends[1::2] = (1 << (q_bits - 1)) - 1
-    a = _PublicA(ends, q_bits, twist)
     s = np.ones(n)
     folded = ((s[: n // 2] + 1j * s[n // 2 :]) * twist)[None, :].copy()
     rows = 6  # a^(0) … a^(5), alternating ends
     hi, lo = (np.empty((rows, n // 2), dtype=np.complex128) for _ in range(2))
     for path in ("numpy", "numba"):
         monkeypatch.setenv("HELORA_KERNELS", path)
-        a.times(folded.copy(), 0, hi, lo)
+        a = _PublicA(ends, q_bits, twist)  # the halves' spectra, folded by this path too
+        spectra = folded.copy()
+        fft.forward(spectra)
+        a.times(spectra, 0, hi, lo)
         got = _a_s(a, hi, lo, np.conj(twist))
         centered_a = ends.astype(np.int64) - np.where(ends >= 1 << (q_bits - 1), np.int64(1) << q_bits, 0)
         want = np.stack([negacyclic_reference(centered_a[t], s.astype(np.int64)) for t in range(rows)])
@@ -232,7 +276,9 @@ def test_fixed_point_encoding_rounds_and_refuses_past_the_limit(path, monkeypatc
 def test_a_block_across_a_group_of_secrets_pairs_each_row_with_its_own(path, monkeypatch):
     """Blocks of the encryption are aligned to the groups, but the products take any range: rows
     60 … 69 span secrets 0 and 1 and ``a^(60)`` … ``a^(63)``, ``a^(0)`` … ``a^(5)``; each row's product
-    is the schoolbook one of its own secret and polynomial."""
+    is the schoolbook one of its own secret and polynomial. A block keeps its secrets' transforms
+    for the next rows of the same groups (70 … 75 after 60 … 69 spans other groups, 76 … 79 the
+    same), and every range is still right."""
     if path == "numba":
         pytest.importorskip("numba")
     monkeypatch.setenv("HELORA_KERNELS", path)
@@ -242,9 +288,14 @@ def test_a_block_across_a_group_of_secrets_pairs_each_row_with_its_own(path, mon
     expanded = _PublicA.expand(seed, n, q)
     twist = np.exp(1j * np.pi * np.arange(n // 2) / n)
     a = _PublicA(expanded, q, twist)
-    buffers = tuple(np.empty((rows, n // 2), dtype=np.complex128) for rows in (4, 16, 16))
-    got = _a_s(a, *a.products(secrets, GROUP - 4, GROUP + 6, twist, buffers), np.conj(twist)) & ((1 << q) - 1)
-    for i, r in enumerate(range(GROUP - 4, GROUP + 6)):
-        s = secrets.rows(r // GROUP, r // GROUP + 1)[0]
-        want = negacyclic_reference(expanded[r % GROUP].astype(np.int64), s) & ((1 << q) - 1)
-        np.testing.assert_array_equal(got[i], want, err_msg=f"row {r}")
+    block = _Block(n)
+    for r0, r1, groups in ((GROUP - 4, GROUP + 6, (0, 2)), (GROUP + 6, GROUP + 12, (1, 2)),
+                           (GROUP + 12, GROUP + 16, (1, 2))):
+        got = _a_s(a, *a.products(secrets, r0, r1, twist, block), np.conj(twist)) & ((1 << q) - 1)
+        assert block.groups == groups
+        for i, r in enumerate(range(r0, r1)):
+            s = secrets.rows(r // GROUP, r // GROUP + 1)[0]
+            want = negacyclic_reference(expanded[r % GROUP].astype(np.int64), s) & ((1 << q) - 1)
+            np.testing.assert_array_equal(got[i], want, err_msg=f"row {r}")
+
+

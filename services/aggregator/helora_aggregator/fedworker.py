@@ -349,7 +349,7 @@ class FederatedWorker(amqp.Service):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return process.serve("helora-aggregator", FederatedConfig.from_args, FederatedWorker, argv)
+    return process.serve("helora-aggregator", FederatedConfig.from_args, FederatedWorker, argv, reuse_memory=True)
 
 
 if __name__ == "__main__":

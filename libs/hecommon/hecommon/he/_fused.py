@@ -128,6 +128,28 @@ def fixed_point(x, scale, limit, out):  # pragma: no cover - compiled
 
 
 @_jit
+def fold_public(a, q_bits, split, scale, twist, hi, lo):  # pragma: no cover - compiled
+    """``fedsum._PublicA``'s halves before their forward transforms: rows of ``a`` (uint64 residues
+    mod ``2^q_bits``) centered, split into ``a_hi·2^split + a_lo`` (``a_hi = rint(a / 2^split)``),
+    each half times ``scale`` (a power of 2), folded and twisted into ``hi`` and ``lo`` (rows, N/2)
+    complex. The twist's complex products may round differently from numpy's in the last bits;
+    the products ``a·s`` they lead to are exact on both paths (``ring``'s bound; tests)."""
+    rows, n = a.shape
+    half = n // 2
+    top = np.uint64(1) << np.uint64(q_bits - 1)
+    wrap = np.float64(2.0**q_bits)
+    unit = np.float64(2.0**split)
+    for r in range(rows):
+        for k in range(half):
+            x0 = np.float64(a[r, k]) - (wrap if a[r, k] >= top else 0.0)
+            x1 = np.float64(a[r, k + half]) - (wrap if a[r, k + half] >= top else 0.0)
+            h0 = np.rint(x0 / unit)
+            h1 = np.rint(x1 / unit)
+            hi[r, k] = complex(h0 * scale, h1 * scale) * twist[k]
+            lo[r, k] = complex((x0 - h0 * unit) * scale, (x1 - h1 * unit) * scale) * twist[k]
+
+
+@_jit
 def group_spectra(spec, a_hi, a_lo, first, hi, lo):  # pragma: no cover - compiled
     """Row r of ``hi`` and ``lo`` (rows, N/2), the block's row ``first + r``: ``spec[j]`` times
     ``a_hi[t]`` and ``a_lo[t]``, ``j = (first + r) // G − first // G``, ``t = (first + r) % G``
@@ -152,34 +174,31 @@ def _popcount(typingctx, x):  # pragma: no cover - compiled
 
 
 @_jit
-def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, raw, eta, q_bits, shift, words, e, v):  # pragma: no cover - compiled
+def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, planes, eta, q_bits, shift, words, f, v):  # pragma: no cover - compiled
     """``fedsum``'s ``b' = round((e + Δ·m − a·s mod 2^q_bits) / 2^shift)`` mod ``2^bits``
     (``bits = q_bits − shift``), packed: from the inverse transforms of ``a_hi·s`` and ``a_lo·s``
     (rows × N/2, not yet untwisted; ``a = a_hi·2^split + a_lo``), ``m`` (rows, N) int64, ``delta =
-    Δ``, and the noise's keystream ``raw`` (rows, N·eta/32) uint64 words: coefficient c's sample is
-    ``sampling.centered_binomial``'s, the set bits among the stream's bits ``2c·eta … 2c·eta+eta−1``
-    less those among the next ``eta`` (``2·eta < 64``). Into ``words`` (rows, N·bits/64) uint64 in
-    ``bits.pack_bits``'s layout; ``e`` (N,) int64 and ``v`` (N,) uint64 are scratch. ``fedsum``'s
-    numpy path gives the same integers. False, with nothing of the row written, if a message of
-    the row lies outside ``±limit``."""
+    Δ``, and the noise's keystream as ``sampling.plane_binomial``'s planes (rows, 2·eta/w, N) of
+    w-bit words (``2·eta ≤ 64``): coefficient c's sample counts the set bits among the first eta
+    bits of its field (word c of every plane, plane p at bit p·w) less those among the next eta.
+    Into ``words`` (rows, N·bits/64) uint64 in ``bits.pack_bits``'s layout; ``f`` (N,) and ``v``
+    (N,) uint64 are scratch. ``fedsum``'s numpy path gives the same integers. False, with nothing
+    of the row written, if a message of the row lies outside ``±limit``."""
     rows, half = hi.shape
     n = 2 * half
     bits = q_bits - shift
     q_mask = (np.int64(1) << q_bits) - 1
     b_mask = (np.int64(1) << bits) - 1
     rnd = np.int64(1) << (shift - 1)
-    width = 2 * eta
-    f_mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+    width = np.uint64(8 * planes.itemsize)
     e_mask = (np.uint64(1) << np.uint64(eta)) - np.uint64(1)
-    last = raw.shape[1] - 1
     for r in range(rows):
-        for c in range(n):  # the noise: field c at stream bit 2c·eta, in one word or across two
-            at = c * width
-            i = at >> 6
-            sh = np.uint64(at & 63)
-            f = (raw[r, i] >> sh) | ((raw[r, min(i + 1, last)] << np.uint64(1)) << (np.uint64(63) - sh))
-            f &= f_mask  # (a field inside the last word: the bits read past it fall above the mask)
-            e[c] = np.int64(_popcount(f & e_mask)) - np.int64(_popcount(f >> np.uint64(eta)))  # type: ignore[call-arg]
+        for c in range(n):  # the noise's fields, a plane at a time (contiguous: the loops vectorize)
+            f[c] = np.uint64(planes[r, 0, c])
+        for p in range(1, planes.shape[1]):
+            at = np.uint64(p) * width
+            for c in range(n):
+                f[c] |= np.uint64(planes[r, p, c]) << at
         bad = False
         for k in range(half):  # without branches, so that the loop vectorizes
             m0 = m[r, k]
@@ -191,14 +210,16 @@ def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, raw, eta, q_bits
             lw = lo[r, k]
             p0 = (np.int64(np.rint(h.real * ur - h.imag * ui)) << split) + np.int64(np.rint(lw.real * ur - lw.imag * ui))
             p1 = (np.int64(np.rint(h.real * ui + h.imag * ur)) << split) + np.int64(np.rint(lw.real * ui + lw.imag * ur))
-            y0 = (e[k] + m0 * delta - p0) & q_mask
-            y1 = (e[k + half] + m1 * delta - p1) & q_mask
+            e0 = np.int64(_popcount(f[k] & e_mask)) - np.int64(_popcount(f[k] >> np.uint64(eta)))  # type: ignore[call-arg]
+            e1 = np.int64(_popcount(f[k + half] & e_mask)) - np.int64(_popcount(f[k + half] >> np.uint64(eta)))  # type: ignore[call-arg]
+            y0 = (e0 + m0 * delta - p0) & q_mask
+            y1 = (e1 + m1 * delta - p1) & q_mask
             v[k] = np.uint64(((y0 + rnd) >> shift) & b_mask)
             v[k + half] = np.uint64(((y1 + rnd) >> shift) & b_mask)
         if bad:
             return False
         # pack_rows' loop without its range check (every value is masked below 2^bits): calling
-        # pack_rows here measured 0.8 µs a row slower (7.1 against 6.3 µs for this whole loop)
+        # pack_rows here measured 0.8 µs a row slower
         acc = np.uint64(0)
         held = 0  # bits of acc in use, always < 64
         pos = 0

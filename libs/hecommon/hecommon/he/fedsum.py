@@ -9,7 +9,7 @@ public polynomials ``a_i^(0) … a_i^(GROUP−1)``, uniform mod Q. Owner ``i`` w
 ``m_i`` (fixed point, ``|m_i| ≤ per_owner_max``) N to a row and encrypts row r with secret
 ``s_j``, ``j = ⌊r/GROUP⌋``, and ``a_i^(t)``, ``t = r mod GROUP``:
 ``b_ir = −a_i^(t)·s_j + e_ir + Δ·m_ir (mod Q)``, ``Δ = Q / 2^msg_bits``, ``e`` centered binomial (the
-split protocol's noise), then switches it to ``2^bits``: ``b'_ir = round(b_ir / 2^SWITCH_BITS)``.
+split protocol's noise distribution, its bits laid out in planes: ``sampling.plane_binomial``), then switches it to ``2^bits``: ``b'_ir = round(b_ir / 2^SWITCH_BITS)``.
 Only ``b'_i`` (``bits`` per value) and the seed travel.
 
 The aggregator adds the ``b'_i`` mod ``2^bits``. An owner decrypts row r of the sum with
@@ -49,13 +49,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, DecryptionError
-from . import kernels
+from . import fft, kernels
 from .bits import PackedRows, pack_bits
 from .keys import RowSecrets
 from .parallel import chunks, map_ranges
 from .params import DEFAULT, MAX_LOG_Q_128, TAIL_SIGMAS, ParamSet
 from .ring import MAX_EXACT_INPUT
-from .sampling import SEED_BYTES, aes_ctr, centered_binomial, derive_key, noise_stream
+from .sampling import SEED_BYTES, aes_ctr, derive_key, noise_stream, plane_binomial, plane_width
 
 #: Bits the switch drops: ``Q = 2^(bits + SWITCH_BITS)``. The noise shrinks by ``2^8``, below the
 #: rounding's own (``σ/256 ≈ 0.014`` against ``1/√12 ≈ 0.29``).
@@ -94,14 +94,25 @@ class _PublicA:
     def __init__(self, a: np.ndarray, q_bits: int, twist: np.ndarray) -> None:
         half = a.shape[-1] // 2
         self.split = -(-q_bits // 2)
-        v = a.astype(np.int64)
-        v -= np.where(v >= 1 << (q_bits - 1), np.int64(1) << q_bits, 0)  # centered
-        hi = np.rint(v / 2.0**self.split)
-        lo = v - hi * 2.0**self.split
-        self.hi, self.lo = ((x[:, :half] + 1j * x[:, half:]) * twist for x in (hi, lo))
-        for x in (self.hi, self.lo):
-            np.fft.fft(x, axis=-1, out=x)
-            x /= half
+        self.hi, self.lo = fft.empty((a.shape[0], half)), fft.empty((a.shape[0], half))
+
+        def rows(r0: int, r1: int) -> None:  # the pool's threads take the polynomials in ranges
+            if kernels.enabled():  # one pass; 1/(N/2) applied before the transform (a power of 2: exact)
+                kernels.loops().fold_public(a[r0:r1], q_bits, self.split, 1.0 / half, twist, self.hi[r0:r1],
+                                            self.lo[r0:r1])
+                fft.forward(self.hi[r0:r1])
+                fft.forward(self.lo[r0:r1])
+                return
+            v = a[r0:r1].astype(np.int64)
+            v -= np.where(v >= 1 << (q_bits - 1), np.int64(1) << q_bits, 0)  # centered
+            hi = np.rint(v / 2.0**self.split)
+            lo = v - hi * 2.0**self.split
+            for x, out in ((hi, self.hi[r0:r1]), (lo, self.lo[r0:r1])):
+                np.multiply(x[:, :half] + 1j * x[:, half:], twist, out=out)
+                fft.forward(out)
+                out /= half
+
+        map_ranges(rows, chunks(a.shape[0], 8))
 
     @staticmethod
     def expand(seed: bytes, n: int, q_bits: int) -> np.ndarray:
@@ -109,38 +120,46 @@ class _PublicA:
         words = aes_ctr(derive_key(b"helora/fedsum-a", seed), 8 * n * GROUP).view("<u8").astype(np.uint64)
         return (words & np.uint64((1 << q_bits) - 1)).reshape(GROUP, n)
 
-    def times(self, folded: np.ndarray, first: int, hi: np.ndarray, lo: np.ndarray) -> None:
+    def times(self, spectra: np.ndarray, first: int, hi: np.ndarray, lo: np.ndarray) -> None:
         """Into ``hi`` and ``lo`` (rows, N/2): the inverse transforms of ``a_hi·s`` and ``a_lo·s`` (to
-        untwist) of rows ``first …``, given their folded, twisted secrets ``⌊first/GROUP⌋ …``
-        (count, N/2), which the forward transform overwrites: row ``r`` pairs secret ``⌊r/GROUP⌋``
-        with ``a^(r mod GROUP)``."""
-        np.fft.fft(folded, axis=-1, out=folded)
+        untwist) of rows ``first …``, given the forward transforms of their folded, twisted secrets
+        ``⌊first/GROUP⌋ …`` (count, N/2): row ``r`` pairs secret ``⌊r/GROUP⌋`` with
+        ``a^(r mod GROUP)``."""
         if kernels.enabled():
-            kernels.loops().group_spectra(folded, self.hi, self.lo, first, hi, lo)
+            kernels.loops().group_spectra(spectra, self.hi, self.lo, first, hi, lo)
         else:
             rows = first + np.arange(hi.shape[0])
             j, t = rows // GROUP - first // GROUP, rows % GROUP
-            np.multiply(folded[j], self.hi[t], out=hi)
-            np.multiply(folded[j], self.lo[t], out=lo)
-        np.fft.ifft(hi, axis=-1, out=hi, norm="forward")  # unscaled: the spectra hold 1/(N/2)
-        np.fft.ifft(lo, axis=-1, out=lo, norm="forward")
+            np.multiply(spectra[j], self.hi[t], out=hi)
+            np.multiply(spectra[j], self.lo[t], out=lo)
+        fft.inverse(hi)  # unscaled: the spectra hold 1/(N/2)
+        fft.inverse(lo)
 
     def products(self, secrets: RowSecrets, r0: int, r1: int, twist: np.ndarray,
-                 buffers: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``times`` for rows ``r0 … r1−1`` in a block's ``buffers`` (secrets, hi, lo:
-        ``_block_buffers``), returned as views of hi and lo."""
-        spec, hi, lo = buffers
+                 block: _Block) -> tuple[np.ndarray, np.ndarray]:
+        """``times`` for rows ``r0 … r1−1`` in a thread's ``block`` buffers, returned as views of its
+        hi and lo. The secrets' transforms stay in the block for the next rows of the same groups
+        (a thread's blocks run in order: a group of GROUP rows is 4 blocks)."""
         g0, g1 = r0 // GROUP, (r1 - 1) // GROUP + 1
-        secrets.folded(g0, g1, twist, out=spec[: g1 - g0])
-        self.times(spec[: g1 - g0], r0, hi[: r1 - r0], lo[: r1 - r0])
-        return hi[: r1 - r0], lo[: r1 - r0]
+        spec = block.spec[: g1 - g0]
+        if block.groups != (g0, g1):
+            block.groups = None  # until the transform is done
+            secrets.folded(g0, g1, twist, out=spec)
+            fft.forward(spec)
+            block.groups = (g0, g1)
+        self.times(spec, r0, block.hi[: r1 - r0], block.lo[: r1 - r0])
+        return block.hi[: r1 - r0], block.lo[: r1 - r0]
 
 
-def _block_buffers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A thread's buffers for one block of rows: its secrets, and the transforms of ``a_hi·s``, ``a_lo·s``."""
-    half = n // 2
-    return (np.empty((-(-_BLOCK_ROWS // GROUP) + 1, half), dtype=np.complex128),
-            np.empty((_BLOCK_ROWS, half), dtype=np.complex128), np.empty((_BLOCK_ROWS, half), dtype=np.complex128))
+class _Block:
+    """A thread's buffers for one block of rows: its secrets' transforms (and which groups they
+    are), and the transforms of ``a_hi·s``, ``a_lo·s``."""
+
+    def __init__(self, n: int) -> None:
+        half = n // 2
+        self.spec = fft.empty((-(-_BLOCK_ROWS // GROUP) + 1, half))
+        self.hi, self.lo = fft.empty((_BLOCK_ROWS, half)), fft.empty((_BLOCK_ROWS, half))
+        self.groups: tuple[int, int] | None = None
 
 
 def encode_fixed(x: np.ndarray, scale: float, limit: int, out: np.ndarray) -> bool:
@@ -178,6 +197,9 @@ class SumScheme:
     per_owner_max: int = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.params.noise_eta > 32:
+            raise ConfigError(f"encrypted sum: noise_eta {self.params.noise_eta} above 32 (a sample's 2·eta bits "
+                              "are read as one 64-bit field: sampling.plane_binomial)")
         object.__setattr__(self, "bits", sum_bits(self.params, self.owners))
         if self.owners > self.params.max_message:
             raise ConfigError(f"owners: {self.owners} exceeds the plaintext range")
@@ -231,26 +253,27 @@ class SumScheme:
         a = _PublicA(_PublicA.expand(seed, n, q_bits), q_bits, twist)
         untwist, delta = np.conj(twist), 1 << (q_bits - self.params.msg_bits)
         words = np.empty((rows, n * self.bits // 64), dtype="<u8")  # N·bits fills whole words
-        fused = kernels.enabled() and 2 * eta < 64  # the compiled loop reads a sample's 2·eta bits at once
+        fused = kernels.enabled()
+        word = plane_width(eta)
 
         def block(lo: int, hi: int) -> None:
-            buffers, e, v = _block_buffers(n), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
+            block, f, v = _Block(n), np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64)
             for r0 in range(lo, hi, _BLOCK_ROWS):
                 r1 = min(r0 + _BLOCK_ROWS, hi)
                 m = np.asarray(source(r0, r1))
                 if m.shape != (r1 - r0, n) or m.dtype != np.int64:
                     raise ConfigError(f"encrypted sum: rows {r0}…{r1 - 1} are not ({r1 - r0}, {n}) int64")
-                t_hi, t_lo = a.products(secrets, r0, r1, twist, buffers)
-                raw = noise(r0, r1).reshape(r1 - r0, n * eta // 4)
+                t_hi, t_lo = a.products(secrets, r0, r1, twist, block)
+                raw = noise(r0, r1)
                 if fused:
-                    ok = kernels.loops().finish_sum_encrypt(t_hi, t_lo, untwist, a.split, m, limit, delta,
-                                                            raw.view("<u8"), eta, q_bits, SWITCH_BITS, words[r0:r1],
-                                                            e, v)
+                    planes = raw.view(word).reshape(r1 - r0, 2 * eta // (8 * word.itemsize), n)
+                    ok = kernels.loops().finish_sum_encrypt(t_hi, t_lo, untwist, a.split, m, limit, delta, planes,
+                                                            eta, q_bits, SWITCH_BITS, words[r0:r1], f, v)
                 else:
                     ok = max(int(m.max()), -int(m.min())) <= limit
                     if ok:
-                        noise_rows = centered_binomial(raw.reshape(-1), (r1 - r0) * n, eta).reshape(r1 - r0, n)
-                        y = _switch(noise_rows + m * delta - _a_s(a, t_hi, t_lo, untwist), q_bits)
+                        e = plane_binomial(raw, r1 - r0, n, eta)
+                        y = _switch(e + m * delta - _a_s(a, t_hi, t_lo, untwist), q_bits)
                         words[r0:r1] = np.frombuffer(pack_bits(y, self.bits), dtype="<u8").reshape(r1 - r0, -1)
                 if not ok:
                     raise ConfigError(f"encrypted sum: a value outside ±{limit}, the range of one of "
@@ -290,10 +313,10 @@ class SumScheme:
         out = np.empty(b.shape, dtype=np.int64)
 
         def block(lo: int, hi: int) -> None:
-            buffers = _block_buffers(params.n)
+            block = _Block(params.n)
             for r0 in range(lo, hi, _BLOCK_ROWS):
                 r1 = min(r0 + _BLOCK_ROWS, hi)
-                x = _switch(_a_s(a, *a.products(secrets, r0, r1, twist, buffers), untwist), q_bits)
+                x = _switch(_a_s(a, *a.products(secrets, r0, r1, twist, block), untwist), q_bits)
                 x = (x + b[r0:r1]).astype(np.int64) & ((1 << bits) - 1)  # Δ'·Σm + ε mod 2^bits
                 x -= np.where(x >= 1 << (bits - 1), np.int64(1) << bits, 0)  # centered
                 out[r0:r1] = np.rint(x / 2.0 ** (bits - params.msg_bits))

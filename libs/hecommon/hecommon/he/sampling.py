@@ -145,6 +145,31 @@ def centered_binomial(stream: np.ndarray, count: int, eta: int) -> np.ndarray:
     return (pos - neg).astype(np.int64)
 
 
+def plane_width(eta: int) -> np.dtype:
+    """The word of ``plane_binomial``'s planes for ``eta``: 16 bits where they divide a sample's
+    ``2·eta``, else bytes (eta is a multiple of 4)."""
+    return np.dtype("<u2") if eta % 8 == 0 else np.dtype("u1")
+
+
+def plane_binomial(stream: np.ndarray, rows: int, n: int, eta: int) -> np.ndarray:
+    """``rows`` × ``n`` samples of the centered binomial of parameter eta (variance eta/2), int64,
+    from ``rows·n·eta/4`` bytes of ``stream`` (uint8) in planes (the federated sum's noise,
+    ``hecommon.he.fedsum``): each row's bytes are ``2·eta/w`` planes of ``n`` little-endian w-bit
+    words (``plane_width``), sample c's ``2·eta`` bits are word c of every plane, plane p at bit
+    ``p·w``, and it counts the set bits among its first eta less those among the next eta. The
+    same distribution as ``centered_binomial`` (each sample has 2·eta bits of its own); the
+    layout lets a compiled loop read the samples of a row side by side."""
+    if eta % 4 or not 4 <= eta <= 32:
+        raise ValueError("plane_binomial: eta must be a multiple of 4 in 4..32")
+    word = plane_width(eta)
+    planes = np.asarray(stream)[: rows * n * eta // 4].view(word).reshape(rows, 2 * eta // (8 * word.itemsize), n)
+    fields = np.zeros((rows, n), dtype=np.uint64)
+    for p in range(planes.shape[1]):
+        fields |= planes[:, p].astype(np.uint64) << np.uint64(8 * word.itemsize * p)
+    low = fields & np.uint64((1 << eta) - 1)
+    return np.bitwise_count(low).astype(np.int64) - np.bitwise_count(fields >> np.uint64(eta)).astype(np.int64)
+
+
 def noise_stream(nbytes: int) -> np.ndarray:
     """Fresh secret randomness: AES-256-CTR keyed by 32 bytes of ``os.urandom``."""
     return aes_ctr(os.urandom(32), nbytes)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from hecommon import heap
 from hecommon.errors import ConfigError, DecryptionError, ParameterMismatch
 from hecommon.he.bits import PackedRows
 from hecommon.he.fedsum import SumScheme, encode_fixed
@@ -122,7 +123,11 @@ def contribute(keys: CkksKeys, rid: bytes, owner: str, updates: Mapping[str, Upd
                shapes: Mapping[str, tuple[int, int]], weight: int, size: int,
                update_range: float = DEFAULT_UPDATE_RANGE) -> SumContribution:
     """One owner's ``SumContribution`` for round ``rid`` of a federation of ``size`` owners; ``updates``
-    as ``encode_update`` takes them."""
+    as ``encode_update`` takes them. The process keeps its freed memory for reuse from here on
+    (``hecommon.heap``): a round's ciphertext rows and message are tens of MB of fresh pages
+    otherwise (SmolLM2's first block: 44 against 32 ms on one thread, 50 against 29 ms on two,
+    measured on the 2-core VM)."""
+    heap.reuse_freed_memory()
     scheme = SumScheme(size, DEFAULT)
     f = frac_bits(scheme, update_range)
     layers = tuple(SumLayer(name, d_out, d_in) for name, (d_out, d_in) in shapes.items())
