@@ -37,10 +37,12 @@ from hecommon.model import tiny_llama
 from helora_orchestrator.client_model import build_client
 from helora_orchestrator.data import ByteTokenizer, Example, pack
 from helora_orchestrator.federated.dager import (
+    DEFAULT_THRESHOLD,
     FIRST_BLOCK_QKV,
     ObservedA,
     attack_message,
     attack_sum_message,
+    chance_acceptance,
     dager_attack,
     first_layer_inputs,
     observed_from_sum,
@@ -165,6 +167,26 @@ def test_span_check_on_known_inputs_and_its_rank_limit():
         s = recovery_scores(res.tokens, tokens)
         assert s["recall"] == expect and s["false_positives"] == 0, (len(tokens), s)
         assert res.rank == min(8, len(tokens))
+
+
+def test_a_row_space_that_leaves_a_dimension_or_two_out_singles_out_nothing():
+    """Noise of rank d − 1 or d − 2 (a ciphertext read as numbers whose smallest singular values fall
+    under ``rank_rtol`` by chance: seen once in 576 dimensions) passes a random share of the
+    vocabulary through the span check (6 % at d − 1 here): the attack abstains rather than
+    "recover" tokens at chance. A span with enough dimensions left out still finds every token."""
+    rng = np.random.default_rng(3)
+    candidates = rng.standard_normal((2000, 64))
+    for rank in (63, 62):
+        noise = rng.standard_normal((rank, 64))
+        res = dager_attack([ObservedA("q", noise, np.array([], dtype=np.int64))], candidates)
+        assert res.rank == rank and len(res.tokens) == 0, (rank, len(res.tokens))
+        if rank == 63:  # what the check alone would have passed
+            assert (span_distances(candidates, row_space([noise])) < DEFAULT_THRESHOLD).mean() > 0.03
+    tokens = rng.choice(2000, 40, replace=False)
+    obs = [ObservedA("q", rng.standard_normal((40, 40)) @ candidates[tokens], np.array([], dtype=np.int64))]
+    res = dager_attack(obs, candidates)
+    assert set(res.tokens.tolist()) == set(tokens.tolist()) and res.rank == 40
+    assert chance_acceptance(576, 575, 1e-2) > 0.1 and chance_acceptance(576, 40, 1e-2) < 1e-100
 
 
 def test_hidden_coordinates_raise_the_naive_distance_by_their_share():
