@@ -23,7 +23,7 @@ def test_forward_and_inverse_are_numpys_unnormalized_transforms(backend, rows, m
     monkeypatch.setenv("HELORA_FFT", backend)
     assert fft.backend() == backend
     rng = np.random.default_rng(rows)
-    for x in (fft.empty((rows, 1024)), np.empty(rows * 1024 + 1, dtype=np.complex128)[1:].reshape(rows, 1024)):
+    for x in (fft.empty((rows, 1024)), fft.empty((rows * 1024 + 1,))[1:].reshape(rows, 1024)):  # aligned, 16 B off
         x[:] = _rows(rng, x.shape)
         want = np.fft.fft(x, axis=-1)
         fft.forward(x)
@@ -88,3 +88,30 @@ def test_threads_transforming_at_once_each_get_their_own_result(backend, monkeyp
 def test_helora_fft_numpy_selects_numpys_transform(monkeypatch):
     monkeypatch.setenv("HELORA_FFT", "numpy")
     assert fft.backend() == "numpy"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bound_transform_runs_on_its_buffer_again_and_again(backend, monkeypatch):
+    """``bound``: a plan of the buffer's own (FFTW), called without arguments after each refill."""
+    monkeypatch.setenv("HELORA_FFT", backend)
+    rng = np.random.default_rng(2)
+    x = fft.empty((16, 1024))
+    run, back = fft.bound(x), fft.bound(x, inverse=True)
+    for _ in range(3):
+        data = _rows(rng, x.shape)
+        x[:] = data
+        run()
+        np.testing.assert_allclose(x, np.fft.fft(data, axis=-1), rtol=0, atol=1e-10 * np.abs(x).max())
+        back()
+        np.testing.assert_allclose(x, 1024 * data, rtol=0, atol=1e-9 * 1024)
+    out = fft.empty(x.shape)
+    into = fft.bound(x, inverse=True, out=out)  # out of place
+    data = _rows(rng, x.shape)
+    x[:] = data
+    into()
+    np.testing.assert_allclose(out, np.fft.ifft(data, axis=-1, norm="forward"), rtol=0, atol=1e-9 * 1024)
+    with pytest.raises(ValueError):
+        fft.bound(x, out=fft.empty((8, 1024)))
+    if backend == "fftw":
+        with pytest.raises(ValueError, match="aligned"):
+            fft.bound(fft.empty((16 * 1024 + 1,))[1:].reshape(16, 1024))  # 16 bytes off

@@ -120,26 +120,30 @@ class _PublicA:
         words = aes_ctr(derive_key(b"helora/fedsum-a", seed), 8 * n * GROUP).view("<u8").astype(np.uint64)
         return (words & np.uint64((1 << q_bits) - 1)).reshape(GROUP, n)
 
-    def times(self, spectra: np.ndarray, first: int, hi: np.ndarray, lo: np.ndarray) -> None:
-        """Into ``hi`` and ``lo`` (rows, N/2): the inverse transforms of ``a_hi·s`` and ``a_lo·s`` (to
-        untwist) of rows ``first …``, given the forward transforms of their folded, twisted secrets
-        ``⌊first/GROUP⌋ …`` (count, N/2): row ``r`` pairs secret ``⌊r/GROUP⌋`` with
-        ``a^(r mod GROUP)``."""
+    def spectra(self, secrets: np.ndarray, first: int, hi: np.ndarray, lo: np.ndarray) -> None:
+        """Into ``hi`` and ``lo`` (rows, N/2): the spectra of ``a_hi·s`` and ``a_lo·s`` of rows
+        ``first …``, given the forward transforms of their folded, twisted secrets ``⌊first/GROUP⌋ …``
+        (count, N/2): row ``r`` pairs secret ``⌊r/GROUP⌋`` with ``a^(r mod GROUP)``."""
         if kernels.enabled():
-            kernels.loops().group_spectra(spectra, self.hi, self.lo, first, hi, lo)
+            kernels.loops().group_spectra(secrets, self.hi, self.lo, first, hi, lo)
         else:
             rows = first + np.arange(hi.shape[0])
             j, t = rows // GROUP - first // GROUP, rows % GROUP
-            np.multiply(spectra[j], self.hi[t], out=hi)
-            np.multiply(spectra[j], self.lo[t], out=lo)
-        fft.inverse(hi)  # unscaled: the spectra hold 1/(N/2)
+            np.multiply(secrets[j], self.hi[t], out=hi)
+            np.multiply(secrets[j], self.lo[t], out=lo)
+
+    def times(self, secrets: np.ndarray, first: int, hi: np.ndarray, lo: np.ndarray) -> None:
+        """``spectra``, then their inverse transforms in place (to untwist; unscaled: the spectra
+        hold 1/(N/2))."""
+        self.spectra(secrets, first, hi, lo)
+        fft.inverse(hi)
         fft.inverse(lo)
 
     def products(self, secrets: RowSecrets, r0: int, r1: int, twist: np.ndarray,
                  block: _Block) -> tuple[np.ndarray, np.ndarray]:
-        """``times`` for rows ``r0 … r1−1`` in a thread's ``block`` buffers, returned as views of its
-        hi and lo. The secrets' transforms stay in the block for the next rows of the same groups
-        (a thread's blocks run in order: a group of GROUP rows is 4 blocks)."""
+        """The inverse transforms of ``a_hi·s`` and ``a_lo·s`` (``times``) for rows ``r0 … r1−1``,
+        in a thread's ``block`` buffers. The secrets' transforms stay in the block for the next rows
+        of the same groups (a thread's blocks run in order: a group of GROUP rows is 4 blocks)."""
         g0, g1 = r0 // GROUP, (r1 - 1) // GROUP + 1
         spec = block.spec[: g1 - g0]
         if block.groups != (g0, g1):
@@ -147,19 +151,33 @@ class _PublicA:
             secrets.folded(g0, g1, twist, out=spec)
             fft.forward(spec)
             block.groups = (g0, g1)
-        self.times(spec, r0, block.hi[: r1 - r0], block.lo[: r1 - r0])
-        return block.hi[: r1 - r0], block.lo[: r1 - r0]
+        if r1 - r0 == _BLOCK_ROWS:  # a whole block: its bound transforms
+            self.spectra(spec, r0, block.hi, block.lo)
+            return block.inverse()
+        hi, lo = block.hi[: r1 - r0], block.lo[: r1 - r0]
+        self.times(spec, r0, hi, lo)
+        return hi, lo
 
 
 class _Block:
     """A thread's buffers for one block of rows: its secrets' transforms (and which groups they
-    are), and the transforms of ``a_hi·s``, ``a_lo·s``."""
+    are), the spectra of ``a_hi·s`` and ``a_lo·s``, and their inverse transforms, out of place
+    (faster than in place): ``hi`` → ``out``, then ``lo`` → ``hi``."""
 
     def __init__(self, n: int) -> None:
         half = n // 2
         self.spec = fft.empty((-(-_BLOCK_ROWS // GROUP) + 1, half))
-        self.hi, self.lo = fft.empty((_BLOCK_ROWS, half)), fft.empty((_BLOCK_ROWS, half))
+        self.hi, self.lo, self.out = (fft.empty((_BLOCK_ROWS, half)) for _ in range(3))
+        self._inverse_hi = fft.bound(self.hi, inverse=True, out=self.out)
+        self._inverse_lo = fft.bound(self.lo, inverse=True, out=self.hi)
         self.groups: tuple[int, int] | None = None
+
+    def inverse(self) -> tuple[np.ndarray, np.ndarray]:
+        """The inverse transforms of a whole block's spectra in ``hi`` and ``lo``: (``a_hi·s``,
+        ``a_lo·s``) as views of ``out`` and ``hi``."""
+        self._inverse_hi()
+        self._inverse_lo()
+        return self.out, self.hi
 
 
 def encode_fixed(x: np.ndarray, scale: float, limit: int, out: np.ndarray) -> bool:
