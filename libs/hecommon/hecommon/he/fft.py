@@ -82,7 +82,7 @@ def _plan(shape: tuple[int, int], direction: str, aligned: bool) -> Any:
     plan = cache.get(key)
     if plan is None:
         pyfftw = _pyfftw()
-        flags = ("FFTW_MEASURE" if shape[0] * shape[1] >= MEASURE_VALUES else "FFTW_ESTIMATE",)
+        flags: tuple[str, ...] = ("FFTW_MEASURE" if shape[0] * shape[1] >= MEASURE_VALUES else "FFTW_ESTIMATE",)
         scratch = empty(shape)
         if not aligned:  # planned for arrays 16 bytes off, as numpy's allocations may be
             scratch = empty((shape[0] * shape[1] + 1,))[1:].reshape(shape)
@@ -124,11 +124,16 @@ def bound(x: np.ndarray, inverse: bool = False, out: np.ndarray | None = None) -
         step = inverse_numpy if inverse else forward_numpy
         if out is x:
             return functools.partial(step, x)
-        return lambda: (np.copyto(out, x), step(out))[0]
+
+        def copied() -> None:
+            np.copyto(out, x)
+            step(out)
+
+        return copied
     for y in (x, out):
         if y.ndim != 2 or y.dtype != np.complex128 or not y.flags.c_contiguous or y.ctypes.data % ALIGNMENT:
             raise ValueError("fft.bound: aligned, C-contiguous (rows, n) complex128 buffers are required")
-    flags = ("FFTW_MEASURE" if x.size >= MEASURE_VALUES else "FFTW_ESTIMATE",)
+    flags: tuple[str, ...] = ("FFTW_MEASURE" if x.size >= MEASURE_VALUES else "FFTW_ESTIMATE",)
     if out is not x:
         flags += ("FFTW_DESTROY_INPUT",)
     with _PLANNER:
