@@ -9,7 +9,8 @@ public polynomials ``a_i^(0) … a_i^(GROUP−1)``, uniform mod Q. Owner ``i`` w
 ``m_i`` (fixed point, ``|m_i| ≤ per_owner_max``) N to a row and encrypts row r with secret
 ``s_j``, ``j = ⌊r/GROUP⌋``, and ``a_i^(t)``, ``t = r mod GROUP``:
 ``b_ir = −a_i^(t)·s_j + e_ir + Δ·m_ir (mod Q)``, ``Δ = Q / 2^msg_bits``, ``e`` centered binomial (the
-split protocol's noise distribution, its bits laid out in planes: ``sampling.plane_binomial``), then switches it to ``2^bits``: ``b'_ir = round(b_ir / 2^SWITCH_BITS)``.
+split protocol's noise distribution, its bits laid out in planes: ``sampling.plane_binomial``),
+then switches it to ``2^bits``: ``b'_ir = round(b_ir / 2^SWITCH_BITS)``.
 Only ``b'_i`` (``bits`` per value) and the seed travel.
 
 The aggregator adds the ``b'_i`` mod ``2^bits``. An owner decrypts row r of the sum with
@@ -275,13 +276,13 @@ class SumScheme:
         word = plane_width(eta)
 
         def block(lo: int, hi: int) -> None:
-            block, f, v = _Block(n), np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64)
+            bufs, f, v = _Block(n), np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64)
             for r0 in range(lo, hi, _BLOCK_ROWS):
                 r1 = min(r0 + _BLOCK_ROWS, hi)
                 m = np.asarray(source(r0, r1))
                 if m.shape != (r1 - r0, n) or m.dtype != np.int64:
                     raise ConfigError(f"encrypted sum: rows {r0}…{r1 - 1} are not ({r1 - r0}, {n}) int64")
-                t_hi, t_lo = a.products(secrets, r0, r1, twist, block)
+                t_hi, t_lo = a.products(secrets, r0, r1, twist, bufs)
                 raw = noise(r0, r1)
                 if fused:
                     planes = raw.view(word).reshape(r1 - r0, 2 * eta // (8 * word.itemsize), n)
@@ -331,10 +332,10 @@ class SumScheme:
         out = np.empty(b.shape, dtype=np.int64)
 
         def block(lo: int, hi: int) -> None:
-            block = _Block(params.n)
+            bufs = _Block(params.n)
             for r0 in range(lo, hi, _BLOCK_ROWS):
                 r1 = min(r0 + _BLOCK_ROWS, hi)
-                x = _switch(_a_s(a, *a.products(secrets, r0, r1, twist, block), untwist), q_bits)
+                x = _switch(_a_s(a, *a.products(secrets, r0, r1, twist, bufs), untwist), q_bits)
                 x = (x + b[r0:r1]).astype(np.int64) & ((1 << bits) - 1)  # Δ'·Σm + ε mod 2^bits
                 x -= np.where(x >= 1 << (bits - 1), np.int64(1) << bits, 0)  # centered
                 out[r0:r1] = np.rint(x / 2.0 ** (bits - params.msg_bits))
