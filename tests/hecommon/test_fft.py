@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from hecommon.errors import ConfigError
 from hecommon.he import fft
 
 BACKENDS = ["numpy", pytest.param("fftw", marks=pytest.mark.skipif(fft._pyfftw() is None,
@@ -85,9 +86,12 @@ def test_threads_transforming_at_once_each_get_their_own_result(backend, monkeyp
         np.testing.assert_allclose(outputs[i], inputs[i], rtol=0, atol=1e-9)
 
 
-def test_helora_fft_numpy_selects_numpys_transform(monkeypatch):
+def test_helora_fft_numpy_selects_numpys_transform_and_a_typo_is_an_error(monkeypatch):
     monkeypatch.setenv("HELORA_FFT", "numpy")
     assert fft.backend() == "numpy"
+    monkeypatch.setenv("HELORA_FFT", "fftw3")
+    with pytest.raises(ConfigError, match="HELORA_FFT"):
+        fft.forward(fft.empty((2, 8)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
+
 #: Blocks at least this large (rows × N/2) are worth a measured plan.
 MEASURE_VALUES = 1 << 14
 #: Buffers from ``empty`` start at a multiple of this many bytes (FFTW's SIMD loads need 32).
@@ -39,28 +41,26 @@ ALIGNMENT = 64
 
 _PLANS = threading.local()
 _PLANNER = threading.Lock()
-_FFTW: Any = None
-_TRIED = False
 
 
+@functools.cache
 def _pyfftw() -> Any:
-    global _FFTW, _TRIED
-    if not _TRIED:
-        with _PLANNER:
-            if not _TRIED:
-                try:
-                    import pyfftw
-
-                    _FFTW = pyfftw
-                except ImportError:  # pragma: no cover - where pyFFTW is absent
-                    _FFTW = None
-                _TRIED = True
-    return _FFTW
+    """pyFFTW, or None where it is not installed. Two threads may both import it on first use
+    (imports are locked per module): both get the same module."""
+    try:
+        import pyfftw
+    except ImportError:  # pragma: no cover - where pyFFTW is absent
+        return None
+    return pyfftw
 
 
 def backend() -> str:
-    """``"fftw"`` or ``"numpy"``: the library ``forward`` and ``inverse`` use now."""
-    if os.environ.get("HELORA_FFT", "fftw") == "numpy" or _pyfftw() is None:
+    """``"fftw"`` or ``"numpy"``: the library ``forward`` and ``inverse`` use now (``HELORA_FFT``,
+    default ``fftw``, which falls back to numpy where pyFFTW is not installed)."""
+    choice = os.environ.get("HELORA_FFT", "fftw")
+    if choice not in ("fftw", "numpy"):
+        raise ConfigError(f"HELORA_FFT={choice!r}: fftw or numpy expected")
+    if choice == "numpy" or _pyfftw() is None:
         return "numpy"
     return "fftw"
 
