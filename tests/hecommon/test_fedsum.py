@@ -137,10 +137,10 @@ def _fixed_noise(key: bytes, eta: int):
 
 def _plane_noise(raw: np.ndarray, n: int, eta: int) -> np.ndarray:
     """One row's samples as ``sampling.plane_binomial`` defines them, bit by bit: the row's bytes are
-    planes of N little-endian 16-bit words (eta a multiple of 8), sample c's bits are word c of
-    plane 0, then of plane 1, …; it counts its first eta bits less its next eta."""
-    assert eta % 8 == 0
-    bits = np.unpackbits(raw.reshape(2 * eta // 16, n, 2), axis=-1, bitorder="little")  # (plane, c, 16)
+    planes of N little-endian w-bit words (16 bits where 16 divides 2·eta, else bytes), sample c's
+    bits are word c of plane 0, then of plane 1, …; it counts its first eta bits less its next eta."""
+    w = 16 if eta % 8 == 0 else 8
+    bits = np.unpackbits(raw.reshape(2 * eta // w, n, w // 8), axis=-1, bitorder="little")  # (plane, c, w)
     fields = bits.transpose(1, 0, 2).reshape(n, 2 * eta).astype(np.int64)
     return fields[:, :eta].sum(axis=1) - fields[:, eta:].sum(axis=1)
 
@@ -152,12 +152,8 @@ def test_plane_noise_counts_each_samples_own_bits(eta):
     n, rows = 1024, 64
     raw = aes_ctr(bytes(range(32)), rows * n * eta // 4)
     got = plane_binomial(raw, rows, n, eta)
-    w = 16 if eta % 8 == 0 else 8
     for r in (0, rows - 1):
-        row = raw[r * n * eta // 4:(r + 1) * n * eta // 4]
-        bits = np.unpackbits(row.reshape(2 * eta // w, n, w // 8), axis=-1, bitorder="little")
-        fields = bits.transpose(1, 0, 2).reshape(n, 2 * eta).astype(np.int64)
-        np.testing.assert_array_equal(got[r], fields[:, :eta].sum(axis=1) - fields[:, eta:].sum(axis=1))
+        np.testing.assert_array_equal(got[r], _plane_noise(raw[r * n * eta // 4:(r + 1) * n * eta // 4], n, eta))
     assert abs(got.mean()) < 0.05 and abs(got.var() / (eta / 2) - 1) < 0.05
     assert np.abs(got).max() <= eta
 

@@ -235,16 +235,14 @@ class Service:
         that timed out waiting for parts whose client is gone (its error reply is unroutable: the
         client died mid-request, or reconnected and sent it again under a fresh id) is dropped
         instead: valid traffic that nobody will ever complete or read, not a fault to look into."""
-        if deliveries and isinstance(exc, ServiceTimeout):
-            if not self.reply_error(deliveries[-1].properties, exc, rid, pset):
-                self.ack(deliveries)
-                self.metrics.failure(exc, deliveries[0].queue, self.topology.namespace)
-                log.warning("dropped %d message(s) of a request its client abandoned (%s)", len(deliveries), exc)
-                return
-            self.dead_letter(deliveries, exc)
+        timeout = bool(deliveries) and isinstance(exc, ServiceTimeout)
+        if timeout and not self.reply_error(deliveries[-1].properties, exc, rid, pset):
+            self.ack(deliveries)
+            self.metrics.failure(exc, deliveries[0].queue, self.topology.namespace)
+            log.warning("dropped %d message(s) of a request its client abandoned (%s)", len(deliveries), exc)
             return
         self.dead_letter(deliveries, exc)
-        if deliveries:
+        if deliveries and not timeout:  # (a timeout's client was told above)
             self.reply_error(deliveries[-1].properties, exc, rid, pset)
 
     # -- worker thread ---------------------------------------------------------------------

@@ -56,7 +56,7 @@ from .keys import RowSecrets
 from .parallel import chunks, map_ranges
 from .params import DEFAULT, MAX_LOG_Q_128, TAIL_SIGMAS, ParamSet
 from .ring import MAX_EXACT_INPUT
-from .sampling import SEED_BYTES, aes_ctr, derive_key, noise_stream, plane_binomial, plane_width
+from .sampling import SEED_BYTES, aes_ctr, derive_key, noise_planes, noise_stream, plane_binomial
 
 #: Bits the switch drops: ``Q = 2^(bits + SWITCH_BITS)``. The noise shrinks by ``2^8``, below the
 #: rounding's own (``σ/256 ≈ 0.014`` against ``1/√12 ≈ 0.29``).
@@ -273,7 +273,6 @@ class SumScheme:
         untwist, delta = np.conj(twist), 1 << (q_bits - self.params.msg_bits)
         words = np.empty((rows, n * self.bits // 64), dtype="<u8")  # N·bits fills whole words
         fused = kernels.enabled()
-        word = plane_width(eta)
 
         def block(lo: int, hi: int) -> None:
             bufs, f, v = _Block(n), np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64)
@@ -285,9 +284,9 @@ class SumScheme:
                 t_hi, t_lo = a.products(secrets, r0, r1, twist, bufs)
                 raw = noise(r0, r1)
                 if fused:
-                    planes = raw.view(word).reshape(r1 - r0, 2 * eta // (8 * word.itemsize), n)
-                    ok = kernels.loops().finish_sum_encrypt(t_hi, t_lo, untwist, a.split, m, limit, delta, planes,
-                                                            eta, q_bits, SWITCH_BITS, words[r0:r1], f, v)
+                    ok = kernels.loops().finish_sum_encrypt(t_hi, t_lo, untwist, a.split, m, limit, delta,
+                                                            noise_planes(raw, r1 - r0, n, eta), eta, q_bits,
+                                                            SWITCH_BITS, words[r0:r1], f, v)
                 else:
                     ok = max(int(m.max()), -int(m.min())) <= limit
                     if ok:

@@ -74,23 +74,25 @@ def empty(shape: tuple[int, ...]) -> np.ndarray:
     return raw[start:start + count * 16].view(np.complex128).reshape(shape)
 
 
+def _new_plan(src: np.ndarray, dst: np.ndarray, direction: str, *extra: str) -> Any:
+    """An FFTW plan of the rows of ``src`` into ``dst`` (the same array: in place), made under the
+    planner's lock; ``FFTW_MEASURE`` for blocks of ``MEASURE_VALUES`` values or more."""
+    flags = ("FFTW_MEASURE" if src.size >= MEASURE_VALUES else "FFTW_ESTIMATE", *extra)
+    with _PLANNER:
+        return _pyfftw().FFTW(src, dst, axes=(1,), direction=direction, flags=flags, threads=1)
+
+
 def _plan(shape: tuple[int, int], direction: str, aligned: bool) -> Any:
+    """This thread's in-place plan for arrays of ``shape`` (aligned or 16 bytes off, as numpy's
+    allocations may be), made once on a scratch array."""
     cache = getattr(_PLANS, "plans", None)
     if cache is None:
         cache = _PLANS.plans = {}
     key = (shape, direction, aligned)
-    plan = cache.get(key)
-    if plan is None:
-        pyfftw = _pyfftw()
-        flags: tuple[str, ...] = ("FFTW_MEASURE" if shape[0] * shape[1] >= MEASURE_VALUES else "FFTW_ESTIMATE",)
-        scratch = empty(shape)
-        if not aligned:  # planned for arrays 16 bytes off, as numpy's allocations may be
-            scratch = empty((shape[0] * shape[1] + 1,))[1:].reshape(shape)
-            flags += ("FFTW_UNALIGNED",)
-        with _PLANNER:
-            plan = pyfftw.FFTW(scratch, scratch, axes=(1,), direction=direction, flags=flags, threads=1)
-        cache[key] = plan
-    return plan
+    if key not in cache:
+        scratch = empty(shape) if aligned else empty((shape[0] * shape[1] + 1,))[1:].reshape(shape)
+        cache[key] = _new_plan(scratch, scratch, direction, *(() if aligned else ("FFTW_UNALIGNED",)))
+    return cache[key]
 
 
 def _run(x: np.ndarray, direction: str) -> None:
@@ -133,13 +135,8 @@ def bound(x: np.ndarray, inverse: bool = False, out: np.ndarray | None = None) -
     for y in (x, out):
         if y.ndim != 2 or y.dtype != np.complex128 or not y.flags.c_contiguous or y.ctypes.data % ALIGNMENT:
             raise ValueError("fft.bound: aligned, C-contiguous (rows, n) complex128 buffers are required")
-    flags: tuple[str, ...] = ("FFTW_MEASURE" if x.size >= MEASURE_VALUES else "FFTW_ESTIMATE",)
-    if out is not x:
-        flags += ("FFTW_DESTROY_INPUT",)
-    with _PLANNER:
-        plan = _pyfftw().FFTW(x, out, axes=(1,), direction="FFTW_BACKWARD" if inverse else "FFTW_FORWARD",
-                              flags=flags, threads=1)
-    return plan.execute
+    extra = () if out is x else ("FFTW_DESTROY_INPUT",)
+    return _new_plan(x, out, "FFTW_BACKWARD" if inverse else "FFTW_FORWARD", *extra).execute
 
 
 def forward_numpy(x: np.ndarray) -> None:

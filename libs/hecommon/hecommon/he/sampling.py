@@ -151,6 +151,15 @@ def plane_width(eta: int) -> np.dtype:
     return np.dtype("<u2") if eta % 8 == 0 else np.dtype("u1")
 
 
+def noise_planes(stream: np.ndarray, rows: int, n: int, eta: int) -> np.ndarray:
+    """The first ``rows·n·eta/4`` bytes of ``stream`` (uint8) as ``plane_binomial``'s planes:
+    (rows, 2·eta/w, n) w-bit words (``plane_width``), a view."""
+    if eta % 4 or not 4 <= eta <= 32:
+        raise ValueError("plane_binomial: eta must be a multiple of 4 in 4..32")
+    word = plane_width(eta)
+    return np.asarray(stream)[: rows * n * eta // 4].view(word).reshape(rows, 2 * eta // (8 * word.itemsize), n)
+
+
 def plane_binomial(stream: np.ndarray, rows: int, n: int, eta: int) -> np.ndarray:
     """``rows`` × ``n`` samples of the centered binomial of parameter eta (variance eta/2), int64,
     from ``rows·n·eta/4`` bytes of ``stream`` (uint8) in planes (the federated sum's noise,
@@ -159,13 +168,10 @@ def plane_binomial(stream: np.ndarray, rows: int, n: int, eta: int) -> np.ndarra
     ``p·w``, and it counts the set bits among its first eta less those among the next eta. The
     same distribution as ``centered_binomial`` (each sample has 2·eta bits of its own); the
     layout lets a compiled loop read the samples of a row side by side."""
-    if eta % 4 or not 4 <= eta <= 32:
-        raise ValueError("plane_binomial: eta must be a multiple of 4 in 4..32")
-    word = plane_width(eta)
-    planes = np.asarray(stream)[: rows * n * eta // 4].view(word).reshape(rows, 2 * eta // (8 * word.itemsize), n)
+    planes = noise_planes(stream, rows, n, eta)
     fields = np.zeros((rows, n), dtype=np.uint64)
     for p in range(planes.shape[1]):
-        fields |= planes[:, p].astype(np.uint64) << np.uint64(8 * word.itemsize * p)
+        fields |= planes[:, p].astype(np.uint64) << np.uint64(8 * planes.itemsize * p)
     low = fields & np.uint64((1 << eta) - 1)
     return np.bitwise_count(low).astype(np.int64) - np.bitwise_count(fields >> np.uint64(eta)).astype(np.int64)
 
