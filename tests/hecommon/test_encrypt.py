@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -277,6 +278,18 @@ def test_noise_distribution_matches_its_specification():
     assert abs(np.mean(e == 0) - comb(2 * eta, eta) / 4**eta) < 0.005
     with pytest.raises(ValueError):
         centered_binomial(noise_stream(8), 1, 6)
+
+
+@pytest.mark.parametrize("eta", [32, 36, 64])
+def test_noise_above_the_planes_eta_comes_from_the_byte_sampler(eta):
+    """``sample_noise`` reads planes up to eta = 32 and ``centered_binomial``'s bytes above: the
+    same distribution on both sides of the switch (mean 0, variance eta/2, within ±eta)."""
+    ps = dataclasses.replace(P.DEFAULT, noise_eta=eta)
+    e = sample_noise(ps, (100, 2000))
+    assert e.shape == (100, 2000) and e.dtype == np.int64
+    assert abs(e.mean()) < 0.05
+    assert abs(e.var() / (eta / 2) - 1) < 0.03
+    assert e.max() <= eta and e.min() >= -eta
 
 
 def test_aes_ctr_is_the_standard_keystream_on_both_paths(monkeypatch):

@@ -15,7 +15,14 @@ from hecommon.he.bits import PackedRows
 from hecommon.he.encrypt import ClientA, EncryptedPartial, EncryptedResult, _encrypt_with, decrypt
 from hecommon.he.keys import SecretKey
 from hecommon.he.ring import centered, negacyclic_reference
-from hecommon.he.sampling import centered_binomial, expand_a, noise_stream, sample_noise
+from hecommon.he.sampling import (
+    centered_binomial,
+    expand_a,
+    noise_planes,
+    noise_stream,
+    plane_binomial,
+    sample_noise,
+)
 
 pytest.importorskip("numba")
 PSETS = list(P.REGISTRY.values())
@@ -42,7 +49,8 @@ def _extreme_messages(ps: P.ParamSet, t: int, d: int, rng) -> np.ndarray:
 @pytest.mark.parametrize("shape", [("N", 70), (5, 33), (1, 1)])
 def test_kernel_encryption_equals_the_numpy_path(ps, shape, rng, monkeypatch):
     """Same secret, seed, messages and noise: the same ``b``, whatever the block cut (70 and 33
-    rows are not multiples of the block) and with a ``start`` inside the layer."""
+    rows are not multiples of the block), with a ``start`` inside the layer, and for token windows
+    that start inside the ring (``col0``)."""
     t = ps.n if shape[0] == "N" else shape[0]
     d = shape[1]
     s = SecretKey.generate().request_secret(ps, os.urandom(16))
@@ -53,6 +61,9 @@ def test_kernel_encryption_equals_the_numpy_path(ps, shape, rng, monkeypatch):
     seed = os.urandom(16)
     for start in (0, 41):
         reference, fast = _paths(monkeypatch, lambda start=start: _encrypt_with(s, m, seed, noise, start=start).b)
+        np.testing.assert_array_equal(fast, reference)
+    for col0 in {ps.n // 2 - t // 2 - 1, ps.n - t} if t < ps.n else ():  # windows inside the ring: across its halves, at its end
+        reference, fast = _paths(monkeypatch, lambda col0=col0: _encrypt_with(s, m, seed, noise, col0=col0).b)
         np.testing.assert_array_equal(fast, reference)
 
 
@@ -214,6 +225,23 @@ def test_kernel_noise_equals_the_numpy_sampler(eta, monkeypatch):
     np.testing.assert_array_equal(fast, reference)
 
 
+@pytest.mark.parametrize("eta", [4, 8, 12, 24, 32])
+def test_kernel_plane_noise_equals_the_numpy_sampler(eta, monkeypatch):
+    """``plane_binomial`` (``sample_noise``'s layout up to eta = 32) through the compiled loop: the
+    numpy path's samples, the extremes ±eta included (every bit of one half set)."""
+    rows, n = 7, 300
+    stream = noise_stream(rows * n * eta // 4).copy()
+    planes = noise_planes(stream, rows, n, eta)
+    width = 8 * planes.itemsize
+    low = 2**eta - 1
+    for p in range(planes.shape[1]):  # sample (0, 0): its low eta bits set; sample (0, 1): its high eta
+        planes[0, p, 0] = (low >> (p * width)) & (2**width - 1)
+        planes[0, p, 1] = ((low << eta) >> (p * width)) & (2**width - 1)
+    reference, fast = _paths(monkeypatch, lambda: plane_binomial(stream, rows, n, eta))
+    np.testing.assert_array_equal(fast, reference)
+    assert (reference[0, 0], reference[0, 1]) == (eta, -eta)
+
+
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 def test_thread_count_changes_nothing(threads, rng, monkeypatch):
     """Encryption (given the same randomness) and decryption are the same with any thread count."""
@@ -301,7 +329,7 @@ def test_quantizing_leaves_its_input_as_it_was(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernel_quantization_equals_the_numpy_path(bits, dtype, rng, monkeypatch):
     """Rows of every kind (zeros, constant, all negative, all positive, huge and tiny ranges,
-    values on the rounding ties) and a per-column scale: the same values, scales and zero points,
+    values on the rounding ties, negative zeros, subnormals) and a per-column scale: the same values, scales and zero points,
     and the same dequantized products, with rows cut across threads (130 rows, 70 columns: not
     multiples of the tiles)."""
     from hecommon.he.quantize import dequantize_backward, dequantize_forward, quantize_rows
@@ -313,6 +341,9 @@ def test_kernel_quantization_equals_the_numpy_path(bits, dtype, rng, monkeypatch
     x[2] = -np.abs(x[2])
     x[3] = np.abs(x[3])
     x[4] = np.arange(70) - 34.5  # ties at every half level
+    x[5] = np.abs(x[5])
+    x[5, ::3] = -0.0  # negative zeros among positive values: the range's integer keys sort -0.0 below 0.0
+    x[6] = rng.standard_normal(70) * 1e-310  # subnormal (zeros of both signs in float32)
     x = x.astype(dtype)
     col_scale = rng.uniform(1e-3, 2.0, size=70)
     y = rng.integers(-(1 << 40), 1 << 40, size=(130, 90))

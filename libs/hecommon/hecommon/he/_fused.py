@@ -8,6 +8,7 @@ most and the correction makes the result exact.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -28,13 +29,26 @@ def _mod(y, p, inv_p):  # pragma: no cover - compiled
 
 
 @_jit
+def _mod1(y, p, inv_p):  # pragma: no cover - compiled
+    """``y mod p`` in [0, p) for an int64 ``|y| < 2^58`` whose float64 quotient estimate is off by
+    one at most (``|y/p| < 2^31``: its relative error of a few 2^-53 is far below 1/|y/p|), with
+    one correction each way and no loop or branch, so that the loops that call it vectorize."""
+    q = np.int64(np.floor(np.float64(y) * inv_p))
+    r = y - q * p
+    r = r + p if r < 0 else r
+    return r - p if r >= p else r
+
+
+@_jit
 def _decode(x, modulus, qd):  # pragma: no cover - compiled
-    """The message of ``x = b + a·s`` (a float64 integer below 2^53) mod ``modulus``: reduced,
-    centered in [-1/2, 1/2) of the modulus, times ``qd = q/Δ``, rounded (``encrypt._decode``)."""
-    x -= np.floor(x / modulus) * modulus
-    frac = x / modulus
-    if frac >= 0.5:
-        frac -= 1.0
+    """The message of ``x = b + a·s`` (a float64 integer below 2^53) mod ``modulus`` (a power of 2):
+    reduced, centered in [-1/2, 1/2) of the modulus, times ``qd = q/Δ``, rounded
+    (``encrypt._decode``). Divided by multiplying with ``1/modulus``, which is exact for a power of
+    2 (the same floats as numpy's division, without the divider's latency)."""
+    inv = 1.0 / modulus
+    x -= np.floor(x * inv) * modulus
+    frac = x * inv
+    frac = frac - 1.0 if frac >= 0.5 else frac
     return np.int64(np.rint(frac * qd))
 
 
@@ -42,51 +56,84 @@ def _decode(x, modulus, qd):  # pragma: no cover - compiled
 def fold_words(words, mask, p, n, twist, out):  # pragma: no cover - compiled
     """Rows of uniform residues mod ``p`` from keystream words (masked, rejected at or above
     ``p``: ``sampling.expand_a``'s rule), centered, folded and twisted into ``out`` (rows, N/2)
-    complex. Residues already below ``p`` pass with ``mask`` all ones. False if a row ran out."""
+    complex. Residues already below ``p`` pass with ``mask`` all ones. False if a row ran out.
+
+    Each row in two loops: the rejection (every word stored, the position advanced only past
+    those kept: no branch but the row's end), then the fold, which vectorizes."""
     half = n // 2
     half_p = p // 2
     rows, width = words.shape
+    kept = np.empty(n + 1, dtype=np.float64)  # the last slot takes the store after the row's end
     for r in range(rows):
         j = 0
         for k in range(width):
             w = np.int64(words[r, k] & mask)
-            if w >= p:
-                continue
-            if w > half_p:
-                w -= p
-            if j < half:
-                out[r, j] = complex(np.float64(w), 0.0)
-            else:
-                z = out[r, j - half]
-                out[r, j - half] = complex(z.real, np.float64(w))
-            j += 1
+            kept[j] = np.float64(w - p if w > half_p else w)
+            j += w < p
             if j == n:
                 break
         if j < n:
             return False
         for k in range(half):
-            out[r, k] = out[r, k] * twist[k]
+            out[r, k] = complex(kept[k], kept[k + half]) * twist[k]
     return True
 
 
 @_jit
-def finish_encrypt(spec, untwist, m, dm, noise, p, col0, out):  # pragma: no cover - compiled
+def _halves(col0, t, half):  # pragma: no cover - compiled
+    """How a window of coefficients ``col0 … col0+T-1`` lies across a folded row of N/2 complex
+    values: coefficient j is the real part of column j (j < N/2) or the imaginary part of column
+    j − N/2. Returns ``cut`` (the window's first ``cut`` coefficients are real parts, of columns
+    ``col0 … col0+cut-1``) and the columns ``w0 … w1-1`` whose imaginary parts are the rest."""
+    cut = max(min(col0 + t, half) - col0, 0)
+    return cut, max(col0, half) - half, col0 + t - half
+
+
+@_jit
+def _encrypt_row(z, u, imag, m, dm, noise, p, inv_p, out):  # pragma: no cover - compiled
+    """``finish_encrypt``'s loop over one half of a row's window (1-D views, the same length):
+    coefficients from the real parts of ``z · u`` or, with ``imag``, from their imaginary parts."""
+    for c in range(out.shape[0]):
+        zr = z[c].real
+        zi = z[c].imag
+        ur = u[c].real
+        ui = u[c].imag
+        x = zr * ui + zi * ur if imag else zr * ur - zi * ui
+        y = noise[c] - np.int64(np.rint(x))  # |y| < 2^38
+        y += m[c] * dm  # |m·dm| < 2^57: exact in int64, and its quotient estimate is off by one at most
+        out[c] = np.uint32(_mod1(y, p, inv_p))
+
+
+@_jit
+def finish_encrypt(spec, untwist, m, dm, noise, p, col0, out, limb):  # pragma: no cover - compiled
     """``b = Δ·m + e - a·s mod p`` for coefficients ``col0 … col0+T-1`` from the inverse transform
     of ``a·s`` (``spec``, rows × N/2, not yet untwisted): ``m`` (rows, T) int64 messages,
-    ``dm = Δ mod p``, ``noise`` (rows, T), into ``out`` (rows, T)."""
-    rows, half = spec.shape
+    ``dm = Δ mod p``, ``noise`` (rows, L', T: the last of its L' limbs serves the limbs past it),
+    into limb ``limb`` of ``out`` (rows, L, T). One loop over each half of the window
+    (``_halves``), on 1-D views of the row (contiguous where the arrays are: then both loops
+    vectorize)."""
+    half = spec.shape[1]
     t = m.shape[1]
     inv_p = 1.0 / p
-    for r in range(rows):
-        for k in range(half):
-            if not (col0 <= k < col0 + t or col0 <= k + half < col0 + t):
-                continue
-            z = spec[r, k] * untwist[k]
-            for c, x in ((k - col0, z.real), (k + half - col0, z.imag)):
-                if 0 <= c < t:
-                    y = noise[r, c] - np.int64(np.rint(x))  # |y| < 2^38
-                    y += m[r, c] * dm  # |m·dm| < 2^56: exact in int64, and its quotient estimate is off by one at most
-                    out[r, c] = np.uint32(_mod(y, p, inv_p))
+    e = min(limb, noise.shape[1] - 1)
+    cut, w0, w1 = _halves(col0, t, half)
+    for r in range(spec.shape[0]):
+        if cut:
+            _encrypt_row(spec[r, col0:col0 + cut], untwist[col0:col0 + cut], False, m[r, :cut], dm,
+                         noise[r, e, :cut], p, inv_p, out[r, limb, :cut])
+        if cut < t:
+            _encrypt_row(spec[r, w0:w1], untwist[w0:w1], True, m[r, cut:], dm, noise[r, e, cut:], p, inv_p,
+                         out[r, limb, cut:])
+
+
+@_jit
+def times_spectrum(x, s):  # pragma: no cover - compiled
+    """In place: each row of ``x`` (rows, N/2) complex times ``s`` (N/2,), value by value (numpy's
+    complex product, which does not vectorize; this loop does)."""
+    for r in range(x.shape[0]):
+        row = x[r]
+        for k in range(row.shape[0]):
+            row[k] = row[k] * s[k]
 
 
 @_jit
@@ -174,6 +221,20 @@ def _popcount(typingctx, x):  # pragma: no cover - compiled
 
 
 @_jit
+def _plane_fields(planes, r, f):  # pragma: no cover - compiled
+    """Row r's noise fields from ``sampling.plane_binomial``'s planes (rows, 2·eta/w, n) of w-bit
+    words into ``f`` (n,) uint64: word c of every plane, plane p at bit p·w; a plane at a time
+    (contiguous loops, which vectorize)."""
+    width = np.uint64(8 * planes.itemsize)
+    for c in range(f.shape[0]):
+        f[c] = np.uint64(planes[r, 0, c])
+    for p in range(1, planes.shape[1]):
+        at = np.uint64(p) * width
+        for c in range(f.shape[0]):
+            f[c] |= np.uint64(planes[r, p, c]) << at
+
+
+@_jit
 def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, planes, eta, q_bits, shift, words, f, v):  # pragma: no cover - compiled
     """``fedsum``'s ``b' = round((e + Δ·m − a·s mod 2^q_bits) / 2^shift)`` mod ``2^bits``
     (``bits = q_bits − shift``), packed: from the inverse transforms of ``a_hi·s`` and ``a_lo·s``
@@ -190,15 +251,9 @@ def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, planes, eta, q_b
     q_mask = (np.int64(1) << q_bits) - 1
     b_mask = (np.int64(1) << bits) - 1
     rnd = np.int64(1) << (shift - 1)
-    width = np.uint64(8 * planes.itemsize)
     e_mask = (np.uint64(1) << np.uint64(eta)) - np.uint64(1)
     for r in range(rows):
-        for c in range(n):  # the noise's fields, a plane at a time (contiguous: the loops vectorize)
-            f[c] = np.uint64(planes[r, 0, c])
-        for p in range(1, planes.shape[1]):
-            at = np.uint64(p) * width
-            for c in range(n):
-                f[c] |= np.uint64(planes[r, p, c]) << at
+        _plane_fields(planes, r, f)
         bad = False
         for k in range(half):  # without branches, so that the loop vectorizes
             m0 = m[r, k]
@@ -257,55 +312,112 @@ def fold_wide(a, bits, split, twist, hi, lo):  # pragma: no cover - compiled
 
 
 @_jit
-def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, col0, out, col, add):  # pragma: no cover - compiled
-    """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, T) mod
-    ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits`` at coefficients ``col0 … col0+T-1``,
-    centered, times ``qd = q/Δ``, rounded; row r's token k goes to ``out[k, col + r]`` (added to it
-    with ``add``)."""
-    rows, half = hi.shape
-    t = b.shape[1]
-    modulus = np.float64(2.0**bits)
+def _decrypt_wide_row(zh, zl, u, imag, split, b, modulus, qd, out):  # pragma: no cover - compiled
+    """``finish_decrypt_wide``'s loop over one half of a row's window (1-D views, the same length),
+    as ``_encrypt_row``: the messages into ``out``."""
     scale = np.float64(2.0**split)
-    for k in range(half):  # token by token, the block's rows side by side in out's row
-        if not (col0 <= k < col0 + t or col0 <= k + half < col0 + t):
-            continue
-        for r in range(rows):
-            zh = hi[r, k] * untwist[k]
-            zl = lo[r, k] * untwist[k]
-            for c, xh, xl in ((k - col0, zh.real, zl.real), (k + half - col0, zh.imag, zl.imag)):
-                if 0 <= c < t:
-                    m = _decode(np.rint(xh) * scale + np.rint(xl) + np.float64(b[r, c]), modulus, qd)
-                    out[c, col + r] = out[c, col + r] + m if add else m
+    for c in range(out.shape[0]):
+        ur = u[c].real
+        ui = u[c].imag
+        hr = zh[c].real
+        hi = zh[c].imag
+        lr = zl[c].real
+        li = zl[c].imag
+        xh = np.rint(hr * ui + hi * ur if imag else hr * ur - hi * ui)
+        xl = np.rint(lr * ui + li * ur if imag else lr * ur - li * ui)
+        out[c] = _decode(xh * scale + xl + np.float64(b[c]), modulus, qd)
 
 
 @_jit
-def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, col0, out, col,
-                        add):  # pragma: no cover - compiled
-    """Messages from the inverse transforms of ``a0·s`` and ``a1·s`` (the hint's two limbs, mod
-    p0 and p1), and ``b`` (rows, T) mod ``2^bits``: ``a·s mod q`` rebuilt by CRT, switched to ``2^bits``
-    (``scale = 2^bits/q``), added to ``b`` and decoded (``ring.switch_modulus``, ``_decode``) at
-    coefficients ``col0 … col0+T-1``; into ``out`` as ``finish_decrypt_wide``."""
-    rows, half = s0.shape
+def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, col0, msg):  # pragma: no cover - compiled
+    """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, T) mod
+    ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits`` at coefficients ``col0 … col0+T-1``,
+    centered, times ``qd = q/Δ``, rounded, into ``msg`` (rows, T): a loop over each half of the
+    window (``_halves``) that vectorizes, as ``finish_encrypt``'s."""
+    half = hi.shape[1]
     t = b.shape[1]
+    modulus = np.float64(2.0**bits)
+    cut, w0, w1 = _halves(col0, t, half)
+    for r in range(hi.shape[0]):
+        if cut:
+            c1 = col0 + cut
+            _decrypt_wide_row(hi[r, col0:c1], lo[r, col0:c1], untwist[col0:c1], False, split, b[r, :cut], modulus,
+                              qd, msg[r, :cut])
+        if cut < t:
+            _decrypt_wide_row(hi[r, w0:w1], lo[r, w0:w1], untwist[w0:w1], True, split, b[r, cut:], modulus, qd,
+                              msg[r, cut:])
+
+
+@_jit
+def _decrypt_hint_row(z0, z1, u, imag, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, out):  # pragma: no cover - compiled
+    """``finish_decrypt_hint``'s loop over one half of a row's window, as ``_encrypt_row``."""
     modulus = np.float64(2.0**bits)
     mask = np.int64((1 << bits) - 1)
     inv0 = 1.0 / p0
     inv1 = 1.0 / p1
-    for k in range(half):  # as finish_decrypt_wide
-        if not (col0 <= k < col0 + t or col0 <= k + half < col0 + t):
-            continue
-        for r in range(rows):
-            z0 = s0[r, k] * untwist[k]
-            z1 = s1[r, k] * untwist[k]
-            for c, x0, x1 in ((k - col0, z0.real, z1.real), (k + half - col0, z0.imag, z1.imag)):
-                if 0 <= c < t:
-                    r0 = _mod(np.int64(np.rint(x0)), p0, inv0)
-                    r1 = _mod(np.int64(np.rint(x1)), p1, inv1)
-                    d = _mod(_mod(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)
-                    whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
-                    a_s = np.int64(np.rint(whole * scale)) & mask
-                    m = _decode(np.float64(a_s) + np.float64(b[r, c]), modulus, qd)
-                    out[c, col + r] = out[c, col + r] + m if add else m
+    for c in range(out.shape[0]):
+        ur = u[c].real
+        ui = u[c].imag
+        ar = z0[c].real
+        ai = z0[c].imag
+        br = z1[c].real
+        bi = z1[c].imag
+        x0 = ar * ui + ai * ur if imag else ar * ur - ai * ui
+        x1 = br * ui + bi * ur if imag else br * ur - bi * ui
+        r0 = _mod1(np.int64(np.rint(x0)), p0, inv0)  # |a·s| < 2^37: quotients below 2^11
+        r1 = _mod1(np.int64(np.rint(x1)), p1, inv1)
+        d = _mod1(_mod1(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)  # a product below 2^54: quotient below 2^27
+        whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
+        a_s = np.int64(np.rint(whole * scale)) & mask
+        out[c] = _decode(np.float64(a_s) + np.float64(b[c]), modulus, qd)
+
+
+@_jit
+def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, qd, col0, msg):  # pragma: no cover - compiled
+    """Messages from the inverse transforms of ``a0·s`` and ``a1·s`` (the hint's two limbs, mod
+    p0 and p1), and ``b`` (rows, T) mod ``2^bits``: ``a·s mod q`` rebuilt by CRT, switched to ``2^bits``
+    (``scale = 2^bits/q``), added to ``b`` and decoded (``ring.switch_modulus``, ``_decode``) at
+    coefficients ``col0 … col0+T-1``; into ``msg`` as ``finish_decrypt_wide``."""
+    half = s0.shape[1]
+    t = b.shape[1]
+    cut, w0, w1 = _halves(col0, t, half)
+    for r in range(s0.shape[0]):
+        if cut:
+            c1 = col0 + cut
+            _decrypt_hint_row(s0[r, col0:c1], s1[r, col0:c1], untwist[col0:c1], False, p0, p1, inv_p0_mod_p1,
+                              b[r, :cut], bits, scale, qd, msg[r, :cut])
+        if cut < t:
+            _decrypt_hint_row(s0[r, w0:w1], s1[r, w0:w1], untwist[w0:w1], True, p0, p1, inv_p0_mod_p1, b[r, cut:],
+                              bits, scale, qd, msg[r, cut:])
+
+
+@_jit
+def place_columns(msg, out, col, add):  # pragma: no cover - compiled
+    """Row r of ``msg`` (rows, T) into column ``col + r`` of ``out`` (T, ·), or added to it with
+    ``add``: token by token, the rows side by side in out's row (its messages are features of one
+    token)."""
+    rows, t = msg.shape
+    for c in range(t):
+        if add:
+            for r in range(rows):
+                out[c, col + r] += msg[r, c]
+        else:
+            for r in range(rows):
+                out[c, col + r] = msg[r, c]
+
+
+@_jit
+def plane_binomial(planes, eta, out):  # pragma: no cover - compiled
+    """``sampling.plane_binomial``'s samples from its planes (rows, 2·eta/w, n) of w-bit words into
+    ``out`` (rows, n) int64: the set bits of each field's low eta bits less those of the next eta
+    (``_plane_fields``), in a loop that vectorizes."""
+    rows, _, n = planes.shape
+    low = (np.uint64(1) << np.uint64(eta)) - np.uint64(1)
+    f = np.empty(n, dtype=np.uint64)
+    for r in range(rows):
+        _plane_fields(planes, r, f)
+        for c in range(n):
+            out[r, c] = np.int64(_popcount(f[c] & low)) - np.int64(_popcount(f[c] >> np.uint64(eta)))  # type: ignore[call-arg]
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -384,6 +496,52 @@ def unpack_rows(words, bits, out):  # pragma: no cover - compiled
                 held = 64 - used
 
 
+@intrinsic
+def _float_bits(typingctx, x):  # pragma: no cover - compiled
+    """A float64's bits as an int64 (LLVM's ``bitcast``)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_float(typingctx, x):  # pragma: no cover - compiled
+    """``_float_bits``'s inverse."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@_jit
+def _order_key(b):  # pragma: no cover - compiled
+    """The bits ``b`` of a float64 as an int64 key in the floats' order (negative floats' bits
+    flipped but for the sign; its own inverse): min and max of floats as integer min and max,
+    which vectorize where float reductions do not. -0.0 sorts below 0.0 (no result here depends
+    on a zero's sign)."""
+    return b ^ ((b >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+
+
+_MAX_FLOAT = float(np.finfo(np.float64).max)
+
+
+@_jit
+def _row_range(x, r, col_scale):  # pragma: no cover - compiled
+    """``min(0, row)``, ``max(0, row)`` of row r of ``x * col_scale`` (float64), and whether a
+    value is not finite, in one loop that vectorizes."""
+    lo = np.int64(0)  # the key of 0.0
+    hi = np.int64(0)
+    bad = False
+    for c in range(x.shape[1]):
+        v = np.float64(x[r, c]) * col_scale[c]
+        bad |= not (abs(v) <= _MAX_FLOAT)  # False for a NaN or an infinity
+        k = _order_key(_float_bits(v))  # type: ignore[call-arg]
+        lo = k if k < lo else lo
+        hi = k if k > hi else hi
+    return _bits_float(_order_key(lo)), _bits_float(_order_key(hi)), bad  # type: ignore[call-arg]
+
+
 #: Side of the square tiles in which ``quantize_rows`` writes its transposed values.
 _TILE = 64
 
@@ -391,23 +549,16 @@ _TILE = 64
 @_jit
 def quantize_rows(x, col_scale, levels, r0, r1, values_t, scale, zero):  # pragma: no cover - compiled
     """``quantize.quantize_rows`` of rows ``r0 … r1`` of ``x * col_scale`` (x (rows, cols), any float
-    dtype, taken to float64 first): each row's scale and zero point, and its values written
-    transposed into ``values_t`` (cols, rows). Rows are quantized ``_TILE`` at a time into a
-    small buffer (contiguous loops the compiler vectorizes), which is then written out column by
-    column. The numpy path's float64 operations in its order, so its values bit for bit. False
-    if a value is not finite."""
+    dtype, taken to float64 first): each row's scale and zero point (its range: ``_row_range``),
+    and its values written transposed into ``values_t`` (cols, rows). Rows are quantized ``_TILE``
+    at a time into a small buffer (contiguous loops the compiler vectorizes), which is then written
+    out column by column. The numpy path's float64 operations in its order, so its values bit for
+    bit. False if a value is not finite."""
     cols = x.shape[1]
     top = np.float64(levels)
     for r in range(r0, r1):
-        lo = 0.0
-        hi = 0.0
-        poison = 0.0  # v·0 is NaN for an infinite or NaN v, 0 otherwise: one check per row
-        for c in range(cols):
-            v = np.float64(x[r, c]) * col_scale[c]
-            lo = min(lo, v)
-            hi = max(hi, v)
-            poison += v * 0.0
-        if poison != 0.0:
+        lo, hi, bad = _row_range(x, r, col_scale)
+        if bad:
             return False
         s = (hi - lo) / levels
         if not s > 0:

@@ -69,12 +69,21 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     if values.dtype.kind != "u":
         raise TypeError(f"pack_bits: unsigned integers required, got {values.dtype}")
     if bits <= _KERNEL_BITS and kernels.enabled():
-        return _pack_kernel(values, bits)
+        return _pack_kernel(values, bits).tobytes()
     flat = values.reshape(-1)
     ranges = parallel.chunks(flat.size, _PARALLEL, align=_GROUP)
     if bits < 64 and flat.size and max(parallel.map_ranges(lambda lo, hi: int(flat[lo:hi].max()), ranges)) >> bits:
         raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
     return b"".join(parallel.map_ranges(lambda lo, hi: _pack_flat(flat[lo:hi], bits), ranges))
+
+
+def pack_bits_view(values: np.ndarray, bits: int) -> bytes | memoryview:
+    """``pack_bits``'s bytes, as a read-only view of the compiled loop's buffer where it runs (no
+    copy into a bytes object: a message joins them in once; ``wire.codec.pack``)."""
+    if bits <= _KERNEL_BITS and kernels.enabled() and np.asarray(values).dtype.kind == "u":
+        _check_bits(bits)
+        return memoryview(_pack_kernel(np.asarray(values), bits)).toreadonly()  # type: ignore[arg-type]
+    return pack_bits(values, bits)
 
 
 def _row_words(n: int, bits: int, rows: int) -> bool:
@@ -83,10 +92,11 @@ def _row_words(n: int, bits: int, rows: int) -> bool:
     return rows > 1 and (n * bits) % 64 == 0
 
 
-def _pack_kernel(values: np.ndarray, bits: int) -> bytes:
+def _pack_kernel(values: np.ndarray, bits: int) -> np.ndarray:
     """``pack_bits`` through the compiled loop (``hecommon.he.kernels``), which writes 64-bit
     words: rows of whole words (no copy of a strided input), or pieces of 64 values (whole
-    words) of the flat array, in parallel, into one buffer: the same bytes as the numpy paths."""
+    words) of the flat array, in parallel, into one buffer: the same bytes as the numpy paths
+    (uint8, a view of that buffer)."""
     loop = kernels.loops().pack_rows
     if values.ndim == 2 and _row_words(values.shape[1], bits, values.shape[0]):
         rows, n = values.shape
@@ -100,7 +110,7 @@ def _pack_kernel(values: np.ndarray, bits: int) -> bytes:
                                  parallel.chunks(flat.size, _KERNEL_PIECE, align=_GROUP))
     if not all(ok):
         raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
-    return out.view(np.uint8).reshape(-1)[: packed_size(bits, values.size)].tobytes()
+    return out.view(np.uint8).reshape(-1)[: packed_size(bits, values.size)]
 
 
 def _unpack_kernel(raw: np.ndarray, bits: int, out: np.ndarray) -> None:

@@ -56,7 +56,15 @@ from .keys import RowSecrets
 from .parallel import chunks, map_ranges
 from .params import DEFAULT, MAX_LOG_Q_128, TAIL_SIGMAS, ParamSet
 from .ring import MAX_EXACT_INPUT
-from .sampling import SEED_BYTES, aes_ctr, derive_key, noise_planes, noise_stream, plane_binomial
+from .sampling import (
+    MAX_PLANE_ETA,
+    SEED_BYTES,
+    aes_ctr,
+    derive_key,
+    noise_planes,
+    noise_stream,
+    plane_binomial,
+)
 
 #: Bits the switch drops: ``Q = 2^(bits + SWITCH_BITS)``. The noise shrinks by ``2^8``, below the
 #: rounding's own (``σ/256 ≈ 0.014`` against ``1/√12 ≈ 0.29``).
@@ -216,8 +224,8 @@ class SumScheme:
     per_owner_max: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.params.noise_eta > 32:
-            raise ConfigError(f"encrypted sum: noise_eta {self.params.noise_eta} above 32 (a sample's 2·eta bits "
+        if self.params.noise_eta > MAX_PLANE_ETA:
+            raise ConfigError(f"encrypted sum: noise_eta {self.params.noise_eta} above {MAX_PLANE_ETA} (a sample's 2·eta bits "
                               "are read as one 64-bit field: sampling.plane_binomial)")
         object.__setattr__(self, "bits", sum_bits(self.params, self.owners))
         if self.owners > self.params.max_message:

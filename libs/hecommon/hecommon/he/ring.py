@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fft
+from . import fft, kernels
 from .params import ParamSet
 
 #: Largest |a| accepted by ``SmallSecretMultiplier.mul`` for an exact result.
@@ -73,7 +73,10 @@ class SmallSecretMultiplier:
         their products with ``s`` (still to be untwisted by ``untwist``; ``hecommon.he.kernels``),
         through ``hecommon.he.fft`` (FFTW where installed)."""
         fft.forward(folded)
-        folded *= self._s_hat_scaled
+        if kernels.enabled() and folded.flags.c_contiguous:
+            kernels.loops().times_spectrum(folded.reshape(-1, folded.shape[-1]), self._s_hat_scaled)
+        else:
+            folded *= self._s_hat_scaled
         fft.inverse(folded)
 
     def product(self, a: np.ndarray) -> np.ndarray:

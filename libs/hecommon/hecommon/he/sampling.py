@@ -3,8 +3,9 @@
 - ``aes_ctr``: the keystream of a 32-byte key from any counter block;
 - ``derive_key``: domain-separated keys (SHAKE-256 over length-prefixed parts);
 - the request secret's ternary coefficients (``ternary_from_stream``, rejection of 255);
-- the noise: centered binomial of ``params.noise_eta`` (``centered_binomial``, ``sample_noise``)
-  from a stream keyed by fresh ``os.urandom`` bytes (``noise_stream``);
+- the noise: centered binomial of ``params.noise_eta`` (``sample_noise``: ``plane_binomial``'s
+  layout up to eta = 32, ``centered_binomial``'s above) from a stream keyed by fresh
+  ``os.urandom`` bytes (``noise_stream``);
 - the public ``a``: ``expand_a`` (and its raw words ``a_words``, for the compiled client loops)
   from a seed that ``owner_a_seed`` derives from the manifest's and the owner's halves.
 """
@@ -145,6 +146,10 @@ def centered_binomial(stream: np.ndarray, count: int, eta: int) -> np.ndarray:
     return (pos - neg).astype(np.int64)
 
 
+#: Largest eta of ``plane_binomial``: a sample's 2·eta bits fit one 64-bit word.
+MAX_PLANE_ETA = 32
+
+
 def plane_width(eta: int) -> np.dtype:
     """The word of ``plane_binomial``'s planes for ``eta``: 16 bits where they divide a sample's
     ``2·eta``, else bytes (eta is a multiple of 4)."""
@@ -154,8 +159,8 @@ def plane_width(eta: int) -> np.dtype:
 def noise_planes(stream: np.ndarray, rows: int, n: int, eta: int) -> np.ndarray:
     """The first ``rows·n·eta/4`` bytes of ``stream`` (uint8) as ``plane_binomial``'s planes:
     (rows, 2·eta/w, n) w-bit words (``plane_width``), a view."""
-    if eta % 4 or not 4 <= eta <= 32:
-        raise ValueError("plane_binomial: eta must be a multiple of 4 in 4..32")
+    if eta % 4 or not 4 <= eta <= MAX_PLANE_ETA:
+        raise ValueError(f"plane_binomial: eta must be a multiple of 4 in 4..{MAX_PLANE_ETA}")
     word = plane_width(eta)
     return np.asarray(stream)[: rows * n * eta // 4].view(word).reshape(rows, 2 * eta // (8 * word.itemsize), n)
 
@@ -169,6 +174,10 @@ def plane_binomial(stream: np.ndarray, rows: int, n: int, eta: int) -> np.ndarra
     same distribution as ``centered_binomial`` (each sample has 2·eta bits of its own); the
     layout lets a compiled loop read the samples of a row side by side."""
     planes = noise_planes(stream, rows, n, eta)
+    if kernels.enabled():
+        out = np.empty((rows, n), dtype=np.int64)
+        kernels.loops().plane_binomial(planes, eta, out)
+        return out
     fields = np.zeros((rows, n), dtype=np.uint64)
     for p in range(planes.shape[1]):
         fields |= planes[:, p].astype(np.uint64) << np.uint64(8 * planes.itemsize * p)
@@ -182,10 +191,15 @@ def noise_stream(nbytes: int) -> np.ndarray:
 
 
 def sample_noise(params: ParamSet, shape: tuple[int, ...]) -> np.ndarray:
-    """Centered-binomial noise of ``params.noise_eta``, shape ``shape``, int64."""
+    """Centered-binomial noise of ``params.noise_eta``, shape ``shape``, int64: through
+    ``plane_binomial`` (rows of the last axis; the layout a compiled loop reads side by side) for
+    eta up to 32, ``centered_binomial`` above. The same distribution either way."""
     count = int(np.prod(shape))
-    nbytes = count * params.noise_eta // 4
-    return centered_binomial(noise_stream(nbytes), count, params.noise_eta).reshape(shape)
+    eta = params.noise_eta
+    stream = noise_stream(count * eta // 4)
+    if eta <= MAX_PLANE_ETA and len(shape) and shape[-1]:
+        return plane_binomial(stream, count // shape[-1], shape[-1], eta).reshape(shape)
+    return centered_binomial(stream, count, eta).reshape(shape)
 
 
 #: Words drawn per row of ``a``: N plus slack for rejections (a prime just below 2^27 rejects

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import MalformedMessage, OversizedMessage, ParameterMismatch
 from ..he import parallel
-from ..he.bits import pack_bits, packed_size, unpack_bits_into
+from ..he.bits import pack_bits_view, packed_size, unpack_bits_into
 from ..he.encrypt import concat_rows
 from ..he.params import ParamSet
 from .codec import check_blob as _blob
@@ -112,9 +112,9 @@ def _residue_row_bytes(params: ParamSet, cols: int | None = None) -> int:
     return sum(packed_size(p.bit_length(), cols) for p in params.primes)
 
 
-def _pack_residues(arr: np.ndarray, params: ParamSet) -> list[bytes]:
-    # (rows, L, N) -> one bit-packed blob per limb, each (rows, N) in C order
-    return [pack_bits(arr[:, i, :], p.bit_length()) for i, p in enumerate(params.primes)]
+def _pack_residues(arr: np.ndarray, params: ParamSet) -> list[bytes | memoryview]:
+    # (rows, L, N) -> one bit-packed blob per limb, each (rows, N) in C order (views: joined into the message once)
+    return [pack_bits_view(arr[:, i, :], p.bit_length()) for i, p in enumerate(params.primes)]
 
 
 def _unpack_residues(where: str, blobs: Any, params: ParamSet, rows: int, cols: int) -> np.ndarray:
