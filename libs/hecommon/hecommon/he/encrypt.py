@@ -294,17 +294,17 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
         fused = kernels.loops()
 
         def blocks(lo: int, hi: int) -> None:  # the same integers, one fused loop each side of the FFTs
-            spec = fft.empty((kernels.BLOCK_ROWS, params.n // 2))
+            pair = fft.pair((kernels.BLOCK_ROWS, params.n // 2))  # this thread's buffers and plans
             for b0 in range(lo, hi, kernels.BLOCK_ROWS):
                 b1 = min(b0 + kernels.BLOCK_ROWS, hi)
-                buf = spec[: b1 - b0]
+                buf = pair.x[: b1 - b0]
                 e = noise[b0:b1] if noise is not None else sample_noise(params, (b1 - b0, 1, t))
                 m_rows = np.ascontiguousarray(mt[b0:b1])  # this block's features, token by token
                 for i, p in enumerate(params.primes):
                     words = a_words(a_seed, params, i, b1 - b0, start + b0)
                     if not fused.fold_words(words, a_mask(p), p, params.n, mul.twist, buf):  # pragma: no cover
                         raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
-                    mul.spectrum_product(buf)
+                    mul.pair_product(pair, b1 - b0)
                     fused.finish_encrypt(buf, mul.untwist, m_rows, params.delta % p, e, p, col0, b[b0:b1], i)
 
         map_rows(blocks, d, minimum=kernels.BLOCK_ROWS)
@@ -459,7 +459,7 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
     params = ct.params
     half = params.n // 2
     qd = params.q / params.delta
-    spec = fft.empty((2, kernels.BLOCK_ROWS, half))
+    spec = fft.empty((2, kernels.BLOCK_ROWS, half))  # in place: out of place, a (64, N/2) pair outgrows the cache
     msg = np.empty((PLACE_ROWS, ct.n_tokens), dtype=np.int64)
     fused = kernels.loops()
     p0, p1 = params.primes[0], params.primes[-1]  # the hint path has two limbs (``decrypt`` checks)
@@ -484,3 +484,4 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
                 fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, unpacked(ct.b[b0:b1]), ct.bits,
                                           scale, qd, ct.col0, rows)
         fused.place_columns(msg[: g1 - g0], out, g0, add)
+

@@ -139,6 +139,32 @@ def bound(x: np.ndarray, inverse: bool = False, out: np.ndarray | None = None) -
     return _new_plan(x, out, "FFTW_BACKWARD" if inverse else "FFTW_FORWARD", *extra).execute
 
 
+class Pair:
+    """Two ``empty`` buffers of one (rows, n) shape and the out-of-place plans between them, for
+    a product's two transforms (``bound``): ``forward`` x → y (x is then undefined), ``inverse``
+    y → x. Out of place is faster than in place, and a bound plan costs no lookup a call."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.x, self.y = empty(shape), empty(shape)
+        self.forward = bound(self.x, out=self.y)
+        self.inverse = bound(self.y, inverse=True, out=self.x)
+
+
+_PAIRS = threading.local()
+
+
+def pair(shape: tuple[int, int]) -> Pair:
+    """This thread's ``Pair`` of ``shape`` under the library ``backend`` names now, made once
+    (with its measured plans) and reused by every block the thread transforms."""
+    cache = getattr(_PAIRS, "pairs", None)
+    if cache is None:
+        cache = _PAIRS.pairs = {}
+    key = (shape, backend())
+    if key not in cache:
+        cache[key] = Pair(shape)
+    return cache[key]
+
+
 def forward_numpy(x: np.ndarray) -> None:
     np.fft.fft(x, axis=-1, out=x)
 

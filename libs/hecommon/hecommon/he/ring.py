@@ -73,11 +73,27 @@ class SmallSecretMultiplier:
         their products with ``s`` (still to be untwisted by ``untwist``; ``hecommon.he.kernels``),
         through ``hecommon.he.fft`` (FFTW where installed)."""
         fft.forward(folded)
-        if kernels.enabled() and folded.flags.c_contiguous:
-            kernels.loops().times_spectrum(folded.reshape(-1, folded.shape[-1]), self._s_hat_scaled)
-        else:
-            folded *= self._s_hat_scaled
+        self._times_s(folded)
         fft.inverse(folded)
+
+    def pair_product(self, pair: fft.Pair, rows: int) -> np.ndarray:
+        """``spectrum_product`` of the first ``rows`` rows of ``pair.x`` (a thread's ``fft.Pair``):
+        a whole block out of place on the pair's plans, a shorter one in place. Returns those rows
+        of ``pair.x``, which then hold the products' inverse transforms."""
+        if rows < pair.x.shape[0]:
+            self.spectrum_product(pair.x[:rows])
+            return pair.x[:rows]
+        pair.forward()
+        self._times_s(pair.y)
+        pair.inverse()
+        return pair.x
+
+    def _times_s(self, spectra: np.ndarray) -> None:
+        """In place: spectra (..., N/2) times ``s``'s (scaled by the inverse's 1/(N/2))."""
+        if kernels.enabled() and spectra.flags.c_contiguous:
+            kernels.loops().times_spectrum(spectra.reshape(-1, spectra.shape[-1]), self._s_hat_scaled)
+        else:
+            spectra *= self._s_hat_scaled
 
     def product(self, a: np.ndarray) -> np.ndarray:
         """Exact ``a · s`` as float64 holding integers; ``a``: float64 integers, ``|a| < 2^26``."""
