@@ -281,7 +281,7 @@ def test_noise_distribution_matches_its_specification():
 
 
 @pytest.mark.parametrize("eta", [32, 36, 64])
-def test_noise_above_the_planes_eta_comes_from_the_byte_sampler(eta):
+def test_noise_keeps_its_distribution_on_both_sides_of_the_planes_limit(eta):
     """``sample_noise`` reads planes up to eta = 32 and ``centered_binomial``'s bytes above: the
     same distribution on both sides of the switch (mean 0, variance eta/2, within ±eta)."""
     ps = dataclasses.replace(P.DEFAULT, noise_eta=eta)

@@ -67,6 +67,17 @@ def test_kernel_encryption_equals_the_numpy_path(ps, shape, rng, monkeypatch):
         np.testing.assert_array_equal(fast, reference)
 
 
+def test_messages_wider_than_an_int64_product_encrypt_as_the_numpy_path(rng, monkeypatch):
+    """A parameter set may take messages up to 2^(msg_bits-1) with msg_bits up to log q − 8: at 40
+    bits, m·(Δ mod p) passes 2^63. The numpy path reduces m mod p first; so must the kernel."""
+    ps = P.ParamSet("n4096-wide-messages", 4096, P.get("n4096-q108").primes, msg_bits=40)
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    m = _extreme_messages(ps, 64, 9, rng)
+    noise, seed = sample_noise(ps, (9, ps.n)), os.urandom(16)
+    reference, fast = _paths(monkeypatch, lambda: _encrypt_with(s, m, seed, noise).b)
+    np.testing.assert_array_equal(fast, reference)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.uint64])
 def test_messages_of_any_integer_dtype_encrypt_as_int64(dtype, rng, monkeypatch):
     """Quantized values come as uint8 (or uint16); both paths encrypt any integer dtype to the
@@ -105,7 +116,7 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, where, rng, monkeyp
     the ring's start, middle (across its halves) and end: the same messages."""
     t = ps.n if tokens == "N" else tokens
     col0 = {"start": 0, "middle": ps.n // 2 - 3, "end": ps.n - t}[where]
-    d = 45
+    d = 150  # more than two groups of messages placed together (encrypt.PLACE_ROWS), the last one short
     s = SecretKey.generate().request_secret(ps, os.urandom(16))
     top = 1 << ps.out_bits
     a = rng.integers(0, top, size=(d, ps.n), dtype=np.uint64)
@@ -138,7 +149,7 @@ def test_decryption_into_a_view_writes_or_adds_its_columns(mode, rng, monkeypatc
     monkeypatch.setenv("HELORA_KERNELS", mode)
     ps = P.DEFAULT
     s = SecretKey.generate().request_secret(ps, os.urandom(16))
-    d, t = 45, 300
+    d, t = 150, 300  # several groups of placed rows (encrypt.PLACE_ROWS), cut across threads
     a = rng.integers(0, 1 << ps.out_bits, size=(d, ps.n), dtype=np.uint64)
     hint = np.stack([rng.integers(0, p, size=(d, ps.n)) for p in ps.primes], axis=1).astype(np.uint32)
     results = [(EncryptedResult(ps, a, rng.integers(0, 1 << ps.out_bits, size=(d, t), dtype=np.uint64), t), None),

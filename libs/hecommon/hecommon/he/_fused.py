@@ -30,9 +30,9 @@ def _mod(y, p, inv_p):  # pragma: no cover - compiled
 
 @_jit
 def _mod1(y, p, inv_p):  # pragma: no cover - compiled
-    """``y mod p`` in [0, p) for an int64 ``|y| < 2^58`` whose float64 quotient estimate is off by
-    one at most (``|y/p| < 2^31``: its relative error of a few 2^-53 is far below 1/|y/p|), with
-    one correction each way and no loop or branch, so that the loops that call it vectorize."""
+    """``y mod p`` in [0, p) for an int64 ``y`` with ``|y/p|`` far below 2^50: the float64 quotient
+    estimate, whose relative error is a few 2^-53, is then off by one at most, and one correction
+    each way, without a loop or a branch, makes it exact (the loops that call it vectorize)."""
     q = np.int64(np.floor(np.float64(y) * inv_p))
     r = y - q * p
     r = r + p if r < 0 else r
@@ -63,7 +63,7 @@ def fold_words(words, mask, p, n, twist, out):  # pragma: no cover - compiled
     half = n // 2
     half_p = p // 2
     rows, width = words.shape
-    kept = np.empty(n + 1, dtype=np.float64)  # the last slot takes the store after the row's end
+    kept = np.empty(n, dtype=np.float64)  # a store at j = n never happens: the row ends first
     for r in range(rows):
         j = 0
         for k in range(width):
@@ -90,17 +90,21 @@ def _halves(col0, t, half):  # pragma: no cover - compiled
 
 
 @_jit
+def _untwisted(z, u, imag):  # pragma: no cover - compiled
+    """The real part of ``z·u`` or, with ``imag``, its imaginary part: the coefficient a folded,
+    inverse-transformed value holds (``u``: its untwist)."""
+    return z.real * u.imag + z.imag * u.real if imag else z.real * u.real - z.imag * u.imag
+
+
+@_jit
 def _encrypt_row(z, u, imag, m, dm, noise, p, inv_p, out):  # pragma: no cover - compiled
     """``finish_encrypt``'s loop over one half of a row's window (1-D views, the same length):
     coefficients from the real parts of ``z · u`` or, with ``imag``, from their imaginary parts."""
+    narrow = m.itemsize <= 4  # |m| < 2^32: |m·dm| < 2^59
     for c in range(out.shape[0]):
-        zr = z[c].real
-        zi = z[c].imag
-        ur = u[c].real
-        ui = u[c].imag
-        x = zr * ui + zi * ur if imag else zr * ur - zi * ui
-        y = noise[c] - np.int64(np.rint(x))  # |y| < 2^38
-        y += m[c] * dm  # |m·dm| < 2^57: exact in int64, and its quotient estimate is off by one at most
+        y = noise[c] - np.int64(np.rint(_untwisted(z[c], u[c], imag)))  # |y| < 2^38
+        # m mod p first, as numpy's path, where m·dm may pass 2^63 (not below 2^32: quantized values)
+        y += (np.int64(m[c]) if narrow else _mod1(np.int64(m[c]), p, inv_p)) * dm
         out[c] = np.uint32(_mod1(y, p, inv_p))
 
 
@@ -317,14 +321,8 @@ def _decrypt_wide_row(zh, zl, u, imag, split, b, modulus, qd, out):  # pragma: n
     as ``_encrypt_row``: the messages into ``out``."""
     scale = np.float64(2.0**split)
     for c in range(out.shape[0]):
-        ur = u[c].real
-        ui = u[c].imag
-        hr = zh[c].real
-        hi = zh[c].imag
-        lr = zl[c].real
-        li = zl[c].imag
-        xh = np.rint(hr * ui + hi * ur if imag else hr * ur - hi * ui)
-        xl = np.rint(lr * ui + li * ur if imag else lr * ur - li * ui)
+        xh = np.rint(_untwisted(zh[c], u[c], imag))
+        xl = np.rint(_untwisted(zl[c], u[c], imag))
         out[c] = _decode(xh * scale + xl + np.float64(b[c]), modulus, qd)
 
 
@@ -356,16 +354,8 @@ def _decrypt_hint_row(z0, z1, u, imag, p0, p1, inv_p0_mod_p1, b, bits, scale, qd
     inv0 = 1.0 / p0
     inv1 = 1.0 / p1
     for c in range(out.shape[0]):
-        ur = u[c].real
-        ui = u[c].imag
-        ar = z0[c].real
-        ai = z0[c].imag
-        br = z1[c].real
-        bi = z1[c].imag
-        x0 = ar * ui + ai * ur if imag else ar * ur - ai * ui
-        x1 = br * ui + bi * ur if imag else br * ur - bi * ui
-        r0 = _mod1(np.int64(np.rint(x0)), p0, inv0)  # |a·s| < 2^37: quotients below 2^11
-        r1 = _mod1(np.int64(np.rint(x1)), p1, inv1)
+        r0 = _mod1(np.int64(np.rint(_untwisted(z0[c], u[c], imag))), p0, inv0)  # |a·s| < 2^26·N: small quotients
+        r1 = _mod1(np.int64(np.rint(_untwisted(z1[c], u[c], imag))), p1, inv1)
         d = _mod1(_mod1(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)  # a product below 2^54: quotient below 2^27
         whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
         a_s = np.int64(np.rint(whole * scale)) & mask

@@ -80,9 +80,10 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 def pack_bits_view(values: np.ndarray, bits: int) -> bytes | memoryview:
     """``pack_bits``'s bytes, as a read-only view of the compiled loop's buffer where it runs (no
     copy into a bytes object: a message joins them in once; ``wire.codec.pack``)."""
-    if bits <= _KERNEL_BITS and kernels.enabled() and np.asarray(values).dtype.kind == "u":
+    values = np.asarray(values)
+    if bits <= _KERNEL_BITS and kernels.enabled() and values.dtype.kind == "u":
         _check_bits(bits)
-        return memoryview(_pack_kernel(np.asarray(values), bits)).toreadonly()  # type: ignore[arg-type]
+        return memoryview(_pack_kernel(values, bits)).toreadonly()  # type: ignore[arg-type]
     return pack_bits(values, bits)
 
 

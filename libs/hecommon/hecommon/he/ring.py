@@ -76,17 +76,16 @@ class SmallSecretMultiplier:
         self._times_s(folded)
         fft.inverse(folded)
 
-    def pair_product(self, pair: fft.Pair, rows: int) -> np.ndarray:
-        """``spectrum_product`` of the first ``rows`` rows of ``pair.x`` (a thread's ``fft.Pair``):
-        a whole block out of place on the pair's plans, a shorter one in place. Returns those rows
-        of ``pair.x``, which then hold the products' inverse transforms."""
+    def pair_product(self, pair: fft.Pair, rows: int) -> None:
+        """``spectrum_product`` of the first ``rows`` rows of ``pair.x`` (a thread's ``fft.Pair``),
+        which then hold the products' inverse transforms: a whole block out of place on the pair's
+        plans, a shorter one in place."""
         if rows < pair.x.shape[0]:
             self.spectrum_product(pair.x[:rows])
-            return pair.x[:rows]
+            return
         pair.forward()
         self._times_s(pair.y)
         pair.inverse()
-        return pair.x
 
     def _times_s(self, spectra: np.ndarray) -> None:
         """In place: spectra (..., N/2) times ``s``'s (scaled by the inverse's 1/(N/2))."""
