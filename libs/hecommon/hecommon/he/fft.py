@@ -1,5 +1,5 @@
-"""Batched complex FFTs of rows, in place: FFTW (through pyFFTW) where it is installed, numpy's
-pocketfft otherwise.
+"""Batched complex FFTs of rows, in place or between a thread's pair of buffers (``pair``): FFTW
+(through pyFFTW) where it is installed, numpy's pocketfft otherwise.
 
 Every product ``a·s`` of the client and of a federated owner is a forward and an inverse FFT of
 size N/2 over blocks of 16 to 32 rows (``ring``, ``fedsum``). Measured on this project's 2-core
