@@ -1,8 +1,8 @@
 """The compiled loops behind ``hecommon.he.kernels`` (numba; imported on first use only).
 
-Reductions mod p use a float64 quotient estimate and an exact int64 correction: every operand is
-an integer well below 2^63 and the quotient below 2^34, so the estimate is off by a few units at
-most and the correction makes the result exact.
+Reductions mod p (``_mod``) use a float64 quotient estimate and an exact int64 correction: every
+operand is an integer well below 2^63 and the quotient far below 2^50, so the estimate is off by one
+at most and one correction each way makes the result exact.
 """
 
 from __future__ import annotations
@@ -17,19 +17,6 @@ _jit = njit(nogil=True, cache=True, boundscheck=False)
 
 @_jit
 def _mod(y, p, inv_p):  # pragma: no cover - compiled
-    """``y mod p`` in [0, p) for an int64 ``|y| < 2^60`` (a float64 quotient estimate, off by a
-    few units at most since ``|y/p| < 2^34``, and an exact correction)."""
-    q = np.int64(np.floor(np.float64(y) * inv_p))
-    r = y - q * p
-    while r < 0:
-        r += p
-    while r >= p:
-        r -= p
-    return r
-
-
-@_jit
-def _mod1(y, p, inv_p):  # pragma: no cover - compiled
     """``y mod p`` in [0, p) for an int64 ``y`` with ``|y/p|`` far below 2^50: the float64 quotient
     estimate, whose relative error is a few 2^-53, is then off by one at most, and one correction
     each way, without a loop or a branch, makes it exact (the loops that call it vectorize)."""
@@ -104,8 +91,8 @@ def _encrypt_row(z, u, imag, m, dm, noise, p, inv_p, out):  # pragma: no cover -
     for c in range(out.shape[0]):
         y = noise[c] - np.int64(np.rint(_untwisted(z[c], u[c], imag)))  # |y| < 2^38
         # m mod p first, as numpy's path, where m·dm may pass 2^63 (not below 2^32: quantized values)
-        y += (np.int64(m[c]) if narrow else _mod1(np.int64(m[c]), p, inv_p)) * dm
-        out[c] = np.uint32(_mod1(y, p, inv_p))
+        y += (np.int64(m[c]) if narrow else _mod(np.int64(m[c]), p, inv_p)) * dm
+        out[c] = np.uint32(_mod(y, p, inv_p))
 
 
 @_jit
@@ -239,6 +226,13 @@ def _plane_fields(planes, r, f):  # pragma: no cover - compiled
 
 
 @_jit
+def _binomial(f, low, eta):  # pragma: no cover - compiled
+    """The centered-binomial sample of a field ``f`` (uint64; ``low`` = 2^eta − 1): the set bits of
+    its low eta bits less those of the next eta."""
+    return np.int64(_popcount(f & low)) - np.int64(_popcount(f >> np.uint64(eta)))  # type: ignore[call-arg]
+
+
+@_jit
 def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, planes, eta, q_bits, shift, words, f, v):  # pragma: no cover - compiled
     """``fedsum``'s ``b' = round((e + Δ·m − a·s mod 2^q_bits) / 2^shift)`` mod ``2^bits``
     (``bits = q_bits − shift``), packed: from the inverse transforms of ``a_hi·s`` and ``a_lo·s``
@@ -263,16 +257,11 @@ def finish_sum_encrypt(hi, lo, untwist, split, m, limit, delta, planes, eta, q_b
             m0 = m[r, k]
             m1 = m[r, k + half]
             bad |= (m0 > limit) | (m0 < -limit) | (m1 > limit) | (m1 < -limit)
-            ur = untwist[k].real
-            ui = untwist[k].imag
-            h = hi[r, k]
-            lw = lo[r, k]
-            p0 = (np.int64(np.rint(h.real * ur - h.imag * ui)) << split) + np.int64(np.rint(lw.real * ur - lw.imag * ui))
-            p1 = (np.int64(np.rint(h.real * ui + h.imag * ur)) << split) + np.int64(np.rint(lw.real * ui + lw.imag * ur))
-            e0 = np.int64(_popcount(f[k] & e_mask)) - np.int64(_popcount(f[k] >> np.uint64(eta)))  # type: ignore[call-arg]
-            e1 = np.int64(_popcount(f[k + half] & e_mask)) - np.int64(_popcount(f[k + half] >> np.uint64(eta)))  # type: ignore[call-arg]
-            y0 = (e0 + m0 * delta - p0) & q_mask
-            y1 = (e1 + m1 * delta - p1) & q_mask
+            h, lw, u = hi[r, k], lo[r, k], untwist[k]
+            p0 = (np.int64(np.rint(_untwisted(h, u, False))) << split) + np.int64(np.rint(_untwisted(lw, u, False)))
+            p1 = (np.int64(np.rint(_untwisted(h, u, True))) << split) + np.int64(np.rint(_untwisted(lw, u, True)))
+            y0 = (_binomial(f[k], e_mask, eta) + m0 * delta - p0) & q_mask
+            y1 = (_binomial(f[k + half], e_mask, eta) + m1 * delta - p1) & q_mask
             v[k] = np.uint64(((y0 + rnd) >> shift) & b_mask)
             v[k + half] = np.uint64(((y1 + rnd) >> shift) & b_mask)
         if bad:
@@ -354,9 +343,9 @@ def _decrypt_hint_row(z0, z1, u, imag, p0, p1, inv_p0_mod_p1, b, bits, scale, qd
     inv0 = 1.0 / p0
     inv1 = 1.0 / p1
     for c in range(out.shape[0]):
-        r0 = _mod1(np.int64(np.rint(_untwisted(z0[c], u[c], imag))), p0, inv0)  # |a·s| < 2^26·N: small quotients
-        r1 = _mod1(np.int64(np.rint(_untwisted(z1[c], u[c], imag))), p1, inv1)
-        d = _mod1(_mod1(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)  # a product below 2^54: quotient below 2^27
+        r0 = _mod(np.int64(np.rint(_untwisted(z0[c], u[c], imag))), p0, inv0)  # |a·s| < 2^26·N: small quotients
+        r1 = _mod(np.int64(np.rint(_untwisted(z1[c], u[c], imag))), p1, inv1)
+        d = _mod(_mod(r1 - r0, p1, inv1) * inv_p0_mod_p1, p1, inv1)  # a product below 2^54: quotient below 2^27
         whole = np.float64(d * p0 + r0)  # a·s mod q, exact below 2^54, rounded to float64
         a_s = np.int64(np.rint(whole * scale)) & mask
         out[c] = _decode(np.float64(a_s) + np.float64(b[c]), modulus, qd)
@@ -400,14 +389,14 @@ def place_columns(msg, out, col, add):  # pragma: no cover - compiled
 def plane_binomial(planes, eta, out):  # pragma: no cover - compiled
     """``sampling.plane_binomial``'s samples from its planes (rows, 2·eta/w, n) of w-bit words into
     ``out`` (rows, n) int64: the set bits of each field's low eta bits less those of the next eta
-    (``_plane_fields``), in a loop that vectorizes."""
+    (``_plane_fields``, ``_binomial``), in a loop that vectorizes."""
     rows, _, n = planes.shape
     low = (np.uint64(1) << np.uint64(eta)) - np.uint64(1)
     f = np.empty(n, dtype=np.uint64)
     for r in range(rows):
         _plane_fields(planes, r, f)
         for c in range(n):
-            out[r, c] = np.int64(_popcount(f[c] & low)) - np.int64(_popcount(f[c] >> np.uint64(eta)))  # type: ignore[call-arg]
+            out[r, c] = _binomial(f[c], low, eta)
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)

@@ -12,7 +12,7 @@ The loops are written so that the compiler vectorizes them (AVX-512 on this mach
 ``inspect_asm`` shows ``vcvttpd2qq``, ``vpmullq``, ``vpopcntq``): contiguous 1-D views of a row,
 indices from ``range`` (numba checks nothing then), no branch inside a loop but selects, and no
 float reduction (a row's range is an integer min and max over the floats' bits). A reduction mod p
-corrects a float quotient estimate once each way (``_mod1``); a division by a power of 2 is a
+corrects a float quotient estimate once each way (``_mod``); a division by a power of 2 is a
 product with its inverse, which gives the same floats. Measured on this 2-core VM per value of a
 (32, 2048) block: ``finish_encrypt`` 3.5 → 1.4 ns; decryption's end 5.2 → 2.7 ns (the decoding
 loop, ``finish_decrypt_wide``, about 1.7; placing the messages into the caller's token rows,
