@@ -270,6 +270,30 @@ def test_partials_carry_raw_little_endian_residues():
     assert np.array_equal(back.partial.a, msg.partial.a) and back.partial.b.dtype == np.uint32
 
 
+@pytest.mark.parametrize("mode", ["numba", "numpy"])
+def test_only_batches_encrypt_wrote_skip_the_residue_scan(mode, monkeypatch):
+    """``encrypt`` marks its batch ``reduced`` (its loop reduced every residue mod p), so the
+    request built on it is not scanned again; the same residues in a batch built any other way, a
+    slice of rows, or the request as decoded from the wire are scanned, and a residue at its prime
+    is refused there."""
+    monkeypatch.setenv("HELORA_KERNELS", mode)
+    secret = SecretKey.generate().request_secret(N2048, os.urandom(16))
+    batch = encrypt(secret, np.arange(12, dtype=np.int64).reshape(4, 3), os.urandom(16))
+    assert batch.reduced and (batch.b < np.asarray(N2048.primes, dtype=np.uint32)[None, :, None]).all()
+    assert not batch.rows(batch.b[:2]).reduced
+    assert batch == EncryptedBatch(N2048, batch.b, 4)  # not part of the batch's value
+    req = wire.EncryptedRequest(RID, "l", "fwd", batch, owner=OWNER)
+    assert not wire.decode_request(wire.encode(req)).batch.reduced
+    bad = batch.b.copy()
+    bad[1, 0, 2] = N2048.primes[0]
+    forged = wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, 4, reduced=True), owner=OWNER)
+    with pytest.raises(errors.MalformedMessage, match="limb 0"):  # the receiving side scans what it decodes
+        wire.decode_request(wire.encode(forged))
+    for unmarked in (EncryptedBatch(N2048, bad, 4), dataclasses.replace(batch, b=bad, reduced=False)):
+        with pytest.raises(errors.MalformedMessage, match="limb 0"):
+            wire.EncryptedRequest(RID, "l", "fwd", unmarked, owner=OWNER)
+
+
 def test_construction_validates():
     bad = residues(N2048, 1)
     bad[0, 1, 5] = N2048.primes[1]

@@ -11,6 +11,7 @@ lists the exception each must raise.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -217,9 +218,13 @@ def _array_summary(arr: np.ndarray) -> dict[str, Any]:
 
 
 def describe(msg: Any) -> dict[str, Any]:
-    """Field-by-field summary of a message: scalars as they are, arrays summarized."""
+    """Field-by-field summary of a message: scalars as they are, arrays summarized. Fields outside a
+    dataclass's value (``compare=False``: ``EncryptedBatch.reduced``, how it was made) are left out."""
     out: dict[str, Any] = {"class": type(msg).__name__}
+    local = {f.name for f in dataclasses.fields(msg) if not f.compare} if dataclasses.is_dataclass(msg) else set()
     for name, value in vars(msg).items():
+        if name in local:
+            continue
         if isinstance(value, bytes):
             out[name] = value.hex()
         elif isinstance(value, np.ndarray):

@@ -26,7 +26,7 @@ Encryption: ``b = -a·s + Δ·m + e (mod q)``. Decryption: ``x = b + a·s``, cen
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,12 +51,18 @@ class ClientA(enum.Enum):
 
 @dataclass(frozen=True)
 class EncryptedBatch:
-    """Input ciphertexts as they travel: ``b`` only (``a`` is public, from the seed)."""
+    """Input ciphertexts as they travel: ``b`` only (``a`` is public, from the seed).
+
+    ``reduced``: ``b`` was written by ``encrypt``, whose loop reduces every residue mod its prime
+    as it writes it, so a request built on this batch does not read it all again to check that
+    (``wire.EncryptedRequest``; a batch decoded from the wire, or built any other way, is checked).
+    Not part of the batch's value: a slice or a join of rows (``rows``) is checked again."""
 
     params: ParamSet
     b: np.ndarray  # (d, L, T) uint32 residues: coefficients col0 … col0+T-1
     n_tokens: int
     col0: int = 0
+    reduced: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_window("EncryptedBatch", self.params, self.n_tokens, self.col0)
@@ -308,7 +314,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
                     fused.finish_encrypt(buf, mul.untwist, m_rows, params.delta % p, e, p, col0, b[b0:b1], i)
 
         map_rows(blocks, d, minimum=kernels.BLOCK_ROWS)
-        return EncryptedBatch(params, b, t, col0)
+        return EncryptedBatch(params, b, t, col0, reduced=True)  # finish_encrypt's _mod: each residue < p
 
     assert noise is not None
     mt = mt.astype(np.int64, copy=False)  # Δ·m mod p below in int64
@@ -323,7 +329,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
             b[lo:hi, i] = reduce_float(x, float(p))
 
     map_rows(rows, d)
-    return EncryptedBatch(params, b, t, col0)
+    return EncryptedBatch(params, b, t, col0, reduced=True)  # reduce_float: each residue < p
 
 
 def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0, col0: int = 0) -> EncryptedBatch:
