@@ -319,8 +319,8 @@ def _decrypt_wide_row(zh, zl, u, imag, split, b, modulus, qd, out):  # pragma: n
 def finish_decrypt_wide(hi, lo, untwist, split, b, bits, qd, col0, msg):  # pragma: no cover - compiled
     """Messages from the inverse transforms of ``hi·s`` and ``lo·s`` and ``b`` (rows, T) mod
     ``2^bits``: ``x = hi·s·2^split + lo·s + b mod 2^bits`` at coefficients ``col0 … col0+T-1``,
-    centered, times ``qd = q/Δ``, rounded, into ``msg`` (rows, T or more: its first T columns): a loop over each half of the
-    window (``_halves``) that vectorizes, as ``finish_encrypt``'s."""
+    centered, times ``qd = q/Δ``, rounded, into the first T columns of ``msg`` (rows, T or more): a
+    loop over each half of the window (``_halves``) that vectorizes, as ``finish_encrypt``'s."""
     half = hi.shape[1]
     t = b.shape[1]
     modulus = np.float64(2.0**bits)
@@ -572,9 +572,7 @@ def spread_row(n, itemsize):  # pragma: no cover - compiled
     """The length (>= n) to give the rows of a buffer that is read down its columns, so that its
     rows start in different sets of the L1 cache: a row of an odd number of 64-byte lines. Rows of
     a power of 2 of bytes (2048 tokens of int64, 8192 features of uint8) all start in one set, so
-    a walk down a column keeps evicting its own lines: measured on this VM, placing decrypted
-    messages went from 3.2 to 1.1 ns a value, a quantization transposing 8192 features from 4.2
-    to 2.0."""
+    a walk down a column keeps evicting its own lines (``hecommon.he.kernels``: the figures)."""
     per_line = max(1, 64 // itemsize)
     lines = -(-n // per_line)
     return (lines | 1) * per_line

@@ -56,7 +56,8 @@ class EncryptedBatch:
     ``reduced``: ``b`` was written by ``encrypt``, whose loop reduces every residue mod its prime
     as it writes it, so a request built on this batch does not read it all again to check that
     (``wire.EncryptedRequest``; a batch decoded from the wire, or built any other way, is checked).
-    Not part of the batch's value: a slice or a join of rows (``rows``) is checked again."""
+    Not part of the batch's value: a slice or a join of rows (``rows``) is checked again;
+    ``dataclasses.replace`` keeps it, so a caller that puts another ``b`` in passes ``reduced=False``."""
 
     params: ParamSet
     b: np.ndarray  # (d, L, T) uint32 residues: coefficients col0 … col0+T-1
