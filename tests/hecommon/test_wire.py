@@ -273,23 +273,37 @@ def test_partials_carry_raw_little_endian_residues():
 @pytest.mark.parametrize("mode", ["numba", "numpy"])
 def test_only_batches_encrypt_wrote_skip_the_residue_scan(mode, monkeypatch):
     """``encrypt`` marks its batch ``reduced`` (its loop reduced every residue mod p), so the
-    request built on it is not scanned again; the same residues in a batch built any other way, a
-    slice of rows, or the request as decoded from the wire are scanned, and a residue at its prime
-    is refused there."""
+    request built on it checks the shape and does not scan the residues again; a batch built any
+    other way, a slice of rows, one from ``dataclasses.replace`` and the request as decoded from
+    the wire are scanned, and a residue at its prime is refused there."""
+    from hecommon.wire import messages
+
     monkeypatch.setenv("HELORA_KERNELS", mode)
+    scans: list[bool] = []  # the ranges argument of every residue check of a request's b
+    check = messages._check_residues
+
+    def recorded(where, arr, *args, ranges=True, **kwargs):
+        scans.append(ranges)
+        return check(where, arr, *args, ranges=ranges, **kwargs)
+
+    monkeypatch.setattr(messages, "_check_residues", recorded)
     secret = SecretKey.generate().request_secret(N2048, os.urandom(16))
     batch = encrypt(secret, np.arange(12, dtype=np.int64).reshape(4, 3), os.urandom(16))
     assert batch.reduced and (batch.b < np.asarray(N2048.primes, dtype=np.uint32)[None, :, None]).all()
-    assert not batch.rows(batch.b[:2]).reduced
-    assert batch == EncryptedBatch(N2048, batch.b, 4)  # not part of the batch's value
     req = wire.EncryptedRequest(RID, "l", "fwd", batch, owner=OWNER)
-    assert not wire.decode_request(wire.encode(req)).batch.reduced
+    assert scans == [False]  # the shape only
+    assert wire.decode_request(wire.encode(req)).batch.reduced is False and scans[-1] is True
+    (field,) = [f for f in dataclasses.fields(EncryptedBatch) if f.name == "reduced"]
+    assert not field.init and not field.compare  # not an argument, not part of the value
     bad = batch.b.copy()
     bad[1, 0, 2] = N2048.primes[0]
-    forged = wire.EncryptedRequest(RID, "l", "fwd", EncryptedBatch(N2048, bad, 4, reduced=True), owner=OWNER)
-    with pytest.raises(errors.MalformedMessage, match="limb 0"):  # the receiving side scans what it decodes
-        wire.decode_request(wire.encode(forged))
-    for unmarked in (EncryptedBatch(N2048, bad, 4), dataclasses.replace(batch, b=bad, reduced=False)):
+    for other in (batch.rows(batch.b[:2]), EncryptedBatch(N2048, bad, 4), dataclasses.replace(batch, b=bad)):
+        assert not other.reduced
+    forged = EncryptedBatch(N2048, bad, 4)
+    object.__setattr__(forged, "reduced", True)  # not through the API: the receiving side still scans
+    with pytest.raises(errors.MalformedMessage, match="limb 0"):
+        wire.decode_request(wire.encode(wire.EncryptedRequest(RID, "l", "fwd", forged, owner=OWNER)))
+    for unmarked in (EncryptedBatch(N2048, bad, 4), dataclasses.replace(batch, b=bad)):
         with pytest.raises(errors.MalformedMessage, match="limb 0"):
             wire.EncryptedRequest(RID, "l", "fwd", unmarked, owner=OWNER)
 

@@ -55,15 +55,16 @@ class EncryptedBatch:
 
     ``reduced``: ``b`` was written by ``encrypt``, whose loop reduces every residue mod its prime
     as it writes it, so a request built on this batch does not read it all again to check that
-    (``wire.EncryptedRequest``; a batch decoded from the wire, or built any other way, is checked).
-    Not part of the batch's value: a slice or a join of rows (``rows``) is checked again;
-    ``dataclasses.replace`` keeps it, so a caller that puts another ``b`` in passes ``reduced=False``."""
+    (``wire.EncryptedRequest``). Only ``encrypt`` sets it: it is not an argument, so a batch built
+    any other way, a slice or a join of rows (``rows``), one from ``dataclasses.replace`` and one
+    decoded from the wire are checked. Not part of the batch's value. (``b`` stays writable: the
+    caller that changes an encrypted ``b`` in place owns what it sends; the receiver checks it.)"""
 
     params: ParamSet
     b: np.ndarray  # (d, L, T) uint32 residues: coefficients col0 … col0+T-1
     n_tokens: int
     col0: int = 0
-    reduced: bool = field(default=False, compare=False, repr=False)
+    reduced: bool = field(default=False, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_window("EncryptedBatch", self.params, self.n_tokens, self.col0)
@@ -315,7 +316,7 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
                     fused.finish_encrypt(buf, mul.untwist, m_rows, params.delta % p, e, p, col0, b[b0:b1], i)
 
         map_rows(blocks, d, minimum=kernels.BLOCK_ROWS)
-        return EncryptedBatch(params, b, t, col0, reduced=True)  # finish_encrypt's _mod: each residue < p
+        return _reduced(EncryptedBatch(params, b, t, col0))  # finish_encrypt's _mod: each residue < p
 
     assert noise is not None
     mt = mt.astype(np.int64, copy=False)  # Δ·m mod p below in int64
@@ -330,7 +331,13 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
             b[lo:hi, i] = reduce_float(x, float(p))
 
     map_rows(rows, d)
-    return EncryptedBatch(params, b, t, col0, reduced=True)  # reduce_float: each residue < p
+    return _reduced(EncryptedBatch(params, b, t, col0))  # reduce_float: each residue < p
+
+
+def _reduced(batch: EncryptedBatch) -> EncryptedBatch:
+    """``batch``, marked as written by ``encrypt`` (``EncryptedBatch.reduced``)."""
+    object.__setattr__(batch, "reduced", True)
+    return batch
 
 
 def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0, col0: int = 0) -> EncryptedBatch:

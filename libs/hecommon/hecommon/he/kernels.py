@@ -30,7 +30,9 @@ each token's row, quantization's tile before it is written transposed) gets rows
 of 64-byte cache lines (``_fused.spread_row``): rows of a power of 2 of bytes (2048 tokens of
 int64, 8192 features of uint8) all start in the same set of the L1 cache, so such a walk evicted
 its own lines. Measured here, same process: placing the messages 3.2 → 1.0–1.2 ns a value,
-quantizing 8192 features 4.2 → 1.5–2.0 ns (576 features: 1.5 → 1.1–1.3).
+quantizing 8192 features 4.2 → 1.5–2.0 ns. Taking a row's range just before its values (x read
+from memory once, not twice) took 576 features, whose tile rows were already spread, from 1.5 to
+1.1–1.3 ns.
 
 The loops compute the numpy path's exact integers and floats (``encrypt._encrypt_with``,
 ``decrypt``, ``quantize``), so both give the same ciphertexts, messages and values bit for bit

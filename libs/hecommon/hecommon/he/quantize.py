@@ -70,8 +70,8 @@ def quantize_rows(x: np.ndarray, bits: int = 8, col_scale: np.ndarray | None = N
     """Asymmetric unsigned quantization of each row of ``x`` (rows, cols), or of
     ``fold_output_scale(x, col_scale)`` (the backward's gradient, scaled per column first).
 
-    With the compiled loops (``hecommon.he.kernels``, the client) one loop reads ``x`` once for
-    the rows' ranges and once for the values, which it writes transposed: ``values`` is then the
+    With the compiled loops (``hecommon.he.kernels``, the client) one loop takes each row's range
+    and then its values while the row is in cache, and writes them transposed: ``values`` is then the
     (rows, cols) view of a (cols, rows) array, whose rows (one column of ``x`` each) are what
     ``encrypt`` reads. The values are the numpy path's bit for bit."""
     _check_bits(bits)
