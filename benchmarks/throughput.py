@@ -19,6 +19,9 @@ In one run, every key at the top level of the JSON:
   carry (up and down), one thread, through the client's own FFT (``hecommon.he.fft``: FFTW where
   installed) in its blocks of rows: the floor; ``client_over_fft`` = 1-thread client / FFT.
 - ``client_parallel_speedup_2_threads``: 1-thread over 2-thread client time.
+- The client passes at each thread count and the floor are timed in rounds (one of each a round,
+  medians over the rounds), so that the figures of a ratio are taken minutes apart at most: this
+  machine's speed drifts within a run.
 - ``slowdown_vs_plain_peft``: SmolLM2-135M encrypted (embedded, ``helora train``'s default) vs
   plain PEFT (transformers + PEFT, fp32) on this CPU, same batches (8 × 256 tokens), each after
   one warm-up step: the median encrypted step over the median of plain PEFT's steps, which run
@@ -64,7 +67,7 @@ import pika
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, median_time, print_table, write_json  # noqa: E402
+from common import machine, print_table, write_json  # noqa: E402
 from finetune import Run, helora_run, lora_snapshot, peft_run  # noqa: E402
 from hecommon import route, wire  # noqa: E402
 from hecommon.broker import topology  # noqa: E402
@@ -136,22 +139,40 @@ def client_costs(name: str, passes: int) -> dict:
     one_pass()  # real: the replies carry a, which the client holds from now on
     one_pass()  # real: the replies carry b alone: recorded
     replay.replaying = True
-    values = sum((backend.layers[layer].d_in if d == "fwd" else backend.layers[layer].d_out)
-                 + backend.layers[layer].out_rows(d) for layer, d, _ in inputs) * n
-    seconds = {}
-    for threads in sorted({1, 2, os.cpu_count() or 1}):
+    rows = [(backend.layers[layer].d_in if d == "fwd" else backend.layers[layer].d_out)
+            + backend.layers[layer].out_rows(d) for layer, d, _ in inputs]  # values crossing, per request
+    values = sum(rows) * n
+    # the floor: as many transforms through the client's FFT (hecommon.he.fft), by its blocks, of
+    # each request's rows in turn, from one buffer of random values (rescaled after each request,
+    # untimed, so that repeated unnormalized transforms keep their magnitude)
+    x = hefft.empty((max(rows), n))
+    x[:] = gen.standard_normal(x.shape) + 1j * gen.standard_normal(x.shape)
+
+    def floor() -> float:
+        seconds = 0.0
+        for count in rows:
+            t0 = time.perf_counter()
+            for r in range(0, count, kernels.BLOCK_ROWS):
+                hefft.forward(x[r:r + kernels.BLOCK_ROWS])
+            seconds += time.perf_counter() - t0
+            x[:count] *= n ** -0.5
+        return seconds
+
+    counts = sorted({1, 2, os.cpu_count() or 1})
+    timed: dict[int, list[float]] = {t: [] for t in counts}
+    ffts = []
+    for threads in counts:
         os.environ["HELORA_THREADS"] = str(threads)
         one_pass()  # warm at this thread count
-        seconds[threads] = statistics.median(one_pass() for _ in range(passes))
+    floor()  # warm
+    for _ in range(passes):  # rounds: a round's passes and floor within seconds of each other (this machine drifts)
+        for threads in counts:
+            os.environ["HELORA_THREADS"] = str(threads)
+            timed[threads].append(one_pass())
+        ffts.append(floor())
     os.environ.pop("HELORA_THREADS", None)
-    fft = 0.0  # the floor: the same count of transforms through the client's FFT (hecommon.he.fft), by its blocks
-    for layer, d, _ in inputs:
-        rows = (backend.layers[layer].d_in if d == "fwd" else backend.layers[layer].d_out) + backend.layers[layer].out_rows(d)
-        x = hefft.empty((rows, n))
-        x[:] = gen.standard_normal((rows, n)) + 1j * gen.standard_normal((rows, n))
-        fft += median_time(lambda x=x, rows=rows: [hefft.forward(x[r:r + kernels.BLOCK_ROWS])
-                                        for r in range(0, rows, kernels.BLOCK_ROWS)], passes)
-    return {"values": values, "seconds": seconds, "fft_seconds": fft}
+    return {"values": values, "seconds": {t: statistics.median(v) for t, v in timed.items()},
+            "fft_seconds": statistics.median(ffts)}
 
 
 def _batches(steps: int, batch_size: int, seq_len: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
