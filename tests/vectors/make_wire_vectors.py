@@ -221,9 +221,9 @@ def describe(msg: Any) -> dict[str, Any]:
     """Field-by-field summary of a message: scalars as they are, arrays summarized. Fields outside a
     dataclass's value (``compare=False``: ``EncryptedBatch.reduced``, how it was made) are left out."""
     out: dict[str, Any] = {"class": type(msg).__name__}
-    local = {f.name for f in dataclasses.fields(msg) if not f.compare} if dataclasses.is_dataclass(msg) else set()
+    not_value = {f.name for f in dataclasses.fields(msg) if not f.compare} if dataclasses.is_dataclass(msg) else set()
     for name, value in vars(msg).items():
-        if name in local:
+        if name in not_value:
             continue
         if isinstance(value, bytes):
             out[name] = value.hex()
