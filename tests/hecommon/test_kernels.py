@@ -273,7 +273,7 @@ def test_thread_count_changes_nothing(threads, rng, monkeypatch):
     np.testing.assert_array_equal(decrypt(s, result), first)
 
 
-@pytest.mark.parametrize("bits", [1, 7, 8, 27, 34, 38, 56])
+@pytest.mark.parametrize("bits", [1, 7, 8, 27, 34, 38, 40, 45, 56])
 def test_kernel_bit_packing_equals_the_numpy_paths(bits, rng, monkeypatch):
     """The compiled packer gives the numpy paths' bytes for every length (pieces in parallel
     included) and dtype, unpacks them back, and refuses a value that does not fit."""
@@ -291,6 +291,36 @@ def test_kernel_bit_packing_equals_the_numpy_paths(bits, rng, monkeypatch):
         np.testing.assert_array_equal(unpack_bits(fast, bits, count), v)
     with pytest.raises(ValueError, match="does not fit"):
         pack_bits(np.array([1 << bits] * 70_001, dtype=np.uint64), bits)
+
+
+@pytest.mark.parametrize("bits", sorted(__import__("hecommon.he._packing", fromlist=["WIDTHS"]).WIDTHS))
+def test_written_out_packing_equals_the_generic_loops(bits, rng):
+    """The loops written out for one width (``_packing``) give ``_fused``'s words and values for
+    rows of whole groups of 64, with a last partial group, and on strided rows; every width the
+    parameter sets use is one of them; a value that does not fit is refused in any group."""
+    from hecommon.he import _fused, _packing
+    from hecommon.he.params import REGISTRY
+
+    assert {w for p in REGISTRY.values() for w in (*(q.bit_length() for q in p.primes), p.out_bits,
+                                                   p.hint_out_bits)} <= _packing.WIDTHS
+    pack, unpack = _packing.pack_loop(bits), _packing.unpack_loop(bits)
+    assert pack is not _fused.pack_rows and unpack is not _fused.unpack_rows
+    for n in (64, 2048, 2048 + 40, 7):
+        v = rng.integers(0, 1 << bits, size=(5, 2, n), dtype=np.uint64)
+        v[0, 1, :] = (1 << bits) - 1
+        v[1, 1, :] = 0
+        words, expected = (np.zeros((5, -(-n * bits // 64)), dtype=np.uint64) for _ in range(2))
+        assert _fused.pack_rows(v[:, 1], bits, expected)
+        assert pack(v[:, 1], bits, words)  # strided rows: one limb of (rows, L, n)
+        np.testing.assert_array_equal(words, expected)
+        back = np.zeros((5, 2, n), dtype=np.uint64)
+        unpack(words, bits, back[:, 0])
+        np.testing.assert_array_equal(back[:, 0], v[:, 1])
+        assert not back[:, 1].any()
+        for r, c in ((0, 0), (4, n - 1), (2, n // 2)):
+            bad = v[:, 1].copy()
+            bad[r, c] = 1 << bits
+            assert not pack(bad, bits, words)
 
 
 def test_the_most_negative_int64_message_is_refused():

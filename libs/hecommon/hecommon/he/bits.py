@@ -14,7 +14,8 @@ of 64 values: 64 values of ``bits`` bits fill exactly ``bits`` 64-bit words, so 
 fixed 64-step loop of whole-array shifts and ORs. Short arrays, where those steps' call overhead
 dominates, go through a bit matrix (``np.unpackbits``/``np.packbits``), which costs 8x the
 memory traffic but only a handful of calls. Where numba is installed (the client), widths up to
-56 bits go through one compiled loop instead (``hecommon.he.kernels``), several times faster again.
+56 bits go through one compiled loop instead (``hecommon.he.kernels``), several times faster again;
+the widths the parameter sets use go through loops written out for that width (``_packing``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _pack_kernel(values: np.ndarray, bits: int) -> np.ndarray:
     words: rows of whole words (no copy of a strided input), or pieces of 64 values (whole
     words) of the flat array, in parallel, into one buffer: the same bytes as the numpy paths
     (uint8, a view of that buffer)."""
-    loop = kernels.loops().pack_rows
+    loop = kernels.pack_loop(bits)
     if values.ndim == 2 and _row_words(values.shape[1], bits, values.shape[0]):
         rows, n = values.shape
         out = np.empty((rows, n * bits // 64), dtype="<u8")
@@ -116,7 +117,7 @@ def _pack_kernel(values: np.ndarray, bits: int) -> np.ndarray:
 
 def _unpack_kernel(raw: np.ndarray, bits: int, out: np.ndarray) -> None:
     """``out`` (rows, n) from ``raw`` through the compiled loop, in parallel (see ``_pack_kernel``)."""
-    loop = kernels.loops().unpack_rows
+    loop = kernels.unpack_loop(bits)
     rows, n = out.shape
     if _row_words(n, bits, rows):
         words = raw.view("<u8").reshape(rows, n * bits // 64)
@@ -303,7 +304,7 @@ class PackedRows:
         size = packed_size(bits, n)
         if bits <= _KERNEL_BITS and kernels.enabled():  # rows of whole words, then each row's bytes
             words = np.zeros((rows, -(-n * bits // 64)), dtype="<u8")
-            if not kernels.loops().pack_rows(values, bits, words):
+            if not kernels.pack_loop(bits)(values, bits, words):
                 raise ValueError(f"pack_bits: a value does not fit in {bits} bits")
             data = words.view(np.uint8)[:, :size].tobytes()
         else:
@@ -332,7 +333,7 @@ class PackedRows:
         if bits <= _KERNEL_BITS and kernels.enabled():  # each row into whole words, then one loop
             words = np.zeros((rows, -(-n * bits // 64)), dtype="<u8")
             words.view(np.uint8)[:, : self.row_bytes] = raw
-            kernels.loops().unpack_rows(words, bits, out)
+            kernels.unpack_loop(bits)(words, bits, out)
         else:
             for r in range(rows):
                 out[r] = unpack_bits(raw[r].tobytes(), bits, n)

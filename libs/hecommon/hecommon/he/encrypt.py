@@ -473,7 +473,7 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
     params = ct.params
     half = params.n // 2
     qd = params.q / params.delta
-    spec = fft.empty((2, kernels.BLOCK_ROWS, half))  # in place: out of place, a (64, N/2) pair outgrows the cache
+    pair = fft.pair((kernels.BLOCK_ROWS, half), inputs=2)  # this thread's: two products share one spectrum buffer
     fused = kernels.loops()
     # read down its columns by place_columns: rows spread over the cache's sets (_fused.spread_row),
     # the loops use the first T columns
@@ -484,11 +484,11 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
         g1 = min(g0 + PLACE_ROWS, hi)
         for b0 in range(g0, g1, kernels.BLOCK_ROWS):
             b1 = min(b0 + kernels.BLOCK_ROWS, g1)
-            one, two, rows = spec[0, : b1 - b0], spec[1, : b1 - b0], msg[b0 - g0 : b1 - g0]
+            one, two, rows = pair.xs[0][: b1 - b0], pair.xs[1][: b1 - b0], msg[b0 - g0 : b1 - g0]
             if ct.a is not None:  # a sent (or held from an earlier reply) at 2^out_bits: split, two products
                 a = np.asarray(unpacked(ct.a[b0:b1]), dtype=np.uint64)
                 fused.fold_wide(a, params.out_bits, _WIDE_SPLIT, mul.twist, one, two)
-                mul.spectrum_product(spec[:, : b1 - b0])
+                mul.pair_product(pair, b1 - b0)
                 fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, unpacked(ct.b[b0:b1]), ct.bits, qd,
                                           ct.col0, rows)
             else:  # the hint's two limbs mod q: a·s mod q by CRT, switched as the server would
@@ -496,7 +496,7 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
                 for i, (p, buf) in enumerate(((p0, one), (p1, two))):
                     if not fused.fold_words(hint[b0:b1, i], 0xFFFFFFFF, p, params.n, mul.twist, buf):
                         raise DecryptionError("the layer's hint holds residues outside their modulus")
-                mul.spectrum_product(spec[:, : b1 - b0])
+                mul.pair_product(pair, b1 - b0)
                 fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, unpacked(ct.b[b0:b1]), ct.bits,
                                           scale, qd, ct.col0, rows)
         fused.place_columns(msg[: g1 - g0], out, g0, add)

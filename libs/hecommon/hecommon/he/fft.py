@@ -140,28 +140,34 @@ def bound(x: np.ndarray, inverse: bool = False, out: np.ndarray | None = None) -
 
 
 class Pair:
-    """Two ``empty`` buffers of one (rows, n) shape and the out-of-place plans between them, for
-    a product's two transforms (``bound``): ``forward`` x → y (x is then undefined), ``inverse``
-    y → x. Out of place is faster than in place, and a bound plan costs no lookup a call."""
+    """``inputs`` ``empty`` buffers of one (rows, n) shape (``xs``; ``x`` is the first), one more
+    for their spectra (``y``), and the out-of-place plans between them, for products' two
+    transforms (``bound``): ``forwards[i]`` xs[i] → y (xs[i] is then undefined), ``inverses[i]``
+    y → xs[i]; ``forward`` and ``inverse`` are the first input's. Out of place is faster than in
+    place (a (32, 1024) block's product, both transforms: 4.45 → 3.96 µs a row here), and a bound
+    plan costs no lookup a call; inputs share ``y``, transformed one after the other, so a
+    thread's buffers stay in its cache."""
 
-    def __init__(self, shape: tuple[int, int]) -> None:
-        self.x, self.y = empty(shape), empty(shape)
-        self.forward = bound(self.x, out=self.y)
-        self.inverse = bound(self.y, inverse=True, out=self.x)
+    def __init__(self, shape: tuple[int, int], inputs: int = 1) -> None:
+        self.xs, self.y = tuple(empty(shape) for _ in range(inputs)), empty(shape)
+        self.x = self.xs[0]
+        self.forwards = tuple(bound(x, out=self.y) for x in self.xs)
+        self.inverses = tuple(bound(self.y, inverse=True, out=x) for x in self.xs)
+        self.forward, self.inverse = self.forwards[0], self.inverses[0]
 
 
 _PAIRS = threading.local()
 
 
-def pair(shape: tuple[int, int]) -> Pair:
-    """This thread's ``Pair`` of ``shape`` under the library ``backend`` names now, made once
-    (with its measured plans) and reused by every block the thread transforms."""
+def pair(shape: tuple[int, int], inputs: int = 1) -> Pair:
+    """This thread's ``Pair`` of ``shape`` and ``inputs`` under the library ``backend`` names now,
+    made once (with its measured plans) and reused by every block the thread transforms."""
     cache = getattr(_PAIRS, "pairs", None)
     if cache is None:
         cache = _PAIRS.pairs = {}
-    key = (shape, backend())
+    key = (shape, inputs, backend())
     if key not in cache:
-        cache[key] = Pair(shape)
+        cache[key] = Pair(shape, inputs)
     return cache[key]
 
 

@@ -20,7 +20,7 @@ loop, ``finish_decrypt_wide``, about 1.7; placing the messages into the caller's
 ``sampling.plane_binomial``'s counts) 2.4 → 1.4 ns; ``fold_words`` 1.4 → 0.9 ns.
 
 The same module holds the loops around them: bit packing that moves 64-bit words
-(``bits.pack_bits``), quantization that takes each row's range and then its values while the row
+(``bits.pack_bits``; written out per width for the parameter sets' widths, ``_packing``), quantization that takes each row's range and then its values while the row
 is in cache and writes them transposed, one feature per row, as ``encrypt`` reads them
 (``quantize.quantize_rows``), and dequantization in one pass into the caller's float32 rows
 (``quantize.dequantize_forward``).
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -84,6 +85,23 @@ def enabled() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def pack_loop(bits: int) -> Callable:
+    """The compiled loop that packs rows of ``bits``-bit values (``_fused.pack_rows``' arguments):
+    written out for the parameter sets' widths (``hecommon.he._packing``), ``pack_rows`` for others."""
+    loops()
+    from . import _packing
+
+    return _packing.pack_loop(bits)
+
+
+def unpack_loop(bits: int) -> Callable:
+    """``pack_loop``'s inverse (``_fused.unpack_rows``' arguments)."""
+    loops()
+    from . import _packing
+
+    return _packing.unpack_loop(bits)
 
 
 def centered_binomial(raw: np.ndarray, eta: int) -> np.ndarray:

@@ -77,15 +77,17 @@ class SmallSecretMultiplier:
         fft.inverse(folded)
 
     def pair_product(self, pair: fft.Pair, rows: int) -> None:
-        """``spectrum_product`` of the first ``rows`` rows of ``pair.x`` (a thread's ``fft.Pair``),
-        which then hold the products' inverse transforms: a whole block out of place on the pair's
-        plans, a shorter one in place."""
+        """``spectrum_product`` of the first ``rows`` rows of each of ``pair.xs`` (a thread's
+        ``fft.Pair``), which then hold the products' inverse transforms: a whole block out of place
+        on the pair's plans, a shorter one in place."""
         if rows < pair.x.shape[0]:
-            self.spectrum_product(pair.x[:rows])
+            for x in pair.xs:
+                self.spectrum_product(x[:rows])
             return
-        pair.forward()
-        self._times_s(pair.y)
-        pair.inverse()
+        for forward, inverse in zip(pair.forwards, pair.inverses, strict=True):
+            forward()
+            self._times_s(pair.y)
+            inverse()
 
     def _times_s(self, spectra: np.ndarray) -> None:
         """In place: spectra (..., N/2) times ``s``'s (scaled by the inverse's 1/(N/2))."""
