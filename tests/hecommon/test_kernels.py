@@ -227,6 +227,38 @@ def test_rejected_words_are_skipped_as_expand_a_skips_them(monkeypatch):
     assert not kernels.loops().fold_words(short, 0xFFFFFFFF, p, n, mul.twist, buf)
 
 
+def test_rows_with_and_without_rejections_fold_to_expand_as_residues(rng):
+    """Rows that take each of ``fold_words``' paths fold to the residues ``expand_a``'s rule keeps
+    (masked words below p, in order, the first N): none rejected; one at the first word, at the
+    last of the first N, at a run's end and start; a run of 64 and more rejected together; one
+    in every run; rejections past the first N only. A row whose last needed word is its last
+    folds; one word short, it runs out."""
+    from hecommon.he.ring import SmallSecretMultiplier
+    from hecommon.he.sampling import a_mask
+
+    ps = P.DEFAULT
+    p, n, width = ps.primes[0], ps.n, ps.n + 256
+    mask = a_mask(p)
+    mul = SmallSecretMultiplier(np.eye(1, n, 0, dtype=np.int64)[0])  # s = 1: the product is a
+    base = rng.integers(0, p, size=width).astype(np.uint32) | np.uint32(1 << 27)  # above the mask: masked off
+    patterns = [[], [0], [n - 1], [63, 64], [127], list(range(500, 600)), list(range(0, n, 64)), [n, n + 3],
+                list(range(width - 256, width))]
+    words = np.stack([base] * len(patterns))
+    for row, rejected in zip(words, patterns, strict=True):
+        row[rejected] = p + np.arange(len(rejected), dtype=np.uint32) % (mask - p + 1)
+    buf = np.empty((len(patterns), n // 2), dtype=np.complex128)
+    assert kernels.loops().fold_words(words, mask, p, n, mul.twist, buf)
+    mul.spectrum_product(buf)
+    z = buf * mul.untwist
+    got = np.rint(np.concatenate([z.real, z.imag], axis=1)).astype(np.int64)
+    for row, folded in zip(words, got, strict=True):
+        masked = (row & mask).astype(np.int64)
+        np.testing.assert_array_equal(folded, centered(masked[masked < p][:n], p))
+    exact = np.array(words[5:6, : n + 100])  # the run of 100 rejections: its last word is the N-th kept
+    assert kernels.loops().fold_words(exact, mask, p, n, mul.twist, buf[:1])
+    assert not kernels.loops().fold_words(exact[:, :-1], mask, p, n, mul.twist, buf[:1])
+
+
 @pytest.mark.parametrize("eta", [4, 8, 12, 24, 64])
 def test_kernel_noise_equals_the_numpy_sampler(eta, monkeypatch):
     stream = noise_stream(4000 * eta // 4).copy()

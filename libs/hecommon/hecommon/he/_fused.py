@@ -40,27 +40,63 @@ def _decode(x, modulus, qd):  # pragma: no cover - compiled
 
 
 @_jit
+def _rejected(words, mask, p):  # pragma: no cover - compiled
+    """How many of ``words`` (a 1-D view), masked, are at or above ``p`` (a loop that vectorizes)."""
+    count = 0
+    for k in range(words.shape[0]):
+        count += (words[k] & mask) >= p
+    return count
+
+
+@_jit
+def _centered_into(words, mask, p, out):  # pragma: no cover - compiled
+    """``words`` (a 1-D view, each masked below ``p``) as residues centered mod ``p``, into ``out``."""
+    half_p = p // 2
+    for k in range(words.shape[0]):
+        w = np.int64(words[k] & mask)
+        out[k] = np.float64(w - p if w > half_p else w)
+
+
+@_jit
 def fold_words(words, mask, p, n, twist, out):  # pragma: no cover - compiled
     """Rows of uniform residues mod ``p`` from keystream words (masked, rejected at or above
     ``p``: ``sampling.expand_a``'s rule), centered, folded and twisted into ``out`` (rows, N/2)
     complex. Residues already below ``p`` pass with ``mask`` all ones. False if a row ran out.
 
-    Each row in two loops: the rejection (every word stored, the position advanced only past
-    those kept: no branch but the row's end), then the fold, which vectorizes."""
+    A word is rejected rarely (3·10^-4 for the 27-bit primes, so about half the rows of 2048 have
+    none among their first N words): a row is counted first, and one without a rejection folds its
+    first N words directly; the others are copied run by run between their rejected words (found
+    64 words at a time), then folded. Every loop vectorizes; the one kept-index walk per word
+    that this replaces did not (1.06 → 0.46 ns a coefficient here)."""
     half = n // 2
     half_p = p // 2
     rows, width = words.shape
-    kept = np.empty(n, dtype=np.float64)  # a store at j = n never happens: the row ends first
+    kept = np.empty(n, dtype=np.float64)
     for r in range(rows):
-        j = 0
-        for k in range(width):
-            w = np.int64(words[r, k] & mask)
-            kept[j] = np.float64(w - p if w > half_p else w)
-            j += w < p
-            if j == n:
-                break
-        if j < n:
-            return False
+        row = words[r]
+        if _rejected(row[:n], mask, p) == 0:
+            for k in range(half):
+                lo, hi = np.int64(row[k] & mask), np.int64(row[k + half] & mask)
+                out[r, k] = complex(np.float64(lo - p if lo > half_p else lo),
+                                    np.float64(hi - p if hi > half_p else hi)) * twist[k]
+            continue
+        j = 0  # residues kept
+        k = 0  # the next word
+        while j < n:
+            e = k  # the next rejected word at or after k (width: none)
+            while e < width:
+                end = min(e + 64, width)
+                if _rejected(row[e:end], mask, p):
+                    while (row[e] & mask) < p:
+                        e += 1
+                    break
+                e = end
+            take = min(e - k, n - j)
+            _centered_into(row[k:k + take], mask, p, kept[j:j + take])
+            j += take
+            if j < n and e >= width:
+                return False
+            k = e + 1
         for k in range(half):
             out[r, k] = complex(kept[k], kept[k + half]) * twist[k]
     return True
