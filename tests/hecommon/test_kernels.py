@@ -109,11 +109,13 @@ def test_fresh_noise_drawn_per_block_decrypts_exactly(ps, rng, monkeypatch):
 
 @pytest.mark.parametrize("ps", PSETS, ids=lambda p: p.name)
 @pytest.mark.parametrize(("tokens", "where"), [(1, "start"), (1, "end"), (7, "middle"), (300, "start"),
-                                               (300, "end"), ("N", "start")])
+                                               (300, "end"), (128, "middle"), ("N", "start")])
 def test_kernel_decryption_equals_the_numpy_path(ps, tokens, where, rng, monkeypatch):
     """Results with ``a`` (packed or not, at the extremes of its range) and, with two limbs, results
     decrypted from the layer's hint (residues at 0 and p-1), ``b`` packed or not, token windows at
-    the ring's start, middle (across its halves) and end: the same messages."""
+    the ring's start, middle (across its halves) and end: the same messages. Packed rows of whole
+    64-bit words (N values; 128 tokens) are unpacked from the message's words directly, others
+    (and words that are not 8-byte aligned in memory) through ``PackedRows``: the same messages."""
     t = ps.n if tokens == "N" else tokens
     col0 = {"start": 0, "middle": ps.n // 2 - 3, "end": ps.n - t}[where]
     d = 150  # more than two groups of messages placed together (encrypt.PLACE_ROWS), the last one short
@@ -124,7 +126,10 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, where, rng, monkeyp
     a[1, :] = top - 1
     b = rng.integers(0, top, size=(d, t), dtype=np.uint64)
     first = None
-    for a_part in (a, PackedRows.pack(a, ps.out_bits)):
+    packed = PackedRows.pack(a, ps.out_bits)
+    shifted = PackedRows(ps.out_bits, ps.n, memoryview(b"\0" * 4 + bytes(packed.data))[4:].toreadonly())
+    assert np.frombuffer(shifted.data, np.uint8).ctypes.data % 8  # not 8-byte aligned: the other path
+    for a_part in (a, packed, shifted):
         for b_part in (b, PackedRows.pack(b, ps.out_bits)):  # b packed as it comes over the wire
             result = EncryptedResult(ps, a_part, b_part, t, col0=col0)
             reference, fast = _paths(monkeypatch, lambda r=result: decrypt(s, r))

@@ -464,6 +464,30 @@ _WIDE_SPLIT = 20
 PLACE_ROWS = 64
 
 
+class _BlockRows:
+    """Rows ``b0 … b1`` (a block) of a result's ``a`` or ``b`` part as uint64 values, for one
+    thread's ``_decrypt_blocks``: packed rows of whole 64-bit words (N values, or a window of a
+    multiple of 64 tokens, at the parameter sets' widths) are unpacked by the compiled loop straight
+    from the message's words into a buffer the thread reuses; other packed rows through
+    ``PackedRows``; an array as it is."""
+
+    def __init__(self, part: np.ndarray | PackedRows, bits: int) -> None:
+        self.part, self.bits, self.words = part, bits, None
+        if isinstance(part, PackedRows) and part.n * bits % 64 == 0:
+            raw = np.frombuffer(part.data, dtype=np.uint8)
+            if raw.ctypes.data % 8 == 0:  # a message's bytes (aligned), or whole-word rows of them
+                self.words = raw.view("<u8").reshape(part.rows, part.n * bits // 64)
+                self.buf = np.empty((kernels.BLOCK_ROWS, part.n), dtype=np.uint64)
+                self.unpack = kernels.unpack_loop(bits)
+
+    def __call__(self, b0: int, b1: int) -> np.ndarray:
+        if self.words is None:
+            return np.asarray(unpacked(self.part[b0:b1]), dtype=np.uint64)
+        out = self.buf[: b1 - b0]
+        self.unpack(self.words[b0:b1], self.bits, out)
+        return out
+
+
 def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.ndarray, lo: int, hi: int,
                     add: bool) -> None:
     """``decrypt``'s rows ``lo … hi`` of a switched result through the fused kernels (the numpy
@@ -480,24 +504,26 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
     msg = np.empty((PLACE_ROWS, fused.spread_row(ct.n_tokens, 8)), dtype=np.int64)
     p0, p1 = params.primes[0], params.primes[-1]  # the hint path has two limbs (``decrypt`` checks)
     inv_p0, scale = pow(p0, -1, p1), float(1 << ct.bits) / params.q
+    a_rows = _BlockRows(ct.a, params.out_bits) if ct.a is not None else None
+    b_rows = _BlockRows(ct.b, ct.bits)
     for g0 in range(lo, hi, PLACE_ROWS):
         g1 = min(g0 + PLACE_ROWS, hi)
         for b0 in range(g0, g1, kernels.BLOCK_ROWS):
             b1 = min(b0 + kernels.BLOCK_ROWS, g1)
             one, two, rows = pair.xs[0][: b1 - b0], pair.xs[1][: b1 - b0], msg[b0 - g0 : b1 - g0]
             if ct.a is not None:  # a sent (or held from an earlier reply) at 2^out_bits: split, two products
-                a = np.asarray(unpacked(ct.a[b0:b1]), dtype=np.uint64)
-                fused.fold_wide(a, params.out_bits, _WIDE_SPLIT, mul.twist, one, two)
+                assert a_rows is not None
+                fused.fold_wide(a_rows(b0, b1), params.out_bits, _WIDE_SPLIT, mul.twist, one, two)
                 mul.pair_product(pair, b1 - b0)
-                fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, unpacked(ct.b[b0:b1]), ct.bits, qd,
-                                          ct.col0, rows)
+                fused.finish_decrypt_wide(one, two, mul.untwist, _WIDE_SPLIT, b_rows(b0, b1), ct.bits, qd, ct.col0,
+                                          rows)
             else:  # the hint's two limbs mod q: a·s mod q by CRT, switched as the server would
                 assert hint is not None
                 for i, (p, buf) in enumerate(((p0, one), (p1, two))):
                     if not fused.fold_words(hint[b0:b1, i], 0xFFFFFFFF, p, params.n, mul.twist, buf):
                         raise DecryptionError("the layer's hint holds residues outside their modulus")
                 mul.pair_product(pair, b1 - b0)
-                fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, unpacked(ct.b[b0:b1]), ct.bits,
-                                          scale, qd, ct.col0, rows)
+                fused.finish_decrypt_hint(one, two, mul.untwist, p0, p1, inv_p0, b_rows(b0, b1), ct.bits, scale,
+                                          qd, ct.col0, rows)
         fused.place_columns(msg[: g1 - g0], out, g0, add)
 
