@@ -26,6 +26,8 @@ from hecommon.he.sampling import (
 
 pytest.importorskip("numba")
 PSETS = list(P.REGISTRY.values())
+#: The widths ``hecommon.he._packing`` writes its loops out for (it imports numba: skipped above).
+PACKING_WIDTHS = sorted(__import__("hecommon.he._packing", fromlist=["WIDTHS"]).WIDTHS)
 
 
 def _paths(monkeypatch, fn):
@@ -146,6 +148,27 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, where, rng, monkeyp
             np.testing.assert_array_equal(fast, reference)
 
 
+def test_decryptions_shared_spectrum_buffer_works_on_either_fft(rng, monkeypatch):
+    """Decryption's two products per block go through one ``fft.Pair`` of two inputs (out of place
+    on FFTW's plans; copies then transforms on numpy's): the same messages either way, full blocks
+    and a short last one."""
+    from hecommon.he import fft
+
+    ps = P.DEFAULT
+    s = SecretKey.generate().request_secret(ps, os.urandom(16))
+    a = rng.integers(0, 1 << ps.out_bits, size=(70, ps.n), dtype=np.uint64)
+    result = EncryptedResult(ps, PackedRows.pack(a, ps.out_bits), a[:, :300].copy(), 300)
+    monkeypatch.setenv("HELORA_KERNELS", "numba")
+    got = {}
+    for backend in ("numpy", "fftw"):
+        monkeypatch.setenv("HELORA_FFT", backend)
+        if fft.backend() == backend:
+            got[backend] = decrypt(s, result)
+    monkeypatch.setenv("HELORA_KERNELS", "numpy")
+    reference = decrypt(s, result)
+    assert got and all(np.array_equal(m, reference) for m in got.values())
+
+
 @pytest.mark.parametrize("mode", ["numpy", "numba"])
 def test_decryption_into_a_view_writes_or_adds_its_columns(mode, rng, monkeypatch):
     """``decrypt(out=)`` writes the messages into a strided view of the caller's array (columns of
@@ -247,7 +270,7 @@ def test_rows_with_and_without_rejections_fold_to_expand_as_residues(rng):
     mul = SmallSecretMultiplier(np.eye(1, n, 0, dtype=np.int64)[0])  # s = 1: the product is a
     base = rng.integers(0, p, size=width).astype(np.uint32) | np.uint32(1 << 27)  # above the mask: masked off
     patterns = [[], [0], [n - 1], [63, 64], [127], list(range(500, 600)), list(range(0, n, 64)), [n, n + 3],
-                list(range(width - 256, width))]
+                [7, *range(n + 1, width)]]  # the last: its N-th residue is word N, every word after it rejected
     words = np.stack([base] * len(patterns))
     for row, rejected in zip(words, patterns, strict=True):
         row[rejected] = p + np.arange(len(rejected), dtype=np.uint32) % (mask - p + 1)
@@ -262,6 +285,11 @@ def test_rows_with_and_without_rejections_fold_to_expand_as_residues(rng):
     exact = np.array(words[5:6, : n + 100])  # the run of 100 rejections: its last word is the N-th kept
     assert kernels.loops().fold_words(exact, mask, p, n, mul.twist, buf[:1])
     assert not kernels.loops().fold_words(exact[:, :-1], mask, p, n, mul.twist, buf[:1])
+    late = np.array(words[8:9])
+    late[0, n] = p  # word N rejected too: N-1 residues in the whole row
+    assert not kernels.loops().fold_words(late, mask, p, n, mul.twist, buf[:1])
+    clean = np.array(words[:1, : n - 1])  # fewer words than residues, none rejected: runs out, reads nothing past
+    assert not kernels.loops().fold_words(clean, mask, p, n, mul.twist, buf[:1])
 
 
 @pytest.mark.parametrize("eta", [4, 8, 12, 24, 64])
@@ -330,7 +358,7 @@ def test_kernel_bit_packing_equals_the_numpy_paths(bits, rng, monkeypatch):
         pack_bits(np.array([1 << bits] * 70_001, dtype=np.uint64), bits)
 
 
-@pytest.mark.parametrize("bits", sorted(__import__("hecommon.he._packing", fromlist=["WIDTHS"]).WIDTHS))
+@pytest.mark.parametrize("bits", PACKING_WIDTHS)
 def test_written_out_packing_equals_the_generic_loops(bits, rng):
     """The loops written out for one width (``_packing``) give ``_fused``'s words and values for
     rows of whole groups of 64, with a last partial group, and on strided rows; every width the
@@ -350,6 +378,15 @@ def test_written_out_packing_equals_the_generic_loops(bits, rng):
         assert _fused.pack_rows(v[:, 1], bits, expected)
         assert pack(v[:, 1], bits, words)  # strided rows: one limb of (rows, L, n)
         np.testing.assert_array_equal(words, expected)
+        if bits <= 32:  # encrypt's residues are uint32
+            words[:] = 0
+            assert pack(v[:, 1].astype(np.uint32), bits, words)
+            np.testing.assert_array_equal(words, expected)
+        narrow = np.zeros((5, n), dtype=np.uint32 if bits <= 32 else np.uint64)  # the narrowest that holds them
+        readonly = expected.copy()
+        readonly.flags.writeable = False  # a message's bytes
+        unpack(readonly, bits, narrow)
+        np.testing.assert_array_equal(narrow, v[:, 1])
         back = np.zeros((5, 2, n), dtype=np.uint64)
         unpack(words, bits, back[:, 0])
         np.testing.assert_array_equal(back[:, 0], v[:, 1])

@@ -308,6 +308,30 @@ def test_only_batches_encrypt_wrote_skip_the_residue_scan(mode, monkeypatch):
             wire.EncryptedRequest(RID, "l", "fwd", unmarked, owner=OWNER)
 
 
+@pytest.mark.parametrize("mode", ["numba", "numpy"])
+def test_encrypts_packed_limbs_are_the_requests_bytes(mode, monkeypatch):
+    """The compiled path packs ``b``'s limbs as it encrypts them, for windows whose rows fill
+    whole 64-bit words (T a multiple of 64 at 27 bits): a request on that batch encodes to the
+    bytes of the same request packed anew, and decodes to ``b``; other windows, the numpy path,
+    slices and replaced batches carry no packing. ``encrypt``'s ``b`` is read-only, so what
+    travels is what it wrote."""
+    monkeypatch.setenv("HELORA_KERNELS", mode)
+    secret = SecretKey.generate().request_secret(N2048, os.urandom(16))
+    gen_ = np.random.default_rng(3)
+    for t, d, col0 in ((128, 70, 0), (2048, 3, 0), (64, 33, 1000), (100, 5, 0), (1, 2, 7)):
+        batch = encrypt(secret, gen_.integers(-100, 100, size=(t, d)), os.urandom(16), col0=col0)
+        assert (batch.packed is not None) == (mode == "numba" and t % 64 == 0)
+        with pytest.raises(ValueError, match="read-only"):
+            batch.b[0, 0, 0] = 1
+        fresh = batch.rows(batch.b)  # the same residues, packed anew by the wire
+        assert fresh.packed is None and dataclasses.replace(batch).packed is None
+        sent = wire.encode(wire.EncryptedRequest(RID, "l", "fwd", batch, owner=OWNER))
+        assert sent == wire.encode(wire.EncryptedRequest(RID, "l", "fwd", fresh, owner=OWNER))
+        np.testing.assert_array_equal(wire.decode_request(sent).batch.b, batch.b)
+    (field,) = [f for f in dataclasses.fields(EncryptedBatch) if f.name == "packed"]
+    assert not field.init and not field.compare  # not an argument, not part of the value
+
+
 def test_construction_validates():
     bad = residues(N2048, 1)
     bad[0, 1, 5] = N2048.primes[1]

@@ -4,19 +4,19 @@
 a chain of dependent shifts and a branch per word. Sixty-four values of ``bits`` bits fill
 exactly ``bits`` words, so for a width known when the loop is compiled, every value's word and
 shift in a group of 64 are constants: the loops here are written out for one width, each word an
-OR of the two or three values that meet it, each value a shift of the one or two words that hold
+OR of the two to four values that meet it, each value a shift of the one or two words that hold
 it, with no carried state. Measured on this project's 2-core VM, a (576, 2048) array: packing 27
 bits 0.80 → 0.53 ns a value, unpacking 38 bits 0.78 → 0.45.
 
 The source of each width's pair of loops is generated here and compiled once per process on first
-use (about a second a loop; numba cannot cache what has no source file), only for ``WIDTHS``;
-other widths, and rows whose length is not a whole number of groups, take ``_fused``'s loops. Both
-give the same words and values (``tests/hecommon/test_bits.py``).
+use (about a second a loop and argument types; numba cannot cache what has no source file), only
+for ``WIDTHS``; other widths take ``_fused``'s loops, and so does the last partial group of a row
+whose length is not a multiple of 64. Both give the same words and values
+(``tests/hecommon/test_kernels.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -94,10 +94,15 @@ def _compiled(source: str, name: str) -> Callable:
     return njit(nogil=True, boundscheck=False)(loop)
 
 
-@functools.cache
+_LOOPS: dict[int, tuple[Callable, Callable]] = {}
+
+
 def _loops(bits: int) -> tuple[Callable, Callable]:
+    """``bits``' pair of loops, made once: pool threads may ask for them together."""
     with _COMPILE:
-        return _compiled(_pack_source(bits), "pack"), _compiled(_unpack_source(bits), "unpack")
+        if bits not in _LOOPS:
+            _LOOPS[bits] = _compiled(_pack_source(bits), "pack"), _compiled(_unpack_source(bits), "unpack")
+        return _LOOPS[bits]
 
 
 def pack_loop(bits: int) -> Callable:

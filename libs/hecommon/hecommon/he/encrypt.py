@@ -55,16 +55,22 @@ class EncryptedBatch:
 
     ``reduced``: ``b`` was written by ``encrypt``, whose loop reduces every residue mod its prime
     as it writes it, so a request built on this batch does not read it all again to check that
-    (``wire.EncryptedRequest``). Only ``encrypt`` sets it: it is not an argument, so a batch built
-    any other way, a slice or a join of rows (``rows``), one from ``dataclasses.replace`` and one
-    decoded from the wire are checked. Not part of the batch's value. (``b`` stays writable: the
-    caller that changes an encrypted ``b`` in place owns what it sends; the receiver checks it.)"""
+    (``wire.EncryptedRequest``). ``packed``: the compiled path's bit-packed limbs of ``b``, one
+    (d, T·bits/64) uint64 array a limb, the bytes the wire sends (``wire.fields``), packed block by
+    block while ``encrypt``'s rows were in cache (a Llama-3.2-1B request's ``b`` is 134 MB: read
+    back from memory to be packed, it cost 8 % of the client), for windows whose rows fill whole
+    64-bit words (T a multiple of 64); None otherwise. Only ``encrypt`` sets them: they are not
+    arguments, so a batch built any other way, a slice or a join of rows (``rows``), one from
+    ``dataclasses.replace`` and one decoded from the wire are checked and packed anew. Not part
+    of the batch's value. ``encrypt``'s ``b`` is read-only: what travels is what it wrote (and the
+    receiver checks every residue)."""
 
     params: ParamSet
     b: np.ndarray  # (d, L, T) uint32 residues: coefficients col0 … col0+T-1
     n_tokens: int
     col0: int = 0
     reduced: bool = field(default=False, init=False, compare=False, repr=False)
+    packed: tuple[np.ndarray, ...] | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_window("EncryptedBatch", self.params, self.n_tokens, self.col0)
@@ -300,6 +306,10 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
     mul = secret.multiplier
     if kernels.enabled():
         fused = kernels.loops()
+        widths = [p.bit_length() for p in params.primes]
+        packed = (tuple(np.empty((d, t * w // 64), dtype="<u8") for w in widths)  # rows of whole words
+                  if all(t * w % 64 == 0 for w in widths) else None)
+        packs = [kernels.pack_loop(w) for w in widths]
 
         def blocks(lo: int, hi: int) -> None:  # the same integers, one fused loop each side of the FFTs
             pair = fft.pair((kernels.BLOCK_ROWS, params.n // 2))  # this thread's buffers and plans
@@ -314,9 +324,11 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
                         raise RuntimeError("expand_a: a row ran out of keystream; widen _ROW_SLACK")
                     mul.pair_product(pair, b1 - b0)
                     fused.finish_encrypt(buf, mul.untwist, m_rows, params.delta % p, e, p, col0, b[b0:b1], i)
+                    if packed is not None and not packs[i](b[b0:b1, i], widths[i], packed[i][b0:b1]):
+                        raise RuntimeError("encrypt: a residue does not fit its prime's bits")  # pragma: no cover
 
         map_rows(blocks, d, minimum=kernels.BLOCK_ROWS)
-        return _reduced(EncryptedBatch(params, b, t, col0))  # finish_encrypt's _mod: each residue < p
+        return _encrypted(EncryptedBatch(params, b, t, col0), packed)  # finish_encrypt's _mod: each residue < p
 
     assert noise is not None
     mt = mt.astype(np.int64, copy=False)  # Δ·m mod p below in int64
@@ -331,12 +343,15 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
             b[lo:hi, i] = reduce_float(x, float(p))
 
     map_rows(rows, d)
-    return _reduced(EncryptedBatch(params, b, t, col0))  # reduce_float: each residue < p
+    return _encrypted(EncryptedBatch(params, b, t, col0), None)  # reduce_float: each residue < p
 
 
-def _reduced(batch: EncryptedBatch) -> EncryptedBatch:
-    """``batch``, marked as written by ``encrypt`` (``EncryptedBatch.reduced``)."""
+def _encrypted(batch: EncryptedBatch, packed: tuple[np.ndarray, ...] | None) -> EncryptedBatch:
+    """``batch``, marked as written by ``encrypt`` (``EncryptedBatch.reduced``), with its packed
+    limbs (``EncryptedBatch.packed``) and its ``b`` read-only."""
+    batch.b.flags.writeable = False
     object.__setattr__(batch, "reduced", True)
+    object.__setattr__(batch, "packed", packed)
     return batch
 
 
@@ -466,19 +481,18 @@ PLACE_ROWS = 64
 
 class _BlockRows:
     """Rows ``b0 … b1`` (a block) of a result's ``a`` or ``b`` part as uint64 values, for one
-    thread's ``_decrypt_blocks``: packed rows of whole 64-bit words (N values, or a window of a
-    multiple of 64 tokens, at the parameter sets' widths) are unpacked by the compiled loop straight
-    from the message's words into a buffer the thread reuses; other packed rows through
-    ``PackedRows``; an array as it is."""
+    thread's ``_decrypt_blocks``: packed rows that fill whole 64-bit words (``PackedRows.words``:
+    N values, or a window of T tokens with T·bits a multiple of 64) are unpacked by the compiled
+    loop straight from the message's words into a buffer the thread reuses; other packed rows
+    through ``PackedRows``; an array as it is."""
 
-    def __init__(self, part: np.ndarray | PackedRows, bits: int) -> None:
-        self.part, self.bits, self.words = part, bits, None
-        if isinstance(part, PackedRows) and part.n * bits % 64 == 0:
-            raw = np.frombuffer(part.data, dtype=np.uint8)
-            if raw.ctypes.data % 8 == 0:  # a message's bytes (aligned), or whole-word rows of them
-                self.words = raw.view("<u8").reshape(part.rows, part.n * bits // 64)
-                self.buf = np.empty((kernels.BLOCK_ROWS, part.n), dtype=np.uint64)
-                self.unpack = kernels.unpack_loop(bits)
+    def __init__(self, part: np.ndarray | PackedRows) -> None:
+        self.part, self.words, self.bits = part, None, 0
+        if isinstance(part, PackedRows):
+            self.words, self.bits = part.words(), part.bits
+        if self.words is not None:
+            self.buf = np.empty((kernels.BLOCK_ROWS, self.words.shape[1] * 64 // self.bits), dtype=np.uint64)
+            self.unpack = kernels.unpack_loop(self.bits)
 
     def __call__(self, b0: int, b1: int) -> np.ndarray:
         if self.words is None:
@@ -504,8 +518,8 @@ def _decrypt_blocks(mul, ct: EncryptedResult, hint: np.ndarray | None, out: np.n
     msg = np.empty((PLACE_ROWS, fused.spread_row(ct.n_tokens, 8)), dtype=np.int64)
     p0, p1 = params.primes[0], params.primes[-1]  # the hint path has two limbs (``decrypt`` checks)
     inv_p0, scale = pow(p0, -1, p1), float(1 << ct.bits) / params.q
-    a_rows = _BlockRows(ct.a, params.out_bits) if ct.a is not None else None
-    b_rows = _BlockRows(ct.b, ct.bits)
+    a_rows = _BlockRows(ct.a) if ct.a is not None else None
+    b_rows = _BlockRows(ct.b)
     for g0 in range(lo, hi, PLACE_ROWS):
         g1 = min(g0 + PLACE_ROWS, hi)
         for b0 in range(g0, g1, kernels.BLOCK_ROWS):

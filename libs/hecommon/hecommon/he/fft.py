@@ -145,8 +145,8 @@ class Pair:
     transforms (``bound``): ``forwards[i]`` xs[i] → y (xs[i] is then undefined), ``inverses[i]``
     y → xs[i]; ``forward`` and ``inverse`` are the first input's. Out of place is faster than in
     place (a (32, 1024) block's product, both transforms: 4.45 → 3.96 µs a row here), and a bound
-    plan costs no lookup a call; inputs share ``y``, transformed one after the other, so a
-    thread's buffers stay in its cache."""
+    plan costs no lookup a call; inputs share ``y``, transformed one after the other (three
+    buffers for two inputs, not four)."""
 
     def __init__(self, shape: tuple[int, int], inputs: int = 1) -> None:
         self.xs, self.y = tuple(empty(shape) for _ in range(inputs)), empty(shape)

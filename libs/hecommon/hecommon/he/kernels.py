@@ -21,8 +21,9 @@ loop, ``finish_decrypt_wide``, about 1.7; placing the messages into the caller's
 coefficient once it counted a row's rejected words first: ``_fused.fold_words``).
 
 The same module holds the loops around them: bit packing that moves 64-bit words
-(``bits.pack_bits``; written out per width for the parameter sets' widths, ``_packing``), quantization that takes each row's range and then its values while the row
-is in cache and writes them transposed, one feature per row, as ``encrypt`` reads them
+(``bits.pack_bits``; written out per width for the parameter sets' widths, ``_packing``),
+quantization that takes each row's range and then its values while the row is in cache and
+writes them transposed, one feature per row, as ``encrypt`` reads them
 (``quantize.quantize_rows``), and dequantization in one pass into the caller's float32 rows
 (``quantize.dequantize_forward``).
 

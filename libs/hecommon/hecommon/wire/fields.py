@@ -112,8 +112,12 @@ def _residue_row_bytes(params: ParamSet, cols: int | None = None) -> int:
     return sum(packed_size(p.bit_length(), cols) for p in params.primes)
 
 
-def _pack_residues(arr: np.ndarray, params: ParamSet) -> list[bytes | memoryview]:
-    # (rows, L, N) -> one bit-packed blob per limb, each (rows, N) in C order (views: joined into the message once)
+def _pack_residues(arr: np.ndarray, params: ParamSet, packed: tuple[np.ndarray, ...] | None = None,
+                   ) -> list[bytes | memoryview]:
+    """(rows, L, T) -> one bit-packed blob per limb, each (rows, T) in C order (views: joined into
+    the message once); ``packed``: those limbs' words already (``EncryptedBatch.packed``)."""
+    if packed is not None:
+        return [memoryview(w.reshape(-1).view(np.uint8)).toreadonly() for w in packed]  # type: ignore[arg-type]
     return [pack_bits_view(arr[:, i, :], p.bit_length()) for i, p in enumerate(params.primes)]
 
 

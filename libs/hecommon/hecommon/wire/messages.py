@@ -108,7 +108,7 @@ class EncryptedRequest:
         return {"layer": self.layer, "direction": self.direction, "part": self.part, "parts": self.parts,
                 "row_start": self.row_start, "send_a": self.send_a, "owner": self.owner,
                 "n_tokens": self.batch.n_tokens, "col0": self.batch.col0, "shape": list(b.shape),
-                "b": _pack_residues(b, self.params)}
+                "b": _pack_residues(b, self.params, self.batch.packed)}
 
     @classmethod
     def _from(cls, m: dict[str, Any], params: ParamSet, max_bytes: int) -> EncryptedRequest:
