@@ -310,16 +310,19 @@ def test_only_batches_encrypt_wrote_skip_the_residue_scan(mode, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["numba", "numpy"])
 def test_encrypts_packed_limbs_are_the_requests_bytes(mode, monkeypatch):
-    """The compiled path packs ``b``'s limbs as it encrypts them, for windows whose rows fill
-    whole 64-bit words (T a multiple of 64 at 27 bits): a request on that batch encodes to the
-    bytes of the same request packed anew, and decodes to ``b``; other windows, the numpy path,
-    slices and replaced batches carry no packing. ``encrypt``'s ``b`` is read-only, so what
+    """Asked to (``pack``, a batch for the wire), the compiled path packs ``b``'s limbs as it
+    encrypts them, for windows whose rows fill whole 64-bit words (T a multiple of 64 at 27 bits),
+    and not otherwise: a request on that batch encodes to the bytes of the same request packed
+    anew, and decodes to ``b``; other windows, the numpy path, slices and replaced batches carry
+    no packing. ``encrypt``'s ``b`` is read-only, so what
     travels is what it wrote."""
     monkeypatch.setenv("HELORA_KERNELS", mode)
     secret = SecretKey.generate().request_secret(N2048, os.urandom(16))
     gen_ = np.random.default_rng(3)
     for t, d, col0 in ((128, 70, 0), (2048, 3, 0), (64, 33, 1000), (100, 5, 0), (1, 2, 7)):
-        batch = encrypt(secret, gen_.integers(-100, 100, size=(t, d)), os.urandom(16), col0=col0)
+        m = gen_.integers(-100, 100, size=(t, d))
+        assert encrypt(secret, m, os.urandom(16), col0=col0).packed is None  # not asked for: in process
+        batch = encrypt(secret, m, os.urandom(16), col0=col0, pack=True)
         assert (batch.packed is not None) == (mode == "numba" and t % 64 == 0)
         with pytest.raises(ValueError, match="read-only"):
             batch.b[0, 0, 0] = 1

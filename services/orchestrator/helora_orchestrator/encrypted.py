@@ -300,7 +300,8 @@ class EncryptedBackend:
         def encrypted(lo: int, hi: int):
             t0 = time.perf_counter()
             if state is None:
-                batch = encrypt(secret, m[:, lo:hi], a_seed, start=lo, col0=col0)
+                # a streaming transport (the broker client, ByteTransport) encodes every part: packed as encrypted
+                batch = encrypt(secret, m[:, lo:hi], a_seed, start=lo, col0=col0, pack=stream is not None)
             else:  # the session's -a·s of every input of the layer, once per window
                 w0, w1 = state.window
                 if state.inputs is None:

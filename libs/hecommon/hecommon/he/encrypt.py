@@ -55,14 +55,14 @@ class EncryptedBatch:
 
     ``reduced``: ``b`` was written by ``encrypt``, whose loop reduces every residue mod its prime
     as it writes it, so a request built on this batch does not read it all again to check that
-    (``wire.EncryptedRequest``). ``packed``: the compiled path's bit-packed limbs of ``b``, one
-    (d, T·bits/64) uint64 array a limb, the bytes the wire sends (``wire.fields``), packed block by
-    block while ``encrypt``'s rows were in cache (a Llama-3.2-1B request's ``b`` is 134 MB: read
-    back from memory to be packed, it cost 8 % of the client), for windows whose rows fill whole
-    64-bit words (T a multiple of 64); None otherwise. Only ``encrypt`` sets them: they are not
-    arguments, so a batch built any other way, a slice or a join of rows (``rows``), one from
-    ``dataclasses.replace`` and one decoded from the wire are checked and packed anew. Not part
-    of the batch's value. ``encrypt``'s ``b`` is read-only: what travels is what it wrote (and the
+    (``wire.EncryptedRequest``). ``packed``: with ``encrypt(pack=True)``, the compiled path's
+    bit-packed limbs of ``b``, one (d, T·bits/64) uint64 array a limb, the bytes the wire sends
+    (``wire.fields``), packed block by block while ``encrypt``'s rows were in cache (a
+    Llama-3.2-1B request's ``b`` is 134 MB: read back from memory to be packed, it cost 8 % of the
+    client), for windows whose rows fill whole 64-bit words (T a multiple of 64); None otherwise.
+    Only ``encrypt`` sets them: they are not arguments, so a batch built any other way, a slice
+    or a join of rows (``rows``), one from ``dataclasses.replace`` and one decoded from the wire
+    are checked and packed anew. Not part of the batch's value. ``encrypt``'s ``b`` is read-only: what travels is what it wrote (and the
     receiver checks every residue)."""
 
     params: ParamSet
@@ -281,10 +281,10 @@ def _check_message(m: np.ndarray, params: ParamSet) -> np.ndarray:
 
 
 def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np.ndarray | None,
-                  start: int = 0, col0: int = 0) -> EncryptedBatch:
+                  start: int = 0, col0: int = 0, pack: bool = False) -> EncryptedBatch:
     """Deterministic core of ``encrypt`` (known-answer tests): noise (d, n) or (d, L, n) given, n the
     ring's N (its window ``col0 …`` is used) or the T tokens, or None: fresh noise, drawn block by
-    block in the threads that encrypt (kernels only).
+    block in the threads that encrypt (kernels only); ``pack``: ``encrypt``'s.
 
     Arithmetic is on float64 integers below 2^39 (exact): ``|a·s| < 2^37``, ``Δ·m mod p < 2^27``.
     Ciphertexts are independent, so ranges of them are encrypted in parallel threads.
@@ -308,8 +308,8 @@ def _encrypt_with(secret: RequestSecret, m: np.ndarray, a_seed: bytes, noise: np
         fused = kernels.loops()
         widths = [p.bit_length() for p in params.primes]
         packed = (tuple(np.empty((d, t * w // 64), dtype="<u8") for w in widths)  # rows of whole words
-                  if all(t * w % 64 == 0 for w in widths) else None)
-        packs = [kernels.pack_loop(w) for w in widths]
+                  if pack and all(t * w % 64 == 0 for w in widths) else None)
+        packs = [kernels.pack_loop(w) for w in widths] if packed is not None else []
 
         def blocks(lo: int, hi: int) -> None:  # the same integers, one fused loop each side of the FFTs
             pair = fft.pair((kernels.BLOCK_ROWS, params.n // 2))  # this thread's buffers and plans
@@ -355,7 +355,8 @@ def _encrypted(batch: EncryptedBatch, packed: tuple[np.ndarray, ...] | None) -> 
     return batch
 
 
-def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0, col0: int = 0) -> EncryptedBatch:
+def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0, col0: int = 0,
+            pack: bool = False) -> EncryptedBatch:
     """Encrypt ``m`` (T tokens × d features, integers) column by column under ``secret``, token k in
     coefficient ``col0 + k`` (a generation session's window; 0 for a request of its own).
 
@@ -363,8 +364,12 @@ def encrypt(secret: RequestSecret, m: np.ndarray, a_seed: bytes, start: int = 0,
     by part), so its ciphertexts use rows ``start …`` of the layer's public ``a``. The same noise
     sample is used for every limb: it is one integer error, in RNS form. Only the T coefficients
     of the window are computed into ``b`` and travel.
+
+    ``pack``: the batch goes into a message (a client over the wire): its residues are packed for
+    it block by block as they are written (``EncryptedBatch.packed``). A batch handed over in
+    process (the embedded default) is never packed, so it is not asked for.
     """
-    return _encrypt_with(secret, m, a_seed, None, start, col0)
+    return _encrypt_with(secret, m, a_seed, None, start, col0, pack)
 
 
 def _decode(frac: np.ndarray, params: ParamSet) -> np.ndarray:
@@ -487,12 +492,10 @@ class _BlockRows:
     through ``PackedRows``; an array as it is."""
 
     def __init__(self, part: np.ndarray | PackedRows) -> None:
-        self.part, self.words, self.bits = part, None, 0
-        if isinstance(part, PackedRows):
-            self.words, self.bits = part.words(), part.bits
-        if self.words is not None:
-            self.buf = np.empty((kernels.BLOCK_ROWS, self.words.shape[1] * 64 // self.bits), dtype=np.uint64)
-            self.unpack = kernels.unpack_loop(self.bits)
+        self.part, self.words = part, part.words() if isinstance(part, PackedRows) else None
+        if isinstance(part, PackedRows) and self.words is not None:
+            self.bits, self.unpack = part.bits, kernels.unpack_loop(part.bits)
+            self.buf = np.empty((kernels.BLOCK_ROWS, part.n), dtype=np.uint64)
 
     def __call__(self, b0: int, b1: int) -> np.ndarray:
         if self.words is None:
