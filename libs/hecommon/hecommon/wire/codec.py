@@ -7,6 +7,7 @@ field, never its data.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -47,9 +48,15 @@ def check_text(where: str, value: Any, max_chars: int, *, empty: bool = False) -
     return value
 
 
+def _is_blob(value: Any) -> bool:
+    """``bytes``, or a read-only view of bytes as ``unpack`` gives large bins (``_Views``)."""
+    return isinstance(value, bytes) or (isinstance(value, memoryview) and value.readonly and value.format == "B"
+                                        and value.ndim == 1 and value.c_contiguous)
+
+
 def check_blob(where: str, value: Any, size: int) -> bytes:
-    """``bytes`` of exactly ``size``."""
-    if not isinstance(value, bytes):
+    """``bytes`` (or a read-only byte view: ``_is_blob``) of exactly ``size``."""
+    if not _is_blob(value):
         fail(where, "bytes are required")
     if len(value) != size:
         fail(where, f"{len(value)} bytes, expected {size}")
@@ -57,8 +64,8 @@ def check_blob(where: str, value: Any, size: int) -> bytes:
 
 
 def check_blob_range(where: str, value: Any, lo: int, hi: int) -> bytes:
-    """``bytes`` of ``lo..hi``."""
-    if not isinstance(value, bytes):
+    """``bytes`` (or a read-only byte view: ``_is_blob``) of ``lo..hi``."""
+    if not _is_blob(value):
         fail(where, "bytes are required")
     if not lo <= len(value) <= hi:
         fail(where, f"{len(value)} bytes outside {lo}..{hi}")
@@ -175,14 +182,126 @@ def pack(m: dict[str, Any], max_bytes: int, what: str, hint: str = "") -> bytes:
     return b"".join(pieces)
 
 
+class _Unusual(Exception):
+    """What ``_Views`` leaves to msgpack: anything but a well-formed map of the usual types."""
+
+
+_FIXED = {0xCA: struct.Struct(">f"), 0xCB: struct.Struct(">d"), 0xCC: struct.Struct(">B"), 0xCD: struct.Struct(">H"),
+          0xCE: struct.Struct(">I"), 0xCF: struct.Struct(">Q"), 0xD0: struct.Struct(">b"), 0xD1: struct.Struct(">h"),
+          0xD2: struct.Struct(">i"), 0xD3: struct.Struct(">q")}
+_LENGTH = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I"),  # bin 8, 16, 32
+           0xD9: struct.Struct(">B"), 0xDA: struct.Struct(">H"), 0xDB: struct.Struct(">I"),  # str 8, 16, 32
+           0xDC: struct.Struct(">H"), 0xDD: struct.Struct(">I"),  # array 16, 32
+           0xDE: struct.Struct(">H"), 0xDF: struct.Struct(">I")}  # map 16, 32
+
+
+class _Views:
+    """msgpack's ``unpackb`` of a message, as ``unpack`` calls it, but with every bin of at least
+    ``_LARGE_BIN`` bytes a read-only view of ``data`` (immutable ``bytes``) instead of a copy: the
+    residues of a request or a reply are read once, where they are unpacked, instead of twice.
+
+    It reads the types helora's messages are made of (nil, booleans, integers, floats, strings,
+    bins, arrays, maps with distinct string keys) within ``unpack``'s limits, and raises
+    ``_Unusual`` at anything else (an ext type, a truncation, trailing bytes, invalid UTF-8, a
+    limit, a key that is not a string or repeats, deep nesting, many small items): ``unpack`` then
+    gives the message to msgpack, which accepts or refuses it as it always did. So whatever this
+    returns, msgpack returns too, with bytes where this has views (``tests/hecommon/test_wire.py``)."""
+
+    MAX_ITEMS = 4096  # a manifest of thousands of fields is read faster by msgpack's C
+    MAX_DEPTH = 8
+
+    def __init__(self, data: bytes, max_bin_len: int, max_str_len: int, max_array_len: int, max_map_len: int) -> None:
+        self.data, self.view, self.pos, self.items = data, memoryview(data), 0, 0
+        self.limits = {"bin": max_bin_len, "str": max_str_len, "array": max_array_len, "map": max_map_len}
+
+    def message(self) -> Any:
+        out = self.value(0)
+        if self.pos != len(self.data):
+            raise _Unusual("trailing bytes")
+        return out
+
+    def _take(self, size: int) -> int:
+        lo = self.pos
+        if size > len(self.data) - lo:
+            raise _Unusual("truncated")
+        self.pos = lo + size
+        return lo
+
+    def _length(self, kind: str, size: int) -> int:
+        if size > self.limits[kind]:
+            raise _Unusual("limit")
+        return size
+
+    def value(self, depth: int) -> Any:
+        self.items += 1
+        if self.items > self.MAX_ITEMS or depth > self.MAX_DEPTH:
+            raise _Unusual("large or deep")
+        tag = self.data[self._take(1)]
+        if tag <= 0x7F:
+            return tag
+        if tag >= 0xE0:
+            return tag - 0x100
+        if 0xA0 <= tag <= 0xBF:
+            return self._str(tag & 0x1F)
+        if 0x90 <= tag <= 0x9F:
+            return self._array(tag & 0x0F, depth)
+        if 0x80 <= tag <= 0x8F:
+            return self._map(tag & 0x0F, depth)
+        if tag == 0xC0:
+            return None
+        if tag in (0xC2, 0xC3):
+            return tag == 0xC3
+        fixed = _FIXED.get(tag)
+        if fixed is not None:
+            return fixed.unpack_from(self.data, self._take(fixed.size))[0]
+        length = _LENGTH.get(tag)
+        if length is None:  # ext types and the unused 0xc1
+            raise _Unusual("type")
+        size = length.unpack_from(self.data, self._take(length.size))[0]
+        if tag <= 0xC6:
+            lo = self._take(self._length("bin", size))
+            return self.view[lo : lo + size] if size >= _LARGE_BIN else self.data[lo : lo + size]
+        if tag <= 0xDB:
+            return self._str(size)
+        return self._array(size, depth) if tag <= 0xDD else self._map(size, depth)
+
+    def _str(self, size: int) -> str:
+        lo = self._take(self._length("str", size))
+        try:
+            return self.data[lo : lo + size].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Unusual("utf-8") from None
+
+    def _array(self, size: int, depth: int) -> list[Any]:
+        return [self.value(depth + 1) for _ in range(self._length("array", size))]
+
+    def _map(self, size: int, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for _ in range(self._length("map", size)):
+            key = self.value(depth + 1)
+            if type(key) is not str or key in out:  # msgpack and ``pairs`` say what is wrong
+                raise _Unusual("key")
+            out[key] = self.value(depth + 1)
+        return out
+
+
 def unpack(data: Any, max_bytes: int, *, version: int, protocol: str, max_array_len: int,
-           max_map_len: int) -> dict[str, Any]:
+           max_map_len: int, views: bool = False) -> dict[str, Any]:
     """The top-level map of one message, its ``v`` checked against ``version`` (``protocol``
-    names the wire in the error: "wire", "federated wire")."""
+    names the wire in the error: "wire", "federated wire"). ``views``: its large bins are read-only
+    views of ``data`` where it is ``bytes`` (``_Views``), which then stays alive while they do."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedMessage(f"message: bytes are required, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise OversizedMessage(f"message: {len(data)} bytes exceed the limit {max_bytes}")
+    m: Any = None
+    if views and type(data) is bytes and len(data) >= _LARGE_BIN:
+        try:
+            m = _Views(data, max_bytes, 1 << 16, max_array_len, max_map_len).message()
+        except _Unusual:
+            m = None  # msgpack reads it, or says what is wrong with it
+    if m is not None:
+        return _versioned(m, version, protocol)
     try:
         m = msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=pairs,
                             ext_hook=no_ext, max_bin_len=max_bytes, max_str_len=1 << 16,
@@ -192,6 +311,10 @@ def unpack(data: Any, max_bytes: int, *, version: int, protocol: str, max_array_
     except Exception as exc:  # msgpack's errors: truncated, trailing bytes, bad format, limits
         # msgpack's texts name limits and offsets, never the data: keep them, bounded
         raise MalformedMessage(f"message: not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return _versioned(m, version, protocol)
+
+
+def _versioned(m: Any, version: int, protocol: str) -> dict[str, Any]:
     if not isinstance(m, dict):
         fail("message", "a map is required at the top level")
     if m.get("v") != version or isinstance(m.get("v"), bool):

@@ -50,7 +50,7 @@ def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
 
 def _parse(data: Any, max_bytes: int) -> dict[str, Any]:
     return unpack(data, max_bytes, version=WIRE_VERSION, protocol="wire", max_array_len=MAX_LAYERS,
-                  max_map_len=2 * MAX_META_ENTRIES)
+                  max_map_len=2 * MAX_META_ENTRIES, views=True)  # the residues: views of data
 
 
 def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES, expect: Any = None) -> Message:
