@@ -99,9 +99,9 @@ class _Replay:
         self.call, self.seconds, self.replaying = server.call, 0.0, False
         self.recorded: dict[tuple[str, str], list[wire.EncryptedReply]] = {}
 
-    def __call__(self, chunks: list[bytes]) -> list[bytes]:
+    def __call__(self, chunks: list[wire.Pieces]) -> list[bytes]:
         t0 = time.perf_counter()
-        head = wire.decode_request_head(chunks[0])
+        head = wire.decode_request_head(bytes(chunks[0]))  # joined on the server's side, as a broker's receiver does
         key = (head.layer, head.direction)
         if self.replaying:
             out = [wire.encode_reply(dataclasses.replace(r, rid=head.rid)) for r in self.recorded[key]]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import secrets
 
+import numpy as np
 import pika
 import pytest
+from hecommon import wire
 from hecommon.broker import connection, pikaframes
 from pika import exceptions as pex
 from pika import frame, spec
@@ -27,6 +29,26 @@ def test_body_pieces_are_the_bytes_of_pikas_own_body_frames(size):
 
 def test_an_empty_body_has_no_body_frames():
     assert pikaframes.body_pieces(1, b"", MAX_PAYLOAD) == []
+    assert pikaframes.body_pieces(1, wire.Pieces([b"", memoryview(b"")]), MAX_PAYLOAD) == []
+
+
+@pytest.mark.parametrize("sizes", [[5], [1, 1, 1], [MAX_PAYLOAD - 1, 1, MAX_PAYLOAD], [3, 2 * MAX_PAYLOAD + 7, 0, 9],
+                                   [MAX_PAYLOAD], [MAX_PAYLOAD + 1, MAX_PAYLOAD - 1], [100, 5 << 20, 33]])
+def test_a_message_in_pieces_is_framed_as_its_joined_bytes(sizes):
+    """Frames cut across the pieces of a ``wire.Pieces`` body (bytes and views of arrays) are
+    pika's frames of the joined body, and their payloads are views of the pieces, not copies."""
+    array = np.frombuffer(os.urandom(max(sizes)), dtype=np.uint8)
+    parts = [os.urandom(n) if i % 2 == 0 else memoryview(array[:n]).toreadonly() for i, n in enumerate(sizes)]
+    body = wire.Pieces(parts)
+    joined = bytes(body)
+    assert len(body) == len(joined) == sum(sizes)
+    pika_frames = b"".join(frame.Body(3, joined[lo : lo + MAX_PAYLOAD]).marshal()
+                           for lo in range(0, len(joined), MAX_PAYLOAD))
+    pieces = pikaframes.body_pieces(3, body, MAX_PAYLOAD)
+    assert b"".join(pieces) == pika_frames
+    owners = {id(p if isinstance(p, bytes) else p.obj) for p in parts}
+    assert all(id(v.obj) in owners for v in pieces if isinstance(v, memoryview))
+    assert sum(len(v) for v in pieces if isinstance(v, memoryview)) == len(joined)  # every body byte a view
 
 
 def _stream(bodies: list[bytes]) -> tuple[bytes, list[frame.Frame]]:
@@ -108,16 +130,19 @@ def test_the_protocol_header_is_decoded_by_pika():
 
 
 def test_messages_through_the_real_broker_arrive_whole():
-    """Empty, one-byte, frame-sized and multi-frame bodies, published and consumed over one
-    connection (``connection.connect`` installs the frame code)."""
+    """Empty, one-byte, frame-sized and multi-frame bodies, and one in ``wire.Pieces``, published
+    and consumed over one connection (``connection.connect`` installs the frame code)."""
     conn = connection.connect(URL, "helora-test-pikaframes", deadline_s=30)
     try:
         assert pika.connection.Connection._send_message is pikaframes._send_message
         ch = conn.channel()
         ch.confirm_delivery()
         q = ch.queue_declare(f"helora-test-frames-{secrets.token_hex(4)}", exclusive=True).method.queue
-        bodies = [b"", b"x", os.urandom(MAX_PAYLOAD), os.urandom(MAX_PAYLOAD + 1), os.urandom(5 << 20)]
-        for i, body in enumerate(bodies):
+        big = np.frombuffer(os.urandom(3 << 20), dtype=np.uint8)
+        sent = [b"", b"x", os.urandom(MAX_PAYLOAD), os.urandom(MAX_PAYLOAD + 1), os.urandom(5 << 20),
+                wire.Pieces([b"head", memoryview(big).toreadonly(), os.urandom(MAX_PAYLOAD + 3)])]  # in pieces
+        bodies = [bytes(b) for b in sent]
+        for i, body in enumerate(sent):
             ch.basic_publish("", q, body, pika.BasicProperties(correlation_id=str(i)), mandatory=True)
         got = {}
         for method, props, body in ch.consume(q, auto_ack=True, inactivity_timeout=10):

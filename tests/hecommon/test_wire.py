@@ -129,6 +129,28 @@ def test_round_trip_every_type(params):
         assert same(typed(data), msg)
 
 
+@pytest.mark.parametrize("params", [N2048, N4096], ids=lambda p: p.name)
+def test_every_type_in_pieces_is_its_encoding(params):
+    """``encode_pieces`` is ``encode`` unjoined: its pieces joined are the message's bytes, each
+    array a piece of its own; the limbs ``encrypt`` packed are pieces without a copy."""
+    for msg in _messages(params):
+        pieces = wire.encode_pieces(msg)
+        assert bytes(pieces) == wire.encode(msg) and len(pieces) == len(wire.encode(msg))
+    secret = SecretKey.generate().request_secret(params, bytes(16))
+    m = np.random.default_rng(0).integers(-128, 128, size=(params.n, 3))
+    batch = encrypt(secret, m, bytes(16), pack=True)
+    request = wire.EncryptedRequest(RID, "0.qkv", "fwd", batch, owner=OWNER)
+    pieces = wire.encode_request_pieces(request)
+    assert bytes(pieces) == wire.encode_request(request)
+    for limb in batch.packed:
+        assert any(isinstance(p, memoryview) and np.shares_memory(np.frombuffer(p, np.uint8), limb)
+                   for p in pieces.parts)
+    with pytest.raises(TypeError):
+        wire.encode_request_pieces(gen.manifest())  # a request only
+    with pytest.raises(errors.OversizedMessage):
+        wire.encode_pieces(request, 1000)
+
+
 def test_request_size_is_bit_packed():
     msg = next(_messages(N2048))  # 3 ciphertexts, 2 limbs of 27 bits
     assert len(wire.encode(msg)) - 3 * 2 * 2048 * 27 // 8 < 300

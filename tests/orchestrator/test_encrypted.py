@@ -89,7 +89,7 @@ def _spy(client) -> list[tuple[bool, bool]]:
 
     def send(chunks):
         replies = inner(chunks)
-        seen.append((wire.decode_request_head(chunks[0]).send_a, wire.decode_reply_head(replies[0]).with_a))
+        seen.append((wire.decode_request_head(bytes(chunks[0])).send_a, wire.decode_reply_head(replies[0]).with_a))
         return replies
 
     transport.send = send

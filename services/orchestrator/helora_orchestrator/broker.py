@@ -145,7 +145,7 @@ class BrokerTransport:
         raise AssertionError("unreachable")
 
     # -- requests -------------------------------------------------------------------------------
-    def _publish(self, key: str, bodies: list[bytes], cid: str, exchange: str = "") -> None:
+    def _publish(self, key: str, bodies: list[bytes] | list[wire.Pieces], cid: str, exchange: str = "") -> None:
         props = pika.BasicProperties(reply_to=self._reply_queue, correlation_id=cid,
                                      delivery_mode=connection.TRAFFIC_DELIVERY)  # resent after a broker loss
         for body in bodies:
@@ -180,7 +180,7 @@ class BrokerTransport:
         if entry is None:
             raise ParameterMismatch(f"{describe(first)}: the server's manifest has no such layer")
         for part in request:  # the parts sent before a reconnection, then the rest as they are encrypted
-            body = wire.encode_request(dataclasses.replace(part, rid=rid), self.limit)
+            body = wire.encode_request_pieces(dataclasses.replace(part, rid=rid), self.limit)  # arrays not joined
             for shard in route.targets(entry, part):
                 key = self.topology.routing_key(part.layer, shard, entry.shards)
                 self.bytes_sent += len(body)

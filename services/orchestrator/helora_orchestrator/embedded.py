@@ -95,14 +95,15 @@ class EmbeddedServer:
             raise HeloraError("aggregator did not complete the request")
         return reply, wire.payload_bytes(request) + wire.payload_bytes(reply)
 
-    def call(self, chunks: list[bytes]) -> list[bytes]:
-        """Request chunks in, reply chunks out, through the wire codec (what a broker carries).
+    def call(self, chunks: list[bytes] | list[wire.Pieces]) -> list[bytes]:
+        """Request chunks in (``bytes``, or ``wire.Pieces`` joined here as a broker's receiver
+        joins a body's frames), reply chunks out, through the wire codec (what a broker carries).
 
         Errors come back as one ``ErrorReply``.
         """
         limit = self.max_message_bytes
         try:
-            request = wire.join([wire.decode_request(c, limit) for c in chunks])
+            request = wire.join([wire.decode_request(bytes(c), limit) for c in chunks])
             reply, _ = self.exchange(request)
             return [wire.encode_reply(r, limit) for r in wire.split(reply, limit)]
         except HeloraError as exc:

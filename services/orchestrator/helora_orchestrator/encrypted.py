@@ -53,10 +53,12 @@ class ByteTransport:
     """Adapts a transport of encoded chunks (``list[bytes] -> list[bytes]``) to an ``Exchange``.
 
     Splits requests below the message-size limit, joins reply chunks, and raises on an
-    ``ErrorReply``; counts the bytes really sent and received.
+    ``ErrorReply``; counts the bytes really sent and received. ``send`` gets each request message
+    as ``wire.Pieces`` (its arrays not joined, as the broker client publishes them), the replies'
+    as ``bytes``.
     """
 
-    def __init__(self, send: Callable[[list[bytes]], list[bytes]], max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
+    def __init__(self, send: Callable[[list[wire.Pieces]], list[bytes]], max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
         self.send = send
         self.limit = max_message_bytes
 
@@ -76,7 +78,7 @@ class ByteTransport:
         parts, ``on_part`` called on each reply part (once, checked as ``join`` checks them), so
         the client decrypts part by part here too. Returns the bytes sent and received."""
         parts = list(parts)
-        chunks = [wire.encode_request(p, self.limit) for p in parts]
+        chunks = [wire.encode_request_pieces(p, self.limit) for p in parts]
         replies = self.send(chunks)
         tracker = wire.PartTracker()
         for body in replies:

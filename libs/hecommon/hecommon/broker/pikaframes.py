@@ -15,7 +15,8 @@ pika 1.x handles those frames as immutable ``bytes`` and copies each byte severa
 read as a ``memoryview`` of the bytes received (the fragments are joined once, by pika's content
 assembler, into the message body), the rest of a read is kept only when a frame is cut by the
 read's end, and a body frame is written as three pieces, its header, a view of the body and its
-end marker (the socket copies the view; nothing else does). Method, header and heartbeat frames still go through pika's own code. The bytes
+end marker (the socket copies the view; nothing else does). A body given as ``hecommon.wire.Pieces``
+(a client's request, its arrays not joined into one ``bytes``) is framed from its pieces the same way. Method, header and heartbeat frames still go through pika's own code. The bytes
 on the wire and the bodies delivered are the same; ``tests/hecommon/test_pikaframes.py`` checks
 both against pika's own functions, and every broker test runs through them.
 """
@@ -31,6 +32,7 @@ from pika import frame as _frame
 from pika import spec as _spec
 
 from ..errors import ConfigError
+from ..wire.codec import Pieces
 
 _HEAD = struct.Struct(">BHL")  # frame type, channel, payload size
 _HEAD_SIZE = _HEAD.size
@@ -38,18 +40,27 @@ _END = bytes([_spec.FRAME_END])
 _installed = False
 
 
-def body_pieces(channel: int, body: bytes, max_payload: int) -> list[bytes | memoryview]:
+def body_pieces(channel: int, body: bytes | Pieces, max_payload: int) -> list[bytes | memoryview]:
     """The body frames of ``body`` (payloads of at most ``max_payload`` bytes) as pieces to write
-    one after the other: each frame's header, a view of its payload, its end marker (joined with
+    one after the other: each frame's header, views of its payload, its end marker (joined with
     the next frame's header). Together they are the bytes of pika's ``Body(...).marshal()`` for
-    each slice, and no byte of the body is copied."""
-    view = memoryview(body)
+    each slice of the body (of ``bytes(body)`` for a message in ``Pieces``, whose frames take their
+    payloads from its pieces in turn), and no byte of the body is copied."""
+    parts = [p if isinstance(p, memoryview) and p.format == "B" else memoryview(p).cast("B")
+             for p in (body.parts if isinstance(body, Pieces) else (body,)) if len(p)]
+    size = sum(map(len, parts))
     pieces: list[bytes | memoryview] = []
     end = b""
-    for lo in range(0, len(view), max_payload):
-        payload = view[lo : lo + max_payload]
-        pieces.append(end + _HEAD.pack(_spec.FRAME_BODY, channel, len(payload)))
-        pieces.append(payload)
+    k, offset = 0, 0  # the part and the offset in it where the next payload starts
+    for lo in range(0, size, max_payload):
+        left = min(max_payload, size - lo)
+        pieces.append(end + _HEAD.pack(_spec.FRAME_BODY, channel, left))
+        while left:
+            take = min(left, len(parts[k]) - offset)
+            pieces.append(parts[k][offset : offset + take])
+            offset, left = offset + take, left - take
+            if offset == len(parts[k]):
+                k, offset = k + 1, 0
         end = _END
     if end:
         pieces.append(end)
@@ -97,10 +108,11 @@ def _on_data_available(self, data_in: bytes) -> None:
 
 def _send_message(self, channel_number: int, method_frame, content) -> None:
     properties, body = content
-    body = body if isinstance(body, bytes) else bytes(body)  # views of it are sent later: immutable
+    if not isinstance(body, bytes | Pieces):  # views of it are sent later: immutable
+        body = bytes(body)
     pieces: list[bytes | memoryview] = [_frame.Method(channel_number, method_frame).marshal(),
                                         _frame.Header(channel_number, len(body), properties).marshal()]
-    if body:
+    if len(body):
         pieces.extend(body_pieces(channel_number, body, self._body_max_length))
     self.frames_sent += 2 + -(-len(body) // self._body_max_length)
     for piece in pieces:  # what _output_marshaled_frames does per frame, here per piece

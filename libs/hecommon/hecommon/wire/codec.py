@@ -168,18 +168,49 @@ def _pack_value(packer: msgpack.Packer, value: Any, pieces: list[bytes]) -> None
         pieces.append(packer.pack(value))
 
 
-def pack(m: dict[str, Any], max_bytes: int, what: str, hint: str = "") -> bytes:
-    """msgpack of ``m`` (strict types: only what the caller built), at most ``max_bytes``: the
-    bytes of ``msgpack.packb``, with the large byte fields (the arrays) joined in once."""
+class Pieces:
+    """One message's bytes as pieces to write one after the other (``pack_pieces``): ``bytes``, and
+    read-only views of the arrays, which are not copied into a message of their own. ``len`` is the
+    message's size and ``bytes()`` joins them. A broker connection writes them as its body frames
+    (``hecommon.broker.pikaframes``): the sender's copy of every array into one ``bytes`` is gone.
+
+    pika's ``basic_publish`` calls ``encode`` on a body that is not ``bytes`` (``pika.compat.as_bytes``):
+    it returns the pieces themselves, which reach ``pikaframes``' ``_send_message``."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        self.parts = tuple(parts)
+        self.size = sum(map(len, self.parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def encode(self, *_: Any) -> Pieces:
+        return self
+
+
+def pack_pieces(m: dict[str, Any], max_bytes: int, what: str, hint: str = "") -> Pieces:
+    """msgpack of ``m`` (strict types: only what the caller built), at most ``max_bytes``, in
+    pieces: together the bytes of ``msgpack.packb``, each large byte field (an array) a piece of its
+    own, not copied."""
     packer = msgpack.Packer(use_bin_type=True, strict_types=True)
     pieces = [packer.pack_map_header(len(m))]
     for key, value in m.items():
         pieces.append(packer.pack(key))
         _pack_value(packer, value, pieces)
-    size = sum(map(len, pieces))
-    if size > max_bytes:
-        raise OversizedMessage(f"{what}: {size} bytes exceed the limit {max_bytes}{hint}")
-    return b"".join(pieces)
+    out = Pieces(pieces)
+    if out.size > max_bytes:
+        raise OversizedMessage(f"{what}: {out.size} bytes exceed the limit {max_bytes}{hint}")
+    return out
+
+
+def pack(m: dict[str, Any], max_bytes: int, what: str, hint: str = "") -> bytes:
+    """``pack_pieces`` joined: the arrays copied once, into the message."""
+    return bytes(pack_pieces(m, max_bytes, what, hint))
 
 
 class _Unusual(Exception):

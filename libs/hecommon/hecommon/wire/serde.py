@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..he.params import get as get_params
+from .codec import Pieces, construct, message_class, pack_pieces, unpack
 from .codec import check_blob as _blob
 from .codec import check_text as _text
-from .codec import construct, message_class, pack, unpack
 from .codec import expect as _expect
 from .error_reply import ErrorReply
 from .fields import (
@@ -41,11 +41,17 @@ _BY_TYPE: dict[str, Any] = {cls.TYPE: cls for cls in _BODY_KEYS}
 # -- encode / decode -----------------------------------------------------------------------
 def encode(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     """Serialize an allow-listed message; anything else (a ``SecretKey``…) raises ``TypeError``."""
+    return bytes(encode_pieces(msg, max_bytes))
+
+
+def encode_pieces(msg: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> Pieces:
+    """``encode``'s bytes as ``Pieces``, its arrays not copied: for a transport that writes them
+    itself (a broker connection, ``pikaframes``)."""
     if type(msg) not in _BODY_KEYS:
         raise TypeError(f"{type(msg).__name__} has no wire encoder")
     pset = msg.pset if isinstance(msg, ErrorReply) else msg.params.name
     head = {"v": WIRE_VERSION, "type": msg.TYPE, "pset": pset, "rid": msg.rid, "lib": msg.lib}
-    return pack({**head, **msg._body()}, max_bytes, msg.TYPE, "; split it")
+    return pack_pieces({**head, **msg._body()}, max_bytes, msg.TYPE, "; split it")
 
 
 def _parse(data: Any, max_bytes: int) -> dict[str, Any]:
@@ -67,6 +73,11 @@ def _decode_map(m: dict[str, Any], max_bytes: int, expect: Any = None) -> Messag
 
 def encode_request(msg: EncryptedRequest, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     return encode(_expect(msg, EncryptedRequest), max_bytes)
+
+
+def encode_request_pieces(msg: EncryptedRequest, max_bytes: int = MAX_MESSAGE_BYTES) -> Pieces:
+    """``encode_request`` in ``Pieces`` (``encode_pieces``): what the client's transports send."""
+    return encode_pieces(_expect(msg, EncryptedRequest), max_bytes)
 
 
 def decode_request(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> EncryptedRequest:
