@@ -121,8 +121,8 @@ def test_views_only_of_immutable_bytes():
 def test_blob_checks_take_read_only_byte_views_only():
     data = b"z" * 64
     assert codec.check_blob("f", memoryview(data), 64) is not None
-    for bad in (memoryview(bytearray(data)), memoryview(np.zeros(8)).cast("B"), memoryview(data)[::2],
-                memoryview(np.zeros(16, np.uint32))):
+    for bad in (memoryview(bytearray(data)), memoryview(bytearray(data)).toreadonly(),  # not of immutable bytes
+                memoryview(np.zeros(8)).cast("B"), memoryview(data)[::2], memoryview(np.zeros(16, np.uint32))):
         with pytest.raises(errors.MalformedMessage, match="bytes are required"):
             codec.check_blob("f", bad, len(bad) if bad.format == "B" else bad.nbytes)
     assert codec.check_blob_range("f", memoryview(data), 1, 64) is not None
@@ -150,6 +150,8 @@ def test_a_reply_read_through_views_decrypts_as_one_read_through_copies():
     got, copied = wire.decode_reply(body), wire.decode(bytearray(body))
     assert isinstance(got.result.a, PackedRows) and isinstance(got.result.b, PackedRows)
     assert got.result.a.data.obj is body and got.result.b.data.obj is body
+    # decryption unpacks them from the message's words wherever the fields put them (unaligned too)
+    assert got.result.a.words() is not None and got.result.b.words() is not None
     assert isinstance(copied.result.a.data, bytes)
     assert got.result.a.data == copied.result.a.data and got.result.b.data == copied.result.b.data
     assert np.array_equal(decrypt(secret, got.result), m @ w.T)

@@ -116,8 +116,9 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, where, rng, monkeyp
     """Results with ``a`` (packed or not, at the extremes of its range) and, with two limbs, results
     decrypted from the layer's hint (residues at 0 and p-1), ``b`` packed or not, token windows at
     the ring's start, middle (across its halves) and end: the same messages. Packed rows of whole
-    64-bit words (N values; 128 tokens) are unpacked from the message's words directly, others
-    (and words that are not 8-byte aligned in memory) through ``PackedRows``: the same messages."""
+    64-bit words (N values; 128 tokens) are unpacked from the message's words directly, also where
+    they are not 8-byte aligned in memory (a decoded message's views), others through
+    ``PackedRows``: the same messages."""
     t = ps.n if tokens == "N" else tokens
     col0 = {"start": 0, "middle": ps.n // 2 - 3, "end": ps.n - t}[where]
     d = 150  # more than two groups of messages placed together (encrypt.PLACE_ROWS), the last one short
@@ -130,7 +131,8 @@ def test_kernel_decryption_equals_the_numpy_path(ps, tokens, where, rng, monkeyp
     first = None
     packed = PackedRows.pack(a, ps.out_bits)
     shifted = PackedRows(ps.out_bits, ps.n, memoryview(b"\0" * 4 + bytes(packed.data))[4:].toreadonly())
-    assert np.frombuffer(shifted.data, np.uint8).ctypes.data % 8  # not 8-byte aligned: the other path
+    assert np.frombuffer(shifted.data, np.uint8).ctypes.data % 8  # not 8-byte aligned: still its words
+    assert shifted.words() is not None and not shifted.words().flags.aligned
     for a_part in (a, packed, shifted):
         for b_part in (b, PackedRows.pack(b, ps.out_bits)):  # b packed as it comes over the wire
             result = EncryptedResult(ps, a_part, b_part, t, col0=col0)

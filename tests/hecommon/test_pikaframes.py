@@ -51,6 +51,14 @@ def test_a_message_in_pieces_is_framed_as_its_joined_bytes(sizes):
     assert sum(len(v) for v in pieces if isinstance(v, memoryview)) == len(joined)  # every body byte a view
 
 
+def test_pieces_are_bytes_or_flat_byte_views():
+    """A piece's ``len`` must be its size in bytes (the header frame says the body's size)."""
+    for bad in (memoryview(np.zeros(3, np.uint32)), memoryview(np.zeros((2, 4), np.uint8)),
+                memoryview(bytes(8))[::2], bytearray(4), "text"):
+        with pytest.raises(TypeError, match="Pieces"):
+            wire.Pieces([b"ok", bad])
+
+
 def _stream(bodies: list[bytes]) -> tuple[bytes, list[frame.Frame]]:
     """What a broker sends for deliveries of ``bodies`` on channel 1, with a heartbeat between two,
     and the frames pika's own ``decode_frame`` finds in it."""

@@ -50,7 +50,7 @@ Exchange = Callable[[wire.EncryptedRequest], tuple[wire.EncryptedReply, int]]
 
 
 class ByteTransport:
-    """Adapts a transport of encoded chunks (``list[bytes] -> list[bytes]``) to an ``Exchange``.
+    """Adapts a transport of encoded chunks (``list[wire.Pieces] -> list[bytes]``) to an ``Exchange``.
 
     Splits requests below the message-size limit, joins reply chunks, and raises on an
     ``ErrorReply``; counts the bytes really sent and received. ``send`` gets each request message

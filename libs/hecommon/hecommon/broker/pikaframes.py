@@ -46,8 +46,7 @@ def body_pieces(channel: int, body: bytes | Pieces, max_payload: int) -> list[by
     the next frame's header). Together they are the bytes of pika's ``Body(...).marshal()`` for
     each slice of the body (of ``bytes(body)`` for a message in ``Pieces``, whose frames take their
     payloads from its pieces in turn), and no byte of the body is copied."""
-    parts = [p if isinstance(p, memoryview) and p.format == "B" else memoryview(p).cast("B")
-             for p in (body.parts if isinstance(body, Pieces) else (body,)) if len(p)]
+    parts = [memoryview(p) for p in (body.parts if isinstance(body, Pieces) else (body,)) if len(p)]
     size = sum(map(len, parts))
     pieces: list[bytes | memoryview] = []
     end = b""
@@ -108,8 +107,8 @@ def _on_data_available(self, data_in: bytes) -> None:
 
 def _send_message(self, channel_number: int, method_frame, content) -> None:
     properties, body = content
-    if not isinstance(body, bytes | Pieces):  # views of it are sent later: immutable
-        body = bytes(body)
+    if not isinstance(body, bytes | Pieces):  # views of it are written below: of immutable bytes, or
+        body = bytes(body)  # Pieces, whose arrays the sender leaves alone until publish returns
     pieces: list[bytes | memoryview] = [_frame.Method(channel_number, method_frame).marshal(),
                                         _frame.Header(channel_number, len(body), properties).marshal()]
     if len(body):

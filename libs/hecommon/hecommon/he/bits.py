@@ -341,14 +341,12 @@ class PackedRows:
 
     def words(self) -> np.ndarray | None:
         """The rows as (rows, n·bits/64) little-endian 64-bit words, a read-only view of ``data``,
-        where each row fills whole words, the width takes the compiled loops (``kernels``) and the
-        bytes start 8-byte aligned in memory (a message's own bytes do); None otherwise."""
+        where each row fills whole words and the width takes the compiled loops (``kernels``); None
+        otherwise. The words need not be 8-byte aligned in memory (a decoded message's views are
+        where its fields put them): the compiled loops read them with unaligned loads."""
         if self.n * self.bits % 64 or self.bits > _KERNEL_BITS or not kernels.enabled():
             return None
-        raw = np.frombuffer(self.data, dtype=np.uint8)
-        if raw.ctypes.data % 8:
-            return None
-        return raw.view("<u8").reshape(self.rows, self.n * self.bits // 64)
+        return np.frombuffer(self.data, dtype=np.uint8).view("<u8").reshape(self.rows, self.n * self.bits // 64)
 
     def __getitem__(self, rows: slice) -> PackedRows:
         """Rows ``lo:hi`` (a slice with step 1), still packed."""

@@ -48,14 +48,18 @@ def check_text(where: str, value: Any, max_chars: int, *, empty: bool = False) -
     return value
 
 
+def _byte_view(value: Any) -> bool:
+    """A one-dimensional contiguous memoryview of bytes (format ``B``: its ``len`` is its size)."""
+    return isinstance(value, memoryview) and value.format == "B" and value.ndim == 1 and value.c_contiguous
+
+
 def _is_blob(value: Any) -> bool:
-    """``bytes``, or a read-only view of bytes as ``unpack`` gives large bins (``_Views``)."""
-    return isinstance(value, bytes) or (isinstance(value, memoryview) and value.readonly and value.format == "B"
-                                        and value.ndim == 1 and value.c_contiguous)
+    """``bytes``, or a byte view of immutable ``bytes`` as ``unpack`` gives large bins (``_Views``)."""
+    return isinstance(value, bytes) or (_byte_view(value) and isinstance(value.obj, bytes))
 
 
 def check_blob(where: str, value: Any, size: int) -> bytes:
-    """``bytes`` (or a read-only byte view: ``_is_blob``) of exactly ``size``."""
+    """``bytes`` (or a view of bytes: ``_is_blob``, typed as bytes) of exactly ``size``."""
     if not _is_blob(value):
         fail(where, "bytes are required")
     if len(value) != size:
@@ -64,7 +68,7 @@ def check_blob(where: str, value: Any, size: int) -> bytes:
 
 
 def check_blob_range(where: str, value: Any, lo: int, hi: int) -> bytes:
-    """``bytes`` (or a read-only byte view: ``_is_blob``) of ``lo..hi``."""
+    """``bytes`` (or a view of bytes: ``_is_blob``, typed as bytes) of ``lo..hi``."""
     if not _is_blob(value):
         fail(where, "bytes are required")
     if not lo <= len(value) <= hi:
@@ -181,6 +185,8 @@ class Pieces:
 
     def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
         self.parts = tuple(parts)
+        if not all(type(p) is bytes or _byte_view(p) for p in self.parts):  # len counts their bytes
+            raise TypeError("Pieces: bytes or one-dimensional contiguous byte views are required")
         self.size = sum(map(len, self.parts))
 
     def __len__(self) -> int:
