@@ -16,7 +16,8 @@ read as a ``memoryview`` of the bytes received (the fragments are joined once, b
 assembler, into the message body), the rest of a read is kept only when a frame is cut by the
 read's end, and a body frame is written as three pieces, its header, a view of the body and its
 end marker (the socket copies the view; nothing else does). A body given as ``hecommon.wire.Pieces``
-(a client's request, its arrays not joined into one ``bytes``) is framed from its pieces the same way. Method, header and heartbeat frames still go through pika's own code. The bytes
+(a client's request, its arrays not joined into one ``bytes``) is framed from its pieces the same
+way. Method, header and heartbeat frames still go through pika's own code. The bytes
 on the wire and the bodies delivered are the same; ``tests/hecommon/test_pikaframes.py`` checks
 both against pika's own functions, and every broker test runs through them.
 """
@@ -107,8 +108,10 @@ def _on_data_available(self, data_in: bytes) -> None:
 
 def _send_message(self, channel_number: int, method_frame, content) -> None:
     properties, body = content
-    if not isinstance(body, bytes | Pieces):  # views of it are written below: of immutable bytes, or
-        body = bytes(body)  # Pieces, whose arrays the sender leaves alone until publish returns
+    # the frames below are views of the body: immutable bytes, or Pieces, whose arrays the sender
+    # leaves alone until the publish returns (a blocking publish writes them before it does)
+    if not isinstance(body, bytes | Pieces):
+        body = bytes(body)
     pieces: list[bytes | memoryview] = [_frame.Method(channel_number, method_frame).marshal(),
                                         _frame.Header(channel_number, len(body), properties).marshal()]
     if len(body):

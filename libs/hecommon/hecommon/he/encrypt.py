@@ -62,8 +62,8 @@ class EncryptedBatch:
     client), for windows whose rows fill whole 64-bit words (T a multiple of 64); None otherwise.
     Only ``encrypt`` sets them: they are not arguments, so a batch built any other way, a slice
     or a join of rows (``rows``), one from ``dataclasses.replace`` and one decoded from the wire
-    are checked and packed anew. Not part of the batch's value. ``encrypt``'s ``b`` is read-only: what travels is what it wrote (and the
-    receiver checks every residue)."""
+    are checked and packed anew. Not part of the batch's value. ``encrypt``'s ``b`` is read-only:
+    what travels is what it wrote (and the receiver checks every residue)."""
 
     params: ParamSet
     b: np.ndarray  # (d, L, T) uint32 residues: coefficients col0 … col0+T-1

@@ -141,8 +141,9 @@ def no_ext(code: int, data: bytes) -> NoReturn:
     fail("msgpack", f"ext type {code} is not allowed")
 
 
-#: Byte fields at least this long are not copied into msgpack's buffer: ``pack`` writes their
-#: header itself and joins them to the rest (one copy of each array instead of three).
+#: Byte fields at least this long are not copied into msgpack's buffer: ``pack_pieces`` writes
+#: their header itself and keeps each as a piece of its own (``pack`` joins them: one copy of each
+#: array instead of three), and ``unpack(views=True)`` reads them as views (``_Views``).
 _LARGE_BIN = 1 << 12
 
 
@@ -242,7 +243,7 @@ class _Views:
     ``_Unusual`` at anything else (an ext type, a truncation, trailing bytes, invalid UTF-8, a
     limit, a key that is not a string or repeats, deep nesting, many small items): ``unpack`` then
     gives the message to msgpack, which accepts or refuses it as it always did. So whatever this
-    returns, msgpack returns too, with bytes where this has views (``tests/hecommon/test_wire.py``)."""
+    returns, msgpack returns too, with bytes where this has views (``tests/hecommon/test_codec.py``)."""
 
     MAX_ITEMS = 4096  # a manifest of thousands of fields is read faster by msgpack's C
     MAX_DEPTH = 8

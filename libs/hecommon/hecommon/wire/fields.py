@@ -114,8 +114,9 @@ def _residue_row_bytes(params: ParamSet, cols: int | None = None) -> int:
 
 def _pack_residues(arr: np.ndarray, params: ParamSet, packed: tuple[np.ndarray, ...] | None = None,
                    ) -> list[bytes | memoryview]:
-    """(rows, L, T) -> one bit-packed blob per limb, each (rows, T) in C order (views: joined into
-    the message once); ``packed``: those limbs' words already (``EncryptedBatch.packed``)."""
+    """(rows, L, T) -> one bit-packed blob per limb, each (rows, T) in C order (views: pieces of
+    the message, ``codec.pack_pieces``); ``packed``: those limbs' words already
+    (``EncryptedBatch.packed``)."""
     if packed is not None:
         return [memoryview(w.reshape(-1).view(np.uint8)).toreadonly() for w in packed]  # type: ignore[arg-type]
     return [pack_bits_view(arr[:, i, :], p.bit_length()) for i, p in enumerate(params.primes)]
